@@ -1,0 +1,111 @@
+"""Static KV cache: keys and values preallocated per layer, written at explicit positions.
+
+Fixed shapes let the decode step compile once; it must not grow, shrink or reallocate per step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lmcore.model import Transformer
+
+
+class KVCache(nn.Module):
+    """Keys/values of every layer: (n_layer, batch, n_head, max_len, head_dim) each.
+
+    Every row keeps its own positions, so ragged prompts and engine slots share one cache.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        # Buffers, not parameters: they follow .to() but are not saved with the weights.
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "positions", torch.arange(max_len, device=device), persistent=False
+        )
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Transformer,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        cfg = model.config
+        max_len = cfg.block_size if max_len is None else max_len
+        if not 1 <= max_len <= cfg.block_size:
+            raise ValueError(f"max_len must be in 1..{cfg.block_size}, got {max_len}")
+        weight = model.tok_emb.weight
+        return cls(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_head,
+            max_len,
+            cfg.head_dim,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        input_pos: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at input_pos (B, T); return this layer's keys and values.
+
+        With `rows` (B,), input row i lives in cache row rows[i]; otherwise row i is row i.
+        """
+        batch, _, seq, _ = k.shape
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        if rows is None:
+            row_idx = torch.arange(batch, device=k.device)
+        else:
+            row_idx = rows
+        row_idx = row_idx[:, None].expand(batch, seq)
+        # Advanced indices around a slice put the indexed dims first: (B, T, H, D).
+        k_layer[row_idx, :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[row_idx, :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
+        if rows is None:
+            return k_layer, v_layer
+        return k_layer[rows], v_layer[rows]
+
+    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, max_len) bool: a query at position p sees cache positions <= p."""
+        return (self.positions[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()

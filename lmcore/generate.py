@@ -1,0 +1,317 @@
+"""Sampling and batched generation over ragged prompts with a static KV cache.
+
+Each request owns its seeded generator and stop rules; this module must not know about queues,
+HTTP or threads (the engine and the services build on it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+
+from lmcore.cache import KVCache
+
+if TYPE_CHECKING:
+    from lmcore.model import Transformer
+
+FinishReason = Literal["length", "stop", "eos", "cancelled"]
+Truncate = Literal["error", "left"]
+MAX_STOP_STRINGS = 4
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus max_new_tokens does not fit the model's context window."""
+
+
+class TextCodec(Protocol):
+    """What generation needs from a tokenizer."""
+
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos: bool = True  # finish at the end-of-text token
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> int:
+    """One token id from a (vocab,) logits row: greedy, or temperature + top-k + top-p."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class SequenceState:
+    """One request's progress: generated ids, the text safe to stream, and when to finish."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        codec: TextCodec | None = None,
+        eos_id: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if params.stop and codec is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.codec = codec
+        self.eos_id = eos_id if eos_id is not None else (codec.eos_id if codec else None)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self.token_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self._text = ""  # decoded so far, stop strings cut off once finished
+        self._streamed = 0  # characters of _text already handed out
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def add_token(self, token_id: int) -> str:
+        """Record a sampled token; return the new text that is final and safe to stream."""
+        assert not self.finished, "add_token after finish"
+        if self.params.eos and token_id == self.eos_id:
+            self.finish_reason = "eos"
+            return self._flush()
+        self.token_ids.append(token_id)
+        if self.codec is not None:
+            self._text = self.codec.decode(self.token_ids)
+            if self._cut_at_stop():
+                self.finish_reason = "stop"
+                return self._flush()
+        if len(self.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            return self._flush()
+        return self._flush(final=False)
+
+    def cancel(self) -> str:
+        self.finish_reason = "cancelled"
+        return self._flush()
+
+    def result(self) -> Generation:
+        assert self.finish_reason is not None
+        return Generation(self._text, list(self.token_ids), self.finish_reason, len(self.prompt_ids))
+
+    def _cut_at_stop(self) -> bool:
+        hits = [i for i in (self._text.find(s) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self._text = self._text[: min(hits)]
+        return True
+
+    def _flush(self, final: bool = True) -> str:
+        end = len(self._text)
+        if not final:
+            # Hold back a half-decoded UTF-8 character and anything that may start a stop string.
+            end = len(self._text.rstrip("\ufffd"))
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self._text[end - n : end] == stop[:n]:
+                        end -= n
+                        break
+        end = max(end, self._streamed)
+        delta = self._text[self._streamed : end]
+        self._streamed = end
+        return delta
+
+
+def fit_prompt(
+    prompt_ids: Sequence[int], params: SamplingParams, block_size: int, truncate: Truncate
+) -> list[int]:
+    """The prompt that fits the window with room for max_new_tokens, or ContextLengthError."""
+    room = block_size - params.max_new_tokens
+    if room < 1:
+        raise ContextLengthError(
+            f"max_new_tokens ({params.max_new_tokens}) must be below the context window "
+            f"({block_size} tokens)"
+        )
+    if len(prompt_ids) <= room:
+        return list(prompt_ids)
+    if truncate == "left":
+        return list(prompt_ids[-room:])
+    raise ContextLengthError(
+        f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+        f"the context window ({block_size} tokens); shorten it or use truncate='left'"
+    )
+
+
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """One fixed-shape decode step: tokens (B, 1) at input_pos (B, 1) -> next-token logits (B, V).
+
+    Kept free of Python branching on data so torch.compile captures it in one graph.
+    """
+    logits, _ = model(tokens, input_pos=input_pos, cache=cache)
+    return logits[:, -1, : model.config.vocab_size]
+
+
+def prefill(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cache: KVCache,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write right-padded ragged prompts into the cache; return each row's last logits (B, V)."""
+    device = model.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        idx[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    input_pos = torch.arange(width, device=device).expand(len(prompts), width)
+    logits, _ = model(idx, input_pos=input_pos, cache=cache, rows=rows)
+    last = logits[torch.arange(len(prompts), device=device), lengths - 1]
+    return last[:, : model.config.vocab_size]
+
+
+def _as_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    *,
+    codec: TextCodec | None = None,
+    eos_id: int | None = None,
+    truncate: Truncate = "error",
+    use_cache: bool = True,
+    step_fn: Callable[..., torch.Tensor] = decode_step,
+    on_token: Callable[[int, int, str], None] | None = None,
+) -> list[Generation]:
+    """Generate for a batch of token-id prompts (ragged allowed); one Generation per prompt.
+
+    use_cache=False recomputes the whole prefix each step (the reference the cache must match).
+    on_token(row, token_id, text_delta) is called for every sampled token.
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("each prompt needs at least one token (use the eos token to start)")
+    plist = _as_list(params, len(prompts))
+    block = model.config.block_size
+    fitted = [fit_prompt(p, sp, block, truncate) for p, sp in zip(prompts, plist)]
+    device = model.device
+    states = [
+        SequenceState(p, sp, codec=codec, eos_id=eos_id, device=device)
+        for p, sp in zip(fitted, plist)
+    ]
+    if use_cache:
+        max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(fitted, plist))
+        cache = KVCache.for_model(model, len(fitted), max_len)
+        logits = prefill(model, fitted, cache)
+        positions = torch.tensor([len(p) for p in fitted], device=device)
+    else:
+        logits = _recompute_last_logits(model, states)
+    while True:
+        tokens = []
+        for row, state in enumerate(states):
+            if state.finished:
+                tokens.append(0)
+                continue
+            token = sample_token(logits[row], state.params, state.generator)
+            delta = state.add_token(token)
+            if on_token is not None:
+                on_token(row, token, delta)
+            tokens.append(token)
+        if all(s.finished for s in states):
+            break
+        if use_cache:
+            step_tokens = torch.tensor(tokens, device=device)[:, None]
+            step_pos = positions.clamp(max=cache.max_len - 1)[:, None]
+            logits = step_fn(model, step_tokens, step_pos, cache)
+            positions = positions + 1
+        else:
+            logits = _recompute_last_logits(model, states)
+    return [s.result() for s in states]
+
+
+def _recompute_last_logits(model: Transformer, states: list[SequenceState]) -> torch.Tensor:
+    rows = []
+    for state in states:
+        seq = (state.prompt_ids + state.token_ids) if not state.finished else state.prompt_ids
+        idx = torch.tensor([seq], dtype=torch.long, device=model.device)
+        logits, _ = model(idx)
+        rows.append(logits[0, -1, : model.config.vocab_size])
+    return torch.stack(rows)
+
+
+def generate(
+    model: Transformer,
+    tokenizer: TextCodec,
+    prompts: Sequence[str],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    *,
+    truncate: Truncate = "error",
+    use_cache: bool = True,
+) -> list[Generation]:
+    """Text in, text out: an empty prompt starts from the end-of-text token."""
+    ids = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    return generate_ids(
+        model, ids, params, codec=tokenizer, truncate=truncate, use_cache=use_cache
+    )

@@ -1,0 +1,193 @@
+"""Decoder-only Transformer: learned positions, pre-norm RMSNorm blocks, SDPA attention.
+
+One class per idea, the whole model on a screen or two; it must not know about serving or training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcore.cache import KVCache
+from lmcore.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 so bf16/fp16 activations do not lose the mean square.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual_scale = True  # type: ignore[attr-defined]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        cache: KVCache | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        # (B, T, C) -> (B, nh, T, hd)
+        q = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            # No mask tensor: is_causal lets SDPA pick the flash kernel on CUDA.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            assert input_pos is not None
+            keys, values = cache.update(self.layer, k, v, input_pos, rows)
+            mask = cache.attention_mask(input_pos)  # (B, 1, T, max_len)
+            y = F.scaled_dot_product_attention(
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout
+            )
+        y = y.transpose(1, 2).reshape(batch, seq, width)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU (default) or the GPT-2 GELU MLP."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        if self.swiglu:
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.down.residual_scale = True  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        cache: KVCache | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), input_pos, cache, rows))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so depth keeps variance.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scale", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, padded_vocab); loss when targets (B, T) are given.
+
+        Without a cache positions are 0..T-1. With one, input_pos (B, T) holds each token's
+        position in its own row; see KVCache.update for `rows`.
+        """
+        batch, seq = idx.shape
+        if cache is None:
+            if seq > self.config.block_size:
+                raise ValueError(
+                    f"sequence length {seq} exceeds block_size {self.config.block_size}"
+                )
+            pos = torch.arange(seq, device=idx.device)
+            x = self.tok_emb(idx) + self.pos_emb(pos)
+        else:
+            if input_pos is None:
+                raise ValueError("input_pos is required with a cache")
+            x = self.tok_emb(idx) + self.pos_emb(input_pos)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, input_pos, cache, rows)
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters counted once (tied head shares the token embedding)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.pos_emb.weight.numel() + self.tok_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·d·T (PaLM appendix B).
+
+        N counts the matmul weights including the output head (a real matmul here).
+        """
+        cfg = self.config
+        seq_len = cfg.block_size if seq_len is None else seq_len
+        matmul_params = self.num_params(non_embedding=True) + self.head.weight.numel()
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device

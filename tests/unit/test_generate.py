@@ -1,0 +1,202 @@
+"""Generation: the static cache matches full recompute, ragged batches, sampling, stops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from lmcore.cache import KVCache
+from lmcore.config import preset
+from lmcore.generate import (
+    ContextLengthError,
+    SamplingParams,
+    SequenceState,
+    decode_step,
+    generate,
+    generate_ids,
+    prefill,
+)
+from lmcore.model import Transformer
+
+pytestmark = pytest.mark.unit
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, eos=False)
+RAGGED = [[5, 6, 7, 8, 9, 10, 11], [42], [100, 3, 77, 12]]
+
+
+class ByteCodec:
+    """Bytes as token ids (0..255); 256 is end-of-text. Enough to test text handling."""
+
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=300)).eval()
+
+
+def _full_recompute_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
+    logits, _ = model(torch.tensor([seq]))
+    return logits[0, -1, : model.config.vocab_size]
+
+
+def test_cached_decode_matches_full_recompute_for_one_prompt(model: Transformer) -> None:
+    cached = generate_ids(model, [RAGGED[0]], GREEDY)[0]
+    uncached = generate_ids(model, [RAGGED[0]], GREEDY, use_cache=False)[0]
+    assert cached.token_ids == uncached.token_ids
+    # Logits along the way agree too, step by step.
+    cache = KVCache.for_model(model, 1, 64)
+    with torch.inference_mode():
+        logits = prefill(model, [RAGGED[0]], cache)
+        seq = list(RAGGED[0])
+        for step, token in enumerate(cached.token_ids[:8]):
+            torch.testing.assert_close(logits[0], _full_recompute_logits(model, seq))
+            seq.append(token)
+            pos = torch.tensor([[len(seq) - 1]])
+            logits = decode_step(model, torch.tensor([[token]]), pos, cache)
+
+
+def test_cached_decode_matches_full_recompute_for_a_ragged_batch(model: Transformer) -> None:
+    cached = generate_ids(model, RAGGED, GREEDY)
+    uncached = generate_ids(model, RAGGED, GREEDY, use_cache=False)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in uncached]
+
+
+def test_each_ragged_row_generates_what_its_prompt_generates_alone(model: Transformer) -> None:
+    batch = generate_ids(model, RAGGED, GREEDY)
+    alone = [generate_ids(model, [p], GREEDY)[0] for p in RAGGED]
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    assert all(len(g.token_ids) == GREEDY.max_new_tokens for g in batch)
+    assert all(g.finish_reason == "length" for g in batch)
+
+
+def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transformer) -> None:
+    params = [
+        SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9, seed=7),
+        SamplingParams(max_new_tokens=12, temperature=0.8, seed=123),
+        SamplingParams(max_new_tokens=20, temperature=1.2, seed=99),
+    ]
+    batch = generate_ids(model, RAGGED, params)
+    alone = [generate_ids(model, [p], sp)[0] for p, sp in zip(RAGGED, params)]
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    other_seed = generate_ids(model, [RAGGED[0]], SamplingParams(max_new_tokens=20, seed=8))[0]
+    assert other_seed.token_ids != batch[0].token_ids
+
+
+def test_top_k_one_is_greedy(model: Transformer) -> None:
+    greedy = generate_ids(model, [RAGGED[0]], GREEDY)[0]
+    top1 = generate_ids(
+        model, [RAGGED[0]], SamplingParams(max_new_tokens=24, top_k=1, seed=3, eos=False)
+    )[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_padded_vocab_ids_are_never_sampled(model: Transformer) -> None:
+    assert model.config.padded_vocab_size > model.config.vocab_size
+    out = generate_ids(model, [[1]], SamplingParams(max_new_tokens=64, temperature=2.0, seed=0))
+    assert max(out[0].token_ids) < model.config.vocab_size
+
+
+def test_compiled_decode_step_has_no_graph_breaks(model: Transformer) -> None:
+    cache = KVCache.for_model(model, 2, 32)
+    with torch.inference_mode():
+        prefill(model, [[1, 2, 3], [4, 5]], cache)
+        explanation = torch._dynamo.explain(decode_step)(
+            model, torch.tensor([[6], [7]]), torch.tensor([[3], [2]]), cache
+        )
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_prompt_beyond_the_context_window_is_a_clear_error(model: Transformer) -> None:
+    block = model.config.block_size
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    with pytest.raises(ContextLengthError, match="context window"):
+        generate_ids(model, [[1] * (block - 5)], params)
+    with pytest.raises(ContextLengthError, match="max_new_tokens"):
+        generate_ids(model, [[1]], SamplingParams(max_new_tokens=block))
+
+
+def test_left_truncation_keeps_the_end_of_the_prompt(model: Transformer) -> None:
+    block = model.config.block_size
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    long_prompt = list(range(1, block + 20))
+    truncated = generate_ids(model, [long_prompt], params, truncate="left")[0]
+    tail = generate_ids(model, [long_prompt[-(block - 10) :]], params)[0]
+    assert truncated.token_ids == tail.token_ids
+    assert truncated.prompt_tokens == block - 10
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("max_new_tokens", {"max_new_tokens": 0}),
+        ("temperature", {"temperature": -1.0}),
+        ("top_k", {"top_k": -2}),
+        ("top_p", {"top_p": 0.0}),
+        ("stop", {"stop": ("a", "b", "c", "d", "e")}),
+    ],
+)
+def test_bad_sampling_params_name_the_field(field: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_eos_finishes_a_row_and_is_not_part_of_the_text(model: Transformer) -> None:
+    codec = ByteCodec()
+    # Find what greedy produces, then declare its 5th token the end-of-text id.
+    free = generate_ids(model, [[72, 105]], GREEDY)[0]
+    eos = free.token_ids[4]
+    first = free.token_ids.index(eos)
+    out = generate_ids(model, [[72, 105]], SamplingParams(max_new_tokens=24, temperature=0.0),
+                       eos_id=eos)[0]
+    assert out.finish_reason == "eos"
+    assert out.token_ids == free.token_ids[:first]
+    assert codec.decode(out.token_ids) == codec.decode(free.token_ids[:first])
+
+
+def test_stop_string_cuts_the_text_and_streaming_never_leaks_it() -> None:
+    codec = ByteCodec()
+    state = SequenceState([1], SamplingParams(max_new_tokens=50, stop=("END",)), codec=codec)
+    streamed = ""
+    for ch in "hello EN then END and more":
+        streamed += state.add_token(ord(ch))
+        if state.finished:
+            break
+    assert state.finish_reason == "stop"
+    assert state.text == "hello EN then "
+    assert streamed == state.text
+
+
+def test_streamed_deltas_hold_back_half_utf8_characters() -> None:
+    codec = ByteCodec()
+    state = SequenceState([1], SamplingParams(max_new_tokens=50), codec=codec)
+    deltas = [state.add_token(b) for b in "né🙂".encode()]
+    assert "\ufffd" not in "".join(deltas)
+    deltas.append(state.cancel())
+    assert "".join(deltas) == "né🙂"
+
+
+def test_text_generation_with_a_codec(model: Transformer) -> None:
+    codec = ByteCodec()
+    outs = generate(model, codec, ["ab", ""], SamplingParams(max_new_tokens=8, seed=1, eos=False))
+    assert [len(o.token_ids) for o in outs] == [8, 8]
+    assert outs[1].prompt_tokens == 1  # empty prompt starts from end-of-text
+
+
+def test_kv_cache_bytes_match_the_formula(model: Transformer) -> None:
+    cfg = model.config
+    for batch, max_len in [(1, 16), (4, 128)]:
+        cache = KVCache.for_model(model, batch, max_len)
+        assert cache.nbytes == 2 * cfg.n_layer * batch * max_len * cfg.n_embd * 4
+    half = KVCache.for_model(model, 2, 64, dtype=torch.bfloat16)
+    assert half.nbytes == 2 * cfg.n_layer * 2 * 64 * cfg.n_embd * 2
