@@ -37,6 +37,12 @@ class TextCodec(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+class StreamDecoder(Protocol):
+    def feed(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -114,6 +120,9 @@ class SequenceState:
         self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
+        # Tokenizers with a stream decoder make decoding linear; others re-decode every step.
+        make_decoder = getattr(codec, "stream_decoder", None)
+        self._decoder: StreamDecoder | None = make_decoder() if make_decoder else None
         self._text = ""  # decoded so far, stop strings cut off once finished
         self._streamed = 0  # characters of _text already handed out
 
@@ -133,8 +142,9 @@ class SequenceState:
             return self._flush()
         self.token_ids.append(token_id)
         if self.codec is not None:
-            self._text = self.codec.decode(self.token_ids)
-            if self._cut_at_stop():
+            searched = len(self._text)
+            self._decode(token_id)
+            if self._cut_at_stop(searched):
                 self.finish_reason = "stop"
                 return self._flush()
         if len(self.token_ids) >= self.params.max_new_tokens:
@@ -146,18 +156,32 @@ class SequenceState:
         self.finish_reason = "cancelled"
         return self._flush()
 
+    def _decode(self, token_id: int) -> None:
+        if self._decoder is not None:
+            self._text += self._decoder.feed(token_id)
+        else:
+            assert self.codec is not None
+            self._text = self.codec.decode(self.token_ids)
+
     def result(self) -> Generation:
         assert self.finish_reason is not None
         return Generation(self._text, list(self.token_ids), self.finish_reason, len(self.prompt_ids))
 
-    def _cut_at_stop(self) -> bool:
-        hits = [i for i in (self._text.find(s) for s in self.params.stop) if i >= 0]
+    def _cut_at_stop(self, searched: int) -> bool:
+        """Cut at the first stop string; only text near the new characters is searched."""
+        hits = [
+            i
+            for i in (self._text.find(s, max(0, searched - len(s) + 1)) for s in self.params.stop)
+            if i >= 0
+        ]
         if not hits:
             return False
         self._text = self._text[: min(hits)]
         return True
 
     def _flush(self, final: bool = True) -> str:
+        if final and self._decoder is not None and self.finish_reason != "stop":
+            self._text += self._decoder.flush()
         end = len(self._text)
         if not final:
             # Hold back a half-decoded UTF-8 character and anything that may start a stop string.

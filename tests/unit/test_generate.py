@@ -19,6 +19,7 @@ from lmcore.generate import (
     prefill,
 )
 from lmcore.model import Transformer
+from tests.helpers.models import context_sensitive_model
 
 pytestmark = pytest.mark.unit
 
@@ -40,8 +41,7 @@ class ByteCodec:
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(preset("tiny", vocab_size=300)).eval()
+    return context_sensitive_model(0, vocab_size=300)
 
 
 def _full_recompute_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
@@ -77,6 +77,7 @@ def test_each_ragged_row_generates_what_its_prompt_generates_alone(model: Transf
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
     assert all(len(g.token_ids) == GREEDY.max_new_tokens for g in batch)
     assert all(g.finish_reason == "length" for g in batch)
+    assert all(len(set(g.token_ids)) > 3 for g in batch), "outputs must depend on context"
 
 
 def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transformer) -> None:

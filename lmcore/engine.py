@@ -1,0 +1,668 @@
+"""Continuous batching: one KVCache with fixed slots; requests join, decode and leave per step.
+
+Pure lmcore (torch and stdlib threads): it must not know about Celery, Redis or HTTP.
+
+How a step works (`Engine.step`, also what the background thread runs):
+  1. cancellations flagged since the last step finish their requests ("cancelled", text kept);
+  2. a pending `swap_model` is applied once no request is active (admission pauses until then);
+  3. waiting requests are admitted into free slots, one prefill each, which samples their first
+     token;
+  4. one fixed-shape decode step runs over all `max_batch` slots (free slots feed token 0 at
+     position 0: their results are ignored and a slot's rows are rewritten by its next prefill);
+     each active request samples its next token, and a request that finishes frees its slot now,
+     so a waiting request takes it at the next step.
+Sampling goes through `generate.SequenceState`, so a request produces exactly what
+`generate.generate_ids` produces for the same prompt and `SamplingParams` (seed included),
+whatever else shares the batch.
+
+Threads: `submit`, `cancel`, `swap_model`, `stop` and `EngineHandle` are safe from any thread.
+`on_token` and done callbacks run on the engine thread (or the thread calling `step`): keep them
+quick and do not call step/stop/swap_model from them. An on_token that raises fails its own
+request only; a done callback that raises is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcore.cache import KVCache
+from lmcore.generate import (
+    Generation,
+    SamplingParams,
+    SequenceState,
+    TextCodec,
+    Truncate,
+    decode_step,
+    fit_prompt,
+    prefill,
+    sample_token,
+)
+
+if TYPE_CHECKING:
+    from lmcore.model import Transformer
+
+log = logging.getLogger(__name__)
+
+# on_token's id for text released by a cancellation (held back until then), not a sampled token.
+FLUSH_TOKEN_ID = -1
+
+TokenCallback = Callable[[int, str], None]
+StepFn = Callable[["Transformer", torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was stopped: it takes no new requests or model swaps."""
+
+
+@dataclass
+class EngineRequest:
+    """One generation request: token ids (`prompt_ids`) or text (`prompt`, needs a tokenizer).
+
+    A text prompt is checked at submit and encoded again at admission with the tokenizer of the
+    model that runs it (a request queued across a model swap uses the new vocabulary); "" starts
+    from the end-of-text token, as in `generate.generate`.
+    `on_token(token_id, text_delta)` is called for every sampled token; the deltas concatenate to
+    the final text (a cancellation may add one last delta with token id FLUSH_TOKEN_ID).
+    """
+
+    prompt_ids: Sequence[int] = ()
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    on_token: TokenCallback | None = None
+    truncate: Truncate = "error"
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and len(self.prompt_ids):
+            raise ValueError("give prompt (text) or prompt_ids, not both")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0
+    prefills: int = 0
+    tokens_generated: int = 0
+    finished: int = 0  # completed with a Generation (cancelled ones included)
+    cancelled: int = 0
+    failed: int = 0
+    swaps: int = 0
+
+
+class EngineHandle:
+    """A submitted request's future; completed exactly once, with a Generation or an error.
+
+    Timestamps are `time.monotonic()`: submitted_at, started_at (admitted to a slot),
+    first_token_at, finished_at. `metadata` is the metadata of the model that ran the request.
+    """
+
+    def __init__(self, request: EngineRequest, engine: Engine) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.metadata: dict[str, Any] | None = None
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._generation: Generation | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[EngineHandle], None]] = []
+        self._cancel_requested = False
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """The Generation; raises the request's error, or TimeoutError if not done in time."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._generation is not None
+        return self._generation
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        return self._error
+
+    def cancel(self) -> bool:
+        return self._engine.cancel(self.request_id)
+
+    def add_done_callback(self, fn: Callable[[EngineHandle], None]) -> None:
+        """Call fn(handle) when done (at once, on this thread, if already done)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _complete(
+        self, generation: Generation | None = None, error: BaseException | None = None
+    ) -> bool:
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self._generation, self._error = generation, error
+            self.finished_at = time.monotonic()
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a consumer's bug must not stop the engine
+                log.exception("done callback of request %s failed", self.request_id)
+        return True
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"EngineHandle({self.request_id!r}, {state})"
+
+
+@dataclass
+class _Running:
+    """A request in a slot: next_token is written at `position` by the next decode step."""
+
+    handle: EngineHandle
+    state: SequenceState
+    slot: int
+    position: int
+    next_token: int = 0
+
+
+@dataclass
+class _Swap:
+    model: Transformer
+    tokenizer: TextCodec | None
+    metadata: dict[str, Any] | None
+    events: list[threading.Event]
+    error: BaseException | None = None
+
+
+class Engine:
+    """Continuous batching over `max_batch` KV-cache slots of `max_len` positions each.
+
+    Drive it with `start()` (a background thread that steps while there is work and waits on a
+    condition when idle) or by calling `step()` (tests do, to control when requests arrive);
+    steps are serialised either way. `compile=True` wraps the decode step in
+    torch.compile(mode="reduce-overhead") (CUDA graphs; meant for GPUs).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: TextCodec | None = None,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        step_fn: StepFn = decode_step,
+        compile: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._max_len_arg = max_len
+        self._base_step_fn = step_fn
+        self._compile = compile
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # one step at a time, whoever drives it
+        self._waiting: deque[EngineHandle] = deque()
+        self._live: dict[str, EngineHandle] = {}  # waiting or running, by request id
+        self._slots: list[_Running | None] = [None] * max_batch
+        self._pending_swap: _Swap | None = None
+        self._stats = EngineStats()
+        self._thread: threading.Thread | None = None
+        self._closed = False  # no more submissions
+        self._stopping = False
+        self._drain = True
+        self._install(model, tokenizer, metadata)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Transformer:
+        return self._model
+
+    @property
+    def tokenizer(self) -> TextCodec | None:
+        return self._tokenizer
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        return self._metadata
+
+    @property
+    def max_len(self) -> int:
+        return self._cache.max_len
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return self._has_work_locked()
+
+    @property
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return dataclasses.replace(self._stats)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest) -> EngineHandle:
+        """Queue a request; a bad one (empty, too long, ...) comes back as a failed handle."""
+        handle = EngineHandle(request, self)
+        with self._lock:
+            if self._closed:
+                raise EngineStoppedError("engine stopped: it takes no new requests")
+            model, tokenizer = self._model, self._tokenizer
+        try:
+            # Checked now so a bad request fails at once instead of after a wait for a slot.
+            self._prepare(request, model, tokenizer)
+        except Exception as exc:
+            self._fail(handle, exc)
+            return handle
+        with self._cond:
+            if self._closed:
+                raise EngineStoppedError("engine stopped: it takes no new requests")
+            if request.request_id in self._live:
+                raise ValueError(f"request id {request.request_id!r} is already in the engine")
+            self._live[request.request_id] = handle
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request: a waiting one finishes now, a running one before the next step.
+
+        Returns False when the id is unknown or already finished.
+        """
+        with self._cond:
+            handle = self._live.get(request_id)
+            if handle is None or handle.done():
+                return False
+            queued = handle in self._waiting
+            if queued:
+                self._waiting.remove(handle)
+                del self._live[request_id]
+            else:
+                handle._cancel_requested = True
+                self._cond.notify_all()
+        if queued:
+            self._cancel_unstarted(handle)
+        return True
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One iteration (see the module docstring); returns whether work remains."""
+        with self._step_lock:
+            self._bump("steps")
+            self._finish_cancelled()
+            self._maybe_swap()
+            if self._pending_swap is None:
+                self._admit()
+            if any(r is not None for r in self._slots):
+                self._decode()
+            return self.has_work
+
+    def _finish_cancelled(self) -> None:
+        for run in self._running():
+            if run.handle._cancel_requested:
+                delta = run.state.cancel()
+                if delta and not self._emit(run, FLUSH_TOKEN_ID, delta):
+                    continue
+                self._release(run, run.state.result())
+
+    def _admit(self) -> None:
+        while True:
+            slot = next((i for i, r in enumerate(self._slots) if r is None), None)
+            if slot is None:
+                return
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            if handle._cancel_requested:  # cancelled between the queue and its slot
+                self._cancel_unstarted(handle)
+                continue
+            self._start(handle, slot)
+
+    def _start(self, handle: EngineHandle, slot: int) -> None:
+        """Prefill one request into `slot` and sample its first token."""
+        try:
+            ids = self._prepare(handle.request, self._model, self._tokenizer)
+            device = self._model.device
+            state = SequenceState(
+                ids, handle.request.params, codec=self._tokenizer, device=device
+            )
+            rows = torch.tensor([slot], device=device)
+            logits = prefill(self._model, [ids], self._cache, rows=rows)
+        except Exception as exc:
+            self._fail(handle, exc)
+            return
+        handle.started_at = time.monotonic()
+        handle.metadata = self._metadata
+        run = _Running(handle, state, slot, position=len(ids))
+        self._slots[slot] = run
+        self._bump("prefills")
+        self._take_token(run, logits[0])
+
+    def _decode(self) -> None:
+        """One decode step over every slot, then one token for each active request."""
+        running = self._running()
+        tokens = [0] * self.max_batch
+        positions = [0] * self.max_batch
+        for run in running:
+            tokens[run.slot], positions[run.slot] = run.next_token, run.position
+        device = self._model.device
+        try:
+            if self._compile:
+                # Tells CUDA graphs that last step's outputs are dead and may be overwritten.
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step_fn(
+                self._model,
+                torch.tensor(tokens, device=device)[:, None],
+                torch.tensor(positions, device=device)[:, None],
+                self._cache,
+            )
+        except Exception as exc:
+            log.exception("decode step failed; failing its %d requests", len(running))
+            for run in running:
+                self._release(run, error=exc)
+            return
+        self._bump("decode_steps")
+        for run in running:
+            run.position += 1
+            self._take_token(run, logits[run.slot])
+
+    def _take_token(self, run: _Running, logits: torch.Tensor) -> None:
+        try:
+            token = sample_token(logits, run.state.params, run.state.generator)
+            delta = run.state.add_token(token)
+        except Exception as exc:
+            self._release(run, error=exc)
+            return
+        if run.handle.first_token_at is None:
+            run.handle.first_token_at = time.monotonic()
+        self._bump("tokens_generated")
+        if not self._emit(run, token, delta):
+            return
+        if run.state.finished:
+            self._release(run, run.state.result())
+        else:
+            run.next_token = token
+
+    def _emit(self, run: _Running, token: int, delta: str) -> bool:
+        """Call the request's on_token; a callback that raises fails its own request."""
+        callback = run.handle.request.on_token
+        if callback is None:
+            return True
+        try:
+            callback(token, delta)
+        except Exception as exc:
+            log.warning("on_token of request %s raised %r", run.handle.request_id, exc)
+            self._release(run, error=exc)
+            return False
+        return True
+
+    def _release(
+        self,
+        run: _Running,
+        generation: Generation | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Free the slot now (the same step) and complete the handle."""
+        self._slots[run.slot] = None
+        with self._lock:
+            self._live.pop(run.handle.request_id, None)
+        if error is not None:
+            self._fail(run.handle, error)
+        else:
+            assert generation is not None
+            self._complete(run.handle, generation)
+
+    def _running(self) -> list[_Running]:
+        return [r for r in self._slots if r is not None]
+
+    def _prepare(
+        self, request: EngineRequest, model: Transformer, tokenizer: TextCodec | None
+    ) -> list[int]:
+        """The prompt ids that fit this model's window; ValueError/ContextLengthError if bad."""
+        if request.truncate not in ("error", "left"):
+            raise ValueError(f"truncate must be 'error' or 'left', got {request.truncate!r}")
+        if request.params.stop and tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        if request.prompt is not None:
+            if tokenizer is None:
+                raise ValueError("a text prompt needs an engine with a tokenizer; "
+                                 "pass prompt_ids instead")
+            ids = tokenizer.encode(request.prompt) or [tokenizer.eos_id]
+        else:
+            ids = [int(i) for i in request.prompt_ids]
+            if not ids:
+                raise ValueError("empty prompt: a request needs at least one prompt token "
+                                 "(use the eos token to start)")
+        vocab = model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return fit_prompt(ids, request.params, self._window(model), request.truncate)
+
+    # -- completion and counters -----------------------------------------------------------------
+
+    def _complete(self, handle: EngineHandle, generation: Generation) -> None:
+        if handle._complete(generation):
+            self._bump("finished")
+            if generation.finish_reason == "cancelled":
+                self._bump("cancelled")
+
+    def _cancel_unstarted(self, handle: EngineHandle) -> None:
+        with self._lock:
+            self._live.pop(handle.request_id, None)
+        prompt_tokens = len(handle.request.prompt_ids)
+        self._complete(handle, Generation("", [], "cancelled", prompt_tokens))
+
+    def _fail(self, handle: EngineHandle, error: BaseException) -> None:
+        if handle._complete(error=error):
+            self._bump("failed")
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self._stats, name, getattr(self._stats, name) + n)
+
+    # -- model and hot swap ----------------------------------------------------------------------
+
+    def _window(self, model: Transformer) -> int:
+        block = model.config.block_size
+        max_len = block if self._max_len_arg is None else self._max_len_arg
+        if not 1 <= max_len <= block:
+            raise ValueError(f"max_len must be in 1..{block} (the model's block_size), "
+                             f"got {max_len}")
+        return max_len
+
+    def _install(
+        self, model: Transformer, tokenizer: TextCodec | None, metadata: dict[str, Any] | None
+    ) -> None:
+        cache = KVCache.for_model(model, self.max_batch, self._window(model))
+        step_fn: StepFn = self._base_step_fn
+        if self._compile:
+            step_fn = torch.compile(step_fn, mode="reduce-overhead")
+        self._model, self._tokenizer, self._metadata = model, tokenizer, metadata
+        self._cache, self._step_fn = cache, step_fn
+
+    def swap_model(
+        self,
+        model: Transformer,
+        tokenizer: TextCodec | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> bool:
+        """Replace model, tokenizer and metadata together, between steps.
+
+        Admission pauses, the active requests finish on the old model, then the engine switches
+        and admits again (waiting requests run on the new model). Returns whether the swap is
+        done: with the thread running and wait=True it blocks until then (or timeout); when
+        stepped by hand it happens at once if nothing is active, else at a later step().
+        A swap that fails (e.g. out of memory for the new cache) leaves the old model serving
+        and raises here when waited for.
+        """
+        self._window(model)  # a bad max_len for this model fails here, not on the engine thread
+        event = threading.Event()
+        with self._cond:
+            if self._closed:
+                raise EngineStoppedError("engine stopped: no model swaps")
+            # A newer swap replaces a pending one; its waiters are released by the newer one.
+            events = self._pending_swap.events if self._pending_swap else []
+            swap = _Swap(model, tokenizer, metadata, [*events, event])
+            self._pending_swap = swap
+            self._cond.notify_all()
+        if not self.is_running:
+            with self._step_lock:
+                self._maybe_swap()
+        elif wait and threading.current_thread() is not self._thread:
+            event.wait(timeout)
+        if event.is_set() and swap.error is not None:
+            raise swap.error
+        return event.is_set()
+
+    def _maybe_swap(self) -> None:
+        with self._lock:
+            swap = self._pending_swap
+            if swap is None or any(r is not None for r in self._slots):
+                return
+            self._pending_swap = None
+        try:
+            self._install(swap.model, swap.tokenizer, swap.metadata)
+            self._bump("swaps")
+        except Exception as exc:
+            log.exception("model swap failed; keeping the old model")
+            swap.error = exc
+        for event in swap.events:
+            event.set()
+
+    # -- background thread -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run steps on a daemon thread until stop(); idempotent."""
+        with self._lock:
+            if self._closed:
+                raise EngineStoppedError("engine stopped: create a new one")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="lmcore-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Take no new requests; drain=True finishes the accepted ones, False cancels them.
+
+        Returns whether the engine is stopped (False if the thread outlived `timeout`).
+        """
+        with self._cond:
+            self._closed, self._stopping, self._drain = True, True, drain
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is threading.current_thread():
+            return False  # called from a callback: the loop ends after this step
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        if drain:
+            while self.step():
+                pass
+        else:
+            with self._step_lock:
+                self._cancel_all()
+        return True
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as exc:  # waiters must never hang on a dead thread
+            with self._step_lock:
+                self._fail_all(exc)
+            raise
+        finally:
+            with self._lock:
+                self._closed = True
+        with self._step_lock:
+            self._cancel_all()  # drain=False: whatever was still accepted ends "cancelled"
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work_locked():
+                    self._cond.wait()
+                if self._stopping and not (self._drain and self._has_work_locked()):
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # an engine bug: fail the requests it touched, keep serving
+                log.exception("engine step failed")
+                with self._step_lock:
+                    self._fail_all(exc)
+
+    def _has_work_locked(self) -> bool:
+        return bool(
+            self._waiting
+            or self._pending_swap is not None
+            or any(r is not None for r in self._slots)
+        )
+
+    def _take_all_waiting(self) -> list[EngineHandle]:
+        with self._lock:
+            handles = list(self._waiting)
+            self._waiting.clear()
+            for handle in handles:
+                self._live.pop(handle.request_id, None)
+            swap, self._pending_swap = self._pending_swap, None
+        if swap is not None:
+            swap.error = EngineStoppedError("engine stopped before the model swap")
+            for event in swap.events:
+                event.set()
+        return handles
+
+    def _cancel_all(self) -> None:
+        for run in self._running():
+            run.handle._cancel_requested = True
+        self._finish_cancelled()
+        for handle in self._take_all_waiting():
+            self._cancel_unstarted(handle)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for run in self._running():
+            self._release(run, error=error)
+        for handle in self._take_all_waiting():
+            self._fail(handle, error)

@@ -1,0 +1,358 @@
+"""Continuous-batching engine: requests that share slots generate what they generate alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from lmcore.config import preset
+from lmcore.engine import (
+    FLUSH_TOKEN_ID,
+    Engine,
+    EngineHandle,
+    EngineRequest,
+    EngineStoppedError,
+)
+from lmcore.generate import ContextLengthError, SamplingParams, decode_step, generate, generate_ids
+from lmcore.model import Transformer
+from tests.helpers.models import context_sensitive_model
+
+pytestmark = pytest.mark.unit
+
+WAIT_S = 30.0  # generous: the machine is shared; a hang still fails the test
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+SAMPLED = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.9, seed=1234)
+PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [42], [300, 200, 100, 50]]
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return context_sensitive_model(0)
+
+
+@pytest.fixture(scope="module")
+def other_model() -> Transformer:
+    return context_sensitive_model(1)
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    tokenizer_mod = pytest.importorskip("lmcore.tokenizer")
+    corpus = ["the quick brown fox jumps over the lazy dog. héllo wörld, ça va? 日本語 テキスト"] * 20
+    tok = tokenizer_mod.Tokenizer.train(corpus, vocab_size=300)
+    return context_sensitive_model(0, vocab_size=tok.vocab_size), tok
+
+
+def alone(model: Transformer, prompt: list[int], params: SamplingParams, **kw):
+    return generate_ids(model, [prompt], params, **kw)[0]
+
+
+def run_until_idle(engine: Engine, max_steps: int = 500) -> int:
+    for n in range(1, max_steps + 1):
+        if not engine.step():
+            return n
+    raise AssertionError("engine still busy after max_steps")
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_requests_joining_at_different_steps_generate_what_each_generates_alone(model, params):
+    engine = Engine(model, max_batch=3)
+    handles = []
+    for i, prompt in enumerate(PROMPTS):
+        # Different lengths too, so requests finish at different steps and slots get reused.
+        p = dataclasses.replace(params, max_new_tokens=params.max_new_tokens + i)
+        handles.append((engine.submit(EngineRequest(prompt, p)), prompt, p))
+        for _ in range(i + 1):
+            engine.step()
+    run_until_idle(engine)
+    for handle, prompt, p in handles:
+        got, want = handle.result(0), alone(model, prompt, p)
+        assert got.token_ids == want.token_ids
+        assert got.finish_reason == want.finish_reason == "length"
+        assert got.prompt_tokens == len(prompt)
+
+
+def test_cancelling_a_running_request_frees_its_slot_and_leaves_the_others_unchanged(model):
+    engine = Engine(model, max_batch=3)
+    params = [GREEDY, SAMPLED, SamplingParams(max_new_tokens=10, temperature=0.8, seed=5)]
+    handles = [engine.submit(EngineRequest(p, sp)) for p, sp in zip(PROMPTS, params)]
+    late = engine.submit(EngineRequest(PROMPTS[3], SAMPLED))
+    for _ in range(3):
+        engine.step()
+    assert engine.active == 3 and engine.waiting == 1
+    assert handles[1].cancel() is True
+    engine.step()
+    # Cancelled before the step, its slot went to the waiting request in that same step.
+    cancelled = handles[1].result(0)
+    assert cancelled.finish_reason == "cancelled"
+    full = alone(model, PROMPTS[1], SAMPLED)
+    assert 0 < len(cancelled.token_ids) < len(full.token_ids)
+    assert cancelled.token_ids == full.token_ids[: len(cancelled.token_ids)]
+    assert engine.waiting == 0 and late.started_at is not None
+    assert handles[1].cancel() is False  # already finished
+    run_until_idle(engine)
+    for handle, prompt, sp in [*zip(handles, PROMPTS, params), (late, PROMPTS[3], SAMPLED)]:
+        if handle is handles[1]:
+            continue
+        assert handle.result(0).token_ids == alone(model, prompt, sp).token_ids
+    assert engine.stats.cancelled == 1
+
+
+def test_cancelling_a_waiting_request_finishes_it_before_it_runs(model):
+    engine = Engine(model, max_batch=1)
+    seen: list[int] = []
+    first = engine.submit(EngineRequest([1, 2], GREEDY))
+    queued = engine.submit(EngineRequest([3, 4], GREEDY, on_token=lambda t, d: seen.append(t)))
+    engine.step()
+    assert engine.cancel(queued.request_id) is True
+    assert queued.done() and engine.waiting == 0
+    result = queued.result(0)
+    assert (result.finish_reason, result.token_ids, seen) == ("cancelled", [], [])
+    run_until_idle(engine)
+    assert first.result(0).token_ids == alone(model, [1, 2], GREEDY).token_ids
+    assert engine.stats.prefills == 1
+    assert engine.cancel("no-such-request") is False
+
+
+def test_more_requests_than_slots_queue_and_all_finish(model):
+    engine = Engine(model, max_batch=2)
+    prompts = [[i + 1, i + 2] for i in range(5)]
+    handles = [engine.submit(EngineRequest(p, SAMPLED)) for p in prompts]
+    most_active = 0
+    while engine.step():
+        most_active = max(most_active, engine.active)
+    assert most_active == 2
+    for handle, prompt in zip(handles, prompts):
+        assert handle.result(0).token_ids == alone(model, prompt, SAMPLED).token_ids
+    assert engine.stats.finished == 5 and engine.stats.prefills == 5
+
+
+def test_a_finished_request_frees_its_slot_the_same_step(model):
+    engine = Engine(model, max_batch=1)
+    # Step 1 samples tokens 1 (prefill) and 2 (decode); step 2 samples token 3 and finishes.
+    first = engine.submit(EngineRequest([5, 6], SamplingParams(max_new_tokens=3, temperature=0)))
+    second = engine.submit(EngineRequest([7], GREEDY))
+    engine.step()
+    assert not first.done() and engine.waiting == 1
+    engine.step()
+    assert first.done() and engine.active == 0 and engine.waiting == 1
+    assert second.started_at is None
+    engine.step()
+    assert second.started_at is not None and engine.active == 1 and engine.waiting == 0
+
+
+def test_on_token_deltas_concatenate_to_the_final_text(text_setup):
+    model, tok = text_setup
+    engine = Engine(model, tok, max_batch=2)
+    cases = [
+        ("héllo", SamplingParams(max_new_tokens=30, temperature=1.0, seed=3)),
+        ("the quick", SamplingParams(max_new_tokens=30, temperature=1.0, seed=4, stop=("o",))),
+        ("", SamplingParams(max_new_tokens=20, temperature=1.0, seed=5)),
+    ]
+    streams: list[list[tuple[int, str]]] = [[] for _ in cases]
+    handles = [
+        engine.submit(
+            EngineRequest(prompt=p, params=sp, on_token=lambda t, d, s=s: s.append((t, d)))
+        )
+        for (p, sp), s in zip(cases, streams)
+    ]
+    run_until_idle(engine)
+    for handle, stream, (prompt, sp) in zip(handles, streams, cases):
+        got = handle.result(0)
+        assert "".join(d for _, d in stream) == got.text
+        assert got.text == generate(model, tok, [prompt], sp)[0].text
+        sampled = [t for t, _ in stream if t != tok.eos_id]
+        assert sampled[: len(got.token_ids)] == got.token_ids
+    assert handles[1].result(0).finish_reason == "stop"  # held-back stop prefixes exercised
+
+
+def test_cancelling_releases_held_back_text_through_on_token(text_setup):
+    model, tok = text_setup
+    engine = Engine(model, tok, max_batch=1)
+    deltas: list[tuple[int, str]] = []
+    # This seed's first two tokens end inside a UTF-8 character, so that text is held back.
+    params = SamplingParams(max_new_tokens=50, temperature=1.0, seed=2)
+    handle = engine.submit(EngineRequest(prompt="dog", params=params,
+                                         on_token=lambda t, d: deltas.append((t, d))))
+    engine.step()
+    handle.cancel()
+    engine.step()
+    result = handle.result(0)
+    assert result.finish_reason == "cancelled"
+    assert [t for t, _ in deltas] == [*result.token_ids, FLUSH_TOKEN_ID]
+    assert deltas[-1][1] and "".join(d for _, d in deltas) == result.text
+
+
+def test_bad_requests_fail_alone_with_a_clear_error(model):
+    engine = Engine(model, max_batch=2)
+    good = engine.submit(EngineRequest([1, 2, 3], SAMPLED))
+    too_long = engine.submit(EngineRequest(list(range(1, 125)), SamplingParams(max_new_tokens=8)))
+    empty = engine.submit(EngineRequest([], GREEDY))
+    out_of_vocab = engine.submit(EngineRequest([1, 10_000], GREEDY))
+    text_without_tokenizer = engine.submit(EngineRequest(prompt="hi", params=GREEDY))
+    for handle in (too_long, empty, out_of_vocab, text_without_tokenizer):
+        assert handle.done()  # failed at submit: no wait for a slot
+    with pytest.raises(ContextLengthError, match="context window"):
+        too_long.result(0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        empty.result(0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        out_of_vocab.result(0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        text_without_tokenizer.result(0)
+    truncated = engine.submit(
+        EngineRequest(list(range(1, 125)), SamplingParams(max_new_tokens=8), truncate="left")
+    )
+    run_until_idle(engine)
+    assert good.result(0).token_ids == alone(model, [1, 2, 3], SAMPLED).token_ids
+    assert truncated.result(0).prompt_tokens == 120
+    assert engine.stats.failed == 4
+
+
+def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(model):
+    calls = {"n": 0}
+
+    def flaky_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device fell over")
+        return decode_step(*args)
+
+    engine = Engine(model, max_batch=2, step_fn=flaky_step)
+    hit = [engine.submit(EngineRequest([1, 2], GREEDY)) for _ in range(2)]
+    engine.step()
+    engine.step()
+    for handle in hit:
+        with pytest.raises(RuntimeError, match="device fell over"):
+            handle.result(0)
+    assert engine.active == 0
+    after = engine.submit(EngineRequest([1, 2], GREEDY))
+    run_until_idle(engine)
+    assert after.result(0).token_ids == alone(model, [1, 2], GREEDY).token_ids
+
+
+def test_a_raising_token_callback_fails_only_its_request(model):
+    def broken(token_id: int, delta: str) -> None:
+        raise KeyError("consumer bug")
+
+    engine = Engine(model, max_batch=2)
+    bad = engine.submit(EngineRequest([1, 2], GREEDY, on_token=broken))
+    good = engine.submit(EngineRequest([3, 4], GREEDY))
+    run_until_idle(engine)
+    with pytest.raises(KeyError, match="consumer bug"):
+        bad.result(0)
+    assert good.result(0).token_ids == alone(model, [3, 4], GREEDY).token_ids
+
+
+def test_engine_thread_serves_requests_from_many_threads_and_stops_cleanly(model):
+    engine = Engine(model, max_batch=3)
+    engine.start()
+    handles: list[EngineHandle] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        h = engine.submit(EngineRequest([i + 1, i + 2, i + 3], SAMPLED))
+        with lock:
+            handles.append(h)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(5)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    for h in handles:
+        g = h.result(WAIT_S)
+        assert g.token_ids == alone(model, list(h.request.prompt_ids), SAMPLED).token_ids
+        assert h.submitted_at <= h.started_at <= h.first_token_at <= h.finished_at
+    assert engine.stop(drain=True, timeout=WAIT_S)
+    assert not engine.is_running
+    with pytest.raises(EngineStoppedError):
+        engine.submit(EngineRequest([1], GREEDY))
+
+
+def test_idle_engine_thread_waits_instead_of_stepping(model):
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    engine.submit(EngineRequest([1], GREEDY)).result(WAIT_S)
+    steps = engine.stats.steps
+    # A busy loop would step thousands of times in this window.
+    threading.Event().wait(0.2)
+    assert engine.stats.steps == steps
+    # ...and a new request still wakes it.
+    assert engine.submit(EngineRequest([2], GREEDY)).result(WAIT_S).finish_reason == "length"
+    assert engine.stop(timeout=WAIT_S)
+
+
+def test_stop_without_drain_cancels_accepted_requests(model):
+    engine = Engine(model, max_batch=1)
+    started = threading.Event()
+    long = SamplingParams(max_new_tokens=100, temperature=0.0)
+    running = engine.submit(EngineRequest([1], long, on_token=lambda t, d: started.set()))
+    queued = engine.submit(EngineRequest([2], long))
+    engine.start()
+    assert started.wait(WAIT_S)
+    assert engine.stop(drain=False, timeout=WAIT_S)
+    assert running.result(0).finish_reason == "cancelled"
+    assert len(running.result(0).token_ids) < 100
+    assert queued.result(0).finish_reason == "cancelled" and queued.result(0).token_ids == []
+
+
+def test_stop_with_drain_finishes_accepted_requests(model):
+    engine = Engine(model, max_batch=1)
+    handles = [engine.submit(EngineRequest([i + 1], GREEDY)) for i in range(3)]
+    engine.start()
+    assert engine.stop(drain=True, timeout=WAIT_S)
+    assert [h.result(0).finish_reason for h in handles] == ["length"] * 3
+
+
+def test_swap_model_lets_active_requests_finish_on_the_old_model(model, other_model):
+    engine = Engine(model, max_batch=2, metadata={"version": "1"})
+    old = engine.submit(EngineRequest([1, 2, 3], GREEDY))
+    engine.step()
+    assert engine.swap_model(other_model, metadata={"version": "2"}) is False  # old is active
+    new = engine.submit(EngineRequest([1, 2, 3], GREEDY))
+    engine.step()
+    assert new.started_at is None  # admission paused while the old model drains
+    run_until_idle(engine)
+    assert old.metadata == {"version": "1"} and new.metadata == {"version": "2"}
+    assert old.result(0).token_ids == alone(model, [1, 2, 3], GREEDY).token_ids
+    assert new.result(0).token_ids == alone(other_model, [1, 2, 3], GREEDY).token_ids
+    assert old.result(0).token_ids != new.result(0).token_ids
+    assert engine.metadata == {"version": "2"} and engine.stats.swaps == 1
+
+
+def test_swap_model_on_a_running_engine_blocks_until_switched(model, other_model):
+    engine = Engine(model, max_batch=2, metadata={"version": "1"})
+    engine.start()
+    running = threading.Event()
+    before = engine.submit(EngineRequest([4, 5], GREEDY, on_token=lambda t, d: running.set()))
+    assert running.wait(WAIT_S)  # admitted on the old model before the swap is asked for
+    assert engine.swap_model(other_model, metadata={"version": "2"}, timeout=WAIT_S) is True
+    after = engine.submit(EngineRequest([4, 5], GREEDY))
+    assert before.result(WAIT_S).token_ids == alone(model, [4, 5], GREEDY).token_ids
+    assert after.result(WAIT_S).token_ids == alone(other_model, [4, 5], GREEDY).token_ids
+    assert (before.metadata, after.metadata) == ({"version": "1"}, {"version": "2"})
+    assert engine.stop(timeout=WAIT_S)
+
+
+def test_swap_to_a_model_with_a_smaller_window_than_max_len_is_refused(model):
+    engine = Engine(model, max_batch=1, max_len=128)
+    small = context_sensitive_model(2, block_size=64)
+    with pytest.raises(ValueError, match="max_len"):
+        engine.swap_model(small)
+    assert engine.model is model
+
+
+@pytest.mark.gpu
+def test_compiled_decode_step_matches_eager_on_cuda():
+    cuda_model = context_sensitive_model(0).cuda()
+    results = []
+    for compiled in (False, True):
+        engine = Engine(cuda_model, max_batch=4, compile=compiled)
+        handles = [engine.submit(EngineRequest(p, GREEDY)) for p in PROMPTS]
+        run_until_idle(engine)
+        results.append([h.result(0).token_ids for h in handles])
+    assert results[0] == results[1]
