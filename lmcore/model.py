@@ -165,7 +165,7 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
         return logits, loss
 

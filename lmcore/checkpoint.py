@@ -1,0 +1,527 @@
+"""Model dirs (config.json + model.safetensors + tokenizer.json) and trainer checkpoints for resume.
+
+Safetensors and JSON only: it must never unpickle (no torch.load), and never leave a half-written
+directory where a reader would take it for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmcore.config import ConfigError, ModelConfig
+from lmcore.model import Transformer
+from lmcore.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
+COMPLETE_MARKER = "COMPLETE"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_CONFIG_KEYS = {"format_version", "model", "dtype", "metadata"}
+_FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+PathLike = str | os.PathLike[str]
+
+
+class CheckpointError(ValueError):
+    """A model dir or trainer checkpoint is missing, malformed, or does not fit the model."""
+
+
+# -- wrapped models and tensor dicts ------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel (`module.`) and torch.compile (`_orig_mod.`)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """Tied tensors: {alias name: first name} (e.g. head.weight -> tok_emb.weight)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = list(module.named_parameters(remove_duplicate=False))
+    named += list(module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each tied tensor once, as contiguous CPU tensors (what safetensors takes)."""
+    aliases = _aliases(module)
+    state = module.state_dict()
+    return {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in state.items()
+        if not (name in aliases and aliases[name] in state)
+    }
+
+
+def _expected_tensors(module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    state = module.state_dict()
+    aliases = _aliases(module)
+    return {
+        name: (tuple(t.shape), t.dtype)
+        for name, t in state.items()
+        if not (name in aliases and aliases[name] in state)
+    }
+
+
+def _check_tensors(
+    found: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    source: Path,
+) -> None:
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s): {', '.join(missing)}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s): {', '.join(unexpected)}")
+    for name, (shape, dtype) in expected.items():
+        tensor = found[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}"
+            )
+        if tensor.dtype != dtype:
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {tensor.dtype}, expected {dtype}"
+            )
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Strict load; tied aliases get their first name's tensor so both stay one Parameter."""
+    full = dict(tensors)
+    for alias, first in _aliases(module).items():
+        if first in full:
+            full[alias] = full[first]
+    module.load_state_dict(full, strict=True)
+
+
+# -- safe file IO -------------------------------------------------------------------------------
+
+
+def _sniff_safetensors(path: Path) -> None:
+    """Refuse pickles and other non-safetensors files before any parser sees them."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: {path.suffix} files are pickles; lmcore only reads safetensors"
+        )
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    # torch.save writes a zip (PK..); a raw pickle starts with the PROTO opcode 0x80.
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: not a safetensors file (looks like a torch.save pickle); "
+            "refusing to unpickle it, convert it to safetensors"
+        )
+    size = path.stat().st_size
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if not (0 < header_len <= size - 8) or head[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
+
+
+def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    _sniff_safetensors(path)
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True)
+    except TypeError as exc:
+        raise ValueError(f"{path.name}: value is not JSON-serialisable: {exc}") from exc
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def _temp_sibling(target: Path, tag: str) -> Path:
+    return target.with_name(f"{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _publish_dir(tmp: Path, target: Path) -> None:
+    """fsync tmp's files, then rename it to target; an existing target is moved aside first.
+
+    Linux cannot swap two directories atomically, so a reader may briefly find no target,
+    but it never finds a partial one.
+    """
+    for p in tmp.iterdir():
+        _fsync_file(p)
+    _fsync_dir(tmp)
+    old = None
+    if target.exists():
+        old = _temp_sibling(target, "old")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- model dir ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    metadata: dict[str, Any]
+    path: Path
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    dtypes = {t.dtype for t in module.state_dict().values() if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"model mixes floating dtypes {sorted(map(str, dtypes))}; cast it first")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def save_model_dir(
+    path: PathLike,
+    model: nn.Module,
+    tokenizer: Tokenizer | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write config.json, model.safetensors (tied weights once) and tokenizer.json atomically.
+
+    The model's dtype is kept (save a bf16 copy for serving by casting it first). Returns the dir.
+    """
+    module = unwrap_model(model)
+    if not isinstance(module, Transformer):
+        raise TypeError(f"save_model_dir needs an lmcore Transformer, got {type(module).__name__}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dtype_name = str(_floating_dtype(module)).removeprefix("torch.")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": module.config.to_dict(),
+        "dtype": dtype_name,
+        "metadata": dict(metadata or {}),
+    }
+    tmp = _temp_sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        _write_json(tmp / CONFIG_FILE, config)
+        save_file(_model_tensors(module), tmp / MODEL_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+        _publish_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _read_model_config(path: Path) -> tuple[ModelConfig, torch.dtype, dict[str, Any]]:
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    unknown = sorted(set(raw) - _CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown field(s): {', '.join(unknown)}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} not supported (this lmcore reads {FORMAT_VERSION})"
+        )
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path}: missing the 'model' section")
+    try:
+        config = ModelConfig.from_dict(raw["model"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: bad model config: {exc}") from exc
+    dtype_name = raw.get("dtype", "float32")
+    if dtype_name not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: dtype must be one of {sorted(_FLOAT_DTYPES)}, "
+                              f"got {dtype_name!r}")
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object")
+    return config, _FLOAT_DTYPES[dtype_name], metadata
+
+
+def _model_dir(path: PathLike) -> Path:
+    p = Path(path)
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{p}: {p.suffix} files are pickles; lmcore only reads "
+                                  "safetensors model dirs")
+        if p.name in (CONFIG_FILE, MODEL_FILE):
+            return p.parent
+        raise CheckpointError(f"{p}: expected a model directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such model directory")
+    if not (p / MODEL_FILE).exists():
+        pickles = sorted(q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES)
+        hint = f"; found {', '.join(pickles)}, which lmcore never unpickles" if pickles else ""
+        raise CheckpointError(f"{p}: no {MODEL_FILE}{hint}")
+    return p
+
+
+def load_model_dir(
+    path: PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Build the Transformer from config.json, check and load every tensor, return it in eval()."""
+    root = _model_dir(path)
+    config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
+    model = Transformer(config).to(saved_dtype)
+    tensors = _read_safetensors(root / MODEL_FILE)
+    _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
+    _load_into(model, tensors)
+    model.to(device=device, dtype=dtype or saved_dtype).eval()
+    tokenizer = Tokenizer.load(root / TOKENIZER_FILE) if (root / TOKENIZER_FILE).exists() else None
+    return LoadedModel(model, tokenizer, config, metadata, root)
+
+
+# -- trainer checkpoints ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    step: int
+    extra: dict[str, Any]
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path = Path()
+
+
+def _split_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """optimizer.state_dict() -> (tensors "state.{i}.{key}" / "group.{g}.{key}", JSON rest)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = []
+    for g, group in enumerate(sd["param_groups"]):
+        plain = {}
+        for key, value in group.items():
+            if isinstance(value, torch.Tensor):  # e.g. a tensor lr
+                tensors[f"group.{g}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain[key] = value
+        groups.append(plain)
+    return tensors, {"param_groups": groups, "state_scalars": scalars}
+
+
+def _join_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    current = optimizer.state_dict()["param_groups"]
+    groups = [dict(g) for g in meta["param_groups"]]
+    if len(groups) != len(current):
+        raise CheckpointError(
+            f"optimizer has {len(current)} param groups, checkpoint has {len(groups)}"
+        )
+    for name, tensor in tensors.items():
+        kind, idx, key = name.split(".", 2)
+        if kind == "state":
+            state.setdefault(int(idx), {})[key] = tensor
+        elif kind == "group":
+            groups[int(idx)][key] = tensor
+        else:
+            raise CheckpointError(f"unexpected optimizer tensor {name}")
+    for idx, values in meta["state_scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    for group, live in zip(groups, current):
+        for key, value in group.items():
+            # JSON turns tuples (AdamW betas) into lists; give them back their type.
+            if isinstance(live.get(key), tuple) and isinstance(value, list):
+                group[key] = tuple(value)
+    return {"state": state, "param_groups": groups}
+
+
+def _checkpoint_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (name step-NNNNNNNN and a COMPLETE marker), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        match = _STEP_DIR.match(p.name)
+        if match and p.is_dir() and (p / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def _prune(ckpt_dir: Path, keep: int | None, current: Path) -> None:
+    # One process (rank 0) writes a ckpt_dir, so any other temp dir is a crashed save's leftover.
+    # Only step-* names: the trainer keeps its final model dir in the same ckpt_dir.
+    for p in ckpt_dir.iterdir():
+        leftover = p.name.startswith("step-") and (".tmp-" in p.name or ".old-" in p.name)
+        if leftover and p.is_dir() and p != current:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep is None:
+        return
+    complete = _checkpoint_dirs(ckpt_dir)
+    for _, p in complete[: max(0, len(complete) - keep)]:
+        if p != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_training_state(
+    ckpt_dir: PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    keep: int | None = 3,
+) -> Path:
+    """Write ckpt_dir/step-{step:08d}/ (model, optimizer, scaler, extra JSON + tensors).
+
+    Built in a temp dir, fsynced, marked COMPLETE, then renamed; keeps the newest `keep`
+    checkpoints (None keeps all). Returns the checkpoint dir.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    root = Path(ckpt_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:08d}"
+    tmp = _temp_sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        save_file(_model_tensors(unwrap_model(model)), tmp / MODEL_FILE)
+        opt_tensors, opt_meta = _split_optimizer_state(optimizer)
+        save_file(opt_tensors, tmp / OPTIMIZER_FILE)
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()},
+            tmp / EXTRA_TENSORS_FILE,
+        )
+        _write_json(tmp / STATE_FILE, {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "optimizer": opt_meta,
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "extra": dict(extra or {}),
+        })
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        _publish_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep, target)
+    return target
+
+
+def latest_training_state(ckpt_dir: PathLike) -> Path | None:
+    """The newest complete checkpoint under ckpt_dir; temp and unmarked dirs are never chosen."""
+    found = _checkpoint_dirs(Path(ckpt_dir))
+    return found[-1][1] if found else None
+
+
+def list_training_states(ckpt_dir: PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for _, p in _checkpoint_dirs(Path(ckpt_dir))]
+
+
+def load_training_state(
+    path: PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+) -> TrainingState:
+    """Restore model (and optimizer, scaler) in place from a step dir, or the newest in a ckpt_dir.
+
+    The optimizer moves its state onto its parameters' devices itself; extra_tensors are
+    returned on `map_location`.
+    """
+    root = Path(path)
+    if not (root / STATE_FILE).exists():
+        latest = latest_training_state(root)
+        if latest is None:
+            raise CheckpointError(f"{root}: no complete training checkpoint")
+        root = latest
+    if not (root / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{root}: checkpoint is incomplete (no {COMPLETE_MARKER} marker)")
+    meta = _read_json(root / STATE_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{root}: unsupported format_version {meta.get('format_version')!r}")
+    module = unwrap_model(model)
+    tensors = _read_safetensors(root / MODEL_FILE)
+    _check_tensors(tensors, _expected_tensors(module), root / MODEL_FILE)
+    _load_into(module, tensors)
+    if optimizer is not None:
+        opt_tensors = _read_safetensors(root / OPTIMIZER_FILE)
+        optimizer.load_state_dict(_join_optimizer_state(optimizer, opt_tensors, meta["optimizer"]))
+    if scaler is not None and meta.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(meta["scaler"])
+    extra_tensors = _read_safetensors(root / EXTRA_TENSORS_FILE, map_location)
+    return TrainingState(int(meta["step"]), meta.get("extra") or {}, extra_tensors, root)
+

@@ -1,0 +1,247 @@
+"""Post-training int8 for inference: weight-only int8 linears (any device), dynamic int8 (CPU).
+
+Inference only: quantized models must not be trained, and the tied embedding/head stays in full
+precision (quantizing the head alone would untie it and store the matrix twice).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_MAX = 127
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ W_int8^T) * scale + bias: int8 weights with one scale per output channel.
+
+    Symmetric, round-to-nearest, scale = max|W_row| / 127. The int8 -> activation-dtype cast is
+    exact (|q| <= 127 fits bf16/fp16 mantissas), so the only error is the rounding of W.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        # Buffers, not Parameters: nothing here is trainable, and .to(dtype) must not touch int8.
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        # Scale and bias in fp32 by default: a bf16 scale would add its own 0.4% rounding.
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype, device=device))
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach()
+        q, scale = quantize_per_channel(w)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device=w.device)
+        out.weight.copy_(q)
+        out.scale.copy_(scale)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach())
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale the output, not the weight: one (out,) multiply instead of a full (out, in) one.
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.scale.dtype}")
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 weight and fp32 per-row scale (symmetric, no zero point)."""
+    w = weight.float()
+    # An all-zero row gets scale 1 instead of 0 so dequantization never divides by zero.
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def _shares_weight_with_other_module(model: nn.Module, linear: nn.Linear) -> bool:
+    """True for a tied head: its weight Parameter also belongs to another module (the embedding)."""
+    owners = [m for m in model.modules() if getattr(m, "weight", None) is linear.weight]
+    return len(owners) > 1
+
+
+def _matches(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _linears_to_quantize(model: nn.Module, skip: Sequence[str]) -> list[str]:
+    return [
+        name for name, m in model.named_modules()
+        if type(m) is nn.Linear and not _matches(name, skip)
+        and not _shares_weight_with_other_module(model, m)
+    ]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, *, skip: Sequence[str] = ("head",)) -> nn.Module:
+    """Replace every nn.Linear (except `skip` names and tied weights) by Int8Linear, in place.
+
+    `skip` matches a full module name or its last parts ("head" matches "head"). A linear whose
+    weight is tied to another module (the head tied to tok_emb) is always kept: embeddings are
+    lookups, and quantizing only the head copy would store the matrix twice. Returns the model,
+    in eval() mode.
+    """
+    for name in _linears_to_quantize(model, skip):
+        _set_submodule(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+    return model.eval()
+
+
+def dynamic_int8(model: nn.Module, *, skip: Sequence[str] = ("head",)) -> nn.Module:
+    """A CPU copy with PyTorch dynamic int8 linears (int8 weights and int8 activation matmuls).
+
+    Uses torch.ao.quantization.quantize_dynamic: deprecated in favour of torchao (its warning
+    announces removal) but still present and working in torch 2.13; the warnings are silenced
+    here. The input model is left untouched. Raises RuntimeError where this torch lacks it.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as exc:  # pragma: no cover - depends on the installed torch
+        raise RuntimeError("this torch has no torch.ao.quantization.quantize_dynamic; "
+                           "use quantize_int8 instead") from exc
+    cpu = copy.deepcopy(model).to("cpu").float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        # Per-channel scales, like Int8Linear; the default is one coarser scale per tensor.
+        spec = {name: per_channel_dynamic_qconfig for name in _linears_to_quantize(cpu, skip)}
+        return quantize_dynamic(cpu, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+
+
+def _packed_bytes(module: nn.Module) -> int:
+    """Weights that dynamic-quantized modules keep in packed params, outside parameters()."""
+    weight_bias = getattr(module, "_weight_bias", None)
+    # The quantized Linear and its packed-params child both expose _weight_bias: count the child.
+    if weight_bias is None or any(hasattr(c, "_weight_bias") for c in module.children()):
+        return 0
+    return sum(_tensor_bytes(t) for t in weight_bias() if t is not None)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    size = t.numel() * t.element_size()
+    if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        # Per-channel quantized tensors carry their scales and zero points inside.
+        scales, zeros = t.q_per_channel_scales(), t.q_per_channel_zero_points()
+        size += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
+    return size
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of parameters + buffers (a tied tensor counted once) + packed int8 weights."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total + sum(_packed_bytes(m) for m in model.modules())
+
+
+def _windows(tokens: Any, block_size: int, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evenly spaced (x, y) windows: deterministic, so both models see the same text."""
+    data = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
+    if data.ndim != 1 or len(data) < block_size + 1:
+        raise ValueError(f"val_tokens must be 1-D with more than block_size ({block_size}) tokens")
+    starts = np.linspace(0, len(data) - block_size - 1, num=windows).astype(np.int64)
+    chunks = np.stack([data[s : s + block_size + 1].astype(np.int64) for s in starts])
+    chunk = torch.from_numpy(chunks)
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+@torch.inference_mode()
+def eval_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 8
+) -> float:
+    """Mean next-token cross-entropy over the windows (x, y), evaluated in batches."""
+    device = next(iter(model.parameters())).device
+    losses = []
+    for i in range(0, len(x), batch_size):
+        _, loss = model(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        losses.append(float(loss) * len(x[i : i + batch_size]))
+    return sum(losses) / len(x)
+
+
+def quantization_report(
+    model: nn.Module,
+    val_tokens: Any,
+    block_size: int,
+    *,
+    windows: int = 8,
+    batch_size: int = 8,
+    skip: Sequence[str] = ("head",),
+    include_dynamic: bool = False,
+) -> dict[str, float]:
+    """Sizes and validation loss of the model, its weight-only int8 copy (and dynamic int8).
+
+    Flat numbers, ready for mlflow.log_metrics. The given model is not modified.
+    """
+    x, y = _windows(val_tokens, block_size, windows)
+    was_training = model.training
+    try:
+        return _report(model.eval(), x, y, batch_size, skip, include_dynamic)
+    finally:
+        model.train(was_training)
+
+
+def _report(
+    base: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    skip: Sequence[str],
+    include_dynamic: bool,
+) -> dict[str, float]:
+    int8 = quantize_int8(copy.deepcopy(base), skip=skip)
+    report = {
+        "windows": float(x.shape[0]),
+        "block_size": float(x.shape[1]),
+        "base_bytes": float(model_size_bytes(base)),
+        "base_val_loss": eval_loss(base, x, y, batch_size=batch_size),
+        "int8_bytes": float(model_size_bytes(int8)),
+        "int8_val_loss": eval_loss(int8, x, y, batch_size=batch_size),
+    }
+    report["int8_size_ratio"] = report["int8_bytes"] / report["base_bytes"]
+    report["int8_val_loss_delta"] = report["int8_val_loss"] - report["base_val_loss"]
+    if include_dynamic:
+        dyn = dynamic_int8(base, skip=skip)
+        report["dynamic_int8_bytes"] = float(model_size_bytes(dyn))
+        report["dynamic_int8_val_loss"] = eval_loss(dyn, x, y, batch_size=batch_size)
+        report["dynamic_int8_size_ratio"] = report["dynamic_int8_bytes"] / report["base_bytes"]
+        report["dynamic_int8_val_loss_delta"] = (
+            report["dynamic_int8_val_loss"] - report["base_val_loss"]
+        )
+    return report

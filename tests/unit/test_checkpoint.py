@@ -1,0 +1,336 @@
+"""Model dirs and trainer checkpoints: exact round trips, refusals that name the problem, resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmcore.checkpoint import (
+    CheckpointError,
+    latest_training_state,
+    list_training_states,
+    load_model_dir,
+    load_training_state,
+    save_model_dir,
+    save_training_state,
+    unwrap_model,
+)
+from lmcore.config import preset
+from lmcore.model import Transformer
+from lmcore.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.unit
+
+TEXTS = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello model. " * 4]
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", block_size=32, **overrides))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+def batch(step: int, vocab: int = 512, size: tuple[int, int] = (2, 16)) -> torch.Tensor:
+    return torch.randint(0, vocab, size, generator=torch.Generator().manual_seed(1000 + step))
+
+
+# -- model dir ----------------------------------------------------------------------------------
+
+
+def test_model_dir_round_trip_gives_identical_logits(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    model = tiny_model().eval()
+    out = save_model_dir(tmp_path / "m", model, tokenizer, {"run_id": "abc", "step": 7})
+    loaded = load_model_dir(out)
+    idx = batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(idx)[0], model(idx)[0], atol=0, rtol=0)
+    assert not loaded.model.training
+    assert loaded.config == model.config
+    assert loaded.metadata == {"run_id": "abc", "step": 7}
+    assert loaded.tokenizer is not None
+    assert loaded.tokenizer.encode("hello world") == tokenizer.encode("hello world")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"
+    ]
+
+
+def test_tied_embeddings_stay_tied_after_load_and_are_stored_once(tmp_path: Path) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    stored = load_file(tmp_path / "model.safetensors")
+    assert "tok_emb.weight" in stored and "head.weight" not in stored
+    model = load_model_dir(tmp_path).model
+    assert model.head.weight is model.tok_emb.weight
+
+
+def test_untied_model_round_trips_both_matrices(tmp_path: Path) -> None:
+    model = tiny_model(tie_embeddings=False)
+    save_model_dir(tmp_path, model)
+    loaded = load_model_dir(tmp_path).model
+    assert loaded.head.weight is not loaded.tok_emb.weight
+    torch.testing.assert_close(loaded.head.weight, model.head.weight, atol=0, rtol=0)
+
+
+def test_model_dir_without_tokenizer_loads_with_none(tmp_path: Path) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    assert load_model_dir(tmp_path).tokenizer is None
+
+
+def test_bf16_model_keeps_its_dtype_and_load_can_cast(tmp_path: Path) -> None:
+    model = tiny_model().to(torch.bfloat16)
+    save_model_dir(tmp_path, model)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_model_dir(tmp_path).model.tok_emb.weight.dtype == torch.bfloat16
+    as_fp32 = load_model_dir(tmp_path, dtype=torch.float32).model
+    assert as_fp32.tok_emb.weight.dtype == torch.float32
+    torch.testing.assert_close(as_fp32.tok_emb.weight, model.tok_emb.weight.float(), atol=0, rtol=0)
+
+
+def test_wrapped_models_save_without_wrapper_prefixes(tmp_path: Path) -> None:
+    model = tiny_model()
+    wrapped = torch.compile(torch.nn.DataParallel(model))  # compiles lazily: never run here
+    assert unwrap_model(wrapped) is model
+    save_model_dir(tmp_path, wrapped)
+    names = load_file(tmp_path / "model.safetensors")
+    assert all(not n.startswith(("module.", "_orig_mod.")) for n in names)
+    load_model_dir(tmp_path)
+
+
+def test_saving_over_an_existing_dir_replaces_it_and_leaves_no_temp_dirs(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    save_model_dir(target, tiny_model(seed=0), metadata={"v": 1})
+    (target / "stale.txt").write_text("old")
+    second = tiny_model(seed=1)
+    save_model_dir(target, second, metadata={"v": 2})
+    loaded = load_model_dir(target)
+    assert loaded.metadata == {"v": 2}
+    assert not (target / "stale.txt").exists()
+    torch.testing.assert_close(loaded.model.tok_emb.weight, second.tok_emb.weight, atol=0, rtol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_failed_save_leaves_the_previous_dir_intact(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    save_model_dir(target, tiny_model(), metadata={"v": 1})
+    with pytest.raises(ValueError, match="JSON"):
+        save_model_dir(target, tiny_model(), metadata={"bad": object()})
+    assert load_model_dir(target).metadata == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("unpickling was attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def test_pickle_in_place_of_safetensors_is_refused_without_unpickling(
+    tmp_path: Path, no_unpickling: None
+) -> None:
+    model = tiny_model()
+    save_model_dir(tmp_path, model)
+    torch.save(model.state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_model_dir(tmp_path)
+
+
+def test_dir_with_only_a_pt_file_is_refused_naming_it(tmp_path: Path, no_unpickling: None) -> None:
+    model = tiny_model()
+    save_model_dir(tmp_path, model)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model\.pt.*never unpickles"):
+        load_model_dir(tmp_path)
+    with pytest.raises(CheckpointError, match="pickles"):
+        load_model_dir(tmp_path / "model.pt")
+
+
+def test_garbage_model_file_is_refused(tmp_path: Path) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_model_dir(tmp_path)
+
+
+def _tamper(path: Path, defect: str) -> str:
+    """Rewrite model.safetensors with one defect; return the tensor name the error must name."""
+    tensors = load_file(path)
+    name = {"missing": "blocks.1.mlp.down.weight", "extra": "blocks.0.attn.extra_bias"}.get(
+        defect, "norm.weight"
+    )
+    if defect == "shape":
+        tensors[name] = torch.ones(3)
+    elif defect == "dtype":
+        tensors[name] = tensors[name].double()
+    elif defect == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = torch.zeros(4)
+    save_file(tensors, path)
+    return name
+
+
+@pytest.mark.parametrize(
+    ("defect", "words"),
+    [("shape", "has shape"), ("dtype", "has dtype"), ("missing", "missing"),
+     ("extra", "unexpected")],
+)
+def test_mismatched_tensor_is_refused_naming_it(tmp_path: Path, defect: str, words: str) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    name = _tamper(tmp_path / "model.safetensors", defect)
+    with pytest.raises(CheckpointError) as err:
+        load_model_dir(tmp_path)
+    assert name in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("section", ["model", "top"])
+def test_config_with_unknown_field_is_refused(tmp_path: Path, section: str) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    config = json.loads((tmp_path / "config.json").read_text())
+    target = config["model"] if section == "model" else config
+    target["n_experts"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="n_experts"):
+        load_model_dir(tmp_path)
+
+
+# -- trainer checkpoints ------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def train_steps(model: Transformer, opt: torch.optim.Optimizer, start: int, steps: int) -> None:
+    model.train()
+    for step in range(start, start + steps):
+        tokens = batch(step, size=(2, 17))
+        _, loss = model(tokens[:, :-1], tokens[:, 1:].contiguous())
+        opt.zero_grad(set_to_none=True)
+        assert loss is not None
+        loss.backward()
+        opt.step()
+
+
+def test_resume_from_checkpoint_is_bit_identical_to_not_stopping(tmp_path: Path) -> None:
+    # Dropout on, so the restored RNG state matters too.
+    model = tiny_model(seed=0, dropout=0.1)
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 3)
+    path = save_training_state(
+        tmp_path, 3, model=model, optimizer=opt,
+        extra={"sampler": {"epoch": 0}}, extra_tensors={"rng_cpu": torch.get_rng_state()},
+    )
+    train_steps(model, opt, 3, 3)
+
+    resumed = tiny_model(seed=123, dropout=0.1)
+    resumed_opt = make_optimizer(resumed)
+    state = load_training_state(path, model=resumed, optimizer=resumed_opt)
+    torch.set_rng_state(state.extra_tensors["rng_cpu"])
+    train_steps(resumed, resumed_opt, state.step, 3)
+
+    assert state.step == 3 and state.extra == {"sampler": {"epoch": 0}}
+    assert resumed_opt.param_groups[0]["betas"] == (0.9, 0.95)
+    for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{name} differs")
+
+
+def test_training_state_restores_scaler_and_loads_into_wrapped_model(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = make_optimizer(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=7)
+    save_training_state(tmp_path, 5, model=torch.nn.DataParallel(model), optimizer=opt,
+                        scaler=scaler)
+    fresh_scaler = torch.amp.GradScaler("cpu")
+    fresh = tiny_model(seed=9)
+    state = load_training_state(tmp_path, model=torch.compile(fresh), scaler=fresh_scaler)
+    assert state.step == 5 and state.path.name == "step-00000005"
+    assert fresh_scaler.get_scale() == 256.0
+    assert fresh_scaler.get_growth_interval() == 7
+    torch.testing.assert_close(fresh.tok_emb.weight, model.tok_emb.weight, atol=0, rtol=0)
+
+
+def test_latest_training_state_ignores_half_written_dirs(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = make_optimizer(model)
+    good = save_training_state(tmp_path, 2, model=model, optimizer=opt)
+    # A crashed save (temp name) and a copied dir without the marker, both with higher steps.
+    crashed = tmp_path / "step-00000009.tmp-4242-deadbeef"
+    crashed.mkdir()
+    (crashed / "state.json").write_text("{")
+    unmarked = tmp_path / "step-00000010"
+    unmarked.mkdir()
+    for f in good.iterdir():
+        if f.name != "COMPLETE":
+            (unmarked / f.name).write_bytes(f.read_bytes())
+    assert latest_training_state(tmp_path) == good
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_training_state(unmarked, model=model)
+    assert load_training_state(tmp_path, model=model).step == 2
+
+
+def test_latest_training_state_of_missing_dir_is_none(tmp_path: Path) -> None:
+    assert latest_training_state(tmp_path / "nothing") is None
+
+
+def test_keep_prunes_oldest_checkpoints_and_stale_temp_dirs(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = make_optimizer(model)
+    (tmp_path / "step-00000001.tmp-1-abcdef12").mkdir()
+    for step in (1, 2, 3, 4, 5):
+        save_training_state(tmp_path, step, model=model, optimizer=opt, keep=2)
+    assert [p.name for p in list_training_states(tmp_path)] == ["step-00000004", "step-00000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_training_state_for_a_different_model_is_refused(tmp_path: Path) -> None:
+    model = tiny_model()
+    save_training_state(tmp_path, 1, model=model, optimizer=make_optimizer(model))
+    other = tiny_model(n_embd=32)
+    with pytest.raises(CheckpointError, match="tok_emb.weight"):
+        load_training_state(tmp_path, model=other)
+
+
+@pytest.mark.gpu
+def test_fused_adamw_state_on_cuda_round_trips_exactly(tmp_path: Path) -> None:
+    # Same gradients set by hand (no backward, whose CUDA kernels may be nondeterministic).
+    model = tiny_model().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+
+    def step(m: Transformer, o: torch.optim.Optimizer) -> None:
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+        o.step()
+
+    step(model, opt)
+    save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    resumed = tiny_model(seed=7).cuda()
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, fused=True)
+    load_training_state(tmp_path, model=resumed, optimizer=resumed_opt)
+    assert resumed_opt.state[next(resumed.parameters())]["step"].device.type == "cuda"
+    step(model, opt)
+    step(resumed, resumed_opt)
+    for want, got in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_model_dir_loads_onto_cuda_in_bf16(tmp_path: Path) -> None:
+    model = tiny_model()
+    save_model_dir(tmp_path, model)
+    loaded = load_model_dir(tmp_path, device="cuda", dtype=torch.bfloat16).model
+    assert loaded.device.type == "cuda" and loaded.tok_emb.weight.dtype == torch.bfloat16
+    assert loaded.head.weight is loaded.tok_emb.weight

@@ -1,0 +1,181 @@
+"""Int8 quantization: exact dequant math, what gets replaced, size, accuracy and generation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcore.config import preset
+from lmcore.generate import SamplingParams, generate_ids
+from lmcore.model import Transformer
+from lmcore.quantize import (
+    Int8Linear,
+    dynamic_int8,
+    model_size_bytes,
+    quantization_report,
+    quantize_int8,
+    quantize_per_channel,
+)
+
+pytestmark = pytest.mark.unit
+
+PERIOD = 23  # the trained model learns a repeating sequence of 23 distinct tokens
+
+
+def pattern_tokens(n: int) -> torch.Tensor:
+    return (torch.arange(n) * 7 % PERIOD + 3).long()
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    """A tiny model trained until it continues the pattern: its logits are confident, not noise."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", block_size=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = pattern_tokens(4 * PERIOD + 65)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+        chunk = torch.stack([data[s : s + 65] for s in starts])
+        _, loss = model(chunk[:, :-1], chunk[:, 1:].contiguous())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_per_channel_rounding_error_is_at_most_half_a_step() -> None:
+    w = torch.randn(16, 32) * torch.linspace(0.01, 3.0, 16)[:, None]
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())
+    assert bool((q[5] == 0).all())
+
+
+def test_int8_linear_equals_matmul_with_its_dequantized_weight() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=True)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 32)
+    want = F.linear(x, q.dequantize(), q.bias)
+    torch.testing.assert_close(q(x), want, atol=1e-5, rtol=1e-5)
+    # And it is close to the original layer: weight error is at most half a step per element.
+    torch.testing.assert_close(q(x), linear(x), atol=0.05, rtol=0)
+
+
+def test_quantize_int8_replaces_block_linears_and_keeps_the_tied_head() -> None:
+    model = quantize_int8(Transformer(preset("tiny")))
+    block_linears = [m for m in model.blocks.modules() if type(m) is nn.Linear]
+    assert block_linears == []
+    assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
+    assert type(model.head) is nn.Linear and model.head.weight is model.tok_emb.weight
+    assert not model.training
+
+
+def test_tied_head_is_kept_even_when_not_skipped() -> None:
+    model = quantize_int8(Transformer(preset("tiny")), skip=())
+    assert type(model.head) is nn.Linear and model.head.weight is model.tok_emb.weight
+
+
+def test_untied_head_is_quantized_only_when_not_skipped() -> None:
+    cfg = preset("tiny", tie_embeddings=False)
+    assert type(quantize_int8(Transformer(cfg)).head) is nn.Linear
+    assert isinstance(quantize_int8(Transformer(cfg), skip=()).head, Int8Linear)
+
+
+def test_model_size_counts_tied_weights_once() -> None:
+    model = Transformer(preset("tiny"))
+    assert model_size_bytes(model) == 4 * model.num_params(non_embedding=False)
+
+
+def test_int8_shrinks_the_tiny_model_below_half() -> None:
+    model = Transformer(preset("tiny"))
+    ratio = model_size_bytes(quantize_int8(copy.deepcopy(model))) / model_size_bytes(model)
+    # Block linears go to 1 byte/weight; the fp32 embeddings (40k of 147k params) stay: ~0.47.
+    assert 0.40 < ratio < 0.50
+
+
+def test_int8_logits_are_close_to_fp32(trained: Transformer) -> None:
+    idx = pattern_tokens(64)[None]
+    q = quantize_int8(copy.deepcopy(trained))
+    with torch.no_grad():
+        fp, i8 = trained(idx)[0], q(idx)[0]
+    # Stated tolerance: within 2% of the logit range (measured: ~0.3%).
+    span = float(fp.max() - fp.min())
+    assert float((i8 - fp).abs().max()) < 0.02 * span
+    assert float((i8.argmax(-1) == fp.argmax(-1)).float().mean()) >= 0.95
+
+
+def test_greedy_generation_with_int8_and_kv_cache_matches_fp32(trained: Transformer) -> None:
+    q = quantize_int8(copy.deepcopy(trained))
+    prompts = [pattern_tokens(10).tolist(), pattern_tokens(17)[3:].tolist()]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, eos=False)
+    fp = generate_ids(trained, prompts, params)
+    cached = generate_ids(q, prompts, params)
+    uncached = generate_ids(q, prompts, params, use_cache=False)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in uncached]
+    agree = sum(a == b for f, c in zip(fp, cached) for a, b in zip(f.token_ids, c.token_ids))
+    assert agree / (2 * 24) >= 0.9
+    assert all(len(g.token_ids) == 24 for g in cached)
+
+
+def test_int8_runs_a_bf16_model_in_bf16() -> None:
+    model = quantize_int8(Transformer(preset("tiny")).to(torch.bfloat16))
+    logits, _ = model(pattern_tokens(16)[None])
+    assert logits.dtype == torch.bfloat16
+    assert model.blocks[0].mlp.up.weight.dtype == torch.int8
+
+
+def test_dynamic_int8_is_close_to_fp32_and_leaves_the_input_model_alone(
+    trained: Transformer,
+) -> None:
+    dyn = dynamic_int8(trained)
+    assert type(trained.blocks[0].attn.qkv) is nn.Linear
+    assert type(dyn.blocks[0].attn.qkv) is not nn.Linear
+    idx = pattern_tokens(64)[None]
+    with torch.no_grad():
+        fp, d8 = trained(idx)[0], dyn(idx)[0]
+    assert float((d8 - fp).abs().max()) < 0.02 * float(fp.max() - fp.min())
+    assert model_size_bytes(dyn) < 0.5 * model_size_bytes(trained)
+
+
+def test_quantization_report_gives_sizes_and_loss_delta_without_changing_the_model(
+    trained: Transformer,
+) -> None:
+    trained.train()
+    report = quantization_report(trained, pattern_tokens(400), 64, windows=4,
+                                 include_dynamic=True)
+    assert trained.training and type(trained.blocks[0].attn.qkv) is nn.Linear
+    assert report["base_bytes"] == model_size_bytes(trained)
+    assert 0.40 < report["int8_size_ratio"] < 0.50
+    assert report["int8_val_loss_delta"] == pytest.approx(
+        report["int8_val_loss"] - report["base_val_loss"]
+    )
+    assert abs(report["int8_val_loss_delta"]) < 0.05
+    assert abs(report["dynamic_int8_val_loss_delta"]) < 0.05
+    assert all(isinstance(v, float) for v in report.values())
+
+
+def test_quantization_report_refuses_too_few_tokens(trained: Transformer) -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        quantization_report(trained, pattern_tokens(30), 64)
+
+
+@pytest.mark.gpu
+def test_int8_bf16_model_generates_on_cuda(trained: Transformer) -> None:
+    fp = copy.deepcopy(trained).cuda().to(torch.bfloat16)
+    q = quantize_int8(copy.deepcopy(fp))
+    assert q.blocks[0].attn.qkv.weight.device.type == "cuda"
+    idx = pattern_tokens(64)[None].cuda()
+    with torch.no_grad():
+        a, b = fp(idx)[0].float(), q(idx)[0].float()
+    assert float((a - b).abs().max()) < 0.05 * float(a.max() - a.min())
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, eos=False)
+    out = generate_ids(q, [pattern_tokens(10).tolist()], params)
+    assert len(out[0].token_ids) == 16
