@@ -1,0 +1,245 @@
+{{/*
+Names, labels, images and the shared env/volume snippets of the llm chart.
+*/}}
+
+{{- define "llm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>", or the release name alone when it already contains the chart name. */}}
+{{- define "llm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A component's resource name: (dict "root" $ "component" "api") -> "<fullname>-api". */}}
+{{- define "llm.componentName" -}}
+{{- printf "%s-%s" (include "llm.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: (dict "root" $ "component" "api"). Immutable once deployed. */}}
+{{- define "llm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels: (dict "root" $ "component" "api"). */}}
+{{- define "llm.labels" -}}
+helm.sh/chart: {{ include "llm.chart" .root }}
+{{ include "llm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: {{ include "llm.name" .root }}
+{{- end }}
+
+{{/* Pod template labels: the labels above plus podLabels. */}}
+{{- define "llm.podLabels" -}}
+{{ include "llm.labels" . }}
+{{- with .root.Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "llm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llm.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference: (dict "root" $ "image" .Values.images.api). */}}
+{{- define "llm.image" -}}
+{{- $registry := .image.registry | default .root.Values.imageRegistry -}}
+{{- $tag := .image.tag | default .root.Chart.AppVersion | toString -}}
+{{- if $registry -}}
+{{- printf "%s/%s:%s" $registry .image.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{/* The worker's image: the CUDA build when worker.gpu.enabled. */}}
+{{- define "llm.workerImage" -}}
+{{- if .Values.worker.gpu.enabled -}}
+{{- include "llm.image" (dict "root" . "image" .Values.images.workerGpu) -}}
+{{- else -}}
+{{- include "llm.image" (dict "root" . "image" .Values.images.worker) -}}
+{{- end -}}
+{{- end }}
+
+{{- define "llm.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Redis */}}
+
+{{- define "llm.redis.serviceName" -}}
+{{- include "llm.componentName" (dict "root" . "component" "redis") }}
+{{- end }}
+
+{{/* In-cluster host of the Redis Service: "<svc>.<namespace>.svc". */}}
+{{- define "llm.redis.host" -}}
+{{- printf "%s.%s.svc" (include "llm.redis.serviceName" .) .Release.Namespace }}
+{{- end }}
+
+{{/* Secret holding the in-cluster Redis password. */}}
+{{- define "llm.redis.secretName" -}}
+{{- .Values.redis.auth.existingSecret | default (include "llm.redis.serviceName" .) }}
+{{- end }}
+
+{{/* Secret holding the external Redis URL. */}}
+{{- define "llm.redis.externalSecretName" -}}
+{{- .Values.redis.external.existingSecret | default (printf "%s-external" (include "llm.redis.serviceName" .)) }}
+{{- end }}
+
+{{/* Env vars giving a container LLM_REDIS_URL (password only ever read from a Secret). */}}
+{{- define "llm.redis.env" -}}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm.redis.secretName" . }}
+      key: {{ .Values.redis.auth.existingSecretPasswordKey }}
+- name: LLM_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/%d" (include "llm.redis.host" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
+{{- else }}
+- name: LLM_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm.redis.externalSecretName" . }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- MLflow */}}
+
+{{- define "llm.mlflow.serviceName" -}}
+{{- include "llm.componentName" (dict "root" . "component" "mlflow") }}
+{{- end }}
+
+{{/* MLFLOW_TRACKING_URI: the in-cluster Service, or mlflow.external.trackingUri. */}}
+{{- define "llm.mlflow.trackingUri" -}}
+{{- if .Values.mlflow.enabled -}}
+{{- printf "http://%s.%s.svc:%d" (include "llm.mlflow.serviceName" .) .Release.Namespace (int .Values.mlflow.service.port) -}}
+{{- else -}}
+{{- .Values.mlflow.external.trackingUri -}}
+{{- end -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- shared env and volumes */}}
+
+{{- define "llm.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (include "llm.componentName" (dict "root" . "component" "api-keys")) }}
+{{- end }}
+
+{{/* Env of the API and the workers: settings, Redis, MLflow, API keys. */}}
+{{- define "llm.appEnv" -}}
+- name: HOME
+  value: /tmp
+{{ include "llm.redis.env" . }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ include "llm.mlflow.trackingUri" . | quote }}
+- name: LLM_MODEL_URI
+  value: {{ .Values.settings.modelUri | quote }}
+- name: LLM_MAX_NEW_TOKENS
+  value: {{ .Values.settings.maxNewTokens | quote }}
+- name: LLM_JOB_TTL_S
+  value: {{ .Values.settings.jobTtlS | quote }}
+- name: LLM_MAX_BATCH
+  value: {{ .Values.settings.maxBatch | quote }}
+{{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+- name: LLM_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm.apiKeysSecretName" . }}
+      key: LLM_API_KEYS
+{{- end }}
+{{- with .Values.settings.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Hydra config files shipped in the chart (files/config is a link to the repository's config/). */}}
+{{- define "llm.hydraConfig.files" -}}
+{{- range $path, $_ := .Files.Glob "files/config/**.yaml" }}
+{{ $path }}
+{{- end }}
+{{- end }}
+
+{{- define "llm.hydraConfig.enabled" -}}
+{{- if and .Values.hydraConfig.enabled (.Files.Glob "files/config/**.yaml") }}true{{ end }}
+{{- end }}
+
+{{/* ConfigMap key of a config file: "files/config/model/tiny.yaml" -> "model__tiny.yaml". */}}
+{{- define "llm.hydraConfig.key" -}}
+{{- trimPrefix "files/config/" . | replace "/" "__" }}
+{{- end }}
+
+{{/* Volumes every pod of the chart has: (dict "root" $ "hydra" true). */}}
+{{- define "llm.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .root.Values.tmpSizeLimit }}
+{{- if and .hydra (include "llm.hydraConfig.enabled" .root) }}
+- name: hydra-config
+  configMap:
+    name: {{ include "llm.componentName" (dict "root" .root "component" "config") }}
+    items:
+{{- range $path, $_ := .root.Files.Glob "files/config/**.yaml" }}
+      - key: {{ include "llm.hydraConfig.key" $path }}
+        path: {{ trimPrefix "files/config/" $path }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm.commonVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if and .hydra (include "llm.hydraConfig.enabled" .root) }}
+- name: hydra-config
+  mountPath: /app/config
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- training */}}
+
+{{- define "llm.training.name" -}}
+{{- .Values.training.name | default (include "llm.componentName" (dict "root" . "component" "train")) }}
+{{- end }}
+
+{{- define "llm.training.claimName" -}}
+{{- .Values.training.checkpoint.existingClaim | default (include "llm.componentName" (dict "root" . "component" "checkpoints")) }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- checks */}}
+
+{{/* Combinations the schema cannot express well: fail early with a clear message. */}}
+{{- define "llm.validate" -}}
+{{- if and .Values.worker.autoscaling.enabled .Values.worker.keda.enabled }}
+{{- fail "worker.autoscaling.enabled and worker.keda.enabled are exclusive: KEDA creates its own HPA for the worker" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) }}
+{{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
+{{- end }}
+{{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.trackingUri) }}
+{{- fail "mlflow.enabled is false: set mlflow.external.trackingUri" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,630 @@
+"""charts/llm rendered offline for every supported shape: lint, Kubernetes schemas, and the
+promises the chart makes (probes, GPUs, non-root, URLs that reach the right Services)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import (
+    CHART,
+    CI_VALUES,
+    KUBE_VERSIONS,
+    MIN_KUBE_VERSION,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    SHAPES,
+    Rendered,
+    RenderError,
+    containers,
+    env_of,
+)
+
+pytestmark = pytest.mark.deploy
+
+# Custom resources kubernetes-validate has no schema for, and where each one is checked instead.
+CUSTOM_KINDS = {
+    "PyTorchJob": "test_pytorchjob.py (kubeflow SDK models and the CRD schema)",
+    "ScaledObject": "test_keda_scales_the_worker_on_the_redis_queue",
+    "TriggerAuthentication": "test_keda_scales_the_worker_on_the_redis_queue",
+}
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/version",
+    "helm.sh/chart",
+)
+
+
+def component(name: str) -> str:
+    return f"{RELEASE}-{name}"
+
+
+def container(rendered: Rendered, kind: str, name: str, container_name: str | None = None) -> dict:
+    spec = rendered.get(kind, name)["spec"]["template"]["spec"]
+    found = containers(spec)
+    if container_name is None:
+        return found[0]
+    return next(c for c in found if c["name"] == container_name)
+
+
+# --- lint and schemas
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_chart_passes_helm_lint_strict(helm: str, values: Path | None) -> None:
+    cmd = [
+        helm,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--kube-version",
+        MIN_KUBE_VERSION,
+        "--namespace",
+        NAMESPACE,
+    ]
+    if values is not None:
+        cmd += ["--values", str(values)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_ci_values_cover_every_supported_shape() -> None:
+    assert {p.name for p in CI_VALUES} >= {
+        "cpu-values.yaml",
+        "gpu-values.yaml",
+        "external-values.yaml",
+        "training-values.yaml",
+        "keda-values.yaml",
+    }
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_rendered_object_passes_kubernetes_validate_strict(
+    shapes: dict[str, Rendered], shape: str, kube_version: str
+) -> None:
+    rendered = shapes[shape]
+    assert rendered.objects, "nothing rendered"
+    failures = []
+    for obj in rendered.objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            failures.append(f"{where}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            if obj["kind"] not in CUSTOM_KINDS:
+                failures.append(
+                    f"{where}: no Kubernetes {kube_version} schema for "
+                    f"{obj['apiVersion']} {obj['kind']}"
+                )
+    assert not failures, "\n".join(failures)
+
+
+def test_values_yaml_passes_its_own_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(values)
+
+
+BAD_VALUES = {
+    "unknown top-level key": "replicas=3",
+    "typo inside a section": "api.replicaCnt=3",
+    "negative replica count": "worker.replicaCount=-1",
+    "unknown Service type": "api.service.type=Public",
+    "HPA and KEDA on the worker": "worker.autoscaling.enabled=true,worker.keda.enabled=true",
+    "password that breaks the redis:// URL": "redis.auth.password=p@ss/word",
+    "redis off without a URL": "redis.enabled=false",
+    "mlflow off without a URI": "mlflow.enabled=false",
+    "not a URL for external redis": "redis.enabled=false,redis.external.url=localhost:6379",
+    "bad cleanPodPolicy": "training.runPolicy.cleanPodPolicy=Sometimes",
+    "zero processes per node": "training.nprocPerNode=0",
+    "container running as root": "containerSecurityContext.runAsNonRoot=false",
+    "bad storage size": "redis.persistence.size=lots",
+    "resources without limits": "api.resources.limits=null",
+}
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_values_schema_rejects_bad_values(render, bad: str) -> None:
+    with pytest.raises(RenderError, match="schema|exclusive|set redis|set mlflow"):
+        render(sets=(bad,))
+
+
+def test_values_schema_accepts_the_good_neighbours_of_bad_values(render) -> None:
+    # The same keys with good values render: the rejections above are about the values.
+    render(
+        sets=(
+            "worker.replicaCount=0",
+            "api.service.type=NodePort",
+            "worker.keda.enabled=true",
+            "redis.auth.password=A-z0-9._~",
+        )
+    )
+
+
+# --- every object
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_object_has_the_standard_labels(shapes: dict[str, Rendered], shape: str) -> None:
+    for obj in shapes[shape].objects:
+        labels = obj["metadata"].get("labels") or {}
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        if obj["kind"] == "Namespace":
+            continue
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/name"] == "llm"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_container_has_resources_and_runs_as_non_root(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    workloads = shapes[shape].workloads()
+    assert workloads
+    for obj, pod in workloads:
+        pod_sc = pod.get("securityContext") or {}
+        mounts_tmp_volume = {v["name"] for v in pod.get("volumes") or [] if "emptyDir" in v}
+        for c in containers(pod):
+            where = f"{obj['kind']}/{obj['metadata']['name']}:{c['name']}"
+            res = c.get("resources") or {}
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(part) or {}), f"{where}: {part} {res}"
+            sc = c.get("securityContext") or {}
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+            assert (sc.get("runAsUser") or pod_sc.get("runAsUser") or 0) > 0, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            tmp = [m for m in c.get("volumeMounts") or [] if m["mountPath"] == "/tmp"]
+            assert tmp and tmp[0]["name"] in mounts_tmp_volume, f"{where}: no writable /tmp"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_pod_uses_the_release_service_account(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    accounts = rendered.names("ServiceAccount")
+    for obj, pod in rendered.workloads():
+        assert pod.get("serviceAccountName") in accounts, obj["metadata"]["name"]
+        assert pod.get("automountServiceAccountToken") is False
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_services_and_controllers_select_their_own_pods(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    pod_labels = []
+    for obj in rendered.objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            pod_labels.append((obj["metadata"]["name"], labels))
+    for svc in rendered.of_kind("Service"):
+        selector = svc["spec"]["selector"]
+        matched = [name for name, labels in pod_labels if selector.items() <= labels.items()]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {matched}"
+
+
+# --- API
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_api_has_liveness_on_healthz_and_readiness_on_readyz(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    api = container(shapes[shape], "Deployment", component("api"))
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in api["ports"]
+    assert api["command"] + api["args"][:6] == [
+        "uvicorn",
+        "services.api.app:create_app",
+        "--factory",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
+
+
+def test_api_ingress_hpa_and_pdb_target_the_api(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["gpu-values"]  # ingress, HPA and PDB all on
+    name = component("api")
+    ingress = rendered.get("Ingress", name)
+    backends = [
+        p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]
+    ]
+    assert backends == [{"name": name, "port": {"name": "http"}}]
+    hpa = rendered.get("HorizontalPodAutoscaler", name)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": name,
+    }
+    # With an HPA the Deployment leaves replicas to it.
+    assert "replicas" not in rendered.get("Deployment", name)["spec"]
+    pdb = rendered.get("PodDisruptionBudget", name)
+    pod_labels = rendered.get("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_api_keys_come_from_a_secret(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["cpu-values"]
+    secret = rendered.get("Secret", component("api-keys"))
+    assert secret["stringData"]["LLM_API_KEYS"] == "ci-key-1,ci-key-2"
+    for kind, name in (("Deployment", component("api")), ("Deployment", component("worker"))):
+        ref = env_of(container(rendered, kind, name))["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": component("api-keys"), "key": "LLM_API_KEYS"}
+    # An existing Secret is used as is, and none is created.
+    external = shapes["external-values"]
+    assert component("api-keys") not in external.names("Secret")
+    ref = env_of(container(external, "Deployment", component("api")))["LLM_API_KEYS"]
+    assert ref["valueFrom"]["secretKeyRef"]["name"] == "llm-api-keys"
+
+
+# --- worker
+
+
+@pytest.mark.parametrize("shape", ["gpu-values", "training-values"])
+def test_gpu_worker_requests_nvidia_gpus_on_gpu_nodes(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    deployment = rendered.get("Deployment", component("worker"))
+    pod = deployment["spec"]["template"]["spec"]
+    worker = containers(pod)[0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["image"].startswith("llm-worker-gpu:")
+    assert env_of(worker)["LLM_DEVICE"]["value"] == "cuda"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["volumeMounts"]
+
+
+def test_cpu_worker_asks_for_no_gpu(shapes: dict[str, Rendered]) -> None:
+    for shape in ("defaults", "cpu-values"):
+        deployment = shapes[shape].get("Deployment", component("worker"))
+        pod = deployment["spec"]["template"]["spec"]
+        worker = containers(pod)[0]
+        assert "nvidia.com/gpu" not in worker["resources"]["limits"]
+        assert "runtimeClassName" not in pod
+        assert worker["image"].startswith("llm-worker:")
+        assert env_of(worker)["LLM_DEVICE"]["value"] == "cpu"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_worker_runs_celery_threads_ready_on_heartbeat_and_drains_on_stop(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    deployment = shapes[shape].get("Deployment", component("worker"))
+    pod = deployment["spec"]["template"]["spec"]
+    worker = containers(pod)[0]
+    argv = worker["command"] + worker["args"]
+    assert argv[:4] == ["celery", "-A", "services.worker.celery_app:app", "worker"]
+    assert argv[argv.index("--pool") + 1] == "threads"
+    assert worker["readinessProbe"]["exec"]["command"] == [
+        "python",
+        "-m",
+        "services.worker.healthcheck",
+    ]
+    # Longer than the longest job (LLM_JOB_TIME_LIMIT_S defaults to 600 s).
+    assert pod["terminationGracePeriodSeconds"] > 600
+    # Downloaded models go to their own writable volume (the root filesystem is read-only).
+    cache = env_of(worker)["LLM_MODEL_CACHE_DIR"]["value"]
+    assert cache in [m["mountPath"] for m in worker["volumeMounts"]]
+
+
+def test_keda_scales_the_worker_on_the_redis_queue(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["keda-values"]
+    name = component("worker")
+    scaled = rendered.get("ScaledObject", name)
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": name,
+    }
+    assert 0 < scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata must be strings"
+    redis_svc = rendered.get("Service", component("redis"))
+    assert (
+        meta["address"]
+        == f"{component('redis')}.{NAMESPACE}.svc:{redis_svc['spec']['ports'][0]['port']}"
+    )
+    assert meta["listName"] == "celery"
+    auth = rendered.get("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    secret = rendered.get("Secret", ref["name"])
+    assert ref["parameter"] == "password" and ref["key"] in secret["data"]
+    # KEDA owns the worker's HPA: the chart must not add its own.
+    assert "replicas" not in rendered.get("Deployment", name)["spec"]
+
+
+def test_keda_reads_an_external_redis_from_its_url(render) -> None:
+    rendered = render(
+        values=(CHART / "ci" / "external-values.yaml",), sets=("worker.keda.enabled=true",)
+    )
+    meta = rendered.get("ScaledObject", component("worker"))["spec"]["triggers"][0]["metadata"]
+    assert meta["address"] == "redis.data.svc.cluster.local:6379"
+    assert meta["databaseIndex"] == "1"
+    secret = rendered.get("Secret", component("worker-keda-redis"))
+    assert secret["stringData"]["redis-password"] == "external-password"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_no_workload_has_both_an_hpa_and_a_keda_scaler(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    hpa_targets = [
+        o["spec"]["scaleTargetRef"]["name"] for o in rendered.of_kind("HorizontalPodAutoscaler")
+    ]
+    keda_targets = [o["spec"]["scaleTargetRef"]["name"] for o in rendered.of_kind("ScaledObject")]
+    assert not set(hpa_targets) & set(keda_targets)
+    assert len(hpa_targets) == len(set(hpa_targets))
+
+
+# --- Redis and MLflow
+
+
+def _redis_url_host(value: str) -> tuple[str, int, str]:
+    parts = urlsplit(value)
+    return parts.hostname or "", parts.port or 6379, parts.path
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "external-values"])
+def test_redis_url_points_at_the_in_cluster_redis_service(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    svc = rendered.get("Service", component("redis"))
+    sts = rendered.get("StatefulSet", component("redis"))
+    for name in (component("api"), component("worker")):
+        env = env_of(container(rendered, "Deployment", name))
+        host, port, path = _redis_url_host(env["LLM_REDIS_URL"]["value"])
+        assert host == f"{svc['metadata']['name']}.{NAMESPACE}.svc"
+        assert port == svc["spec"]["ports"][0]["port"]
+        assert path == "/0"
+        assert env["LLM_REDIS_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@")
+        # $(REDIS_PASSWORD) expands only from a variable defined earlier in the list.
+        names = [e["name"] for e in container(rendered, "Deployment", name)["env"]]
+        assert names.index("REDIS_PASSWORD") < names.index("LLM_REDIS_URL")
+        ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in rendered.get("Secret", ref["name"])["data"]
+    # The Service's port reaches the StatefulSet's container port.
+    redis = containers(sts["spec"]["template"]["spec"])[0]
+    assert svc["spec"]["ports"][0]["targetPort"] in [p["name"] for p in redis["ports"]]
+
+
+def test_redis_is_a_statefulset_with_aof_a_pvc_and_a_password(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["cpu-values"]
+    sts = rendered.get("StatefulSet", component("redis"))
+    redis = containers(sts["spec"]["template"]["spec"])[0]
+    args = redis["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert sts["spec"]["serviceName"] in rendered.names("Service")
+    secret = rendered.get("Secret", component("redis"))
+    assert base64.b64decode(secret["data"]["redis-password"]).decode() == "ci-redis-password"
+
+
+def test_generated_redis_password_is_long_and_url_safe(shapes: dict[str, Rendered]) -> None:
+    secret = shapes["defaults"].get("Secret", component("redis"))
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    assert len(password) >= 32 and password.isalnum()
+
+
+def test_external_redis_and_mlflow_replace_the_in_cluster_ones(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["external-values"]
+    assert not rendered.of_kind("StatefulSet")
+    assert component("mlflow") not in rendered.names("Deployment")
+    assert not rendered.of_kind("NetworkPolicy")  # nothing of ours left to protect
+    external = yaml.safe_load((CHART / "ci" / "external-values.yaml").read_text())
+    for name in (component("api"), component("worker")):
+        env = env_of(container(rendered, "Deployment", name))
+        ref = env["LLM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert (
+            rendered.get("Secret", ref["name"])["stringData"][ref["key"]]
+            == external["redis"]["external"]["url"]
+        )
+        assert env["MLFLOW_TRACKING_URI"]["value"] == external["mlflow"]["external"]["trackingUri"]
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "external-values"])
+def test_mlflow_uri_points_at_the_in_cluster_mlflow_service(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    rendered = shapes[shape]
+    svc = rendered.get("Service", component("mlflow"))
+    users = [container(rendered, "Deployment", component(n)) for n in ("api", "worker")]
+    for job in rendered.of_kind("PyTorchJob"):
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            users += containers(replica["template"]["spec"])
+    for c in users:
+        parts = urlsplit(env_of(c)["MLFLOW_TRACKING_URI"]["value"])
+        assert parts.scheme == "http"
+        assert parts.hostname == f"{svc['metadata']['name']}.{NAMESPACE}.svc"
+        assert parts.port == svc["spec"]["ports"][0]["port"]
+    # MLflow accepts that Host header (it refuses unknown hosts).
+    server = container(rendered, "Deployment", component("mlflow"))
+    allowed = env_of(server)["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    assert f"{svc['metadata']['name']}.{NAMESPACE}.svc:*" in allowed
+
+
+def test_mlflow_keeps_sqlite_and_artifacts_on_its_pvc(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["defaults"]
+    deployment = rendered.get("Deployment", component("mlflow"))
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    server = containers(pod)[0]
+    assert env_of(server)["MLFLOW_BACKEND_STORE_URI"]["value"] == "sqlite:////mlflow/mlflow.db"
+    assert "--artifacts-destination=/mlflow/artifacts" in server["args"]
+    assert {"name": "data", "mountPath": "/mlflow"} in server["volumeMounts"]
+    claim = next(v for v in pod["volumes"] if v["name"] == "data")["persistentVolumeClaim"][
+        "claimName"
+    ]
+    assert claim in rendered.names("PersistentVolumeClaim")
+
+
+def test_mlflow_uses_an_external_postgres_from_a_secret(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["training-values"]
+    server = container(rendered, "Deployment", component("mlflow"))
+    ref = env_of(server)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
+    url = rendered.get("Secret", ref["name"])["stringData"][ref["key"]]
+    assert url.startswith("postgresql://")
+
+
+# --- network, config, hooks
+
+
+def _peer_components(policy: dict) -> set[str]:
+    (rule,) = policy["spec"]["ingress"]
+    found = set()
+    for peer in rule["from"]:
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        if labels:
+            assert labels["app.kubernetes.io/instance"] == RELEASE
+            found.add(labels["app.kubernetes.io/component"])
+    return found
+
+
+def test_network_policies_let_only_api_and_workers_reach_redis_and_only_trainer_and_workers_mlflow(
+    shapes: dict[str, Rendered],
+) -> None:
+    rendered = shapes["training-values"]
+    redis = rendered.get("NetworkPolicy", component("redis"))
+    assert redis["spec"]["policyTypes"] == ["Ingress"]
+    assert _peer_components(redis) == {"api", "worker"}
+    assert len(redis["spec"]["ingress"][0]["from"]) == 2  # no other peers
+    mlflow = rendered.get("NetworkPolicy", component("mlflow"))
+    assert _peer_components(mlflow) == {"trainer", "worker"}
+    # The selected pods are really the ones labelled so.
+    labels = {
+        "api": rendered.get("Deployment", component("api"))["spec"]["template"]["metadata"][
+            "labels"
+        ],
+        "worker": rendered.get("Deployment", component("worker"))["spec"]["template"]["metadata"][
+            "labels"
+        ],
+        "trainer": rendered.of_kind("PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]["Master"][
+            "template"
+        ]["metadata"]["labels"],
+    }
+    for policy in (redis, mlflow):
+        for peer in policy["spec"]["ingress"][0]["from"]:
+            selector = peer["podSelector"]["matchLabels"]
+            assert any(selector.items() <= pod.items() for pod in labels.values())
+    # KEDA's operator may read the queue length.
+    keda = shapes["keda-values"].get("NetworkPolicy", component("redis"))
+    namespaces = [
+        p["namespaceSelector"]["matchLabels"]
+        for p in keda["spec"]["ingress"][0]["from"]
+        if "namespaceSelector" in p
+    ]
+    assert namespaces == [{"kubernetes.io/metadata.name": "keda"}]
+
+
+def test_hydra_config_configmap_is_the_repository_config(shapes: dict[str, Rendered]) -> None:
+    link = CHART / "files" / "config"
+    assert link.is_symlink() and link.resolve() == (REPO / "config").resolve(), (
+        "charts/llm/files/config must be a link to ../../../config"
+    )
+    files = sorted(p for p in (REPO / "config").rglob("*.yaml") if p.is_file())
+    if not files:
+        pytest.skip("config/ has no Hydra config yet")
+    rendered = shapes["defaults"]
+    cm = rendered.get("ConfigMap", component("config"))
+    expected = {
+        str(p.relative_to(REPO / "config")).replace("/", "__"): p.read_text() for p in files
+    }
+    assert cm["data"] == expected
+    # Mounted back as the same tree over the image's /app/config.
+    pod = rendered.get("Deployment", component("worker"))["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "hydra-config")
+    items = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert items == {k: k.replace("__", "/") for k in expected}
+    mount = next(m for m in containers(pod)[0]["volumeMounts"] if m["name"] == "hydra-config")
+    assert mount == {"name": "hydra-config", "mountPath": "/app/config", "readOnly": True}
+
+
+def test_helm_test_hook_submits_a_job_and_polls_it(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["cpu-values"]
+    pods = [
+        p
+        for p in rendered.of_kind("Pod")
+        if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+    ]
+    assert len(pods) == 1
+    (c,) = pods[0]["spec"]["containers"]
+    script = c["args"][0]
+    compile(script, "helm-test", "exec")  # the inline script is valid Python
+    assert '"POST", "/jobs"' in script and "/jobs/{job['id']}" in script
+    env = env_of(c)
+    url = urlsplit(env["LLM_URL"]["value"])
+    assert url.hostname == f"{component('api')}.{NAMESPACE}.svc"
+    assert url.port == rendered.get("Service", component("api"))["spec"]["ports"][0]["port"]
+    assert env["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == component("api-keys")
+
+
+def test_notes_explain_how_to_reach_the_api_and_submit_a_job(helm: str) -> None:
+    proc = subprocess.run(
+        [
+            helm,
+            "install",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+            "--values",
+            str(CHART / "ci" / "cpu-values.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert f"port-forward svc/{component('api')} 8000:8000" in notes
+    assert "POST $LLM_URL/jobs" in notes and "$LLM_URL/jobs/<id>" in notes
+    assert "Authorization: Bearer" in notes
+    assert "helm test" in notes
+
+
+def test_chart_metadata_declares_versions() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] and chart["version"]
+    assert chart["kubeVersion"].startswith(">=1.30")
