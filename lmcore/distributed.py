@@ -1,0 +1,192 @@
+"""The torchrun / PyTorchJob environment, process group setup and teardown, small collectives.
+
+Reads the launcher's environment and nothing else; it must not build models or know the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedEnvError(RuntimeError):
+    """The launcher's environment is inconsistent; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: global rank, world size, rank on its node, rendezvous address.
+
+    Under torchrun the child environment is authoritative (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+    A PyTorchJob pod started without torchrun gets RANK / WORLD_SIZE / MASTER_* per pod, one
+    process per pod. Without any of these it is a single process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        under_torchrun = "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env
+        world_size = _int(env, "WORLD_SIZE", 1)
+        rank = _int(env, "RANK", 0)
+        local_rank = _int(env, "LOCAL_RANK", 0)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", 1)
+        per_node = _int(env, "PET_NPROC_PER_NODE", 1) if "PET_NPROC_PER_NODE" in env else 1
+        # A pod's RANK/WORLD_SIZE count pods; with several processes per pod only torchrun
+        # (which reads the PET_* variables) can hand out the per-process ranks.
+        if per_node > 1 and not under_torchrun:
+            raise DistributedEnvError(
+                f"PET_NPROC_PER_NODE={per_node}: start the trainer under torchrun "
+                "(torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT)"
+            )
+        if world_size < 1:
+            raise DistributedEnvError(f"WORLD_SIZE must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise DistributedEnvError(f"RANK must be in [0, {world_size}), got {rank}")
+        if not 0 <= local_rank < max(local_world, 1) and under_torchrun:
+            raise DistributedEnvError(f"LOCAL_RANK {local_rank} >= LOCAL_WORLD_SIZE {local_world}")
+        addr = env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1"
+        port_env = "MASTER_PORT" if "MASTER_PORT" in env else "PET_MASTER_PORT"
+        port = _int(env, port_env, 29500)
+        if world_size > 1 and "MASTER_ADDR" not in env:
+            raise DistributedEnvError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set")
+        return cls(rank, world_size, local_rank, local_world, addr, port)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedEnvError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def resolve_device(requested: str, env: DistEnv) -> torch.device:
+    """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedEnvError("device 'cuda' requested but CUDA is not available")
+        if device.index is None:  # one process per GPU
+            device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_process_group(
+    env: DistEnv, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """NCCL for GPUs, gloo for CPUs; a no-op for a single process or an existing group."""
+    if not env.is_distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device  # binds the communicator to this GPU eagerly
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{_host(env.master_addr)}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+
+
+def _host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(
+    device: str = "auto",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    environ: Mapping[str, str] | None = None,
+) -> Iterator[tuple[DistEnv, torch.device]]:
+    """Set up this process's place in the job; the group is destroyed even when the body fails."""
+    env = DistEnv.from_env(environ)
+    dev = resolve_device(device, env)
+    init_process_group(env, dev, timeout_s)
+    try:
+        yield env, dev
+    finally:
+        destroy_process_group()
+
+
+# -- collectives that are no-ops for one process ------------------------------------------------
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank passed True (all ranks must call it together)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_across_ranks(value: torch.Tensor | float, device: torch.device) -> float:
+    t = torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone().reshape(1)
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank src's `obj` on every rank (pickled by torch.distributed; small objects only)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,839 @@
+"""MLflow tracking: run logging that rides out server outages, the registry, model URI resolution.
+
+mlflow is imported lazily inside functions (lmcore's import rule), and nothing the trainer calls
+per step may block on, or raise because of, a slow or unreachable tracking server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a local file when MLFLOW_TRACKING_URI is unset
+DEFAULT_EXPERIMENT = "llm"
+DEFAULT_MODEL_NAME = "llm"
+MODEL_ARTIFACT = "model"  # the pyfunc's name in its run: runs:/RUN_ID/model
+MODEL_CONFIG_FILE = "config.json"
+DEFAULT_CACHE_DIR = Path("~/.cache/llm-pipeline/models")
+# 500 is the smallest value limit among MLflow servers still deployed (newer allow 6000); the full
+# config is logged as an artifact too, so a truncated param loses nothing.
+MAX_PARAM_VALUE_CHARS = 500
+MAX_KEY_CHARS = 250
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+MAX_PARAMS_TAGS_PER_BATCH = 100
+PIP_REQUIREMENTS = ["torch", "numpy", "tokenizers", "safetensors", "pandas"]
+_CACHE_STAMP = ".llm-source.json"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or registry refused or could not be reached; one readable line."""
+
+
+class ModelNotFoundError(TrackingError, LookupError):
+    """A model URI names nothing: unknown path, model, version, alias or run."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str | None
+    version: str | None
+    run_id: str | None
+    uri: str
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # a local model dir: config.json + model.safetensors + tokenizer.json
+    name: str | None
+    version: str | None
+    run_id: str | None
+    uri: str
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+# -- params ---------------------------------------------------------------------------------------
+
+
+def _param_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space / only.
+    return re.sub(r"[^\w\-. /]", "_", key)[:MAX_KEY_CHARS]
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, Sequence | Mapping):
+        text = json.dumps(value, default=str, sort_keys=False)
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VALUE_CHARS:
+        text = text[: MAX_PARAM_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested mappings joined with ".", values as short strings."""
+    flat: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, name))
+        else:
+            flat[_param_key(name)] = _param_value(value)
+    return flat
+
+
+# -- mlflow plumbing ----------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str | None = None) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _http_status(exc: BaseException) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    return exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: unreachable, timeouts, 5xx, 429. A 4xx is the request's own fault."""
+    status = _http_status(exc)
+    if status is not None:
+        return not 400 <= status < 500 or status in (408, 429)
+    return isinstance(exc, OSError | TimeoutError)  # requests' errors derive from OSError
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    # A missing alias comes back as 400 INVALID_PARAMETER_VALUE "... alias x not found."
+    return _http_status(exc) == 404 or "not found" in str(exc).lower()
+
+
+def _tracking_error(action: str, uri: str, exc: BaseException) -> TrackingError:
+    if _is_transient(exc):
+        return TrackingError(f"cannot {action}: MLflow at {uri} unreachable ({_one_line(exc)})")
+    return TrackingError(f"cannot {action}: {_one_line(exc)}")
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """Beside the database for a server-less `sqlite:///` store (MLflow's default is ./mlruns in
+    whatever directory the process runs in); None lets a server choose."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent.resolve() / "mlruns").as_uri()
+
+
+@contextmanager
+def _mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for a fluent-API call.
+
+    Restores the previous *unset* state too, so a later MLFLOW_TRACKING_URI still wins.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_tracking = tracking_utils._tracking_uri
+    old_registry = registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = old_tracking
+        registry_utils._registry_uri = old_registry
+
+
+# -- trackers -----------------------------------------------------------------------------------
+
+
+class NullTracker:
+    """A tracker that records nothing: for non-zero ranks and runs without MLflow."""
+
+    run_id: str | None = None
+
+    def start_run(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_model_dir(self, model_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        pass
+
+
+Kind = Literal["metric", "param", "artifact"]
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+class _Outbox:
+    """Records waiting to be posted, oldest first; bounded, dropping the oldest when full."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.items: deque[tuple[Kind, Any]] = deque()
+        self.max_pending = max_pending
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.dropped = 0
+
+    def put(self, kind: Kind, records: Sequence[Any]) -> None:
+        with self.cond:
+            self.items.extend((kind, r) for r in records)
+            while len(self.items) > self.max_pending:
+                self.items.popleft()
+                self.dropped += 1
+            self.cond.notify_all()
+
+    def take(self) -> list[tuple[Kind, Any]]:
+        """The next batch of one kind (an artifact alone); the caller holds the lock."""
+        kind = self.items[0][0]
+        limit = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_TAGS_PER_BATCH}.get(kind, 1)
+        batch = []
+        while self.items and self.items[0][0] == kind and len(batch) < limit:
+            batch.append(self.items.popleft())
+        self.in_flight = len(batch)
+        return batch
+
+    def done(self, batch: list[tuple[Kind, Any]], *, retry: bool) -> None:
+        with self.cond:
+            if retry:
+                self.items.extendleft(reversed(batch))
+            self.in_flight = 0
+            self.cond.notify_all()
+
+    @property
+    def empty(self) -> bool:
+        return not self.items and not self.in_flight
+
+
+class MlflowTracker:
+    """Logs one training run to MLflow; a background thread posts, so logging never blocks.
+
+    Metrics, params and artifacts are queued and posted in batches; while the server is down
+    the thread retries (backing off to `retry_s`) and keeps their original timestamps.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        *,
+        retry_s: float = 30.0,
+        max_pending: int = 200_000,
+        flush_timeout_s: float = 120.0,
+        publish_timeout_s: float = 900.0,
+    ) -> None:
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment = experiment
+        self.retry_s = retry_s
+        self.flush_timeout_s = flush_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self.run_id: str | None = None
+        self.last_error: str | None = None  # the latest posting failure, for logs and health
+        self._outbox = _Outbox(max_pending)
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._known_params: dict[str, str] = {}
+        self._staging: Path | None = None  # copies of artifacts waiting to be posted
+        self._client: Any = None
+
+    @property
+    def _tmp(self) -> Path:
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="llm-tracker-"))
+        return self._staging
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client, _ = _client(self.tracking_uri)
+        return self._client
+
+    # -- run lifecycle --------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        experiment: str | None = None,
+        run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        run_name: str | None = None,
+    ) -> str:
+        """Create a run in `experiment` (default: the constructor's), or resume `run_id`.
+
+        The argument order is lmcore.train's Tracker protocol. Returns the run id; raises
+        TrackingError when the server cannot be reached: better at step 0 than never.
+        """
+        if experiment:
+            self.experiment = experiment
+        try:
+            if run_id:
+                run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self._known_params = dict(run.data.params)
+            else:
+                experiment_id = self._experiment_id()
+                run = self.client.create_run(experiment_id, run_name=run_name)
+        except Exception as exc:
+            if run_id and _is_not_found(exc):
+                raise ModelNotFoundError(
+                    f"cannot resume run {run_id}: not found on {self.tracking_uri}"
+                ) from exc
+            raise _tracking_error("start the MLflow run", self.tracking_uri, exc) from exc
+        self.run_id = run.info.run_id
+        self._closing.clear()
+        self._thread = threading.Thread(target=self._post_loop, name="mlflow-poster", daemon=True)
+        self._thread.start()
+        if params:
+            self.log_params(params)
+        log.info("MLflow run %s (%s, experiment %r)", self.run_id, self.tracking_uri,
+                 self.experiment)  # fmt: skip
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                return str(self.client.create_experiment(
+                    self.experiment, artifact_location=_local_artifact_root(self.tracking_uri)
+                ))  # fmt: skip
+            except MlflowException:  # created meanwhile by another process
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {self.experiment!r} is deleted; restore it first")
+        return str(found.experiment_id)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        """Post everything queued (waiting up to flush_timeout_s), then close the run."""
+        if self.run_id is None or self._thread is None:
+            return
+        if not self.flush(self.flush_timeout_s):
+            log.warning("MLflow unreachable: %d tracking records not posted for run %s (%s)",
+                        len(self._outbox.items), self.run_id, self.last_error)  # fmt: skip
+        if self._outbox.dropped:
+            log.warning("%d oldest tracking records were dropped during a long MLflow outage",
+                        self._outbox.dropped)  # fmt: skip
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status,
+                        _one_line(exc))  # fmt: skip
+        self._closing.set()
+        with self._outbox.cond:
+            self._outbox.cond.notify_all()
+        self._thread.join(timeout=5.0)
+        self._thread = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued record is posted; False if `timeout_s` passed first."""
+        with self._outbox.cond:
+            return self._outbox.cond.wait_for(lambda: self._outbox.empty, timeout=timeout_s)
+
+    @property
+    def pending(self) -> int:
+        with self._outbox.cond:
+            return len(self._outbox.items) + self._outbox.in_flight
+
+    # -- logging (never raises) -----------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flattened ("a.b.c") params; on a resumed run a changed value becomes a tag instead."""
+        try:
+            from mlflow.entities import Param, RunTag
+
+            records: list[Any] = []
+            for key, value in flatten_params(params).items():
+                old = self._known_params.get(key)
+                if old == value:
+                    continue
+                if old is None:
+                    records.append(Param(key, value))
+                    self._known_params[key] = value
+                else:  # MLflow params are immutable: keep the new value where it can go
+                    records.append(RunTag(_param_key(f"resumed.{key}"), value))
+            self._put("param", records)
+        except Exception as exc:  # logging must not stop training
+            log.warning("could not queue params: %s", _one_line(exc))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        try:
+            from mlflow.entities import Metric
+
+            now_ms = int(time.time() * 1000)
+            records = []
+            for key, value in metrics.items():
+                if value is None:
+                    continue
+                number = float(value)  # accepts 0-d tensors and numpy scalars
+                records.append(Metric(_param_key(key), number, now_ms, int(step)))
+            self._put("metric", records)
+        except Exception as exc:
+            log.warning("could not queue metrics at step %s: %s", step, _one_line(exc))
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload a file or a directory's contents, in the background.
+
+        A staged copy (hard links where possible) is what gets posted, so the caller may delete
+        or rewrite `path` at once, as a TemporaryDirectory does.
+        """
+        if not self._accepting("artifact"):
+            return
+        try:
+            staged = self._stage(Path(path))
+        except Exception as exc:
+            log.warning("could not log artifact %s: %s", path, _one_line(exc))
+            return
+        self._put("artifact", [(str(staged), artifact_path)])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write `text` to `artifact_file` (e.g. "config.yaml") in the run's artifacts."""
+        local = self._tmp / secrets.token_hex(4) / Path(artifact_file).name
+        local.parent.mkdir(parents=True)
+        local.write_text(text, encoding="utf-8")
+        parent = str(Path(artifact_file).parent)
+        self._put("artifact", [(str(local), None if parent == "." else parent)])
+
+    def _stage(self, source: Path) -> Path:
+        target = self._tmp / secrets.token_hex(4) / source.name
+        target.parent.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target)
+        return target
+
+    def _accepting(self, kind: Kind) -> bool:
+        if self.run_id is None or self._thread is None:
+            log.warning("MLflow tracker: %s logged outside start_run/end_run; ignored", kind)
+            return False
+        return True
+
+    def _put(self, kind: Kind, records: Sequence[Any]) -> None:
+        if records and self._accepting(kind):
+            self._outbox.put(kind, records)
+
+    # -- the poster thread ----------------------------------------------------------------------
+
+    def _post_loop(self) -> None:
+        failures = 0
+        box = self._outbox
+        while True:
+            with box.cond:
+                box.cond.wait_for(lambda: box.items or self._closing.is_set())
+                if not box.items:
+                    return
+                batch = box.take()
+            try:
+                self._post(batch)
+            except Exception as exc:
+                if _is_transient(exc) and not self._closing.is_set():
+                    failures += 1
+                    self._note_failure(exc, failures)
+                    box.done(batch, retry=True)
+                    self._closing.wait(min(self.retry_s, 0.5 * 2 ** min(failures, 8)))
+                    continue
+                log.warning("MLflow refused %d %s record(s), dropped: %s", len(batch),
+                            batch[0][0], _one_line(exc))  # fmt: skip
+            if failures:
+                log.info("MLflow reachable again; posting queued records")
+                failures = 0
+            box.done(batch, retry=False)
+
+    def _note_failure(self, exc: BaseException, failures: int) -> None:
+        self.last_error = _one_line(exc)
+        if failures == 1:
+            log.warning("MLflow unreachable, will keep retrying (%d queued): %s",
+                        len(self._outbox.items), self.last_error)  # fmt: skip
+
+    def _post(self, batch: list[tuple[Kind, Any]]) -> None:
+        from mlflow.entities import Param
+
+        kind = batch[0][0]
+        records = [r for _, r in batch]
+        if kind == "metric":
+            self.client.log_batch(self.run_id, metrics=records)
+        elif kind == "param":
+            params = [r for r in records if isinstance(r, Param)]
+            tags = [r for r in records if not isinstance(r, Param)]
+            self.client.log_batch(self.run_id, params=params, tags=tags)
+        else:
+            local, artifact_path = records[0]
+            if Path(local).is_dir():
+                self.client.log_artifacts(self.run_id, local, artifact_path)
+            elif Path(local).is_file():
+                self.client.log_artifact(self.run_id, local, artifact_path)
+            else:
+                raise FileNotFoundError(f"artifact {local} no longer exists")
+            shutil.rmtree(Path(local).parent, ignore_errors=True)  # the staging dir
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def log_model_dir(
+        self,
+        model_dir: str | os.PathLike[str],
+        register_name: str | None = DEFAULT_MODEL_NAME,
+        alias: str | None = "candidate",
+    ) -> ModelVersionInfo:
+        """Log the model dir as the run's pyfunc `model`, register a version, point `alias` at it.
+
+        Synchronous: each step is retried while the server is unreachable, for up to
+        publish_timeout_s; then TrackingError (the model dir itself is already on disk).
+        """
+        if self.run_id is None:
+            raise TrackingError("log_model_dir needs a started run")
+        source = Path(model_dir)
+        if not (source / MODEL_CONFIG_FILE).is_file():
+            raise ModelNotFoundError(f"{source} is not a model dir (no {MODEL_CONFIG_FILE})")
+        deadline = time.monotonic() + self.publish_timeout_s
+        step = lambda action, fn: self._retrying(action, fn, deadline)  # noqa: E731
+        model_id = self._log_pyfunc(source, step)
+        if not register_name:
+            run_uri = f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
+            return ModelVersionInfo(None, None, self.run_id, run_uri)
+        step("register the model", lambda: _ensure_registered_model(self.client, register_name))
+        mv = step("create a model version", lambda: self.client.create_model_version(
+            register_name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id))
+        version = str(mv.version)
+        if alias:
+            step("set the alias", lambda: self.client.set_registered_model_alias(
+                register_name, alias, version))
+        self._put("param", [_run_tag("llm.model_version", f"{register_name}/{version}")])
+        log.info("registered %s version %s (alias %s)", register_name, version, alias)
+        uri = f"models:/{register_name}/{version}"
+        return ModelVersionInfo(register_name, version, self.run_id, uri)
+
+    def _retrying(self, action: str, fn: Any, deadline: float) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not _is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise _tracking_error(action, self.tracking_uri, exc) from exc
+                log.warning("cannot %s yet, retrying in %.0f s: %s", action, delay, _one_line(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, self.retry_s)
+
+    def _log_pyfunc(self, model_dir: Path, step: Any) -> str:
+        import mlflow.pyfunc
+        from mlflow.models import Model
+
+        from lmcore import mlflow_pyfunc
+
+        # From this module's file: lmcore.__file__ is None when imported as a namespace package.
+        lmcore_dir = Path(mlflow_pyfunc.__file__).resolve().parent
+
+        run = step("read the run", lambda: self.client.get_run(self.run_id))
+        # Created here so the logged model lands in the run's experiment, not the default one.
+        logged = step("create the logged model", lambda: self.client.create_logged_model(
+            run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=self.run_id))
+
+        def upload() -> None:
+            with _mlflow_uris(self.tracking_uri), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example.*")
+                Model.log(
+                    artifact_path=None,
+                    flavor=mlflow.pyfunc,
+                    name=MODEL_ARTIFACT,
+                    run_id=self.run_id,
+                    model_id=logged.model_id,  # a retry re-uploads into the same logged model
+                    # "Model from code": MLflow runs this file to load; nothing is pickled.
+                    python_model=mlflow_pyfunc.__file__,
+                    artifacts={mlflow_pyfunc.MODEL_DIR_ARTIFACT: str(model_dir)},
+                    code_paths=[str(lmcore_dir)],  # self-contained for `mlflow models serve`
+                    signature=mlflow_pyfunc.signature(),
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+
+        step("upload the model", upload)
+        return str(logged.model_id)
+
+
+def _run_tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def promote(
+    name: str, version: str | int, alias: str = "production", tracking_uri: str | None = None
+) -> None:
+    """Point `alias` at an existing version (the serving worker picks it up on its next poll)."""
+    client, uri = _client(tracking_uri)
+    version = str(version)
+    if not version.isdigit():
+        raise TrackingError(f"model version must be a positive integer, got {version!r}")
+    try:
+        client.get_model_version(name, version)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise ModelNotFoundError(f"model version {name}/{version} not found on {uri}") from exc
+        raise _tracking_error(f"promote {name}/{version}", uri, exc) from exc
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except Exception as exc:
+        raise _tracking_error(f"set alias {alias!r} on {name}/{version}", uri, exc) from exc
+
+
+def current_version(
+    name: str, alias: str, tracking_uri: str | None = None
+) -> ModelVersionInfo | None:
+    """The version `alias` points at, or None if the model or alias does not exist (yet)."""
+    client, uri = _client(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if _is_not_found(exc):
+            return None
+        raise _tracking_error(f"look up {name}@{alias}", uri, exc) from exc
+    return ModelVersionInfo(name, str(mv.version), mv.run_id, f"models:/{name}/{mv.version}")
+
+
+# -- model URI resolution -------------------------------------------------------------------------
+
+
+def find_model_dir(root: Path) -> Path | None:
+    """The model dir at `root`, or inside a downloaded pyfunc (artifacts/<name>/config.json)."""
+    if (root / MODEL_CONFIG_FILE).is_file():
+        return root
+    candidates = sorted(root.glob(f"artifacts/*/{MODEL_CONFIG_FILE}"))
+    candidates += sorted(root.glob(f"*/artifacts/*/{MODEL_CONFIG_FILE}"))
+    return candidates[0].parent if candidates else None
+
+
+def resolve_model_uri(
+    uri: str, cache_dir: str | Path | None = None, tracking_uri: str | None = None
+) -> ResolvedModel:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/RUN_ID/model`
+    or a local path -> a local model dir (downloads are cached under `cache_dir`)."""
+    uri = str(uri)
+    if uri.startswith("models:/"):
+        return _resolve_registry(uri, cache_dir, tracking_uri)
+    if uri.startswith("runs:/"):
+        return _resolve_run(uri, cache_dir, tracking_uri)
+    if re.match(r"^[a-zA-Z][\w+.-]*:/", uri) and not uri.startswith("file:"):
+        raise TrackingError(f"unsupported model URI {uri!r}: use models:/, runs:/ or a local path")
+    local = Path(uri.removeprefix("file://")).expanduser()
+    if not local.exists():
+        raise ModelNotFoundError(f"model path {local} does not exist")
+    found = find_model_dir(local)
+    if found is None:
+        raise ModelNotFoundError(f"{local} is not a model dir (no {MODEL_CONFIG_FILE})")
+    return ResolvedModel(found.resolve(), None, None, None, uri)
+
+
+def _resolve_registry(
+    uri: str, cache_dir: str | Path | None, tracking_uri: str | None
+) -> ResolvedModel:
+    client, server = _client(tracking_uri)
+    ref = uri.removeprefix("models:/").strip("/")
+    if "/" not in ref and "@" not in ref:
+        if ref.startswith("m-"):  # an MLflow 3 logged model id
+            return _resolve_logged_model(client, server, ref, uri, cache_dir)
+        raise TrackingError(f"{uri}: name a version or an alias (models:/{ref}@production)")
+    try:
+        if "@" in ref:
+            name, alias = ref.rsplit("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        download_uri = client.get_model_version_download_uri(name, mv.version)
+    except Exception as exc:
+        if _is_not_found(exc) or _http_status(exc) == 400:
+            raise ModelNotFoundError(f"{uri} not found on {server}: {_one_line(exc)}") from exc
+        raise _tracking_error(f"resolve {uri}", server, exc) from exc
+    stamp = {"source": download_uri, "run_id": mv.run_id, "created": mv.creation_timestamp}
+    key = (_slug(server), "registry", name, str(mv.version))
+    path = _download_cached(download_uri, server, _cache_root(cache_dir), key, stamp, uri)
+    return ResolvedModel(path, name, str(mv.version), mv.run_id, uri)
+
+
+def _resolve_logged_model(
+    client: Any, server: str, model_id: str, uri: str, cache_dir: str | Path | None
+) -> ResolvedModel:
+    try:
+        logged = client.get_logged_model(model_id)
+    except Exception as exc:
+        if _is_not_found(exc) or _http_status(exc) == 400:
+            raise ModelNotFoundError(f"{uri} not found on {server}") from exc
+        raise _tracking_error(f"resolve {uri}", server, exc) from exc
+    stamp = {"source": logged.artifact_location, "run_id": logged.source_run_id}
+    key = (_slug(server), "logged", model_id)
+    path = _download_cached(logged.artifact_location, server, _cache_root(cache_dir), key, stamp,
+                            uri)  # fmt: skip
+    return ResolvedModel(path, None, None, logged.source_run_id, uri)
+
+
+def _resolve_run(uri: str, cache_dir: str | Path | None, tracking_uri: str | None) -> ResolvedModel:
+    client, server = _client(tracking_uri)
+    run_id, _, sub = uri.removeprefix("runs:/").strip("/").partition("/")
+    sub = sub or MODEL_ARTIFACT
+    try:
+        run = client.get_run(run_id)
+        source = _run_model_location(client, run, sub)
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:
+        if _is_not_found(exc) or _http_status(exc) == 400:
+            raise ModelNotFoundError(f"{uri} not found on {server}: {_one_line(exc)}") from exc
+        raise _tracking_error(f"resolve {uri}", server, exc) from exc
+    key = (_slug(server), "runs", run_id, *sub.split("/"))
+    path = _download_cached(source, server, _cache_root(cache_dir), key, {"source": source}, uri)
+    return ResolvedModel(path, None, None, run_id, uri)
+
+
+def _run_model_location(client: Any, run: Any, sub: str) -> str:
+    """In MLflow 3 `runs:/RUN/model` names the logged model `model` of that run; fall back to a
+    plain run artifact at that path (a model dir logged with log_artifact)."""
+    name, _, rest = sub.partition("/")
+    page = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
+    )
+    for logged in page:
+        if logged.source_run_id == run.info.run_id:
+            return logged.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
+    if client.list_artifacts(run.info.run_id, sub):
+        return f"{run.info.artifact_uri.rstrip('/')}/{sub}"
+    raise ModelNotFoundError(f"run {run.info.run_id} has no model or artifact {sub!r}")
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or os.environ.get("LLM_MODEL_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def _slug(server: str) -> str:
+    # One cache subtree per tracking server: two servers can both have an llm/1.
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", server.split("://", 1)[-1]).strip("_")[:40]
+    return f"{readable}-{hashlib.sha256(server.encode()).hexdigest()[:8]}"
+
+
+def _download_cached(
+    artifact_uri: str,
+    server: str,
+    root: Path,
+    key: Sequence[str],
+    stamp: dict[str, Any],
+    uri: str,
+) -> Path:
+    """Download once into root/key (atomic rename); reuse it while its stamp still matches."""
+    target = root.joinpath(*key)
+    cached = _cached_model_dir(target, stamp)
+    if cached is not None:
+        return cached
+    import mlflow.artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, tracking_uri=server, dst_path=str(tmp)
+            ))  # fmt: skip
+        except Exception as exc:
+            raise _tracking_error(f"download {uri}", server, exc) from exc
+        if find_model_dir(got) is None:
+            raise ModelNotFoundError(f"{uri} holds no model dir (no {MODEL_CONFIG_FILE})")
+        (got / _CACHE_STAMP).write_text(json.dumps(stamp, sort_keys=True))
+        _publish(got, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = _cached_model_dir(target, stamp)
+    assert found is not None, f"cache entry {target} vanished"
+    return found
+
+
+def _cached_model_dir(target: Path, stamp: dict[str, Any]) -> Path | None:
+    try:
+        saved = json.loads((target / _CACHE_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved != json.loads(json.dumps(stamp, sort_keys=True)):
+        return None
+    return find_model_dir(target)
+
+
+def _publish(src: Path, target: Path) -> None:
+    """Move a finished download into place; a stale entry is swapped out, a racing one kept."""
+    stale = target.parent / f".{target.name}.stale-{secrets.token_hex(4)}"
+    if target.exists():
+        try:
+            target.rename(stale)
+        except OSError:
+            pass
+    try:
+        src.rename(target)
+    except OSError:
+        pass  # another process published the same version first; theirs is as good
+    shutil.rmtree(stale, ignore_errors=True)

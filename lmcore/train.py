@@ -1,0 +1,708 @@
+"""Trainer: AMP, fused AdamW, warmup + cosine, clipping, accumulation, eval, DDP, resume, SIGTERM.
+
+Takes plain dataclasses and a duck-typed tracker; it must not import Hydra or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lmcore import distributed as D
+from lmcore.checkpoint import (
+    latest_training_state,
+    load_training_state,
+    save_model_dir,
+    save_training_state,
+)
+from lmcore.config import ConfigError, ModelConfig
+from lmcore.data import WindowSampler
+from lmcore.model import Transformer
+from lmcore.precision import Precision, resolve_precision
+
+log = logging.getLogger(__name__)
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
+INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries 128-255
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Lengths: `max_steps` optimizer steps, or `epochs` passes over train tokens.
+
+    batch_size is windows per rank per micro-step; one optimizer step sees
+    batch_size x grad_accum_steps x world_size windows of the model's block_size tokens.
+    """
+
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    max_steps: int | None = 600
+    epochs: float | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off (the norm is still measured)
+    mixed_precision: str | bool = "auto"  # auto | bf16 | fp16 | fp32 | true | false
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    eval_interval: int = 100  # steps; 0 = only at the end
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 200  # steps; 0 = only at the end (and on SIGTERM)
+    checkpoint_dir: str | None = "checkpoints"
+    keep_checkpoints: int = 3
+    resume: bool = True  # carry on from the newest checkpoint in checkpoint_dir
+    model_dir: str | None = None  # final model dir; default <checkpoint_dir>/model
+    peak_flops: float = H100_BF16_PEAK_FLOPS  # per device, for MFU (reported on CUDA only)
+    progress: bool = True
+    dist_timeout_s: float = D.DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "eval_batches", "log_interval",
+                    "keep_checkpoints")
+        for name in positive:
+            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
+            _check(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(
+                "epochs: set exactly one of max_steps and epochs (the other to null), got "
+                f"max_steps={self.max_steps!r}, epochs={self.epochs!r}"
+            )
+        if self.max_steps is not None:
+            _check("max_steps", self.max_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        if self.epochs is not None:
+            _check("epochs", self.epochs, lambda v: v > 0, "> 0")
+        _check("lr", self.lr, lambda v: v > 0, "> 0")
+        _check("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check("beta1", self.beta1, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("grad_clip", self.grad_clip, lambda v: v >= 0, ">= 0")
+        _check("peak_flops", self.peak_flops, lambda v: v > 0, "> 0")
+        normalize_precision(self.mixed_precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _check(name: str, value: Any, ok: Callable[[Any], bool], what: str) -> None:
+    try:
+        good = not isinstance(value, bool) and ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def normalize_precision(value: str | bool | None) -> str:
+    """The seed's boolean `mixed_precision` and its spellings -> auto | bf16 | fp16 | fp32."""
+    if value is True or str(value).lower() in ("true", "yes", "on"):
+        return "auto"
+    if value is False or value is None or str(value).lower() in ("false", "no", "off"):
+        return "fp32"
+    if value not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(
+            f"mixed_precision must be auto, bf16, fp16, fp32 or a bool, got {value!r}"
+        )
+    return str(value)
+
+
+def total_steps(cfg: TrainConfig, train_tokens: int, block_size: int, world_size: int) -> int:
+    """Optimizer steps for the run: max_steps, or epochs x train tokens / tokens per step."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    assert cfg.epochs is not None
+    per_step = cfg.batch_size * cfg.grad_accum_steps * world_size * block_size
+    return max(1, math.ceil(cfg.epochs * train_tokens / per_step))
+
+
+def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
+
+    A pure function of the step, so a resumed run continues the exact schedule.
+    """
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on >= 2-D weights only (not norms or biases); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
+# -- results, tracker, samplers -----------------------------------------------------------------
+
+
+class Tracker(Protocol):
+    """What the trainer calls on rank 0 (lmcore.tracking.MlflowTracker / NullTracker fit)."""
+
+    def start_run(self, experiment: str, run_id: str | None, params: dict[str, Any]) -> str | None:
+        ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None: ...
+
+    def log_model_dir(
+        self, model_dir: Any, register_name: str | None, alias: str = "candidate"
+    ) -> Any: ...
+
+    def end_run(self, status: str) -> None: ...
+
+
+class _NoTracker:
+    """Used when no tracker is given, so lmcore.train does not depend on lmcore.tracking."""
+
+    def start_run(self, experiment: str, run_id: str | None, params: dict[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model_dir(self, model_dir: Any, register_name: str | None, alias: str = "candidate"):
+        return None
+
+    def end_run(self, status: str) -> None:
+        pass
+
+
+class Sampler(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# (tokens, block_size, batch_size, seed, rank, world_size) -> sampler. A test hook: the default
+# gives each rank its own window stream.
+SamplerFactory = Callable[[np.ndarray, int, int, int, int, int], Sampler]
+
+
+def window_sampler(
+    tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, world_size: int
+) -> WindowSampler:
+    return WindowSampler(tokens, block_size, batch_size, seed=seed, rank=rank,
+                         world_size=world_size)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path | None  # None on ranks other than 0, or without a checkpoint/model dir
+    final_val_loss: float
+    steps: int
+    tokens_per_s: float
+    run_id: str | None
+    data_time_share: float = 0.0
+    resumed_from: int | None = None
+    model_version: Any = None
+    history: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM: a checkpoint was saved at `step`; exit non-zero so the job is restarted."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f", checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted by SIGTERM at step {step}{where}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the body runs (the old handler is restored after)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event  # signals only reach the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+
+class _Meter:
+    """Tokens and data-loading time over a stretch of steps (a log interval, or the run)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.end = time.perf_counter(), None
+        self.tokens, self.data_s, self.steps = 0, 0.0, 0
+
+    def add(self, tokens: int, data_s: float) -> None:
+        self.tokens += tokens
+        self.data_s += data_s
+        self.steps += 1
+
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+    def rate(self) -> float:
+        return self.tokens / self.elapsed() if self.steps else 0.0
+
+    def data_share(self) -> float:
+        return self.data_s / self.elapsed() if self.steps else 0.0
+
+
+class Trainer:
+    """Trains a Transformer on a TokenDataset; `fit()` runs the whole job on this rank.
+
+    Works alone, under torchrun and in PyTorchJob pods: the process group is created from the
+    environment unless one already exists (then the caller owns it). Rank 0 alone talks to the
+    tracker and writes checkpoints and the model dir; other ranks wait at barriers.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        dataset: Any,
+        tracker: Tracker | None = None,
+        *,
+        experiment: str = "llm-pipeline",
+        register_name: str | None = "llm",
+        run_params: dict[str, Any] | None = None,
+        sampler_factory: SamplerFactory = window_sampler,
+        env: D.DistEnv | None = None,
+        before_end_run: Callable[[TrainResult], None] | None = None,
+    ) -> None:
+        tok = getattr(dataset, "tokenizer", None)
+        if tok is not None and tok.vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
+                f"{tok.vocab_size}"
+            )
+        self.model_config = model_config
+        self.cfg = train_config
+        self.dataset = dataset
+        self.tracker: Tracker = tracker if tracker is not None else _NoTracker()
+        self.experiment = experiment
+        self.register_name = register_name
+        self.run_params = run_params
+        self.sampler_factory = sampler_factory
+        self.env = env
+        # Rank 0, after a successful run and before the tracker's run ends (e.g. more artifacts).
+        self.before_end_run = before_end_run
+
+    # The fit() pieces below share state through attributes set in _setup().
+    model: Transformer
+    train_model: nn.Module
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    sampler: Sampler
+    device: torch.device
+    dist_env: D.DistEnv
+    steps: int
+    run_id: str | None
+    history: dict[str, list[list[float]]]
+
+    def fit(self) -> TrainResult:
+        env = self.env or D.DistEnv.from_env()
+        device = D.resolve_device(self.cfg.device, env)
+        owns_group = env.is_distributed and not D.active()
+        D.init_process_group(env, device, self.cfg.dist_timeout_s)
+        try:
+            with _sigterm_flag() as stop:
+                return self._fit(env, device, stop)
+        finally:
+            if owns_group:
+                D.destroy_process_group()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _setup(self, env: D.DistEnv, device: torch.device) -> int:
+        cfg = self.cfg
+        self.dist_env, self.device = env, device
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls AMP leaves
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = Transformer(self.model_config).to(device)
+        self.precision = resolve_precision(normalize_precision(cfg.mixed_precision), device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.scaler = self.precision.grad_scaler()
+        block = self.model_config.block_size
+        self.steps = total_steps(cfg, len(self.dataset.train), block, env.world_size)
+        self.sampler = self.sampler_factory(
+            self.dataset.train, block, cfg.batch_size, cfg.seed, env.rank, env.world_size
+        )
+        torch.manual_seed(cfg.seed + 1 + env.rank)  # dropout differs per rank
+        self.history = {"train_loss": [], "val_loss": []}
+        self.run_id = None
+        start = self._resume()
+        model: nn.Module = self.model
+        if cfg.compile:
+            model = torch.compile(model)  # type: ignore[assignment]
+        if env.is_distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.train_model = model
+        return start
+
+    def _resume(self) -> int:
+        """Load the newest complete checkpoint, if any; every rank loads the one rank 0 chose."""
+        ckpt_dir = self.cfg.checkpoint_dir if self.cfg.resume else None
+        found = latest_training_state(ckpt_dir) if ckpt_dir and self.dist_env.is_main else None
+        chosen = D.broadcast_object(str(found) if found else None)
+        if chosen is None:
+            return 0
+        if not Path(chosen).is_dir():
+            raise RuntimeError(
+                f"rank {self.dist_env.rank} cannot see checkpoint {chosen}: "
+                "checkpoint_dir must be storage shared by all ranks"
+            )
+        state = load_training_state(
+            chosen, model=self.model, optimizer=self.optimizer, scaler=self.scaler
+        )
+        extra = state.extra
+        self.run_id = extra.get("run_id")
+        self.history = extra.get("history") or self.history
+        rank, world = self.dist_env.rank, self.dist_env.world_size
+        if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
+            self.sampler.load_state_dict(extra["samplers"][rank])
+            if f"rng.cpu.{rank}" in state.extra_tensors:
+                torch.set_rng_state(state.extra_tensors[f"rng.cpu.{rank}"])
+            cuda_rng = state.extra_tensors.get(f"rng.cuda.{rank}")
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+        else:
+            # A different world size cannot replay the old streams; fresh ones per (step, rank).
+            log.warning("resuming with world size %d (checkpoint: %s): new data streams",
+                        world, extra.get("world_size"))
+            self.sampler = self.sampler_factory(
+                self.dataset.train, self.model_config.block_size, self.cfg.batch_size,
+                self.cfg.seed + state.step, rank, world,
+            )
+        if self.dist_env.is_main:
+            log.info("resumed from %s (step %d)", chosen, state.step)
+        return state.step
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _fit(self, env: D.DistEnv, device: torch.device, stop: threading.Event) -> TrainResult:
+        start = self._setup(env, device)
+        main = env.is_main
+        if main:
+            self.run_id = self._start_run()
+        self.run_id = D.broadcast_object(self.run_id)
+        try:
+            result = self._loop(start, stop)
+        except TrainingInterrupted:
+            if main:
+                self.tracker.end_run("KILLED")
+            raise
+        except BaseException:
+            if main:
+                self.tracker.end_run("FAILED")
+            raise
+        if main:
+            try:
+                if self.before_end_run is not None:
+                    self.before_end_run(result)
+            finally:
+                self.tracker.end_run("FINISHED")
+        return result
+
+    def _loop(self, start: int, stop: threading.Event) -> TrainResult:
+        cfg, main = self.cfg, self.dist_env.is_main
+        bar = self._progress_bar(start)
+        meter, run_meter = _Meter(), _Meter()  # per log interval; whole run
+        val_loss, evaluated_at = math.nan, -1
+        saved_at, last_path = -1, None
+        step = start
+        try:
+            for step in range(start + 1, self.steps + 1):
+                if step == start + 2:
+                    run_meter.reset()  # the first step pays for compilation and warm-up
+                lr = lr_at(step - 1, cfg, self.steps)
+                loss, grad_norm, data_s = self._optimizer_step(lr)
+                for m in (meter, run_meter):
+                    m.add(self._tokens_per_step(), data_s)
+                bar.update(1)
+                if step % cfg.log_interval == 0 or step == self.steps:
+                    self._log_train(step, loss, grad_norm, lr, meter, bar)
+                if cfg.eval_interval and step % cfg.eval_interval == 0:
+                    val_loss, evaluated_at = self._evaluate(step), step
+                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+                    saved_at, last_path = step, self._save_checkpoint(step)
+                if D.any_rank(stop.is_set(), self.device):  # all ranks stop at the same step
+                    if saved_at != step:
+                        last_path = self._save_checkpoint(step)
+                    raise TrainingInterrupted(step, last_path)
+        finally:
+            bar.close()
+        run_meter.stop()
+        if evaluated_at != step:
+            val_loss = self._evaluate(step)
+        if saved_at != step and step > start:
+            self._save_checkpoint(step)
+        model_dir, version = self._publish(step, val_loss) if main else (None, None)
+        D.barrier()
+        return TrainResult(
+            model_dir=model_dir,
+            final_val_loss=val_loss,
+            steps=step,
+            tokens_per_s=run_meter.rate(),
+            run_id=self.run_id,
+            data_time_share=run_meter.data_share(),
+            resumed_from=start or None,
+            model_version=version,
+            history=self.history,
+        )
+
+    def _optimizer_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm, data s).
+
+        Loss and norm stay on the device: reading them waits for the GPU, so only logging does.
+        """
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        data_s = 0.0
+        ddp = isinstance(self.train_model, DistributedDataParallel)
+        for micro in range(cfg.grad_accum_steps):
+            t0 = time.perf_counter()
+            x, y = self.sampler.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            data_s += time.perf_counter() - t0
+            last = micro == cfg.grad_accum_steps - 1
+            # Gradients are all-reduced only on the last micro-step.
+            sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
+            with sync:
+                with self.precision.autocast():
+                    _, loss = self.train_model(x, y)
+                    loss = loss / cfg.grad_accum_steps
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm.detach(), data_s
+
+    def _tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return (cfg.batch_size * cfg.grad_accum_steps * self.dist_env.world_size
+                * self.model_config.block_size)
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> float:
+        """Mean validation loss over eval_batches fixed windows per rank (the same every time)."""
+        val = self.dataset.val
+        block = min(self.model_config.block_size, len(val) - 1)
+        if block < 1:
+            raise ValueError(f"validation split has {len(val)} token(s); need at least 2")
+        sampler = WindowSampler(val, block, self.cfg.batch_size, seed=self.cfg.seed,
+                                rank=self.dist_env.rank, world_size=self.dist_env.world_size)
+        model = self.train_model  # the compiled module when compiling, never the DDP wrapper
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        model.eval()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval_batches):
+            x, y = (t.to(self.device) for t in sampler.next_batch())
+            with self.precision.autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+        model.train()
+        val_loss = D.mean_across_ranks(total / self.cfg.eval_batches, self.device)
+        self.history["val_loss"].append([step, val_loss])
+        if self.dist_env.is_main:
+            ppl = math.exp(min(val_loss, 50.0))
+            self.tracker.log_metrics({"val_loss": val_loss, "val_perplexity": ppl}, step)
+            log.info("step %d: val loss %.4f, perplexity %.2f", step, val_loss, ppl)
+        return val_loss
+
+    def _log_train(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, meter: _Meter,
+        bar: Any,
+    ) -> None:
+        train_loss = D.mean_across_ranks(loss, self.device)  # all ranks take part
+        self.history["train_loss"].append([step, train_loss])
+        if not self.dist_env.is_main:
+            meter.reset()
+            return
+        metrics = {
+            "train_loss": train_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),  # the norm before clipping
+            "tokens_per_s": meter.rate(),
+            "data_time_share": meter.data_share(),
+        }
+        if self.device.type == "cuda":
+            fpt = self.model.flops_per_token(self.model_config.block_size)
+            peak = self.cfg.peak_flops * self.dist_env.world_size
+            metrics["mfu"] = fpt * metrics["tokens_per_s"] / peak
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.tracker.log_metrics(metrics, step)
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", step, self.steps, train_loss, lr,
+                 metrics["tokens_per_s"])
+        meter.reset()
+
+    # -- checkpoints and the final model --------------------------------------------------------
+
+    def _save_checkpoint(self, step: int) -> Path | None:
+        """Every rank hands over its sampler and RNG state; rank 0 writes; all wait for it."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        samplers = D.gather_objects(self.sampler.state_dict())
+        cpu_rngs = D.gather_objects(torch.get_rng_state())
+        cuda_rngs = D.gather_objects(
+            torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        )
+        path = None
+        if self.dist_env.is_main:
+            tensors = {f"rng.cpu.{r}": t for r, t in enumerate(cpu_rngs)}
+            tensors.update({f"rng.cuda.{r}": t for r, t in enumerate(cuda_rngs) if t is not None})
+            path = save_training_state(
+                self.cfg.checkpoint_dir, step,
+                model=self.model, optimizer=self.optimizer,
+                scaler=self.scaler if self.scaler.is_enabled() else None,
+                extra={
+                    "run_id": self.run_id,
+                    "world_size": self.dist_env.world_size,
+                    "samplers": samplers,
+                    "history": self.history,
+                    "schedule": {"total_steps": self.steps, "lr": self.cfg.lr,
+                                 "warmup_steps": self.cfg.warmup_steps,
+                                 "min_lr_ratio": self.cfg.min_lr_ratio},
+                    "train_config": self.cfg.to_dict(),
+                    "model_config": self.model_config.to_dict(),
+                },
+                extra_tensors=tensors,
+                keep=self.cfg.keep_checkpoints,
+            )
+        D.barrier()
+        return path
+
+    def _final_dir(self) -> Path | None:
+        if self.cfg.model_dir:
+            return Path(self.cfg.model_dir)
+        if self.cfg.checkpoint_dir:
+            return Path(self.cfg.checkpoint_dir) / "model"
+        return None
+
+    def _publish(self, step: int, val_loss: float) -> tuple[Path | None, Any]:
+        """Rank 0: write the final model dir and hand it to the tracker (alias "candidate")."""
+        target = self._final_dir()
+        if target is None:
+            return None, None
+        metadata = {
+            "step": step,
+            "val_loss": val_loss,
+            "run_id": self.run_id,
+            "tokens_seen": step * self._tokens_per_step(),
+            "config": self.run_params or {"train": self.cfg.to_dict()},
+            "data": {k: self.dataset.meta.get(k) for k in ("source", "content_hash", "cache_key")}
+            if isinstance(getattr(self.dataset, "meta", None), dict) else {},
+        }
+        path = save_model_dir(target, self.model, getattr(self.dataset, "tokenizer", None),
+                              metadata)
+        version = self.tracker.log_model_dir(path, self.register_name, alias="candidate")
+        return path, version
+
+    # -- small helpers --------------------------------------------------------------------------
+
+    def _start_run(self) -> str | None:
+        """A resumed job logs into its saved run; a run the tracker no longer has starts anew."""
+        try:
+            return self.tracker.start_run(self.experiment, self.run_id, self._params())
+        except LookupError as exc:
+            if self.run_id is None:
+                raise
+            log.warning("cannot resume tracker run %s (%s); starting a new run", self.run_id, exc)
+            return self.tracker.start_run(self.experiment, None, self._params())
+
+    def _params(self) -> dict[str, Any]:
+        if self.run_params is not None:
+            return self.run_params
+        return {"model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
+                "world_size": self.dist_env.world_size}
+
+    def _progress_bar(self, start: int) -> Any:
+        if not (self.cfg.progress and self.dist_env.is_main):
+            return _NoBar()
+        from tqdm import tqdm  # lazy: lmcore's top level stays torch/numpy/tokenizers/safetensors
+
+        return tqdm(total=self.steps, initial=start, unit="step", desc="train", file=sys.stderr,
+                    dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

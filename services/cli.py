@@ -1,0 +1,442 @@
+"""`lmctl`: train, generate, promote a model version, submit a PyTorchJob, run the local stack.
+
+A thin typer layer over lmcore and services: heavy imports happen inside commands, and every
+expected failure is one line on stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+REPO = Path(__file__).resolve().parents[1]
+PYTORCHJOB_MANIFEST = REPO / "manifests" / "pytorchjob.yaml"
+DEFAULT_IMAGE = "llm-trainer:0.1.0"
+DEFAULT_NAMESPACE = "llm"
+DEFAULT_JOB_NAME = "llm-train"
+DEFAULT_CLUSTER_MLFLOW = "http://llm-mlflow.llm.svc:5000"
+CONTAINER_NAME = "pytorch"  # the training operator finds the container by this name
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _click_exception() -> type[Exception] | None:
+    try:
+        import click
+    except ImportError:
+        return None
+    return click.ClickException
+
+
+# Typer >= 0.23 vendors click; older ones raise click's own exceptions.
+_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls for cls in (getattr(typer, "TyperException", None), _click_exception()) if cls
+)
+
+app = typer.Typer(
+    name="lmctl",
+    help="Train, generate with, promote and deploy the llm-pipeline language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class CliError(Exception):
+    """An expected failure: printed as `error: <message>`, exit code `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+@contextmanager
+def _expected_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the library's expected exceptions into CliError (one line, no traceback)."""
+    try:
+        yield
+    except CliError:
+        raise
+    except kinds as exc:
+        raise CliError(_one_line(exc)) from exc
+
+
+TRACKING_URI_OPTION: Any = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI")
+
+
+@contextmanager
+def _fail_fast_mlflow() -> Iterator[None]:
+    """MLflow retries a dead server for minutes by default; an interactive command should not
+    (nor draw download progress bars over its one line of output).
+
+    Set only for the command (main() also runs in-process, e.g. in tests); explicit settings win.
+    """
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
+    added = [key for key in defaults if key not in os.environ]
+    os.environ.update({key: defaults[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+# -- train --------------------------------------------------------------------------------------
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Train with Hydra overrides, e.g. `lmctl train model=tiny train.max_steps=50`.",
+)
+def train(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Hydra overrides (key=value)."),
+    nproc_per_node: int = typer.Option(
+        1, "--nproc-per-node", min=1, help="Processes (GPUs) on this machine; >1 runs torchrun."
+    ),
+) -> None:
+    args = list(overrides or [])
+    if nproc_per_node > 1:
+        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc_per_node}",
+               "-m", "services.trainer", *args]  # fmt: skip
+        raise typer.Exit(subprocess.call(cmd))
+    from services.trainer.__main__ import main as trainer_main
+
+    raise typer.Exit(trainer_main(args))
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+
+@app.command(help="Generate text from a model: a local model dir, models:/NAME@ALIAS, runs:/...")
+def generate(
+    prompt: str = typer.Argument("", help="The prompt (empty: start from end-of-text)."),
+    model: str = typer.Option(
+        ..., "--model", "-m", envvar="LLM_MODEL_URI",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model dir.",
+    ),  # fmt: skip
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the text."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE"),
+) -> None:
+    import torch
+
+    from lmcore.checkpoint import CheckpointError, load_model_dir
+    from lmcore.generate import SamplingParams
+    from lmcore.generate import generate as run_generate
+    from lmcore.tracking import TrackingError, resolve_model_uri
+
+    expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError)
+    with _fail_fast_mlflow(), _expected_errors(*expected):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+        resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = load_model_dir(resolved.path, device=device)
+        if loaded.tokenizer is None:
+            raise CliError(f"{resolved.path} has no tokenizer.json; cannot generate text")
+        [out] = run_generate(loaded.model, loaded.tokenizer, [prompt], params)
+    typer.echo((prompt if echo else "") + out.text)
+
+
+# -- promote ------------------------------------------------------------------------------------
+
+
+@app.command(help="Point an alias (default: production) at a registered model version.")
+def promote(
+    version: str = typer.Option(..., "--version", "-v", help="The model version number."),
+    name: str = typer.Option("llm", "--name", help="The registered model name."),
+    alias: str = typer.Option("production", "--alias"),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+) -> None:
+    from lmcore import tracking
+
+    with _fail_fast_mlflow(), _expected_errors(tracking.TrackingError):
+        tracking.promote(name, version, alias, tracking_uri=tracking_uri)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+# -- submit-training ----------------------------------------------------------------------------
+
+
+def _override_key(override: str) -> str:
+    """The config key an override sets: `+a.b=1` and `~a.b` -> `a.b`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """`base` with each key that `extra` sets replaced, `extra`'s new keys appended."""
+    replaced = {_override_key(o) for o in extra}
+    return [o for o in base if _override_key(o) not in replaced] + list(extra)
+
+
+def load_job_template(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, Any]:
+    """The PyTorchJob document of manifests/pytorchjob.yaml, or a built-in minimal one."""
+    import yaml
+
+    if path.is_file():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "PyTorchJob":
+                # JSON round trip: YAML anchors make Master and Worker share one dict.
+                return json.loads(json.dumps(doc))
+    return _default_job_template()
+
+
+def _default_job_template() -> dict[str, Any]:
+    container = {
+        "name": CONTAINER_NAME,
+        "image": DEFAULT_IMAGE,
+        "command": ["torchrun"],
+        "args": ["--nproc-per-node=1", "-m", "services.trainer", "model=small", "train=gpu"],
+        "env": [{"name": "MLFLOW_TRACKING_URI", "value": DEFAULT_CLUSTER_MLFLOW}],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+    }
+    replica = {"replicas": 1, "restartPolicy": "OnFailure",
+               "template": {"spec": {"containers": [container]}}}  # fmt: skip
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": DEFAULT_JOB_NAME, "namespace": DEFAULT_NAMESPACE},
+        "spec": {
+            "nprocPerNode": "1",
+            "pytorchReplicaSpecs": {"Master": replica, "Worker": json.loads(json.dumps(replica))},
+        },
+    }
+
+
+def _container(replica: dict[str, Any]) -> dict[str, Any]:
+    containers = replica["template"]["spec"]["containers"]
+    return next((c for c in containers if c.get("name") == CONTAINER_NAME), containers[0])
+
+
+def _trainer_overrides(args: Sequence[str]) -> list[str]:
+    """The Hydra overrides in a `torchrun ... -m services.trainer OVERRIDES` argument list."""
+    args = list(args)
+    for i in range(len(args) - 1):
+        if args[i] == "-m" and args[i + 1] == "services.trainer":
+            return args[i + 2 :]
+    return []
+
+
+def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    env = container.setdefault("env", [])
+    for item in env:
+        if item.get("name") == name:
+            item.clear()
+            item.update({"name": name, "value": value})
+            return
+    env.append({"name": name, "value": value})
+
+
+def build_pytorchjob(
+    overrides: Sequence[str] = (),
+    *,
+    image: str | None = None,
+    workers: int = 1,
+    nproc_per_node: int = 1,
+    namespace: str | None = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    template: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The PyTorchJob as a dict: the manifest's pod spec with this image, size and overrides.
+
+    Master + `workers` Worker pods, each running `torchrun --nproc-per-node=N -m services.trainer`.
+    """
+    job = json.loads(json.dumps(template or load_job_template()))
+    meta = job.setdefault("metadata", {})
+    meta["name"] = name or meta.get("name") or DEFAULT_JOB_NAME
+    meta["namespace"] = namespace or meta.get("namespace") or DEFAULT_NAMESPACE
+    spec = job["spec"]
+    spec["nprocPerNode"] = str(nproc_per_node)
+    replicas = spec["pytorchReplicaSpecs"]
+    master = replicas["Master"]
+    worker_template = replicas.get("Worker") or json.loads(json.dumps(master))
+    base_args = _container(master).get("args") or []
+    args = [f"--nproc-per-node={nproc_per_node}", "-m", "services.trainer",
+            *merge_overrides(_trainer_overrides(base_args), overrides)]  # fmt: skip
+    specs = {"Master": master, "Worker": worker_template} if workers else {"Master": master}
+    for role, replica in specs.items():
+        replica["replicas"] = 1 if role == "Master" else workers
+        container = _container(replica)
+        container["command"] = ["torchrun"]
+        container["args"] = list(args)
+        if image:
+            container["image"] = image
+        uri = tracking_uri or _env_value(container, "MLFLOW_TRACKING_URI") or DEFAULT_CLUSTER_MLFLOW
+        _set_env(container, "MLFLOW_TRACKING_URI", uri)
+        limits = container.get("resources", {}).get("limits", {})
+        if "nvidia.com/gpu" in limits:  # one GPU per process
+            limits["nvidia.com/gpu"] = str(nproc_per_node)
+    spec["pytorchReplicaSpecs"] = specs
+    return job
+
+
+def _env_value(container: dict[str, Any], name: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e.get("name") == name), None)
+
+
+def to_sdk_job(job: dict[str, Any]) -> Any:
+    """The dict as kubeflow-training's KubeflowOrgV1PyTorchJob (the SDK's models check it)."""
+    from kubeflow.training import ApiClient
+
+    class _Response:  # ApiClient.deserialize reads JSON from a response's .data
+        data = json.dumps(job)
+
+    return ApiClient().deserialize(_Response(), "KubeflowOrgV1PyTorchJob")
+
+
+def sdk_job_yaml(sdk_job: Any) -> str:
+    import yaml
+    from kubeflow.training import ApiClient
+
+    return yaml.safe_dump(ApiClient().sanitize_for_serialization(sdk_job), sort_keys=False)
+
+
+def _validate_overrides(overrides: Sequence[str]) -> None:
+    """Compose the trainer's config here, so a typo fails now rather than in the cluster."""
+    try:
+        from services.trainer import errors, schema
+    except ImportError:
+        return  # the trainer's extras (Hydra) are not installed: the cluster will check
+    try:
+        schema.validate(schema.compose(list(overrides)))
+    except Exception as exc:
+        if not errors.is_config_error(exc):
+            raise
+        raise CliError(f"bad training config: {errors.one_line(exc)}", EXIT_USAGE) from exc
+
+
+@app.command(
+    "submit-training",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Build a PyTorchJob from the config and submit it to the current kube context.",
+)
+def submit_training(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Hydra overrides for the trainer."),
+    image: Optional[str] = typer.Option(None, "--image", help="Trainer image (default: manifest)."),
+    workers: int = typer.Option(1, "--workers", min=0, help="Worker pods besides the Master."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="GPUs per pod."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
+    name: Optional[str] = typer.Option(None, "--name", help="The PyTorchJob's name."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help=f"MLflow as pods see it (default {DEFAULT_CLUSTER_MLFLOW})."
+    ),
+    context: Optional[str] = typer.Option(None, "--context", help="Default: the current context."),
+    kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the job as YAML; submit nothing."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check overrides first."),
+) -> None:
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        raise CliError(f"unknown option {bad[0]!r}", EXIT_USAGE)
+    if validate:
+        _validate_overrides(overrides)
+    job = build_pytorchjob(overrides, image=image, workers=workers, nproc_per_node=nproc_per_node,
+                           namespace=namespace, name=name, tracking_uri=tracking_uri)  # fmt: skip
+    with _expected_errors(ValueError, ImportError):
+        sdk_job = to_sdk_job(job)
+    if dry_run:
+        typer.echo(sdk_job_yaml(sdk_job), nl=False)
+        return
+    _submit(sdk_job, job["metadata"]["namespace"], context, kubeconfig)
+    typer.echo(f"submitted PyTorchJob {job['metadata']['namespace']}/{job['metadata']['name']}")
+
+
+def _submit(sdk_job: Any, namespace: str, context: str | None, kubeconfig: Path | None) -> None:
+    try:
+        from kubeflow.training import TrainingClient
+        from kubernetes.config import ConfigException
+    except ImportError as exc:
+        raise CliError(f"{exc} (install the CLI extras: pip install 'llm-pipeline[cli]')") from exc
+    try:
+        client = TrainingClient(config_file=str(kubeconfig) if kubeconfig else None,
+                                context=context, namespace=namespace)  # fmt: skip
+    except (ConfigException, OSError, TypeError) as exc:
+        raise CliError(f"no usable Kubernetes context ({_one_line(exc)}); "
+                       "use --dry-run to print the job instead") from exc  # fmt: skip
+    with _expected_errors(RuntimeError, TimeoutError, ValueError, OSError):
+        client.create_job(job=sdk_job, namespace=namespace)
+
+
+# -- stack (optional) ---------------------------------------------------------------------------
+
+
+def _add_stack(root: typer.Typer) -> None:
+    """`lmctl stack up|down` from services.stack, when that module exists."""
+    try:
+        from services.stack import stack_app
+    except ModuleNotFoundError as exc:
+        if exc.name == "services.stack":
+            return
+        _add_broken_stack(root, exc)
+        return
+    except Exception as exc:  # present but broken: say so when used, not on every command
+        _add_broken_stack(root, exc)
+        return
+    root.add_typer(stack_app, name="stack", help="Run the local stack (Redis, MLflow, API, worker)")
+
+
+def _add_broken_stack(root: typer.Typer, exc: BaseException) -> None:
+    message = f"lmctl stack unavailable: {_one_line(exc)}"
+
+    @root.command("stack", help="Run the local stack (unavailable here).",
+                  context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def stack() -> None:  # pragma: no cover - only when services.stack fails to import
+        raise CliError(message)
+
+
+_add_stack(app)
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `lmctl` console script: returns the exit code instead of raising SystemExit."""
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    try:
+        result = app(args=args, prog_name="lmctl", standalone_mode=False)
+    except CliError as exc:
+        return _error(str(exc), exc.code)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        return _error("interrupted", 130)
+    except _USAGE_ERRORS as exc:  # bad options, missing arguments, unknown commands
+        return _error(exc.format_message(), getattr(exc, "exit_code", EXIT_USAGE))
+    return result if isinstance(result, int) else 0
+
+
+def _error(message: str, code: int) -> int:
+    one_line = re.sub(r"\s+", " ", message).strip()
+    print(f"error: {one_line}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

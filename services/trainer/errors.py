@@ -1,0 +1,71 @@
+"""Config, override and corpus errors -> one readable line that names the key at fault.
+
+Formatting only; it must not decide exit codes or print anything itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from lmcore.config import ConfigError
+from lmcore.data import CorpusError
+from lmcore.distributed import DistributedEnvError
+
+
+def is_config_error(exc: BaseException) -> bool:
+    """A mistake in the config, the overrides, the corpus or the launch environment."""
+    return isinstance(exc, (HydraException, OmegaConfBaseException, ConfigError, CorpusError,
+                            DistributedEnvError))
+
+
+def _full_key(exc: BaseException) -> str | None:
+    for e in (exc, exc.__cause__):
+        key = getattr(e, "full_key", None)
+        if key:
+            return str(key)
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def one_line(exc: BaseException) -> str:
+    cause = exc.__cause__
+    key = _full_key(exc)
+    if isinstance(exc, MissingConfigException):
+        return _missing_option(str(exc))
+    if isinstance(exc, OverrideParseException):
+        return _first_line(str(exc)) + " (overrides look like key=value)"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return f"unknown config key '{key}' (see config/README.md)"
+    if isinstance(cause, ValidationError) and key:
+        return f"{key}: {_first_line(str(cause))}"
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return f"{key} must be set (e.g. {key}=...)"
+    if isinstance(exc, OmegaConfBaseException) and key:
+        return f"{key}: {_first_line(str(exc))}"
+    message = _first_line(str(exc)) or type(exc).__name__
+    if not is_config_error(exc):
+        message = f"{type(exc).__name__}: {message}"
+    return message
+
+
+def _missing_option(text: str) -> str:
+    """Hydra's "Could not find 'model/nope'" + its option list, on one line."""
+    found = re.search(r"Could not find '([^']*)'", text)
+    what = found.group(1) if found else _first_line(text)
+    group = what.split("/")[0]
+    options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], re.M)
+    options = [o for o in options if not o.startswith("base_")]
+    choose = f"; choose {group}={' | '.join(options)}" if options else ""
+    return f"no config '{what}'{choose}"

@@ -1,0 +1,182 @@
+"""DDP on CPU (gloo) with real processes: torchrun, and the environment of PyTorchJob pods.
+
+Processes run tests/helpers/trainer_run.py or `python -m services.trainer`; no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmcore.data import TokenDataset, prepare_corpus
+from tests.helpers.trainer_run import write_corpus
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+HELPER = ["-m", "tests.helpers.trainer_run"]
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset]:
+    """A corpus file and its token cache, built with the tiny preset's settings (vocab 512)."""
+    root = tmp_path_factory.mktemp("ddp-corpus")
+    text = write_corpus(root / "corpus.txt", lines=8000)
+    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PET_", "TORCHELASTIC_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
+    # cwd: the log's dir, so nothing a run writes relative to cwd lands in the repo.
+    return subprocess.Popen(cmd, cwd=log.parent, env=child_env(**env), stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen[bytes], log: Path) -> None:
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{proc.args} did not finish in {TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    assert rc == 0, f"exit {rc}:\n{log.read_text()[-3000:]}"
+
+
+def calls(out: Path, rank: int) -> list[dict]:
+    path = out / f"calls.rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_ranks_stay_identical_lower_the_loss_and_only_rank_0_tracks(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    _, data = corpus
+    out = tmp_path / "ddp"
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER,
+           "--dataset", str(data.path), "--out", str(out), "--steps", "12",
+           "--eval-interval", "6", "--mlflow-uri", mlflow_uri]
+    log = tmp_path / "torchrun.log"
+    finish(start(cmd, log), log)
+
+    w0, w1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert w0.keys() == w1.keys()
+    for name in w0:  # DDP keeps replicas bit-identical
+        assert torch.equal(w0[name], w1[name]), name
+
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["run_id"] == r1["run_id"] and r0["run_id"]  # rank 0's run id, broadcast
+    losses = [v for _, v in r0["history"]["train_loss"]]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    val = [v for _, v in r0["history"]["val_loss"]]
+    assert val[-1] < val[0]
+
+    assert calls(out, 1) == []  # rank 1 was handed the tracker too, and never called it
+    methods = [c["method"] for c in calls(out, 0)]
+    assert methods[0] == "start_run" and methods[-1] == "end_run"
+    assert "log_model_dir" in methods and methods.count("log_metrics") >= 12
+
+    # The same story in the MLflow store: one run, rank 0's metrics, a registered candidate.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("trainer-run-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [r0["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(r0["run_id"], "train_loss")) == 12
+    version = client.get_model_version_by_alias("trainer-run-test", "candidate")
+    assert version.run_id == r0["run_id"]
+
+
+def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """The 1-process run draws exactly the union of both ranks' windows (UnionSampler).
+
+    Tolerance: loss and grad norm to 1e-5 / 1e-4 relative (they see the same numbers summed in
+    a different order); weights to 1% of the learning rate, since Adam's first step moves every
+    weight by about lr * sign(g) and only gradients within eps of zero can differ more.
+    """
+    _, data = corpus
+    lr = 3e-3
+    common = ["--dataset", str(data.path), "--steps", "1", "--batch-size", "4",
+              "--warmup", "0", "--lr", str(lr)]
+    ddp_log, one_log = tmp_path / "ddp.log", tmp_path / "one.log"
+    ddp = start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER, *common,
+                 "--out", str(tmp_path / "ddp")], ddp_log)
+    one = start([sys.executable, *HELPER, *common, "--out", str(tmp_path / "one"),
+                 "--union-of-ranks", "2"], one_log)
+    finish(ddp, ddp_log)
+    finish(one, one_log)
+
+    ddp_w = load_file(tmp_path / "ddp" / "rank0.safetensors")
+    one_w = load_file(tmp_path / "one" / "rank0.safetensors")
+    for name in one_w:
+        torch.testing.assert_close(ddp_w[name], one_w[name], atol=1e-2 * lr, rtol=0)
+    ddp_m = next(c["metrics"] for c in calls(tmp_path / "ddp", 0) if c["method"] == "log_metrics")
+    one_m = next(c["metrics"] for c in calls(tmp_path / "one", 0) if c["method"] == "log_metrics")
+    assert ddp_m["train_loss"] == pytest.approx(one_m["train_loss"], rel=1e-5)
+    assert ddp_m["grad_norm"] == pytest.approx(one_m["grad_norm"], rel=1e-4)
+    assert json.loads((tmp_path / "one" / "rank0.json").read_text())["world_size"] == 1
+
+
+def test_pytorchjob_master_and_worker_pods_train_to_the_end(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Two local "pods", each with exactly the variables the training operator sets, each
+    running `torchrun --nnodes 2 -m services.trainer` (torchrun reads the PET_* variables)."""
+    text, data = corpus
+    port = free_port()
+    ckpt = tmp_path / "ckpt"
+    trainer = ["-m", "services.trainer", "model=tiny", "model.block_size=64", "data=text",
+               f"data.source={text}", f"data.cache_dir={data.path.parent}",
+               "train.max_steps=6", "train.batch_size=4", "train.warmup_steps=2",
+               "train.eval_interval=0", "train.eval_batches=2", "train.device=cpu",
+               "train.progress=false", f"train.checkpoint_dir={ckpt}", "train.dist_timeout_s=120",
+               "tracking.enabled=false"]
+    procs = []
+    for rank, role in enumerate(("master", "worker")):
+        pod_env = {
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2", "RANK": str(rank),
+            "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
+            "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
+        }
+        log = tmp_path / f"{role}.log"
+        procs.append((start([*TORCHRUN, "--nnodes", "2", *trainer], log, **pod_env), log))
+    for proc, log in procs:
+        finish(proc, log)
+    master_log = procs[0][1].read_text()
+    assert "[rank 0]" in master_log and "step 6/6" in master_log
+    assert "[rank 1]" not in master_log  # the worker logs only trouble, and in its own pod
+    assert (ckpt / "model" / "model.safetensors").is_file()
+    state = json.loads((ckpt / "step-00000006" / "state.json").read_text())
+    assert state["extra"]["world_size"] == 2
+    assert len(state["extra"]["samplers"]) == 2

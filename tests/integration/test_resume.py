@@ -1,0 +1,113 @@
+"""`python -m services.trainer` stopped by SIGTERM and restarted ends as an uninterrupted run ends.
+
+Real processes, real signals; waits on files appearing, never on sleeps alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lmcore.checkpoint import latest_training_state
+from lmcore.data import TokenDataset, prepare_corpus
+from lmcore.train import INTERRUPTED_EXIT_CODE
+from tests.helpers.trainer_run import write_corpus
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 240
+STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset]:
+    root = tmp_path_factory.mktemp("resume-corpus")
+    text = write_corpus(root / "corpus.txt", lines=8000)
+    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
+
+
+def trainer_cmd(text: Path, data: TokenDataset, ckpt: Path) -> list[str]:
+    return [sys.executable, "-m", "services.trainer", "model=tiny", "model.block_size=32",
+            "data=text", f"data.source={text}", f"data.cache_dir={data.path.parent}",
+            f"train.max_steps={STEPS}", "train.batch_size=2", "train.warmup_steps=10",
+            "train.checkpoint_interval=5", "train.keep_checkpoints=2", "train.eval_interval=0",
+            "train.eval_batches=2", "train.log_interval=50", "train.device=cpu",
+            "train.progress=false", f"train.checkpoint_dir={ckpt}", "tracking.enabled=false"]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("wb"))
+
+
+def wait(proc: subprocess.Popen[bytes]) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{proc.args[:4]} did not finish in {TIMEOUT_S} s")
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigterm_then_restart_matches_an_uninterrupted_run(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Tolerance: none. On CPU in fp32 the resumed run replays the same arithmetic (weights,
+    AdamW moments, sampler stream, RNG and the step-derived learning rate all come back), so
+    its final weights are bit-identical to the uninterrupted run's."""
+    text, data = corpus
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = start(trainer_cmd(text, data, straight_dir), tmp_path / "straight.log")
+    killed_log = tmp_path / "killed.log"
+    killed = start(trainer_cmd(text, data, resumed_dir), killed_log)
+
+    wait_for(lambda: latest_training_state(resumed_dir) is not None or killed.poll() is not None,
+             TIMEOUT_S, "the first checkpoint")
+    killed.send_signal(signal.SIGTERM)
+    assert wait(killed) == INTERRUPTED_EXIT_CODE
+    lines = killed_log.read_text().strip().splitlines()
+    assert lines[-1].startswith("error: interrupted by SIGTERM at step ")
+    stopped = latest_training_state(resumed_dir)
+    assert stopped is not None
+    stopped_at = int(stopped.name.removeprefix("step-"))
+    assert 5 <= stopped_at < STEPS
+    assert lines[-1].startswith(f"error: interrupted by SIGTERM at step {stopped_at},")
+
+    # What a crash mid-save leaves behind: a step dir without its COMPLETE marker and a temp
+    # dir, both newer than the real checkpoint. Neither may be picked up.
+    half = resumed_dir / f"step-{STEPS - 1:08d}"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 64)
+    (half / "state.json").write_text("{\"step\": 199")
+    (resumed_dir / f"step-{STEPS - 2:08d}.tmp-1-deadbeef").mkdir()
+    assert latest_training_state(resumed_dir) == stopped
+
+    restart_log = tmp_path / "restart.log"
+    assert wait(start(trainer_cmd(text, data, resumed_dir), restart_log)) == 0
+    assert f"resumed from {stopped} (step {stopped_at})" in restart_log.read_text()
+    assert wait(straight) == 0, (tmp_path / "straight.log").read_text()[-2000:]
+
+    a = load_file(straight_dir / "model" / "model.safetensors")
+    b = load_file(resumed_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    assert latest_training_state(resumed_dir).name == f"step-{STEPS:08d}"

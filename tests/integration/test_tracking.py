@@ -1,0 +1,339 @@
+"""lmcore.tracking against a real `mlflow server` (SQLite + local artifacts) on a free port.
+
+No mocks: runs, registry, aliases, the pyfunc and an outage (server killed and restarted on the
+same port and backend) all go through MLflow's own client and server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcore import tracking
+from lmcore.checkpoint import load_model_dir, save_model_dir
+from lmcore.config import preset
+from lmcore.generate import SamplingParams, generate
+from lmcore.model import Transformer
+from lmcore.tokenizer import Tokenizer
+from lmcore.tracking import (
+    ModelNotFoundError,
+    MlflowTracker,
+    NullTracker,
+    TrackingError,
+    current_version,
+    flatten_params,
+    promote,
+    resolve_model_uri,
+)
+from tests.helpers.mlflow_server import MlflowServer, running_server
+
+pytestmark = pytest.mark.integration
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def make_model_dir(path: Path, seed: int = 0) -> Path:
+    tokenizer = Tokenizer.train([TEXT], vocab_size=300)
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, n_layer=1))
+    return save_model_dir(path, model, tokenizer, {"seed": seed})
+
+
+@pytest.fixture(scope="module")
+def mlflow_process(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the module; the outage test kills it and leaves it restarted."""
+    with running_server(tmp_path_factory.mktemp("mlflow")) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def server(mlflow_process: MlflowServer) -> str:
+    return mlflow_process.uri
+
+
+@pytest.fixture(scope="module")
+def registered(server: str, tmp_path_factory: pytest.TempPathFactory):
+    """One finished run with a registered model version (alias candidate) shared by the tests."""
+    model_dir = make_model_dir(tmp_path_factory.mktemp("model") / "model")
+    tracker = MlflowTracker(server, retry_s=0.5)
+    run_id = tracker.start_run("registered", params={"model": {"n_layer": 1}})
+    info = tracker.log_model_dir(model_dir, register_name="llm-test")
+    tracker.end_run()
+    return {"run_id": run_id, "info": info, "model_dir": model_dir}
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# -- pure helpers and import rules ---------------------------------------------------------------
+
+
+def test_flatten_params_joins_nested_keys_and_caps_long_values() -> None:
+    flat = flatten_params({"model": {"n_layer": 2, "mlp": "swiglu"}, "files": list(range(400)),
+                           "lr": 1e-3, "opt": {"betas": [0.9, 0.95]}})  # fmt: skip
+    assert flat["model.n_layer"] == "2"
+    assert flat["model.mlp"] == "swiglu"
+    assert flat["opt.betas"] == "[0.9, 0.95]"
+    assert flat["lr"] == "0.001"
+    assert len(flat["files"]) == tracking.MAX_PARAM_VALUE_CHARS and flat["files"].endswith("...")
+
+
+def test_importing_tracking_and_pyfunc_does_not_import_mlflow() -> None:
+    code = ("import sys, lmcore.tracking, lmcore.mlflow_pyfunc; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_null_tracker_accepts_the_tracker_calls() -> None:
+    null = NullTracker()
+    assert null.start_run("exp", None, {"a": 1}) is None
+    null.log_metrics({"loss": 1.0}, 1)
+    null.log_artifact("/nonexistent")
+    assert null.log_model_dir("/nonexistent", "llm") is None
+    null.end_run("FINISHED")
+    assert null.run_id is None
+
+
+# -- a run ----------------------------------------------------------------------------------------
+
+
+def test_run_logs_params_metrics_and_artifacts(server: str) -> None:
+    tracker = MlflowTracker(server, retry_s=0.5)
+    run_id = tracker.start_run("runs", None, {"model": {"n_layer": 2}, "train": {"lr": 0.002}})
+    for step in range(3):
+        tracker.log_metrics({"train_loss": 5.0 - step, "lr": 0.002, "tokens_per_s": 100.0}, step)
+    with tempfile.TemporaryDirectory() as tmp:  # gone before the poster thread uploads it
+        config = Path(tmp) / "config.yaml"
+        config.write_text("model:\n  n_layer: 2\n")
+        tracker.log_artifact(config)
+    tracker.log_text("hello", "notes/readme.txt")
+    tracker.end_run()
+
+    run = client(server).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_layer"] == "2"
+    assert run.data.params["train.lr"] == "0.002"
+    history = client(server).get_metric_history(run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 5.0), (1, 4.0), (2, 3.0)]
+    artifacts = {a.path for a in client(server).list_artifacts(run_id)}
+    assert {"config.yaml", "notes"} <= artifacts
+    local = client(server).download_artifacts(run_id, "config.yaml", tempfile.mkdtemp())
+    assert Path(local).read_text() == "model:\n  n_layer: 2\n"
+
+
+def test_resumed_run_logs_into_the_same_run(server: str) -> None:
+    first = MlflowTracker(server, retry_s=0.5)
+    run_id = first.start_run("resume", None, {"train": {"max_steps": 2}})
+    first.log_metrics({"train_loss": 3.0}, 1)
+    first.end_run("KILLED")
+
+    second = MlflowTracker(server, retry_s=0.5)
+    assert second.start_run("resume", run_id, {"train": {"max_steps": 4}}) == run_id
+    second.log_metrics({"train_loss": 2.0}, 2)
+    second.end_run()
+
+    run = client(server).get_run(run_id)
+    steps = [m.step for m in client(server).get_metric_history(run_id, "train_loss")]
+    assert steps == [1, 2]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "2"  # MLflow params are immutable ...
+    assert run.data.tags["resumed.train.max_steps"] == "4"  # ... so the new value is a tag
+
+
+def test_resuming_an_unknown_run_is_a_clear_error(server: str) -> None:
+    with pytest.raises(ModelNotFoundError, match="cannot resume run 0123"):
+        MlflowTracker(server).start_run("resume", "0123456789abcdef0123456789abcdef")
+
+
+# -- model registry and resolution ---------------------------------------------------------------
+
+
+def test_logged_model_is_registered_with_the_candidate_alias(server: str, registered) -> None:
+    info = registered["info"]
+    assert (info.name, info.version, info.run_id) == ("llm-test", "1", registered["run_id"])
+    assert info.uri == "models:/llm-test/1"
+    assert current_version("llm-test", "candidate", server) == info
+    assert current_version("llm-test", "production", server) is None
+    assert current_version("no-such-model", "candidate", server) is None
+    tags = client(server).get_run(registered["run_id"]).data.tags
+    assert tags["llm.model_version"] == "llm-test/1"
+
+
+@pytest.mark.parametrize("form", ["alias", "version", "run", "logged_model"])
+def test_model_uris_resolve_to_the_logged_model_dir(
+    server: str, registered, tmp_path: Path, form: str
+) -> None:
+    run_id = registered["run_id"]
+    logged_id = client(server).get_model_version("llm-test", "1").source.removeprefix("models:/")
+    uri = {
+        "alias": "models:/llm-test@candidate",
+        "version": "models:/llm-test/1",
+        "run": f"runs:/{run_id}/model",
+        "logged_model": f"models:/{logged_id}",
+    }[form]
+    resolved = resolve_model_uri(uri, cache_dir=tmp_path, tracking_uri=server)
+    assert resolved.run_id == run_id and resolved.uri == uri
+    assert resolved.path.is_relative_to(tmp_path)
+    original = (registered["model_dir"] / "model.safetensors").read_bytes()
+    assert (resolved.path / "model.safetensors").read_bytes() == original
+    assert load_model_dir(resolved.path).metadata == {"seed": 0}
+    if form in ("alias", "version"):
+        assert (resolved.name, resolved.version) == ("llm-test", "1")
+
+
+def test_resolution_downloads_once_then_reuses_the_cache(
+    server: str, registered, tmp_path: Path
+) -> None:
+    first = resolve_model_uri("models:/llm-test@candidate", tmp_path, server)
+    marker = first.path / "model.safetensors"
+    inode = marker.stat().st_ino
+    again = resolve_model_uri("models:/llm-test/1", tmp_path, server)
+    assert again.path == first.path
+    assert marker.stat().st_ino == inode  # the same file, not a fresh download
+
+
+def test_local_model_dir_passes_through(registered) -> None:
+    resolved = resolve_model_uri(str(registered["model_dir"]))
+    assert resolved.path == registered["model_dir"].resolve()
+    assert (resolved.name, resolved.version, resolved.run_id) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("models:/llm-test@nope", "not found"),
+        ("models:/llm-test/99", "not found"),
+        ("models:/no-such-model/1", "not found"),
+        ("runs:/0123456789abcdef0123456789abcdef/model", "not found"),
+        ("/nonexistent/model", "does not exist"),
+    ],
+)
+def test_unknown_models_are_clear_errors(server: str, tmp_path: Path, uri: str, message: str):
+    with pytest.raises(ModelNotFoundError, match=message):
+        resolve_model_uri(uri, cache_dir=tmp_path, tracking_uri=server)
+
+
+def test_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="not a model dir"):
+        resolve_model_uri(str(tmp_path))
+    with pytest.raises(TrackingError, match="unsupported model URI"):
+        resolve_model_uri("s3://bucket/model")
+
+
+def test_pyfunc_loads_from_the_registry_and_predicts_text(
+    server: str, registered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    pyfunc = mlflow.pyfunc.load_model("models:/llm-test@candidate")
+    frame = pd.DataFrame({"prompt": ["the quick", "lazy"], "max_new_tokens": [6, 3],
+                          "seed": [1, 2], "temperature": [1.0, 0.0]})  # fmt: skip
+    texts = pyfunc.predict(frame)
+
+    loaded = load_model_dir(registered["model_dir"])
+    expected = generate(loaded.model, loaded.tokenizer, ["the quick", "lazy"],
+                        [SamplingParams(max_new_tokens=6, seed=1, temperature=1.0),
+                         SamplingParams(max_new_tokens=3, seed=2, temperature=0.0)])  # fmt: skip
+    assert texts == [g.text for g in expected]
+    assert all(isinstance(t, str) and t for t in texts)
+    # Rows may leave settings out (pandas fills the gaps with NaN): defaults apply.
+    rows = pyfunc.predict([{"prompt": "fox"}, {"prompt": "dog", "max_new_tokens": 2, "seed": 3}])
+    assert len(rows) == 2 and all(isinstance(t, str) for t in rows)
+    again = generate(loaded.model, loaded.tokenizer, ["dog"], SamplingParams(max_new_tokens=2,
+                                                                            seed=3))  # fmt: skip
+    assert rows[1] == again[0].text
+
+
+def test_promotion_moves_the_alias(server: str, tmp_path: Path) -> None:
+    tracker = MlflowTracker(server, retry_s=0.5)
+    tracker.start_run("promote")
+    for seed in (0, 1):
+        latest = tracker.log_model_dir(make_model_dir(tmp_path / f"m{seed}", seed), "llm-promote")
+    tracker.end_run()
+    assert latest.version == "2"
+    assert current_version("llm-promote", "candidate", server).version == "2"
+
+    promote("llm-promote", 1, "production", server)
+    assert current_version("llm-promote", "production", server).version == "1"
+    promote("llm-promote", "2", "production", server)
+    assert current_version("llm-promote", "production", server).version == "2"
+    resolved = resolve_model_uri("models:/llm-promote@production", tmp_path / "cache", server)
+    assert resolved.version == "2"
+    assert load_model_dir(resolved.path).metadata == {"seed": 1}
+    with pytest.raises(ModelNotFoundError, match="llm-promote/99 not found"):
+        promote("llm-promote", 99, "production", server)
+
+
+def test_a_local_sqlite_store_keeps_artifacts_beside_its_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # MLflow's own default would put ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    tracker = MlflowTracker(uri)
+    tracker.start_run("local")
+    tracker.log_metrics({"train_loss": 1.0}, 1)
+    info = tracker.log_model_dir(make_model_dir(tmp_path / "model"), "llm-local")
+    tracker.end_run()
+
+    resolved = resolve_model_uri("models:/llm-local@candidate", tmp_path / "cache", uri)
+    assert (resolved.path / "model.safetensors").is_file() and resolved.version == info.version
+    assert list(workdir.iterdir()) == []
+    assert (tmp_path / "store" / "mlruns").is_dir()
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+
+def test_metrics_logged_while_the_server_is_down_are_posted_after_restart(
+    mlflow_process: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's own HTTP retries would hide the outage for minutes; the tracker must cope alone.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = mlflow_process
+    tracker = MlflowTracker(server.uri, retry_s=0.5)
+    run_id = tracker.start_run("outage")
+    tracker.log_metrics({"train_loss": 4.0}, 0)
+    assert tracker.flush(30)
+    quitter = MlflowTracker(server.uri, retry_s=0.5, flush_timeout_s=1.0)
+    quitter.start_run("outage")
+
+    server.kill()
+    try:
+        started = time.monotonic()
+        for step in (1, 2, 3):
+            tracker.log_metrics({"train_loss": 4.0 - step}, step)
+        tracker.log_params({"late": {"param": 1}})
+        assert time.monotonic() - started < 1.0  # logging never waits on the network
+        assert not tracker.flush(3.0)  # nothing can be posted while it is down
+        assert tracker.pending >= 3 and tracker.last_error
+        down_ms = int(time.time() * 1000)
+        # A run ending during the outage gives up after its flush timeout instead of hanging.
+        quitter.log_metrics({"train_loss": 1.0}, 1)
+        started = time.monotonic()
+        quitter.end_run()
+        assert time.monotonic() - started < 15
+    finally:
+        server.start()  # same port, same SQLite file and artifact dir
+    assert tracker.flush(60)
+    history = client(server.uri).get_metric_history(run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 4.0), (1, 3.0), (2, 2.0), (3, 1.0)]
+    assert all(m.timestamp <= down_ms for m in history)  # logged times, not posting times
+    assert client(server.uri).get_run(run_id).data.params["late.param"] == "1"
+    tracker.end_run()
+    assert client(server.uri).get_run(run_id).info.status == "FINISHED"

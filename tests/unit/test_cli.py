@@ -1,0 +1,189 @@
+"""`lmctl` without servers: the PyTorchJob it builds, generation from a local model dir, and
+errors that are one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmcore.checkpoint import load_model_dir, save_model_dir
+from lmcore.config import preset
+from lmcore.generate import SamplingParams, generate
+from lmcore.model import Transformer
+from lmcore.tokenizer import Tokenizer
+from services import cli
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.crd.yaml"
+
+
+def lmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, contains: str) -> None:
+    assert code != 0
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert contains in err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = Tokenizer.train(["the quick brown fox jumps over the lazy dog. " * 40], 300)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, n_layer=1))
+    return save_model_dir(tmp_path_factory.mktemp("cli") / "model", model, tokenizer)
+
+
+# -- submit-training ------------------------------------------------------------------------------
+
+
+def dry_run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    code, out, err = lmctl(capsys, "submit-training", "--dry-run", *args)
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+def test_dry_run_prints_a_pytorchjob_with_master_and_workers(capsys) -> None:
+    job = dry_run(capsys, "model=tiny", "train.max_steps=20", "--workers", "3",
+                  "--nproc-per-node", "2", "--image", "registry.local/llm-trainer:dev")  # fmt: skip
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert job["spec"]["nprocPerNode"] == "2"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 3)
+    for role in ("Master", "Worker"):
+        [container] = specs[role]["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch"
+        assert container["image"] == "registry.local/llm-trainer:dev"
+        assert container["command"] == ["torchrun"]
+        args = container["args"]
+        assert args[:3] == ["--nproc-per-node=2", "-m", "services.trainer"]
+        assert "model=tiny" in args and "train.max_steps=20" in args
+        assert not any(a.startswith("model=") and a != "model=tiny" for a in args)
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"].startswith("http")
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_dry_run_job_validates_against_the_pytorchjob_crd(capsys) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    crd = yaml.safe_load(CRD.read_text())
+    [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    job = dry_run(capsys, "model=tiny", "--tracking-uri", "http://mlflow.example:5000")
+    jsonschema.validate(job, v1["schema"]["openAPIV3Schema"])
+    [container] = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_dry_run_follows_the_manifest_conventions(capsys) -> None:
+    manifest = REPO / "manifests" / "pytorchjob.yaml"
+    if not manifest.is_file():
+        pytest.skip("manifests/pytorchjob.yaml not written yet")
+    [expected] = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "PyTorchJob"]
+    job = dry_run(capsys)
+    assert job["metadata"]["name"] == expected["metadata"]["name"]
+    assert job["metadata"]["namespace"] == expected["metadata"]["namespace"]
+    got = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    want = expected["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert got["containers"][0]["image"] == want["containers"][0]["image"]
+    assert got["containers"][0]["args"] == want["containers"][0]["args"]
+    assert got["containers"][0]["env"] == want["containers"][0]["env"]
+    assert [v["name"] for v in got["volumes"]] == [v["name"] for v in want["volumes"]]
+
+
+def test_zero_workers_leaves_only_the_master(capsys) -> None:
+    job = dry_run(capsys, "--workers", "0")
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+
+
+def test_later_overrides_replace_the_same_key() -> None:
+    merged = cli.merge_overrides(["model=small", "train=gpu", "+x.y=1"], ["model=tiny", "~x.y"])
+    assert merged == ["train=gpu", "model=tiny", "~x.y"]
+
+
+def test_bad_training_override_is_rejected_before_submitting(capsys) -> None:
+    code, out, err = lmctl(capsys, "submit-training", "--dry-run", "model=nope")
+    assert_one_line_error(code, err, "model")
+    assert out == ""
+
+
+def test_submit_without_a_kube_context_is_one_line_error(capsys, tmp_path: Path) -> None:
+    empty = tmp_path / "kubeconfig"
+    empty.write_text("")
+    code, _, err = lmctl(capsys, "submit-training", "model=tiny", "--kubeconfig", str(empty))
+    assert_one_line_error(code, err, "--dry-run")
+
+
+# -- generate -------------------------------------------------------------------------------------
+
+
+def test_generate_prints_text_from_a_local_model_dir(capsys, model_dir: Path) -> None:
+    args = ["--model", str(model_dir), "-n", "8", "--temperature", "0.7", "--top-k", "20"]
+    code, out, err = lmctl(capsys, "generate", *args, "--seed", "3", "the")
+    assert code == 0, err
+    loaded = load_model_dir(model_dir)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=20, seed=3)
+    [expected] = generate(loaded.model, loaded.tokenizer, ["the"], params)
+    assert out == "the" + expected.text + "\n"
+    assert len(out) > len("the\n")
+
+
+def test_generate_from_an_unknown_path_fails_in_one_line(capsys, tmp_path: Path) -> None:
+    code, out, err = lmctl(capsys, "generate", "--model", str(tmp_path / "missing"), "hi")
+    assert_one_line_error(code, err, "does not exist")
+    assert out == ""
+
+
+def test_generate_rejects_bad_sampling_values_in_one_line(capsys, model_dir: Path) -> None:
+    code, _, err = lmctl(capsys, "generate", "--model", str(model_dir), "--top-p", "1.5", "hi")
+    assert_one_line_error(code, err, "top_p")
+
+
+# -- usage errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (["no-such-command"], "No such command"),
+        (["promote", "--name", "llm"], "--version"),
+        (["generate", "--model", "x", "--max-new-tokens", "lots"], "--max-new-tokens"),
+        (["submit-training", "--dry-run", "--bogus"], "--bogus"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, args: list[str], contains: str) -> None:
+    code, _, err = lmctl(capsys, *args)
+    assert_one_line_error(code, err, contains)
+
+
+def test_train_passes_hydra_overrides_to_the_trainer(capsys) -> None:
+    code, out, err = lmctl(capsys, "train", "--cfg", "model=tiny", "train.max_steps=7")
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["name"] == "tiny" and cfg["train"]["max_steps"] == 7
+
+
+def test_train_with_a_bad_override_exits_with_the_trainers_config_error(capsys) -> None:
+    code, _, err = lmctl(capsys, "train", "model=nope")
+    assert code == 2 and "model" in err and err.count("\n") == 1
+
+
+def test_console_entry_point_runs_as_a_process() -> None:
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "promote"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    help_text = subprocess.run([sys.executable, "-m", "services.cli", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    for command in ("train", "generate", "promote", "submit-training"):
+        assert command in help_text

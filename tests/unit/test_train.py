@@ -1,0 +1,345 @@
+"""lmcore.train (schedule, AdamW, accumulation, eval, checkpoints, SIGTERM), lmcore.distributed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmcore.checkpoint import latest_training_state, load_model_dir
+from lmcore.config import ConfigError, preset
+from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
+from lmcore.distributed import DistEnv, DistributedEnvError
+from lmcore.train import (
+    INTERRUPTED_EXIT_CODE,
+    Trainer,
+    TrainConfig,
+    TrainingInterrupted,
+    lr_at,
+    make_optimizer,
+    total_steps,
+)
+from lmcore.model import Transformer
+from tests.helpers.trainer_run import RecordingTracker, UnionSampler, write_corpus
+
+pytestmark = pytest.mark.unit
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> TokenDataset:
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = write_corpus(root / "corpus.txt", lines=6000)
+    return prepare_corpus(corpus, root / "cache", vocab_size=512, progress=False)
+
+
+def tiny(dataset: TokenDataset):  # noqa: ANN201
+    return preset("tiny", vocab_size=dataset.tokenizer.vocab_size, block_size=BLOCK)
+
+
+def config(tmp_path: Path | None = None, **changes: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2, eval_interval=0, eval_batches=2,
+        log_interval=1, checkpoint_interval=0, device="cpu", progress=False,
+        checkpoint_dir=str(tmp_path / "ckpt") if tmp_path else None,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+class ListTracker:
+    """Keeps every call in memory (single process)."""
+
+    def __init__(self, run_id: str = "run-1") -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.new_id = run_id
+        self.on_metrics = None
+
+    def start_run(self, experiment: str, run_id: str | None, params: dict[str, Any]) -> str:
+        self.calls.append(("start_run", run_id))
+        return run_id or self.new_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.calls.append(("log_metrics", (step, dict(metrics))))
+        if self.on_metrics:
+            self.on_metrics(step, metrics)
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        self.calls.append(("log_artifact", path))
+
+    def log_model_dir(self, model_dir: Any, register_name: str | None,
+                      alias: str = "candidate") -> Any:
+        self.calls.append(("log_model_dir", (str(model_dir), register_name, alias)))
+        return {"version": "1"}
+
+    def end_run(self, status: str) -> None:
+        self.calls.append(("end_run", status))
+
+    def metrics(self) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for name, value in self.calls:
+            if name == "log_metrics":
+                out.setdefault(value[0], {}).update(value[1])
+        return out
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+# -- schedule and optimizer ---------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
+    assert [lr_at(s, cfg, 110) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)  # the last warmup step reaches the peak
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    decay = [lr_at(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_lr_is_stepped_per_optimizer_step_not_per_micro_batch(
+    dataset: TokenDataset,
+) -> None:
+    tracker = ListTracker()
+    cfg = config(grad_accum_steps=3, max_steps=5, warmup_steps=2)
+    Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    logged = {step: m["lr"] for step, m in tracker.metrics().items() if "lr" in m}
+    assert logged == {s: pytest.approx(lr_at(s - 1, cfg, 5)) for s in range(1, 6)}
+
+
+def test_epochs_set_the_number_of_steps() -> None:
+    cfg = TrainConfig(batch_size=4, grad_accum_steps=2, max_steps=None, epochs=1.5)
+    # 1.5 x 10_000 tokens / (4 x 2 x 2 ranks x 50 tokens per step) = 18.75 -> 19 steps
+    assert total_steps(cfg, 10_000, 50, world_size=2) == 19
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"max_steps": 10, "epochs": 1.0}, "epochs"), ({"lr": -1.0}, "lr"),
+     ({"batch_size": 0}, "batch_size"), ({"mixed_precision": "fp8"}, "mixed_precision"),
+     ({"max_steps": None}, "epochs")],
+)
+def test_bad_train_config_names_the_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**changes)
+
+
+def test_weight_decay_applies_to_matrices_only() -> None:
+    model = Transformer(preset("tiny"))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
+    assert not opt.defaults["fused"]  # fused AdamW is for CUDA only
+    n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in model.parameters())  # tied head counted once
+
+
+# -- training behaviour -------------------------------------------------------------------------
+
+
+def test_training_lowers_validation_loss_and_reports_cpu_metrics(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    tracker = ListTracker()
+    cfg = config(tmp_path, max_steps=30, eval_interval=10, warmup_steps=5)
+    result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    val = [v for _, v in result.history["val_loss"]]
+    assert val[-1] < val[0] - 0.5
+    assert result.final_val_loss == pytest.approx(val[-1])
+    assert result.steps == 30 and result.tokens_per_s > 0
+    last = tracker.metrics()[30]
+    assert {"train_loss", "val_loss", "val_perplexity", "lr", "grad_norm", "tokens_per_s",
+            "data_time_share"} <= set(last)
+    assert last["val_perplexity"] == pytest.approx(math.exp(last["val_loss"]), rel=1e-6)
+    assert "mfu" not in last and "gpu_mem_gb" not in last  # MFU is reported on CUDA only
+
+
+def test_gradient_accumulation_matches_one_big_batch(dataset: TokenDataset) -> None:
+    """2 micro-steps of b windows == 1 step of the same 2b windows (fp32 on CPU)."""
+
+    def run(batch: int, accum: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        def factory(tokens, block, b, seed, rank, world):  # noqa: ANN001, ANN202
+            if accum == 1:  # the union of the two micro-batches, in the same order
+                return UnionSampler(tokens, block, b // 2, seed, 2)
+            return _Alternating(UnionSampler(tokens, block, b, seed, 2))
+
+        cfg = config(batch_size=batch, grad_accum_steps=accum, max_steps=1, warmup_steps=0)
+        tracker = ListTracker()
+        trainer = Trainer(tiny(dataset), cfg, dataset, tracker, sampler_factory=factory)
+        trainer.fit()
+        return weights(trainer), tracker.metrics()[1]
+
+    (big, big_m), (acc, acc_m) = run(8, 1), run(4, 2)
+    # Loss and gradient norm are scale-sensitive (Adam's update is not): they prove the
+    # micro-batch losses are averaged, not summed.
+    assert acc_m["train_loss"] == pytest.approx(big_m["train_loss"], rel=1e-5)
+    assert acc_m["grad_norm"] == pytest.approx(big_m["grad_norm"], rel=1e-4)
+    lr = 3e-3
+    for name in big:
+        # Adam's first step moves each weight by about lr * sign(g); summation order only
+        # matters where |g| is near eps, so updates agree to 1% of the step size.
+        torch.testing.assert_close(acc[name], big[name], atol=1e-2 * lr, rtol=0)
+
+
+class _Alternating:
+    """Hands out the two rank-halves of a UnionSampler batch as two consecutive micro-batches."""
+
+    def __init__(self, union: UnionSampler) -> None:
+        self.parts = union.parts
+
+    def next_batch(self):  # noqa: ANN201
+        self._i = getattr(self, "_i", -1) + 1
+        return self.parts[self._i % 2].next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def test_final_model_dir_carries_metadata_and_goes_to_the_tracker(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    tracker = ListTracker("run-xyz")
+    cfg = config(tmp_path, max_steps=4)
+    result = Trainer(tiny(dataset), cfg, dataset, tracker, register_name="llm-test",
+                     run_params={"model": {"name": "tiny"}}).fit()
+    assert result.model_dir == tmp_path / "ckpt" / "model"
+    loaded = load_model_dir(result.model_dir)
+    assert loaded.metadata["step"] == 4 and loaded.metadata["run_id"] == "run-xyz"
+    assert loaded.metadata["val_loss"] == pytest.approx(result.final_val_loss)
+    assert loaded.metadata["config"] == {"model": {"name": "tiny"}}
+    assert loaded.tokenizer is not None
+    assert ("log_model_dir", (str(result.model_dir), "llm-test", "candidate")) in tracker.calls
+    assert tracker.calls[-1] == ("end_run", "FINISHED")
+    assert result.model_version == {"version": "1"}
+
+
+def test_checkpoint_holds_run_id_sampler_and_rng_state(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    Trainer(tiny(dataset), config(tmp_path, max_steps=4, checkpoint_interval=2), dataset,
+            ListTracker("run-ck")).fit()
+    latest = latest_training_state(tmp_path / "ckpt")
+    assert latest is not None and latest.name == "step-00000004"
+    state = json.loads((latest / "state.json").read_text())
+    extra = state["extra"]
+    assert extra["run_id"] == "run-ck" and extra["world_size"] == 1
+    assert extra["samplers"][0]["batches_drawn"] == 4
+    assert extra["schedule"]["total_steps"] == 4
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+# -- SIGTERM and resume -------------------------------------------------------------------------
+
+
+def test_sigterm_saves_and_a_restart_ends_with_the_same_weights(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    straight = Trainer(tiny(dataset), config(tmp_path / "a", max_steps=8), dataset)
+    straight.fit()
+
+    tracker = ListTracker("run-resumed")
+
+    def kill_at_step_3(step: int, metrics: dict[str, float]) -> None:
+        if step == 3 and "train_loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled at the step boundary
+
+    tracker.on_metrics = kill_at_step_3
+    cfg = config(tmp_path / "b", max_steps=8)
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert info.value.step == 3 and info.value.exit_code == INTERRUPTED_EXIT_CODE
+    assert ("end_run", "KILLED") in tracker.calls
+    assert latest_training_state(tmp_path / "b" / "ckpt").name == "step-00000003"
+
+    tracker.on_metrics = None
+    resumed = Trainer(tiny(dataset), cfg, dataset, tracker)
+    result = resumed.fit()
+    assert result.resumed_from == 3 and result.steps == 8
+    assert ("start_run", "run-resumed") in tracker.calls  # the same run carries on
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], value, atol=0, rtol=0)
+
+
+def test_sigterm_handler_is_restored_after_fit(dataset: TokenDataset) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    Trainer(tiny(dataset), config(max_steps=1), dataset).fit()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_false_ignores_existing_checkpoints(dataset: TokenDataset, tmp_path: Path) -> None:
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    result = Trainer(tiny(dataset), config(tmp_path, max_steps=2, resume=False), dataset).fit()
+    assert result.resumed_from is None and result.steps == 2
+
+
+# -- launcher environment (lmcore.distributed) ---------------------------------------------------
+
+
+def test_pytorchjob_pod_without_torchrun_reads_rank_and_world_size() -> None:
+    env = DistEnv.from_env({"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456",
+                            "WORLD_SIZE": "2", "RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank) == (1, 2, 0)
+    assert (env.master_addr, env.master_port) == ("job-master-0", 23456)
+    assert env.is_distributed and not env.is_main
+
+
+def test_torchrun_child_environment_wins() -> None:
+    env = DistEnv.from_env({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "WORLD_SIZE": "4",
+                            "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                            "TORCHELASTIC_RUN_ID": "x", "PET_NPROC_PER_NODE": "2"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+
+
+def test_several_processes_per_pod_need_torchrun() -> None:
+    with pytest.raises(DistributedEnvError, match="PET_NPROC_PER_NODE"):
+        DistEnv.from_env({"MASTER_ADDR": "m", "MASTER_PORT": "1", "WORLD_SIZE": "2",
+                          "RANK": "0", "PET_NPROC_PER_NODE": "4"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "name"),
+    [({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "m"}, "RANK"),
+     ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+     ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR")],
+)
+def test_bad_launcher_environment_names_the_variable(environ: dict[str, str], name: str) -> None:
+    with pytest.raises(DistributedEnvError, match=name):
+        DistEnv.from_env(environ)
+
+
+def test_no_launcher_means_one_process() -> None:
+    env = DistEnv.from_env({})
+    assert (env.rank, env.world_size, env.is_distributed) == (0, 1, False)
+
+
+def test_recording_tracker_writes_the_callers_rank(tmp_path: Path) -> None:
+    # The helper the distributed tests rely on must record what it is told.
+    rec = RecordingTracker(tmp_path / "calls.jsonl")
+    rec.start_run("e", None, {})
+    rec.log_metrics({"a": 1.0}, 3)
+    lines = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [x["method"] for x in lines] == ["start_run", "log_metrics"]
+    assert all(x["rank"] == 0 for x in lines)
+
+
+def test_window_sampler_union_is_the_ranks_batches_in_order(dataset: TokenDataset) -> None:
+    union = UnionSampler(dataset.train, BLOCK, 3, seed=0, world=2)
+    x, _ = union.next_batch()
+    r0 = WindowSampler(dataset.train, BLOCK, 3, seed=0, rank=0, world_size=2).next_batch()[0]
+    r1 = WindowSampler(dataset.train, BLOCK, 3, seed=0, rank=1, world_size=2).next_batch()[0]
+    assert torch.equal(x, torch.cat([r0, r1]))
