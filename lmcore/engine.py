@@ -57,7 +57,10 @@ log = logging.getLogger(__name__)
 FLUSH_TOKEN_ID = -1
 
 TokenCallback = Callable[[int, str], None]
-StepFn = Callable[["Transformer", torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+# (model, tokens (R, 1), positions (R, 1), cache, rows (R,) or None for every slot) -> (R, V)
+StepFn = Callable[
+    ["Transformer", torch.Tensor, torch.Tensor, KVCache, "torch.Tensor | None"], torch.Tensor
+]
 
 
 class EngineStoppedError(RuntimeError):
@@ -378,13 +381,25 @@ class Engine:
         self._take_token(run, logits[0])
 
     def _decode(self) -> None:
-        """One decode step over every slot, then one token for each active request."""
+        """One decode step, then one token for each active request.
+
+        Compiled (CUDA graphs) the step covers every slot so its shapes never change; eager, it
+        covers only the active slots, so a lone request on a wide engine costs what it costs alone.
+        """
         running = self._running()
-        tokens = [0] * self.max_batch
-        positions = [0] * self.max_batch
-        for run in running:
-            tokens[run.slot], positions[run.slot] = run.next_token, run.position
         device = self._model.device
+        if self._compile:
+            rows = None
+            tokens = [0] * self.max_batch
+            positions = [0] * self.max_batch
+            for run in running:
+                tokens[run.slot], positions[run.slot] = run.next_token, run.position
+            out_index = [run.slot for run in running]
+        else:
+            rows = torch.tensor([run.slot for run in running], device=device)
+            tokens = [run.next_token for run in running]
+            positions = [run.position for run in running]
+            out_index = list(range(len(running)))
         try:
             if self._compile:
                 # Tells CUDA graphs that last step's outputs are dead and may be overwritten.
@@ -394,6 +409,7 @@ class Engine:
                 torch.tensor(tokens, device=device)[:, None],
                 torch.tensor(positions, device=device)[:, None],
                 self._cache,
+                rows,
             )
         except Exception as exc:
             log.exception("decode step failed; failing its %d requests", len(running))
@@ -401,9 +417,9 @@ class Engine:
                 self._release(run, error=exc)
             return
         self._bump("decode_steps")
-        for run in running:
+        for run, index in zip(running, out_index):
             run.position += 1
-            self._take_token(run, logits[run.slot])
+            self._take_token(run, logits[index])
 
     def _take_token(self, run: _Running, logits: torch.Tensor) -> None:
         try:

@@ -218,13 +218,18 @@ def fit_prompt(
 
 
 def decode_step(
-    model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache
+    model: Transformer,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    cache: KVCache,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One fixed-shape decode step: tokens (B, 1) at input_pos (B, 1) -> next-token logits (B, V).
+    """One decode step: tokens (B, 1) at input_pos (B, 1) -> next-token logits (B, V).
 
-    Kept free of Python branching on data so torch.compile captures it in one graph.
+    Kept free of Python branching on data so torch.compile captures it in one graph. Without
+    `rows` it covers every cache row (fixed shapes, for CUDA graphs); with `rows` only those.
     """
-    logits, _ = model(tokens, input_pos=input_pos, cache=cache)
+    logits, _ = model(tokens, input_pos=input_pos, cache=cache, rows=rows)
     return logits[:, -1, : model.config.vocab_size]
 
 

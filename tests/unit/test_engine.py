@@ -356,3 +356,20 @@ def test_compiled_decode_step_matches_eager_on_cuda():
         run_until_idle(engine)
         results.append([h.result(0).token_ids for h in handles])
     assert results[0] == results[1]
+
+
+def test_eager_decode_covers_only_the_active_slots(model):
+    widths = []
+
+    def recording_step(model, tokens, positions, cache, rows):
+        widths.append(tokens.shape[0])
+        return decode_step(model, tokens, positions, cache, rows)
+
+    engine = Engine(model, max_batch=8, step_fn=recording_step)
+    params = dataclasses.replace(GREEDY, max_new_tokens=4)
+    alone = generate_ids(model, [[3, 1, 4]], params)[0]
+    handle = engine.submit(EngineRequest([3, 1, 4], params))
+    while engine.step():
+        pass
+    assert handle.result(timeout=5).token_ids == alone.token_ids
+    assert widths and set(widths) == {1}
