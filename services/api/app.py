@@ -1,0 +1,69 @@
+"""The API's app factory: `uvicorn services.api.app:create_app --factory`.
+
+Wires settings, the asyncio Redis client, the Celery message builder, middleware, routers; it must
+not load a model or generate text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from services.api.errors import install_error_handlers
+from services.api.limits import BodySizeLimit
+from services.api.metrics import HttpMetrics, MetricsMiddleware
+from services.api.model_limits import ModelLimitsCache
+from services.api.routers import compat, jobs, ops
+from services.api.store import JobStore
+from services.common.celery_config import make_celery
+from services.common.settings import Settings
+
+
+def make_redis(settings: Settings) -> Redis:
+    # Short connect timeout and two quick retries: a restarted Redis is picked up on the next
+    # request (stale pooled connections are replaced), a dead one answers 503 in well under 1 s.
+    return Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=1.0,
+        socket_timeout=10.0,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = make_redis(settings)
+        app.state.store = JobStore(redis, settings)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    app = FastAPI(
+        title="llm-pipeline API",
+        version="0.1.0",
+        summary="Queue text generation jobs, poll or stream them; workers run the model.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    # Builds task messages only (JSON); the store pushes them, so Celery opens no connection.
+    app.state.celery = make_celery(settings, main="llm-api")
+    app.state.metrics = HttpMetrics()
+    app.state.model_limits = ModelLimitsCache()
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s
+    install_error_handlers(app)
+    app.include_router(jobs.build_router(settings))
+    app.include_router(compat.build_router(settings))
+    app.include_router(ops.build_router())
+    return app

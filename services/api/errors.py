@@ -1,0 +1,63 @@
+"""Exception handlers: Redis unreachable is 503 with Retry-After; bad input is 422.
+
+Handlers only translate exceptions into responses; recovery is the Redis client's reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 2
+
+
+def unavailable(detail: str = "job store unavailable; retry shortly") -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    return unavailable()
+
+
+def _printable(value: Any) -> Any:
+    # A rejected input may hold lone surrogates: echo it back without them, never crash on it.
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": _printable(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Any:
+    # FastAPI answers 400 for a body that is not UTF-8 JSON; it is invalid input like any other.
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        error = {"type": "json_invalid", "loc": ["body"], "msg": "body is not valid UTF-8 JSON"}
+        return JSONResponse({"detail": [error]}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    for exc_type in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(exc_type, _redis_down)

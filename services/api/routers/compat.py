@@ -1,0 +1,119 @@
+"""The seed's synchronous endpoints, kept for its users: submit a job, wait, answer as before.
+
+On timeout the job goes on: 504 with its id and links, so the client can poll.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the per-app request model objects.
+
+from typing import Annotated
+
+from celery import Celery
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import JSONResponse
+
+from services.api import deps
+from services.api.model_limits import ModelLimitsCache
+from services.api.schemas import (
+    LEGACY_DEFAULT_PROMPT,
+    Detail,
+    JobLinks,
+    TextGenerationResponse,
+    TextGenerationWithoutPromptResponse,
+    TimeoutDetail,
+    legacy_request_models,
+)
+from services.api.store import JobStore
+from services.api.submit import submit_job
+from services.common.jobs import JobRecord, JobRequest, JobStatus
+from services.common.settings import Settings
+
+LOCS = {
+    "prompt": ("body", "prompt"),
+    "max_new_tokens": ("body", "num_of_token_generated"),
+}
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter(
+        tags=["seed compatibility"],
+        dependencies=deps.auth_dependencies(settings),
+        responses={
+            401: {"model": Detail, "description": "Missing or invalid API key."},
+            409: {"model": Detail, "description": "The job was cancelled."},
+            413: {"model": Detail, "description": "Body over the size limit."},
+            502: {"model": Detail, "description": "The job failed in the worker."},
+            503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
+            504: {"model": TimeoutDetail, "description": "Not done in time; poll the job."},
+        },
+    )
+    WithPrompt, WithoutPrompt = legacy_request_models(settings)
+    Timeout = Annotated[
+        float,
+        Query(gt=0, le=settings.sync_timeout_s, description="Wait at most this long (s)."),
+    ]
+
+    async def run(
+        prompt: str, tokens: int, timeout_s: float | None, store: JobStore, celery: Celery,
+        limits: ModelLimitsCache,
+    ) -> JobRecord | JSONResponse:  # fmt: skip
+        # The seed sampled at temperature 1 for exactly num_of_token_generated tokens.
+        req = JobRequest(
+            prompt=prompt, max_new_tokens=tokens, temperature=1.0, eos=False, truncate="left"
+        )
+        record, _ = await submit_job(
+            req, store=store, celery=celery, limits=limits, settings=settings, locs=LOCS
+        )
+        if not await store.wait_final(record.id, timeout_s or settings.sync_timeout_s):
+            body = TimeoutDetail(
+                detail="generation still running; poll the job", job_id=record.id,
+                links=JobLinks.for_job(record.id),
+            )  # fmt: skip
+            return JSONResponse(body.model_dump(), status_code=504)
+        final = await store.get(record.id)
+        if final is None:
+            raise HTTPException(502, "the job expired before it could be read")
+        if final.status == JobStatus.failed:
+            return JSONResponse({"detail": final.error or "failed", "job_id": final.id}, 502)
+        if final.status == JobStatus.cancelled:
+            return JSONResponse({"detail": "job cancelled", "job_id": final.id}, 409)
+        return final
+
+    @router.post("/generate_text", response_model=TextGenerationResponse)
+    async def generate_text(
+        body: WithPrompt,  # type: ignore[valid-type]
+        timeout_s: Timeout = None,  # type: ignore[assignment]
+        store: JobStore = Depends(deps.get_store),
+        celery: Celery = Depends(deps.get_celery),
+        limits: ModelLimitsCache = Depends(deps.get_limits),
+    ):
+        """The seed's endpoint: generated_text is the prompt followed by its continuation."""
+        out = await run(body.prompt, body.num_of_token_generated, timeout_s, store, celery, limits)
+        if isinstance(out, JSONResponse):
+            return out
+        return TextGenerationResponse(
+            generated_text=body.prompt + (out.text or ""),
+            prompt=body.prompt,
+            num_of_token_generated=body.num_of_token_generated,
+        )
+
+    @router.post(
+        "/generate_text_without_prompt", response_model=TextGenerationWithoutPromptResponse
+    )
+    async def generate_text_without_prompt(
+        body: WithoutPrompt,  # type: ignore[valid-type]
+        timeout_s: Timeout = None,  # type: ignore[assignment]
+        store: JobStore = Depends(deps.get_store),
+        celery: Celery = Depends(deps.get_celery),
+        limits: ModelLimitsCache = Depends(deps.get_limits),
+    ):
+        """The seed's prompt-less endpoint (it started from "First Citizen:")."""
+        prompt = LEGACY_DEFAULT_PROMPT
+        out = await run(prompt, body.num_of_token_generated, timeout_s, store, celery, limits)
+        if isinstance(out, JSONResponse):
+            return out
+        return TextGenerationWithoutPromptResponse(
+            generated_text=prompt + (out.text or ""),
+            num_of_token_generated=body.num_of_token_generated,
+        )
+
+    return router

@@ -1,0 +1,157 @@
+"""`/jobs`: submit, read, stream (SSE) and cancel generation jobs.
+
+Handlers talk to Redis through JobStore (which also enqueues the Celery task); none generates.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the per-app request model object.
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Response, status
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from services.api import deps
+from services.api.model_limits import ModelLimitsCache
+from services.api.schemas import Detail, JobCreated, JobLinks, JobView, job_request_model
+from services.api.store import JobStore
+from services.api.submit import parse_idempotency_key, submit_job
+from services.common.settings import Settings
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+EVENT_ID = r"^\d{1,20}-\d{1,20}$"
+BLOCK_MS = 2000  # one XREAD wait; below the Redis socket timeout
+COMMON = {
+    401: {"model": Detail, "description": "Missing or invalid API key."},
+    503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
+}
+NOT_FOUND = {404: {"model": Detail, "description": "No such job (or it expired)."}}
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter(
+        prefix="/jobs", tags=["jobs"], dependencies=deps.auth_dependencies(settings),
+        responses=COMMON,
+    )  # fmt: skip
+    Request = job_request_model(settings)
+
+    @router.post(
+        "",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=JobCreated,
+        responses={
+            409: {"model": Detail, "description": "Same Idempotency-Key still in progress."},
+            413: {"model": Detail, "description": "Body over the size limit."},
+        },
+    )
+    async def create_job(
+        body: Request,  # type: ignore[valid-type]
+        response: Response,
+        # `str = None`, not `str | None`: a header is never JSON null, so the schema says string.
+        idempotency_key: Annotated[
+            str, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+        ] = None,  # type: ignore[assignment]
+        store: JobStore = Depends(deps.get_store),
+        celery: Celery = Depends(deps.get_celery),
+        limits: ModelLimitsCache = Depends(deps.get_limits),
+        principal: str = Depends(deps.get_principal),
+    ) -> JobCreated:
+        """Queue a generation job; poll `links.self` or stream `links.events`."""
+        record, _ = await submit_job(
+            body, store=store, celery=celery, limits=limits, settings=settings,
+            idempotency_key=parse_idempotency_key(idempotency_key), principal=principal,
+        )  # fmt: skip
+        response.headers["Location"] = f"/jobs/{record.id}"
+        return JobCreated(id=record.id, status=record.status, links=JobLinks.for_job(record.id))
+
+    @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
+    async def get_job(job_id: JobId, store: JobStore = Depends(deps.get_store)) -> JobView:
+        """Status, result, error, timings and the model version that answered."""
+        record = await store.get(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobView.from_record(record)
+
+    @router.post(
+        "/{job_id}/cancel",
+        response_model=JobView,
+        responses={
+            **NOT_FOUND,
+            202: {"model": JobView, "description": "Running: it stops within one decode step."},
+        },
+    )
+    async def cancel_job(
+        job_id: JobId, response: Response, store: JobStore = Depends(deps.get_store)
+    ) -> JobView:
+        """A queued job never runs; a running one stops between decode steps, keeping its text.
+
+        200 with the record when the job is final (cancelled now or earlier, or finished).
+        """
+        outcome = await store.cancel(job_id)
+        if outcome == "missing":
+            raise HTTPException(404, f"no job {job_id}")
+        record = await store.get(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if outcome == "running":
+            response.status_code = status.HTTP_202_ACCEPTED
+        return JobView.from_record(record)
+
+    @router.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        responses={
+            **NOT_FOUND,
+            200: {
+                "description": "Server-Sent Events: `token` {text, tokens}, rarely `reset` "
+                "{text} (drop what you have), then one `done` with the job record. "
+                "Send Last-Event-ID to resume after an event.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def job_events(
+        job_id: JobId,
+        last_event_id: Annotated[
+            str, Header(alias="Last-Event-ID", pattern=EVENT_ID)
+        ] = None,  # type: ignore[assignment]
+        store: JobStore = Depends(deps.get_store),
+    ) -> EventSourceResponse:
+        """The job's tokens as they are generated; a late client gets them all from the start."""
+        if await store.get(job_id) is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return EventSourceResponse(_stream(store, job_id, last_event_id or "0-0"), ping=15)
+
+    return router
+
+
+async def _stream(store: JobStore, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+    try:
+        while True:
+            entries = await store.read_events(job_id, after, BLOCK_MS)
+            if not entries:
+                record = await store.get(job_id)
+                if record is None or record.status.final:
+                    return  # expired, or resumed after its final event
+                continue
+            for entry_id, fields in entries:
+                after = entry_id
+                kind = fields.get("type", "token")
+                if kind == "done":
+                    record = await store.get(job_id)
+                    data = (
+                        JobView.from_record(record).model_dump_json()
+                        if record
+                        else json.dumps({"id": job_id, "status": fields.get("status")})
+                    )
+                    yield ServerSentEvent(data=data, event="done", id=entry_id)
+                    return
+                payload = {"text": fields.get("text", "")}
+                if kind == "token":
+                    payload["tokens"] = int(fields.get("tokens", 0))
+                yield ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
+    except RedisError:
+        return  # the client reconnects with Last-Event-ID and misses nothing

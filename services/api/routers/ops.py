@@ -1,0 +1,72 @@
+"""Operations endpoints: liveness, readiness (Redis + a fresh worker heartbeat) and metrics.
+
+No authentication here: probes and Prometheus must reach them.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from services.api import deps
+from services.api.errors import RETRY_AFTER_S
+from services.api.metrics import HttpMetrics, render
+from services.api.schemas import Health, Readiness
+from services.api.store import JobStore
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """The process is alive (it checks nothing else)."""
+        return Health(status="ok")
+
+    @router.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready; see the fields."}},
+    )
+    async def readyz(store: JobStore = Depends(deps.get_store)) -> Readiness | JSONResponse:
+        """Ready when Redis answers and at least one worker's heartbeat is fresh."""
+        try:
+            await store.ping()
+            workers = await store.workers()
+        except RedisError:
+            body = Readiness(status="redis unavailable", redis=False, workers=0)
+            return JSONResponse(
+                body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        model = workers[0].get("model") if workers else None
+        body = Readiness(
+            status="ready" if workers else "no worker", redis=True, workers=len(workers),
+            model=model,
+        )  # fmt: skip
+        if not workers:
+            return JSONResponse(
+                body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        return body
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
+    async def metrics(
+        store: JobStore = Depends(deps.get_store),
+        http: HttpMetrics = Depends(deps.get_metrics),
+    ) -> Response:
+        """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens."""
+        try:
+            stats = await store.stats()
+            queue = await store.queue_depth()
+            workers = len(await store.workers())
+        except RedisError:
+            stats = queue = workers = None
+        return Response(render(http, stats, queue, workers), media_type=CONTENT_TYPE_LATEST)
+
+    return router

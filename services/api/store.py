@@ -1,0 +1,114 @@
+"""Job records, idempotency keys and token streams in Redis, through `redis.asyncio`.
+
+Everything the API reads or writes in Redis goes through JobStore (the Celery message it pushes
+is built by queue.py); it must not know about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from services.common import keys, scripts
+from services.common.jobs import JobRecord
+from services.common.settings import Settings
+
+Entry = tuple[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class IdempotencyHit:
+    job_id: str
+    fingerprint: str
+
+
+class JobStore:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.ttl_s = settings.job_ttl_s
+        self._cancel = redis.register_script(scripts.CANCEL)
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        data = await self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(data) if data else None
+
+    async def create(self, record: JobRecord, message: str) -> None:
+        """Write the record and push its Celery message in one transaction: both or neither."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(record.id), mapping=record.to_hash())
+            pipe.expire(keys.job(record.id), self.ttl_s)
+            pipe.lpush(keys.QUEUE, message)
+            await pipe.execute()
+
+    async def claim_idempotency(
+        self, key: str, fingerprint: str, job_id: str
+    ) -> IdempotencyHit | None:
+        """Bind key -> (fingerprint, job_id) unless bound already; return the earlier binding."""
+        value = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
+        if await self.redis.set(keys.idempotency(key), value, nx=True, ex=self.ttl_s):
+            return None
+        raw = await self.redis.get(keys.idempotency(key))
+        if raw is None:  # expired between the two calls: try once more
+            return await self.claim_idempotency(key, fingerprint, job_id)
+        bound = json.loads(raw)
+        return IdempotencyHit(bound["job_id"], bound["fingerprint"])
+
+    async def release_idempotency(self, key: str) -> None:
+        await self.redis.delete(keys.idempotency(key))
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel atomically: 'missing', 'cancelled' (was queued), 'running' (flagged) or final."""
+        return await self._cancel(
+            keys=[keys.job(job_id), keys.events(job_id), keys.STATS],
+            args=[repr(time.time()), self.ttl_s],
+        )
+
+    async def read_events(
+        self, job_id: str, after: str, block_ms: int | None, count: int = 256
+    ) -> list[Entry]:
+        """Stream entries after id `after`, waiting up to block_ms for the first one."""
+        reply = await self.redis.xread({keys.events(job_id): after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        _, entries = reply[0]
+        return [(entry_id, fields) for entry_id, fields in entries]
+
+    async def wait_final(self, job_id: str, timeout_s: float) -> bool:
+        """Block until the job's `done` event exists or timeout_s passes."""
+        deadline = time.monotonic() + timeout_s
+        after = "0-0"
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return False
+            for entry_id, fields in await self.read_events(job_id, after, min(left_ms, 1000)):
+                if fields.get("type") == "done":
+                    return True
+                after = entry_id
+
+    async def queue_depth(self) -> int:
+        return int(await self.redis.llen(keys.QUEUE))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Workers whose heartbeat key has not expired."""
+        names = [k async for k in self.redis.scan_iter(match=keys.WORKERS_MATCH, count=100)]
+        if not names:
+            return []
+        values = await self.redis.mget(names)
+        return [json.loads(v) for v in values if v]
+
+    async def stats(self) -> dict[str, str]:
+        return await self.redis.hgetall(keys.STATS)
+
+    async def current_model(self) -> dict[str, str]:
+        return await self.redis.hgetall(keys.MODEL_CURRENT)
+
+    async def tokenizer_json(self, digest: str) -> str | None:
+        return await self.redis.get(keys.tokenizer(digest))

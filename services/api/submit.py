@@ -1,0 +1,115 @@
+"""Job submission shared by POST /jobs and the seed's endpoints: checks, idempotency, enqueue.
+
+Turns a validated JobRequest into a queued job exactly once; it must not wait for results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import uuid
+from typing import Any
+
+from celery import Celery
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+
+from services.api.model_limits import ModelLimitsCache
+from services.api.queue import task_message
+from services.api.store import JobStore
+from services.common.jobs import JobRecord, JobRequest, fingerprint
+from services.common.settings import Settings
+
+
+def field_error(loc: tuple[str, ...], msg: str, value: Any) -> RequestValidationError:
+    """A 422 in FastAPI's own format, naming the offending field."""
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
+
+
+async def check_context(
+    req: JobRequest,
+    store: JobStore,
+    limits_cache: ModelLimitsCache,
+    locs: dict[str, tuple[str, ...]],
+) -> None:
+    """Prompt tokens + max_new_tokens must fit the served model's window (422 otherwise).
+
+    Skipped until a worker has published its model; the worker then fails such a job instead.
+    """
+    limits = await limits_cache.get(store)
+    if limits is None:
+        return
+    if req.max_new_tokens >= limits.block_size:
+        raise field_error(
+            locs["max_new_tokens"],
+            f"must be below the model's context window ({limits.block_size} tokens)",
+            req.max_new_tokens,
+        )
+    if req.truncate == "left":
+        return
+    tokens = await limits.count_tokens(req.prompt)
+    if tokens is not None and max(tokens, 1) + req.max_new_tokens > limits.block_size:
+        raise field_error(
+            locs["prompt"],
+            f"prompt is {tokens} tokens; with max_new_tokens={req.max_new_tokens} it exceeds the "
+            f"model's context window ({limits.block_size} tokens): shorten it or set "
+            "truncate='left'",
+            f"<{len(req.prompt)} characters>",
+        )
+
+
+async def submit_job(
+    req: JobRequest,
+    *,
+    store: JobStore,
+    celery: Celery,
+    limits: ModelLimitsCache,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    principal: str = "anonymous",
+    locs: dict[str, tuple[str, ...]] | None = None,
+) -> tuple[JobRecord, bool]:
+    """(record, created): an Idempotency-Key seen before with the same body returns its job."""
+    locs = locs or {"prompt": ("body", "prompt"), "max_new_tokens": ("body", "max_new_tokens")}
+    await check_context(req, store, limits, locs)
+    job_id = str(uuid.uuid4())
+    idem_scope = None
+    if idempotency_key is not None:
+        idem_scope = f"{principal}:{idempotency_key}"
+        digest = fingerprint(req)
+        hit = await store.claim_idempotency(idem_scope, digest, job_id)
+        if hit is not None:
+            if hit.fingerprint != digest:
+                raise field_error(
+                    ("header", "Idempotency-Key"),
+                    "this Idempotency-Key was already used with a different request body",
+                    idempotency_key,
+                )
+            earlier = await store.get(hit.job_id)
+            if earlier is None:
+                raise HTTPException(409, "a request with this Idempotency-Key is in progress")
+            return earlier, False
+    if req.seed is None:
+        # A fixed seed makes a redelivered job regenerate the very same tokens.
+        req = req.model_copy(update={"seed": secrets.randbits(52)})
+    record = JobRecord.new(job_id, JobRequest.model_validate(req.model_dump()))
+    try:
+        await store.create(record, task_message(celery, job_id))
+    except Exception:
+        if idem_scope is not None:
+            with contextlib.suppress(Exception):
+                await store.release_idempotency(idem_scope)
+        raise
+    return record, True
+
+
+def parse_idempotency_key(raw: str | None) -> str | None:
+    """The draft sends a structured-field string ("..."); bare tokens are accepted too."""
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key:
+        raise field_error(("header", "Idempotency-Key"), "must not be empty", raw)
+    return key

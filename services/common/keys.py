@@ -1,0 +1,37 @@
+"""Redis key names shared by the API and the worker: the one place that spells them.
+
+Pure functions of ids; it must not talk to Redis.
+"""
+
+from __future__ import annotations
+
+PREFIX = "llm"
+QUEUE = f"{PREFIX}:jobs"  # the Celery queue (a Redis list under kombu's Redis transport)
+TASK_NAME = "llm.generate"
+STATS = f"{PREFIX}:stats"  # counters and histogram buckets written when jobs finish
+MODEL_CURRENT = f"{PREFIX}:model:current"  # what the workers serve (name, version, block size)
+WORKERS_MATCH = f"{PREFIX}:workers:*"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def lease(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:lease"
+
+
+def idempotency(key: str) -> str:
+    return f"{PREFIX}:idem:{key}"
+
+
+def worker(nodename: str) -> str:
+    return f"{PREFIX}:workers:{nodename}"
+
+
+def tokenizer(digest: str) -> str:
+    return f"{PREFIX}:tokenizer:{digest}"

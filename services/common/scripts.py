@@ -1,0 +1,103 @@
+"""Lua scripts for the job record's state changes, so each transition is atomic in Redis.
+
+Register them on a sync or asyncio client with `client.register_script(SOURCE)`; no logic here
+beyond the transitions themselves.
+"""
+
+from __future__ import annotations
+
+_FINAL = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
+
+# KEYS: job, lease. ARGV: owner, now, lease_ttl_ms.
+# -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
+CLAIM = f"""
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {{'missing'}} end
+if {_FINAL} then return {{st}} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {{'leased', holder}} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+if not redis.call('HGET', KEYS[1], 'started_at') then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {{'claimed', tostring(attempts), redis.call('HGET', KEYS[1], 'cancel_requested') or ''}}
+"""
+
+# KEYS: lease. ARGV: owner, lease_ttl_ms. -> 1 while we still own the job, else 0.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job, events, lease, stats.
+# ARGV: owner, status, ttl_s, n, field1, value1, ..., m, counter1, incr1, ..., k, fcounter1, fincr1
+# Sets the final fields and appends the `done` event once: a second finish (a redelivered task,
+# a lost lease) changes nothing and returns 0.
+FINISH = f"""
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or {_FINAL} then return 0 end
+local holder = redis.call('GET', KEYS[3])
+if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+local i = 4
+local n = tonumber(ARGV[i])
+for j = 1, n do redis.call('HSET', KEYS[1], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+i = i + 2 * n + 1
+n = tonumber(ARGV[i])
+for j = 1, n do redis.call('HINCRBY', KEYS[4], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+i = i + 2 * n + 1
+n = tonumber(ARGV[i])
+for j = 1, n do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if holder == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# KEYS: job, events, stats. ARGV: now, ttl_s.
+# queued -> cancelled now (the worker will find it final and skip it); running -> flag for the
+# worker to stop between decode steps. -> the status after the call, or 'missing'.
+CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
+             'finish_reason', 'cancelled', 'text', '', 'completion_tokens', '0')
+  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', 'cancelled')
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'jobs:cancelled', 1)
+  return 'cancelled'
+end
+if st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'running'
+end
+return st
+"""
+
+
+def finish_args(
+    owner: str,
+    status: str,
+    ttl_s: int,
+    fields: dict[str, str],
+    counters: dict[str, int],
+    float_counters: dict[str, float],
+) -> list[str]:
+    """Flatten FINISH's arguments."""
+    args = [owner, status, str(ttl_s), str(len(fields))]
+    for key, value in fields.items():
+        args += [key, value]
+    args.append(str(len(counters)))
+    for key, incr in counters.items():
+        args += [key, str(incr)]
+    args.append(str(len(float_counters)))
+    for key, fincr in float_counters.items():
+        args += [key, repr(float(fincr))]
+    return args

@@ -1,0 +1,70 @@
+"""One pydantic-settings class for the API, the worker and the local stack (env prefix `LLM_`).
+
+Defaults work on a laptop; it must not open connections or import anything heavy.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
+
+    redis_url: str = "redis://localhost:6379/0"
+    model_uri: str = "models:/llm@production"
+    # MLflow's own variable, so one export serves the trainer, the CLI and the worker.
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "LLM_MLFLOW_TRACKING_URI"),
+    )
+    # Comma-separated; empty means the job endpoints need no key.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # Request bounds.
+    max_new_tokens: int = Field(256, ge=1)
+    max_prompt_chars: int = Field(16_384, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    sync_timeout_s: float = Field(60.0, gt=0)  # the seed's synchronous endpoints
+
+    # Job lifetime and Celery delivery.
+    job_ttl_s: int = Field(86_400, ge=60)
+    job_time_limit_s: float = Field(600.0, gt=0)  # hard limit of one job's generation
+    visibility_timeout_s: int = Field(3_600, ge=1)  # redelivery of unacked jobs after this
+    lease_ttl_s: float = Field(10.0, gt=0)  # a running job's owner renews this; expiry = dead
+
+    # Worker.
+    max_batch: int = Field(8, ge=1)
+    worker_concurrency: int | None = Field(None, ge=1)  # Celery threads; default 2 x max_batch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model_poll_s: float = Field(30.0, gt=0)  # how often the worker checks the alias (hot swap)
+    model_cache_dir: str | None = None
+    heartbeat_s: float = Field(5.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_delivery(self) -> Settings:
+        # A job still running when its visibility timeout ends would be delivered a second time.
+        if self.visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
+                f"job_time_limit_s ({self.job_time_limit_s})"
+            )
+        return self
+
+    @property
+    def concurrency(self) -> int:
+        return self.worker_concurrency or 2 * self.max_batch
+
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        return max(2, int(3 * self.heartbeat_s))

@@ -1,0 +1,436 @@
+"""The local stack as plain processes: Redis (AOF), MLflow, a trained + promoted model, worker, API.
+
+`lmctl stack up [--detach]` / `lmctl stack down`, and `Stack(...).up(detach=True)` / `.down()` for
+scripts; state (pids, URLs, ports) lives in `.stack/state.json`. It only starts and stops the
+processes it launched, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from services.common.redis_binary import find_redis_server
+
+MODEL_NAME = "llm"
+ALIAS = "production"
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+ORDER = ("redis", "mlflow", "worker", "api")  # started in this order, stopped in reverse
+
+
+class StackError(RuntimeError):
+    """The stack could not start (or is already running); the message says what to do."""
+
+
+@dataclass
+class StackConfig:
+    root: Path = Path(".stack")
+    host: str = "127.0.0.1"
+    api_port: int = 8000
+    mlflow_port: int = 5000
+    redis_port: int = 6379
+    # None: serve models:/llm@production, training and promoting one first if none is registered.
+    model_uri: str | None = None
+    mlflow: bool = True  # with a local model_uri the stack can run without MLflow
+    train_overrides: list[str] = field(default_factory=lambda: ["model=small", "train=cpu"])
+    max_batch: int = 8
+    worker_concurrency: int | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StackState:
+    """What `up` wrote to <root>/state.json: enough for `down`, the demo and curl."""
+
+    api_url: str
+    redis_url: str
+    mlflow_url: str | None
+    model_uri: str
+    pids: dict[str, int]
+    logs: dict[str, str]
+    root: str
+    started_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def load(cls, root: Path) -> StackState | None:
+        try:
+            return cls(**json.loads((root / "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+class Stack:
+    def __init__(self, config: StackConfig | None = None, **overrides: Any) -> None:
+        self.config = config or StackConfig(**overrides)
+        self.root = Path(self.config.root).resolve()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.state: StackState | None = None
+
+    # -- up ---------------------------------------------------------------------------------
+
+    def up(self, detach: bool = False, echo: bool = True) -> StackState:
+        """Start everything and wait until the API is ready; detach=False blocks until Ctrl-C."""
+        old = StackState.load(self.root)
+        if old is not None and any(_alive(pid) for pid in old.pids.values()):
+            raise StackError(f"a stack is already running from {self.root} "
+                             "(stop it with `lmctl stack down`)")  # fmt: skip
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        try:
+            redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
+            mlflow_url = None
+            if cfg.mlflow:
+                mlflow_url = self._start_mlflow(_free_port(cfg.host, cfg.mlflow_port))
+            model_uri = cfg.model_uri or self._ensure_model(mlflow_url)
+            env = self._service_env(redis_url, model_uri, mlflow_url)
+            self._spawn("worker", self._worker_cmd(), env)
+            api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
+            self._spawn("api", self._api_cmd(api_url), env)
+            self.state = StackState(
+                api_url=api_url, redis_url=redis_url, mlflow_url=mlflow_url, model_uri=model_uri,
+                pids={name: p.pid for name, p in self.procs.items()},
+                logs={name: str(self._log(name)) for name in self.procs},
+                root=str(self.root), started_at=time.time(),
+            )  # fmt: skip
+            self._write_state()
+            self._wait_http(f"{api_url}/readyz", "api")
+        except BaseException:
+            self._stop_procs()
+            raise
+        if echo:
+            print(banner(self.state, detach, os.environ.get("LLM_API_KEYS")))
+        if not detach:
+            self._block()
+        return self.state
+
+    def _start_redis(self, port: int) -> str:
+        data = self.root / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(find_redis_server()), "--port", str(port), "--bind", self.config.host,
+            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--protected-mode", "no",
+        ]  # fmt: skip
+        self._spawn("redis", cmd, dict(os.environ))
+        self._wait(lambda: _redis_ping(self.config.host, port), "redis")
+        return f"redis://{self.config.host}:{port}/0"
+
+    def _start_mlflow(self, port: int) -> str:
+        data = self.root / "mlflow"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+            "--artifacts-destination", str(data / "artifacts"),
+            "--host", self.config.host, "--port", str(port), "--workers", "1",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        self._spawn("mlflow", cmd, env)
+        url = f"http://{self.config.host}:{port}"
+        self._wait_http(f"{url}/health", "mlflow")
+        return url
+
+    def _ensure_model(self, mlflow_url: str | None) -> str:
+        """models:/llm@production, after training and promoting a first version if needed."""
+        from lmcore.tracking import current_version, promote
+
+        if mlflow_url is None:
+            raise StackError("without MLflow the stack needs a model_uri (a local model dir)")
+        if current_version(MODEL_NAME, ALIAS, mlflow_url) is None:
+            print(f"no {MODEL_NAME}@{ALIAS} registered: training one "
+                  f"({' '.join(self.config.train_overrides)}); log: {self._log('trainer')}")
+            env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "PYTHONPATH": _pythonpath()}
+            with self._log("trainer").open("ab") as log:
+                code = subprocess.call(
+                    [sys.executable, "-m", "services.trainer", *self.config.train_overrides],
+                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            if code != 0:
+                raise StackError(f"training failed (exit {code}); see {self._log('trainer')}")
+            trained = current_version(MODEL_NAME, "candidate", mlflow_url)
+            if trained is None or trained.version is None:
+                raise StackError(f"training registered no {MODEL_NAME}@candidate version")
+            promote(MODEL_NAME, trained.version, ALIAS, tracking_uri=mlflow_url)
+            print(f"promoted {MODEL_NAME} version {trained.version} to @{ALIAS}")
+        return f"models:/{MODEL_NAME}@{ALIAS}"
+
+    def _service_env(self, redis_url: str, model_uri: str, mlflow_url: str | None) -> dict:
+        env = {
+            **os.environ,
+            "PYTHONPATH": _pythonpath(),
+            "LLM_REDIS_URL": redis_url,
+            "LLM_MODEL_URI": model_uri,
+            "LLM_MAX_BATCH": str(self.config.max_batch),
+            "LLM_MODEL_CACHE_DIR": str(self.root / "models"),
+            **self.config.extra_env,
+        }
+        if mlflow_url:
+            env["MLFLOW_TRACKING_URI"] = mlflow_url
+        return env
+
+    def _worker_cmd(self) -> list[str]:
+        concurrency = self.config.worker_concurrency or 2 * self.config.max_batch
+        return [
+            sys.executable, "-m", "celery", "-A", "services.worker.celery_app:app", "worker",
+            "--pool", "threads", "--concurrency", str(concurrency), "-n", "stack@%h",
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+
+    def _api_cmd(self, api_url: str) -> list[str]:
+        port = api_url.rsplit(":", 1)[1]
+        return [
+            sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory",
+            "--host", self.config.host, "--port", port,
+        ]  # fmt: skip
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        with self._log(name).open("ab") as log:
+            # Own session: survives this process when detached, and Ctrl-C reaches only us.
+            self.procs[name] = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def _wait(self, ready: Any, name: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise StackError(f"{name} exited with {proc.returncode}; see {self._log(name)}")
+            for other, p in self.procs.items():
+                if p.poll() is not None:
+                    raise StackError(f"{other} exited with {p.returncode}; see {self._log(other)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} not ready after {START_TIMEOUT_S:.0f} s; "
+                                 f"see {self._log(name)}")  # fmt: skip
+            time.sleep(0.2)
+
+    def _wait_http(self, url: str, name: str) -> None:
+        self._wait(lambda: _http_ok(url), name)
+
+    def _write_state(self) -> None:
+        assert self.state is not None
+        path = self.root / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.state.to_json())
+        tmp.replace(path)
+
+    def _block(self) -> None:
+        try:
+            while all(p.poll() is None for p in self.procs.values()):
+                time.sleep(0.5)
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            print(f"{', '.join(dead)} exited; stopping the stack (logs in {self.root / 'logs'})")
+        except KeyboardInterrupt:
+            print("\nstopping the stack...")
+        finally:
+            self.down()
+
+    def _stop_procs(self) -> None:
+        for name in reversed(ORDER):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                _terminate(proc.pid, proc)
+
+    # -- down -------------------------------------------------------------------------------
+
+    def down(self) -> bool:
+        """Stop every process this stack (or a detached one from the same root) started."""
+        self._stop_procs()
+        state = self.state or StackState.load(self.root)
+        stopped = False
+        if state is not None:
+            for name in reversed(ORDER):
+                pid = state.pids.get(name)
+                if pid is not None and _alive(pid):
+                    _terminate(pid)
+                    stopped = True
+            (self.root / "state.json").unlink(missing_ok=True)
+        self.state = None
+        return stopped
+
+
+def banner(state: StackState, detached: bool, api_keys: str | None = None) -> str:
+    api = state.api_url
+    auth = ""
+    if api_keys:
+        auth = f" -H 'Authorization: Bearer {api_keys.split(',')[0].strip()}'"
+    lines = [
+        "llm-pipeline stack is up:",
+        f"  API     {api}  (docs {api}/docs, metrics {api}/metrics)",
+        f"  MLflow  {state.mlflow_url or '(off)'}",
+        f"  Redis   {state.redis_url}",
+        f"  Model   {state.model_uri}",
+        "",
+        "Try:",
+        f"  curl -s -X POST {api}/jobs{auth} -H 'Content-Type: application/json' \\",
+        "       -d '{\"prompt\": \"First Citizen:\", \"max_new_tokens\": 64}'",
+        f"  curl -N {api}/jobs/<id>/events{auth}      # stream its tokens (SSE)",
+        f"  curl -s {api}/jobs/<id>{auth}             # the job record",
+        f"  curl -s -X POST {api}/generate_text{auth} -H 'Content-Type: application/json' \\",
+        "       -d '{\"prompt\": \"First Citizen:\", \"num_of_token_generated\": 50}'",
+        "",
+        f"Logs in {state.root}/logs. "
+        + ("Stop with: lmctl stack down" if detached else "Ctrl-C stops everything."),
+    ]
+    return "\n".join(lines)
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+def _pythonpath() -> str:
+    repo = str(Path(__file__).resolve().parents[1])
+    current = os.environ.get("PYTHONPATH")
+    return f"{repo}{os.pathsep}{current}" if current else repo
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str, preferred: int) -> int:
+    """The preferred port if free, else the next free one above it (0 = any free port)."""
+    if preferred == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return int(sock.getsockname()[1])
+    for port in range(preferred, preferred + 100):
+        if _port_free(host, port):
+            if port != preferred:
+                print(f"port {preferred} is taken; using {port}")
+            return port
+    raise StackError(f"no free port in {preferred}..{preferred + 99}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _redis_ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _terminate(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM (warm shutdown for the worker, AOF flush for Redis), SIGKILL after a timeout."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid) if proc is None else proc.poll() is None:
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        time.sleep(0.1)
+    if proc is not None:
+        proc.wait()
+
+
+# -- `lmctl stack` ----------------------------------------------------------------------------
+
+stack_app = typer.Typer(help="Run Redis, MLflow, a worker and the API locally as plain processes.",
+                        no_args_is_help=True)  # fmt: skip
+
+
+@stack_app.command("up")
+def up_command(
+    detach: bool = typer.Option(False, "--detach", "-d", help="Return once ready; stop with down."),
+    api_port: int = typer.Option(8000, help="API port (the next free one if taken)."),
+    mlflow_port: int = typer.Option(5000, help="MLflow port (the next free one if taken)."),
+    redis_port: int = typer.Option(6379, help="Redis port (the next free one if taken)."),
+    root: Path = typer.Option(Path(".stack"), help="Data, logs and state.json."),
+    model_uri: str = typer.Option(None, help="Serve this URI or model dir instead of "
+                                  "models:/llm@production (no training)."),  # fmt: skip
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Skip MLflow (needs --model-uri)."),
+    max_batch: int = typer.Option(8, help="Jobs the worker's engine decodes together."),
+    train: list[str] = typer.Option(None, help="Trainer overrides when a model must be trained "
+                                    "(default: model=small train=cpu)."),  # fmt: skip
+) -> None:
+    """Start the stack; prints URLs and curl commands. Ctrl-C stops it (unless --detach)."""
+    config = StackConfig(
+        root=root, api_port=api_port, mlflow_port=mlflow_port, redis_port=redis_port,
+        model_uri=model_uri, mlflow=not no_mlflow, max_batch=max_batch,
+    )  # fmt: skip
+    if train:
+        config.train_overrides = list(train)
+    try:
+        Stack(config).up(detach=detach)
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@stack_app.command("down")
+def down_command(root: Path = typer.Option(Path(".stack"), help="The stack's folder.")) -> None:
+    """Stop a detached stack started from the same folder."""
+    if Stack(root=root).down():
+        typer.echo("stack stopped")
+    else:
+        typer.echo("no running stack found")
+
+
+@stack_app.command("status")
+def status_command(root: Path = typer.Option(Path(".stack"), help="The stack's folder.")) -> None:
+    """Print the running stack's URLs and which of its processes are alive."""
+    state = StackState.load(root.resolve())
+    if state is None:
+        typer.echo("no stack state found")
+        raise typer.Exit(1)
+    typer.echo(json.dumps({
+        "api_url": state.api_url, "mlflow_url": state.mlflow_url, "redis_url": state.redis_url,
+        "alive": {name: _alive(pid) for name, pid in state.pids.items()},
+    }, indent=2))  # fmt: skip

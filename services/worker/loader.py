@@ -1,0 +1,67 @@
+"""Resolves LLM_MODEL_URI (registry alias or version, run, local path) into a loaded model.
+
+Loading only: it must not start engines or threads (the runtime does), and never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmcore.checkpoint import load_model_dir
+from lmcore.model import Transformer
+from lmcore.tokenizer import Tokenizer
+from services.common.jobs import ModelRef
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+@dataclass
+class ServingModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    ref: ModelRef
+    path: Path
+
+    @property
+    def tokenizer_digest(self) -> str:
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load_serving_model(uri: str, settings: Settings) -> ServingModel:
+    """Download (cached) if needed, then load weights and tokenizer onto the configured device."""
+    from lmcore.tracking import resolve_model_uri  # mlflow is imported only for registry URIs
+
+    resolved = resolve_model_uri(
+        uri, cache_dir=settings.model_cache_dir, tracking_uri=settings.mlflow_tracking_uri
+    )
+    loaded = load_model_dir(resolved.path, device=pick_device(settings.device))
+    if loaded.tokenizer is None:
+        raise ValueError(f"{resolved.path} has no tokenizer.json; the worker needs one")
+    meta = loaded.metadata
+    ref = ModelRef(
+        name=resolved.name or meta.get("name") or resolved.path.name,
+        version=resolved.version or _str_or_none(meta.get("version")),
+        run_id=resolved.run_id or _str_or_none(meta.get("run_id")),
+        uri=uri,
+    )
+    log.info("loaded %s (version %s) from %s on %s", ref.name, ref.version, resolved.path,
+             loaded.model.device)  # fmt: skip
+    return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

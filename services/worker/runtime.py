@@ -1,0 +1,186 @@
+"""One worker process's serving state: the model, lmcore's engine thread, heartbeat and hot swap.
+
+Created once per process (Celery's worker_init) and shared by the task threads; it must not run
+jobs itself (tasks.py does) and must never be created before a fork.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from lmcore.engine import Engine
+from services.common import keys, scripts
+from services.common.settings import Settings
+from services.worker.loader import ALIAS_URI, ServingModel, load_serving_model
+from services.worker.streamer import JobStreamer
+
+log = logging.getLogger(__name__)
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3),
+    )
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, nodename: str) -> None:
+        self.settings = settings
+        self.nodename = nodename
+        self.redis = make_redis(settings)
+        self.claim = self.redis.register_script(scripts.CLAIM)
+        self.renew = self.redis.register_script(scripts.RENEW)
+        self.finish = self.redis.register_script(scripts.FINISH)
+        self.serving: ServingModel | None = None
+        self.engine: Engine | None = None
+        self.streamer = JobStreamer(
+            self.redis, self.renew, settings.lease_ttl_s, settings.job_ttl_s
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._swap_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model (retrying until it can), start the engine, heartbeat and watcher."""
+        serving = self._load_with_retry(self.settings.model_uri)
+        self.serving = serving
+        self.engine = Engine(
+            serving.model, serving.tokenizer, max_batch=self.settings.max_batch,
+            metadata=serving.ref.model_dump(),
+        )  # fmt: skip
+        self.engine.start()
+        self.streamer.start()
+        self._spawn("heartbeat", self._heartbeat_loop)
+        match = ALIAS_URI.match(self.settings.model_uri)
+        if match:
+            self._spawn("model-watcher", lambda: self._watch_alias(**match.groupdict()))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Called after Celery's pool has finished its tasks: stop threads, engine, heartbeat."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        if self.engine is not None:
+            self.engine.stop(drain=True, timeout=timeout_s)
+        self.streamer.stop()
+        try:
+            self.redis.delete(keys.worker(self.nodename))
+        except redis.RedisError:
+            pass
+        self.redis.close()
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _load_with_retry(self, uri: str) -> ServingModel:
+        delay = 2.0
+        while True:
+            try:
+                return load_serving_model(uri, self.settings)
+            except Exception as exc:  # MLflow not up yet, no version registered yet, ...
+                log.error("cannot load model %s: %s; retrying in %.0f s", uri, exc, delay)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 30.0)
+
+    # -- heartbeat (for /readyz and the healthcheck) and the served model's limits ---------------
+
+    def heartbeat(self) -> None:
+        engine, serving = self.engine, self.serving
+        assert engine is not None and serving is not None
+        payload = {
+            "nodename": self.nodename,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "model": serving.ref.model_dump(),
+            "active": engine.active,
+            "waiting": engine.waiting,
+            "max_batch": engine.max_batch,
+            "ts": time.time(),
+        }
+        digest = serving.tokenizer_digest
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.worker(self.nodename), json.dumps(payload), ex=self.settings.heartbeat_ttl_s)
+        # The API checks prompt lengths against these (it never loads weights).
+        pipe.hset(keys.MODEL_CURRENT, mapping={
+            **{k: v for k, v in serving.ref.model_dump().items() if v is not None},
+            "block_size": str(engine.max_len),
+            "tokenizer": digest,
+        })  # fmt: skip
+        pipe.exists(keys.tokenizer(digest))
+        *_, has_tokenizer = pipe.execute()
+        if not has_tokenizer:
+            self.redis.set(keys.tokenizer(digest), serving.tokenizer.to_str())
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                self.heartbeat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if self._stop.wait(self.settings.heartbeat_s):
+                return
+
+    # -- hot swap -------------------------------------------------------------------------------
+
+    def _watch_alias(self, name: str, alias: str) -> None:
+        from lmcore.tracking import current_version
+
+        while not self._stop.wait(self.settings.model_poll_s):
+            try:
+                info = current_version(name, alias, self.settings.mlflow_tracking_uri)
+                serving = self.serving
+                if info is not None and serving is not None and info.version != serving.ref.version:
+                    log.info("%s@%s moved %s -> %s", name, alias, serving.ref.version, info.version)
+                    uri = f"models:/{name}/{info.version}"
+                    self.swap_to(uri, alias_uri=self.settings.model_uri)
+            except Exception as exc:  # the registry being down must not stop serving
+                log.warning("model alias check failed: %s", exc)
+
+    def swap_to(self, uri: str, alias_uri: str | None = None) -> None:
+        """Load `uri` beside the serving model, then switch the engine between steps."""
+        with self._swap_lock:
+            new = load_serving_model(uri, self.settings)
+            if alias_uri:
+                new.ref.uri = alias_uri
+            assert self.engine is not None
+            self.engine.swap_model(new.model, new.tokenizer, new.ref.model_dump())
+            self.serving = new
+            log.info("now serving %s version %s", new.ref.name, new.ref.version)
+        try:
+            self.heartbeat()
+        except redis.RedisError:
+            pass
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("worker runtime not started (is this a Celery worker process?)")
+    return _runtime
+
+
+def set_runtime(runtime: WorkerRuntime | None) -> None:
+    global _runtime
+    _runtime = runtime

@@ -1,0 +1,134 @@
+"""One thread per worker that streams every running job's token chunks to Redis in one pipeline.
+
+Every FLUSH_S it appends each job's new chunks to its stream, reads its cancel flag, renews its
+lease and enforces its time limit, so task threads just wait on the engine. It must not write
+final results (tasks.py does, exactly once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from lmcore.engine import EngineHandle
+from services.common import keys
+from services.worker.streaming import Chunk, TokenSink
+
+log = logging.getLogger(__name__)
+FLUSH_S = 0.02
+
+
+@dataclass
+class ActiveJob:
+    job_id: str
+    owner: str
+    handle: EngineHandle
+    sink: TokenSink
+    deadline: float  # time.monotonic() after which the job is cancelled as timed out
+    unsent: list[Chunk] = field(default_factory=list)  # taken from the sink, not yet in Redis
+    first_token_recorded: bool = False
+    last_renew: float = field(default_factory=time.monotonic)
+    outcome: str = "done"  # "done" | "timeout" | "lost" (another worker owns the job now)
+
+    def take(self) -> list[Chunk]:
+        self.unsent += self.sink.take()
+        return list(self.unsent)
+
+    def sent(self, n: int) -> None:
+        del self.unsent[:n]
+
+
+def queue_chunks(pipe: redis.client.Pipeline, job_id: str, chunks: list[Chunk], ttl_s: int) -> None:
+    for chunk in chunks:
+        pipe.xadd(keys.events(job_id), {
+            "type": chunk.kind, "text": chunk.text, "tokens": str(chunk.tokens),
+        })  # fmt: skip
+    if chunks:
+        pipe.expire(keys.events(job_id), ttl_s)
+
+
+class JobStreamer:
+    def __init__(self, client: redis.Redis, renew: object, lease_ttl_s: float, ttl_s: int) -> None:
+        self.redis = client
+        self.renew = renew  # the RENEW script, registered on client
+        self.lease_ttl_s = lease_ttl_s
+        self.ttl_s = ttl_s
+        self._jobs: dict[str, ActiveJob] = {}
+        self._lock = threading.Lock()  # the job table
+        self._flushing = threading.Lock()  # held for a whole flush: remove() waits for it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-streamer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def add(self, job: ActiveJob) -> None:
+        with self._lock:
+            self._jobs[job.job_id] = job
+
+    def remove(self, job: ActiveJob) -> None:
+        """After this the streamer never touches `job` again (its chunks are the caller's)."""
+        with self._flushing, self._lock:
+            self._jobs.pop(job.job_id, None)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            try:
+                self.flush()
+            except redis.RedisError as exc:
+                # Generation goes on; chunks wait in `unsent` until Redis is back.
+                log.warning("streaming to Redis failed: %s", exc)
+            except Exception:
+                log.exception("job streamer error")
+
+    def flush(self) -> None:
+        with self._flushing:
+            with self._lock:
+                jobs = list(self._jobs.values())
+            if not jobs:
+                return
+            now = time.monotonic()
+            pipe = self.redis.pipeline(transaction=False)
+            plan = []
+            for job in jobs:
+                chunks = job.take()
+                queue_chunks(pipe, job.job_id, chunks, self.ttl_s)
+                first = job.sink.first_token_at
+                if first is not None and not job.first_token_recorded:
+                    pipe.hset(keys.job(job.job_id), "first_token_at", repr(first))
+                pipe.hget(keys.job(job.job_id), "cancel_requested")
+                renew = now - job.last_renew > self.lease_ttl_s / 3
+                if renew:
+                    self.renew(  # type: ignore[operator]
+                        keys=[keys.lease(job.job_id)],
+                        args=[job.owner, int(self.lease_ttl_s * 1000)], client=pipe,
+                    )  # fmt: skip
+                plan.append((job, len(chunks), first is not None, renew))
+            results = iter(pipe.execute())
+            for job, n_chunks, had_first, renewed in plan:
+                for _ in range(n_chunks + (1 if n_chunks else 0)):  # XADDs + EXPIRE
+                    next(results)
+                if had_first and not job.first_token_recorded:
+                    next(results)
+                    job.first_token_recorded = True
+                job.sent(n_chunks)
+                cancel_flag = next(results)
+                if renewed:
+                    job.last_renew = now
+                    if next(results) == 0:
+                        job.outcome = "lost"
+                        job.handle.cancel()
+                        continue
+                if cancel_flag == "1":
+                    job.handle.cancel()
+                elif now > job.deadline and job.outcome == "done":
+                    job.outcome = "timeout"
+                    job.handle.cancel()

@@ -1,0 +1,63 @@
+"""Redis going away and coming back under a running API: 503 + Retry-After, then recovery.
+
+Real Redis (AOF) and a real uvicorn process; no worker is needed, so jobs simply stay queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.services import ApiProcess, service_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("api-outage")
+    redis = RedisServer(root / "redis")
+    redis.start()
+    api = ApiProcess("api", service_env(redis.url, root / "no-model"), root / "logs")
+    try:
+        api.start()
+        yield redis, api
+    finally:
+        api.stop()
+        redis.stop()
+
+
+def test_redis_down_is_503_with_retry_after_and_the_api_recovers_by_itself(stack: Any) -> None:
+    redis, api = stack
+    client = httpx.Client(base_url=api.url, timeout=10)
+    before = client.post("/jobs", json={"prompt": "hello"})
+    assert before.status_code == 202
+    job_id = before.json()["id"]
+    assert client.get("/readyz").status_code == 503  # Redis is up but no worker beats
+
+    redis.stop()
+    down = [
+        client.post("/jobs", json={"prompt": "hello"}),
+        client.get(f"/jobs/{job_id}"),
+        client.post(f"/jobs/{job_id}/cancel"),
+        client.get(f"/jobs/{job_id}/events"),
+        client.get("/readyz"),
+    ]
+    alive = client.get("/healthz")
+    metrics = client.get("/metrics")
+
+    for resp in down:
+        assert resp.status_code == 503, (resp.request.url, resp.text)
+        assert int(resp.headers["Retry-After"]) > 0
+    assert alive.status_code == 200
+    assert metrics.status_code == 200 and "llm_redis_up 0.0" in metrics.text
+
+    redis.start()  # same port, same AOF: the earlier job is still there
+    pid = api.proc.pid if api.proc else None
+    after = client.post("/jobs", json={"prompt": "hello again"})
+    assert after.status_code == 202
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    assert api.alive and api.proc is not None and api.proc.pid == pid  # never restarted

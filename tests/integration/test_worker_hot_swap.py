@@ -1,0 +1,126 @@
+"""Model hot swap under load, on the local stack's first start (MLflow, train, promote).
+
+`Stack` starts a real MLflow server (SQLite), trains a tiny model with the real trainer, registers
+and promotes it, then runs a real worker on models:/llm@production and the API. A second version
+is promoted while jobs keep arriving: no job may fail or be dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+from services.stack import Stack, StackConfig
+from tests.helpers.services import TOKENIZER_TEXT, make_model_dir, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("hot-swap")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(TOKENIZER_TEXT * 40)
+    config = StackConfig(
+        root=tmp / ".stack", api_port=0, redis_port=0, mlflow_port=0, max_batch=4,
+        train_overrides=[
+            "model=tiny", "data=text", f"data.source={corpus}", "train.max_steps=2",
+            "train.batch_size=2", "train.eval_interval=0", "train.eval_batches=1",
+            f"train.checkpoint_dir={tmp / 'ckpt'}", f"data.cache_dir={tmp / 'data'}",
+            "train.progress=false",
+        ],
+        extra_env={"LLM_MODEL_POLL_S": "0.5", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    stack = Stack(config)
+    state = stack.up(detach=True, echo=False)
+    try:
+        yield state, tmp
+    finally:
+        stack.down()
+
+
+def test_first_start_trains_registers_and_promotes_the_served_model(stack: Any) -> None:
+    state, _ = stack
+    client = httpx.Client(base_url=state.api_url, timeout=30)
+    job_id = client.post("/jobs", json={"prompt": "All:", "max_new_tokens": 8}).json()["id"]
+    job = wait_until(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] in FINAL
+                     and j, 60, message="job final")  # fmt: skip
+
+    assert state.model_uri == "models:/llm@production"
+    assert job["status"] == "succeeded", job
+    assert job["model"]["name"] == "llm" and job["model"]["version"] == "1"
+    assert job["model"]["run_id"]
+
+
+def test_promoting_a_new_version_under_load_fails_no_job_and_results_name_both(
+    stack: Any,
+) -> None:
+    from lmcore.checkpoint import load_model_dir
+    from lmcore.generate import SamplingParams, generate
+    from lmcore.tracking import MlflowTracker, promote, resolve_model_uri
+
+    state, tmp = stack
+    uri = state.mlflow_url
+    # Version 2: another model, with another tokenizer, registered but not yet promoted.
+    tracker = MlflowTracker(uri, "serving-tests")
+    tracker.start_run()
+    v2 = tracker.log_model_dir(make_model_dir(tmp / "model-v2", seed=2), "llm", alias=None)
+    tracker.end_run()
+    assert v2.version == "2"
+
+    jobs = _submit_while(state.api_url, lambda: promote("llm", "2", "production", tracking_uri=uri))
+
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(jobs)
+    assert {j["model"]["version"] for j in jobs} == {"1", "2"}
+    # Each result is exactly what the version it names generates for that request.
+    models = {
+        v: load_model_dir(resolve_model_uri(f"models:/llm/{v}", tmp / "cache", uri).path)
+        for v in ("1", "2")
+    }
+    for job in jobs:
+        loaded, req = models[job["model"]["version"]], job["request"]
+        params = SamplingParams(max_new_tokens=req["max_new_tokens"], seed=req["seed"], eos=False)
+        want = generate(loaded.model, loaded.tokenizer, [req["prompt"]], params)[0].text
+        assert job["result"]["text"] == want, job["id"]
+
+
+def _submit_while(url: str, promote_now: Any) -> list[dict[str, Any]]:
+    """Keep jobs flowing; promote after the first few; stop once the new version answered some."""
+    client = httpx.Client(base_url=url, timeout=30)
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def feed() -> None:
+        i = 0
+        while not stop.is_set():
+            body = {"prompt": f"Citizen {i}:", "max_new_tokens": 24, "seed": i, "eos": False}
+            resp = client.post("/jobs", json=body)
+            assert resp.status_code == 202, resp.text
+            ids.append(resp.json()["id"])
+            i += 1
+            stop.wait(0.05)
+
+    def final(job_id: str) -> dict[str, Any] | None:
+        job = client.get(f"/jobs/{job_id}").json()
+        return job if job["status"] in FINAL else None
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        wait_until(lambda: len(ids) >= 10, 60, message="first jobs submitted")
+        promote_now()
+
+        def new_version_answered() -> bool:
+            done = [j for j in map(final, list(ids)) if j]
+            return sum(j["model"]["version"] == "2" for j in done) >= 5
+
+        wait_until(new_version_answered, 120, 0.2, "jobs answered by the new version")
+    finally:
+        stop.set()
+        feeder.join()
+    return [wait_until(lambda j=j: final(j), 60, message=f"job {j}") for j in ids]

@@ -1,0 +1,61 @@
+"""Settings: one LLM_-prefixed class read from the environment, with checked invariants."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("LLM_") or name == "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(name)
+
+
+def test_defaults_work_on_a_laptop() -> None:
+    s = Settings()
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.model_uri == "models:/llm@production"
+    assert s.api_keys == () and s.mlflow_tracking_uri is None
+    assert s.visibility_timeout_s > s.job_time_limit_s
+
+
+def test_environment_variables_with_the_llm_prefix_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_REDIS_URL", "redis://cache:6380/1")
+    monkeypatch.setenv("LLM_MAX_BATCH", "32")
+    monkeypatch.setenv("LLM_MAX_NEW_TOKENS", "128")
+    monkeypatch.setenv("LLM_DEVICE", "cuda:1")
+    monkeypatch.setenv("LLM_JOB_TTL_S", "3600")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+
+    s = Settings()
+
+    assert (s.redis_url, s.max_batch, s.max_new_tokens) == ("redis://cache:6380/1", 32, 128)
+    assert (s.device, s.job_ttl_s) == ("cuda:1", 3600)
+    assert s.mlflow_tracking_uri == "http://mlflow:5000"  # MLflow's own variable, no prefix
+    assert s.concurrency == 64  # two Celery threads per engine slot by default
+
+
+def test_api_keys_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_API_KEYS", " key-a, key-b ,,")
+    assert Settings().api_keys == ("key-a", "key-b")
+
+
+def test_visibility_timeout_must_exceed_the_job_time_limit() -> None:
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(visibility_timeout_s=60, job_time_limit_s=60)
+
+
+def test_a_non_numeric_bound_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_MAX_BATCH", "many")
+    with pytest.raises(ValidationError, match="max_batch"):
+        Settings()
