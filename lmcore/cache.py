@@ -39,6 +39,8 @@ class KVCache(nn.Module):
         self.register_buffer(
             "positions", torch.arange(max_len, device=device), persistent=False
         )
+        # Row ids made once, not per layer per step.
+        self.register_buffer("row_ids", torch.arange(batch_size, device=device), persistent=False)
 
     @classmethod
     def for_model(
@@ -90,10 +92,7 @@ class KVCache(nn.Module):
         """
         batch, _, seq, _ = k.shape
         k_layer, v_layer = self.k[layer], self.v[layer]
-        if rows is None:
-            row_idx = torch.arange(batch, device=k.device)
-        else:
-            row_idx = rows
+        row_idx = self.row_ids[:batch] if rows is None else rows
         row_idx = row_idx[:, None].expand(batch, seq)
         # Advanced indices around a slice put the indexed dims first: (B, T, H, D).
         k_layer[row_idx, :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)

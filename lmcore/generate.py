@@ -294,27 +294,34 @@ def generate_ids(
         max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(fitted, plist))
         cache = KVCache.for_model(model, len(fitted), max_len)
         logits = prefill(model, fitted, cache)
-        positions = torch.tensor([len(p) for p in fitted], device=device)
+        step_pos = torch.tensor([[len(p)] for p in fitted], device=device)  # (B, 1)
+        last_pos = cache.max_len - 1
     else:
         logits = _recompute_last_logits(model, states)
+    all_greedy = all(sp.temperature == 0.0 for sp in plist)
     while True:
-        tokens = []
+        if all_greedy:
+            # One argmax and one device-to-host copy for the batch rather than one per row.
+            step_tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            tokens = step_tokens.squeeze(1).tolist()
+        else:
+            tokens = [
+                0 if s.finished else sample_token(logits[row], s.params, s.generator)
+                for row, s in enumerate(states)
+            ]
+            step_tokens = torch.tensor(tokens, device=device)[:, None]
         for row, state in enumerate(states):
             if state.finished:
-                tokens.append(0)
                 continue
-            token = sample_token(logits[row], state.params, state.generator)
-            delta = state.add_token(token)
+            delta = state.add_token(tokens[row])
             if on_token is not None:
-                on_token(row, token, delta)
-            tokens.append(token)
+                on_token(row, tokens[row], delta)
         if all(s.finished for s in states):
             break
         if use_cache:
-            step_tokens = torch.tensor(tokens, device=device)[:, None]
-            step_pos = positions.clamp(max=cache.max_len - 1)[:, None]
             logits = step_fn(model, step_tokens, step_pos, cache)
-            positions = positions + 1
+            # Finished rows keep stepping (fixed shapes); the clamp keeps them inside the cache.
+            step_pos = (step_pos + 1).clamp_(max=last_pos)
         else:
             logits = _recompute_last_logits(model, states)
     return [s.result() for s in states]

@@ -45,6 +45,7 @@ class CausalSelfAttention(nn.Module):
         input_pos: torch.Tensor | None,
         cache: KVCache | None,
         rows: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
@@ -59,10 +60,11 @@ class CausalSelfAttention(nn.Module):
         else:
             assert input_pos is not None
             keys, values = cache.update(self.layer, k, v, input_pos, rows)
-            mask = cache.attention_mask(input_pos)  # (B, 1, T, max_len)
-            y = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout
-            )
+            if mask is None:
+                mask = cache.attention_mask(input_pos)  # (B, 1, T, max_len)
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.proj(y)
 
@@ -101,8 +103,9 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None,
         cache: KVCache | None,
         rows: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), input_pos, cache, rows))
+        x = x + self.dropout(self.attn(self.attn_norm(x), input_pos, cache, rows, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -158,9 +161,11 @@ class Transformer(nn.Module):
             if input_pos is None:
                 raise ValueError("input_pos is required with a cache")
             x = self.tok_emb(idx) + self.pos_emb(input_pos)
+        # One (B, 1, T, max_len) mask shared by every layer rather than rebuilt per layer.
+        mask = None if cache is None else cache.attention_mask(input_pos)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, input_pos, cache, rows)
+            x = block(x, input_pos, cache, rows, mask)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
