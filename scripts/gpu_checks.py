@@ -1,0 +1,380 @@
+"""GPU checks for lmcore on one CUDA device: flash SDPA in bf16, compiled training MFU and decode.
+
+Prints one JSON line per check and writes them all to --out. Imports only torch and lmcore (the GPU
+image has no transformers or matplotlib); `--dry-run` exercises every path on CPU with a tiny model.
+
+    python scripts/gpu_checks.py --out bench/lmcore_gpu.json     # on an H100, ~3-5 min
+    python scripts/gpu_checks.py --dry-run --out /tmp/gpu.json   # on CPU, before spending GPU time
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/gpu_checks.py`
+    sys.path.insert(0, str(ROOT))
+
+from lmcore.cache import KVCache  # noqa: E402
+from lmcore.config import preset  # noqa: E402
+from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill  # noqa: E402
+from lmcore.model import Transformer  # noqa: E402
+
+COMMAND = "python scripts/gpu_checks.py"
+DEFAULT_OUT = ROOT / "bench" / "lmcore_gpu.json"
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 dense tensor-core peak (no sparsity)
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Sizes for the real GPU run; --dry-run swaps in the tiny model and short runs."""
+
+    preset: str = "gpt2-124m"
+    flash_batch: int = 4
+    flash_seq: int = 1024
+    train_batch: int = 16
+    train_seq: int = 1024
+    train_warmup: int = 3  # the first step compiles forward and backward
+    train_steps: int = 20
+    prompt_len: int = 32
+    decode_tokens: int = 256
+    decode_reps: int = 3  # the first rep compiles and records the CUDA graph
+    peak_flops: float = H100_BF16_DENSE_FLOPS
+    mfu_target: float = 0.40
+    decode_target_tps: float = 1000.0
+    budget_s: float = 420.0  # skip what is left past this, so partial results still come back
+
+
+GPU = CheckSettings()
+DRY = CheckSettings(
+    preset="tiny", flash_batch=2, flash_seq=64, train_batch=2, train_seq=64, train_warmup=1,
+    train_steps=2, prompt_len=8, decode_tokens=16, decode_reps=2,
+)
+
+
+@dataclass
+class Env:
+    settings: CheckSettings
+    device: torch.device
+    dry_run: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def build(env: Env, dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset(env.settings.preset)).to(env.device, dtype)
+
+
+def random_ids(env: Env, batch: int, seq: int) -> torch.Tensor:
+    vocab = preset(env.settings.preset).vocab_size
+    return torch.randint(0, vocab, (batch, seq), device=env.device)
+
+
+# ---------------------------------------------------------------- (a) flash SDPA in bf16
+
+
+def sdpa_names(env: Env, fn: Callable[[], Any]) -> list[str]:
+    """Names of the ops and device kernels fn runs whose name mentions attention."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if env.cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        env.sync()
+    names = {e.name[:160] for e in prof.events()}  # kernel names carry long template lists
+    return sorted(n for n in names if "flash" in n.lower() or "attention" in n.lower())
+
+
+def check_flash_sdpa(env: Env) -> dict[str, Any]:
+    """The model's attention runs with only the flash backend allowed, forward and backward."""
+    s = env.settings
+    model = build(env)
+    x = random_ids(env, s.flash_batch, s.flash_seq)
+
+    def forward_backward() -> torch.Tensor:
+        with env.autocast():
+            logits, loss = model(x, x)
+        loss.backward()
+        return logits.detach()
+
+    # Forcing one backend makes SDPA raise if that kernel cannot run (dtype, mask, head size).
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash_logits = forward_backward()
+        try:  # the profiler only adds evidence; the forced backend not raising is the check
+            names, profiler_error = sdpa_names(env, forward_backward), None
+        except Exception as exc:  # noqa: BLE001
+            names, profiler_error = None, f"{type(exc).__name__}: {exc}"
+    with sdpa_kernel(SDPBackend.MATH):
+        math_logits = forward_backward()
+    flash32, math32 = flash_logits.float(), math_logits.float()
+    diff = (flash32 - math32).abs().max().item()
+    rel_l2 = ((flash32 - math32).norm() / math32.norm()).item()
+    # Both sides round to bf16 (eps 7.8e-3): on CPU at T=256 the two backends differ by ~0.7%
+    # in relative L2 and 0.02 at most elementwise, about what each differs from fp32.
+    try:
+        torch.testing.assert_close(flash32, math32, atol=1e-1, rtol=1e-1)
+        close = rel_l2 < 2e-2
+    except AssertionError:
+        close = False
+    flash_seen = None if names is None else any("flash" in n.lower() for n in names)
+    return {
+        "ok": close and flash_seen is not False, "ran_with_only_flash_allowed": True,
+        "flash_kernel_seen_in_profile": flash_seen, "profiler_error": profiler_error,
+        "matches_math_backend": close,
+        "max_abs_logit_diff_vs_math": diff, "rel_l2_logit_diff_vs_math": rel_l2,
+        "dtype": "bfloat16 (autocast)",
+        "shape": [s.flash_batch, s.flash_seq], "profiled_attention_names": names,
+    }
+
+
+# ---------------------------------------------------------------- (b) compiled training MFU
+
+
+def check_train_mfu(env: Env) -> dict[str, Any]:
+    """bf16 autocast + fused AdamW + torch.compile training step: tokens/s and MFU."""
+    s = env.settings
+    batch = s.train_batch
+    while True:
+        try:
+            return _train_mfu(env, batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2  # report the batch that fitted rather than nothing
+            torch.cuda.empty_cache()
+
+
+def _train_mfu(env: Env, batch: int) -> dict[str, Any]:
+    s = env.settings
+    model = build(env)
+    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
+    x = random_ids(env, batch, s.train_seq)
+    y = random_ids(env, batch, s.train_seq)
+
+    def step() -> torch.Tensor:
+        with env.autocast():
+            _, loss = compiled(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    start = time.perf_counter()
+    for _ in range(s.train_warmup):
+        step()
+    env.sync()
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(s.train_steps):
+        loss = step()
+    env.sync()
+    step_s = (time.perf_counter() - start) / s.train_steps
+    tokens_per_s = batch * s.train_seq / step_s
+    flops_per_token = model.flops_per_token(s.train_seq)
+    mfu = flops_per_token * tokens_per_s / s.peak_flops
+    return {
+        "ok": mfu >= s.mfu_target, "tokens_per_s": tokens_per_s, "mfu": mfu,
+        "mfu_target": s.mfu_target, "peak_flops": s.peak_flops,
+        "flops_per_token": flops_per_token, "step_s": step_s, "batch": batch,
+        "seq_len": s.train_seq, "warmup_s_incl_compile": warmup_s, "loss": float(loss),
+        "params": model.num_params(non_embedding=False),
+        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None,
+        "setup": "bf16 autocast, fused AdamW, torch.compile(model), TF32 on",
+    }
+
+
+# ---------------------------------------------------------------- (c) compiled decode, batch 1
+
+
+def check_decode_compiled(env: Env) -> dict[str, Any]:
+    """Batch-1 greedy decode with torch.compile(decode_step, reduce-overhead), bf16 weights."""
+    from torch._dynamo.utils import counters
+
+    s = env.settings
+    skips_before = counters["inductor"].get("cudagraph_skips", 0)
+    graphs_before = counters["stats"].get("unique_graphs", 0)
+    model = build(env, torch.bfloat16).eval()
+    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    prompt = random_ids(env, 1, s.prompt_len)
+    loop_s = [_device_loop(env, model, step, prompt) for _ in range(s.decode_reps)]
+    graphs_after_loop = counters["stats"].get("unique_graphs", 0) - graphs_before
+    params = SamplingParams(max_new_tokens=s.decode_tokens, temperature=0.0, eos=False)
+    ids = prompt.tolist()
+    gen_s = []
+    for _ in range(s.decode_reps):
+        start = time.perf_counter()
+        generate_ids(model, ids, params, eos_id=None, step_fn=step)
+        env.sync()
+        gen_s.append(time.perf_counter() - start)
+    loop_tps = s.decode_tokens / statistics.median(loop_s[1:])
+    gen_tps = s.decode_tokens / statistics.median(gen_s[1:])
+    return {
+        "ok": gen_tps >= s.decode_target_tps, "target_tokens_per_s": s.decode_target_tps,
+        "generate_ids_tokens_per_s": gen_tps, "step_loop_tokens_per_s": loop_tps,
+        "new_tokens": s.decode_tokens, "prompt_len": s.prompt_len, "batch": 1,
+        "first_rep_s_incl_compile": loop_s[0], "loop_runs_s": loop_s, "generate_runs_s": gen_s,
+        # Skips mean no CUDA graph (always so on CPU); more graphs after the generate_ids reps
+        # would mean a recompile per fresh cache.
+        "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0) - skips_before,
+        "graphs_compiled": {
+            "step_loop": graphs_after_loop,
+            "after_generate_ids": counters["stats"].get("unique_graphs", 0) - graphs_before,
+        },
+        "notes": "generate_ids: the API path (eager prefill, host sampling, fresh cache per "
+                 "call) timed end to end; step_loop: one cache, argmax on device, decode only",
+    }
+
+
+@torch.inference_mode()
+def _device_loop(env: Env, model: Transformer, step: Callable, prompt: torch.Tensor) -> float:
+    """Seconds for decode_tokens compiled steps after an eager prefill into one static cache."""
+    s = env.settings
+    cache = _loop_cache(model, s.prompt_len + s.decode_tokens)
+    logits = prefill(model, prompt.tolist(), cache)
+    token = logits.argmax(dim=-1, keepdim=True)
+    pos = torch.full((1, 1), s.prompt_len, device=env.device)
+    env.sync()
+    start = time.perf_counter()
+    for _ in range(s.decode_tokens):
+        # The previous step's logits are dead: CUDA graphs may reuse their memory.
+        torch.compiler.cudagraph_mark_step_begin()
+        logits = step(model, token, pos, cache)
+        token = logits.argmax(dim=-1, keepdim=True)
+        pos = pos + 1
+    env.sync()
+    return time.perf_counter() - start
+
+
+_CACHES: dict[int, KVCache] = {}
+
+
+def _loop_cache(model: Transformer, max_len: int) -> KVCache:
+    # One cache for every rep: same addresses, so the recorded CUDA graph is replayed.
+    if max_len not in _CACHES:
+        _CACHES[max_len] = KVCache.for_model(model, 1, max_len)
+    return _CACHES[max_len]
+
+
+# ---------------------------------------------------------------- driver
+
+
+CHECKS: dict[str, Callable[[Env], dict[str, Any]]] = {
+    "flash_sdpa_bf16": check_flash_sdpa,
+    "train_step_mfu": check_train_mfu,
+    "decode_compiled_b1": check_decode_compiled,
+}
+
+
+def meta(env: Env) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(env.device), "dry_run": env.dry_run, "settings": asdict(env.settings),
+    }
+    if env.cuda:
+        props = torch.cuda.get_device_properties(env.device)
+        info |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                 "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                 "cuda": torch.version.cuda}
+    return info
+
+
+def run_check(name: str, fn: Callable[[Env], dict[str, Any]], env: Env) -> dict[str, Any]:
+    """One check; an exception is recorded as a failed result so later checks still run."""
+    start = time.perf_counter()
+    try:
+        result = fn(env)
+    except Exception as exc:  # noqa: BLE001 - every failure is a result to report
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                  "traceback": traceback.format_exc()[-4000:]}
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    if env.dry_run:
+        result["ok_meaning"] = "dry run: the code path ran on CPU; targets do not apply"
+    return result
+
+
+def write(out: Path, doc: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def pending_doc(reason: str) -> dict[str, Any]:
+    return {"status": "pending", "reason": reason, "command": COMMAND,
+            "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path "
+                        "(default bench/lmcore_gpu.json; required with --dry-run)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU")
+    parser.add_argument("--only", choices=sorted(CHECKS), action="append", help="run just these")
+    parser.add_argument("--write-pending", action="store_true",
+                        help="without CUDA, write a 'pending' record instead of failing")
+    args = parser.parse_args(argv)
+    if args.dry_run and args.out is None:
+        parser.error("--dry-run needs --out (keeps bench/lmcore_gpu.json for real results)")
+    out = args.out or DEFAULT_OUT
+    if not args.dry_run and not torch.cuda.is_available():
+        if args.write_pending:
+            write(out, pending_doc("no CUDA device was available for this run"))
+            print(json.dumps({"status": "pending", "out": str(out)}))
+            return 0
+        print("no CUDA device: use --dry-run to check the script, or --write-pending",
+              file=sys.stderr)
+        return 2
+    env = Env(DRY if args.dry_run else GPU, torch.device("cpu" if args.dry_run else "cuda"),
+              args.dry_run)
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny ops: a second thread only adds barrier waits on a busy box
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, norms) on TF32
+    torch.backends.cudnn.allow_tf32 = True
+    doc: dict[str, Any] = {"status": "partial", "meta": meta(env), "checks": {},
+                           "command": COMMAND + (" --dry-run" if args.dry_run else "")}
+    started = time.perf_counter()
+    for name, fn in CHECKS.items():
+        if args.only and name not in args.only:
+            continue
+        if time.perf_counter() - started > env.settings.budget_s:
+            result = {"ok": False, "skipped": f"time budget {env.settings.budget_s:.0f}s spent"}
+        else:
+            result = run_check(name, fn, env)
+        doc["checks"][name] = result
+        print(json.dumps({"check": name, **result}), flush=True)
+        write(out, doc)  # after every check, so a killed run still leaves what it measured
+    doc["status"] = "done"
+    doc["all_ok"] = all(r["ok"] for r in doc["checks"].values())
+    doc["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+    write(out, doc)
+    return 0 if doc["all_ok"] or args.dry_run else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
