@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# KEEP=1 leaves the stack running afterwards (stop it with .venv/bin/lmctl stack down).
 demo: setup
-	$(PY) -m scripts.demo
+	$(PY) -m scripts.demo $(if $(KEEP),--keep)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -49,6 +49,7 @@ class StackConfig:
     max_batch: int = 8
     worker_concurrency: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    show_training: bool = True  # echo the trainer's progress bar as well as logging it
 
 
 @dataclass
@@ -141,6 +142,8 @@ class Stack:
             "--host", self.config.host, "--port", str(port), "--workers", "1",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        # No background job runner (a dozen huey processes): the stack never uses MLflow jobs.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self._spawn("mlflow", cmd, env)
         url = f"http://{self.config.host}:{port}"
         self._wait_http(f"{url}/health", "mlflow")
@@ -156,11 +159,10 @@ class Stack:
             print(f"no {MODEL_NAME}@{ALIAS} registered: training one "
                   f"({' '.join(self.config.train_overrides)}); log: {self._log('trainer')}")
             env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "PYTHONPATH": _pythonpath()}
-            with self._log("trainer").open("ab") as log:
-                code = subprocess.call(
-                    [sys.executable, "-m", "services.trainer", *self.config.train_overrides],
-                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
+            overrides = [f"train.checkpoint_dir={self.root / 'checkpoints'}",
+                         *self.config.train_overrides]  # fmt: skip
+            code = _run_teed([sys.executable, "-m", "services.trainer", *overrides], env,
+                             self._log("trainer"), echo=self.config.show_training)  # fmt: skip
             if code != 0:
                 raise StackError(f"training failed (exit {code}); see {self._log('trainer')}")
             trained = current_version(MODEL_NAME, "candidate", mlflow_url)
@@ -298,6 +300,20 @@ def banner(state: StackState, detached: bool, api_keys: str | None = None) -> st
 
 
 # -- small helpers ----------------------------------------------------------------------------
+
+
+def _run_teed(cmd: list[str], env: dict[str, str], log_path: Path, echo: bool) -> int:
+    """Run cmd to completion, copying its output to log_path and, with echo, to stderr."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        # read1 returns what is there, so tqdm's carriage-return updates show as they happen.
+        while chunk := proc.stdout.read1(4096):
+            log.write(chunk)
+            if echo:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+        return proc.wait()
 
 
 def _pythonpath() -> str:
