@@ -58,3 +58,10 @@ def resolve_precision(
     if requested not in _DTYPES:
         raise ValueError(f"mixed_precision must be auto, bf16, fp16, fp32 or a bool, got {requested!r}")
     return Precision(_DTYPES[requested], device.type)
+
+
+def cast_for_inference(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """Inference needs no autocast: weights (and so the KV cache) simply take the dtype."""
+    if precision.dtype != torch.float32:
+        model = model.to(precision.dtype)
+    return model.eval()

@@ -140,12 +140,21 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE"),
+    kv_cache: bool = typer.Option(
+        True, "--kv-cache/--no-kv-cache", help="Decode from the static KV cache (the seed's kv_cache)."
+    ),
+    quantized: bool = typer.Option(False, "--quantized", help="int8 weight-only linear layers."),
+    mixed_precision: str = typer.Option(
+        "auto", "--mixed-precision", help="auto | bf16 | fp16 | fp32 (auto: fp32 on CPU)."
+    ),
 ) -> None:
     import torch
 
     from lmcore.checkpoint import CheckpointError, load_model_dir
     from lmcore.generate import SamplingParams
     from lmcore.generate import generate as run_generate
+    from lmcore.precision import cast_for_inference, resolve_precision
+    from lmcore.quantize import quantize_int8
     from lmcore.tracking import TrackingError, resolve_model_uri
 
     expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError)
@@ -158,7 +167,10 @@ def generate(
         loaded = load_model_dir(resolved.path, device=device)
         if loaded.tokenizer is None:
             raise CliError(f"{resolved.path} has no tokenizer.json; cannot generate text")
-        [out] = run_generate(loaded.model, loaded.tokenizer, [prompt], params)
+        model = cast_for_inference(loaded.model, resolve_precision(mixed_precision, device))
+        if quantized:
+            model = quantize_int8(model)
+        [out] = run_generate(model, loaded.tokenizer, [prompt], params, use_cache=kv_cache)
     typer.echo((prompt if echo else "") + out.text)
 
 

@@ -44,6 +44,20 @@ class Settings(BaseSettings):
     model_cache_dir: str | None = None
     heartbeat_s: float = Field(5.0, gt=0)
 
+    # The seed's inference keys (config/serve/default.yaml documents them).
+    kv_cache: bool = True  # the engine decodes from its static cache; false is refused
+    quantized: bool = False  # int8 weight-only linear layers (lmcore.quantize)
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _check_precision(cls, value: object) -> object:
+        # The seed's booleans: true = auto, false = fp32.
+        value = {"true": "auto", "false": "fp32"}.get(str(value).lower(), str(value).lower())
+        if value not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("mixed_precision must be auto, bf16, fp16, fp32, true or false")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -15,6 +15,8 @@ import torch
 
 from lmcore.checkpoint import load_model_dir
 from lmcore.model import Transformer
+from lmcore.precision import cast_for_inference, resolve_precision
+from lmcore.quantize import quantize_int8
 from lmcore.tokenizer import Tokenizer
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
@@ -48,7 +50,17 @@ def load_serving_model(uri: str, settings: Settings) -> ServingModel:
     resolved = resolve_model_uri(
         uri, cache_dir=settings.model_cache_dir, tracking_uri=settings.mlflow_tracking_uri
     )
-    loaded = load_model_dir(resolved.path, device=pick_device(settings.device))
+    if not settings.kv_cache:
+        raise ValueError(
+            "LLM_KV_CACHE=false: the serving engine always decodes from its static KV cache "
+            "(use `lmctl generate --no-kv-cache` to compare against full recompute)"
+        )
+    device = pick_device(settings.device)
+    loaded = load_model_dir(resolved.path, device=device)
+    precision = resolve_precision(settings.mixed_precision, device)
+    loaded.model = cast_for_inference(loaded.model, precision)
+    if settings.quantized:
+        loaded.model = quantize_int8(loaded.model)
     if loaded.tokenizer is None:
         raise ValueError(f"{resolved.path} has no tokenizer.json; the worker needs one")
     meta = loaded.metadata
@@ -58,8 +70,8 @@ def load_serving_model(uri: str, settings: Settings) -> ServingModel:
         run_id=resolved.run_id or _str_or_none(meta.get("run_id")),
         uri=uri,
     )
-    log.info("loaded %s (version %s) from %s on %s", ref.name, ref.version, resolved.path,
-             loaded.model.device)  # fmt: skip
+    log.info("loaded %s (version %s) from %s on %s, %s%s", ref.name, ref.version, resolved.path,
+             loaded.model.device, precision.name, ", int8" if settings.quantized else "")  # fmt: skip
     return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path)
 
 

@@ -138,6 +138,20 @@ def test_generate_prints_text_from_a_local_model_dir(capsys, model_dir: Path) ->
     assert len(out) > len("the\n")
 
 
+def test_generate_honours_the_seeds_inference_keys(capsys, model_dir: Path) -> None:
+    """kv_cache, quantized and mixed_precision: greedy text agrees with the plain run."""
+    base = ["--model", str(model_dir), "-n", "10", "--temperature", "0", "the"]
+    _, plain, _ = lmctl(capsys, "generate", *base)
+    code, recomputed, err = lmctl(capsys, "generate", "--no-kv-cache", *base)
+    assert code == 0, err
+    assert recomputed == plain
+    code, int8, err = lmctl(capsys, "generate", "--quantized", "--mixed-precision", "fp32", *base)
+    assert code == 0, err
+    assert len(int8) > len("the\n")
+    code, _, err = lmctl(capsys, "generate", "--mixed-precision", "fast", *base)
+    assert_one_line_error(code, err, "mixed_precision")
+
+
 def test_generate_from_an_unknown_path_fails_in_one_line(capsys, tmp_path: Path) -> None:
     code, out, err = lmctl(capsys, "generate", "--model", str(tmp_path / "missing"), "hi")
     assert_one_line_error(code, err, "does not exist")

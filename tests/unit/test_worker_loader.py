@@ -1,0 +1,53 @@
+"""The worker's model loading honours the seed's inference keys (quantized, precision, kv_cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from lmcore.checkpoint import save_model_dir
+from lmcore.config import preset
+from lmcore.model import Transformer
+from lmcore.quantize import Int8Linear
+from lmcore.tokenizer import Tokenizer
+from services.common.settings import Settings
+from services.worker.loader import load_serving_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = Tokenizer.train(["to be or not to be, that is the question. " * 30], 300)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, n_layer=1))
+    return save_model_dir(tmp_path_factory.mktemp("loader") / "model", model, tokenizer)
+
+
+def test_quantized_setting_loads_int8_linears(model_dir: Path) -> None:
+    served = load_serving_model(str(model_dir), Settings(device="cpu", quantized=True))
+    assert any(isinstance(m, Int8Linear) for m in served.model.modules())
+    plain = load_serving_model(str(model_dir), Settings(device="cpu"))
+    assert not any(isinstance(m, Int8Linear) for m in plain.model.modules())
+
+
+def test_mixed_precision_setting_sets_the_weight_dtype(model_dir: Path) -> None:
+    auto = load_serving_model(str(model_dir), Settings(device="cpu"))
+    assert auto.model.tok_emb.weight.dtype == torch.float32  # auto is fp32 on CPU
+    bf16 = load_serving_model(str(model_dir), Settings(device="cpu", mixed_precision="bf16"))
+    assert bf16.model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_seed_style_boolean_precision_values_are_accepted() -> None:
+    assert Settings(mixed_precision="true").mixed_precision == "auto"
+    assert Settings(mixed_precision="false").mixed_precision == "fp32"
+    with pytest.raises(ValidationError, match="mixed_precision"):
+        Settings(mixed_precision="fast")
+
+
+def test_kv_cache_off_is_refused_with_a_reason(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="KV cache"):
+        load_serving_model(str(model_dir), Settings(device="cpu", kv_cache=False))
