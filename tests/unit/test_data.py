@@ -377,19 +377,3 @@ def test_invalid_sampler_arguments_raise_value_error_naming_the_field(kw: dict, 
     block_size, batch_size = args.pop("block_size"), args.pop("batch_size")
     with pytest.raises(ValueError, match=field):
         WindowSampler(_positions(100), block_size, batch_size, **args)
-
-
-def test_module_imports_only_allowed_packages_at_top_level() -> None:
-    import ast
-
-    tree = ast.parse(Path(data.__file__).read_text())
-    allowed = {"torch", "numpy", "tokenizers", "safetensors", "lmcore", "__future__"}
-    allowed |= set(sys.stdlib_module_names)
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        else:
-            continue
-        assert all(n.split(".")[0] in allowed for n in names), names

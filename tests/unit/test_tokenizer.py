@@ -230,22 +230,3 @@ def test_stream_matches_decode_for_arbitrary_id_sequences(
 def test_stream_rejects_out_of_range_ids(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="out of range"):
         tok.stream_decoder().feed(tok.vocab_size)
-
-
-def test_module_imports_only_allowed_packages_at_top_level() -> None:
-    import ast
-    import sys
-
-    import lmcore.tokenizer
-
-    tree = ast.parse(Path(lmcore.tokenizer.__file__).read_text())
-    allowed = {"torch", "numpy", "tokenizers", "safetensors", "lmcore", "__future__"}
-    allowed |= set(sys.stdlib_module_names)
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        else:
-            continue
-        assert all(n.split(".")[0] in allowed for n in names), names
