@@ -164,6 +164,8 @@ def _mlflow_uris(uri: str) -> Iterator[None]:
 
     old_tracking = tracking_utils._tracking_uri
     old_registry = registry_utils._registry_uri
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses): restore that too.
+    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -171,6 +173,11 @@ def _mlflow_uris(uri: str) -> Iterator[None]:
     finally:
         tracking_utils._tracking_uri = old_tracking
         registry_utils._registry_uri = old_registry
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # -- trackers -----------------------------------------------------------------------------------

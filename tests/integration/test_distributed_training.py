@@ -105,7 +105,7 @@ def test_two_ranks_stay_identical_lower_the_loss_and_only_rank_0_tracks(
     # The same story in the MLflow store: one run, rank 0's metrics, a registered candidate.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_uri)
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
     exp = client.get_experiment_by_name("trainer-run-test")
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [r0["run_id"]]

@@ -76,6 +76,8 @@ def test_dry_run_prints_a_pytorchjob_with_master_and_workers(capsys) -> None:
 
 def test_dry_run_job_validates_against_the_pytorchjob_crd(capsys) -> None:
     jsonschema = pytest.importorskip("jsonschema")
+    if not CRD.is_file():
+        pytest.skip(f"PyTorchJob CRD schema not available at {CRD}")
     crd = yaml.safe_load(CRD.read_text())
     [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     job = dry_run(capsys, "model=tiny", "--tracking-uri", "http://mlflow.example:5000")
