@@ -555,8 +555,16 @@ class MlflowTracker:
             run_uri = f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
             return ModelVersionInfo(None, None, self.run_id, run_uri)
         step("register the model", lambda: _ensure_registered_model(self.client, register_name))
-        mv = step("create a model version", lambda: self.client.create_model_version(
-            register_name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id))
+
+        def create_version() -> Any:
+            # A local (sqlite) registry resolves the models:/ source through the process-wide
+            # tracking URI, so point it at this tracker's store for the call.
+            with _mlflow_uris(self.tracking_uri):
+                return self.client.create_model_version(
+                    register_name, source=f"models:/{model_id}", run_id=self.run_id,
+                    model_id=model_id)  # fmt: skip
+
+        mv = step("create a model version", create_version)
         version = str(mv.version)
         if alias:
             step("set the alias", lambda: self.client.set_registered_model_alias(
