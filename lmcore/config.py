@@ -17,6 +17,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """cls(**data), refusing unknown fields by name (shared by the model and train configs)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} config field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -67,11 +76,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return self.from_dict({**self.to_dict(), **changes})

@@ -30,7 +30,7 @@ from lmcore.checkpoint import (
     save_model_dir,
     save_training_state,
 )
-from lmcore.config import ConfigError, ModelConfig
+from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
@@ -110,11 +110,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train")
 
 
 def _check(name: str, value: Any, ok: Callable[[Any], bool], what: str) -> None:
