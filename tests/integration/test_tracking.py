@@ -6,7 +6,6 @@ same port and backend) all go through MLflow's own client and server.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile

@@ -6,9 +6,7 @@ import dataclasses
 import threading
 
 import pytest
-import torch
 
-from lmcore.config import preset
 from lmcore.engine import (
     FLUSH_TOKEN_ID,
     Engine,

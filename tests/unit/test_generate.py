@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lmcore.cache import KVCache
-from lmcore.config import preset
 from lmcore.generate import (
     ContextLengthError,
     SamplingParams,
