@@ -1,4 +1,4 @@
-"""GPU checks for lmcore on one CUDA device: flash SDPA in bf16, compiled training MFU and decode.
+"""GPU checks for lmcore on one CUDA device: flash SDPA, compiled training MFU, Trainer, decode.
 
 Prints one JSON line per check and writes them all to --out. Imports only torch and lmcore (the GPU
 image has no transformers or matplotlib); `--dry-run` exercises every path on CPU with a tiny model.
@@ -18,8 +18,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,7 +50,8 @@ class CheckSettings:
     train_batch: int = 16
     train_seq: int = 1024
     train_warmup: int = 3  # the first step compiles forward and backward
-    train_steps: int = 20
+    train_steps: int = 30
+    trainer_max_gap: float = 0.05  # the full Trainer within 5% of the bare step's tokens/s
     prompt_len: int = 32
     decode_tokens: int = 256
     decode_reps: int = 3  # the first rep compiles and records the CUDA graph
@@ -71,6 +73,7 @@ class Env:
     settings: CheckSettings
     device: torch.device
     dry_run: bool
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier checks, by name
 
     @property
     def cuda(self) -> bool:
@@ -210,7 +213,46 @@ def _train_mfu(env: Env, batch: int) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- (c) compiled decode, batch 1
+# ---------------------------------------------------------------- (c) the full Trainer
+
+
+def check_trainer_vs_bare_step(env: Env) -> dict[str, Any]:
+    """lmcore.train.Trainer (compile on, bf16 auto, memmap-style data) against the bare step.
+
+    Same model, batch and sequence as train_step_mfu, measured in this run: the trainer's own
+    work (sampling windows, host-to-device copies, lr schedule, grad clipping) must cost < 5%.
+    """
+    import numpy as np
+
+    from lmcore.train import Trainer, TrainConfig
+
+    s = env.settings
+    bare = env.results.get("train_step_mfu", {})
+    if "tokens_per_s" not in bare:
+        return {"ok": False, "error": "train_step_mfu did not measure the bare step"}
+    model_cfg = preset(s.preset, block_size=s.train_seq)
+    tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, 4_000_000, np.uint16)
+    dataset = SimpleNamespace(train=tokens, val=tokens[: 1 << 16], tokenizer=None, meta={})
+    cfg = TrainConfig(
+        batch_size=bare["batch"], max_steps=1 + s.train_steps, warmup_steps=1, eval_interval=0,
+        eval_batches=1, log_interval=10_000, checkpoint_dir=None, device=env.device.type,
+        mixed_precision="auto", compile=True, progress=False, peak_flops=s.peak_flops,
+    )
+    trainer = Trainer(model_cfg, cfg, dataset)
+    result = trainer.fit()  # its tokens/s leaves out the first (compiling) step
+    ratio = result.tokens_per_s / bare["tokens_per_s"]
+    mfu = trainer.model.flops_per_token(s.train_seq) * result.tokens_per_s / s.peak_flops
+    return {
+        "ok": ratio >= 1 - s.trainer_max_gap, "trainer_tokens_per_s": result.tokens_per_s,
+        "bare_step_tokens_per_s": bare["tokens_per_s"], "trainer_over_bare": ratio,
+        "max_gap": s.trainer_max_gap, "trainer_mfu": mfu, "mfu_target": s.mfu_target,
+        "trainer_mfu_ok": mfu >= s.mfu_target, "timed_steps": s.train_steps,
+        "data_time_share": result.data_time_share, "precision": trainer.precision.name,
+        "batch": bare["batch"], "seq_len": s.train_seq,
+    }
+
+
+# ---------------------------------------------------------------- (d) compiled decode, batch 1
 
 
 def check_decode_compiled(env: Env) -> dict[str, Any]:
@@ -288,6 +330,7 @@ def _loop_cache(model: Transformer, max_len: int) -> KVCache:
 CHECKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "flash_sdpa_bf16": check_flash_sdpa,
     "train_step_mfu": check_train_mfu,
+    "trainer_vs_bare_step": check_trainer_vs_bare_step,
     "decode_compiled_b1": check_decode_compiled,
 }
 
@@ -366,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"ok": False, "skipped": f"time budget {env.settings.budget_s:.0f}s spent"}
         else:
             result = run_check(name, fn, env)
+            env.results[name] = result
         doc["checks"][name] = result
         print(json.dumps({"check": name, **result}), flush=True)
         write(out, doc)  # after every check, so a killed run still leaves what it measured
