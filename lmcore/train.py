@@ -523,6 +523,10 @@ class Trainer:
         for micro in range(cfg.grad_accum_steps):
             t0 = time.perf_counter()
             x, y = self.sampler.next_batch()
+            if self.device.type == "cuda":
+                # Page-locked, so the copies below queue behind the GPU instead of waiting for it
+                # (from pageable memory they block, and that wait would be counted as data time).
+                x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             data_s += time.perf_counter() - t0
