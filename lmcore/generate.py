@@ -299,11 +299,36 @@ def generate_ids(
     else:
         logits = _recompute_last_logits(model, states)
     all_greedy = all(sp.temperature == 0.0 for sp in plist)
+    # Greedy cached decoding on a GPU runs one step ahead: the next step is queued before this
+    # step's tokens reach the host, so the GPU works while Python handles them. When every row
+    # finishes on these tokens, the queued step is simply unused.
+    ahead = all_greedy and use_cache and device.type == "cuda"
+    # A compiled step replays CUDA graphs: each call's logits are dead once the next is queued.
+    mark_steps = device.type == "cuda" and step_fn is not decode_step
+    queued: torch.Tensor | None = None  # the step already running ahead
+
+    def next_logits(step_tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal step_pos
+        if mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = step_fn(model, step_tokens, step_pos, cache)
+        # Finished rows keep stepping (fixed shapes); the clamp keeps them inside the cache.
+        step_pos = (step_pos + 1).clamp_(max=last_pos)
+        return out
+
     while True:
         if all_greedy:
             # One argmax and one device-to-host copy for the batch rather than one per row.
             step_tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            tokens = step_tokens.squeeze(1).tolist()
+            if ahead:
+                on_host = step_tokens.to("cpu", non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+                queued = next_logits(step_tokens)
+                copied.synchronize()  # waits for the copy only, not for the queued step
+                tokens = on_host.squeeze(1).tolist()
+            else:
+                tokens = step_tokens.squeeze(1).tolist()
         else:
             tokens = [
                 0 if s.finished else sample_token(logits[row], s.params, s.generator)
@@ -318,10 +343,10 @@ def generate_ids(
                 on_token(row, tokens[row], delta)
         if all(s.finished for s in states):
             break
-        if use_cache:
-            logits = step_fn(model, step_tokens, step_pos, cache)
-            # Finished rows keep stepping (fixed shapes); the clamp keeps them inside the cache.
-            step_pos = (step_pos + 1).clamp_(max=last_pos)
+        if queued is not None:
+            logits, queued = queued, None
+        elif use_cache:
+            logits = next_logits(step_tokens)
         else:
             logits = _recompute_last_logits(model, states)
     return [s.result() for s in states]

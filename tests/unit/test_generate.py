@@ -200,3 +200,23 @@ def test_kv_cache_bytes_match_the_formula(model: Transformer) -> None:
         assert cache.nbytes == 2 * cfg.n_layer * batch * max_len * cfg.n_embd * 4
     half = KVCache.for_model(model, 2, 64, dtype=torch.bfloat16)
     assert half.nbytes == 2 * cfg.n_layer * 2 * 64 * cfg.n_embd * 2
+
+
+@pytest.mark.gpu
+def test_greedy_run_ahead_on_cuda_matches_full_recompute_eager_and_compiled() -> None:
+    # On CUDA greedy cached decoding queues each step before reading the last tokens; rows that
+    # stop at different steps (lengths, eos) must not be disturbed by the step queued past them.
+    cuda_model = context_sensitive_model(0, vocab_size=300).cuda()
+    lengths = [SamplingParams(max_new_tokens=n, temperature=0.0, eos=False) for n in (24, 3, 11)]
+    reference = generate_ids(cuda_model, RAGGED, lengths, use_cache=False)
+    eager = generate_ids(cuda_model, RAGGED, lengths)
+    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    compiled = generate_ids(cuda_model, RAGGED, lengths, step_fn=step)
+    want = [g.token_ids for g in reference]
+    assert [len(ids) for ids in want] == [24, 3, 11]
+    assert [g.token_ids for g in eager] == want
+    assert [g.token_ids for g in compiled] == want
+    eos = want[0][5]
+    stopped = generate_ids(cuda_model, [RAGGED[0]], SamplingParams(max_new_tokens=24,
+                           temperature=0.0), eos_id=eos)[0]
+    assert stopped.finish_reason == "eos" and stopped.token_ids == want[0][: want[0].index(eos)]
