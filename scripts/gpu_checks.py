@@ -224,7 +224,7 @@ def check_trainer_vs_bare_step(env: Env) -> dict[str, Any]:
     """
     import numpy as np
 
-    from lmcore.train import Trainer, TrainConfig
+    from lmcore.train import TrainConfig, Trainer
 
     s = env.settings
     bare = env.results.get("train_step_mfu", {})
@@ -275,11 +275,14 @@ def check_decode_compiled(env: Env) -> dict[str, Any]:
         generate_ids(model, ids, params, eos_id=None, step_fn=step)
         env.sync()
         gen_s.append(time.perf_counter() - start)
+    engine_s = [_engine_run(env, model, prompt) for _ in range(s.decode_reps)]
+    engine_tps = s.decode_tokens / statistics.median(engine_s[1:])
     loop_tps = s.decode_tokens / statistics.median(loop_s[1:])
     gen_tps = s.decode_tokens / statistics.median(gen_s[1:])
     return {
         "ok": gen_tps >= s.decode_target_tps, "target_tokens_per_s": s.decode_target_tps,
         "generate_ids_tokens_per_s": gen_tps, "step_loop_tokens_per_s": loop_tps,
+        "engine_tokens_per_s": engine_tps, "engine_runs_s": engine_s,
         "new_tokens": s.decode_tokens, "prompt_len": s.prompt_len, "batch": 1,
         "first_rep_s_incl_compile": loop_s[0], "loop_runs_s": loop_s, "generate_runs_s": gen_s,
         # Skips mean no CUDA graph (always so on CPU); more graphs after the generate_ids reps
@@ -289,8 +292,10 @@ def check_decode_compiled(env: Env) -> dict[str, Any]:
             "step_loop": graphs_after_loop,
             "after_generate_ids": counters["stats"].get("unique_graphs", 0) - graphs_before,
         },
-        "notes": "generate_ids: the API path (eager prefill, host sampling, fresh cache per "
-                 "call) timed end to end; step_loop: one cache, argmax on device, decode only",
+        "notes": "generate_ids: lmctl generate's path (eager prefill, greedy run one step "
+                 "ahead, fresh cache per call) timed end to end; engine: the serving workers' "
+                 "path (Engine(compile=True, max_batch=1), host sampling per step); "
+                 "step_loop: one cache, argmax on device, decode only",
     }
 
 
@@ -314,6 +319,26 @@ def _device_loop(env: Env, model: Transformer, step: Callable, prompt: torch.Ten
     return time.perf_counter() - start
 
 
+def _engine_run(env: Env, model: Transformer, prompt: torch.Tensor) -> float:
+    """Seconds for one request through a one-slot compiled Engine, prefill to last token."""
+    from lmcore.engine import Engine, EngineRequest
+
+    s = env.settings
+    engine = _ENGINES.setdefault(
+        id(model), Engine(model, max_batch=1, max_len=s.prompt_len + s.decode_tokens, compile=True)
+    )
+    params = SamplingParams(max_new_tokens=s.decode_tokens, temperature=0.0, eos=False)
+    start = time.perf_counter()
+    handle = engine.submit(EngineRequest(prompt[0].tolist(), params))
+    while engine.step():
+        pass
+    env.sync()
+    elapsed = time.perf_counter() - start
+    assert len(handle.result(timeout=0).token_ids) == s.decode_tokens
+    return elapsed
+
+
+_ENGINES: dict[int, Any] = {}
 _CACHES: dict[int, KVCache] = {}
 
 
