@@ -84,22 +84,25 @@ class KVCache(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         input_pos: torch.Tensor,
-        rows: torch.Tensor | None = None,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at input_pos (B, T); return this layer's keys and values.
 
-        With `rows` (B,), input row i lives in cache row rows[i]; otherwise row i is row i.
+        With `rows` (a slice of B cache rows) input row i lives in cache row rows.start + i, and
+        the keys and values returned are views of those rows: a batch over part of the cache
+        never copies it.
         """
         batch, _, seq, _ = k.shape
         k_layer, v_layer = self.k[layer], self.v[layer]
-        row_idx = self.row_ids[:batch] if rows is None else rows
-        row_idx = row_idx[:, None].expand(batch, seq)
+        if rows is not None:
+            k_layer, v_layer = k_layer[rows], v_layer[rows]
+            if k_layer.shape[0] != batch:
+                raise ValueError(f"rows {rows} hold {k_layer.shape[0]} cache rows, not {batch}")
+        row_idx = self.row_ids[:batch, None].expand(batch, seq)
         # Advanced indices around a slice put the indexed dims first: (B, T, H, D).
         k_layer[row_idx, :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)
         v_layer[row_idx, :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
-        if rows is None:
-            return k_layer, v_layer
-        return k_layer[rows], v_layer[rows]
+        return k_layer, v_layer
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, max_len) bool: a query at position p sees cache positions <= p."""

@@ -7,10 +7,13 @@ How a step works (`Engine.step`, also what the background thread runs):
   2. a pending `swap_model` is applied once no request is active (admission pauses until then);
   3. waiting requests are admitted into free slots, one prefill each, which samples their first
      token;
-  4. one fixed-shape decode step runs over all `max_batch` slots (free slots feed token 0 at
-     position 0: their results are ignored and a slot's rows are rewritten by its next prefill);
-     each active request samples its next token, and a request that finishes frees its slot now,
-     so a waiting request takes it at the next step.
+  4. one decode step runs over the range of slots from the first to the last active one
+     (compiled: over all `max_batch` slots, so shapes never change). Free slots inside the range
+     feed token 0 at position 0: their results are ignored and a slot's rows are rewritten by
+     its next prefill. The range is a view of the cache, never a copy, and requests take the
+     lowest free slot, so it stays close to the number of active requests. Each active request
+     samples its next token, and a request that finishes frees its slot now, so a waiting
+     request takes it at the next step.
 Sampling goes through `generate.SequenceState`, so a request produces exactly what
 `generate.generate_ids` produces for the same prompt and `SamplingParams` (seed included),
 whatever else shares the batch.
@@ -57,10 +60,8 @@ log = logging.getLogger(__name__)
 FLUSH_TOKEN_ID = -1
 
 TokenCallback = Callable[[int, str], None]
-# (model, tokens (R, 1), positions (R, 1), cache, rows (R,) or None for every slot) -> (R, V)
-StepFn = Callable[
-    ["Transformer", torch.Tensor, torch.Tensor, KVCache, "torch.Tensor | None"], torch.Tensor
-]
+# (model, tokens (R, 1), positions (R, 1), cache, a slice of R slots or None for all) -> (R, V)
+StepFn = Callable[["Transformer", torch.Tensor, torch.Tensor, KVCache, "slice | None"], torch.Tensor]
 
 
 class EngineStoppedError(RuntimeError):
@@ -368,8 +369,7 @@ class Engine:
             state = SequenceState(
                 ids, handle.request.params, codec=self._tokenizer, device=device
             )
-            rows = torch.tensor([slot], device=device)
-            logits = prefill(self._model, [ids], self._cache, rows=rows)
+            logits = prefill(self._model, [ids], self._cache, rows=slice(slot, slot + 1))
         except Exception as exc:
             self._fail(handle, exc)
             return
@@ -384,22 +384,23 @@ class Engine:
         """One decode step, then one token for each active request.
 
         Compiled (CUDA graphs) the step covers every slot so its shapes never change; eager, it
-        covers only the active slots, so a lone request on a wide engine costs what it costs alone.
+        covers the slots from the first active one to the last, so a lone request on a wide
+        engine costs what it costs alone.
         """
         running = self._running()
         device = self._model.device
         if self._compile:
-            rows = None
-            tokens = [0] * self.max_batch
-            positions = [0] * self.max_batch
-            for run in running:
-                tokens[run.slot], positions[run.slot] = run.next_token, run.position
-            out_index = [run.slot for run in running]
+            first, rows = 0, None
+            width = self.max_batch
         else:
-            rows = torch.tensor([run.slot for run in running], device=device)
-            tokens = [run.next_token for run in running]
-            positions = [run.position for run in running]
-            out_index = list(range(len(running)))
+            first = min(run.slot for run in running)
+            width = max(run.slot for run in running) + 1 - first
+            rows = slice(first, first + width)
+        tokens = [0] * width
+        positions = [0] * width
+        for run in running:
+            tokens[run.slot - first], positions[run.slot - first] = run.next_token, run.position
+        out_index = [run.slot - first for run in running]
         try:
             if self._compile:
                 # Tells CUDA graphs that last step's outputs are dead and may be overwritten.

@@ -222,12 +222,13 @@ def decode_step(
     tokens: torch.Tensor,
     input_pos: torch.Tensor,
     cache: KVCache,
-    rows: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """One decode step: tokens (B, 1) at input_pos (B, 1) -> next-token logits (B, V).
 
     Kept free of Python branching on data so torch.compile captures it in one graph. Without
-    `rows` it covers every cache row (fixed shapes, for CUDA graphs); with `rows` only those.
+    `rows` it covers every cache row (fixed shapes, for CUDA graphs); with `rows` (a slice)
+    only that range of rows.
     """
     logits, _ = model(tokens, input_pos=input_pos, cache=cache, rows=rows)
     return logits[:, -1, : model.config.vocab_size]
@@ -237,7 +238,7 @@ def prefill(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     cache: KVCache,
-    rows: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """Write right-padded ragged prompts into the cache; return each row's last logits (B, V)."""
     device = model.device

@@ -44,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         input_pos: torch.Tensor | None,
         cache: KVCache | None,
-        rows: torch.Tensor | None,
+        rows: slice | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, width = x.shape
@@ -102,7 +102,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         input_pos: torch.Tensor | None,
         cache: KVCache | None,
-        rows: torch.Tensor | None,
+        rows: slice | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), input_pos, cache, rows, mask))
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
         *,
         input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        rows: torch.Tensor | None = None,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, padded_vocab); loss when targets (B, T) are given.
 

@@ -371,3 +371,26 @@ def test_eager_decode_covers_only_the_active_slots(model):
         pass
     assert handle.result(timeout=5).token_ids == alone.token_ids
     assert widths and set(widths) == {1}
+
+
+@pytest.mark.parametrize(
+    ("lengths", "last_rows"),
+    [([12, 2, 12], (0, 3)), ([2, 2, 12], (2, 3))],
+    ids=["a-freed-slot-between-two-running", "one-left-in-the-last-slot"],
+)
+def test_eager_decode_spans_only_the_active_slots_and_freed_slots_are_harmless(
+    model, lengths, last_rows
+):
+    rows_seen = []
+
+    def recording_step(model, tokens, positions, cache, rows):
+        rows_seen.append((rows.start, rows.stop))
+        return decode_step(model, tokens, positions, cache, rows)
+
+    engine = Engine(model, max_batch=4, step_fn=recording_step)
+    params = [dataclasses.replace(GREEDY, max_new_tokens=n) for n in lengths]
+    handles = [engine.submit(EngineRequest(p, sp)) for p, sp in zip(PROMPTS, params)]
+    run_until_idle(engine)
+    assert rows_seen[0] == (0, 3) and rows_seen[-1] == last_rows
+    for handle, prompt, sp in zip(handles, PROMPTS, params):
+        assert handle.result(0).token_ids == alone(model, prompt, sp).token_ids
