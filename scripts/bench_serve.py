@@ -56,7 +56,8 @@ def make_small_model(path: Path, seed: int = 0) -> Path:
 
 
 async def one_job(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
+    # Wall-clock time, so it compares with the job record's timestamps (same machine).
+    start = time.time()
     resp = await client.post("/jobs", json=body)
     resp.raise_for_status()
     job_id = resp.json()["id"]
@@ -69,7 +70,7 @@ async def one_job(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, 
             elif line.startswith("data:") and kind == "done":
                 done = json.loads(line.split(":", 1)[1])
                 break
-    end = time.perf_counter()
+    end = time.time()
     assert done is not None and done["status"] == "succeeded", done
     return {"start": start, "end": end, "e2e_s": end - start, "job": done}
 
@@ -93,6 +94,7 @@ async def run_load(api_url: str, jobs: int, tokens: int, seed0: int) -> dict[str
     summary["one_at_a_time_client"] = {
         "jobs": len(alone), "latency_ms": solo["latency_ms"],
         "queue_overhead_ms": solo["queue_overhead_ms"],
+        "queue_overhead_phases_p50_ms": solo["queue_overhead_phases_p50_ms"],
     }  # fmt: skip
     return summary
 
@@ -109,6 +111,7 @@ def summarize(results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     e2e = [r["e2e_s"] for r in results]
     engine = [r["job"]["timings"]["engine_s"] for r in results]
     overhead = [a - b for a, b in zip(e2e, engine)]
+    phases = overhead_phases(results)
     ttft = [r["job"]["timings"]["time_to_first_token_s"] for r in results]
     generated = sum(r["job"]["result"]["completion_tokens"] for r in results)
     assert generated == tokens * len(results), "every job must produce exactly its tokens"
@@ -126,7 +129,29 @@ def summarize(results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "time_to_first_token_ms": ms(ttft),
         "engine_ms": ms(engine),
         "queue_overhead_ms": {**ms(overhead), "mean": round(statistics.mean(overhead) * 1000, 2)},
+        # The overhead's four parts, which add up to it job by job.
+        "queue_overhead_phases_p50_ms": {k: round(pct(v, 0.5) * 1000, 2) for k, v in phases.items()},
     }
+
+
+def overhead_phases(results: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per job: client to record created (the API), created to claimed by a worker (Redis and
+    Celery), time in the worker outside the engine, and the final record to the client (SSE)."""
+    phases: dict[str, list[float]] = {
+        "api_admission": [], "queue_to_worker": [], "worker_outside_engine": [],
+        "result_to_client": [],
+    }  # fmt: skip
+    for r in results:
+        t = r["job"]["timings"]
+        created, started, finished = (
+            dt.datetime.fromisoformat(t[k]).timestamp()
+            for k in ("created_at", "started_at", "finished_at")
+        )
+        phases["api_admission"].append(created - r["start"])
+        phases["queue_to_worker"].append(started - created)
+        phases["worker_outside_engine"].append(finished - started - t["engine_s"])
+        phases["result_to_client"].append(r["end"] - finished)
+    return phases
 
 
 def run_mode(
