@@ -56,7 +56,7 @@ class BenchSettings:
     nocache_reps: int = 2
     train_batch: int = 4
     train_seq: int = 256
-    train_steps: int = 3
+    train_steps: int = 5
     threads: int = 1
     seed: int = 0
 
@@ -238,7 +238,8 @@ def cache_matches_recompute(model: Transformer, s: BenchSettings) -> bool:
 def train_stepper(model: torch.nn.Module, s: BenchSettings, hf: bool) -> Callable[[], Timing]:
     """A runner: one AdamW step (forward + backward + update) on a fixed random batch."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)  # default foreach path for both
+    # The same optimizer for both: fused AdamW, as lmcore's trainer runs it on CPU and CUDA.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     gen = torch.Generator().manual_seed(s.seed)
     x = torch.randint(0, s.vocab_size, (s.train_batch, s.train_seq), generator=gen)
 
