@@ -104,9 +104,14 @@ class KVCache(nn.Module):
         v_layer[row_idx, :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
         return k_layer, v_layer
 
-    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, max_len) bool: a query at position p sees cache positions <= p."""
-        return (self.positions[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)
+    def attention_mask(self, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """(B, 1, T, kv_len) bool: a query at position p sees cache positions <= p.
+
+        kv_len (default max_len) may cut the mask to the filled prefix of the cache when every
+        input position is below it; attention then reads only that prefix.
+        """
+        positions = self.positions if kv_len is None else self.positions[:kv_len]
+        return (positions[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)
 
     def reset(self) -> None:
         self.k.zero_()

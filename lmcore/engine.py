@@ -60,8 +60,12 @@ log = logging.getLogger(__name__)
 FLUSH_TOKEN_ID = -1
 
 TokenCallback = Callable[[int, str], None]
-# (model, tokens (R, 1), positions (R, 1), cache, a slice of R slots or None for all) -> (R, V)
-StepFn = Callable[["Transformer", torch.Tensor, torch.Tensor, KVCache, "slice | None"], torch.Tensor]
+# (model, tokens (R, 1), positions (R, 1), cache, a slice of R slots or None for all,
+#  kv_len: the cache positions to read, or None for all) -> logits (R, V)
+StepFn = Callable[
+    ["Transformer", torch.Tensor, torch.Tensor, KVCache, "slice | None", "int | None"],
+    torch.Tensor,
+]
 
 
 class EngineStoppedError(RuntimeError):
@@ -383,19 +387,21 @@ class Engine:
     def _decode(self) -> None:
         """One decode step, then one token for each active request.
 
-        Compiled (CUDA graphs) the step covers every slot so its shapes never change; eager, it
-        covers the slots from the first active one to the last, so a lone request on a wide
-        engine costs what it costs alone.
+        Compiled (CUDA graphs) the step covers every slot and cache position so its shapes never
+        change; eager, it covers the slots from the first active one to the last and the cache
+        positions up to the furthest one, so a lone short request on a wide engine costs what it
+        costs alone.
         """
         running = self._running()
         device = self._model.device
         if self._compile:
-            first, rows = 0, None
+            first, rows, kv_len = 0, None, None
             width = self.max_batch
         else:
             first = min(run.slot for run in running)
             width = max(run.slot for run in running) + 1 - first
             rows = slice(first, first + width)
+            kv_len = max(run.position for run in running) + 1
         tokens = [0] * width
         positions = [0] * width
         for run in running:
@@ -411,6 +417,7 @@ class Engine:
                 torch.tensor(positions, device=device)[:, None],
                 self._cache,
                 rows,
+                kv_len,
             )
         except Exception as exc:
             log.exception("decode step failed; failing its %d requests", len(running))

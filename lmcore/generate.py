@@ -223,14 +223,15 @@ def decode_step(
     input_pos: torch.Tensor,
     cache: KVCache,
     rows: slice | None = None,
+    kv_len: int | None = None,
 ) -> torch.Tensor:
     """One decode step: tokens (B, 1) at input_pos (B, 1) -> next-token logits (B, V).
 
     Kept free of Python branching on data so torch.compile captures it in one graph. Without
     `rows` it covers every cache row (fixed shapes, for CUDA graphs); with `rows` (a slice)
-    only that range of rows.
+    only that range of rows. kv_len (eager only) bounds the cache positions attention reads.
     """
-    logits, _ = model(tokens, input_pos=input_pos, cache=cache, rows=rows)
+    logits, _ = model(tokens, input_pos=input_pos, cache=cache, rows=rows, kv_len=kv_len)
     return logits[:, -1, : model.config.vocab_size]
 
 
@@ -248,7 +249,7 @@ def prefill(
     for i, prompt in enumerate(prompts):
         idx[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     input_pos = torch.arange(width, device=device).expand(len(prompts), width)
-    logits, _ = model(idx, input_pos=input_pos, cache=cache, rows=rows)
+    logits, _ = model(idx, input_pos=input_pos, cache=cache, rows=rows, kv_len=width)
     last = logits[torch.arange(len(prompts), device=device), lengths - 1]
     return last[:, : model.config.vocab_size]
 
@@ -297,6 +298,7 @@ def generate_ids(
         logits = prefill(model, fitted, cache)
         step_pos = torch.tensor([[len(p)] for p in fitted], device=device)  # (B, 1)
         last_pos = cache.max_len - 1
+        front = int(step_pos.max())  # the highest position the next step writes
     else:
         logits = _recompute_last_logits(model, states)
     all_greedy = all(sp.temperature == 0.0 for sp in plist)
@@ -304,17 +306,21 @@ def generate_ids(
     # step's tokens reach the host, so the GPU works while Python handles them. When every row
     # finishes on these tokens, the queued step is simply unused.
     ahead = all_greedy and use_cache and device.type == "cuda"
-    # A compiled step replays CUDA graphs: each call's logits are dead once the next is queued.
-    mark_steps = device.type == "cuda" and step_fn is not decode_step
+    # The eager step reads only the filled part of the cache; a compiled one keeps fixed shapes
+    # and replays CUDA graphs, so each call's logits are dead once the next is queued.
+    eager = step_fn is decode_step
+    mark_steps = device.type == "cuda" and not eager
     queued: torch.Tensor | None = None  # the step already running ahead
 
     def next_logits(step_tokens: torch.Tensor) -> torch.Tensor:
-        nonlocal step_pos
+        nonlocal step_pos, front
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
-        out = step_fn(model, step_tokens, step_pos, cache)
+        bound = {"kv_len": front + 1} if eager else {}
+        out = step_fn(model, step_tokens, step_pos, cache, **bound)
         # Finished rows keep stepping (fixed shapes); the clamp keeps them inside the cache.
         step_pos = (step_pos + 1).clamp_(max=last_pos)
+        front = min(front + 1, last_pos)
         return out
 
     while True:

@@ -62,6 +62,8 @@ class CausalSelfAttention(nn.Module):
             keys, values = cache.update(self.layer, k, v, input_pos, rows)
             if mask is None:
                 mask = cache.attention_mask(input_pos)  # (B, 1, T, max_len)
+            # A mask cut to the cache's filled prefix (kv_len) means only that prefix is read.
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
@@ -143,11 +145,14 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
         rows: slice | None = None,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, padded_vocab); loss when targets (B, T) are given.
 
         Without a cache positions are 0..T-1. With one, input_pos (B, T) holds each token's
-        position in its own row; see KVCache.update for `rows`.
+        position in its own row; see KVCache.update for `rows`. kv_len (> every position in
+        input_pos) lets attention read only the cache's first kv_len positions instead of all
+        max_len; leave it None for fixed shapes (a compiled step).
         """
         batch, seq = idx.shape
         if cache is None:
@@ -162,7 +167,7 @@ class Transformer(nn.Module):
                 raise ValueError("input_pos is required with a cache")
             x = self.tok_emb(idx) + self.pos_emb(input_pos)
         # One (B, 1, T, max_len) mask shared by every layer rather than rebuilt per layer.
-        mask = None if cache is None else cache.attention_mask(input_pos)
+        mask = None if cache is None else cache.attention_mask(input_pos, kv_len)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, input_pos, cache, rows, mask)

@@ -47,3 +47,12 @@ def test_without_rows_the_batch_covers_the_first_cache_rows() -> None:
     keys, _ = cache.update(0, k, k, positions)
     assert keys.data_ptr() == cache.k[0].data_ptr()
     torch.testing.assert_close(cache.k[0, :, :, :3], k)
+
+
+def test_a_mask_cut_to_the_filled_prefix_covers_only_those_positions() -> None:
+    cache = make_cache()
+    mask = cache.attention_mask(torch.tensor([[2], [4]]), kv_len=5)
+    assert mask.shape == (2, 1, 1, 5)
+    assert mask[0, 0, 0].tolist() == [True, True, True, False, False]
+    assert mask[1, 0, 0].tolist() == [True] * 5
+    assert cache.attention_mask(torch.tensor([[2]])).shape[-1] == MAX_LEN

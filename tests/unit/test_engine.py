@@ -359,9 +359,9 @@ def test_compiled_decode_step_matches_eager_on_cuda():
 def test_eager_decode_covers_only_the_active_slots(model):
     widths = []
 
-    def recording_step(model, tokens, positions, cache, rows):
+    def recording_step(model, tokens, positions, cache, rows, kv_len):
         widths.append(tokens.shape[0])
-        return decode_step(model, tokens, positions, cache, rows)
+        return decode_step(model, tokens, positions, cache, rows, kv_len)
 
     engine = Engine(model, max_batch=8, step_fn=recording_step)
     params = dataclasses.replace(GREEDY, max_new_tokens=4)
@@ -383,9 +383,9 @@ def test_eager_decode_spans_only_the_active_slots_and_freed_slots_are_harmless(
 ):
     rows_seen = []
 
-    def recording_step(model, tokens, positions, cache, rows):
+    def recording_step(model, tokens, positions, cache, rows, kv_len):
         rows_seen.append((rows.start, rows.stop))
-        return decode_step(model, tokens, positions, cache, rows)
+        return decode_step(model, tokens, positions, cache, rows, kv_len)
 
     engine = Engine(model, max_batch=4, step_fn=recording_step)
     params = [dataclasses.replace(GREEDY, max_new_tokens=n) for n in lengths]

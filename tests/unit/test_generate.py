@@ -64,6 +64,22 @@ def test_cached_decode_matches_full_recompute_for_one_prompt(model: Transformer)
             logits = decode_step(model, torch.tensor([[token]]), pos, cache)
 
 
+def test_reading_only_the_filled_prefix_of_the_cache_gives_the_same_logits(
+    model: Transformer,
+) -> None:
+    prompts = [RAGGED[0], RAGGED[2]]
+    whole, prefix = KVCache.for_model(model, 2, 64), KVCache.for_model(model, 2, 64)
+    with torch.inference_mode():
+        a, b = prefill(model, prompts, whole), prefill(model, prompts, prefix)
+        pos = torch.tensor([[len(p)] for p in prompts])
+        for _ in range(6):
+            tokens = a.argmax(-1, keepdim=True)
+            a = decode_step(model, tokens, pos, whole)
+            b = decode_step(model, tokens, pos, prefix, kv_len=int(pos.max()) + 1)
+            torch.testing.assert_close(b, a)
+            pos = pos + 1
+
+
 def test_cached_decode_matches_full_recompute_for_a_ragged_batch(model: Transformer) -> None:
     cached = generate_ids(model, RAGGED, GREEDY)
     uncached = generate_ids(model, RAGGED, GREEDY, use_cache=False)
