@@ -16,6 +16,7 @@ from lmcore.generate import (
     generate,
     generate_ids,
     prefill,
+    sample_token,
 )
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
@@ -106,6 +107,31 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transf
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
     other_seed = generate_ids(model, [RAGGED[0]], SamplingParams(max_new_tokens=20, seed=8))[0]
     assert other_seed.token_ids != batch[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("params", "allowed"),
+    [
+        (SamplingParams(temperature=1.0), [0, 1, 2, 3, 4]),
+        (SamplingParams(temperature=0.5), [0, 1, 2, 3, 4]),
+        (SamplingParams(temperature=1.0, top_k=2), [3, 4]),
+        (SamplingParams(temperature=1.0, top_p=0.75), [3, 4]),
+    ],
+    ids=["t1", "t0.5", "top-k-2", "top-p-0.75"],
+)
+def test_sampled_frequencies_follow_the_filtered_softmax(params, allowed) -> None:
+    logits = torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0])
+    # The distribution sample_token should draw from, built independently of it.
+    probs = torch.zeros(5, dtype=torch.float64)
+    probs[allowed] = torch.softmax(logits[allowed].double() / params.temperature, dim=0)
+    gen = torch.Generator().manual_seed(7)
+    n = 20_000
+    counts = torch.bincount(
+        torch.tensor([sample_token(logits, params, gen) for _ in range(n)]), minlength=5
+    ).double()
+    assert counts[probs == 0].sum() == 0, "a filtered-out token was sampled"
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert torch.all((counts - n * probs).abs() <= 4.5 * sigma + 1), (counts / n, probs)
 
 
 def test_top_k_one_is_greedy(model: Transformer) -> None:
