@@ -352,37 +352,60 @@ class Engine:
                 self._release(run, run.state.result())
 
     def _admit(self) -> None:
+        """Waiting requests take the free slots; those in adjacent slots prefill together."""
+        admitted: list[tuple[EngineHandle, SequenceState, int]] = []
+        for slot in (i for i, r in enumerate(self._slots) if r is None):
+            started = self._next_startable()
+            if started is None:
+                break
+            admitted.append((*started, slot))
+        group: list[tuple[EngineHandle, SequenceState, int]] = []
+        for item in admitted:
+            if group and item[2] != group[-1][2] + 1:
+                self._start(group)
+                group = []
+            group.append(item)
+        if group:
+            self._start(group)
+
+    def _next_startable(self) -> tuple[EngineHandle, SequenceState] | None:
+        """The next waiting request with its prompt prepared; bad or cancelled ones end here."""
         while True:
-            slot = next((i for i, r in enumerate(self._slots) if r is None), None)
-            if slot is None:
-                return
             with self._lock:
                 if not self._waiting:
-                    return
+                    return None
                 handle = self._waiting.popleft()
             if handle._cancel_requested:  # cancelled between the queue and its slot
                 self._cancel_unstarted(handle)
                 continue
-            self._start(handle, slot)
+            try:
+                ids = self._prepare(handle.request, self._model, self._tokenizer)
+                state = SequenceState(ids, handle.request.params, codec=self._tokenizer,
+                                      device=self._model.device)  # fmt: skip
+            except Exception as exc:
+                self._fail(handle, exc)
+                continue
+            return handle, state
 
-    def _start(self, handle: EngineHandle, slot: int) -> None:
-        """Prefill one request into `slot` and sample its first token."""
+    def _start(self, group: list[tuple[EngineHandle, SequenceState, int]]) -> None:
+        """Prefill requests into adjacent slots in one forward pass; each samples a first token."""
+        first = group[0][2]
+        prompts = [state.prompt_ids for _, state, _ in group]
         try:
-            ids = self._prepare(handle.request, self._model, self._tokenizer)
-            device = self._model.device
-            state = SequenceState(
-                ids, handle.request.params, codec=self._tokenizer, device=device
-            )
-            logits = prefill(self._model, [ids], self._cache, rows=slice(slot, slot + 1))
+            logits = prefill(self._model, prompts, self._cache, rows=slice(first, first + len(group)))
         except Exception as exc:
-            self._fail(handle, exc)
+            log.exception("prefill failed; failing its %d requests", len(group))
+            for handle, _, _ in group:
+                self._fail(handle, exc)
             return
-        handle.started_at = time.monotonic()
-        handle.metadata = self._metadata
-        run = _Running(handle, state, slot, position=len(ids))
-        self._slots[slot] = run
-        self._bump("prefills")
-        self._take_token(run, logits[0])
+        now = time.monotonic()
+        for row, (handle, state, slot) in enumerate(group):
+            handle.started_at = now
+            handle.metadata = self._metadata
+            run = _Running(handle, state, slot, position=len(state.prompt_ids))
+            self._slots[slot] = run
+            self._bump("prefills")
+            self._take_token(run, logits[row])
 
     def _decode(self) -> None:
         """One decode step, then one token for each active request.

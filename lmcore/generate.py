@@ -247,15 +247,16 @@ def prefill(
 ) -> torch.Tensor:
     """Write right-padded ragged prompts into the cache; return each row's last logits (B, V)."""
     device = model.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    idx = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        idx[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        idx[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     input_pos = torch.arange(width, device=device).expand(len(prompts), width)
-    logits, _ = model(idx, input_pos=input_pos, cache=cache, rows=rows, kv_len=width)
-    last = logits[torch.arange(len(prompts), device=device), lengths - 1]
-    return last[:, : model.config.vocab_size]
+    last = torch.tensor(lengths, device=device) - 1
+    logits, _ = model(idx.to(device), input_pos=input_pos, cache=cache, rows=rows, kv_len=width,
+                      logits_at=last)  # fmt: skip
+    return logits[:, 0, : model.config.vocab_size]
 
 
 def _as_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

@@ -146,14 +146,19 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         rows: slice | None = None,
         kv_len: int | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, padded_vocab); loss when targets (B, T) are given.
 
         Without a cache positions are 0..T-1. With one, input_pos (B, T) holds each token's
         position in its own row; see KVCache.update for `rows`. kv_len (> every position in
         input_pos) lets attention read only the cache's first kv_len positions instead of all
-        max_len; leave it None for fixed shapes (a compiled step).
+        max_len; leave it None for fixed shapes (a compiled step). logits_at (B,) asks for one
+        position's logits per row, (B, 1, padded_vocab): a prefill needs only each prompt's last,
+        and the output head over every position would cost T times as much.
         """
+        if logits_at is not None and targets is not None:
+            raise ValueError("logits_at and targets are exclusive: the loss needs every position")
         batch, seq = idx.shape
         if cache is None:
             if seq > self.config.block_size:
@@ -171,6 +176,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, input_pos, cache, rows, mask)
+        if logits_at is not None:
+            x = x[torch.arange(batch, device=x.device), logits_at][:, None]  # (B, 1, C)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

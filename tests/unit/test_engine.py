@@ -394,3 +394,24 @@ def test_eager_decode_spans_only_the_active_slots_and_freed_slots_are_harmless(
     assert rows_seen[0] == (0, 3) and rows_seen[-1] == last_rows
     for handle, prompt, sp in zip(handles, PROMPTS, params):
         assert handle.result(0).token_ids == alone(model, prompt, sp).token_ids
+
+
+def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model):
+    prefill_batches = []
+    hook = model.register_forward_hook(
+        lambda module, args, out: prefill_batches.append(args[0].shape)
+        if args[0].shape[1] > 1 else None
+    )
+    try:
+        engine = Engine(model, max_batch=4)
+        handles = [engine.submit(EngineRequest(p, GREEDY)) for p in PROMPTS[:3]]
+        bad = engine.submit(EngineRequest([], GREEDY))  # fails alone, takes no slot
+        engine.step()
+        assert prefill_batches == [(3, max(len(p) for p in PROMPTS[:3]))]
+        assert isinstance(bad.exception(0), ValueError) and engine.active == 3
+        run_until_idle(engine)
+    finally:
+        hook.remove()
+    for handle, prompt in zip(handles, PROMPTS):
+        assert handle.result(0).token_ids == alone(model, prompt, GREEDY).token_ids
+    assert engine.stats.prefills == 3

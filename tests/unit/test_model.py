@@ -44,6 +44,18 @@ def test_future_tokens_do_not_change_earlier_logits(tiny: Transformer) -> None:
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
+def test_logits_at_one_position_per_row_match_the_full_output(tiny: Transformer) -> None:
+    idx = torch.randint(0, tiny.config.vocab_size, (3, 10))
+    at = torch.tensor([9, 0, 4])
+    with torch.no_grad():
+        full, _ = tiny(idx)
+        picked, _ = tiny(idx, logits_at=at)
+    assert picked.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at])
+    with pytest.raises(ValueError, match="logits_at"):
+        tiny(idx, idx, logits_at=at)
+
+
 def test_dropout_is_off_in_eval_and_on_in_train() -> None:
     torch.manual_seed(0)
     model = Transformer(preset("tiny", dropout=0.5))
