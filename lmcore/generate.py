@@ -303,7 +303,7 @@ def generate_ids(
         logits = prefill(model, fitted, cache)
         step_pos = torch.tensor([[len(p)] for p in fitted], device=device)  # (B, 1)
         last_pos = cache.max_len - 1
-        front = int(step_pos.max())  # the highest position the next step writes
+        front = max(len(p) for p in fitted)  # the highest position the next step writes
     else:
         logits = _recompute_last_logits(model, states)
     all_greedy = all(sp.temperature == 0.0 for sp in plist)
