@@ -5,8 +5,8 @@ Pure lmcore (torch and stdlib threads): it must not know about Celery, Redis or 
 How a step works (`Engine.step`, also what the background thread runs):
   1. cancellations flagged since the last step finish their requests ("cancelled", text kept);
   2. a pending `swap_model` is applied once no request is active (admission pauses until then);
-  3. waiting requests are admitted into free slots, one prefill each, which samples their first
-     token;
+  3. waiting requests are admitted into the lowest free slots; those in adjacent slots share one
+     prefill forward pass, and each samples its first token;
   4. one decode step runs over the range of slots from the first to the last active one
      (compiled: over all `max_batch` slots, so shapes never change). Free slots inside the range
      feed token 0 at position 0: their results are ignored and a slot's rows are rewritten by
