@@ -194,6 +194,18 @@ class _Running:
     next_token: int = 0
 
 
+def _joins(group: list[tuple[EngineHandle, SequenceState, int]],
+           item: tuple[EngineHandle, SequenceState, int]) -> bool:
+    """Whether a request shares the group's prefill: the next slot, and padding kept under half.
+
+    A batched prefill pads every prompt to the longest, so one long prompt among short ones
+    would multiply their cost; such a request prefills in a group of its own.
+    """
+    lengths = [len(state.prompt_ids) for _, state, _ in group] + [len(item[1].prompt_ids)]
+    adjacent = item[2] == group[-1][2] + 1
+    return adjacent and len(lengths) * max(lengths) <= 2 * sum(lengths)
+
+
 @dataclass
 class _Swap:
     model: Transformer
@@ -361,7 +373,7 @@ class Engine:
             admitted.append((*started, slot))
         group: list[tuple[EngineHandle, SequenceState, int]] = []
         for item in admitted:
-            if group and item[2] != group[-1][2] + 1:
+            if group and not _joins(group, item):
                 self._start(group)
                 group = []
             group.append(item)

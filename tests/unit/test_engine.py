@@ -415,3 +415,23 @@ def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model)
     for handle, prompt in zip(handles, PROMPTS):
         assert handle.result(0).token_ids == alone(model, prompt, GREEDY).token_ids
     assert engine.stats.prefills == 3
+
+
+def test_a_long_prompt_does_not_pad_the_short_ones_in_a_shared_prefill(model):
+    prefill_batches = []
+    hook = model.register_forward_hook(
+        lambda module, args, out: prefill_batches.append(tuple(args[0].shape))
+        if args[0].shape[1] > 1 else None
+    )
+    try:
+        engine = Engine(model, max_batch=3)
+        prompts = [[5, 6], [7, 8, 9], list(range(1, 41))]
+        handles = [engine.submit(EngineRequest(p, GREEDY)) for p in prompts]
+        engine.step()
+        run_until_idle(engine)
+    finally:
+        hook.remove()
+    # Padding [5, 6] and [7, 8, 9] to 40 would make them cost 40 tokens each.
+    assert prefill_batches == [(2, 3), (1, 40)]
+    for handle, prompt in zip(handles, prompts):
+        assert handle.result(0).token_ids == alone(model, prompt, GREEDY).token_ids
