@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -396,13 +397,22 @@ def test_eager_decode_spans_only_the_active_slots_and_freed_slots_are_harmless(
         assert handle.result(0).token_ids == alone(model, prompt, sp).token_ids
 
 
-def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model):
-    prefill_batches = []
+@contextlib.contextmanager
+def recorded_prefills(model):
+    """Yields a list that collects the (batch, width) of each prefill forward (width > 1)."""
+    shapes = []
     hook = model.register_forward_hook(
-        lambda module, args, out: prefill_batches.append(args[0].shape)
+        lambda module, args, out: shapes.append(tuple(args[0].shape))
         if args[0].shape[1] > 1 else None
     )
     try:
+        yield shapes
+    finally:
+        hook.remove()
+
+
+def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model):
+    with recorded_prefills(model) as prefill_batches:
         engine = Engine(model, max_batch=4)
         handles = [engine.submit(EngineRequest(p, GREEDY)) for p in PROMPTS[:3]]
         bad = engine.submit(EngineRequest([], GREEDY))  # fails alone, takes no slot
@@ -410,27 +420,18 @@ def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model)
         assert prefill_batches == [(3, max(len(p) for p in PROMPTS[:3]))]
         assert isinstance(bad.exception(0), ValueError) and engine.active == 3
         run_until_idle(engine)
-    finally:
-        hook.remove()
     for handle, prompt in zip(handles, PROMPTS):
         assert handle.result(0).token_ids == alone(model, prompt, GREEDY).token_ids
     assert engine.stats.prefills == 3
 
 
 def test_a_long_prompt_does_not_pad_the_short_ones_in_a_shared_prefill(model):
-    prefill_batches = []
-    hook = model.register_forward_hook(
-        lambda module, args, out: prefill_batches.append(tuple(args[0].shape))
-        if args[0].shape[1] > 1 else None
-    )
-    try:
+    with recorded_prefills(model) as prefill_batches:
         engine = Engine(model, max_batch=3)
         prompts = [[5, 6], [7, 8, 9], list(range(1, 41))]
         handles = [engine.submit(EngineRequest(p, GREEDY)) for p in prompts]
         engine.step()
         run_until_idle(engine)
-    finally:
-        hook.remove()
     # Padding [5, 6] and [7, 8, 9] to 40 would make them cost 40 tokens each.
     assert prefill_batches == [(2, 3), (1, 40)]
     for handle, prompt in zip(handles, prompts):
