@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmcore.config import ConfigError, ModelConfig
+from lmcore.linear import use_inference_layout
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 
@@ -326,7 +327,10 @@ def _model_dir(path: PathLike) -> Path:
 def load_model_dir(
     path: PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
-    """Build the Transformer from config.json, check and load every tensor, return it in eval()."""
+    """Build the Transformer from config.json, check and load every tensor, return it in eval().
+
+    The model comes laid out for inference (lmcore.linear.use_inference_layout).
+    """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
     model = Transformer(config).to(saved_dtype)
@@ -334,6 +338,7 @@ def load_model_dir(
     _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
     _load_into(model, tensors)
     model.to(device=device, dtype=dtype or saved_dtype).eval()
+    use_inference_layout(model)  # a loaded model serves; training resumes from TrainingState
     tokenizer = Tokenizer.load(root / TOKENIZER_FILE) if (root / TOKENIZER_FILE).exists() else None
     return LoadedModel(model, tokenizer, config, metadata, root)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcore.linear import linear
+
 INT8_MAX = 127
 
 
@@ -65,7 +67,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Scale the output, not the weight: one (out,) multiply instead of a full (out, in) one.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        y = linear(x, self.weight.to(x.dtype), None) * self.scale.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -96,7 +98,7 @@ def _matches(name: str, skip: Sequence[str]) -> bool:
 def _linears_to_quantize(model: nn.Module, skip: Sequence[str]) -> list[str]:
     return [
         name for name, m in model.named_modules()
-        if type(m) is nn.Linear and not _matches(name, skip)
+        if isinstance(m, nn.Linear) and not _matches(name, skip)
         and not _shares_weight_with_other_module(model, m)
     ]
 
@@ -138,7 +140,11 @@ def dynamic_int8(model: nn.Module, *, skip: Sequence[str] = ("head",)) -> nn.Mod
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         # Per-channel scales, like Int8Linear; the default is one coarser scale per tensor.
-        spec = {name: per_channel_dynamic_qconfig for name in _linears_to_quantize(cpu, skip)}
+        names = _linears_to_quantize(cpu, skip)
+        for name in names:
+            # quantize_dynamic swaps modules by exact type: lmcore's Linear becomes nn.Linear.
+            cpu.get_submodule(name).__class__ = nn.Linear
+        spec = {name: per_channel_dynamic_qconfig for name in names}
         return quantize_dynamic(cpu, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
 
 

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_lmcore.py`
 from lmcore.cache import KVCache  # noqa: E402
 from lmcore.config import ModelConfig  # noqa: E402
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
+from lmcore.linear import onednn_available, use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 
 COMMAND = "python scripts/bench_lmcore.py"
@@ -101,6 +102,11 @@ def build_hf(s: BenchSettings) -> torch.nn.Module:
     model = GPT2LMHeadModel(config)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     return model
+
+
+def fresh_models(s: BenchSettings) -> dict[str, torch.nn.Module]:
+    return {"lmcore": build_lmcore(s, "gelu"), "transformers": build_hf(s),
+            "lmcore-swiglu": build_lmcore(s, "swiglu")}
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -360,6 +366,8 @@ def meta(s: BenchSettings, quick: bool, params: dict[str, int]) -> dict[str, Any
         "torch_threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu",
         "quick": quick, "settings": asdict(s), "params": params,
         "hf_attn_implementation": "sdpa", "hf_cache": "DynamicCache (generate's default)",
+        "lmcore_cpu_linear": "oneDNN" if onednn_available() else "F.linear (default BLAS)",
+        "lmcore_decode_weights": "column-major (use_inference_layout, as load_model_dir)",
         "timing": "median of interleaved runs (wall and process CPU time); decode time "
                   "includes prefill; weights random; ratios from wall time, ratios_cpu_time "
                   "from CPU time (steadier on a shared machine)",
@@ -413,16 +421,20 @@ def _color(impl: str) -> str:
 
 def run(s: BenchSettings, quick: bool) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
-    models = {"lmcore": build_lmcore(s, "gelu"), "transformers": build_hf(s),
-              "lmcore-swiglu": build_lmcore(s, "swiglu")}
-    for m in models.values():
-        m.eval()
-    params = {name: count_params(m) for name, m in models.items()}
+    params = {name: count_params(m) for name, m in fresh_models(s).items()}
     info = meta(s, quick, params)
+    # Decode runs on eval models laid out for inference, as load_model_dir returns them.
+    served = fresh_models(s)
+    for name, m in served.items():
+        m.eval()
+        if isinstance(m, Transformer):
+            use_inference_layout(m)
     # KV first: later runs leave freed memory that new caches would reuse without RSS growth.
-    kv = run_kv_cache(models["lmcore"], s)
-    decode = run_decode(s, models)
-    train = run_train(s, models)
+    kv = run_kv_cache(served["lmcore"], s)
+    decode = run_decode(s, served)
+    checks = {"cached_greedy_equals_recompute": cache_matches_recompute(served["lmcore"], s)}
+    del served
+    train = run_train(s, fresh_models(s))
     ratios = summarize(s, decode, train)
     ratios_cpu = summarize(s, decode, train, key="tokens_per_cpu_s")
     info["load_average_end"] = list(os.getloadavg())
@@ -438,7 +450,7 @@ def run(s: BenchSettings, quick: bool) -> dict[str, Any]:
         "ratios": ratios,
         "ratios_cpu_time": ratios_cpu,
         "targets": targets,
-        "checks": {"cached_greedy_equals_recompute": cache_matches_recompute(models["lmcore"], s)},
+        "checks": checks,
         "train": train,
         "kv_cache": kv,
         "command": COMMAND + (" --quick" if quick else ""),

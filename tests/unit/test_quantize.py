@@ -11,6 +11,7 @@ from torch import nn
 
 from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate_ids
+from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import (
     Int8Linear,
@@ -71,21 +72,21 @@ def test_int8_linear_equals_matmul_with_its_dequantized_weight() -> None:
 
 def test_quantize_int8_replaces_block_linears_and_keeps_the_tied_head() -> None:
     model = quantize_int8(Transformer(preset("tiny")))
-    block_linears = [m for m in model.blocks.modules() if type(m) is nn.Linear]
+    block_linears = [m for m in model.blocks.modules() if isinstance(m, nn.Linear)]
     assert block_linears == []
     assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
-    assert type(model.head) is nn.Linear and model.head.weight is model.tok_emb.weight
+    assert isinstance(model.head, nn.Linear) and model.head.weight is model.tok_emb.weight
     assert not model.training
 
 
 def test_tied_head_is_kept_even_when_not_skipped() -> None:
     model = quantize_int8(Transformer(preset("tiny")), skip=())
-    assert type(model.head) is nn.Linear and model.head.weight is model.tok_emb.weight
+    assert type(model.head) is Linear and model.head.weight is model.tok_emb.weight
 
 
 def test_untied_head_is_quantized_only_when_not_skipped() -> None:
     cfg = preset("tiny", tie_embeddings=False)
-    assert type(quantize_int8(Transformer(cfg)).head) is nn.Linear
+    assert type(quantize_int8(Transformer(cfg)).head) is Linear
     assert isinstance(quantize_int8(Transformer(cfg), skip=()).head, Int8Linear)
 
 
@@ -136,7 +137,7 @@ def test_dynamic_int8_is_close_to_fp32_and_leaves_the_input_model_alone(
     trained: Transformer,
 ) -> None:
     dyn = dynamic_int8(trained)
-    assert type(trained.blocks[0].attn.qkv) is nn.Linear
+    assert type(trained.blocks[0].attn.qkv) is Linear
     assert type(dyn.blocks[0].attn.qkv) is not nn.Linear
     idx = pattern_tokens(64)[None]
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_quantization_report_gives_sizes_and_loss_delta_without_changing_the_mod
     trained.train()
     report = quantization_report(trained, pattern_tokens(400), 64, windows=4,
                                  include_dynamic=True)
-    assert trained.training and type(trained.blocks[0].attn.qkv) is nn.Linear
+    assert trained.training and type(trained.blocks[0].attn.qkv) is Linear
     assert report["base_bytes"] == model_size_bytes(trained)
     assert 0.40 < report["int8_size_ratio"] < 0.50
     assert report["int8_val_loss_delta"] == pytest.approx(

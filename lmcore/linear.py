@@ -1,0 +1,131 @@
+"""nn.Linear whose fp32 CPU matmuls run through oneDNN instead of PyTorch's default CPU BLAS.
+
+PyTorch's x86 CPU builds hand fp32 matmuls to Intel MKL, which runs its AVX-512 kernels only on
+Intel processors and falls back to AVX2 elsewhere (AMD Zen 4/5). oneDNN, shipped in the same
+builds, picks kernels by instruction set alone: on the project's AMD EPYC it runs the model's
+GEMMs ~2.3x faster (bench/README.md). Results differ from F.linear only by fp32 rounding; every
+other case (CUDA, bf16/fp16, autocast, torch.compile, non-x86) is plain F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# LMCORE_ONEDNN_LINEAR=0 turns the oneDNN path off (read once, at the first linear call).
+ENV_SWITCH = "LMCORE_ONEDNN_LINEAR"
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """oneDNN's linear op exists in this torch build, on an x86 CPU, and is not switched off."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # aarch64 builds route oneDNN through other kernels; not measured there
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias with oneDNN; any strides (a transposed view is read, not copied)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward and backward of a linear layer, each product a oneDNN matmul."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+        return _matmul(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            grad_x = _matmul(grad, weight.t(), None)  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
+            grad_w = _matmul(grad_2d.t(), x_2d.t(), None)  # (out, N) @ (N, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:  # type: ignore[attr-defined]
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")  # autocast wants F.linear to cast to bf16
+        and not torch.compiler.is_compiling()  # inductor has its own oneDNN lowering
+        and onednn_available()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through oneDNN for fp32 on an x86 CPU."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _matmul(x, weight, bias)  # inference: no autograd Function on the decode path
+
+
+class Linear(nn.Linear):
+    """A drop-in nn.Linear (same parameters, same state dict) using `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def use_inference_layout(model: nn.Module) -> nn.Module:
+    """Store square and wide fp32 CPU Linear weights column-major, for inference-only models.
+
+    Shapes, values and the state dict stay the same; only the memory order changes. A decode
+    step multiplies one row per sequence by each weight, and oneDNN streams a column-major
+    weight with in_features >= out_features (attention output, MLP down projection) 15-35%
+    faster there, but a tall one (MLP up, the head) up to 2.5x slower (bench/README.md).
+    Training GEMMs prefer the usual order, so this is for loaded, eval-only models. A weight
+    shared with another module (the head tied to the token embedding) keeps its order.
+    Returns the model.
+    """
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    for module in model.modules():
+        weight = module.weight if isinstance(module, nn.Linear) else None
+        if (
+            weight is None
+            or weight.device.type != "cpu"
+            or weight.dtype != torch.float32
+            or owners[id(weight)] > 1
+            or module.in_features < module.out_features
+        ):
+            continue
+        # (out, in) with strides (1, out): the transpose of a contiguous (in, out) matrix.
+        weight.data = weight.data.t().contiguous().t()
+    return model

@@ -1,0 +1,143 @@
+"""lmcore.linear: the oneDNN CPU linear equals F.linear, forward and backward; the inference layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from lmcore import linear as lin
+from lmcore.checkpoint import load_model_dir, save_model_dir
+from lmcore.config import preset
+from lmcore.model import Transformer
+
+pytestmark = pytest.mark.unit
+
+needs_onednn = pytest.mark.skipif(not lin.onednn_available(), reason="no oneDNN linear here")
+
+
+def _ops_run(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.fixture
+def onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lin, "onednn_available", lambda: False)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_match_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    grad_out = torch.randn(*shape[:-1], 40)
+
+    y = lin.linear(x, w, b)
+    y.backward(grad_out)
+    got = [x.grad, w.grad] + ([b.grad] if bias else [])
+    for t in [x, w] + ([b] if bias else []):
+        t.grad = None
+    want_y = F.linear(x, w, b)
+    want_y.backward(grad_out)
+    want = [x.grad, w.grad] + ([b.grad] if bias else [])
+
+    torch.testing.assert_close(y, want_y)
+    for g, wg in zip(got, want):
+        torch.testing.assert_close(g, wg)
+
+
+@needs_onednn
+def test_strided_inputs_and_weights_give_the_same_product() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(24, 9).t()  # (9, 24), not contiguous
+    w = torch.randn(24, 40).t()  # (40, 24), column-major
+    torch.testing.assert_close(lin.linear(x, w, None), F.linear(x, w, None))
+
+
+@needs_onednn
+def test_fp32_cpu_linear_runs_through_onednn_and_bf16_does_not() -> None:
+    layer = lin.Linear(16, 8)
+    x = torch.randn(4, 16)
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: layer(x))
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: layer(x.requires_grad_()).sum().backward())
+    bf16 = lin.Linear(16, 8).to(torch.bfloat16)
+    ops = _ops_run(lambda: bf16(x.detach().to(torch.bfloat16)))
+    assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
+
+
+def test_switched_off_it_is_plain_f_linear(onednn_off: None) -> None:
+    layer = lin.Linear(16, 8)
+    x = torch.randn(4, 16)
+    ops = _ops_run(lambda: layer(x))
+    assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
+
+
+def test_environment_switch_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(lin.ENV_SWITCH, "0")
+    lin.onednn_available.cache_clear()
+    try:
+        assert lin.onednn_available() is False
+    finally:
+        monkeypatch.undo()
+        lin.onednn_available.cache_clear()
+
+
+@needs_onednn
+def test_model_gradients_match_the_plain_f_linear_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    model = Transformer(preset("tiny"))
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(idx, idx)[1].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast = grads()
+    monkeypatch.setattr(lin, "onednn_available", lambda: False)
+    plain = grads()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _is_column_major(t: torch.Tensor) -> bool:
+    return t.stride() == (1, t.shape[0])
+
+
+def test_inference_layout_keeps_values_and_lays_linears_column_major() -> None:
+    torch.manual_seed(3)
+    model = Transformer(preset("tiny")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(idx)[0]
+        lin.use_inference_layout(model)
+        after = model(idx)[0]
+
+    torch.testing.assert_close(after, before)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before_state[name]), name
+    # Square and wide weights turn column-major; tall ones (in < out) stay row-major.
+    assert _is_column_major(model.blocks[0].attn.proj.weight)
+    assert _is_column_major(model.blocks[0].mlp.down.weight)
+    assert model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert model.blocks[0].mlp.up.weight.is_contiguous()
+    # The head shares the embedding, which is read row by row: its order is kept.
+    assert model.head.weight is model.tok_emb.weight and model.head.weight.is_contiguous()
+
+
+def test_loaded_model_comes_in_inference_layout_and_saves_again(tmp_path) -> None:
+    torch.manual_seed(4)
+    model = Transformer(preset("tiny")).eval()
+    loaded = load_model_dir(save_model_dir(tmp_path / "a", model)).model
+    assert _is_column_major(loaded.blocks[0].mlp.down.weight)
+    again = load_model_dir(save_model_dir(tmp_path / "b", loaded)).model
+    idx = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx)[0], model(idx)[0])
