@@ -3,8 +3,8 @@
 PyTorch's x86 CPU builds hand fp32 matmuls to Intel MKL, which runs its AVX-512 kernels only on
 Intel processors and falls back to AVX2 elsewhere (AMD Zen 4/5). oneDNN, shipped in the same
 builds, picks kernels by instruction set alone: on the project's AMD EPYC it runs the model's
-GEMMs ~2.3x faster (bench/README.md). Results differ from F.linear only by fp32 rounding; every
-other case (CUDA, bf16/fp16, autocast, torch.compile, non-x86) is plain F.linear.
+GEMMs ~2.1x faster (bench/linear_cpu.json). Results differ from F.linear only by fp32 rounding;
+every other case (CUDA, bf16/fp16, autocast, torch.compile, non-x86) is plain F.linear.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def use_inference_layout(model: nn.Module) -> nn.Module:
 
     Shapes, values and the state dict stay the same; only the memory order changes. A decode
     step multiplies one row per sequence by each weight, and oneDNN streams a column-major
-    weight with in_features >= out_features (attention output, MLP down projection) 15-35%
-    faster there, but a tall one (MLP up, the head) up to 2.5x slower (bench/README.md).
+    weight with in_features >= out_features (attention output, MLP down projection) up to ~20%
+    faster there (no change at 768 wide), but a tall one (MLP up, the head) up to 2.5x slower
+    (bench/linear_cpu.json).
     Training GEMMs prefer the usual order, so this is for loaded, eval-only models. A weight
     shared with another module (the head tied to the token embedding) keeps its order.
     Returns the model.
