@@ -75,21 +75,45 @@ async def one_job(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, 
     return {"start": start, "end": end, "e2e_s": end - start, "job": done}
 
 
-async def run_load(api_url: str, jobs: int, tokens: int, seed0: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_load(
+    api_url: str, jobs: int, tokens: int, seed0: int, pids: dict[str, int]
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=2 * jobs + 4, max_keepalive_connections=2 * jobs)
     async with httpx.AsyncClient(base_url=api_url, timeout=600, limits=limits) as client:
-        warm = {"prompt": "First Citizen:", "max_new_tokens": 4, "eos": False, "seed": 1}
-        await asyncio.gather(*(one_job(client, warm) for _ in range(2)))  # first-call costs
+        # Warm-up: one burst of short jobs the size of the measured one, so what a serving stack
+        # has after its first minutes (client and API connections, the worker's pool threads and
+        # Redis connections, oneDNN's kernels for these shapes) exists before it is measured.
+        # A cold stack queued its first burst about twice as long.
+        warm = [{"prompt": f"Citizen {i}: speak,", "max_new_tokens": 4, "eos": False, "seed": i}
+                for i in range(jobs)]  # fmt: skip
+        await asyncio.gather(*(one_job(client, body) for body in warm))
         bodies = [
             {"prompt": f"Citizen {i}: speak,", "max_new_tokens": tokens, "seed": seed0 + i,
              "eos": False, "temperature": 0.8}  # fmt: skip
             for i in range(jobs)
         ]
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        client_before = time.process_time()
         results = await asyncio.gather(*(one_job(client, b) for b in bodies))
+        cpu = {name: (None if cpu_seconds(pid) is None or cpu_before[name] is None
+                      else round(cpu_seconds(pid) - cpu_before[name], 3))  # type: ignore[operator]
+               for name, pid in pids.items()}  # fmt: skip
+        cpu["client (this process)"] = round(time.process_time() - client_before, 3)
         # The same path with nothing else in flight: the per-job overhead floor.
         alone = [await one_job(client, {**b, "seed": seed0 + 10_000 + i})
                  for i, b in enumerate(bodies[:SOLO_JOBS])]  # fmt: skip
     summary = summarize(results, tokens)
+    # Where the cores went during the burst: every process here shares the same CPUs.
+    summary["burst_cpu_s_by_process"] = cpu
     solo = summarize(alone, tokens)
     summary["one_at_a_time_client"] = {
         "jobs": len(alone), "latency_ms": solo["latency_ms"],
@@ -166,7 +190,7 @@ def run_mode(
     state = stack.up(detach=True, echo=False)
     try:
         print(f"max_batch={max_batch}: {jobs} jobs x {tokens} tokens ...", flush=True)
-        result = asyncio.run(run_load(state.api_url, jobs, tokens, seed0=1000))
+        result = asyncio.run(run_load(state.api_url, jobs, tokens, seed0=1000, pids=state.pids))
     finally:
         stack.down()
     print(f"  {result['tokens_per_s']} tokens/s, {result['jobs_per_s']} jobs/s, "
