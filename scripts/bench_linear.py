@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_linear.py`
     sys.path.insert(0, str(ROOT))
 
 from lmcore.linear import linear, onednn_available  # noqa: E402
+from scripts.bench_lmcore import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "linear_cpu.json"
 # (out_features, in_features) of the bench model (n_embd 384, GELU MLP, 8192 vocab) and gpt2-124m.
@@ -130,17 +130,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
