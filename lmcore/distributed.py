@@ -157,13 +157,40 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank passed True (all ranks must call it together)."""
-    if not active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+class StopVote:
+    """Whether any rank wants to stop, agreed by all ranks without waiting for the GPU.
+
+    Each call starts an all-reduce of this step's flag on a CPU (gloo) group and returns the
+    previous call's result, so every rank stops at the same step, the step after the first flag.
+    A device all-reduce read with .item() would make the host wait every step for all of the
+    step's kernels, so it could not queue the next step meanwhile. One process: the flag itself.
+    Every rank must create it and call it at the same points.
+    """
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self._pending: tuple[torch.Tensor, Any] | None = None
+        if active():
+            # Its own CPU group (collective: every rank creates it), so votes never interleave
+            # with the training's collectives, and never touch a GPU.
+            self._group = dist.new_group(backend="gloo")
+
+    def __call__(self, flag: bool) -> bool:
+        if not active():
+            return flag
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        previous, self._pending = self._pending, (vote, work)
+        if previous is None:
+            return False
+        previous[1].wait()
+        return bool(previous[0].item())
+
+    def close(self) -> None:
+        """Wait for the last vote (every rank started it) so no collective outlives the loop."""
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
 
 
 def mean_across_ranks(value: torch.Tensor | float, device: torch.device) -> float:

@@ -472,6 +472,7 @@ class Trainer:
         val_loss, evaluated_at = math.nan, -1
         saved_at, last_path = -1, None
         step = start
+        stop_vote = D.StopVote()
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:
@@ -487,10 +488,12 @@ class Trainer:
                     val_loss, evaluated_at = self._evaluate(step), step
                 if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
                     saved_at, last_path = step, self._save_checkpoint(step)
-                if D.any_rank(stop.is_set(), self.device):  # all ranks stop at the same step
+                if stop_vote(stop.is_set()):  # every rank stops at the same step
+                    stop_vote.close()
                     if saved_at != step:
                         last_path = self._save_checkpoint(step)
                     raise TrainingInterrupted(step, last_path)
+            stop_vote.close()
         finally:
             bar.close()
         run_meter.stop()

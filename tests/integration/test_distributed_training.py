@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmcore.checkpoint import latest_training_state
 from lmcore.data import TokenDataset, prepare_corpus
+from lmcore.train import INTERRUPTED_EXIT_CODE
 from tests.helpers.trainer_run import write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -147,6 +151,54 @@ def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
     assert json.loads((tmp_path / "one" / "rank0.json").read_text())["world_size"] == 1
 
 
+def trainer_args(text: Path, data: TokenDataset, ckpt: Path, *extra: str) -> list[str]:
+    return ["-m", "services.trainer", "model=tiny", "model.block_size=64", "data=text",
+            f"data.source={text}", f"data.cache_dir={data.path.parent}", "train.batch_size=4",
+            "train.warmup_steps=2", "train.eval_interval=0", "train.eval_batches=2",
+            "train.device=cpu", "train.progress=false", f"train.checkpoint_dir={ckpt}",
+            "train.dist_timeout_s=120", "tracking.enabled=false", *extra]
+
+
+def pod_env(rank: int, port: int) -> dict[str, str]:
+    """What the training operator sets in each pod of a two-pod PyTorchJob."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "RANK": str(rank), "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
+            "PET_NPROC_PER_NODE": "1", "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port)}
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Kubernetes may signal one pod before the other: that rank's flag reaches every rank
+    through the stop vote, all save one checkpoint together and exit for a retry."""
+    text, data = corpus
+    port, ckpt = free_port(), tmp_path / "ckpt"
+    args = trainer_args(text, data, ckpt, "train.max_steps=2000", "train.checkpoint_interval=5")
+    procs = [start([sys.executable, *args], tmp_path / f"rank{r}.log", **pod_env(r, port))
+             for r in (0, 1)]  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while latest_training_state(ckpt) is None:  # the ranks are training in step
+        assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # the worker pod only
+
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [INTERRUPTED_EXIT_CODE] * 2, logs[0][-2000:] + logs[1][-2000:]
+    last = [log.strip().splitlines()[-1] for log in logs]
+    stopped = latest_training_state(ckpt)
+    assert stopped is not None
+    step = int(stopped.name.removeprefix("step-"))
+    assert 5 <= step < 2000
+    # Both name the same step, the one the checkpoint holds (rank 0, which wrote it, its path).
+    assert last[0].startswith(f"error: interrupted by SIGTERM at step {step}, "), last[0]
+    assert last[1] == f"error: interrupted by SIGTERM at step {step}", last[1]
+    state = json.loads((stopped / "state.json").read_text())
+    assert state["step"] == step and len(state["extra"]["samplers"]) == 2
+
+
 def test_pytorchjob_master_and_worker_pods_train_to_the_end(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:
@@ -155,22 +207,12 @@ def test_pytorchjob_master_and_worker_pods_train_to_the_end(
     text, data = corpus
     port = free_port()
     ckpt = tmp_path / "ckpt"
-    trainer = ["-m", "services.trainer", "model=tiny", "model.block_size=64", "data=text",
-               f"data.source={text}", f"data.cache_dir={data.path.parent}",
-               "train.max_steps=6", "train.batch_size=4", "train.warmup_steps=2",
-               "train.eval_interval=0", "train.eval_batches=2", "train.device=cpu",
-               "train.progress=false", f"train.checkpoint_dir={ckpt}", "train.dist_timeout_s=120",
-               "tracking.enabled=false"]
+    trainer = trainer_args(text, data, ckpt, "train.max_steps=6")
     procs = []
     for rank, role in enumerate(("master", "worker")):
-        pod_env = {
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2", "RANK": str(rank),
-            "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
-            "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
-        }
         log = tmp_path / f"{role}.log"
-        procs.append((start([*TORCHRUN, "--nnodes", "2", *trainer], log, **pod_env), log))
+        procs.append((start([*TORCHRUN, "--nnodes", "2", *trainer], log, **pod_env(rank, port)),
+                      log))  # fmt: skip
     for proc, log in procs:
         finish(proc, log)
     master_log = procs[0][1].read_text()
