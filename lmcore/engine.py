@@ -48,7 +48,7 @@ from lmcore.generate import (
     decode_step,
     fit_prompt,
     prefill,
-    sample_token,
+    sample_tokens,
 )
 
 if TYPE_CHECKING:
@@ -404,20 +404,23 @@ class Engine:
         first = group[0][2]
         prompts = [state.prompt_ids for _, state, _ in group]
         try:
-            logits = prefill(self._model, prompts, self._cache, rows=slice(first, first + len(group)))
+            rows = slice(first, first + len(group))
+            logits = prefill(self._model, prompts, self._cache, rows=rows)
         except Exception as exc:
             log.exception("prefill failed; failing its %d requests", len(group))
             for handle, _, _ in group:
                 self._fail(handle, exc)
             return
         now = time.monotonic()
-        for row, (handle, state, slot) in enumerate(group):
+        runs = []
+        for handle, state, slot in group:
             handle.started_at = now
             handle.metadata = self._metadata
             run = _Running(handle, state, slot, position=len(state.prompt_ids))
             self._slots[slot] = run
             self._bump("prefills")
-            self._take_token(run, logits[row])
+            runs.append(run)
+        self._take_tokens(runs, logits)
 
     def _decode(self) -> None:
         """One decode step, then one token for each active request.
@@ -460,13 +463,25 @@ class Engine:
                 self._release(run, error=exc)
             return
         self._bump("decode_steps")
-        for run, index in zip(running, out_index):
+        for run in running:
             run.position += 1
-            self._take_token(run, logits[index])
+        self._take_tokens(running, logits[out_index])
 
-    def _take_token(self, run: _Running, logits: torch.Tensor) -> None:
+    def _take_tokens(self, runs: list[_Running], logits: torch.Tensor) -> None:
+        """Sample one token per run from its row of logits (rows in the order of runs)."""
         try:
-            token = sample_token(logits, run.state.params, run.state.generator)
+            tokens = sample_tokens(logits, [run.state.params for run in runs],
+                                   [run.state.generator for run in runs])  # fmt: skip
+        except Exception as exc:
+            log.exception("sampling failed; failing its %d requests", len(runs))
+            for run in runs:
+                self._release(run, error=exc)
+            return
+        for run, token in zip(runs, tokens):
+            self._take_token(run, token)
+
+    def _take_token(self, run: _Running, token: int) -> None:
+        try:
             delta = run.state.add_token(token)
         except Exception as exc:
             self._release(run, error=exc)

@@ -82,24 +82,58 @@ def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> int:
     """One token id from a (vocab,) logits row: greedy, or temperature + top-k + top-p."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    # Inverse-transform sampling: one uniform draw per token, where torch.multinomial draws one
+    return sample_tokens(logits[None], [params], [generator])[0]
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> list[int]:
+    """One token id per row of (B, vocab) logits, each row with its own params and generator.
+
+    The rows are sampled together, a few ops for the batch instead of a few per row (and on a
+    GPU one copy to the host instead of one per row); every op works row by row, so a row gets
+    the token it would get alone.
+    """
+    tokens = logits.argmax(dim=-1)  # the greedy rows' answer
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if rows:
+        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows],
+                                    [generators[i] for i in rows])  # fmt: skip
+    return tokens.tolist()
+
+
+def _sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, then one draw per row: (S, vocab) -> (S,) ids."""
+    device, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    x = logits.float() / temps[:, None]
+    if any(p.top_k for p in params):
+        ks = [min(p.top_k, vocab) for p in params]
+        top = torch.topk(x, max(ks), dim=-1).values  # (S, max k), descending
+        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
+        off = torch.tensor([k == 0 for k in ks], device=device)[:, None]
+        x = x.masked_fill((x < kth) & ~off, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1); a row
+        # without top_p gets an infinite threshold.
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                             device=device)  # fmt: skip
+        sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    # Inverse-transform sampling: one uniform draw per row, where torch.multinomial draws one
     # exponential per vocabulary entry (10% of a 32-request engine step on CPU). In float64,
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
-    cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=torch.float64), dim=-1)
-    u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64)
-    return int(torch.searchsorted(cdf, ((1.0 - u) * cdf[-1]).reshape(1)))
+    cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
+                     for g in generators]).to(device)  # fmt: skip
+    return torch.searchsorted(cdf, ((1.0 - u) * cdf[:, -1])[:, None])[:, 0]
 
 
 class SequenceState:
@@ -169,7 +203,8 @@ class SequenceState:
 
     def result(self) -> Generation:
         assert self.finish_reason is not None
-        return Generation(self._text, list(self.token_ids), self.finish_reason, len(self.prompt_ids))
+        prompt_tokens = len(self.prompt_ids)
+        return Generation(self._text, list(self.token_ids), self.finish_reason, prompt_tokens)
 
     def _cut_at_stop(self, searched: int) -> bool:
         """Cut at the first stop string; only text near the new characters is searched."""
@@ -342,10 +377,13 @@ def generate_ids(
             else:
                 tokens = step_tokens.squeeze(1).tolist()
         else:
-            tokens = [
-                0 if s.finished else sample_token(logits[row], s.params, s.generator)
-                for row, s in enumerate(states)
-            ]
+            # Finished rows keep stepping (fixed shapes) on token 0 and draw nothing.
+            live = [row for row, s in enumerate(states) if not s.finished]
+            tokens = [0] * len(states)
+            picked = sample_tokens(logits[live], [states[r].params for r in live],
+                                   [states[r].generator for r in live])  # fmt: skip
+            for row, token in zip(live, picked):
+                tokens[row] = token
             step_tokens = torch.tensor(tokens, device=device)[:, None]
         for row, state in enumerate(states):
             if state.finished:

@@ -17,6 +17,7 @@ from lmcore.generate import (
     generate_ids,
     prefill,
     sample_token,
+    sample_tokens,
 )
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
@@ -107,6 +108,23 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transf
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
     other_seed = generate_ids(model, [RAGGED[0]], SamplingParams(max_new_tokens=20, seed=8))[0]
     assert other_seed.token_ids != batch[0].token_ids
+
+
+def test_batched_sampling_gives_each_row_the_token_it_gets_alone() -> None:
+    """Rows with different filters sampled together, ties included, against each row alone."""
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9),
+             SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.7, top_p=0.8),
+             SamplingParams(temperature=1.3, top_k=20, top_p=0.5),
+             SamplingParams(temperature=2.0, top_k=1000)]  # fmt: skip
+    torch.manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(len(mixed), 64) * 3
+        logits[:, :8] = 4.0  # a tie among the top tokens
+        seeds = [trial * 10 + i for i in range(len(mixed))]
+        together = sample_tokens(logits, mixed, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = [sample_token(row, p, torch.Generator().manual_seed(s))
+                 for row, p, s in zip(logits, mixed, seeds)]  # fmt: skip
+        assert together == alone
 
 
 @pytest.mark.parametrize(
