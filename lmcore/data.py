@@ -161,9 +161,9 @@ def _source_files(source: str) -> list[Path]:
 
 def read_corpus(source: str | os.PathLike[str] | None = None) -> list[str]:
     """Documents of `source`: None or "shakespeare" (the default plays), a text file, a directory
-    (its .txt/.text/.md/.markdown files, recursively, hidden ones skipped) or a glob. One document per file, sorted by
-    path; Markdown files are stripped to plain text; blank files are skipped. Newlines are
-    normalised to "\\n" (universal newlines).
+    (its .txt/.text/.md/.markdown files, recursively, hidden ones skipped) or a glob. One document
+    per file, sorted by path; Markdown files are stripped to plain text; blank files are skipped.
+    Newlines are normalised to "\\n" (universal newlines).
     """
     name = DEFAULT_SOURCE if source is None else os.fspath(source)
     files = default_corpus_files() if name == DEFAULT_SOURCE else _source_files(name)

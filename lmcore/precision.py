@@ -56,7 +56,9 @@ def resolve_precision(
         else:
             requested = "fp32"
     if requested not in _DTYPES:
-        raise ValueError(f"mixed_precision must be auto, bf16, fp16, fp32 or a bool, got {requested!r}")
+        raise ValueError(
+            f"mixed_precision must be auto, bf16, fp16, fp32 or a bool, got {requested!r}"
+        )
     return Precision(_DTYPES[requested], device.type)
 
 
