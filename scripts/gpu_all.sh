@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent CUDA machine with a bare PyTorch image:
-# the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode),
+# the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode, the
+# batched engine against a bare step loop),
 # then the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
 #
 #     OUT=/tmp/gpu bash scripts/gpu_all.sh
