@@ -99,6 +99,16 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def shared_weight_ids(model: nn.Module) -> set[int]:
+    """ids of the weight tensors that more than one module holds (a head tied to an embedding)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return {ident for ident, count in owners.items() if count > 1}
+
+
 @torch.no_grad()
 def use_inference_layout(model: nn.Module) -> nn.Module:
     """Store square and wide fp32 CPU Linear weights column-major, for inference-only models.
@@ -107,26 +117,20 @@ def use_inference_layout(model: nn.Module) -> nn.Module:
     step multiplies one row per sequence by each weight, and oneDNN streams a column-major
     weight with in_features >= out_features (attention output, MLP down projection) up to ~20%
     faster there (no change at 768 wide), but a tall one (MLP up, the head) up to 2.5x slower
-    (bench/linear_cpu.json).
-    Training GEMMs prefer the usual order, so this is for loaded, eval-only models. A weight
-    shared with another module (the head tied to the token embedding) keeps its order.
-    Returns the model.
+    (bench/linear_cpu.json). Training GEMMs prefer the usual order, so this is for loaded,
+    eval-only models. A weight shared with another module (the head tied to the token
+    embedding) keeps its order. Returns the model.
     """
-    owners: dict[int, int] = {}
+    shared = shared_weight_ids(model)
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            owners[id(weight)] = owners.get(id(weight), 0) + 1
-    for module in model.modules():
-        weight = module.weight if isinstance(module, nn.Linear) else None
         if (
-            weight is None
-            or weight.device.type != "cpu"
-            or weight.dtype != torch.float32
-            or owners[id(weight)] > 1
+            not isinstance(module, nn.Linear)
+            or module.weight.device.type != "cpu"
+            or module.weight.dtype != torch.float32
+            or id(module.weight) in shared
             or module.in_features < module.out_features
         ):
             continue
         # (out, in) with strides (1, out): the transpose of a contiguous (in, out) matrix.
-        weight.data = weight.data.t().contiguous().t()
+        module.weight.data = module.weight.data.t().contiguous().t()
     return model

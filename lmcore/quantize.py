@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcore.linear import linear
+from lmcore.linear import linear, shared_weight_ids
 
 INT8_MAX = 127
 
@@ -84,21 +84,15 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def _shares_weight_with_other_module(model: nn.Module, linear: nn.Linear) -> bool:
-    """True for a tied head: its weight Parameter also belongs to another module (the embedding)."""
-    owners = [m for m in model.modules() if getattr(m, "weight", None) is linear.weight]
-    return len(owners) > 1
-
-
 def _matches(name: str, skip: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
 def _linears_to_quantize(model: nn.Module, skip: Sequence[str]) -> list[str]:
+    shared = shared_weight_ids(model)  # a tied head: its weight is also the embedding's
     return [
         name for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not _matches(name, skip)
-        and not _shares_weight_with_other_module(model, m)
+        if isinstance(m, nn.Linear) and not _matches(name, skip) and id(m.weight) not in shared
     ]
 
 
