@@ -33,6 +33,7 @@ test-unit: setup
 bench: setup
 	$(PY) scripts/bench_lmcore.py
 	$(PY) scripts/bench_linear.py
+	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_serve.py
 
