@@ -1,0 +1,56 @@
+"""The CPU benchmark scripts still run end to end (their --quick modes) and check what they claim.
+
+Real subprocesses writing real JSON to a temporary path; the committed bench/ files are never
+touched. Numbers from a smoke run mean nothing, so only the scripts' own checks are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmcore.linear import onednn_available
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_quick(script: str, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--quick", "--out", str(out)], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.with_suffix(".png").is_file()
+    return json.loads(out.read_text())
+
+
+def test_bench_lmcore_quick_run_checks_cache_and_kv_memory(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the peer model needs transformers (dev extra)")
+    report = run_quick("bench_lmcore.py", tmp_path / "lmcore.json")
+    assert report["checks"]["cached_greedy_equals_recompute"] is True
+    assert report["targets"]["kv_cache_matches_formula"]["met"] is True
+    assert {r["impl"] for r in report["decode"]} >= {"lmcore", "transformers", "lmcore-nocache"}
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN linear on this CPU")
+def test_bench_linear_quick_run_times_both_libraries_and_layouts(tmp_path: Path) -> None:
+    report = run_quick("bench_linear.py", tmp_path / "linear.json")
+    products = {r["product"] for r in report["gemm"]}
+    assert products == {"forward x·Wᵀ", "grad input g·W", "grad weight gᵀ·x"}
+    for row in report["gemm"]:
+        assert row["blas_gflops"] > 0 and row["onednn_gflops"] > 0
+    for row in report["matvec"]:
+        assert row["lmcore_layout"] == ("column_major" if row["shape"][1] >= row["shape"][0]
+                                        else "row_major")  # fmt: skip
+
+
+def test_bench_engine_quick_run_gets_the_same_tokens_every_way(tmp_path: Path) -> None:
+    report = run_quick("bench_engine.py", tmp_path / "engine.json")
+    assert report["checks"]["same_tokens_every_way"] is True
+    assert set(report["results"]) == {"engine", "static", "one_at_a_time"}
