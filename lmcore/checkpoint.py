@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmcore.config import ConfigError, ModelConfig
-from lmcore.linear import use_inference_layout
+from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 
@@ -233,6 +233,7 @@ class LoadedModel:
     config: ModelConfig
     metadata: dict[str, Any]
     path: Path
+    layout: list[ShapeChoice] = field(default_factory=list)  # per weight shape, as measured
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
@@ -329,7 +330,8 @@ def load_model_dir(
 ) -> LoadedModel:
     """Build the Transformer from config.json, check and load every tensor, return it in eval().
 
-    The model comes laid out for inference (lmcore.linear.use_inference_layout).
+    The model comes laid out for inference: each linear's weight order and one-row kernel are
+    the fastest measured on this machine (lmcore.inference_layout; ~0.3 s for 14M parameters).
     """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
@@ -338,9 +340,9 @@ def load_model_dir(
     _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
     _load_into(model, tensors)
     model.to(device=device, dtype=dtype or saved_dtype).eval()
-    use_inference_layout(model)  # a loaded model serves; training resumes from TrainingState
+    layout = use_inference_layout(model)  # a loaded model serves; training resumes elsewhere
     tokenizer = Tokenizer.load(root / TOKENIZER_FILE) if (root / TOKENIZER_FILE).exists() else None
-    return LoadedModel(model, tokenizer, config, metadata, root)
+    return LoadedModel(model, tokenizer, config, metadata, root, layout)
 
 
 # -- trainer checkpoints ------------------------------------------------------------------------

@@ -93,9 +93,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 class Linear(nn.Linear):
-    """A drop-in nn.Linear (same parameters, same state dict) using `linear` above."""
+    """A drop-in nn.Linear (same parameters, same state dict) using `linear` above.
+
+    one_row_kernel "blas" sends products of a single row (batch-1 decode) to F.linear instead;
+    lmcore.inference_layout sets it where that measured faster.
+    """
+
+    one_row_kernel: str = "onednn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_row_kernel == "blas" and x.numel() == self.in_features:
+            return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -107,30 +115,3 @@ def shared_weight_ids(model: nn.Module) -> set[int]:
         if isinstance(weight, torch.Tensor):
             owners[id(weight)] = owners.get(id(weight), 0) + 1
     return {ident for ident, count in owners.items() if count > 1}
-
-
-@torch.no_grad()
-def use_inference_layout(model: nn.Module) -> nn.Module:
-    """Store square and wide fp32 CPU Linear weights column-major, for inference-only models.
-
-    Shapes, values and the state dict stay the same; only the memory order changes. A decode
-    step multiplies one row per sequence by each weight, and oneDNN streams a column-major
-    weight with in_features >= out_features (attention output, MLP down projection) up to ~20%
-    faster there (no change at 768 wide), but a tall one (MLP up, the head) up to 2.5x slower
-    (bench/linear_cpu.json). Training GEMMs prefer the usual order, so this is for loaded,
-    eval-only models. A weight shared with another module (the head tied to the token
-    embedding) keeps its order. Returns the model.
-    """
-    shared = shared_weight_ids(model)
-    for module in model.modules():
-        if (
-            not isinstance(module, nn.Linear)
-            or module.weight.device.type != "cpu"
-            or module.weight.dtype != torch.float32
-            or id(module.weight) in shared
-            or module.in_features < module.out_features
-        ):
-            continue
-        # (out, in) with strides (1, out): the transpose of a contiguous (in, out) matrix.
-        module.weight.data = module.weight.data.t().contiguous().t()
-    return model

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_engine.py`
 from lmcore.config import preset  # noqa: E402
 from lmcore.engine import Engine, EngineRequest  # noqa: E402
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
-from lmcore.linear import use_inference_layout  # noqa: E402
+from lmcore.inference_layout import use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     w = QUICK if args.quick else FULL
     torch.set_num_threads(1)
     torch.manual_seed(w.seed)
-    model = use_inference_layout(Transformer(preset(w.model)).eval())
+    model = Transformer(preset(w.model)).eval()
+    use_inference_layout(model)
     prompts, params = make_requests(w, model.config.vocab_size)
     max_len = w.prompt_max + w.new_max
     runs = {

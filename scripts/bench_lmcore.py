@@ -31,7 +31,8 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_lmcore.py`
 from lmcore.cache import KVCache  # noqa: E402
 from lmcore.config import ModelConfig  # noqa: E402
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
-from lmcore.linear import onednn_available, use_inference_layout  # noqa: E402
+from lmcore.inference_layout import use_inference_layout  # noqa: E402
+from lmcore.linear import onednn_available  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 
 COMMAND = "python scripts/bench_lmcore.py"
@@ -367,7 +368,9 @@ def meta(s: BenchSettings, quick: bool, params: dict[str, int]) -> dict[str, Any
         "quick": quick, "settings": asdict(s), "params": params,
         "hf_attn_implementation": "sdpa", "hf_cache": "DynamicCache (generate's default)",
         "lmcore_cpu_linear": "oneDNN" if onednn_available() else "F.linear (default BLAS)",
-        "lmcore_decode_weights": "column-major (use_inference_layout, as load_model_dir)",
+        "lmcore_decode_layout": "use_inference_layout, as load_model_dir: per weight shape, "
+                                "the order and one-row kernel measured fastest (see "
+                                "decode_layout)",
         "timing": "median of interleaved runs (wall and process CPU time); decode time "
                   "includes prefill; weights random; ratios from wall time, ratios_cpu_time "
                   "from CPU time (steadier on a shared machine)",
@@ -428,7 +431,8 @@ def run(s: BenchSettings, quick: bool) -> dict[str, Any]:
     for name, m in served.items():
         m.eval()
         if isinstance(m, Transformer):
-            use_inference_layout(m)
+            layout = use_inference_layout(m)
+            info.setdefault("decode_layout", {})[name] = [asdict(c) for c in layout]
     # KV first: later runs leave freed memory that new caches would reuse without RSS growth.
     kv = run_kv_cache(served["lmcore"], s)
     decode = run_decode(s, served)

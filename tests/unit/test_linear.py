@@ -1,4 +1,4 @@
-"""lmcore.linear: the oneDNN CPU linear equals F.linear forward and backward; inference layout."""
+"""lmcore.linear: the oneDNN CPU linear equals F.linear forward and backward."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from lmcore import linear as lin
-from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import preset
 from lmcore.model import Transformer
 
@@ -106,40 +105,3 @@ def test_model_gradients_match_the_plain_f_linear_model(monkeypatch: pytest.Monk
     plain = grads()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def _is_column_major(t: torch.Tensor) -> bool:
-    return t.stride() == (1, t.shape[0])
-
-
-def test_inference_layout_keeps_values_and_lays_linears_column_major() -> None:
-    torch.manual_seed(3)
-    model = Transformer(preset("tiny")).eval()
-    idx = torch.randint(0, model.config.vocab_size, (2, 12))
-    before_state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        before = model(idx)[0]
-        lin.use_inference_layout(model)
-        after = model(idx)[0]
-
-    torch.testing.assert_close(after, before)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before_state[name]), name
-    # Square and wide weights turn column-major; tall ones (in < out) stay row-major.
-    assert _is_column_major(model.blocks[0].attn.proj.weight)
-    assert _is_column_major(model.blocks[0].mlp.down.weight)
-    assert model.blocks[0].attn.qkv.weight.is_contiguous()
-    assert model.blocks[0].mlp.up.weight.is_contiguous()
-    # The head shares the embedding, which is read row by row: its order is kept.
-    assert model.head.weight is model.tok_emb.weight and model.head.weight.is_contiguous()
-
-
-def test_loaded_model_comes_in_inference_layout_and_saves_again(tmp_path) -> None:
-    torch.manual_seed(4)
-    model = Transformer(preset("tiny")).eval()
-    loaded = load_model_dir(save_model_dir(tmp_path / "a", model)).model
-    assert _is_column_major(loaded.blocks[0].mlp.down.weight)
-    again = load_model_dir(save_model_dir(tmp_path / "b", loaded)).model
-    idx = torch.randint(0, model.config.vocab_size, (1, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(again(idx)[0], model(idx)[0])

@@ -1,0 +1,131 @@
+"""Lay out an inference model's CPU linears for one-row products, choosing by measurement.
+
+A batch-1 decode step multiplies one row by every weight, so its speed is how fast a kernel
+streams the weights from memory. Which kernel (oneDNN or PyTorch's default BLAS) on which weight
+order (row- or column-major) streams fastest depends on the machine: on one AMD EPYC VM oneDNN
+led on every shape, on another the BLAS on column-major weights read tall shapes 1.6-1.9x faster
+and row-major stayed best for wide ones. A fixed rule is wrong somewhere, so this times the
+candidates on the model's own weights, in model order (each weight comes from memory as in a
+decode step, not from a warm cache), and keeps the fastest for each weight shape.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmcore.linear import Linear, onednn_available
+
+Kernel = Literal["onednn", "blas"]
+Order = Literal["row", "col"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kernel: Kernel
+    order: Order
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}-{self.order}"
+
+
+@dataclass(frozen=True)
+class ShapeChoice:
+    """The candidate kept for every Linear of one weight shape, with what each one took."""
+
+    shape: tuple[int, int]  # (out_features, in_features)
+    modules: int
+    chosen: str
+    micros: dict[str, float]  # candidate name -> summed median microseconds per pass
+
+
+def candidates() -> list[Candidate]:
+    kernels: list[Kernel] = ["onednn", "blas"] if onednn_available() else ["blas"]
+    return [Candidate(k, o) for k in kernels for o in ("row", "col")]
+
+
+def pick_fastest(micros: dict[str, float], default: str) -> str:
+    """The fastest candidate; the default unless another beats it by more than 3% (noise)."""
+    best = min(micros, key=micros.__getitem__)
+    return default if micros[default] <= 1.03 * micros[best] else best
+
+
+def tunable_linears(model: nn.Module) -> list[Linear]:
+    """lmcore Linear modules with fp32 CPU weights, each weight once (a tied head counts once)."""
+    seen: set[int] = set()
+    found: list[Linear] = []
+    for module in model.modules():
+        if (
+            isinstance(module, Linear)
+            and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32
+            and id(module.weight) not in seen
+        ):
+            seen.add(id(module.weight))
+            found.append(module)
+    return found
+
+
+def apply_candidate(module: Linear, candidate: Candidate) -> None:
+    """Store the module's weight in the candidate's order and route its one-row calls."""
+    weight = module.weight.data
+    if candidate.order == "col":
+        # (out, in) with strides (1, out): the transpose of a contiguous (in, out) matrix.
+        module.weight.data = weight.t().contiguous().t()
+    else:
+        module.weight.data = weight.contiguous()
+    module.one_row_kernel = candidate.kernel
+
+
+def _time_passes(linears: list[Linear], passes: int) -> list[float]:
+    """Median seconds of each module's one-row product over `passes` passes (after a warm one)."""
+    rows = [torch.randn(1, m.in_features) for m in linears]
+    samples: list[list[float]] = [[] for _ in linears]
+    for rep in range(passes + 1):
+        for i, (module, row) in enumerate(zip(linears, rows)):
+            start = time.perf_counter()
+            module(row)
+            if rep:  # the first pass only warms up (oneDNN builds a kernel per shape)
+                samples[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+@torch.no_grad()
+def use_inference_layout(model: nn.Module, *, passes: int = 7) -> list[ShapeChoice]:
+    """Give every fp32 CPU Linear the weight order and one-row kernel measured fastest here.
+
+    Values and the state dict stay the same; only the memory order of weights and the kernel of
+    one-row calls change, so results differ by fp32 rounding at most. Products of more rows
+    (prefill, batched decode, training) keep oneDNN. For loaded, eval-only models: a weight
+    tied to the token embedding moves with it (a lookup reads a row either way). Returns the
+    choice for each weight shape, with the timings behind it.
+    """
+    linears = tunable_linears(model)
+    if not linears:
+        return []
+    options = candidates()
+    timings: dict[str, list[float]] = {}
+    for candidate in options:
+        for module in linears:
+            apply_candidate(module, candidate)
+        timings[candidate.name] = _time_passes(linears, passes)
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, module in enumerate(linears):
+        groups.setdefault((module.out_features, module.in_features), []).append(i)
+    default = options[0].name  # the order and kernel every Linear starts with
+    by_name = {c.name: c for c in options}
+    choices = []
+    for shape, members in groups.items():
+        micros = {name: 1e6 * sum(t[i] for i in members) for name, t in timings.items()}
+        chosen = pick_fastest(micros, default)
+        for i in members:
+            apply_candidate(linears[i], by_name[chosen])
+        choices.append(ShapeChoice(shape, len(members), chosen, micros))
+    return choices

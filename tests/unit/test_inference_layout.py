@@ -1,0 +1,129 @@
+"""lmcore.inference_layout: measured weight order and one-row kernel, same results either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from lmcore import inference_layout as layout
+from lmcore.cache import KVCache
+from lmcore.checkpoint import load_model_dir, save_model_dir
+from lmcore.config import preset
+from lmcore.linear import Linear, onednn_available
+from lmcore.model import Transformer
+
+pytestmark = pytest.mark.unit
+
+
+def _order(weight: torch.Tensor) -> str:
+    if weight.is_contiguous():
+        return "row"
+    assert weight.stride() == (1, weight.shape[0]), weight.stride()
+    return "col"
+
+
+def _cached_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """Prefill all but the last token, then one decode step (one row): both paths run."""
+    cache = KVCache.for_model(model, 1, idx.shape[1])
+    prefix = idx[:, :-1]
+    pos = torch.arange(prefix.shape[1])[None]
+    model(prefix, input_pos=pos, cache=cache)
+    step_pos = torch.tensor([[prefix.shape[1]]])
+    return model(idx[:, -1:], input_pos=step_pos, cache=cache)[0]
+
+
+def test_pick_fastest_keeps_the_default_within_noise_and_takes_a_clear_winner() -> None:
+    assert layout.pick_fastest({"onednn-row": 102.0, "blas-col": 100.0}, "onednn-row") == (
+        "onednn-row"
+    )
+    assert layout.pick_fastest({"onednn-row": 150.0, "blas-col": 100.0}, "onednn-row") == (
+        "blas-col"
+    )
+
+
+def test_candidates_cover_both_orders_of_every_kernel_here() -> None:
+    names = {c.name for c in layout.candidates()}
+    assert {"blas-row", "blas-col"} <= names
+    assert ("onednn-row" in names) == onednn_available()
+
+
+@pytest.mark.parametrize("candidate", layout.candidates(), ids=lambda c: c.name)
+def test_every_candidate_gives_the_model_its_logits(candidate: layout.Candidate) -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        before = _cached_logits(model, idx)
+        for module in layout.tunable_linears(model):
+            layout.apply_candidate(module, candidate)
+        after = _cached_logits(model, idx)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert _order(model.head.weight) == candidate.order
+    assert model.head.weight is model.tok_emb.weight  # the tie survives a new order
+
+
+def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn() -> None:
+    torch.manual_seed(1)
+    lin = Linear(32, 48)
+    layout.apply_candidate(lin, layout.Candidate("blas", "col"))
+
+    def ops(rows: int) -> set[str]:
+        x = torch.randn(rows, 32)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = lin(x)
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias))
+        return {event.key for event in prof.key_averages()}
+
+    assert "mkldnn::_linear_pointwise" not in ops(1)
+    if onednn_available():
+        assert "mkldnn::_linear_pointwise" in ops(4)
+
+
+def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -> None:
+    torch.manual_seed(2)
+    model = Transformer(preset("tiny")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 11))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = _cached_logits(model, idx)
+        choices = layout.use_inference_layout(model, passes=3)
+        after = _cached_logits(model, idx)
+
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    names = {c.name for c in layout.candidates()}
+    by_shape = {c.shape: c for c in choices}
+    linears = layout.tunable_linears(model)
+    assert set(by_shape) == {(m.out_features, m.in_features) for m in linears}
+    assert sum(c.modules for c in choices) == len(linears)
+    for module in linears:
+        choice = by_shape[(module.out_features, module.in_features)]
+        assert set(choice.micros) == names and all(t > 0 for t in choice.micros.values())
+        kernel, order = choice.chosen.split("-")
+        assert (module.one_row_kernel, _order(module.weight)) == (kernel, order)
+
+
+def test_models_off_the_cpu_float32_path_are_left_alone() -> None:
+    model = Transformer(preset("tiny")).to(torch.bfloat16).eval()
+    assert layout.use_inference_layout(model) == []
+    assert all(m.weight.is_contiguous() and m.one_row_kernel == "onednn"
+               for m in model.modules() if isinstance(m, Linear))  # fmt: skip
+
+
+def test_loaded_model_reports_its_layout_and_saves_again(tmp_path) -> None:
+    torch.manual_seed(4)
+    model = Transformer(preset("tiny")).eval()
+    loaded = load_model_dir(save_model_dir(tmp_path / "a", model))
+    assert {c.shape for c in loaded.layout} == {
+        (m.out_features, m.in_features) for m in layout.tunable_linears(model)
+    }
+    # Column-major weights (whatever was measured here) save as ordinary tensors and load back.
+    for module in layout.tunable_linears(loaded.model):
+        layout.apply_candidate(module, layout.Candidate("blas", "col"))
+    again = load_model_dir(save_model_dir(tmp_path / "b", loaded.model)).model
+    idx = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-5)
