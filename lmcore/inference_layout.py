@@ -45,6 +45,11 @@ class ShapeChoice:
     micros: dict[str, float]  # candidate name -> summed median microseconds per pass
 
 
+def describe(choices: list[ShapeChoice]) -> str:
+    """One line for a log: "1152x384 blas-col, 384x1536 onednn-row" (out x in per shape)."""
+    return ", ".join(f"{c.shape[0]}x{c.shape[1]} {c.chosen}" for c in choices) or "none"
+
+
 def candidates() -> list[Candidate]:
     kernels: list[Kernel] = ["onednn", "blas"] if onednn_available() else ["blas"]
     return [Candidate(k, o) for k in kernels for o in ("row", "col")]

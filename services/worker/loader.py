@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lmcore.checkpoint import load_model_dir
+from lmcore.inference_layout import describe
 from lmcore.model import Transformer
 from lmcore.precision import cast_for_inference, resolve_precision
 from lmcore.quantize import quantize_int8
@@ -70,8 +71,9 @@ def load_serving_model(uri: str, settings: Settings) -> ServingModel:
         run_id=resolved.run_id or _str_or_none(meta.get("run_id")),
         uri=uri,
     )
-    log.info("loaded %s (version %s) from %s on %s, %s%s", ref.name, ref.version, resolved.path,
-             loaded.model.device, precision.name, ", int8" if settings.quantized else "")  # fmt: skip
+    log.info("loaded %s (version %s) from %s on %s, %s%s; one-row linears: %s", ref.name,
+             ref.version, resolved.path, loaded.model.device, precision.name,
+             ", int8" if settings.quantized else "", describe(loaded.layout))  # fmt: skip
     return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path)
 
 

@@ -106,6 +106,13 @@ def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -
         assert (module.one_row_kernel, _order(module.weight)) == (kernel, order)
 
 
+def test_describe_names_each_shape_and_its_choice() -> None:
+    choices = [layout.ShapeChoice((1152, 384), 6, "blas-col", {}),
+               layout.ShapeChoice((384, 1536), 6, "onednn-row", {})]  # fmt: skip
+    assert layout.describe(choices) == "1152x384 blas-col, 384x1536 onednn-row"
+    assert layout.describe([]) == "none"
+
+
 def test_models_off_the_cpu_float32_path_are_left_alone() -> None:
     model = Transformer(preset("tiny")).to(torch.bfloat16).eval()
     assert layout.use_inference_layout(model) == []
