@@ -157,14 +157,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-class StopVote:
-    """Whether any rank wants to stop, agreed by all ranks without waiting for the GPU.
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank agreed on: whether any rank wants to stop, and the longest elapsed time."""
 
-    Each call starts an all-reduce of this step's flag on a CPU (gloo) group and returns the
-    previous call's result, so every rank stops at the same step, the step after the first flag.
-    A device all-reduce read with .item() would make the host wait every step for all of the
-    step's kernels, so it could not queue the next step meanwhile. One process: the flag itself.
-    Every rank must create it and call it at the same points.
+    stop: bool
+    elapsed_s: float
+
+
+class StopVote:
+    """Whether any rank wants to stop (and how long the slowest has run), agreed without waiting.
+
+    Each call starts an all-reduce (max) of this step's flag and elapsed seconds on a CPU (gloo)
+    group and returns the previous call's result, so every rank sees the same answer at the same
+    step, one step after the flag. A device all-reduce read with .item() would make the host wait
+    every step for all of the step's kernels, so it could not queue the next step meanwhile.
+    One process: this call's own values. Every rank must create it and call it at the same points.
     """
 
     def __init__(self) -> None:
@@ -175,16 +183,16 @@ class StopVote:
             # with the training's collectives, and never touch a GPU.
             self._group = dist.new_group(backend="gloo")
 
-    def __call__(self, flag: bool) -> bool:
+    def __call__(self, flag: bool, elapsed_s: float = 0.0) -> Agreed:
         if not active():
-            return flag
-        vote = torch.tensor([int(flag)], dtype=torch.int32)
+            return Agreed(flag, elapsed_s)
+        vote = torch.tensor([float(flag), elapsed_s], dtype=torch.float64)
         work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         previous, self._pending = self._pending, (vote, work)
         if previous is None:
-            return False
+            return Agreed(False, 0.0)
         previous[1].wait()
-        return bool(previous[0].item())
+        return Agreed(bool(previous[0][0] > 0), float(previous[0][1]))
 
     def close(self) -> None:
         """Wait for the last vote (every rank started it) so no collective outlives the loop."""

@@ -48,6 +48,12 @@ INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries
 class TrainConfig:
     """How to train. Lengths: `max_steps` optimizer steps, or `epochs` passes over train tokens.
 
+    `max_time_s` adds a wall-clock budget: the run ends normally (final eval, checkpoint, model
+    dir) after the first step past it. A run on course to finish its steps in time keeps the
+    step schedule exactly; one that is not has its cosine decay fitted to the steps the budget
+    allows at the pace so far, so the decay still ends on time. The budget counts the whole
+    loop, evaluations included, summed over resumes.
+
     batch_size is windows per rank per micro-step; one optimizer step sees
     batch_size x grad_accum_steps x world_size windows of the model's block_size tokens.
     """
@@ -56,6 +62,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_steps: int | None = 600
     epochs: float | None = None
+    max_time_s: float | None = None  # wall-clock budget in seconds; None = no limit
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -96,6 +103,8 @@ class TrainConfig:
             _check("max_steps", self.max_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
         if self.epochs is not None:
             _check("epochs", self.epochs, lambda v: v > 0, "> 0")
+        if self.max_time_s is not None:
+            _check("max_time_s", self.max_time_s, lambda v: v > 0, "> 0 seconds (or null)")
         _check("lr", self.lr, lambda v: v > 0, "> 0")
         _check("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
         _check("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
@@ -144,10 +153,11 @@ def total_steps(cfg: TrainConfig, train_tokens: int, block_size: int, world_size
     return max(1, math.ceil(cfg.epochs * train_tokens / per_step))
 
 
-def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
+def lr_at(step: int, cfg: TrainConfig, steps: float) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
 
-    A pure function of the step, so a resumed run continues the exact schedule.
+    A pure function of the step and the run's length, so a resumed run continues the exact
+    schedule. Under a time budget `steps` is steps_on_course(...).
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
@@ -156,6 +166,18 @@ def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
         return min_lr
     progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def steps_on_course(steps: int, done: int, elapsed_s: float, budget_s: float | None) -> float:
+    """The run's length in steps: `steps`, or fewer where the time budget will end it first.
+
+    At the pace so far (done steps in elapsed_s), the budget allows done * budget / elapsed
+    steps. While that is more than `steps` the schedule is the step count's alone (the same on
+    every run); only a run that is running out of time has its decay brought forward.
+    """
+    if not budget_s or done <= 0 or elapsed_s <= 0:
+        return float(steps)
+    return min(float(steps), done * budget_s / elapsed_s)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -247,6 +269,8 @@ class TrainResult:
     resumed_from: int | None = None
     model_version: Any = None
     history: dict[str, list[list[float]]] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # the training loop's wall time, summed over resumes
+    stopped_by_time: bool = False  # max_time_s ended the run before its steps did
 
 
 class TrainingInterrupted(RuntimeError):
@@ -358,6 +382,8 @@ class Trainer:
     steps: int
     run_id: str | None
     history: dict[str, list[list[float]]]
+    elapsed_before: float  # loop seconds of the runs this one resumed
+    _clock: float  # perf_counter() at which the loop would have started without interruptions
 
     def fit(self) -> TrainResult:
         env = self.env or D.DistEnv.from_env()
@@ -391,6 +417,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1 + env.rank)  # dropout differs per rank
         self.history = {"train_loss": [], "val_loss": []}
         self.run_id = None
+        self.elapsed_before = 0.0
         start = self._resume()
         model: nn.Module = self.model
         if cfg.compile:
@@ -419,6 +446,7 @@ class Trainer:
         extra = state.extra
         self.run_id = extra.get("run_id")
         self.history = extra.get("history") or self.history
+        self.elapsed_before = float(extra.get("elapsed_s", 0.0))
         rank, world = self.dist_env.rank, self.dist_env.world_size
         if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
             self.sampler.load_state_dict(extra["samplers"][rank])
@@ -473,11 +501,17 @@ class Trainer:
         saved_at, last_path = -1, None
         step = start
         stop_vote = D.StopVote()
+        budget = cfg.max_time_s
+        self._clock = time.perf_counter() - self.elapsed_before  # a resumed run's time counts
+        agreed = D.Agreed(False, self.elapsed_before)
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:
                     run_meter.reset()  # the first step pays for compilation and warm-up
-                lr = lr_at(step - 1, cfg, self.steps)
+                # From the agreed time (the same on every rank), so every rank takes the same lr;
+                # a vote between ranks lags a step, which only shifts the estimate by one step.
+                on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget)
+                lr = lr_at(step - 1, cfg, on_course)
                 loss, grad_norm, data_s = self._optimizer_step(lr)
                 for m in (meter, run_meter):
                     m.add(self._tokens_per_step(), data_s)
@@ -488,15 +522,23 @@ class Trainer:
                     val_loss, evaluated_at = self._evaluate(step), step
                 if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
                     saved_at, last_path = step, self._save_checkpoint(step)
-                if stop_vote(stop.is_set()):  # every rank stops at the same step
+                agreed = stop_vote(stop.is_set(), self._elapsed())
+                if agreed.stop:  # every rank stops at the same step
                     stop_vote.close()
                     if saved_at != step:
                         last_path = self._save_checkpoint(step)
                     raise TrainingInterrupted(step, last_path)
+                if budget and agreed.elapsed_s >= budget:
+                    break  # out of time: finish as if the steps had run out
+                bar.total = max(step + 1, math.ceil(on_course))  # what the budget allows
             stop_vote.close()
         finally:
             bar.close()
         run_meter.stop()
+        elapsed = self._elapsed()
+        stopped_by_time = step < self.steps
+        if stopped_by_time and main:
+            log.info("time budget of %.0f s reached at step %d of %d", budget, step, self.steps)
         if evaluated_at != step:
             val_loss = self._evaluate(step)
         if saved_at != step and step > start:
@@ -513,7 +555,13 @@ class Trainer:
             resumed_from=start or None,
             model_version=version,
             history=self.history,
+            elapsed_s=elapsed,
+            stopped_by_time=stopped_by_time,
         )
+
+    def _elapsed(self) -> float:
+        """Seconds of training loop so far, including the runs this one resumed."""
+        return time.perf_counter() - self._clock
 
     def _optimizer_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm, data s).
@@ -611,8 +659,10 @@ class Trainer:
         self.tracker.log_metrics(metrics, step)
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", step, self.steps, train_loss, lr,
-                 metrics["tokens_per_s"])
+        limit = self.cfg.max_time_s
+        budget = f", {self._elapsed():.0f} of {limit:.0f} s" if limit else ""
+        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s%s", step, self.steps, train_loss, lr,
+                 metrics["tokens_per_s"], budget)
         meter.reset()
 
     # -- checkpoints and the final model --------------------------------------------------------
@@ -639,6 +689,7 @@ class Trainer:
                     "world_size": self.dist_env.world_size,
                     "samplers": samplers,
                     "history": self.history,
+                    "elapsed_s": self._elapsed(),
                     "schedule": {"total_steps": self.steps, "lr": self.cfg.lr,
                                  "warmup_steps": self.cfg.warmup_steps,
                                  "min_lr_ratio": self.cfg.min_lr_ratio},
@@ -705,6 +756,8 @@ class Trainer:
 
 
 class _NoBar:
+    total = 0
+
     def update(self, n: int = 1) -> None:
         pass
 

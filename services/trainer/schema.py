@@ -59,6 +59,7 @@ class TrainSchema:
     grad_accum_steps: int = 1
     max_steps: Optional[int] = 600
     epochs: Optional[float] = None
+    max_time_s: Optional[float] = None
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50

@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", type=Path, required=True, help="a prepare_corpus cache dir")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--max-time", type=float, default=None, help="train.max_time_s")
     p.add_argument("--batch-size", type=int, default=4, help="windows per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                        block_size=args.block_size)
     train_cfg = TrainConfig(
         batch_size=args.batch_size, grad_accum_steps=args.grad_accum, max_steps=args.steps,
+        max_time_s=args.max_time,
         lr=args.lr, warmup_steps=args.warmup, eval_interval=args.eval_interval, eval_batches=2,
         log_interval=1, checkpoint_interval=args.checkpoint_interval,
         checkpoint_dir=str(args.checkpoint_dir) if args.checkpoint_dir else None,
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "rank": rank,
         "world_size": trainer.dist_env.world_size,
         "steps": result.steps,
+        "elapsed_s": result.elapsed_s,
+        "stopped_by_time": result.stopped_by_time,
         "final_val_loss": result.final_val_loss,
         "tokens_per_s": result.tokens_per_s,
         "run_id": result.run_id,

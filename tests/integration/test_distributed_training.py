@@ -119,6 +119,29 @@ def test_two_ranks_stay_identical_lower_the_loss_and_only_rank_0_tracks(
     assert version.run_id == r0["run_id"]
 
 
+def test_a_time_budget_stops_both_ranks_at_the_same_step_with_identical_weights(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """The ranks agree on the elapsed time through the stop vote, so they take the same
+    learning rate every step (else the replicas would drift apart) and stop together."""
+    _, data = corpus
+    out = tmp_path / "ddp"
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER,
+           "--dataset", str(data.path), "--out", str(out), "--steps", "100000",
+           "--max-time", "3"]
+    log = tmp_path / "torchrun.log"
+    finish(start(cmd, log), log)
+
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["stopped_by_time"] and r1["stopped_by_time"]
+    assert r0["steps"] == r1["steps"] and 2 < r0["steps"] < 100000
+    assert min(r0["elapsed_s"], r1["elapsed_s"]) >= 3.0
+    w0, w1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    assert (out / "model" / "model.safetensors").exists()
+
+
 def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:

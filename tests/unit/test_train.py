@@ -23,6 +23,7 @@ from lmcore.train import (
     TrainingInterrupted,
     lr_at,
     make_optimizer,
+    steps_on_course,
     total_steps,
 )
 from lmcore.model import Transformer
@@ -107,6 +108,18 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
     assert all(a >= b for a, b in zip(decay, decay[1:]))
 
 
+def test_a_time_budget_shortens_the_schedule_only_when_it_would_end_the_run_first() -> None:
+    # 20 of 100 steps in 6 s of a 60 s budget: on course for all 100 (200 would fit).
+    assert steps_on_course(100, 20, 6.0, 60.0) == 100
+    assert steps_on_course(100, 20, 6.0, None) == 100
+    # 20 steps in 24 s of 60: the budget allows 50, so the cosine is fitted to 50 steps.
+    assert steps_on_course(100, 20, 24.0, 60.0) == pytest.approx(50.0)
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100, max_time_s=60)
+    assert lr_at(30, cfg, 50.0) == pytest.approx(0.55)  # half way down the fitted cosine
+    assert lr_at(50, cfg, 50.0) == pytest.approx(0.1)
+    assert steps_on_course(100, 0, 0.0, 60.0) == 100  # nothing measured yet
+
+
 def test_lr_is_stepped_per_optimizer_step_not_per_micro_batch(
     dataset: TokenDataset,
 ) -> None:
@@ -127,7 +140,7 @@ def test_epochs_set_the_number_of_steps() -> None:
     ("changes", "field"),
     [({"max_steps": 10, "epochs": 1.0}, "epochs"), ({"lr": -1.0}, "lr"),
      ({"batch_size": 0}, "batch_size"), ({"mixed_precision": "fp8"}, "mixed_precision"),
-     ({"max_steps": None}, "epochs")],
+     ({"max_steps": None}, "epochs"), ({"max_time_s": 0}, "max_time_s")],
 )
 def test_bad_train_config_names_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -273,6 +286,31 @@ def test_sigterm_saves_and_a_restart_ends_with_the_same_weights(
     assert ("start_run", "run-resumed") in tracker.calls  # the same run carries on
     for name, value in weights(straight).items():
         torch.testing.assert_close(weights(resumed)[name], value, atol=0, rtol=0)
+
+
+def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_published(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    tracker = ListTracker()
+    cfg = config(tmp_path, max_steps=100_000, max_time_s=1.5)
+    result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert result.stopped_by_time and 2 < result.steps < 100_000
+    assert result.elapsed_s >= 1.5
+    lrs = [m["lr"] for _, m in sorted(tracker.metrics().items()) if "lr" in m]
+    assert len(lrs) == result.steps
+    decay = lrs[cfg.warmup_steps:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    assert lrs[-1] - min_lr < 0.05 * (cfg.lr - min_lr)  # the cosine ran out with the time
+    assert load_model_dir(result.model_dir).metadata["step"] == result.steps
+    assert math.isfinite(result.final_val_loss)
+
+    # The checkpoint carries the time spent: a resumed run counts it and stops after one step.
+    state = json.loads((latest_training_state(tmp_path / "ckpt") / "state.json").read_text())
+    assert state["extra"]["elapsed_s"] >= 1.5
+    resumed = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
+    assert resumed.resumed_from == result.steps and resumed.steps == result.steps + 1
+    assert resumed.stopped_by_time and resumed.elapsed_s >= state["extra"]["elapsed_s"]
 
 
 def test_sigterm_handler_is_restored_after_fit(dataset: TokenDataset) -> None:
