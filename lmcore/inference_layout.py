@@ -2,11 +2,12 @@
 
 A batch-1 decode step multiplies one row by every weight, so its speed is how fast a kernel
 streams the weights from memory. Which kernel (oneDNN or PyTorch's default BLAS) on which weight
-order (row- or column-major) streams fastest depends on the machine: on one AMD EPYC VM oneDNN
-led on every shape, on another the BLAS on column-major weights read tall shapes 1.6-1.9x faster
-and row-major stayed best for wide ones. A fixed rule is wrong somewhere, so this times the
-candidates on the model's own weights, in model order (each weight comes from memory as in a
-decode step, not from a warm cache), and keeps the fastest for each weight shape.
+order (row- or column-major) streams fastest depends on the machine and the shape: on one AMD
+EPYC VM oneDNN led or tied on most shapes, on another (a busier host) the BLAS on column-major
+weights read tall shapes 1.5-1.8x faster than oneDNN (bench/linear_cpu.json, `matvec`). A fixed
+rule is wrong somewhere, so this times the candidates on the model's own weights, in model order
+(each weight comes from memory as in a decode step, not from a warm cache), and keeps the
+fastest for each weight shape.
 """
 
 from __future__ import annotations
