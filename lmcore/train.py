@@ -543,7 +543,8 @@ class Trainer:
             val_loss = self._evaluate(step)
         if saved_at != step and step > start:
             self._save_checkpoint(step)
-        model_dir, version = self._publish(step, val_loss) if main else (None, None)
+        ended_by = "time" if stopped_by_time else "steps"
+        model_dir, version = self._publish(step, val_loss, ended_by) if main else (None, None)
         D.barrier()
         return TrainResult(
             model_dir=model_dir,
@@ -709,7 +710,7 @@ class Trainer:
             return Path(self.cfg.checkpoint_dir) / "model"
         return None
 
-    def _publish(self, step: int, val_loss: float) -> tuple[Path | None, Any]:
+    def _publish(self, step: int, val_loss: float, ended_by: str) -> tuple[Path | None, Any]:
         """Rank 0: write the final model dir and hand it to the tracker (alias "candidate")."""
         target = self._final_dir()
         if target is None:
@@ -719,6 +720,8 @@ class Trainer:
             "val_loss": val_loss,
             "run_id": self.run_id,
             "tokens_seen": step * self._tokens_per_step(),
+            "ended_by": ended_by,  # "steps", or "time" (max_time_s)
+            "train_time_s": round(self._elapsed(), 1),
             "config": self.run_params or {"train": self.cfg.to_dict()},
             "data": {k: self.dataset.meta.get(k) for k in ("source", "content_hash", "cache_key")}
             if isinstance(getattr(self.dataset, "meta", None), dict) else {},

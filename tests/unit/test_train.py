@@ -233,6 +233,7 @@ def test_final_model_dir_carries_metadata_and_goes_to_the_tracker(
     assert result.model_dir == tmp_path / "ckpt" / "model"
     loaded = load_model_dir(result.model_dir)
     assert loaded.metadata["step"] == 4 and loaded.metadata["run_id"] == "run-xyz"
+    assert loaded.metadata["ended_by"] == "steps"
     assert loaded.metadata["val_loss"] == pytest.approx(result.final_val_loss)
     assert loaded.metadata["config"] == {"model": {"name": "tiny"}}
     assert loaded.tokenizer is not None
@@ -302,7 +303,9 @@ def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_pu
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     min_lr = cfg.lr * cfg.min_lr_ratio
     assert lrs[-1] - min_lr < 0.05 * (cfg.lr - min_lr)  # the cosine ran out with the time
-    assert load_model_dir(result.model_dir).metadata["step"] == result.steps
+    metadata = load_model_dir(result.model_dir).metadata
+    assert metadata["step"] == result.steps and metadata["ended_by"] == "time"
+    assert metadata["train_time_s"] >= 1.5
     assert math.isfinite(result.final_val_loss)
 
     # The checkpoint carries the time spent: a resumed run counts it and stops after one step.
