@@ -529,8 +529,10 @@ class Trainer:
                         last_path = self._save_checkpoint(step)
                     raise TrainingInterrupted(step, last_path)
                 if budget and agreed.elapsed_s >= budget:
+                    bar.total = step  # the bar ends full
                     break  # out of time: finish as if the steps had run out
-                bar.total = max(step + 1, math.ceil(on_course))  # what the budget allows
+                if budget:
+                    bar.total = max(step + 1, math.ceil(on_course))  # what the budget allows
             stop_vote.close()
         finally:
             bar.close()
