@@ -1,13 +1,14 @@
 """Lay out an inference model's CPU linears for one-row products, choosing by measurement.
 
 A batch-1 decode step multiplies one row by every weight, so its speed is how fast a kernel
-streams the weights from memory. Which kernel (oneDNN or PyTorch's default BLAS) on which weight
-order (row- or column-major) streams fastest depends on the machine and the shape: on one AMD
-EPYC VM oneDNN led or tied on most shapes, on another (a busier host) the BLAS on column-major
-weights read tall shapes 1.5-1.8x faster than oneDNN (bench/linear_cpu.json, `matvec`). A fixed
-rule is wrong somewhere, so this times the candidates on the model's own weights, in model order
-(each weight comes from memory as in a decode step, not from a warm cache), and keeps the
-fastest for each weight shape.
+streams the weights from memory. Which kernel (oneDNN, PyTorch's default BLAS, or the
+embedding-bag sum of lmcore.linear.one_row_bag) on which weight order (row- or column-major)
+streams fastest depends on the machine and the shape: on one AMD EPYC VM oneDNN led or tied on
+most shapes, on another (a busier host) the BLAS on column-major weights read tall shapes
+1.5-1.8x faster than oneDNN, and on a third the bag read every shape ~1.7x faster than either
+(bench/linear_cpu.json, `matvec`). A fixed rule is wrong somewhere, so this times the
+candidates on the model's own weights, in model order (each weight comes from memory as in a
+decode step, not from a warm cache), and keeps the fastest for each weight shape.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmcore.linear import Linear, onednn_available
+from lmcore.linear import Linear, OneRowKernel, onednn_available
 
-Kernel = Literal["onednn", "blas"]
 Order = Literal["row", "col"]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    kernel: Kernel
+    kernel: OneRowKernel
     order: Order
 
     @property
@@ -52,8 +52,11 @@ def describe(choices: list[ShapeChoice]) -> str:
 
 
 def candidates() -> list[Candidate]:
-    kernels: list[Kernel] = ["onednn", "blas"] if onednn_available() else ["blas"]
-    return [Candidate(k, o) for k in kernels for o in ("row", "col")]
+    """The default (oneDNN row-major, where oneDNN runs) first; the bag only column-major, the
+    order whose transpose it reads in place."""
+    kernels: list[OneRowKernel] = ["onednn", "blas"] if onednn_available() else ["blas"]
+    both_orders = [Candidate(k, o) for k in kernels for o in ("row", "col")]
+    return [*both_orders, Candidate("bag", "col")]
 
 
 def pick_fastest(micros: dict[str, float], default: str) -> str:

@@ -5,6 +5,8 @@ Intel processors and falls back to AVX2 elsewhere (AMD Zen 4/5). oneDNN, shipped
 builds, picks kernels by instruction set alone: on the project's AMD EPYC it runs the model's
 GEMMs ~2.1x faster (bench/linear_cpu.json). Results differ from F.linear only by fp32 rounding;
 every other case (CUDA, bf16/fp16, autocast, torch.compile, non-x86) is plain F.linear.
+Products of a single row may take another kernel (`Linear.one_row_kernel`), chosen per machine
+by lmcore.inference_layout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +83,30 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+@functools.cache
+def _bag_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices 0..n-1 and one bag offset, made once; ordinary tensors even under inference_mode."""
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device), torch.zeros(1, dtype=torch.long, device=device)
+
+
+def one_row_bag(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for x holding one row, as a weighted sum of the rows of weight.T.
+
+    The sum is F.embedding_bag over every row of the (in, out) matrix weight.T with x as the
+    per-row weights: on x86 builds that is FBGEMM's embedding kernel, which streams a
+    column-major weight (weight.T contiguous) from memory about 1.7x faster than oneDNN's or the
+    BLAS's one-row product (bench/linear_cpu.json, `matvec`). Any weight order gives the same
+    result; a row-major one is copied first, so it pays off on column-major weights only.
+    """
+    indices, offsets = _bag_indices(weight.shape[1], weight.device)
+    out = F.embedding_bag(indices, weight.t(), offsets, mode="sum",
+                          per_sample_weights=x.reshape(-1))  # fmt: skip
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, through oneDNN for fp32 on an x86 CPU."""
     if not _use_onednn(x, weight):
@@ -92,17 +119,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return _matmul(x, weight, bias)  # inference: no autograd Function on the decode path
 
 
+OneRowKernel = Literal["onednn", "blas", "bag"]
+
+
 class Linear(nn.Linear):
     """A drop-in nn.Linear (same parameters, same state dict) using `linear` above.
 
-    one_row_kernel "blas" sends products of a single row (batch-1 decode) to F.linear instead;
-    lmcore.inference_layout sets it where that measured faster.
+    one_row_kernel picks the kernel of products of a single row (batch-1 decode): "onednn"
+    (`linear`), "blas" (F.linear) or "bag" (`one_row_bag`); lmcore.inference_layout sets it to
+    what measured fastest. Products of more rows always take `linear`.
     """
 
-    one_row_kernel: str = "onednn"
+    one_row_kernel: OneRowKernel = "onednn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row_kernel == "blas" and x.numel() == self.in_features:
+        if self.one_row_kernel != "onednn" and x.numel() == self.in_features:
+            # The bag has no autocast rule and wants x in the weight's dtype; F.linear has both.
+            if self.one_row_kernel == "bag" and x.dtype == self.weight.dtype and not (
+                torch.is_autocast_enabled(x.device.type)
+            ):
+                return one_row_bag(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 

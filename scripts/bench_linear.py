@@ -3,9 +3,11 @@
 Two questions behind lmcore.linear, answered side by side in one run, fp32, one thread:
 - training-sized GEMMs (forward, grad-input, grad-weight): GFLOP/s through F.linear's BLAS and
   through oneDNN (`lmcore.linear.linear`);
-- one-row products (a batch-1 decode step): microseconds per weight for each kernel on a
-  row-major and a column-major weight (the candidates lmcore.inference_layout times on a model),
-  with enough copies of each weight to overflow the last-level cache, as a model's weights do.
+- one-row products (a batch-1 decode step): microseconds per weight for oneDNN and the BLAS on a
+  row-major and a column-major weight, and the embedding-bag sum on a column-major one (the
+  candidates lmcore.inference_layout times on a model), with enough copies of each weight to
+  overflow the last-level cache, as a model's weights do; beside them a plain sum of the same
+  weights, the speed at which one core reads them.
 
     python scripts/bench_linear.py              # -> bench/linear_cpu.json + .png
     python scripts/bench_linear.py --quick --out /tmp/l.json
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_linear.py`
     sys.path.insert(0, str(ROOT))
 
-from lmcore.linear import linear, onednn_available  # noqa: E402
+from lmcore.linear import linear, one_row_bag, onednn_available  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "linear_cpu.json"
@@ -93,11 +95,16 @@ def matvec_rows(quick: bool) -> list[dict[str, Any]]:
         for name, weights in (("row_major", row_major), ("column_major", col_major)):
             result[f"onednn_{name}_us"] = per_call(run(weights, linear), reps) / copies * 1e6
             result[f"blas_{name}_us"] = per_call(run(weights, F.linear), reps) / copies * 1e6
+        result["bag_column_major_us"] = per_call(run(col_major, one_row_bag), reps) / copies * 1e6
+        # Not a candidate: reading the weights with no product at all, the bound of them all.
+        read_us = per_call(lambda: [w.sum() for w in row_major], reps) / copies * 1e6
+        result["read_gb_per_s"] = out_f * in_f * 4 / read_us / 1e3
         result["column_vs_row_onednn"] = (result["onednn_row_major_us"]
                                           / result["onednn_column_major_us"])  # fmt: skip
         times = {k.removesuffix("_us"): v for k, v in result.items() if k.endswith("_us")}
         result["fastest"] = min(times, key=times.__getitem__)
         result["fastest_vs_onednn_row_major"] = times["onednn_row_major"] / times[result["fastest"]]
+        result["fastest_gb_per_s"] = out_f * in_f * 4 / times[result["fastest"]] / 1e3
         rows.append(result)
     return rows
 
@@ -120,9 +127,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_g.legend(fontsize=8)
     mv = report["matvec"]
     xs = range(len(mv))
-    variants = ["onednn_row_major", "onednn_column_major", "blas_row_major", "blas_column_major"]
+    variants = ["onednn_row_major", "onednn_column_major", "blas_row_major", "blas_column_major",
+                "bag_column_major"]  # fmt: skip
     for i, name in enumerate(variants):
-        ax_m.bar([x + (i - 1.5) * 0.2 for x in xs], [r[f"{name}_us"] for r in mv], 0.2,
+        ax_m.bar([x + (i - 2) * 0.16 for x in xs], [r[f"{name}_us"] for r in mv], 0.16,
                  label=name.replace("_", " "))
     ax_m.set_xticks(list(xs), [f"{r['shape'][0]}x{r['shape'][1]}" for r in mv], fontsize=8)
     ax_m.set_ylabel("µs per weight")

@@ -46,11 +46,13 @@ def test_bench_linear_quick_run_times_both_libraries_and_layouts(tmp_path: Path)
     for row in report["gemm"]:
         assert row["blas_gflops"] > 0 and row["onednn_gflops"] > 0
     variants = {f"{k}_{o}" for k in ("onednn", "blas") for o in ("row_major", "column_major")}
+    variants.add("bag_column_major")
     for row in report["matvec"]:
         times = {v: row[f"{v}_us"] for v in variants}
         assert all(t > 0 for t in times.values())
         assert row["fastest"] == min(times, key=times.__getitem__)
         assert row["fastest_vs_onednn_row_major"] >= 1.0
+        assert row["read_gb_per_s"] > 0 and row["fastest_gb_per_s"] > 0
 
 
 def test_bench_engine_quick_run_gets_the_same_tokens_every_way(tmp_path: Path) -> None:

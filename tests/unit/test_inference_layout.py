@@ -43,10 +43,11 @@ def test_pick_fastest_keeps_the_default_within_noise_and_takes_a_clear_winner() 
     )
 
 
-def test_candidates_cover_both_orders_of_every_kernel_here() -> None:
-    names = {c.name for c in layout.candidates()}
-    assert {"blas-row", "blas-col"} <= names
+def test_candidates_cover_both_orders_of_every_gemm_kernel_and_the_column_major_bag() -> None:
+    names = [c.name for c in layout.candidates()]
+    assert {"blas-row", "blas-col", "bag-col"} <= set(names) and "bag-row" not in names
     assert ("onednn-row" in names) == onednn_available()
+    assert names[0] == ("onednn-row" if onednn_available() else "blas-row")  # the default
 
 
 @pytest.mark.parametrize("candidate", layout.candidates(), ids=lambda c: c.name)
@@ -64,10 +65,11 @@ def test_every_candidate_gives_the_model_its_logits(candidate: layout.Candidate)
     assert model.head.weight is model.tok_emb.weight  # the tie survives a new order
 
 
-def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn() -> None:
+@pytest.mark.parametrize("kernel, op", [("blas", "aten::addmm"), ("bag", "aten::embedding_bag")])
+def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn(kernel: str, op: str) -> None:
     torch.manual_seed(1)
     lin = Linear(32, 48)
-    layout.apply_candidate(lin, layout.Candidate("blas", "col"))
+    layout.apply_candidate(lin, layout.Candidate(kernel, "col"))  # type: ignore[arg-type]
 
     def ops(rows: int) -> set[str]:
         x = torch.randn(rows, 32)
@@ -76,9 +78,11 @@ def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn() -> None:
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias))
         return {event.key for event in prof.key_averages()}
 
-    assert "mkldnn::_linear_pointwise" not in ops(1)
+    one_row = ops(1)
+    assert op in one_row and "mkldnn::_linear_pointwise" not in one_row
     if onednn_available():
-        assert "mkldnn::_linear_pointwise" in ops(4)
+        batch = ops(4)
+        assert "mkldnn::_linear_pointwise" in batch and op not in batch
 
 
 def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -> None:

@@ -105,3 +105,49 @@ def test_model_gradients_match_the_plain_f_linear_model(monkeypatch: pytest.Monk
     plain = grads()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_bag_equals_f_linear_for_either_weight_order(
+    column_major: bool, bias: bool
+) -> None:
+    torch.manual_seed(3)
+    w = torch.randn(40, 24)
+    if column_major:
+        w = w.t().contiguous().t()
+    b = torch.randn(40) if bias else None
+    for shape in [(24,), (1, 24), (1, 1, 24)]:
+        x = torch.randn(shape)
+        out = lin.one_row_bag(x, w, b)
+        assert out.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_bag_made_under_inference_mode_still_trains() -> None:
+    # Its index tensors are cached at the first call; one made under inference_mode must not
+    # become an inference tensor that a later backward refuses to save.
+    layer = lin.Linear(20, 12)
+    layer.one_row_kernel = "bag"
+    with torch.inference_mode():
+        layer(torch.randn(1, 20))
+    x = torch.randn(1, 20, requires_grad=True)
+    layer(x).square().sum().backward()
+    ref = torch.nn.Linear(20, 12)
+    ref.load_state_dict(layer.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+
+
+def test_bag_kernel_takes_one_row_only_and_leaves_autocast_to_f_linear() -> None:
+    layer = lin.Linear(16, 8)
+    layer.one_row_kernel = "bag"
+    one, four = torch.randn(1, 16), torch.randn(4, 16)
+    assert "aten::embedding_bag" in _ops_run(lambda: layer(one))
+    assert "aten::embedding_bag" not in _ops_run(lambda: layer(four))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ops = _ops_run(lambda: layer(one))
+        assert layer(one).dtype == torch.bfloat16
+    assert "aten::embedding_bag" not in ops and "aten::linear" in ops
