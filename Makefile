@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A pinned torch is installed first so pip never swaps in a multi-GB CUDA build on a CPU box.
-# On a CPU machine without a local wheel, add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# A pinned torch is installed first, and on a machine without an NVIDIA GPU never as a multi-GB
+# CUDA build (scripts/install_torch.py asks pip first and falls back to PyTorch's CPU index).
+# TORCH_PIP_ARGS (e.g. "--index-url URL") names your own source and skips that decision.
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" $(PY) scripts/install_torch.py $(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
