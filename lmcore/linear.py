@@ -127,20 +127,27 @@ class Linear(nn.Linear):
 
     one_row_kernel picks the kernel of products of a single row (batch-1 decode): "onednn"
     (`linear`), "blas" (F.linear) or "bag" (`one_row_bag`); lmcore.inference_layout sets it to
-    what measured fastest. Products of more rows always take `linear`.
+    what measured fastest. Products of more rows, and every product torch.compile traces, take
+    `linear`.
     """
 
     one_row_kernel: OneRowKernel = "onednn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row_kernel != "onednn" and x.numel() == self.in_features:
-            # The bag has no autocast rule and wants x in the weight's dtype; F.linear has both.
-            if self.one_row_kernel == "bag" and x.dtype == self.weight.dtype and not (
-                torch.is_autocast_enabled(x.device.type)
-            ):
-                return one_row_bag(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias)
+        if (
+            self.one_row_kernel == "onednn"
+            or x.numel() != self.in_features
+            or torch.compiler.is_compiling()  # the compiler lowers products its own way
+        ):
+            return linear(x, self.weight, self.bias)
+        # The bag has no autocast rule and wants x in the weight's dtype; F.linear has both.
+        if (
+            self.one_row_kernel == "bag"
+            and x.dtype == self.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return one_row_bag(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def shared_weight_ids(model: nn.Module) -> set[int]:

@@ -11,6 +11,7 @@ from lmcore import inference_layout as layout
 from lmcore.cache import KVCache
 from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import preset
+from lmcore.generate import decode_step
 from lmcore.linear import Linear, onednn_available
 from lmcore.model import Transformer
 
@@ -138,3 +139,20 @@ def test_loaded_model_reports_its_layout_and_saves_again(tmp_path) -> None:
     idx = torch.randint(0, model.config.vocab_size, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["blas", "bag"])
+def test_a_compiled_batch_1_step_of_a_tuned_model_traces_plain_products(kernel: str) -> None:
+    torch.manual_seed(5)
+    model = Transformer(preset("tiny")).eval()
+    for module in layout.tunable_linears(model):
+        layout.apply_candidate(module, layout.Candidate(kernel, "col"))  # type: ignore[arg-type]
+    cache = KVCache.for_model(model, 1, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), input_pos=torch.arange(3)[None], cache=cache)
+        explanation = torch._dynamo.explain(decode_step)(
+            model, torch.tensor([[4]]), torch.tensor([[3]]), cache
+        )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    traced = explanation.graphs[0].code
+    assert "linear" in traced and "embedding_bag" not in traced and "addmm" not in traced
