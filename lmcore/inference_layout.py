@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,8 +106,26 @@ def _time_passes(linears: list[Linear], passes: int) -> list[float]:
     return [statistics.median(s) for s in samples]
 
 
+def _shape_groups(linears: list[Linear]) -> dict[tuple[int, int], list[int]]:
+    """Weight shape (out, in) -> indices of the linears of that shape, in model order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, module in enumerate(linears):
+        groups.setdefault((module.out_features, module.in_features), []).append(i)
+    return groups
+
+
+def _reusable(groups: dict[tuple[int, int], list[int]], reuse: Sequence[ShapeChoice]) -> bool:
+    """The earlier choices were made for the same linears: every shape, each as many times."""
+    by_shape = {c.shape: c for c in reuse}
+    return set(groups) == set(by_shape) and all(
+        len(members) == by_shape[shape].modules for shape, members in groups.items()
+    )
+
+
 @torch.no_grad()
-def use_inference_layout(model: nn.Module, *, passes: int = 7) -> list[ShapeChoice]:
+def use_inference_layout(
+    model: nn.Module, *, passes: int = 7, reuse: Sequence[ShapeChoice] | None = None
+) -> list[ShapeChoice]:
     """Give every fp32 CPU Linear the weight order and one-row kernel measured fastest here.
 
     Values and the state dict stay the same; only the memory order of weights and the kernel of
@@ -114,22 +133,31 @@ def use_inference_layout(model: nn.Module, *, passes: int = 7) -> list[ShapeChoi
     (prefill, batched decode, training) keep oneDNN. For loaded, eval-only models: a weight
     tied to the token embedding moves with it (a lookup reads a row either way). Returns the
     choice for each weight shape, with the timings behind it.
+
+    `reuse`: the choices this process measured for another model; when they cover the same
+    linears (same shapes, as many of each) they are applied without timing anything. A serving
+    worker swapping in a retrained model of the same architecture passes the old one's, so it
+    does not measure while its engine shares the cores, and the weights' values never change a
+    kernel's speed.
     """
     linears = tunable_linears(model)
     if not linears:
         return []
+    groups = _shape_groups(linears)
     options = candidates()
+    by_name = {c.name: c for c in options}
+    if reuse and _reusable(groups, reuse) and all(c.chosen in by_name for c in reuse):
+        for choice in reuse:
+            for i in groups[choice.shape]:
+                apply_candidate(linears[i], by_name[choice.chosen])
+        return list(reuse)
     timings: dict[str, list[float]] = {}
     for candidate in options:
         for module in linears:
             apply_candidate(module, candidate)
         timings[candidate.name] = _time_passes(linears, passes)
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, module in enumerate(linears):
-        groups.setdefault((module.out_features, module.in_features), []).append(i)
     default = options[0].name  # the order and kernel every Linear starts with
-    by_name = {c.name: c for c in options}
     choices = []
     for shape, members in groups.items():
         micros = {name: 1e6 * sum(t[i] for i in members) for name, t in timings.items()}

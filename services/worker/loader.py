@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmcore.checkpoint import load_model_dir
-from lmcore.inference_layout import describe
+from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.model import Transformer
 from lmcore.precision import cast_for_inference, resolve_precision
 from lmcore.quantize import quantize_int8
@@ -32,6 +32,7 @@ class ServingModel:
     tokenizer: Tokenizer
     ref: ModelRef
     path: Path
+    layout: list[ShapeChoice] = field(default_factory=list)  # lmcore.inference_layout's choices
 
     @property
     def tokenizer_digest(self) -> str:
@@ -44,8 +45,14 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def load_serving_model(uri: str, settings: Settings) -> ServingModel:
-    """Download (cached) if needed, then load weights and tokenizer onto the configured device."""
+def load_serving_model(
+    uri: str, settings: Settings, *, layout: list[ShapeChoice] | None = None
+) -> ServingModel:
+    """Download (cached) if needed, then load weights and tokenizer onto the configured device.
+
+    `layout`: the serving model's linear layout, reused when the new model has the same linears
+    (a hot swap then measures nothing while the engine runs).
+    """
     from lmcore.tracking import resolve_model_uri  # mlflow is imported only for registry URIs
 
     resolved = resolve_model_uri(
@@ -57,7 +64,7 @@ def load_serving_model(uri: str, settings: Settings) -> ServingModel:
             "(use `lmctl generate --no-kv-cache` to compare against full recompute)"
         )
     device = pick_device(settings.device)
-    loaded = load_model_dir(resolved.path, device=device)
+    loaded = load_model_dir(resolved.path, device=device, layout=layout)
     precision = resolve_precision(settings.mixed_precision, device)
     loaded.model = cast_for_inference(loaded.model, precision)
     if settings.quantized:
@@ -71,10 +78,11 @@ def load_serving_model(uri: str, settings: Settings) -> ServingModel:
         run_id=resolved.run_id or _str_or_none(meta.get("run_id")),
         uri=uri,
     )
-    log.info("loaded %s (version %s) from %s on %s, %s%s; one-row linears: %s", ref.name,
+    kept = " (kept from the serving model)" if layout and loaded.layout == layout else ""
+    log.info("loaded %s (version %s) from %s on %s, %s%s; one-row linears: %s%s", ref.name,
              ref.version, resolved.path, loaded.model.device, precision.name,
-             ", int8" if settings.quantized else "", describe(loaded.layout))  # fmt: skip
-    return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path)
+             ", int8" if settings.quantized else "", describe(loaded.layout), kept)  # fmt: skip
+    return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path, loaded.layout)
 
 
 def _str_or_none(value: object) -> str | None:

@@ -159,7 +159,8 @@ class WorkerRuntime:
     def swap_to(self, uri: str, alias_uri: str | None = None) -> None:
         """Load `uri` beside the serving model, then switch the engine between steps."""
         with self._swap_lock:
-            new = load_serving_model(uri, self.settings)
+            old = self.serving
+            new = load_serving_model(uri, self.settings, layout=old.layout if old else None)
             if alias_uri:
                 new.ref.uri = alias_uri
             assert self.engine is not None

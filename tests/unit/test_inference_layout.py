@@ -156,3 +156,36 @@ def test_a_compiled_batch_1_step_of_a_tuned_model_traces_plain_products(kernel: 
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     traced = explanation.graphs[0].code
     assert "linear" in traced and "embedding_bag" not in traced and "addmm" not in traced
+
+
+def _stamped(choices: list[layout.ShapeChoice], chosen: str) -> list[layout.ShapeChoice]:
+    """The same shapes with another choice and timings no measurement would give."""
+    return [layout.ShapeChoice(c.shape, c.modules, chosen, {chosen: 1.0}) for c in choices]
+
+
+def test_choices_for_the_same_linears_are_reused_without_measuring() -> None:
+    torch.manual_seed(6)
+    first = Transformer(preset("tiny")).eval()
+    earlier = _stamped(layout.use_inference_layout(first, passes=1), "bag-col")
+    second = Transformer(preset("tiny")).eval()
+    idx = torch.randint(0, second.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        before = _cached_logits(second, idx)
+        choices = layout.use_inference_layout(second, reuse=earlier)
+        after = _cached_logits(second, idx)
+
+    assert choices == earlier  # the stamped timings came back: nothing was timed
+    assert all((m.one_row_kernel, _order(m.weight)) == ("bag", "col")
+               for m in layout.tunable_linears(second))  # fmt: skip
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_choices_for_other_linears_are_measured_afresh() -> None:
+    torch.manual_seed(7)
+    earlier = _stamped(layout.use_inference_layout(Transformer(preset("tiny")).eval(), passes=1),
+                       "bag-col")  # fmt: skip
+    deeper = Transformer(preset("tiny", n_layer=preset("tiny").n_layer + 1)).eval()
+    choices = layout.use_inference_layout(deeper, passes=1, reuse=earlier)
+    names = {c.name for c in layout.candidates()}
+    assert all(set(c.micros) == names for c in choices)  # timed: every candidate has a figure
+    assert sum(c.modules for c in choices) == len(layout.tunable_linears(deeper))

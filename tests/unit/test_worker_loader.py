@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from lmcore.checkpoint import save_model_dir
 from lmcore.config import preset
+from lmcore.inference_layout import ShapeChoice
+from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear
 from lmcore.tokenizer import Tokenizer
@@ -51,3 +53,20 @@ def test_seed_style_boolean_precision_values_are_accepted() -> None:
 def test_kv_cache_off_is_refused_with_a_reason(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="KV cache"):
         load_serving_model(str(model_dir), Settings(device="cpu", kv_cache=False))
+
+
+def test_a_model_with_the_same_linears_keeps_the_serving_models_layout(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    served = load_serving_model(str(model_dir), Settings(device="cpu"))
+    assert served.layout and sum(c.modules for c in served.layout) > 0
+    stamped = [ShapeChoice(c.shape, c.modules, "blas-col", {"blas-col": 1.0})
+               for c in served.layout]  # fmt: skip
+    retrained = Transformer(served.model.config)  # same architecture, other weights
+    again = save_model_dir(tmp_path / "v2", retrained, served.tokenizer)
+
+    swapped = load_serving_model(str(again), Settings(device="cpu"), layout=stamped)
+
+    assert swapped.layout == stamped
+    kernels = {m.one_row_kernel for m in swapped.model.modules() if isinstance(m, Linear)}
+    assert kernels == {"blas"}
