@@ -34,6 +34,7 @@ from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
+from lmcore.quantize import quantization_report
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class TrainConfig:
     peak_flops: float = H100_BF16_PEAK_FLOPS  # per device, for MFU (reported on CUDA only)
     progress: bool = True
     dist_timeout_s: float = D.DEFAULT_TIMEOUT_S
+    # At the end, rank 0 measures the final model in int8 (size, val-loss change): metrics and
+    # the model dir's metadata carry it. Dynamic int8 is measured too when training on CPU.
+    quantization_report: bool = True
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "eval_batches", "log_interval",
@@ -728,10 +732,35 @@ class Trainer:
             "data": {k: self.dataset.meta.get(k) for k in ("source", "content_hash", "cache_key")}
             if isinstance(getattr(self.dataset, "meta", None), dict) else {},
         }
+        if self.cfg.quantization_report:
+            metadata["quantization"] = self._quantization_report(step)
         path = save_model_dir(target, self.model, getattr(self.dataset, "tokenizer", None),
                               metadata)
         version = self.tracker.log_model_dir(path, self.register_name, alias="candidate")
         return path, version
+
+    def _quantization_report(self, step: int) -> dict[str, float] | None:
+        """Rank 0: the final model's size and val loss in fp32 and int8, on fixed val windows."""
+        val = self.dataset.val
+        try:
+            report = quantization_report(
+                self.model, val, min(self.model_config.block_size, len(val) - 1),
+                windows=self.cfg.eval_batches, batch_size=self.cfg.batch_size,
+                include_dynamic=self.device.type == "cpu",
+            )  # fmt: skip
+        except (ValueError, RuntimeError) as exc:  # a report must never fail a finished run
+            log.warning("quantization report skipped: %s", exc)
+            return None
+        self.tracker.log_metrics({f"quant_{k}": v for k, v in report.items()}, step)
+        log.info("int8 weight-only: %.1f of %.1f MB (%.2fx), val loss %.4f -> %.4f (%+.4f)",
+                 report["int8_bytes"] / 1e6, report["base_bytes"] / 1e6,
+                 report["int8_size_ratio"], report["base_val_loss"], report["int8_val_loss"],
+                 report["int8_val_loss_delta"])  # fmt: skip
+        if "dynamic_int8_bytes" in report:
+            log.info("dynamic int8 (CPU): %.1f MB (%.2fx), val loss %.4f (%+.4f)",
+                     report["dynamic_int8_bytes"] / 1e6, report["dynamic_int8_size_ratio"],
+                     report["dynamic_int8_val_loss"], report["dynamic_int8_val_loss_delta"])
+        return report
 
     # -- small helpers --------------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class TrainSchema:
     peak_flops: float = 989e12
     progress: bool = True
     dist_timeout_s: float = 600.0
+    quantization_report: bool = True
 
 
 @dataclass

@@ -242,6 +242,32 @@ def test_final_model_dir_carries_metadata_and_goes_to_the_tracker(
     assert result.model_version == {"version": "1"}
 
 
+def test_final_model_dir_reports_its_int8_size_and_val_loss_change(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    tracker = ListTracker("run-q")
+    result = Trainer(tiny(dataset), config(tmp_path, max_steps=30), dataset, tracker).fit()
+    report = load_model_dir(result.model_dir).metadata["quantization"]
+
+    # The tied embedding stays fp32, so int8 saves less than 4x on a model this small.
+    assert report["int8_bytes"] < 0.8 * report["base_bytes"]
+    assert report["int8_size_ratio"] == pytest.approx(report["int8_bytes"] / report["base_bytes"])
+    # Rounding the weights to int8 changes the loss a little, not a lot.
+    assert 0 < abs(report["int8_val_loss_delta"]) < 0.05 * report["base_val_loss"]
+    assert report["dynamic_int8_bytes"] < report["base_bytes"]  # trained on CPU: measured too
+    assert report["windows"] == 2  # eval_batches fixed windows
+    final = tracker.metrics()[result.steps]
+    assert final["quant_int8_val_loss_delta"] == report["int8_val_loss_delta"]
+
+
+def test_the_int8_report_can_be_switched_off(dataset: TokenDataset, tmp_path: Path) -> None:
+    tracker = ListTracker("run-nq")
+    cfg = config(tmp_path, max_steps=2, quantization_report=False)
+    result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert "quantization" not in load_model_dir(result.model_dir).metadata
+    assert not any(k.startswith("quant_") for m in tracker.metrics().values() for k in m)
+
+
 def test_checkpoint_holds_run_id_sampler_and_rng_state(
     dataset: TokenDataset, tmp_path: Path
 ) -> None:
