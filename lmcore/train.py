@@ -752,12 +752,12 @@ class Trainer:
             log.warning("quantization report skipped: %s", exc)
             return None
         self.tracker.log_metrics({f"quant_{k}": v for k, v in report.items()}, step)
-        log.info("int8 weight-only: %.1f of %.1f MB (%.2fx), val loss %.4f -> %.4f (%+.4f)",
+        log.info("int8 weight-only: %.1f of %.1f MB (%.2fx), val loss %.5f -> %.5f (%+.2e)",
                  report["int8_bytes"] / 1e6, report["base_bytes"] / 1e6,
                  report["int8_size_ratio"], report["base_val_loss"], report["int8_val_loss"],
                  report["int8_val_loss_delta"])  # fmt: skip
         if "dynamic_int8_bytes" in report:
-            log.info("dynamic int8 (CPU): %.1f MB (%.2fx), val loss %.4f (%+.4f)",
+            log.info("dynamic int8 (CPU): %.1f MB (%.2fx), val loss %.5f (%+.2e)",
                      report["dynamic_int8_bytes"] / 1e6, report["dynamic_int8_size_ratio"],
                      report["dynamic_int8_val_loss"], report["dynamic_int8_val_loss_delta"])
         return report
