@@ -117,10 +117,10 @@ def test_one_row_bag_equals_f_linear_for_either_weight_order(
     if column_major:
         w = w.t().contiguous().t()
     b = torch.randn(40) if bias else None
-    for shape in [(24,), (1, 24), (1, 1, 24)]:
-        x = torch.randn(shape)
+    strided = torch.randn(1, 48)[:, ::2]  # a view with stride 2: the row is not contiguous
+    for x in [torch.randn(24), torch.randn(1, 24), torch.randn(1, 1, 24), strided]:
         out = lin.one_row_bag(x, w, b)
-        assert out.shape == (*shape[:-1], 40)
+        assert out.shape == (*x.shape[:-1], 40)
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
