@@ -335,7 +335,7 @@ def load_model_dir(
     """Build the Transformer from config.json, check and load every tensor, return it in eval().
 
     The model comes laid out for inference: each linear's weight order and one-row kernel are
-    the fastest measured on this machine (lmcore.inference_layout; 0.2-0.3 s for 14M
+    the fastest measured on this machine (lmcore.inference_layout; 0.2-0.4 s for 14M
     parameters). `layout`, an earlier model's `LoadedModel.layout` from this process, is
     applied instead of measuring again when it covers the same linears.
     """

@@ -2,29 +2,33 @@
 
 A batch-1 decode step multiplies one row by every weight, so its speed is how fast a kernel
 streams the weights from memory. Which kernel (oneDNN, PyTorch's default BLAS, or the
-embedding-bag sum of lmcore.linear.one_row_bag) on which weight order (row- or column-major)
+embedding-bag sum of lmcore.linear.bag_linear) on which weight order (row- or column-major)
 streams fastest depends on the machine and the shape: on one AMD EPYC VM oneDNN led or tied on
 most shapes, on another (a busier host) the BLAS on column-major weights read tall shapes
 1.5-1.8x faster than oneDNN, and on a third the bag read every shape ~1.7x faster than either
 (bench/linear_cpu.json, `matvec`). A fixed rule is wrong somewhere, so this times the
 candidates on the model's own weights, in model order (each weight comes from memory as in a
-decode step, not from a warm cache), and keeps the fastest for each weight shape.
+decode step, not from a warm cache), and keeps the fastest for each weight shape. The bag reads
+a weight once per row, yet it can still beat a GEMM at two or three rows (a serving engine with
+a few requests in flight), so where it is chosen the same measurement finds how many rows it
+keeps.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lmcore.linear import Linear, OneRowKernel, onednn_available
+from lmcore.linear import Linear, OneRowKernel, bag_linear, linear, onednn_available
 
 Order = Literal["row", "col"]
+MAX_BAG_ROWS = 4  # beyond this the bag, which reads the weight once per row, never won here
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,18 @@ class ShapeChoice:
     modules: int
     chosen: str
     micros: dict[str, float]  # candidate name -> summed median microseconds per pass
+    bag_rows: int = 1  # with the bag chosen: products of up to this many rows take it
+    # rows ("2".."4") -> {"bag": µs, "linear": µs}: how bag_rows was decided
+    rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def describe(choices: list[ShapeChoice]) -> str:
-    """One line for a log: "1152x384 blas-col, 384x1536 onednn-row" (out x in per shape)."""
-    return ", ".join(f"{c.shape[0]}x{c.shape[1]} {c.chosen}" for c in choices) or "none"
+    """One line for a log: "1152x384 bag-col (<= 2 rows), 384x1536 onednn-row" (out x in)."""
+    def one(c: ShapeChoice) -> str:
+        rows = f" (<= {c.bag_rows} rows)" if c.bag_rows > 1 else ""
+        return f"{c.shape[0]}x{c.shape[1]} {c.chosen}{rows}"
+
+    return ", ".join(one(c) for c in choices) or "none"
 
 
 def candidates() -> list[Candidate]:
@@ -91,16 +102,20 @@ def apply_candidate(module: Linear, candidate: Candidate) -> None:
     else:
         module.weight.data = weight.contiguous()
     module.one_row_kernel = candidate.kernel
+    module.bag_rows = 1
 
 
-def _time_passes(linears: list[Linear], passes: int) -> list[float]:
-    """Median seconds of each module's one-row product over `passes` passes (after a warm one)."""
-    rows = [torch.randn(1, m.in_features) for m in linears]
+def _time_passes(
+    linears: list[Linear], passes: int, rows: int = 1, product: Callable | None = None
+) -> list[float]:
+    """Median seconds of each module's product of `rows` rows over `passes` passes (after a
+    warm one): the module's own forward, or product(x, weight, bias)."""
+    inputs = [torch.randn(rows, m.in_features) for m in linears]
     samples: list[list[float]] = [[] for _ in linears]
     for rep in range(passes + 1):
-        for i, (module, row) in enumerate(zip(linears, rows)):
+        for i, (module, x) in enumerate(zip(linears, inputs)):
             start = time.perf_counter()
-            module(row)
+            module(x) if product is None else product(x, module.weight, module.bias)
             if rep:  # the first pass only warms up (oneDNN builds a kernel per shape)
                 samples[i].append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
@@ -150,6 +165,7 @@ def use_inference_layout(
         for choice in reuse:
             for i in groups[choice.shape]:
                 apply_candidate(linears[i], by_name[choice.chosen])
+                linears[i].bag_rows = choice.bag_rows
         return list(reuse)
     timings: dict[str, list[float]] = {}
     for candidate in options:
@@ -165,4 +181,51 @@ def use_inference_layout(
         for i in members:
             apply_candidate(linears[i], by_name[chosen])
         choices.append(ShapeChoice(shape, len(members), chosen, micros))
-    return choices
+    return _with_bag_rows(choices, linears, groups, passes)
+
+
+def _with_bag_rows(
+    choices: list[ShapeChoice],
+    linears: list[Linear],
+    groups: dict[tuple[int, int], list[int]],
+    passes: int,
+) -> list[ShapeChoice]:
+    """For the shapes that chose the bag: the most rows (2..MAX_BAG_ROWS) up to which it still
+    beats `linear` at every count, timed like one row, on those linears in model order."""
+    bagged = [c for c in choices if _kernel_of(c) == "bag"]
+    members = [i for c in bagged for i in groups[c.shape]]
+    if not members:
+        return choices
+    mods = [linears[i] for i in members]
+    position = {i: n for n, i in enumerate(members)}
+    rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {c.shape: {} for c in bagged}
+    still_winning = {c.shape for c in bagged}
+    for rows in range(2, MAX_BAG_ROWS + 1):
+        if not still_winning:
+            break
+        bag = _time_passes(mods, passes, rows, bag_linear)
+        plain = _time_passes(mods, passes, rows, linear)
+        for shape in list(still_winning):
+            at = [position[i] for i in groups[shape]]
+            micros = {"bag": 1e6 * sum(bag[n] for n in at),
+                      "linear": 1e6 * sum(plain[n] for n in at)}  # fmt: skip
+            rows_micros[shape][str(rows)] = micros
+            if pick_fastest(micros, "linear") != "bag":
+                still_winning.discard(shape)
+    out = []
+    for choice in choices:
+        if _kernel_of(choice) != "bag":
+            out.append(choice)
+            continue
+        timed = rows_micros[choice.shape]
+        won = [int(r) for r, m in timed.items() if pick_fastest(m, "linear") == "bag"]
+        bag_rows = max(won, default=1)  # counts are timed in order until the bag first loses
+        for i in groups[choice.shape]:
+            linears[i].bag_rows = bag_rows
+        out.append(ShapeChoice(choice.shape, choice.modules, choice.chosen, choice.micros,
+                               bag_rows, timed))  # fmt: skip
+    return out
+
+
+def _kernel_of(choice: ShapeChoice) -> str:
+    return choice.chosen.split("-", 1)[0]  # "bag-col" -> "bag"

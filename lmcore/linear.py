@@ -84,22 +84,26 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _bag_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices 0..n-1 and one bag offset, made once; ordinary tensors even under inference_mode."""
+def _bag_indices(n: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices 0..n-1 once per row and each row's bag offset, made once per (n, rows, device);
+    ordinary tensors even when first asked for under inference_mode."""
     with torch.inference_mode(False):
-        return torch.arange(n, device=device), torch.zeros(1, dtype=torch.long, device=device)
+        offsets = torch.arange(0, rows * n, n, device=device)
+        return torch.arange(n, device=device).repeat(rows), offsets
 
 
-def one_row_bag(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for x holding one row, as a weighted sum of the rows of weight.T.
+def bag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows of x, each a weighted sum of the rows of weight.T.
 
-    The sum is F.embedding_bag over every row of the (in, out) matrix weight.T with x as the
-    per-row weights: on x86 builds that is FBGEMM's embedding kernel, which streams a
+    Each row of x is one bag of F.embedding_bag over every row of the (in, out) matrix weight.T,
+    weighted by that row: on x86 builds that is FBGEMM's embedding kernel, which streams a
     column-major weight (weight.T contiguous) from memory about 1.7x faster than oneDNN's or the
-    BLAS's one-row product (bench/linear_cpu.json, `matvec`). Any weight order gives the same
-    result; a row-major one is copied first, so it pays off on column-major weights only.
+    BLAS's one-row product (bench/linear_cpu.json, `matvec`). It reads the weight once per row,
+    so it pays off for one row and sometimes two or three (lmcore.inference_layout measures
+    where). Any weight order gives the same result; a row-major one is copied first.
     """
-    indices, offsets = _bag_indices(weight.shape[1], weight.device)
+    rows = x.numel() // weight.shape[1]
+    indices, offsets = _bag_indices(weight.shape[1], rows, weight.device)
     out = F.embedding_bag(indices, weight.t(), offsets, mode="sum",
                           per_sample_weights=x.reshape(-1))  # fmt: skip
     if bias is not None:
@@ -126,28 +130,29 @@ class Linear(nn.Linear):
     """A drop-in nn.Linear (same parameters, same state dict) using `linear` above.
 
     one_row_kernel picks the kernel of products of a single row (batch-1 decode): "onednn"
-    (`linear`), "blas" (F.linear) or "bag" (`one_row_bag`); lmcore.inference_layout sets it to
-    what measured fastest. Products of more rows, and every product torch.compile traces, take
-    `linear`.
+    (`linear`), "blas" (F.linear) or "bag" (`bag_linear`), and with "bag", products of up to
+    `bag_rows` rows take it too; lmcore.inference_layout sets both to what measured fastest.
+    Other products, and every product torch.compile traces, take `linear`.
     """
 
     one_row_kernel: OneRowKernel = "onednn"
+    bag_rows: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.one_row_kernel == "onednn"
-            or x.numel() != self.in_features
-            or torch.compiler.is_compiling()  # the compiler lowers products its own way
-        ):
-            return linear(x, self.weight, self.bias)
-        # The bag has no autocast rule and wants x in the weight's dtype; F.linear has both.
+        rows = x.numel() // self.in_features
+        if self.one_row_kernel == "onednn" or rows == 0 or torch.compiler.is_compiling():
+            return linear(x, self.weight, self.bias)  # the compiler lowers products its own way
+        if self.one_row_kernel == "blas" and rows == 1:
+            return F.linear(x, self.weight, self.bias)
+        # The bag has no autocast rule and wants x in the weight's dtype: `linear` has both.
         if (
             self.one_row_kernel == "bag"
+            and rows <= self.bag_rows
             and x.dtype == self.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
         ):
-            return one_row_bag(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return bag_linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def shared_weight_ids(model: nn.Module) -> set[int]:

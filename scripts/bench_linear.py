@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_linear.py`
     sys.path.insert(0, str(ROOT))
 
-from lmcore.linear import linear, one_row_bag, onednn_available  # noqa: E402
+from lmcore.linear import linear, bag_linear, onednn_available  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "linear_cpu.json"
@@ -95,7 +95,7 @@ def matvec_rows(quick: bool) -> list[dict[str, Any]]:
         for name, weights in (("row_major", row_major), ("column_major", col_major)):
             result[f"onednn_{name}_us"] = per_call(run(weights, linear), reps) / copies * 1e6
             result[f"blas_{name}_us"] = per_call(run(weights, F.linear), reps) / copies * 1e6
-        result["bag_column_major_us"] = per_call(run(col_major, one_row_bag), reps) / copies * 1e6
+        result["bag_column_major_us"] = per_call(run(col_major, bag_linear), reps) / copies * 1e6
         # Not a candidate: reading the weights with no product at all, the bound of them all.
         read_us = per_call(lambda: [w.sum() for w in row_major], reps) / copies * 1e6
         result["read_gb_per_s"] = out_f * in_f * 4 / read_us / 1e3

@@ -113,8 +113,11 @@ def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -
 
 def test_describe_names_each_shape_and_its_choice() -> None:
     choices = [layout.ShapeChoice((1152, 384), 6, "blas-col", {}),
-               layout.ShapeChoice((384, 1536), 6, "onednn-row", {})]  # fmt: skip
-    assert layout.describe(choices) == "1152x384 blas-col, 384x1536 onednn-row"
+               layout.ShapeChoice((384, 1536), 6, "onednn-row", {}),
+               layout.ShapeChoice((384, 384), 6, "bag-col", {}, bag_rows=2)]  # fmt: skip
+    assert layout.describe(choices) == (
+        "1152x384 blas-col, 384x1536 onednn-row, 384x384 bag-col (<= 2 rows)"
+    )
     assert layout.describe([]) == "none"
 
 
@@ -189,3 +192,44 @@ def test_choices_for_other_linears_are_measured_afresh() -> None:
     names = {c.name for c in layout.candidates()}
     assert all(set(c.micros) == names for c in choices)  # timed: every candidate has a figure
     assert sum(c.modules for c in choices) == len(layout.tunable_linears(deeper))
+
+
+def test_bag_rows_grow_while_the_bag_keeps_winning_and_reach_every_module() -> None:
+    torch.manual_seed(8)
+    model = Transformer(preset("tiny")).eval()
+    linears = layout.tunable_linears(model)
+    for module in linears:
+        layout.apply_candidate(module, layout.Candidate("bag", "col"))
+    groups = layout._shape_groups(linears)
+    bagged = [layout.ShapeChoice(shape, len(m), "bag-col", {}) for shape, m in groups.items()]
+    choices = layout._with_bag_rows(bagged, linears, groups, passes=3)
+
+    for choice in choices:
+        timed = [int(r) for r in choice.rows_micros]
+        assert timed == list(range(2, 2 + len(timed)))
+        assert 1 <= len(timed) <= layout.MAX_BAG_ROWS - 1
+        wins = [layout.pick_fastest(choice.rows_micros[str(r)], "linear") == "bag" for r in timed]
+        # Counts are timed until the bag first loses; bag_rows is the last count it won.
+        assert wins == [True] * (choice.bag_rows - 1) + [False] * (len(timed) - choice.bag_rows + 1)
+        assert {linears[i].bag_rows for i in groups[choice.shape]} == {choice.bag_rows}
+
+
+def test_a_decode_step_of_a_few_rows_through_the_bag_gives_the_same_logits() -> None:
+    torch.manual_seed(9)
+    model = Transformer(preset("tiny")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (3, 6))
+
+    def step_logits() -> torch.Tensor:  # prefill 5 tokens of 3 rows, then one 3-row step
+        cache = KVCache.for_model(model, 3, 6)
+        model(idx[:, :-1], input_pos=torch.arange(5).expand(3, 5), cache=cache)
+        return model(idx[:, -1:], input_pos=torch.full((3, 1), 5), cache=cache)[0]
+
+    with torch.no_grad():
+        before = step_logits()
+        for module in layout.tunable_linears(model):
+            layout.apply_candidate(module, layout.Candidate("bag", "col"))
+            module.bag_rows = 3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            after = step_logits()
+    assert "aten::embedding_bag" in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

@@ -109,7 +109,7 @@ def test_model_gradients_match_the_plain_f_linear_model(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("column_major", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_row_bag_equals_f_linear_for_either_weight_order(
+def test_bag_linear_equals_f_linear_for_either_weight_order(
     column_major: bool, bias: bool
 ) -> None:
     torch.manual_seed(3)
@@ -118,13 +118,14 @@ def test_one_row_bag_equals_f_linear_for_either_weight_order(
         w = w.t().contiguous().t()
     b = torch.randn(40) if bias else None
     strided = torch.randn(1, 48)[:, ::2]  # a view with stride 2: the row is not contiguous
-    for x in [torch.randn(24), torch.randn(1, 24), torch.randn(1, 1, 24), strided]:
-        out = lin.one_row_bag(x, w, b)
+    few_rows = [torch.randn(2, 24), torch.randn(3, 1, 24), torch.randn(2, 2, 24)]
+    for x in [torch.randn(24), torch.randn(1, 24), torch.randn(1, 1, 24), strided, *few_rows]:
+        out = lin.bag_linear(x, w, b)
         assert out.shape == (*x.shape[:-1], 40)
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_bag_made_under_inference_mode_still_trains() -> None:
+def test_bag_linear_made_under_inference_mode_still_trains() -> None:
     # Its index tensors are cached at the first call; one made under inference_mode must not
     # become an inference tensor that a later backward refuses to save.
     layer = lin.Linear(20, 12)
@@ -141,12 +142,15 @@ def test_one_row_bag_made_under_inference_mode_still_trains() -> None:
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
 
 
-def test_bag_kernel_takes_one_row_only_and_leaves_autocast_to_f_linear() -> None:
+def test_bag_kernel_takes_up_to_bag_rows_rows_and_leaves_autocast_to_f_linear() -> None:
     layer = lin.Linear(16, 8)
     layer.one_row_kernel = "bag"
-    one, four = torch.randn(1, 16), torch.randn(4, 16)
+    one, two, three = torch.randn(1, 16), torch.randn(2, 16), torch.randn(3, 16)
     assert "aten::embedding_bag" in _ops_run(lambda: layer(one))
-    assert "aten::embedding_bag" not in _ops_run(lambda: layer(four))
+    assert "aten::embedding_bag" not in _ops_run(lambda: layer(two))  # bag_rows defaults to 1
+    layer.bag_rows = 2
+    assert "aten::embedding_bag" in _ops_run(lambda: layer(two))
+    assert "aten::embedding_bag" not in _ops_run(lambda: layer(three))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ops = _ops_run(lambda: layer(one))
         assert layer(one).dtype == torch.bfloat16
