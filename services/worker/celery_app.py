@@ -1,8 +1,9 @@
 """The worker's Celery app: shared config, the generate task, and the runtime's start and stop.
 
-The model loads in `worker_init` (before the consumer starts, so a worker that cannot load takes
-no jobs) in the worker's own process: run it with `--pool threads` or `solo`, never prefork, so
-CUDA is never initialised before a fork.
+The model loads in `celeryd_after_setup`: after Celery has set up logging (in `worker_init`,
+which comes first, every log line of the load was dropped) and before the consumer starts, so a
+worker that cannot load takes no jobs. It loads in the worker's own process: run it with
+`--pool threads` or `solo`, never prefork, so CUDA is never initialised before a fork.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_shutdown
 
 from services.common import keys
 from services.common.celery_config import make_celery
@@ -33,7 +34,7 @@ def generate(self: Task, job_id: str) -> str:
 
 
 def _requested_pool(argv: list[str]) -> str:
-    """The --pool/-P given to `celery worker` (worker_init runs before Celery picks the pool)."""
+    """The --pool/-P given to `celery worker`, else the configured default."""
     for i, arg in enumerate(argv):
         if arg in ("-P", "--pool") and i + 1 < len(argv):
             return argv[i + 1]
@@ -42,13 +43,13 @@ def _requested_pool(argv: list[str]) -> str:
     return str(app.conf.worker_pool)
 
 
-@worker_init.connect
+@celeryd_after_setup.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     if _requested_pool(sys.argv) not in ("threads", "solo"):
         # SystemExit, not an exception: Celery logs and ignores exceptions from signal handlers.
         raise SystemExit("run the worker with --pool threads or --pool solo: the engine is one "
                          "thread per device and CUDA must not be initialised before a fork")
-    runtime = rt.WorkerRuntime(settings, nodename=getattr(sender, "hostname", None) or "worker")
+    runtime = rt.WorkerRuntime(settings, nodename=str(sender or "worker"))  # sender: the hostname
     runtime.start()
     rt.set_runtime(runtime)
     log.info("worker %s ready: %s", runtime.nodename, runtime.serving and runtime.serving.ref)

@@ -1,7 +1,7 @@
 """One worker process's serving state: the model, lmcore's engine thread, heartbeat and hot swap.
 
-Created once per process (Celery's worker_init) and shared by the task threads; it must not run
-jobs itself (tasks.py does) and must never be created before a fork.
+Created once per process (Celery's celeryd_after_setup) and shared by the task threads; it must
+not run jobs itself (tasks.py does) and must never be created before a fork.
 """
 
 from __future__ import annotations

@@ -129,6 +129,13 @@ def test_submitted_job_succeeds_with_the_text_lmcore_generates(client: Any, refe
     assert timings["tokens_per_s"] > 0 and timings["engine_s"] > 0
 
 
+def test_the_worker_log_says_what_it_loaded_and_how_its_linears_are_laid_out(stack: Any) -> None:
+    # The load happens before the consumer starts; its lines must reach the worker's log.
+    log = stack["worker"].log_tail(200_000)
+    assert f"from {stack['model_dir']}" in log and "one-row linears: " in log
+    assert "worker w1@" in log and " ready: " in log
+
+
 def test_events_stream_tokens_then_done_and_they_add_up_to_the_text(client: Any) -> None:
     job_id = submit(client, {"prompt": "All:", "max_new_tokens": 64, "seed": 3, "eos": False})
 
