@@ -23,6 +23,6 @@ echo "gpu_checks exit: ${PIPESTATUS[0]}"
 timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   --junitxml "$OUT/gpu_tests.xml" \
   tests/unit/test_checkpoint.py tests/unit/test_quantize.py tests/unit/test_engine.py \
-  tests/unit/test_generate.py 2>&1 \
+  tests/unit/test_generate.py tests/unit/test_train.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -40
 echo "gpu tests exit: ${PIPESTATUS[0]}"

@@ -260,6 +260,18 @@ def test_final_model_dir_reports_its_int8_size_and_val_loss_change(
     assert final["quant_int8_val_loss_delta"] == report["int8_val_loss_delta"]
 
 
+@pytest.mark.gpu
+def test_the_int8_report_of_a_cuda_run_measures_weight_only_int8(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    result = Trainer(tiny(dataset), config(tmp_path, max_steps=3, device="cuda"), dataset,
+                     ListTracker("run-gpu")).fit()  # fmt: skip
+    report = load_model_dir(result.model_dir).metadata["quantization"]
+    assert report["int8_bytes"] < 0.8 * report["base_bytes"]
+    assert abs(report["int8_val_loss_delta"]) < 0.05 * report["base_val_loss"]
+    assert "dynamic_int8_bytes" not in report  # PyTorch's dynamic int8 runs on CPU only
+
+
 def test_the_int8_report_can_be_switched_off(dataset: TokenDataset, tmp_path: Path) -> None:
     tracker = ListTracker("run-nq")
     cfg = config(tmp_path, max_steps=2, quantization_report=False)
