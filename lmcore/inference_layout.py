@@ -199,6 +199,7 @@ def _with_bag_rows(
     mods = [linears[i] for i in members]
     position = {i: n for n, i in enumerate(members)}
     rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {c.shape: {} for c in bagged}
+    bag_rows = {c.shape: 1 for c in bagged}
     still_winning = {c.shape for c in bagged}
     for rows in range(2, MAX_BAG_ROWS + 1):
         if not still_winning:
@@ -210,20 +211,19 @@ def _with_bag_rows(
             micros = {"bag": 1e6 * sum(bag[n] for n in at),
                       "linear": 1e6 * sum(plain[n] for n in at)}  # fmt: skip
             rows_micros[shape][str(rows)] = micros
-            if pick_fastest(micros, "linear") != "bag":
-                still_winning.discard(shape)
+            if pick_fastest(micros, "linear") == "bag":
+                bag_rows[shape] = rows
+            else:
+                still_winning.discard(shape)  # from its first loss on, the shape is settled
     out = []
     for choice in choices:
         if _kernel_of(choice) != "bag":
             out.append(choice)
             continue
-        timed = rows_micros[choice.shape]
-        won = [int(r) for r, m in timed.items() if pick_fastest(m, "linear") == "bag"]
-        bag_rows = max(won, default=1)  # counts are timed in order until the bag first loses
         for i in groups[choice.shape]:
-            linears[i].bag_rows = bag_rows
+            linears[i].bag_rows = bag_rows[choice.shape]
         out.append(ShapeChoice(choice.shape, choice.modules, choice.chosen, choice.micros,
-                               bag_rows, timed))  # fmt: skip
+                               bag_rows[choice.shape], rows_micros[choice.shape]))  # fmt: skip
     return out
 
 
