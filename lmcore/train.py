@@ -748,8 +748,8 @@ class Trainer:
                 windows=self.cfg.eval_batches, batch_size=self.cfg.batch_size,
                 include_dynamic=self.device.type == "cpu",
             )  # fmt: skip
-        except (ValueError, RuntimeError) as exc:  # a report must never fail a finished run
-            log.warning("quantization report skipped: %s", exc)
+        except Exception:  # a report must never fail a finished run, nor lose its model
+            log.warning("quantization report skipped", exc_info=True)
             return None
         self.tracker.log_metrics({f"quant_{k}": v for k, v in report.items()}, step)
         log.info("int8 weight-only: %.1f of %.1f MB (%.2fx), val loss %.5f -> %.5f (%+.2e)",

@@ -272,6 +272,19 @@ def test_the_int8_report_of_a_cuda_run_measures_weight_only_int8(
     assert "dynamic_int8_bytes" not in report  # PyTorch's dynamic int8 runs on CPU only
 
 
+def test_a_torch_without_dynamic_int8_still_reports_weight_only_int8(
+    dataset: TokenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.ao.quantization
+
+    monkeypatch.delattr(torch.ao.quantization, "quantize_dynamic")  # as a later torch may
+    result = Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset,
+                     ListTracker("run-nd")).fit()  # fmt: skip
+    report = load_model_dir(result.model_dir).metadata["quantization"]
+    assert report["int8_bytes"] < report["base_bytes"]
+    assert not any(key.startswith("dynamic_") for key in report)
+
+
 def test_the_int8_report_can_be_switched_off(dataset: TokenDataset, tmp_path: Path) -> None:
     tracker = ListTracker("run-nq")
     cfg = config(tmp_path, max_steps=2, quantization_report=False)
