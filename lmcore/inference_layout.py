@@ -145,7 +145,8 @@ def use_inference_layout(
 
     Values and the state dict stay the same; only the memory order of weights and the kernel of
     one-row calls change, so results differ by fp32 rounding at most. Products of more rows
-    (prefill, batched decode, training) keep oneDNN. For loaded, eval-only models: a weight
+    (prefill, batched decode, training) keep oneDNN, but for the 2-4 rows where a chosen bag
+    measured faster (`ShapeChoice.bag_rows`). For loaded, eval-only models: a weight
     tied to the token embedding moves with it (a lookup reads a row either way). Returns the
     choice for each weight shape, with the timings behind it.
 
