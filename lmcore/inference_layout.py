@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmcore.linear import Linear, OneRowKernel, bag_linear, linear, onednn_available
+from lmcore.linear import Linear, OneRowKernel, bag_linear, linear, onednn_enabled
 
 Order = Literal["row", "col"]
 MAX_BAG_ROWS = 4  # beyond this the bag, which reads the weight once per row, never won here
@@ -66,7 +66,7 @@ def describe(choices: list[ShapeChoice]) -> str:
 def candidates() -> list[Candidate]:
     """The default (oneDNN row-major, where oneDNN runs) first; the bag only column-major, the
     order whose transpose it reads in place."""
-    kernels: list[OneRowKernel] = ["onednn", "blas"] if onednn_available() else ["blas"]
+    kernels: list[OneRowKernel] = ["onednn", "blas"] if onednn_enabled() else ["blas"]
     both_orders = [Candidate(k, o) for k in kernels for o in ("row", "col")]
     return [*both_orders, Candidate("bag", "col")]
 
@@ -145,7 +145,7 @@ def use_inference_layout(
 
     Values and the state dict stay the same; only the memory order of weights and the kernel of
     one-row calls change, so results differ by fp32 rounding at most. Products of more rows
-    (prefill, batched decode, training) keep oneDNN, but for the 2-4 rows where a chosen bag
+    (prefill, batched decode, training) keep `linear`, but for the 2-4 rows where a chosen bag
     measured faster (`ShapeChoice.bag_rows`). For loaded, eval-only models: a weight
     tied to the token embedding moves with it (a lookup reads a row either way). Returns the
     choice for each weight shape, with the timings behind it.

@@ -1,12 +1,14 @@
-"""nn.Linear whose fp32 CPU matmuls run through oneDNN instead of PyTorch's default CPU BLAS.
+"""nn.Linear whose fp32 CPU matmuls run through oneDNN where it beats PyTorch's default CPU BLAS.
 
 PyTorch's x86 CPU builds hand fp32 matmuls to Intel MKL, which runs its AVX-512 kernels only on
-Intel processors and falls back to AVX2 elsewhere (AMD Zen 4/5). oneDNN, shipped in the same
-builds, picks kernels by instruction set alone: on the project's AMD EPYC it runs the model's
-GEMMs ~2.1x faster (bench/linear_cpu.json). Results differ from F.linear only by fp32 rounding;
-every other case (CUDA, bf16/fp16, autocast, torch.compile, non-x86) is plain F.linear.
-Products of a single row may take another kernel (`Linear.one_row_kernel`), chosen per machine
-by lmcore.inference_layout.
+Intel processors and falls back to AVX2 elsewhere. oneDNN, shipped in the same builds, picks
+kernels by instruction set alone: on an AMD EPYC with AVX-512 (Zen 5) it runs the model's GEMMs
+~2.1x faster than MKL, but on one without (Zen 3), where both run AVX2, MKL's kernels are the
+faster ones (oneDNN 0.73x, median; bench/README.md). So oneDNN is used exactly where MKL leaves
+AVX-512 unused: an AVX-512 CPU that is not Intel's (`LMCORE_ONEDNN_LINEAR` overrides). Results
+differ from F.linear only by fp32 rounding; every other case (CUDA, bf16/fp16, autocast,
+torch.compile, non-x86) is plain F.linear. Products of a single row may take another kernel
+(`Linear.one_row_kernel`), chosen per machine by lmcore.inference_layout.
 """
 
 from __future__ import annotations
@@ -14,28 +16,65 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# LMCORE_ONEDNN_LINEAR=0 turns the oneDNN path off (read once, at the first linear call).
+# LMCORE_ONEDNN_LINEAR: "1" oneDNN wherever its op runs, "0" never, unset (or "auto") where
+# MKL would leave AVX-512 unused. Read once, at the first linear call.
 ENV_SWITCH = "LMCORE_ONEDNN_LINEAR"
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """oneDNN's linear op exists in this torch build, on an x86 CPU, and is not switched off."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
+def onednn_supported() -> bool:
+    """oneDNN's linear op exists in this torch build and runs on this (x86) CPU."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False  # aarch64 builds route oneDNN through other kernels; not measured there
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias with oneDNN; any strides (a transposed view is read, not copied)."""
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or "" when unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    # Windows names the vendor in the processor string; macOS on x86 is Intel-only anyway.
+    return next((v for v in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+                 if v in platform.processor()), "")  # fmt: skip
+
+
+def mkl_leaves_avx512_unused() -> bool:
+    """MKL is the CPU BLAS and this CPU has AVX-512, which MKL uses only on Intel processors."""
+    return (
+        torch.backends.mkl.is_available()
+        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        and cpu_vendor() not in ("GenuineIntel", "")
+    )
+
+
+@functools.cache
+def onednn_enabled() -> bool:
+    """Whether fp32 CPU linears go through oneDNN here: see ENV_SWITCH and the module docstring."""
+    switch = os.environ.get(ENV_SWITCH, "auto").strip().lower()
+    if switch == "0" or not onednn_supported():
+        return False
+    return switch == "1" or mkl_leaves_avx512_unused()
+
+
+def gemm_library() -> str:
+    """What fp32 CPU GEMMs run on here, for logs and reports: "oneDNN" or "BLAS" (F.linear)."""
+    return "oneDNN" if onednn_enabled() else "BLAS"
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias with oneDNN, whatever onednn_enabled() says; any strides (a transposed
+    view is read, not copied)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -51,7 +90,7 @@ class _OneDNNLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
-        return _matmul(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -62,10 +101,10 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            grad_x = _matmul(grad, weight.t(), None)  # (..., out) @ (out, in)
+            grad_x = onednn_linear(grad, weight.t(), None)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
             x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
-            grad_w = _matmul(grad_2d.t(), x_2d.t(), None)  # (out, N) @ (N, in)
+            grad_w = onednn_linear(grad_2d.t(), x_2d.t(), None)  # (out, N) @ (N, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:  # type: ignore[attr-defined]
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
@@ -79,7 +118,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")  # autocast wants F.linear to cast to bf16
         and not torch.compiler.is_compiling()  # inductor has its own oneDNN lowering
-        and onednn_available()
+        and onednn_enabled()
     )
 
 
@@ -112,7 +151,7 @@ def bag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, through oneDNN for fp32 on an x86 CPU."""
+    """F.linear, through oneDNN for fp32 on a CPU where onednn_enabled()."""
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and (
@@ -120,7 +159,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     )
     if needs_grad:
         return _OneDNNLinear.apply(x, weight, bias)
-    return _matmul(x, weight, bias)  # inference: no autograd Function on the decode path
+    return onednn_linear(x, weight, bias)  # inference: no autograd Function on the decode path
 
 
 OneRowKernel = Literal["onednn", "blas", "bag"]

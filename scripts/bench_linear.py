@@ -2,7 +2,8 @@
 
 Two questions behind lmcore.linear, answered side by side in one run, fp32, one thread:
 - training-sized GEMMs (forward, grad-input, grad-weight): GFLOP/s through F.linear's BLAS and
-  through oneDNN (`lmcore.linear.linear`);
+  through oneDNN (`lmcore.linear.onednn_linear`); `meta.lmcore_gemm` says which of the two
+  lmcore uses on this machine;
 - one-row products (a batch-1 decode step): microseconds per weight for oneDNN and the BLAS on a
   row-major and a column-major weight, and the embedding-bag sum on a column-major one (the
   candidates lmcore.inference_layout times on a model), with enough copies of each weight to
@@ -33,7 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_linear.py`
     sys.path.insert(0, str(ROOT))
 
-from lmcore.linear import linear, bag_linear, onednn_available  # noqa: E402
+from lmcore.linear import (  # noqa: E402
+    bag_linear,
+    cpu_vendor,
+    onednn_enabled,
+    onednn_linear,
+    onednn_supported,
+)
 from scripts.bench_lmcore import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "linear_cpu.json"
@@ -64,10 +71,10 @@ def gemm_rows(quick: bool) -> list[dict[str, Any]]:
         x, w = torch.randn(tokens, in_f), torch.randn(out_f, in_f)
         g = torch.randn(tokens, out_f)
         flops = 2 * tokens * in_f * out_f
-        products = {  # name: (BLAS through F.linear / matmul, oneDNN through lmcore.linear)
-            "forward x·Wᵀ": (lambda: F.linear(x, w), lambda: linear(x, w, None)),
-            "grad input g·W": (lambda: g @ w, lambda: linear(g, w.t(), None)),
-            "grad weight gᵀ·x": (lambda: g.t() @ x, lambda: linear(g.t(), x.t(), None)),
+        products = {  # name: (BLAS through F.linear / matmul, oneDNN)
+            "forward x·Wᵀ": (lambda: F.linear(x, w), lambda: onednn_linear(x, w, None)),
+            "grad input g·W": (lambda: g @ w, lambda: onednn_linear(g, w.t(), None)),
+            "grad weight gᵀ·x": (lambda: g.t() @ x, lambda: onednn_linear(g.t(), x.t(), None)),
         }
         for name, (blas, onednn) in products.items():
             reps = 3 if quick else 10
@@ -93,7 +100,7 @@ def matvec_rows(quick: bool) -> list[dict[str, Any]]:
         reps = 2 if quick else 20
         result = {"shape": [out_f, in_f], "copies": copies}
         for name, weights in (("row_major", row_major), ("column_major", col_major)):
-            result[f"onednn_{name}_us"] = per_call(run(weights, linear), reps) / copies * 1e6
+            result[f"onednn_{name}_us"] = per_call(run(weights, onednn_linear), reps) / copies * 1e6
             result[f"blas_{name}_us"] = per_call(run(weights, F.linear), reps) / copies * 1e6
         result["bag_column_major_us"] = per_call(run(col_major, bag_linear), reps) / copies * 1e6
         # Not a candidate: reading the weights with no product at all, the bound of them all.
@@ -150,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick and args.out is None:
         parser.error("--quick needs --out (keeps the committed bench/ results untouched)")
-    if not onednn_available():
-        parser.error("oneDNN's linear is not available here (non-x86 CPU, or switched off)")
+    if not onednn_supported():
+        parser.error("oneDNN's linear op does not run here (a non-x86 CPU, or a torch without it)")
     torch.set_num_threads(1)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": 1, "dtype": "float32", "wall_s": round(time.perf_counter() - started, 1),
         "blas": "MKL" if torch.backends.mkl.is_available() else "default",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_vendor": cpu_vendor(),
+        # What lmcore.linear uses for GEMMs here (auto: oneDNN where MKL leaves AVX-512 unused).
+        "lmcore_gemm": "oneDNN" if onednn_enabled() else "BLAS",
     }  # fmt: skip
     out = args.out or DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(report, out.with_suffix(".png"))
     ratios = [r["onednn_vs_blas"] for r in report["gemm"]]
     print(json.dumps({"gemm_onednn_vs_blas_median": statistics.median(ratios),
+                      "lmcore_gemm": report["meta"]["lmcore_gemm"],
                       "matvec_fastest": {f"{r['shape'][0]}x{r['shape'][1]}":
                                          (r["fastest"], round(r["fastest_vs_onednn_row_major"], 2))
                                          for r in report["matvec"]},

@@ -32,7 +32,7 @@ from lmcore.cache import KVCache  # noqa: E402
 from lmcore.config import ModelConfig  # noqa: E402
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import use_inference_layout  # noqa: E402
-from lmcore.linear import onednn_available  # noqa: E402
+from lmcore.linear import gemm_library  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 
 COMMAND = "python scripts/bench_lmcore.py"
@@ -367,7 +367,7 @@ def meta(s: BenchSettings, quick: bool, params: dict[str, int]) -> dict[str, Any
         "torch_threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu",
         "quick": quick, "settings": asdict(s), "params": params,
         "hf_attn_implementation": "sdpa", "hf_cache": "DynamicCache (generate's default)",
-        "lmcore_cpu_linear": "oneDNN" if onednn_available() else "F.linear (default BLAS)",
+        "lmcore_cpu_linear": gemm_library(),
         "lmcore_decode_layout": "use_inference_layout, as load_model_dir: per weight shape, "
                                 "the order and one-row kernel measured fastest (see "
                                 "decode_layout)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def onednn_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """oneDNN for every fp32 CPU linear, as on a machine whose auto choice is oneDNN, so its
+    path is tested wherever its op runs (the auto choice may be the BLAS here)."""
+    from lmcore import linear
+
+    if not linear.onednn_supported():
+        pytest.skip("oneDNN's linear op does not run here")
+    monkeypatch.setenv(linear.ENV_SWITCH, "1")
+    linear.onednn_enabled.cache_clear()
+    yield
+    monkeypatch.undo()
+    linear.onednn_enabled.cache_clear()

@@ -15,6 +15,7 @@ import torch
 
 from lmcore.checkpoint import load_model_dir
 from lmcore.inference_layout import ShapeChoice, describe
+from lmcore.linear import gemm_library
 from lmcore.model import Transformer
 from lmcore.precision import cast_for_inference, resolve_precision
 from lmcore.quantize import quantize_int8
@@ -79,9 +80,11 @@ def load_serving_model(
         uri=uri,
     )
     kept = " (kept from the serving model)" if layout and loaded.layout == layout else ""
-    log.info("loaded %s (version %s) from %s on %s, %s%s; one-row linears: %s%s", ref.name,
+    gemms = f"; CPU GEMMs: {gemm_library()}" if loaded.model.device.type == "cpu" else ""
+    log.info("loaded %s (version %s) from %s on %s, %s%s%s; one-row linears: %s%s", ref.name,
              ref.version, resolved.path, loaded.model.device, precision.name,
-             ", int8" if settings.quantized else "", describe(loaded.layout), kept)  # fmt: skip
+             ", int8" if settings.quantized else "", gemms, describe(loaded.layout),
+             kept)  # fmt: skip
     return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path, loaded.layout)
 
 

@@ -18,6 +18,7 @@ import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
 
+from lmcore.linear import gemm_library
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.services import (
     ApiProcess,
@@ -133,6 +134,7 @@ def test_the_worker_log_says_what_it_loaded_and_how_its_linears_are_laid_out(sta
     # The load happens before the consumer starts; its lines must reach the worker's log.
     log = stack["worker"].log_tail(200_000)
     assert f"from {stack['model_dir']}" in log and "one-row linears: " in log
+    assert f"CPU GEMMs: {gemm_library()};" in log  # the same choice as this process makes
     assert "worker w1@" in log and " ready: " in log
 
 

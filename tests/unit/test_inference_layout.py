@@ -12,7 +12,7 @@ from lmcore.cache import KVCache
 from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import preset
 from lmcore.generate import decode_step
-from lmcore.linear import Linear, onednn_available
+from lmcore.linear import Linear, onednn_enabled
 from lmcore.model import Transformer
 
 pytestmark = pytest.mark.unit
@@ -47,12 +47,20 @@ def test_pick_fastest_keeps_the_default_within_noise_and_takes_a_clear_winner() 
 def test_candidates_cover_both_orders_of_every_gemm_kernel_and_the_column_major_bag() -> None:
     names = [c.name for c in layout.candidates()]
     assert {"blas-row", "blas-col", "bag-col"} <= set(names) and "bag-row" not in names
-    assert ("onednn-row" in names) == onednn_available()
-    assert names[0] == ("onednn-row" if onednn_available() else "blas-row")  # the default
+    assert ("onednn-row" in names) == onednn_enabled()
+    assert names[0] == ("onednn-row" if onednn_enabled() else "blas-row")  # the default
 
 
-@pytest.mark.parametrize("candidate", layout.candidates(), ids=lambda c: c.name)
-def test_every_candidate_gives_the_model_its_logits(candidate: layout.Candidate) -> None:
+EVERY_CANDIDATE = [layout.Candidate(k, o) for k in ("onednn", "blas") for o in ("row", "col")]
+EVERY_CANDIDATE.append(layout.Candidate("bag", "col"))
+
+
+@pytest.mark.parametrize("candidate", EVERY_CANDIDATE, ids=lambda c: c.name)
+def test_every_candidate_gives_the_model_its_logits(
+    candidate: layout.Candidate, request: pytest.FixtureRequest
+) -> None:
+    if candidate.kernel == "onednn":
+        request.getfixturevalue("onednn_forced")  # a candidate only where oneDNN is chosen
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, 9))
@@ -67,7 +75,7 @@ def test_every_candidate_gives_the_model_its_logits(candidate: layout.Candidate)
 
 
 @pytest.mark.parametrize("kernel, op", [("blas", "aten::addmm"), ("bag", "aten::embedding_bag")])
-def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn(kernel: str, op: str) -> None:
+def test_one_row_calls_take_the_chosen_kernel_and_batches_the_gemm(kernel: str, op: str) -> None:
     torch.manual_seed(1)
     lin = Linear(32, 48)
     layout.apply_candidate(lin, layout.Candidate(kernel, "col"))  # type: ignore[arg-type]
@@ -81,9 +89,11 @@ def test_one_row_calls_take_the_chosen_kernel_and_batches_keep_onednn(kernel: st
 
     one_row = ops(1)
     assert op in one_row and "mkldnn::_linear_pointwise" not in one_row
-    if onednn_available():
-        batch = ops(4)
+    batch = ops(4)  # more rows than bag_rows: the GEMM path
+    if onednn_enabled():
         assert "mkldnn::_linear_pointwise" in batch and op not in batch
+    else:
+        assert "aten::linear" in batch and "aten::embedding_bag" not in batch
 
 
 def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,7 @@ from lmcore.model import Transformer
 
 pytestmark = pytest.mark.unit
 
-needs_onednn = pytest.mark.skipif(not lin.onednn_available(), reason="no oneDNN linear here")
+needs_onednn = pytest.mark.usefixtures("onednn_forced")  # skipped where the op does not run
 
 
 def _ops_run(fn) -> set[str]:
@@ -24,7 +27,7 @@ def _ops_run(fn) -> set[str]:
 
 @pytest.fixture
 def onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lin, "onednn_available", lambda: False)
+    monkeypatch.setattr(lin, "onednn_enabled", lambda: False)
 
 
 @needs_onednn
@@ -79,14 +82,63 @@ def test_switched_off_it_is_plain_f_linear(onednn_off: None) -> None:
     assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
 
 
-def test_environment_switch_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(lin.ENV_SWITCH, "0")
-    lin.onednn_available.cache_clear()
-    try:
-        assert lin.onednn_available() is False
-    finally:
-        monkeypatch.undo()
-        lin.onednn_available.cache_clear()
+@pytest.fixture
+def fresh_choice(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """onednn_enabled() decided afresh under the test's environment, and again after it."""
+    lin.onednn_enabled.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    lin.onednn_enabled.cache_clear()
+
+
+def test_environment_switch_turns_onednn_off(fresh_choice: pytest.MonkeyPatch) -> None:
+    fresh_choice.setenv(lin.ENV_SWITCH, "0")
+    fresh_choice.setattr(lin, "mkl_leaves_avx512_unused", lambda: True)
+    assert lin.onednn_enabled() is False
+
+
+@pytest.mark.skipif(not lin.onednn_supported(), reason="oneDNN's linear op does not run here")
+def test_environment_switch_forces_onednn_where_the_blas_would_be_chosen(
+    fresh_choice: pytest.MonkeyPatch,
+) -> None:
+    fresh_choice.setattr(lin, "mkl_leaves_avx512_unused", lambda: False)
+    fresh_choice.delenv(lin.ENV_SWITCH, raising=False)
+    assert lin.onednn_enabled() is False
+    lin.onednn_enabled.cache_clear()
+    fresh_choice.setenv(lin.ENV_SWITCH, "1")
+    assert lin.onednn_enabled() is True
+
+
+@pytest.mark.skipif(not lin.onednn_supported(), reason="oneDNN's linear op does not run here")
+@pytest.mark.parametrize(
+    "capability, vendor, expected",
+    [
+        ("AVX512", "AuthenticAMD", True),  # Zen 4/5: MKL stays on AVX2, oneDNN ~2.1x
+        ("AVX2", "AuthenticAMD", False),  # Zen 3: both on AVX2, MKL's kernels faster
+        ("AVX512", "GenuineIntel", False),  # MKL runs its own AVX-512 kernels
+        ("AVX512", "", False),  # unknown vendor: keep PyTorch's default
+    ],
+)
+def test_auto_choice_is_onednn_only_where_mkl_leaves_avx512_unused(
+    fresh_choice: pytest.MonkeyPatch, capability: str, vendor: str, expected: bool
+) -> None:
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the rule is about MKL, which this torch build lacks")
+    fresh_choice.delenv(lin.ENV_SWITCH, raising=False)
+    fresh_choice.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    fresh_choice.setattr(lin, "cpu_vendor", lambda: vendor)
+    assert lin.onednn_enabled() is expected
+
+
+def test_cpu_vendor_reads_this_machines_vendor() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    vendors = {line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+               if line.startswith("vendor_id")}  # fmt: skip
+    if not vendors:
+        pytest.skip("/proc/cpuinfo names no vendor (not x86)")
+    assert lin.cpu_vendor() in vendors
 
 
 @needs_onednn
@@ -101,7 +153,7 @@ def test_model_gradients_match_the_plain_f_linear_model(monkeypatch: pytest.Monk
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast = grads()
-    monkeypatch.setattr(lin, "onednn_available", lambda: False)
+    monkeypatch.setattr(lin, "onednn_enabled", lambda: False)
     plain = grads()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
