@@ -84,8 +84,45 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class RedisLoad:
+    """What the burst asked of Redis: commands (all, and the XREADs behind event streams) and
+    the most clients connected at once, sampled every 20 ms."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio
+
+        self._redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        self._peak_clients = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _counts(self) -> tuple[int, int]:
+        stats = await self._redis.info("stats")
+        commands = await self._redis.info("commandstats")
+        return int(stats["total_commands_processed"]), int(
+            commands.get("cmdstat_xread", {}).get("calls", 0)
+        )
+
+    async def _sample(self) -> None:
+        while True:
+            clients = await self._redis.info("clients")
+            self._peak_clients = max(self._peak_clients, int(clients["connected_clients"]))
+            await asyncio.sleep(0.02)
+
+    async def start(self) -> None:
+        self._before = await self._counts()
+        self._task = asyncio.create_task(self._sample())
+
+    async def stop(self) -> dict[str, int]:
+        assert self._task is not None
+        self._task.cancel()
+        after = await self._counts()
+        await self._redis.aclose()
+        return {"commands": after[0] - self._before[0], "xread_calls": after[1] - self._before[1],
+                "peak_connected_clients": self._peak_clients}  # fmt: skip
+
+
 async def run_load(
-    api_url: str, jobs: int, tokens: int, seed0: int, pids: dict[str, int]
+    api_url: str, jobs: int, tokens: int, seed0: int, pids: dict[str, int], redis_url: str
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=2 * jobs + 4, max_keepalive_connections=2 * jobs)
     async with httpx.AsyncClient(base_url=api_url, timeout=600, limits=limits) as client:
@@ -102,8 +139,11 @@ async def run_load(
             for i in range(jobs)
         ]
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        redis_load = RedisLoad(redis_url)
+        await redis_load.start()
         client_before = time.process_time()
         results = await asyncio.gather(*(one_job(client, b) for b in bodies))
+        redis_burst = await redis_load.stop()
         cpu = {name: (None if cpu_seconds(pid) is None or cpu_before[name] is None
                       else round(cpu_seconds(pid) - cpu_before[name], 3))  # type: ignore[operator]
                for name, pid in pids.items()}  # fmt: skip
@@ -114,6 +154,7 @@ async def run_load(
     summary = summarize(results, tokens)
     # Where the cores went during the burst: every process here shares the same CPUs.
     summary["burst_cpu_s_by_process"] = cpu
+    summary["burst_redis"] = redis_burst  # sampling adds ~50 INFO commands a second
     solo = summarize(alone, tokens)
     summary["one_at_a_time_client"] = {
         "jobs": len(alone), "latency_ms": solo["latency_ms"],
@@ -190,7 +231,8 @@ def run_mode(
     state = stack.up(detach=True, echo=False)
     try:
         print(f"max_batch={max_batch}: {jobs} jobs x {tokens} tokens ...", flush=True)
-        result = asyncio.run(run_load(state.api_url, jobs, tokens, seed0=1000, pids=state.pids))
+        result = asyncio.run(run_load(state.api_url, jobs, tokens, seed0=1000, pids=state.pids,
+                                      redis_url=state.redis_url))
     finally:
         stack.down()
     print(f"  {result['tokens_per_s']} tokens/s, {result['jobs_per_s']} jobs/s, "

@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from services.api.errors import install_error_handlers
+from services.api.events import EventHub
 from services.api.limits import BodySizeLimit
 from services.api.metrics import HttpMetrics, MetricsMiddleware
 from services.api.model_limits import ModelLimitsCache
@@ -37,6 +38,19 @@ def make_redis(settings: Settings) -> Redis:
     )
 
 
+def make_stream_reader(settings: Settings) -> Redis:
+    """The event hub's own client: one connection, no retries, so a reconnect happens only where
+    the hub sees the error and asks the new connection's id (CLIENT UNBLOCK names it)."""
+    return Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        single_connection_client=True,
+        socket_connect_timeout=1.0,
+        socket_timeout=10.0,  # above the hub's XREAD block
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -44,9 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = make_redis(settings)
         app.state.store = JobStore(redis, settings)
+        app.state.events = EventHub(redis, make_stream_reader(settings))
         try:
             yield
         finally:
+            await app.state.events.close()
             await redis.aclose()
 
     app = FastAPI(

@@ -13,6 +13,7 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.api.events import EventHub
 from services.api.metrics import HttpMetrics
 from services.api.model_limits import ModelLimitsCache
 from services.api.store import JobStore
@@ -27,6 +28,10 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_store(request: Request) -> JobStore:
     return request.app.state.store
+
+
+async def get_events(request: Request) -> EventHub:
+    return request.app.state.events
 
 
 async def get_celery(request: Request) -> Celery:

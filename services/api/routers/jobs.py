@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.api import deps
+from services.api.events import EventHub
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import Detail, JobCreated, JobLinks, JobView, job_request_model
 from services.api.store import JobStore
@@ -23,7 +24,7 @@ from services.common.settings import Settings
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
-BLOCK_MS = 2000  # one XREAD wait; below the Redis socket timeout
+WAIT_S = 2.0  # without events for this long, the stream checks whether its job is still alive
 COMMON = {
     401: {"model": Detail, "description": "Missing or invalid API key."},
     503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
@@ -119,39 +120,43 @@ def build_router(settings: Settings) -> APIRouter:
             str, Header(alias="Last-Event-ID", pattern=EVENT_ID)
         ] = None,  # type: ignore[assignment]
         store: JobStore = Depends(deps.get_store),
+        hub: EventHub = Depends(deps.get_events),
     ) -> EventSourceResponse:
         """The job's tokens as they are generated; a late client gets them all from the start."""
         if await store.get(job_id) is None:
             raise HTTPException(404, f"no job {job_id}")
-        return EventSourceResponse(_stream(store, job_id, last_event_id or "0-0"), ping=15)
+        stream = _stream(store, hub, job_id, last_event_id or "0-0")
+        return EventSourceResponse(stream, ping=15)
 
     return router
 
 
-async def _stream(store: JobStore, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    store: JobStore, hub: EventHub, job_id: str, after: str
+) -> AsyncIterator[ServerSentEvent]:
     try:
-        while True:
-            entries = await store.read_events(job_id, after, BLOCK_MS)
-            if not entries:
-                record = await store.get(job_id)
-                if record is None or record.status.final:
-                    return  # expired, or resumed after its final event
-                continue
-            for entry_id, fields in entries:
-                after = entry_id
-                kind = fields.get("type", "token")
-                if kind == "done":
+        async with hub.subscribe(job_id, after) as subscription:
+            while True:
+                entries = await subscription.next(WAIT_S)
+                if not entries:
                     record = await store.get(job_id)
-                    data = (
-                        JobView.from_record(record).model_dump_json()
-                        if record
-                        else json.dumps({"id": job_id, "status": fields.get("status")})
-                    )
-                    yield ServerSentEvent(data=data, event="done", id=entry_id)
-                    return
-                payload = {"text": fields.get("text", "")}
-                if kind == "token":
-                    payload["tokens"] = int(fields.get("tokens", 0))
-                yield ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
+                    if record is None or record.status.final:
+                        return  # expired, or resumed after its final event
+                    continue
+                for entry_id, fields in entries:
+                    kind = fields.get("type", "token")
+                    if kind == "done":
+                        record = await store.get(job_id)
+                        data = (
+                            JobView.from_record(record).model_dump_json()
+                            if record
+                            else json.dumps({"id": job_id, "status": fields.get("status")})
+                        )
+                        yield ServerSentEvent(data=data, event="done", id=entry_id)
+                        return
+                    payload = {"text": fields.get("text", "")}
+                    if kind == "token":
+                        payload["tokens"] = int(fields.get("tokens", 0))
+                    yield ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
     except RedisError:
         return  # the client reconnects with Last-Event-ID and misses nothing

@@ -1,0 +1,169 @@
+"""One Redis reader for every open event stream (`GET /jobs/{id}/events`) of this API process.
+
+Each SSE client used to run its own `XREAD BLOCK` loop: a pooled Redis connection held for as long
+as its stream stayed open, and one command per token chunk per stream. The hub reads every
+subscribed stream with a single XREAD on one dedicated connection and hands each subscription the
+entries after its own cursor, so a batch of jobs decoding together costs one command per round of
+chunks and one connection however many clients stream. A new subscription wakes the blocked read
+(`CLIENT UNBLOCK`), so its first events never wait for the others' block to time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common import keys
+
+Entry = tuple[str, dict[str, str]]
+WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD reaches Redis
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream id "ms-seq" as a sortable pair ("0-0" sorts first)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One reader of one job's stream; `cursor` is the last entry id handed to it."""
+
+    key: str
+    cursor: str
+    inbox: asyncio.Queue[list[Entry] | RedisError] = field(default_factory=asyncio.Queue)
+
+    async def next(self, timeout_s: float) -> list[Entry]:
+        """The next entries after the cursor, waiting up to timeout_s ([] when none came).
+
+        Raises the RedisError that stopped the hub's read: the stream should end, and the client
+        reconnect with Last-Event-ID.
+        """
+        try:
+            item = await asyncio.wait_for(self.inbox.get(), timeout_s)
+        except TimeoutError:
+            return []
+        if isinstance(item, RedisError):
+            raise item
+        return item
+
+
+class EventHub:
+    """Subscriptions to job streams, served by one reader task while any is open.
+
+    `reader` must be a client of its own, holding one connection (single_connection_client) with
+    no retries, so the id that CLIENT UNBLOCK names is the connection the XREAD blocks on;
+    `redis` (the API's pool) sends the CLIENT UNBLOCK. Per round the reader touches only the
+    streams Redis answered for, so idle subscriptions (queued jobs) cost it one XREAD argument.
+    """
+
+    def __init__(self, redis: Redis, reader: Redis, *, block_ms: int = 2000, count: int = 256):
+        self._redis = redis
+        self._reader = reader
+        self._block_ms = block_ms
+        self._count = count
+        self._by_key: dict[str, set[Subscription]] = {}
+        self._cursors: dict[str, str] = {}  # stream key -> earliest cursor of its subscriptions
+        self._task: asyncio.Task[None] | None = None
+        self._reader_id: int | None = None
+        self._in_read: dict[str, str] | None = None  # the cursors of the pending XREAD
+
+    @property
+    def open_subscriptions(self) -> int:
+        return sum(len(subs) for subs in self._by_key.values())
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str, after: str = "0-0") -> AsyncIterator[Subscription]:
+        """Entries of job_id's stream after id `after`, for as long as the context is open."""
+        sub = Subscription(keys.events(job_id), after)
+        self._by_key.setdefault(sub.key, set()).add(sub)
+        self._update_cursor(sub.key)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._read_loop(), name="event-hub")
+        else:
+            await self._wake(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._by_key.get(sub.key, set())
+            subs.discard(sub)  # the reader stops reading its stream from the next round
+            if not subs:
+                self._by_key.pop(sub.key, None)
+            self._update_cursor(sub.key)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._reader.aclose()
+
+    def _update_cursor(self, key: str) -> None:
+        subs = self._by_key.get(key)
+        if subs:
+            self._cursors[key] = min((s.cursor for s in subs), key=entry_order)
+        else:
+            self._cursors.pop(key, None)
+
+    def _covers(self, pending: dict[str, str], sub: Subscription) -> bool:
+        cursor = pending.get(sub.key)
+        return cursor is not None and entry_order(cursor) <= entry_order(sub.cursor)
+
+    async def _wake(self, sub: Subscription) -> None:
+        """Have a blocked XREAD return now so the next one covers `sub`.
+
+        CLIENT UNBLOCK answers 0 when the reader is not blocked yet (its XREAD still on the way),
+        so it is retried for a few ms; once the pending read covers `sub`, or no read is pending,
+        there is nothing to wake.
+        """
+        for _ in range(WAKE_TRIES):
+            pending, reader_id = self._in_read, self._reader_id
+            if pending is None or self._covers(pending, sub) or reader_id is None:
+                return
+            try:
+                if await self._redis.client_unblock(reader_id):
+                    return
+            except RedisError:
+                return  # the reader meets the same outage and tells every subscription
+            await asyncio.sleep(0.002)
+
+    async def _read_loop(self) -> None:
+        failures = 0
+        while self._by_key:
+            streams = dict(self._cursors)
+            try:
+                if self._reader_id is None:
+                    self._reader_id = int(await self._reader.client_id())
+                self._in_read = streams
+                reply = await self._reader.xread(streams, count=self._count, block=self._block_ms)
+            except RedisError as exc:
+                self._reader_id = None  # a new connection gets a new id
+                for subs in list(self._by_key.values()):
+                    for sub in subs:
+                        sub.inbox.put_nowait(exc)
+                failures += 1
+                await asyncio.sleep(min(0.05 * 2**failures, 1.0))
+                continue
+            finally:
+                self._in_read = None
+            failures = 0
+            self._deliver(reply or [])
+
+    def _deliver(self, reply: list | dict) -> None:
+        """Hand each subscription of the streams in the reply the entries past its cursor."""
+        for key, entries in reply.items() if isinstance(reply, dict) else reply:  # RESP3 / 2
+            subs = self._by_key.get(key)
+            if not subs:
+                continue  # closed while the read was pending
+            for sub in subs:
+                after = entry_order(sub.cursor)
+                new = [(i, fields) for i, fields in entries if entry_order(i) > after]
+                if new:
+                    sub.cursor = new[-1][0]
+                    sub.inbox.put_nowait(new)
+            self._update_cursor(key)

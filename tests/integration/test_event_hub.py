@@ -1,0 +1,152 @@
+"""services.api.events.EventHub against a real Redis: one reader for every open event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.api.app import make_redis, make_stream_reader
+from services.api.events import EventHub, entry_order
+from services.common import keys
+from services.common.settings import Settings
+from tests.helpers.redis_server import RedisServer, redis_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with redis_server(tmp_path_factory.mktemp("redis"), appendonly=False) as srv:
+        yield srv
+
+
+@contextlib.asynccontextmanager
+async def hub_on(server: RedisServer, block_ms: int = 2000) -> AsyncIterator[EventHub]:
+    settings = Settings(redis_url=server.url)
+    redis = make_redis(settings)
+    hub = EventHub(redis, make_stream_reader(settings), block_ms=block_ms)
+    try:
+        yield hub
+    finally:
+        await hub.close()
+        await redis.aclose()
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 60))
+
+
+async def add(redis: Redis, job_id: str, text: str) -> str:
+    return await redis.xadd(keys.events(job_id), {"type": "token", "text": text})
+
+
+async def collect(sub: Any, n: int, timeout_s: float = 10.0) -> list[str]:
+    """Texts of the next n entries, or fail after timeout_s."""
+    texts: list[str] = []
+    async with asyncio.timeout(timeout_s):
+        while len(texts) < n:
+            texts += [fields["text"] for _, fields in await sub.next(timeout_s)]
+    return texts
+
+
+def test_many_streams_are_read_over_one_connection_each_getting_only_its_entries(
+    server: RedisServer,
+) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        before = len(await writer.client_list())
+        async with hub_on(server) as hub, contextlib.AsyncExitStack() as stack:
+            jobs = [f"many-{i}" for i in range(24)]
+            subs = [await stack.enter_async_context(hub.subscribe(j)) for j in jobs]
+            for round_ in range(3):
+                for j in jobs:
+                    await add(writer, j, f"{j}:{round_}")
+            got = await asyncio.gather(*(collect(s, 3) for s in subs))
+            assert got == [[f"{j}:{r}" for r in range(3)] for j in jobs]
+            # The hub's reader plus the pool's CLIENT UNBLOCK connection(s); not one per stream.
+            assert len(await writer.client_list()) - before <= 3
+        await writer.aclose()
+
+    run(test)
+
+
+def test_a_new_stream_gets_its_events_at_once_while_others_block(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        await add(writer, "late", "backlog")
+        async with hub_on(server, block_ms=30_000) as hub:
+            async with hub.subscribe("idle"):  # the reader now blocks on an idle stream ...
+                await asyncio.sleep(0.2)
+                async with hub.subscribe("late") as late:  # ... and is woken for this one
+                    assert await collect(late, 1, timeout_s=5) == ["backlog"]
+                    await add(writer, "late", "live")
+                    assert await collect(late, 1, timeout_s=5) == ["live"]
+        await writer.aclose()
+
+    run(test)
+
+
+def test_subscriptions_resume_after_their_own_cursor(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        ids = [await add(writer, "resume", t) for t in ("a", "b", "c")]
+        async with hub_on(server) as hub:
+            async with hub.subscribe("resume") as whole, hub.subscribe("resume", ids[1]) as tail:
+                assert await collect(whole, 3) == ["a", "b", "c"]
+                assert await collect(tail, 1) == ["c"]
+                await add(writer, "resume", "d")
+                assert await collect(whole, 1) == ["d"] and await collect(tail, 1) == ["d"]
+        await writer.aclose()
+
+    run(test)
+
+
+def test_the_reader_stops_when_the_last_subscription_closes(server: RedisServer) -> None:
+    async def test() -> None:
+        async with hub_on(server, block_ms=100) as hub:
+            async with hub.subscribe("gone"):
+                assert hub.open_subscriptions == 1
+            assert hub.open_subscriptions == 0
+            async with asyncio.timeout(5):
+                while hub._task is not None and not hub._task.done():
+                    await asyncio.sleep(0.02)
+
+    run(test)
+
+
+def test_a_redis_outage_ends_subscriptions_and_the_hub_serves_again_after(
+    tmp_path: Path,
+) -> None:
+    srv = RedisServer(tmp_path / "redis", appendonly=False)
+    srv.start()
+
+    async def test() -> None:
+        async with hub_on(srv) as hub:
+            async with hub.subscribe("outage") as sub:
+                await asyncio.sleep(0.2)  # the reader is blocked in its XREAD
+                await asyncio.to_thread(srv.stop)
+                with pytest.raises(RedisError):
+                    await sub.next(10)
+            await asyncio.to_thread(srv.start)
+            writer = Redis.from_url(srv.url, decode_responses=True)
+            await add(writer, "after", "back")
+            async with hub.subscribe("after") as sub:
+                assert await collect(sub, 1) == ["back"]
+            await writer.aclose()
+
+    try:
+        run(test)
+    finally:
+        srv.stop()
+
+
+def test_entry_ids_order_by_time_then_sequence() -> None:
+    ids = ["0-0", "5-1", "12-0", "12-3", "100-0"]
+    assert sorted(reversed(ids), key=entry_order) == ids
