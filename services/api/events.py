@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 from services.common import keys
 
 Entry = tuple[str, dict[str, str]]
+log = logging.getLogger(__name__)
 WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD reaches Redis
 
 
@@ -141,7 +143,10 @@ class EventHub:
                     self._reader_id = int(await self._reader.client_id())
                 self._in_read = streams
                 reply = await self._reader.xread(streams, count=self._count, block=self._block_ms)
-            except RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - a reader that died would starve every stream
+                if not isinstance(exc, RedisError):
+                    log.exception("event stream reader failed; ending the open streams")
+                    exc = RedisError(f"event stream reader failed: {exc!r}")
                 self._reader_id = None  # a new connection gets a new id
                 for subs in list(self._by_key.values()):
                     for sub in subs:

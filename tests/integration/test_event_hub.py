@@ -150,3 +150,31 @@ def test_a_redis_outage_ends_subscriptions_and_the_hub_serves_again_after(
 def test_entry_ids_order_by_time_then_sequence() -> None:
     ids = ["0-0", "5-1", "12-0", "12-3", "100-0"]
     assert sorted(reversed(ids), key=entry_order) == ids
+
+
+def test_an_unexpected_reader_error_ends_the_streams_instead_of_starving_them(
+    server: RedisServer,
+) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        async with hub_on(server) as hub:
+            real_xread = hub._reader.xread
+            calls = 0
+
+            async def broken_once(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise ValueError("a reply the client could not parse")
+                return await real_xread(*args, **kwargs)
+
+            hub._reader.xread = broken_once  # type: ignore[method-assign]
+            async with hub.subscribe("odd") as sub:
+                with pytest.raises(RedisError, match="could not parse"):
+                    await sub.next(10)
+            await add(writer, "odd", "fine")
+            async with hub.subscribe("odd") as sub:
+                assert await collect(sub, 1) == ["fine"]
+        await writer.aclose()
+
+    run(test)
