@@ -72,13 +72,20 @@ def _route(scope: Scope) -> str:
 class _Snapshot:
     """A collector over values read from Redis just before this scrape."""
 
-    def __init__(self, stats: dict[str, str] | None, queue: int | None, workers: int | None):
-        self.stats, self.queue, self.workers = stats, queue, workers
+    def __init__(
+        self, stats: dict[str, str] | None, queue: int | None, workers: int | None, streams: int
+    ) -> None:
+        self.stats, self.queue, self.workers, self.streams = stats, queue, workers, streams
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape.")
         up.add_metric([], 0.0 if self.stats is None else 1.0)
         yield up
+        open_streams = GaugeMetricFamily(
+            "llm_event_streams_open", "Event streams (SSE) this API process is serving."
+        )
+        open_streams.add_metric([], float(self.streams))
+        yield open_streams
         if self.stats is None:
             return
         s = self.stats
@@ -111,7 +118,8 @@ def render(
     stats: dict[str, str] | None,
     queue: int | None,
     workers: int | None,
+    streams: int = 0,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats, queue, workers))
+    registry.register(_Snapshot(stats, queue, workers, streams))
     return generate_latest(metrics.registry) + generate_latest(registry)

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from services.api import deps
 from services.api.errors import RETRY_AFTER_S
+from services.api.events import EventHub
 from services.api.metrics import HttpMetrics, render
 from services.api.schemas import Health, Readiness
 from services.api.store import JobStore
@@ -59,14 +60,17 @@ def build_router() -> APIRouter:
     async def metrics(
         store: JobStore = Depends(deps.get_store),
         http: HttpMetrics = Depends(deps.get_metrics),
+        hub: EventHub = Depends(deps.get_events),
     ) -> Response:
-        """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens."""
+        """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens, open
+        event streams."""
         try:
             stats = await store.stats()
             queue = await store.queue_depth()
             workers = len(await store.workers())
         except RedisError:
             stats = queue = workers = None
-        return Response(render(http, stats, queue, workers), media_type=CONTENT_TYPE_LATEST)
+        body = render(http, stats, queue, workers, hub.open_subscriptions)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
