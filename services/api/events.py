@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -97,6 +98,18 @@ class EventHub:
             if not subs:
                 self._by_key.pop(sub.key, None)
             self._update_cursor(sub.key)
+
+    async def wait_done(self, job_id: str, timeout_s: float) -> bool:
+        """Whether job_id's stream gets its `done` entry within timeout_s (it may have it already).
+
+        Raises RedisError when Redis cannot be read (the API answers 503).
+        """
+        deadline = time.monotonic() + timeout_s
+        async with self.subscribe(job_id) as sub:
+            while (left := deadline - time.monotonic()) > 0:
+                if any(fields.get("type") == "done" for _, fields in await sub.next(left)):
+                    return True
+        return False
 
     async def close(self) -> None:
         if self._task is not None:

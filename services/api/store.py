@@ -1,7 +1,8 @@
-"""Job records, idempotency keys and token streams in Redis, through `redis.asyncio`.
+"""Job records, idempotency keys, the queue and stats in Redis, through `redis.asyncio`.
 
 Everything the API reads or writes in Redis goes through JobStore (the Celery message it pushes
-is built by queue.py); it must not know about HTTP.
+is built by queue.py), but the token streams, which services/api/events.py reads; it must not
+know about HTTP.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from services.common import keys, scripts
 from services.common.jobs import JobRecord
 from services.common.settings import Settings
 
-Entry = tuple[str, dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -69,29 +69,6 @@ class JobStore:
             keys=[keys.job(job_id), keys.events(job_id), keys.STATS],
             args=[repr(time.time()), self.ttl_s],
         )
-
-    async def read_events(
-        self, job_id: str, after: str, block_ms: int | None, count: int = 256
-    ) -> list[Entry]:
-        """Stream entries after id `after`, waiting up to block_ms for the first one."""
-        reply = await self.redis.xread({keys.events(job_id): after}, count=count, block=block_ms)
-        if not reply:
-            return []
-        _, entries = reply[0]
-        return [(entry_id, fields) for entry_id, fields in entries]
-
-    async def wait_final(self, job_id: str, timeout_s: float) -> bool:
-        """Block until the job's `done` event exists or timeout_s passes."""
-        deadline = time.monotonic() + timeout_s
-        after = "0-0"
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                return False
-            for entry_id, fields in await self.read_events(job_id, after, min(left_ms, 1000)):
-                if fields.get("type") == "done":
-                    return True
-                after = entry_id
 
     async def queue_depth(self) -> int:
         return int(await self.redis.llen(keys.QUEUE))

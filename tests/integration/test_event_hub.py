@@ -178,3 +178,24 @@ def test_an_unexpected_reader_error_ends_the_streams_instead_of_starving_them(
         await writer.aclose()
 
     run(test)
+
+
+def test_waiting_for_done_sees_it_written_before_or_during_the_wait(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        async with hub_on(server) as hub:
+            await writer.xadd(keys.events("early"), {"type": "done", "status": "succeeded"})
+            assert await hub.wait_done("early", 5) is True
+            assert await hub.wait_done("never", 0.3) is False
+
+            async def finish_later() -> None:
+                await asyncio.sleep(0.3)
+                await add(writer, "later", "token")
+                await writer.xadd(keys.events("later"), {"type": "done", "status": "succeeded"})
+
+            finisher = asyncio.create_task(finish_later())
+            assert await hub.wait_done("later", 10) is True
+            await finisher
+        await writer.aclose()
+
+    run(test)

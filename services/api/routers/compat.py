@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from services.api import deps
+from services.api.events import EventHub
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import (
     LEGACY_DEFAULT_PROMPT,
@@ -54,7 +55,7 @@ def build_router(settings: Settings) -> APIRouter:
 
     async def run(
         prompt: str, tokens: int, timeout_s: float | None, store: JobStore, celery: Celery,
-        limits: ModelLimitsCache,
+        limits: ModelLimitsCache, hub: EventHub,
     ) -> JobRecord | JSONResponse:  # fmt: skip
         # The seed sampled at temperature 1 for exactly num_of_token_generated tokens.
         req = JobRequest(
@@ -63,7 +64,7 @@ def build_router(settings: Settings) -> APIRouter:
         record, _ = await submit_job(
             req, store=store, celery=celery, limits=limits, settings=settings, locs=LOCS
         )
-        if not await store.wait_final(record.id, timeout_s or settings.sync_timeout_s):
+        if not await hub.wait_done(record.id, timeout_s or settings.sync_timeout_s):
             body = TimeoutDetail(
                 detail="generation still running; poll the job", job_id=record.id,
                 links=JobLinks.for_job(record.id),
@@ -85,9 +86,11 @@ def build_router(settings: Settings) -> APIRouter:
         store: JobStore = Depends(deps.get_store),
         celery: Celery = Depends(deps.get_celery),
         limits: ModelLimitsCache = Depends(deps.get_limits),
+        hub: EventHub = Depends(deps.get_events),
     ):
         """The seed's endpoint: generated_text is the prompt followed by its continuation."""
-        out = await run(body.prompt, body.num_of_token_generated, timeout_s, store, celery, limits)
+        out = await run(body.prompt, body.num_of_token_generated, timeout_s, store, celery, limits,
+                        hub)  # fmt: skip
         if isinstance(out, JSONResponse):
             return out
         return TextGenerationResponse(
@@ -105,10 +108,11 @@ def build_router(settings: Settings) -> APIRouter:
         store: JobStore = Depends(deps.get_store),
         celery: Celery = Depends(deps.get_celery),
         limits: ModelLimitsCache = Depends(deps.get_limits),
+        hub: EventHub = Depends(deps.get_events),
     ):
         """The seed's prompt-less endpoint (it started from "First Citizen:")."""
         prompt = LEGACY_DEFAULT_PROMPT
-        out = await run(prompt, body.num_of_token_generated, timeout_s, store, celery, limits)
+        out = await run(prompt, body.num_of_token_generated, timeout_s, store, celery, limits, hub)
         if isinstance(out, JSONResponse):
             return out
         return TextGenerationWithoutPromptResponse(
