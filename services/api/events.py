@@ -18,13 +18,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from services.common import keys
 
 Entry = tuple[str, dict[str, str]]
 log = logging.getLogger(__name__)
 WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD reaches Redis
+# Where CLIENT commands are not allowed (an ACL, or a managed Redis that disables them) nothing
+# can wake the read, so it blocks this briefly and new subscriptions join at the next round.
+SHORT_BLOCK_MS = 50
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -75,6 +78,7 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._in_read: dict[str, str] | None = None  # the cursors of the pending XREAD
+        self._can_unblock = True  # False once Redis refused a CLIENT command
 
     @property
     def open_subscriptions(self) -> int:
@@ -143,6 +147,9 @@ class EventHub:
             try:
                 if await self._redis.client_unblock(reader_id):
                     return
+            except ResponseError:
+                self._can_unblock = False  # refused: short blocks from the next round on
+                return
             except RedisError:
                 return  # the reader meets the same outage and tells every subscription
             await asyncio.sleep(0.002)
@@ -152,10 +159,11 @@ class EventHub:
         while self._by_key:
             streams = dict(self._cursors)
             try:
-                if self._reader_id is None:
-                    self._reader_id = int(await self._reader.client_id())
+                if self._reader_id is None and self._can_unblock:
+                    self._reader_id = await self._client_id()
+                block = self._block_ms if self._can_unblock else min(self._block_ms, SHORT_BLOCK_MS)
                 self._in_read = streams
-                reply = await self._reader.xread(streams, count=self._count, block=self._block_ms)
+                reply = await self._reader.xread(streams, count=self._count, block=block)
             except Exception as exc:  # noqa: BLE001 - a reader that died would starve every stream
                 if not isinstance(exc, RedisError):
                     log.exception("event stream reader failed; ending the open streams")
@@ -171,6 +179,15 @@ class EventHub:
                 self._in_read = None
             failures = 0
             self._deliver(reply or [])
+
+    async def _client_id(self) -> int | None:
+        try:
+            return int(await self._reader.client_id())
+        except ResponseError:  # not a lost connection: this Redis does not allow CLIENT
+            log.warning("Redis refuses CLIENT commands; event streams poll every %d ms instead",
+                        SHORT_BLOCK_MS)  # fmt: skip
+            self._can_unblock = False
+            return None
 
     def _deliver(self, reply: list | dict) -> None:
         """Hand each subscription of the streams in the reply the entries past its cursor."""

@@ -93,6 +93,33 @@ def test_a_new_stream_gets_its_events_at_once_while_others_block(server: RedisSe
     run(test)
 
 
+def test_without_client_commands_new_streams_still_get_their_events_promptly(
+    tmp_path: Path,
+) -> None:
+    srv = RedisServer(tmp_path / "redis", appendonly=False)
+    srv.start()
+
+    async def test() -> None:
+        writer = Redis.from_url(srv.url, decode_responses=True)
+        await writer.acl_setuser("default", enabled=True, nopass=True, commands=["-client"])
+        with pytest.raises(RedisError):
+            await writer.client_id()  # as on a managed Redis that disables CLIENT
+        await add(writer, "late", "backlog")
+        async with hub_on(srv, block_ms=30_000) as hub:
+            async with hub.subscribe("idle"):
+                await asyncio.sleep(0.2)
+                async with hub.subscribe("late") as late:
+                    assert await collect(late, 1, timeout_s=5) == ["backlog"]
+                    await add(writer, "late", "live")
+                    assert await collect(late, 1, timeout_s=5) == ["live"]
+        await writer.aclose()
+
+    try:
+        run(test)
+    finally:
+        srv.stop()
+
+
 def test_subscriptions_resume_after_their_own_cursor(server: RedisServer) -> None:
     async def test() -> None:
         writer = Redis.from_url(server.url, decode_responses=True)
