@@ -27,6 +27,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield srv
 
 
+@pytest.fixture
+def own_server(tmp_path: Path) -> Any:
+    """A Redis for one test that stops, restarts or reconfigures it."""
+    with redis_server(tmp_path / "redis", appendonly=False) as srv:
+        yield srv
+
+
 @contextlib.asynccontextmanager
 async def hub_on(server: RedisServer, block_ms: int = 2000) -> AsyncIterator[EventHub]:
     settings = Settings(redis_url=server.url)
@@ -56,6 +63,19 @@ async def collect(sub: Any, n: int, timeout_s: float = 10.0) -> list[str]:
     return texts
 
 
+async def a_late_stream_gets_its_backlog_and_live_events_at_once(
+    hub: EventHub, writer: Redis
+) -> None:
+    """With the reader blocked (30 s) on an idle stream, a new one is served within 5 s."""
+    await add(writer, "late", "backlog")
+    async with hub.subscribe("idle"):
+        await asyncio.sleep(0.2)  # the reader is now blocked on the idle stream
+        async with hub.subscribe("late") as late:
+            assert await collect(late, 1, timeout_s=5) == ["backlog"]
+            await add(writer, "late", "live")
+            assert await collect(late, 1, timeout_s=5) == ["live"]
+
+
 def test_many_streams_are_read_over_one_connection_each_getting_only_its_entries(
     server: RedisServer,
 ) -> None:
@@ -80,44 +100,28 @@ def test_many_streams_are_read_over_one_connection_each_getting_only_its_entries
 def test_a_new_stream_gets_its_events_at_once_while_others_block(server: RedisServer) -> None:
     async def test() -> None:
         writer = Redis.from_url(server.url, decode_responses=True)
-        await add(writer, "late", "backlog")
         async with hub_on(server, block_ms=30_000) as hub:
-            async with hub.subscribe("idle"):  # the reader now blocks on an idle stream ...
-                await asyncio.sleep(0.2)
-                async with hub.subscribe("late") as late:  # ... and is woken for this one
-                    assert await collect(late, 1, timeout_s=5) == ["backlog"]
-                    await add(writer, "late", "live")
-                    assert await collect(late, 1, timeout_s=5) == ["live"]
+            await a_late_stream_gets_its_backlog_and_live_events_at_once(hub, writer)
         await writer.aclose()
 
     run(test)
 
 
 def test_without_client_commands_new_streams_still_get_their_events_promptly(
-    tmp_path: Path,
+    own_server: RedisServer,
 ) -> None:
-    srv = RedisServer(tmp_path / "redis", appendonly=False)
-    srv.start()
+    srv = own_server  # stopped, restarted or reconfigured by this test only
 
     async def test() -> None:
         writer = Redis.from_url(srv.url, decode_responses=True)
         await writer.acl_setuser("default", enabled=True, nopass=True, commands=["-client"])
         with pytest.raises(RedisError):
             await writer.client_id()  # as on a managed Redis that disables CLIENT
-        await add(writer, "late", "backlog")
         async with hub_on(srv, block_ms=30_000) as hub:
-            async with hub.subscribe("idle"):
-                await asyncio.sleep(0.2)
-                async with hub.subscribe("late") as late:
-                    assert await collect(late, 1, timeout_s=5) == ["backlog"]
-                    await add(writer, "late", "live")
-                    assert await collect(late, 1, timeout_s=5) == ["live"]
+            await a_late_stream_gets_its_backlog_and_live_events_at_once(hub, writer)
         await writer.aclose()
 
-    try:
-        run(test)
-    finally:
-        srv.stop()
+    run(test)
 
 
 def test_subscriptions_resume_after_their_own_cursor(server: RedisServer) -> None:
@@ -149,10 +153,9 @@ def test_the_reader_stops_when_the_last_subscription_closes(server: RedisServer)
 
 
 def test_a_redis_outage_ends_subscriptions_and_the_hub_serves_again_after(
-    tmp_path: Path,
+    own_server: RedisServer,
 ) -> None:
-    srv = RedisServer(tmp_path / "redis", appendonly=False)
-    srv.start()
+    srv = own_server  # stopped, restarted or reconfigured by this test only
 
     async def test() -> None:
         async with hub_on(srv) as hub:
@@ -168,10 +171,7 @@ def test_a_redis_outage_ends_subscriptions_and_the_hub_serves_again_after(
                 assert await collect(sub, 1) == ["back"]
             await writer.aclose()
 
-    try:
-        run(test)
-    finally:
-        srv.stop()
+    run(test)
 
 
 def test_entry_ids_order_by_time_then_sequence() -> None:
