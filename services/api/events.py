@@ -6,6 +6,12 @@ subscribed stream with a single XREAD on one dedicated connection and hands each
 entries after its own cursor, so a batch of jobs decoding together costs one command per round of
 chunks and one connection however many clients stream. A new subscription wakes the blocked read
 (`CLIENT UNBLOCK`), so its first events never wait for the others' block to time out.
+
+A queued job's stream stays empty until a worker claims the job or it is cancelled, and a backlog
+can hold thousands of clients waiting on queued jobs. So those streams are parked: left out of the
+reads, which carry instead the one stream (keys.LEFT_QUEUE) where the claim and cancel scripts
+name each job leaving the queue; its name unparks its stream. A sweep every few seconds reads
+the parked streams too, in case an announcement never comes (a worker older than it).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD r
 # Where CLIENT commands are not allowed (an ACL, or a managed Redis that disables them) nothing
 # can wake the read, so it blocks this briefly and new subscriptions join at the next round.
 SHORT_BLOCK_MS = 50
+SWEEP_S = 2.0  # how often parked streams are read anyway
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -64,17 +71,26 @@ class EventHub:
 
     `reader` must be a client of its own, holding one connection (single_connection_client) with
     no retries, so the id that CLIENT UNBLOCK names is the connection the XREAD blocks on;
-    `redis` (the API's pool) sends the CLIENT UNBLOCK. Per round the reader touches only the
-    streams Redis answered for, so idle subscriptions (queued jobs) cost it one XREAD argument.
+    `redis` (the API's pool) sends the CLIENT UNBLOCK and the status checks. Per round the reader
+    touches only the streams Redis answered for; a stream costs the read one argument while its
+    job runs and none while it is queued (`park_queued`; False reads every stream every round).
     """
 
-    def __init__(self, redis: Redis, reader: Redis, *, block_ms: int = 2000, count: int = 256):
+    def __init__(
+        self, redis: Redis, reader: Redis, *, block_ms: int = 2000, count: int = 256,
+        park_queued: bool = True, sweep_s: float = SWEEP_S,
+    ) -> None:  # fmt: skip
         self._redis = redis
         self._reader = reader
         self._block_ms = block_ms
         self._count = count
+        self._park_queued = park_queued
+        self._sweep_s = sweep_s
         self._by_key: dict[str, set[Subscription]] = {}
-        self._cursors: dict[str, str] = {}  # stream key -> earliest cursor of its subscriptions
+        self._cursors: dict[str, str] = {}  # streams read every round -> earliest cursor
+        self._parked: set[str] = set()  # streams of queued jobs, read only by sweeps
+        self._left_queue_cursor: str | None = None  # read every round once set
+        self._next_sweep = time.monotonic() + sweep_s
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._in_read: dict[str, str] | None = None  # the cursors of the pending XREAD
@@ -84,23 +100,34 @@ class EventHub:
     def open_subscriptions(self) -> int:
         return sum(len(subs) for subs in self._by_key.values())
 
+    @property
+    def parked_streams(self) -> int:
+        return len(self._parked)
+
     @contextlib.asynccontextmanager
     async def subscribe(self, job_id: str, after: str = "0-0") -> AsyncIterator[Subscription]:
-        """Entries of job_id's stream after id `after`, for as long as the context is open."""
+        """Entries of job_id's stream after id `after`, for as long as the context is open.
+
+        Raises RedisError when Redis cannot be asked whether the job is still queued.
+        """
         sub = Subscription(keys.events(job_id), after)
+        first = sub.key not in self._by_key
         self._by_key.setdefault(sub.key, set()).add(sub)
-        self._update_cursor(sub.key)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._read_loop(), name="event-hub")
-        else:
-            await self._wake(sub)
         try:
+            if first and self._park_queued:
+                await self._park_if_queued(job_id, sub.key)
+            self._update_cursor(sub.key)
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._read_loop(), name="event-hub")
+            elif sub.key not in self._parked:
+                await self._wake(sub)
             yield sub
         finally:
             subs = self._by_key.get(sub.key, set())
             subs.discard(sub)  # the reader stops reading its stream from the next round
             if not subs:
                 self._by_key.pop(sub.key, None)
+                self._parked.discard(sub.key)
             self._update_cursor(sub.key)
 
     async def wait_done(self, job_id: str, timeout_s: float) -> bool:
@@ -116,18 +143,65 @@ class EventHub:
         return False
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        # Cancelled again until it ends: on Python 3.11 asyncio.wait_for, which redis-py sends
+        # commands through, loses a cancellation that lands as the send completes, and the
+        # reader would then block until its socket timeout.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
         await self._reader.aclose()
+
+    async def _park_if_queued(self, job_id: str, key: str) -> None:
+        """Leave key out of the reads while its job is queued.
+
+        The key is parked before the status check, so an announcement on keys.LEFT_QUEUE made
+        after the check finds it parked; one made before it means the check sees the job gone
+        from the queue. The LEFT_QUEUE cursor is taken before the first check for the same reason.
+        """
+        self._parked.add(key)
+        try:
+            if self._left_queue_cursor is None:
+                last = await self._redis.xrevrange(keys.LEFT_QUEUE, count=1)
+                if self._left_queue_cursor is None:  # the first answer wins: it is the earliest
+                    self._left_queue_cursor = last[0][0] if last else "0-0"
+            status = await self._redis.hget(keys.job(job_id), "status")
+        except BaseException:
+            self._parked.discard(key)
+            raise
+        if status != "queued":
+            self._parked.discard(key)
+
+    def _unpark(self, key: str) -> None:
+        if key in self._parked:
+            self._parked.discard(key)
+            self._update_cursor(key)
 
     def _update_cursor(self, key: str) -> None:
         subs = self._by_key.get(key)
+        if key in self._parked:
+            return  # read by sweeps, from _earliest_cursor
         if subs:
             self._cursors[key] = min((s.cursor for s in subs), key=entry_order)
         else:
             self._cursors.pop(key, None)
+
+    def _earliest_cursor(self, key: str) -> str:
+        return min((s.cursor for s in self._by_key.get(key, ())), key=entry_order, default="0-0")
+
+    def _streams_to_read(self) -> tuple[dict[str, str], int]:
+        """This round's streams and cursors, and how long it may block (ms)."""
+        streams = dict(self._cursors)
+        if self._left_queue_cursor is not None:
+            streams[keys.LEFT_QUEUE] = self._left_queue_cursor
+        block = self._block_ms if self._can_unblock else min(self._block_ms, SHORT_BLOCK_MS)
+        if self._parked:
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                streams.update((key, self._earliest_cursor(key)) for key in self._parked)
+                self._next_sweep = now + self._sweep_s
+            block = min(block, max(1, int((self._next_sweep - now) * 1000)))
+        return streams, block
 
     def _covers(self, pending: dict[str, str], sub: Subscription) -> bool:
         cursor = pending.get(sub.key)
@@ -157,11 +231,13 @@ class EventHub:
     async def _read_loop(self) -> None:
         failures = 0
         while self._by_key:
-            streams = dict(self._cursors)
             try:
                 if self._reader_id is None and self._can_unblock:
                     self._reader_id = await self._client_id()
-                block = self._block_ms if self._can_unblock else min(self._block_ms, SHORT_BLOCK_MS)
+                streams, block = self._streams_to_read()
+                if not streams:  # only a stream being parked, its LEFT_QUEUE cursor on the way
+                    await asyncio.sleep(0.005)
+                    continue
                 self._in_read = streams
                 reply = await self._reader.xread(streams, count=self._count, block=block)
             except Exception as exc:  # noqa: BLE001 - a reader that died would starve every stream
@@ -190,8 +266,15 @@ class EventHub:
             return None
 
     def _deliver(self, reply: list | dict) -> None:
-        """Hand each subscription of the streams in the reply the entries past its cursor."""
+        """Hand each subscription of the streams in the reply the entries past its cursor, and
+        unpark the streams of jobs that left the queue."""
         for key, entries in reply.items() if isinstance(reply, dict) else reply:  # RESP3 / 2
+            if key == keys.LEFT_QUEUE:
+                for _, fields in entries:
+                    self._unpark(keys.events(fields.get("job", "")))
+                self._left_queue_cursor = entries[-1][0]
+                continue
+            self._unpark(key)  # a swept stream with entries: its job is not queued any more
             subs = self._by_key.get(key)
             if not subs:
                 continue  # closed while the read was pending

@@ -73,9 +73,11 @@ class _Snapshot:
     """A collector over values read from Redis just before this scrape."""
 
     def __init__(
-        self, stats: dict[str, str] | None, queue: int | None, workers: int | None, streams: int
-    ) -> None:
-        self.stats, self.queue, self.workers, self.streams = stats, queue, workers, streams
+        self, stats: dict[str, str] | None, queue: int | None, workers: int | None, streams: int,
+        parked: int,
+    ) -> None:  # fmt: skip
+        self.stats, self.queue, self.workers = stats, queue, workers
+        self.streams, self.parked = streams, parked
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape.")
@@ -86,6 +88,13 @@ class _Snapshot:
         )
         open_streams.add_metric([], float(self.streams))
         yield open_streams
+        parked = GaugeMetricFamily(
+            "llm_event_streams_parked",
+            "Redis streams of queued jobs that this API process's event streams wait on "
+            "(read only when their job leaves the queue).",
+        )
+        parked.add_metric([], float(self.parked))
+        yield parked
         if self.stats is None:
             return
         s = self.stats
@@ -119,7 +128,8 @@ def render(
     queue: int | None,
     workers: int | None,
     streams: int = 0,
+    parked: int = 0,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats, queue, workers, streams))
+    registry.register(_Snapshot(stats, queue, workers, streams, parked))
     return generate_latest(metrics.registry) + generate_latest(registry)

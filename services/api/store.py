@@ -66,8 +66,8 @@ class JobStore:
     async def cancel(self, job_id: str) -> str:
         """Cancel atomically: 'missing', 'cancelled' (was queued), 'running' (flagged) or final."""
         return await self._cancel(
-            keys=[keys.job(job_id), keys.events(job_id), keys.STATS],
-            args=[repr(time.time()), self.ttl_s],
+            keys=[keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE],
+            args=[repr(time.time()), self.ttl_s, job_id],
         )
 
     async def queue_depth(self) -> int:

@@ -11,6 +11,11 @@ TASK_NAME = "llm.generate"
 STATS = f"{PREFIX}:stats"  # counters and histogram buckets written when jobs finish
 MODEL_CURRENT = f"{PREFIX}:model:current"  # what the workers serve (name, version, block size)
 WORKERS_MATCH = f"{PREFIX}:workers:*"
+# A stream naming each job that left `queued` (claimed by a worker, or cancelled), written by the
+# scripts that make those transitions: the API's event hub reads it instead of the streams of
+# queued jobs, which have nothing to say until then. Trimmed to about LEFT_QUEUE_MAXLEN entries.
+LEFT_QUEUE = f"{PREFIX}:jobs:left-queue"
+LEFT_QUEUE_MAXLEN = 10_000
 
 
 def job(job_id: str) -> str:

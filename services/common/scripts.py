@@ -6,9 +6,19 @@ beyond the transitions themselves.
 
 from __future__ import annotations
 
+from services.common import keys
+
 _FINAL = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
 
-# KEYS: job, lease. ARGV: owner, now, lease_ttl_ms.
+
+def _announce_left_queue(stream_key: str, job_id: str) -> str:
+    """Lua appending the job's id to keys.LEFT_QUEUE as the job leaves `queued` (the API's event
+    hub starts reading the job's own stream then)."""
+    return (f"redis.call('XADD', {stream_key}, 'MAXLEN', '~', '{keys.LEFT_QUEUE_MAXLEN}', '*', "
+            f"'job', {job_id})")
+
+
+# KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id.
 # -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
 CLAIM = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -18,6 +28,7 @@ local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {{'leased', holder}} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+if st == 'queued' then {_announce_left_queue("KEYS[3]", "ARGV[4]")} end
 if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 end
@@ -60,10 +71,10 @@ if holder == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
-# KEYS: job, events, stats. ARGV: now, ttl_s.
+# KEYS: job, events, stats, left-queue stream. ARGV: now, ttl_s, job id.
 # queued -> cancelled now (the worker will find it final and skip it); running -> flag for the
 # worker to stop between decode steps. -> the status after the call, or 'missing'.
-CANCEL = """
+CANCEL = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'queued' then
@@ -72,6 +83,7 @@ if st == 'queued' then
   redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', 'cancelled')
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   redis.call('HINCRBY', KEYS[3], 'jobs:cancelled', 1)
+  {_announce_left_queue("KEYS[4]", "ARGV[3]")}
   return 'cancelled'
 end
 if st == 'running' then

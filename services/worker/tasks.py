@@ -43,8 +43,8 @@ def _claim(runtime: WorkerRuntime, job_id: str, owner: str) -> str:
     give_up = time.monotonic() + settings.job_time_limit_s + settings.lease_ttl_s
     while True:
         reply = runtime.claim(
-            keys=[keys.job(job_id), keys.lease(job_id)],
-            args=[owner, repr(time.time()), int(settings.lease_ttl_s * 1000)],
+            keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
+            args=[owner, repr(time.time()), int(settings.lease_ttl_s * 1000), job_id],
         )
         kind = reply[0]
         if kind == "missing":

@@ -180,14 +180,18 @@ def test_reconnecting_with_last_event_id_resumes_without_loss(client: Any) -> No
     assert [e["id"] for e in late] == ids
 
 
+def gauge(client: httpx.Client, name: str) -> float:
+    text = client.get("/metrics").text
+    return float(re.search(rf"^{name} ([0-9.]+)$", text, re.M).group(1))
+
+
 def test_metrics_count_the_event_streams_open_now(client: Any, stack: Any) -> None:
     job_id = submit(client, {"prompt": "All:", "max_new_tokens": 4, "seed": 9, "eos": False})
     with client.stream("GET", f"/jobs/{job_id}/events") as resp:
         done_id = read_sse(resp)[-1]["id"]
 
     def open_streams() -> float:
-        text = client.get("/metrics").text
-        return float(re.search(r"^llm_event_streams_open ([0-9.]+)$", text, re.M).group(1))
+        return gauge(client, "llm_event_streams_open")
 
     assert open_streams() == 0
     # Resumed after its final event, a stream waits a few seconds for more, then ends.
@@ -243,6 +247,40 @@ def test_cancel_stops_running_jobs_and_a_cancelled_queued_job_never_runs(
     # Cancelling a final job changes nothing.
     again = client.post(f"/jobs/{running[0]}/cancel")
     assert again.status_code == 200 and again.json() == jobs[0]
+
+
+def test_a_stream_of_a_queued_job_waits_parked_then_gets_every_token(
+    client: Any, stack: Any
+) -> None:
+    long_job = {"prompt": "First Citizen:", "max_new_tokens": MAX_NEW, "eos": False}
+    running = [submit(client, {**long_job, "seed": 100 + i}) for i in range(CONCURRENCY)]
+    wait_until(lambda: all(status_of(client, j) == "running" for j in running), 30,
+               message="all worker threads busy")  # fmt: skip
+    queued = submit(client, {"prompt": "All:", "max_new_tokens": 12, "seed": 5, "eos": False})
+    assert status_of(client, queued) == "queued"
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        def stream() -> list[dict[str, Any]]:
+            with httpx.stream("GET", f"{stack['api'].url}/jobs/{queued}/events", timeout=60,
+                              headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+                return read_sse(resp)
+
+        events = pool.submit(stream)
+        # The API reads no Redis stream for it while the job waits in the queue.
+        wait_until(lambda: gauge(client, "llm_event_streams_parked") == 1, 10, 0.02,
+                   "the queued job's stream parked")  # fmt: skip
+        for job_id in running:  # free the worker: it takes the queued job next
+            client.post(f"/jobs/{job_id}/cancel")
+        got = events.result(timeout=60)
+
+    record = wait_final(client, queued)
+    assert record["status"] == "succeeded"
+    assert got[-1]["event"] == "done"
+    streamed = "".join(e["data"]["text"] for e in got if e["event"] == "token")
+    assert streamed == record["result"]["text"] and record["result"]["completion_tokens"] == 12
+    assert gauge(client, "llm_event_streams_parked") == 0
+    for job_id in running:
+        wait_final(client, job_id, timeout_s=30)
 
 
 # -- idempotency, auth, validation ----------------------------------------------------------------

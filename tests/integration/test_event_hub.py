@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from redis.exceptions import RedisError
 
 from services.api.app import make_redis, make_stream_reader
 from services.api.events import EventHub, entry_order
-from services.common import keys
+from services.api.store import JobStore
+from services.common import keys, scripts
 from services.common.settings import Settings
 from tests.helpers.redis_server import RedisServer, redis_server
 
@@ -35,10 +37,12 @@ def own_server(tmp_path: Path) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def hub_on(server: RedisServer, block_ms: int = 2000) -> AsyncIterator[EventHub]:
+async def hub_on(
+    server: RedisServer, block_ms: int = 2000, sweep_s: float = 2.0
+) -> AsyncIterator[EventHub]:
     settings = Settings(redis_url=server.url)
     redis = make_redis(settings)
-    hub = EventHub(redis, make_stream_reader(settings), block_ms=block_ms)
+    hub = EventHub(redis, make_stream_reader(settings), block_ms=block_ms, sweep_s=sweep_s)
     try:
         yield hub
     finally:
@@ -223,6 +227,167 @@ def test_waiting_for_done_sees_it_written_before_or_during_the_wait(server: Redi
             finisher = asyncio.create_task(finish_later())
             assert await hub.wait_done("later", 10) is True
             await finisher
+        await writer.aclose()
+
+    run(test)
+
+
+# -- streams of queued jobs are parked ------------------------------------------------------------
+
+
+async def queue_job(redis: Redis, job_id: str) -> None:
+    await redis.hset(keys.job(job_id), mapping={"status": "queued"})
+
+
+async def claim(redis: Redis, job_id: str) -> None:
+    """What a worker does on taking the job: the real CLAIM script, which announces it."""
+    script = redis.register_script(scripts.CLAIM)
+    reply = await script(keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
+                         args=["test-worker", "0", 60_000, job_id])  # fmt: skip
+    assert reply[0] == "claimed"
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        # No sweep within the test: only the claim's announcement can bring the stream back.
+        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
+            await queue_job(writer, "parked")
+            async with hub.subscribe("parked") as sub:
+                assert hub.parked_streams == 1
+                await asyncio.sleep(0.2)  # the reader blocks on LEFT_QUEUE alone
+                await claim(writer, "parked")
+                await eventually(lambda: hub.parked_streams == 0)
+                await add(writer, "parked", "first")
+                assert await collect(sub, 1, timeout_s=5) == ["first"]
+        await writer.aclose()
+
+    run(test)
+
+
+def test_cancelling_a_queued_job_ends_its_parked_stream_at_once(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        store = JobStore(writer, Settings(redis_url=server.url))
+        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
+            await queue_job(writer, "dropped")
+            waiting = asyncio.create_task(hub.wait_done("dropped", 10))
+            await eventually(lambda: hub.parked_streams == 1)
+            assert await store.cancel("dropped") == "cancelled"
+            async with asyncio.timeout(5):
+                assert await waiting is True
+        await writer.aclose()
+
+    run(test)
+
+
+def test_a_job_that_left_the_queue_unannounced_is_found_by_the_sweep(server: RedisServer) -> None:
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        async with hub_on(server, block_ms=30_000, sweep_s=0.3) as hub:
+            await queue_job(writer, "quiet")
+            async with hub.subscribe("quiet") as sub:
+                assert hub.parked_streams == 1
+                # A worker older than the announcement: status and tokens, no LEFT_QUEUE entry.
+                await writer.hset(keys.job("quiet"), "status", "running")
+                await add(writer, "quiet", "found")
+                assert await collect(sub, 1, timeout_s=5) == ["found"]
+                assert hub.parked_streams == 0
+        await writer.aclose()
+
+    run(test)
+
+
+def test_claims_racing_new_subscriptions_lose_no_stream(server: RedisServer) -> None:
+    """A worker claims each job from 0 to 3 ms after its client subscribes, so claims land before,
+    during and after the subscription's status check: every stream still gets its token, the
+    parked ones from the announcement alone (no sweep in the test)."""
+
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
+            most_parked = 0
+
+            async def one(i: int) -> list[str]:
+                nonlocal most_parked
+                job = f"race-{i}"
+                await queue_job(writer, job)
+
+                async def client() -> list[str]:
+                    async with hub.subscribe(job) as sub:
+                        return await collect(sub, 1, timeout_s=5)
+
+                listening = asyncio.create_task(client())
+                await asyncio.sleep(0.0005 * (i % 7))
+                most_parked = max(most_parked, hub.parked_streams)
+                await claim(writer, job)
+                await add(writer, job, job)
+                return await listening
+
+            got = await asyncio.gather(*(one(i) for i in range(60)))
+            assert got == [[f"race-{i}"] for i in range(60)]
+            assert most_parked > 0  # the parking path was taken, not only the running one
+        await writer.aclose()
+
+    run(test)
+
+
+def test_reads_leave_out_parked_streams(server: RedisServer) -> None:
+    """With 200 clients on queued jobs and one on a running job, each XREAD that Redis runs names
+    the running job's stream and LEFT_QUEUE only (after the first round's sweep)."""
+
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub, \
+                contextlib.AsyncExitStack() as stack:  # fmt: skip
+            for i in range(200):
+                await queue_job(writer, f"backlog-{i}")
+                await stack.enter_async_context(hub.subscribe(f"backlog-{i}"))
+            live = await stack.enter_async_context(hub.subscribe("live"))
+            assert hub.parked_streams == 200
+            await add(writer, "live", "warm")
+            assert await collect(live, 1) == ["warm"]  # the first round's sweep is over
+            async with writer.monitor() as monitor:
+                for n in range(3):
+                    await add(writer, "live", f"t{n}")
+                    assert await collect(live, 1) == [f"t{n}"]
+                xreads = []
+                async with asyncio.timeout(5):
+                    while len(xreads) < 3:
+                        command = (await monitor.next_command())["command"]
+                        if command.upper().startswith("XREAD "):
+                            xreads.append(command)
+            for command in xreads:
+                assert "backlog-" not in command
+                assert keys.events("live") in command and keys.LEFT_QUEUE in command
+        await writer.aclose()
+
+    run(test)
+
+
+def test_closing_the_hub_ends_its_reader_even_as_a_read_is_being_sent(server: RedisServer) -> None:
+    """The reader sends its next XREAD right after handing over an entry; closing then must not
+    wait out the reader's 10 s socket timeout (Python 3.11's wait_for can lose that cancel)."""
+
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        settings = Settings(redis_url=server.url)
+        for i in range(5):
+            redis = make_redis(settings)
+            hub = EventHub(redis, make_stream_reader(settings), block_ms=30_000)
+            async with hub.subscribe(f"closing-{i}") as sub:
+                await add(writer, f"closing-{i}", "last")
+                assert await collect(sub, 1) == ["last"]
+            started = time.monotonic()
+            await hub.close()
+            assert time.monotonic() - started < 5
+            await redis.aclose()
         await writer.aclose()
 
     run(test)

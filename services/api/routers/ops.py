@@ -63,14 +63,14 @@ def build_router() -> APIRouter:
         hub: EventHub = Depends(deps.get_events),
     ) -> Response:
         """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens, open
-        event streams."""
+        event streams (and those waiting on queued jobs)."""
         try:
             stats = await store.stats()
             queue = await store.queue_depth()
             workers = len(await store.workers())
         except RedisError:
             stats = queue = workers = None
-        body = render(http, stats, queue, workers, hub.open_subscriptions)
+        body = render(http, stats, queue, workers, hub.open_subscriptions, hub.parked_streams)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
