@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -28,14 +28,19 @@ from services.common.settings import Settings
 def make_redis(settings: Settings) -> Redis:
     # Short connect timeout and two quick retries: a restarted Redis is picked up on the next
     # request (stale pooled connections are replaced), a dead one answers 503 in well under 1 s.
-    return Redis.from_url(
+    # A blocking pool: with redis-py's default pool the 101st command in flight fails at once
+    # (MaxConnectionsError), so a burst of requests or of event-stream checks got 503s.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
         decode_responses=True,
         socket_connect_timeout=1.0,
         socket_timeout=10.0,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
     )
+    return Redis.from_pool(pool)
 
 
 def make_stream_reader(settings: Settings) -> Redis:

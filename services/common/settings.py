@@ -15,6 +15,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
 
     redis_url: str = "redis://localhost:6379/0"
+    # The API's Redis connections: a burst over this many commands in flight waits for a free one
+    # (up to redis_pool_timeout_s, then 503) instead of failing at once.
+    redis_max_connections: int = Field(100, ge=2)
+    redis_pool_timeout_s: float = Field(5.0, gt=0)
     model_uri: str = "models:/llm@production"
     # MLflow's own variable, so one export serves the trainer, the CLI and the worker.
     mlflow_tracking_uri: str | None = Field(
