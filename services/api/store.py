@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common import keys, scripts
-from services.common.jobs import JobRecord
+from services.common.jobs import JobRecord, JobStatus
 from services.common.settings import Settings
 
 
@@ -38,6 +38,11 @@ class JobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         data = await self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(data) if data else None
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        """The job's status alone (one field, no parsing): what an idle event stream checks."""
+        value = await self.redis.hget(keys.job(job_id), "status")
+        return JobStatus(value) if value else None
 
     async def create(self, record: JobRecord, message: str) -> None:
         """Write the record and push its Celery message in one transaction: both or neither."""

@@ -17,6 +17,7 @@ from services.api.app import make_redis, make_stream_reader
 from services.api.events import EventHub, entry_order
 from services.api.store import JobStore
 from services.common import keys, scripts
+from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
 from tests.helpers.redis_server import RedisServer, redis_server
 
@@ -236,7 +237,8 @@ def test_waiting_for_done_sees_it_written_before_or_during_the_wait(server: Redi
 
 
 async def queue_job(redis: Redis, job_id: str) -> None:
-    await redis.hset(keys.job(job_id), mapping={"status": "queued"})
+    record = JobRecord.new(job_id, JobRequest(prompt="Once"))
+    await redis.hset(keys.job(job_id), mapping=record.to_hash())
 
 
 async def claim(redis: Redis, job_id: str) -> None:
@@ -391,3 +393,40 @@ def test_closing_the_hub_ends_its_reader_even_as_a_read_is_being_sent(server: Re
         await writer.aclose()
 
     run(test)
+
+
+def test_an_idle_event_stream_checks_its_job_less_and_less_often(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's SSE generator on a queued job: each quiet check doubles the wait (0.2 s doubling
+    to 0.8 s here), so 2 s hold 3 status reads rather than 10."""
+    from services.api.routers import jobs
+
+    monkeypatch.setattr(jobs, "WAIT_S", 0.2)
+    monkeypatch.setattr(jobs, "MAX_WAIT_S", 0.8)
+
+    async def test() -> None:
+        settings = Settings(redis_url=server.url)
+        writer = Redis.from_url(server.url, decode_responses=True)
+        await queue_job(writer, "waiting")
+        async with hub_on(server) as hub:
+            redis = make_redis(settings)
+            stream = jobs._stream(JobStore(redis, settings), hub, "waiting", "0-0")
+            reader = asyncio.create_task(anext(stream))
+            await eventually(lambda: hub.parked_streams == 1)
+            before = (await writer.info("commandstats"))["cmdstat_hget"]["calls"]
+            await asyncio.sleep(2.0)
+            checks = (await writer.info("commandstats"))["cmdstat_hget"]["calls"] - before
+            assert 2 <= checks <= 4, checks
+            await store_done(writer, "waiting")
+            assert (await reader).event == "done"  # still a live stream after its checks
+            await stream.aclose()
+            await redis.aclose()
+        await writer.aclose()
+
+    run(test)
+
+
+async def store_done(redis: Redis, job_id: str) -> None:
+    await redis.hset(keys.job(job_id), "status", "succeeded")
+    await redis.xadd(keys.events(job_id), {"type": "done", "status": "succeeded"})

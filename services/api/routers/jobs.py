@@ -24,7 +24,11 @@ from services.common.settings import Settings
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
-WAIT_S = 2.0  # without events for this long, the stream checks whether its job is still alive
+# Without events for WAIT_S the stream checks whether its job is still alive (a resumed stream
+# past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S, so thousands of
+# clients waiting on queued jobs cost Redis a read each per half minute, not per 2 s.
+WAIT_S = 2.0
+MAX_WAIT_S = 30.0
 COMMON = {
     401: {"model": Detail, "description": "Missing or invalid API key."},
     503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
@@ -136,13 +140,16 @@ async def _stream(
 ) -> AsyncIterator[ServerSentEvent]:
     try:
         async with hub.subscribe(job_id, after) as subscription:
+            wait_s = WAIT_S
             while True:
-                entries = await subscription.next(WAIT_S)
+                entries = await subscription.next(wait_s)
                 if not entries:
-                    record = await store.get(job_id)
-                    if record is None or record.status.final:
+                    status = await store.status(job_id)
+                    if status is None or status.final:
                         return  # expired, or resumed after its final event
+                    wait_s = min(2 * wait_s, MAX_WAIT_S)
                     continue
+                wait_s = WAIT_S
                 for entry_id, fields in entries:
                     kind = fields.get("type", "token")
                     if kind == "done":
