@@ -37,6 +37,7 @@ bench: setup
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_serve.py
+	$(PY) scripts/bench_events.py
 
 clean:
 	rm -rf .cache runs checkpoints mlruns mlflow.db .stack outputs
