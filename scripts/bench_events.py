@@ -10,7 +10,7 @@ loop, so a saturated loop shows as fewer chunks), Redis's CPU per second, the XR
 their mean time, and that the running job's client received every chunk.
 
     python scripts/bench_events.py                      # -> bench/events_cpu.json + .png
-    python scripts/bench_events.py --backlogs 0 200 --seconds 2 --out /tmp/e.json   # smoke run
+    python scripts/bench_events.py --quick --out /tmp/e.json              # a smoke run
 """
 
 from __future__ import annotations
@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backlogs", type=int, nargs="+", default=[0, 100, 1000, 5000])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="backlogs 0 and 50, 1 s (smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.backlogs, args.seconds = [0, 50], 1.0
     rows = asyncio.run(run(args.backlogs, args.seconds))
     report = {
         "command": COMMAND if argv is None and args.out == DEFAULT_OUT else

@@ -59,3 +59,14 @@ def test_bench_engine_quick_run_gets_the_same_tokens_every_way(tmp_path: Path) -
     report = run_quick("bench_engine.py", tmp_path / "engine.json")
     assert report["checks"]["same_tokens_every_way"] is True
     assert set(report["results"]) == {"engine", "static", "one_at_a_time"}
+
+
+def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Path) -> None:
+    report = run_quick("bench_events.py", tmp_path / "events.json")
+    rows = report["results"]
+    assert {(r["backlog"], r["parked"]) for r in rows} == {(b, p) for b in (0, 50)
+                                                          for p in (False, True)}  # fmt: skip
+    for row in rows:
+        assert row["chunks"] > 0 and row["received"] == row["chunks"]
+        assert row["xread_calls"] > 0
+    assert set(report["ratios"]) == {"0", "50"}
