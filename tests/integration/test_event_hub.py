@@ -255,12 +255,24 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
             await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def hub_with_queued_job(
+    server: RedisServer, job_id: str, sweep_s: float
+) -> AsyncIterator[tuple[EventHub, Redis]]:
+    """A hub whose reader blocks 30 s, and a writer; job_id's record is queued."""
+    writer = Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with hub_on(server, block_ms=30_000, sweep_s=sweep_s) as hub:
+            await queue_job(writer, job_id)
+            yield hub, writer
+    finally:
+        await writer.aclose()
+
+
 def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: RedisServer) -> None:
     async def test() -> None:
-        writer = Redis.from_url(server.url, decode_responses=True)
         # No sweep within the test: only the claim's announcement can bring the stream back.
-        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
-            await queue_job(writer, "parked")
+        async with hub_with_queued_job(server, "parked", sweep_s=600) as (hub, writer):
             async with hub.subscribe("parked") as sub:
                 assert hub.parked_streams == 1
                 await asyncio.sleep(0.2)  # the reader blocks on LEFT_QUEUE alone
@@ -268,32 +280,26 @@ def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: Re
                 await eventually(lambda: hub.parked_streams == 0)
                 await add(writer, "parked", "first")
                 assert await collect(sub, 1, timeout_s=5) == ["first"]
-        await writer.aclose()
 
     run(test)
 
 
 def test_cancelling_a_queued_job_ends_its_parked_stream_at_once(server: RedisServer) -> None:
     async def test() -> None:
-        writer = Redis.from_url(server.url, decode_responses=True)
-        store = JobStore(writer, Settings(redis_url=server.url))
-        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
-            await queue_job(writer, "dropped")
+        async with hub_with_queued_job(server, "dropped", sweep_s=600) as (hub, writer):
+            store = JobStore(writer, Settings(redis_url=server.url))
             waiting = asyncio.create_task(hub.wait_done("dropped", 10))
             await eventually(lambda: hub.parked_streams == 1)
             assert await store.cancel("dropped") == "cancelled"
             async with asyncio.timeout(5):
                 assert await waiting is True
-        await writer.aclose()
 
     run(test)
 
 
 def test_a_job_that_left_the_queue_unannounced_is_found_by_the_sweep(server: RedisServer) -> None:
     async def test() -> None:
-        writer = Redis.from_url(server.url, decode_responses=True)
-        async with hub_on(server, block_ms=30_000, sweep_s=0.3) as hub:
-            await queue_job(writer, "quiet")
+        async with hub_with_queued_job(server, "quiet", sweep_s=0.3) as (hub, writer):
             async with hub.subscribe("quiet") as sub:
                 assert hub.parked_streams == 1
                 # A worker older than the announcement: status and tokens, no LEFT_QUEUE entry.
@@ -301,7 +307,6 @@ def test_a_job_that_left_the_queue_unannounced_is_found_by_the_sweep(server: Red
                 await add(writer, "quiet", "found")
                 assert await collect(sub, 1, timeout_s=5) == ["found"]
                 assert hub.parked_streams == 0
-        await writer.aclose()
 
     run(test)
 
