@@ -90,6 +90,7 @@ class EventHub:
         self._cursors: dict[str, str] = {}  # streams read every round -> earliest cursor
         self._parked: set[str] = set()  # streams of queued jobs, read only by sweeps
         self._left_queue_cursor: str | None = None  # read every round once set
+        self._left_queue_lookup: asyncio.Future[list] | None = None
         self._next_sweep = time.monotonic() + sweep_s
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
@@ -162,15 +163,24 @@ class EventHub:
         self._parked.add(key)
         try:
             if self._left_queue_cursor is None:
-                last = await self._redis.xrevrange(keys.LEFT_QUEUE, count=1)
-                if self._left_queue_cursor is None:  # the first answer wins: it is the earliest
-                    self._left_queue_cursor = last[0][0] if last else "0-0"
+                await self._start_reading_left_queue()
             status = await self._redis.hget(keys.job(job_id), "status")
         except BaseException:
             self._parked.discard(key)
             raise
         if status != "queued":
             self._parked.discard(key)
+
+    async def _start_reading_left_queue(self) -> None:
+        """Set the LEFT_QUEUE cursor to its newest entry: one XREVRANGE however many
+        subscriptions wait for it (a burst of new clients would each send one)."""
+        if self._left_queue_lookup is None or self._left_queue_lookup.done():
+            self._left_queue_lookup = asyncio.ensure_future(
+                self._redis.xrevrange(keys.LEFT_QUEUE, count=1)
+            )
+        last = await asyncio.shield(self._left_queue_lookup)
+        if self._left_queue_cursor is None:
+            self._left_queue_cursor = last[0][0] if last else "0-0"
 
     def _unpark(self, key: str) -> None:
         if key in self._parked:
