@@ -57,6 +57,11 @@ class Subscription:
         Raises the RedisError that stopped the hub's read: the stream should end, and the client
         reconnect with Last-Event-ID.
         """
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled, but a Redis call swallowed it (Python 3.11's wait_for, in redis-py's
+            # send path, can): end now rather than wait on as a stream nobody reads.
+            raise asyncio.CancelledError
         try:
             item = await asyncio.wait_for(self.inbox.get(), timeout_s)
         except TimeoutError:

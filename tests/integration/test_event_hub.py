@@ -435,3 +435,26 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
 async def store_done(redis: Redis, job_id: str) -> None:
     await redis.hset(keys.job(job_id), "status", "succeeded")
     await redis.xadd(keys.events(job_id), {"type": "done", "status": "succeeded"})
+
+
+def test_a_stream_whose_cancel_a_call_swallowed_ends_at_its_next_wait(server: RedisServer) -> None:
+    """A cancel that a Redis call lost (Python 3.11's wait_for does, in redis-py's send path)
+    still ends the stream when it next waits for entries, not after its 30 s wait."""
+
+    async def test() -> None:
+        async with hub_on(server) as hub:
+
+            async def client() -> None:
+                async with hub.subscribe("swallowed") as sub:
+                    asyncio.current_task().cancel()  # type: ignore[union-attr]
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.sleep(1)  # stands in for the call that lost the cancel
+                    await sub.next(30)
+
+            task = asyncio.create_task(client())
+            done, _ = await asyncio.wait({task}, timeout=5)
+            task.cancel()
+            assert task in done and task.cancelled()
+            assert hub.open_subscriptions == 0
+
+    run(test)
