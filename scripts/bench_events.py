@@ -38,8 +38,8 @@ from services.api.routers.jobs import _stream  # noqa: E402
 from services.api.store import JobStore  # noqa: E402
 from services.common import keys, scripts  # noqa: E402
 from services.common.jobs import JobRecord, JobRequest  # noqa: E402
-from services.common.redis_binary import find_redis_server  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
+from tests.helpers.redis_server import redis_server  # noqa: E402  (a real Redis, free port)
 
 COMMAND = "python scripts/bench_events.py"
 DEFAULT_OUT = ROOT / "bench" / "events_cpu.json"
@@ -135,33 +135,6 @@ async def measure(url: str, backlog: int, park: bool, seconds: float) -> dict[st
     }  # fmt: skip
 
 
-def start_redis(root: Path) -> tuple[Any, str]:
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(root)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = sync_redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except sync_redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    client.close()
-    return proc, url
-
-
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per backlog: read-every-round over parked, for the API's CPU and Redis's XREAD time."""
     out = {}
@@ -205,17 +178,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 async def run(backlogs: list[int], seconds: float) -> list[dict[str, Any]]:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_redis(Path(tmp))
-        try:
-            for backlog in backlogs:
-                for park in (False, True):
-                    row = await measure(url, backlog, park, seconds)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp), appendonly=False) as srv:
+        for backlog in backlogs:
+            for park in (False, True):
+                row = await measure(srv.url, backlog, park, seconds)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
