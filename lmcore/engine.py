@@ -46,8 +46,11 @@ from lmcore.generate import (
     TextCodec,
     Truncate,
     decode_step,
+    HostCopy,
     fit_prompt,
+    host_to_device,
     prefill,
+    sample_token_ids,
     sample_tokens,
 )
 
@@ -185,13 +188,30 @@ class EngineHandle:
 
 @dataclass
 class _Running:
-    """A request in a slot: next_token is written at `position` by the next decode step."""
+    """A request in a slot: next_token is written at `position` by the next decode step.
+
+    Running ahead, the next token may still be on the device (`token_on_device`): the step that
+    sampled it already wrote it into the engine's step input.
+    """
 
     handle: EngineHandle
     state: SequenceState
     slot: int
     position: int
     next_token: int = 0
+    token_on_device: bool = False
+
+
+@dataclass
+class _QueuedStep:
+    """A decode step handed to the device and not yet sampled: its logits and whom it stepped.
+
+    `logits` row i is slot `first + i`.
+    """
+
+    logits: torch.Tensor
+    runs: list[_Running]
+    first: int
 
 
 def _joins(group: list[tuple[EngineHandle, SequenceState, int]],
@@ -221,7 +241,9 @@ class Engine:
     Drive it with `start()` (a background thread that steps while there is work and waits on a
     condition when idle) or by calling `step()` (tests do, to control when requests arrive);
     steps are serialised either way. `compile=True` wraps the decode step in
-    torch.compile(mode="reduce-overhead") (CUDA graphs; meant for GPUs).
+    torch.compile(mode="reduce-overhead") (CUDA graphs; meant for GPUs). `run_ahead` (default:
+    on when the model is on a GPU) keeps the next decode step queued on the device while the
+    host handles the last one's tokens; off, each step waits for its tokens before the next.
     """
 
     def __init__(
@@ -233,6 +255,7 @@ class Engine:
         max_len: int | None = None,
         step_fn: StepFn = decode_step,
         compile: bool = False,
+        run_ahead: bool | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if max_batch < 1:
@@ -241,6 +264,7 @@ class Engine:
         self._max_len_arg = max_len
         self._base_step_fn = step_fn
         self._compile = compile
+        self._run_ahead_arg = run_ahead
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives it
@@ -351,7 +375,11 @@ class Engine:
             self._maybe_swap()
             if self._pending_swap is None:
                 self._admit()
-            if any(r is not None for r in self._slots):
+            if not any(r is not None for r in self._slots):
+                self._queued = None  # a step queued for requests that have all finished
+            elif self._run_ahead:
+                self._decode_ahead()
+            else:
                 self._decode()
             return self.has_work
 
@@ -432,40 +460,114 @@ class Engine:
         """
         running = self._running()
         device = self._model.device
-        if self._compile:
-            first, rows, kv_len = 0, None, None
-            width = self.max_batch
-        else:
-            first = min(run.slot for run in running)
-            width = max(run.slot for run in running) + 1 - first
-            rows = slice(first, first + width)
-            kv_len = max(run.position for run in running) + 1
+        first, width, rows, kv_len = self._step_window(running)
         tokens = [0] * width
-        positions = [0] * width
         for run in running:
-            tokens[run.slot - first], positions[run.slot - first] = run.next_token, run.position
-        out_index = [run.slot - first for run in running]
+            tokens[run.slot - first] = run.next_token
+        logits = self._run_step(running, host_to_device(tokens, device)[:, None], first, width,
+                                rows, kv_len)  # fmt: skip
+        if logits is None:
+            return
+        out_index = host_to_device([run.slot - first for run in running], device)
+        self._take_tokens(running, logits.index_select(0, out_index))
+
+    def _decode_ahead(self) -> None:
+        """One decode step whose successor is queued before the host reads its tokens.
+
+        The tokens are sampled on the device and written straight into the step input, the next
+        step is handed to the device, and only then does the host wait for the tokens (a copy of
+        a few bytes) and handle them while the device computes. A request that finishes on these
+        tokens wastes its row of the queued step; one that joined after a step was queued is
+        left out of it and steps in the next.
+        """
+        queued, self._queued = self._queued, None
+        stepped = self._still_running(queued.runs) if queued is not None else []
+        if queued is None or not stepped:  # nothing useful in flight: step now
+            queued = self._queue_step()
+            if queued is None:
+                return
+            stepped = queued.runs
+        device = self._model.device
+        try:
+            rows = host_to_device([run.slot - queued.first for run in stepped], device)
+            tokens = sample_token_ids(queued.logits.index_select(0, rows),
+                                      [run.state.params for run in stepped],
+                                      [run.state.generator for run in stepped])  # fmt: skip
+            slots = host_to_device([run.slot for run in stepped], device)
+            self._step_tokens.index_copy_(0, slots, tokens[:, None])
+        except Exception as exc:
+            log.exception("sampling failed; failing its %d requests", len(stepped))
+            for run in stepped:
+                self._release(run, error=exc)
+            return
+        for run in stepped:
+            run.token_on_device = True
+        copy = HostCopy(tokens)
+        self._queued = self._queue_step()
+        for run, token in zip(stepped, copy.tolist()):
+            if self._slots[run.slot] is run:  # not failed by the queued step
+                self._take_token(run, token)
+
+    def _queue_step(self) -> _QueuedStep | None:
+        """Hand the device a decode step for every running request (None if it failed).
+
+        Requests whose next token is only on the host (just prefilled) write it into the step
+        input first; the others' tokens are there already, sampled on the device.
+        """
+        running = self._running()
+        device = self._model.device
+        fresh = [run for run in running if not run.token_on_device]
+        if fresh:
+            self._step_tokens.index_copy_(0, host_to_device([run.slot for run in fresh], device),
+                                          host_to_device([[run.next_token] for run in fresh],
+                                                         device))  # fmt: skip
+            for run in fresh:
+                run.token_on_device = True
+        first, width, rows, kv_len = self._step_window(running)
+        tokens = self._step_tokens if rows is None else self._step_tokens[rows]
+        logits = self._run_step(running, tokens, first, width, rows, kv_len)
+        return None if logits is None else _QueuedStep(logits, running, first)
+
+    def _step_window(self, running: list[_Running]) -> tuple[int, int, slice | None, int | None]:
+        """The slots a step covers (first, width, rows) and the cache positions it reads."""
+        if self._compile:
+            return 0, self.max_batch, None, None
+        first = min(run.slot for run in running)
+        width = max(run.slot for run in running) + 1 - first
+        kv_len = max(run.position for run in running) + 1
+        return first, width, slice(first, first + width), kv_len
+
+    def _run_step(
+        self,
+        running: list[_Running],
+        tokens: torch.Tensor,
+        first: int,
+        width: int,
+        rows: slice | None,
+        kv_len: int | None,
+    ) -> torch.Tensor | None:
+        """Call the step fn at each run's position and advance them; on error fail them all."""
+        positions = [0] * width  # free slots inside the window: token 0 at position 0
+        for run in running:
+            positions[run.slot - first] = run.position
         try:
             if self._compile:
                 # Tells CUDA graphs that last step's outputs are dead and may be overwritten.
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step_fn(
-                self._model,
-                torch.tensor(tokens, device=device)[:, None],
-                torch.tensor(positions, device=device)[:, None],
-                self._cache,
-                rows,
-                kv_len,
-            )
+            positions_in = host_to_device(positions, self._model.device)[:, None]
+            logits = self._step_fn(self._model, tokens, positions_in, self._cache, rows, kv_len)
         except Exception as exc:
             log.exception("decode step failed; failing its %d requests", len(running))
             for run in running:
                 self._release(run, error=exc)
-            return
+            return None
         self._bump("decode_steps")
         for run in running:
             run.position += 1
-        self._take_tokens(running, logits[out_index])
+        return logits
+
+    def _still_running(self, runs: list[_Running]) -> list[_Running]:
+        return [run for run in runs if self._slots[run.slot] is run]
 
     def _take_tokens(self, runs: list[_Running], logits: torch.Tensor) -> None:
         """Sample one token per run from its row of logits (rows in the order of runs)."""
@@ -593,6 +695,12 @@ class Engine:
             step_fn = torch.compile(step_fn, mode="reduce-overhead")
         self._model, self._tokenizer, self._metadata = model, tokenizer, metadata
         self._cache, self._step_fn = cache, step_fn
+        run_ahead = self._run_ahead_arg
+        self._run_ahead = model.device.type == "cuda" if run_ahead is None else run_ahead
+        # Running ahead, each step reads its tokens from here, where the last step's sampling
+        # wrote them (slot i's token in row i).
+        self._step_tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=model.device)
+        self._queued: _QueuedStep | None = None
 
     def swap_model(
         self,

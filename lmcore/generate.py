@@ -96,12 +96,66 @@ def sample_tokens(
     GPU one copy to the host instead of one per row); every op works row by row, so a row gets
     the token it would get alone.
     """
+    return sample_token_ids(logits, params, generators).tolist()
+
+
+def sample_token_ids(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """`sample_tokens` left on the logits' device: (B,) ids, and the host never waits for them.
+
+    Every host value the ops need (temperatures, row indices, ...) reaches a GPU by an
+    asynchronous copy, so the engine can queue its next step behind these ops.
+    """
     tokens = logits.argmax(dim=-1)  # the greedy rows' answer
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if len(rows) == len(params):
+        return _sample_rows(logits, list(params), list(generators))
     if rows:
-        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows],
-                                    [generators[i] for i in rows])  # fmt: skip
-    return tokens.tolist()
+        index = host_to_device(rows, logits.device)
+        sampled = _sample_rows(logits.index_select(0, index), [params[i] for i in rows],
+                               [generators[i] for i in rows])  # fmt: skip
+        tokens.index_copy_(0, index, sampled)
+    return tokens
+
+
+def host_to_device(
+    values: Sequence[int] | Sequence[float] | Sequence[bool],
+    device: torch.device,
+    dtype: torch.dtype = torch.long,
+) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for work queued on a GPU.
+
+    torch.tensor(..., device="cuda") copies from pageable memory and waits for the stream;
+    from pinned memory the copy is queued like a kernel (the host allocator keeps the buffer
+    until the copy has run).
+    """
+    on_gpu = device.type == "cuda"
+    tensor = torch.tensor(values, dtype=dtype, pin_memory=on_gpu)
+    return tensor.to(device, non_blocking=True) if on_gpu else tensor
+
+
+class HostCopy:
+    """A device tensor's copy to the host, started now; `tolist()` waits for the copy alone.
+
+    On a GPU the copy goes into pinned memory behind the work queued so far, and an event marks
+    its end, so work queued after it (the next decode step) keeps the device busy meanwhile.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        self._host = tensor
+        if tensor.device.type == "cuda":
+            self._host = tensor.to("cpu", non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def _sample_rows(
@@ -109,19 +163,19 @@ def _sample_rows(
 ) -> torch.Tensor:
     """Temperature, then top-k, then top-p, then one draw per row: (S, vocab) -> (S,) ids."""
     device, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([p.temperature for p in params], device=device)
+    temps = host_to_device([p.temperature for p in params], device, torch.float32)
     x = logits.float() / temps[:, None]
     if any(p.top_k for p in params):
         ks = [min(p.top_k, vocab) for p in params]
         top = torch.topk(x, max(ks), dim=-1).values  # (S, max k), descending
-        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
-        off = torch.tensor([k == 0 for k in ks], device=device)[:, None]
+        kth = top.gather(1, host_to_device([max(k, 1) - 1 for k in ks], device)[:, None])
+        off = host_to_device([k == 0 for k in ks], device, torch.bool)[:, None]
         x = x.masked_fill((x < kth) & ~off, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1); a row
         # without top_p gets an infinite threshold.
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
-                             device=device)  # fmt: skip
+        top_p = host_to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                               device, torch.float32)  # fmt: skip
         sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_x, dim=-1)
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
@@ -132,7 +186,9 @@ def _sample_rows(
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
     u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
-                     for g in generators]).to(device)  # fmt: skip
+                     for g in generators])  # fmt: skip
+    if u.device != device:  # generators on the host, logits on a GPU
+        u = u.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else u.to(device)
     return torch.searchsorted(cdf, ((1.0 - u) * cdf[:, -1])[:, None])[:, 0]
 
 
@@ -368,12 +424,9 @@ def generate_ids(
             # One argmax and one device-to-host copy for the batch rather than one per row.
             step_tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             if ahead:
-                on_host = step_tokens.to("cpu", non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record()
+                copy = HostCopy(step_tokens.squeeze(1))
                 queued = next_logits(step_tokens)
-                copied.synchronize()  # waits for the copy only, not for the queued step
-                tokens = on_host.squeeze(1).tolist()
+                tokens = copy.tolist()  # waits for the copy only, not for the queued step
             else:
                 tokens = step_tokens.squeeze(1).tolist()
         else:

@@ -45,6 +45,12 @@ def text_setup():
     return context_sensitive_model(0, vocab_size=tok.vocab_size), tok
 
 
+@pytest.fixture(params=[False, True], ids=["step-by-step", "run-ahead"])
+def run_ahead(request) -> bool:
+    """Both ways of stepping (the run-ahead default is for GPUs; here it runs on the CPU)."""
+    return request.param
+
+
 def alone(model: Transformer, prompt: list[int], params: SamplingParams, **kw):
     return generate_ids(model, [prompt], params, **kw)[0]
 
@@ -57,8 +63,10 @@ def run_until_idle(engine: Engine, max_steps: int = 500) -> int:
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
-def test_requests_joining_at_different_steps_generate_what_each_generates_alone(model, params):
-    engine = Engine(model, max_batch=3)
+def test_requests_joining_at_different_steps_generate_what_each_generates_alone(
+    model, params, run_ahead
+):
+    engine = Engine(model, max_batch=3, run_ahead=run_ahead)
     handles = []
     for i, prompt in enumerate(PROMPTS):
         # Different lengths too, so requests finish at different steps and slots get reused.
@@ -74,8 +82,10 @@ def test_requests_joining_at_different_steps_generate_what_each_generates_alone(
         assert got.prompt_tokens == len(prompt)
 
 
-def test_cancelling_a_running_request_frees_its_slot_and_leaves_the_others_unchanged(model):
-    engine = Engine(model, max_batch=3)
+def test_cancelling_a_running_request_frees_its_slot_and_leaves_the_others_unchanged(
+    model, run_ahead
+):
+    engine = Engine(model, max_batch=3, run_ahead=run_ahead)
     params = [GREEDY, SAMPLED, SamplingParams(max_new_tokens=10, temperature=0.8, seed=5)]
     handles = [engine.submit(EngineRequest(p, sp)) for p, sp in zip(PROMPTS, params)]
     late = engine.submit(EngineRequest(PROMPTS[3], SAMPLED))
@@ -100,8 +110,8 @@ def test_cancelling_a_running_request_frees_its_slot_and_leaves_the_others_uncha
     assert engine.stats.cancelled == 1
 
 
-def test_cancelling_a_waiting_request_finishes_it_before_it_runs(model):
-    engine = Engine(model, max_batch=1)
+def test_cancelling_a_waiting_request_finishes_it_before_it_runs(model, run_ahead):
+    engine = Engine(model, max_batch=1, run_ahead=run_ahead)
     seen: list[int] = []
     first = engine.submit(EngineRequest([1, 2], GREEDY))
     queued = engine.submit(EngineRequest([3, 4], GREEDY, on_token=lambda t, d: seen.append(t)))
@@ -116,8 +126,8 @@ def test_cancelling_a_waiting_request_finishes_it_before_it_runs(model):
     assert engine.cancel("no-such-request") is False
 
 
-def test_more_requests_than_slots_queue_and_all_finish(model):
-    engine = Engine(model, max_batch=2)
+def test_more_requests_than_slots_queue_and_all_finish(model, run_ahead):
+    engine = Engine(model, max_batch=2, run_ahead=run_ahead)
     prompts = [[i + 1, i + 2] for i in range(5)]
     handles = [engine.submit(EngineRequest(p, SAMPLED)) for p in prompts]
     most_active = 0
@@ -129,8 +139,8 @@ def test_more_requests_than_slots_queue_and_all_finish(model):
     assert engine.stats.finished == 5 and engine.stats.prefills == 5
 
 
-def test_a_finished_request_frees_its_slot_the_same_step(model):
-    engine = Engine(model, max_batch=1)
+def test_a_finished_request_frees_its_slot_the_same_step(model, run_ahead):
+    engine = Engine(model, max_batch=1, run_ahead=run_ahead)
     # Step 1 samples tokens 1 (prefill) and 2 (decode); step 2 samples token 3 and finishes.
     first = engine.submit(EngineRequest([5, 6], SamplingParams(max_new_tokens=3, temperature=0)))
     second = engine.submit(EngineRequest([7], GREEDY))
@@ -143,9 +153,9 @@ def test_a_finished_request_frees_its_slot_the_same_step(model):
     assert second.started_at is not None and engine.active == 1 and engine.waiting == 0
 
 
-def test_on_token_deltas_concatenate_to_the_final_text(text_setup):
+def test_on_token_deltas_concatenate_to_the_final_text(text_setup, run_ahead):
     model, tok = text_setup
-    engine = Engine(model, tok, max_batch=2)
+    engine = Engine(model, tok, max_batch=2, run_ahead=run_ahead)
     cases = [
         ("héllo", SamplingParams(max_new_tokens=30, temperature=1.0, seed=3)),
         ("the quick", SamplingParams(max_new_tokens=30, temperature=1.0, seed=4, stop=("o",))),
@@ -168,9 +178,9 @@ def test_on_token_deltas_concatenate_to_the_final_text(text_setup):
     assert handles[1].result(0).finish_reason == "stop"  # held-back stop prefixes exercised
 
 
-def test_cancelling_releases_held_back_text_through_on_token(text_setup):
+def test_cancelling_releases_held_back_text_through_on_token(text_setup, run_ahead):
     model, tok = text_setup
-    engine = Engine(model, tok, max_batch=1)
+    engine = Engine(model, tok, max_batch=1, run_ahead=run_ahead)
     deltas: list[tuple[int, str]] = []
     # This seed's first two tokens end inside a UTF-8 character, so that text is held back.
     params = SamplingParams(max_new_tokens=50, temperature=1.0, seed=2)
@@ -211,7 +221,7 @@ def test_bad_requests_fail_alone_with_a_clear_error(model):
     assert engine.stats.failed == 4
 
 
-def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(model):
+def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(model, run_ahead):
     calls = {"n": 0}
 
     def flaky_step(*args):
@@ -220,7 +230,7 @@ def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(m
             raise RuntimeError("device fell over")
         return decode_step(*args)
 
-    engine = Engine(model, max_batch=2, step_fn=flaky_step)
+    engine = Engine(model, max_batch=2, step_fn=flaky_step, run_ahead=run_ahead)
     hit = [engine.submit(EngineRequest([1, 2], GREEDY)) for _ in range(2)]
     engine.step()
     engine.step()
@@ -233,11 +243,11 @@ def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(m
     assert after.result(0).token_ids == alone(model, [1, 2], GREEDY).token_ids
 
 
-def test_a_raising_token_callback_fails_only_its_request(model):
+def test_a_raising_token_callback_fails_only_its_request(model, run_ahead):
     def broken(token_id: int, delta: str) -> None:
         raise KeyError("consumer bug")
 
-    engine = Engine(model, max_batch=2)
+    engine = Engine(model, max_batch=2, run_ahead=run_ahead)
     bad = engine.submit(EngineRequest([1, 2], GREEDY, on_token=broken))
     good = engine.submit(EngineRequest([3, 4], GREEDY))
     run_until_idle(engine)
@@ -307,8 +317,8 @@ def test_stop_with_drain_finishes_accepted_requests(model):
     assert [h.result(0).finish_reason for h in handles] == ["length"] * 3
 
 
-def test_swap_model_lets_active_requests_finish_on_the_old_model(model, other_model):
-    engine = Engine(model, max_batch=2, metadata={"version": "1"})
+def test_swap_model_lets_active_requests_finish_on_the_old_model(model, other_model, run_ahead):
+    engine = Engine(model, max_batch=2, metadata={"version": "1"}, run_ahead=run_ahead)
     old = engine.submit(EngineRequest([1, 2, 3], GREEDY))
     engine.step()
     assert engine.swap_model(other_model, metadata={"version": "2"}) is False  # old is active
@@ -345,16 +355,40 @@ def test_swap_to_a_model_with_a_smaller_window_than_max_len_is_refused(model):
     assert engine.model is model
 
 
+@pytest.mark.parametrize("run_ahead", [False, True], ids=["step-by-step", "run-ahead"])
+def test_the_host_reads_a_steps_tokens_after_the_next_step_is_queued_only_when_running_ahead(
+    model, run_ahead
+):
+    events: list[str] = []
+
+    def recording_step(*args):
+        events.append("step")
+        return decode_step(*args)
+
+    engine = Engine(model, max_batch=2, step_fn=recording_step, run_ahead=run_ahead)
+    params = dataclasses.replace(GREEDY, max_new_tokens=6)
+    handle = engine.submit(EngineRequest([3, 1, 4], params, on_token=lambda t, d: events.append(t)))
+    run_until_idle(engine)
+    # Steps queued before each token reached the host: the prefill samples token 1 with none.
+    steps_before = [events[:i].count("step") for i, e in enumerate(events) if e != "step"]
+    assert steps_before == ([0, 2, 3, 4, 5, 6] if run_ahead else [0, 1, 2, 3, 4, 5])
+    assert handle.result(0).token_ids == alone(model, [3, 1, 4], params).token_ids
+
+
 @pytest.mark.gpu
-def test_compiled_decode_step_matches_eager_on_cuda():
+def test_compiled_and_run_ahead_decoding_match_eager_step_by_step_on_cuda():
     cuda_model = context_sensitive_model(0).cuda()
-    results = []
-    for compiled in (False, True):
-        engine = Engine(cuda_model, max_batch=4, compile=compiled)
-        handles = [engine.submit(EngineRequest(p, GREEDY)) for p in PROMPTS]
+    results = {}
+    for compiled, run_ahead in [(False, False), (False, True), (True, False), (True, True)]:
+        engine = Engine(cuda_model, max_batch=3, compile=compiled, run_ahead=run_ahead)
+        handles = []
+        for i, prompt in enumerate(PROMPTS):  # joining at different steps, reusing slots
+            params = SAMPLED if i % 2 else dataclasses.replace(GREEDY, max_new_tokens=12 + i)
+            handles.append(engine.submit(EngineRequest(prompt, params)))
+            engine.step()
         run_until_idle(engine)
-        results.append([h.result(0).token_ids for h in handles])
-    assert results[0] == results[1]
+        results[compiled, run_ahead] = [h.result(0).token_ids for h in handles]
+    assert all(r == results[False, False] for r in results.values()), results
 
 
 def test_eager_decode_covers_only_the_active_slots(model):
