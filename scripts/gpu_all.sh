@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent CUDA machine with a bare PyTorch image:
 # the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode, the
-# batched engine against a bare step loop),
-# then the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
+# batched engine against a bare step loop), whether seeded sampling repeats bit for bit, then
+# the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
 #
 #     OUT=/tmp/gpu bash scripts/gpu_all.sh
 set -u
@@ -19,6 +19,10 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 timeout "${CHECKS_TIMEOUT:-420}" $PY scripts/gpu_checks.py --out "$OUT/lmcore_gpu.json" 2>&1 \
   | tee "$OUT/gpu_checks.log" | cut -c1-1500
 echo "gpu_checks exit: ${PIPESTATUS[0]}"
+
+timeout "${DETERMINISM_TIMEOUT:-120}" $PY scripts/gpu_determinism.py \
+  --out "$OUT/gpu_determinism.json" 2>&1 | grep '^{'
+echo "gpu_determinism exit: ${PIPESTATUS[0]}"
 
 timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   --junitxml "$OUT/gpu_tests.xml" \
