@@ -5,15 +5,23 @@ One class per idea, the whole model on a screen or two; it must not know about s
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmcore.cache import KVCache
 from lmcore.config import ModelConfig
 from lmcore.linear import Linear
+
+
+# Cached (masked) attention on a GPU: the backend SDPA picks by default on an H200 in bf16 gave
+# different logits run to run, so seeded sampling drifted apart after ~100 tokens; these two
+# repeat bit for bit (scripts/gpu_determinism.py). Flash takes no mask, so it is not lost here.
+REPRODUCIBLE_MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +75,10 @@ class CausalSelfAttention(nn.Module):
             keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+            on_gpu = q.is_cuda
+            with sdpa_kernel(REPRODUCIBLE_MASKED_SDPA) if on_gpu else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                   dropout_p=dropout)  # fmt: skip
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.proj(y)
 

@@ -280,3 +280,18 @@ def test_greedy_run_ahead_on_cuda_matches_full_recompute_eager_and_compiled() ->
     stopped = generate_ids(cuda_model, [RAGGED[0]], SamplingParams(max_new_tokens=24,
                            temperature=0.0), eos_id=eos)[0]
     assert stopped.finish_reason == "eos" and stopped.token_ids == want[0][: want[0].index(eos)]
+
+
+@pytest.mark.gpu
+def test_cached_attention_on_cuda_avoids_the_backend_that_does_not_repeat_bit_for_bit() -> None:
+    # On an H200 in bf16, SDPA's default pick for masked attention gave different logits run to
+    # run (scripts/gpu_determinism.py); the model holds cached attention to efficient or math.
+    cuda_model = context_sensitive_model(0, vocab_size=300).cuda().to(torch.bfloat16)
+    cache = KVCache.for_model(cuda_model, 2, 32)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        prefill(cuda_model, RAGGED[:2], cache)
+        decode_step(cuda_model, torch.tensor([[6], [7]], device="cuda"),
+                    torch.tensor([[7], [1]], device="cuda"), cache)  # fmt: skip
+    ops = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops, sorted(ops)
+    assert not any("cudnn_attention" in name for name in ops), sorted(ops)
