@@ -18,7 +18,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from lmcore.engine import Engine
+from lmcore.engine import Engine, EngineRequest
+from lmcore.generate import SamplingParams
 from services.common import keys, scripts
 from services.common.settings import Settings
 from services.worker.loader import ALIAS_URI, ServingModel, load_serving_model
@@ -61,16 +62,41 @@ class WorkerRuntime:
         """Load the model (retrying until it can), start the engine, heartbeat and watcher."""
         serving = self._load_with_retry(self.settings.model_uri)
         self.serving = serving
-        self.engine = Engine(
-            serving.model, serving.tokenizer, max_batch=self.settings.max_batch,
-            metadata=serving.ref.model_dump(),
-        )  # fmt: skip
-        self.engine.start()
+        compiled = self.settings.decode_compiled_on(serving.model.device.type)
+        self.engine = self._start_engine(serving, compiled)
+        if compiled and not self._warm_up(self.engine):
+            log.error("serving with an eager decode step instead")
+            self.engine.stop(drain=False)
+            self.engine = self._start_engine(serving, compiled=False)
         self.streamer.start()
         self._spawn("heartbeat", self._heartbeat_loop)
         match = ALIAS_URI.match(self.settings.model_uri)
         if match:
             self._spawn("model-watcher", lambda: self._watch_alias(**match.groupdict()))
+
+    def _start_engine(self, serving: ServingModel, compiled: bool) -> Engine:
+        engine = Engine(
+            serving.model, serving.tokenizer, max_batch=self.settings.max_batch,
+            compile=compiled, metadata=serving.ref.model_dump(),
+        )  # fmt: skip
+        engine.start()
+        return engine
+
+    @staticmethod
+    def _warm_up(engine: Engine) -> bool:
+        """Compile and record the decode step now, not while the first job waits for it.
+
+        Returns False if it failed (say, no compiler in the image). A model swap compiles again
+        at its first step (the engine installs a new step).
+        """
+        start = time.monotonic()
+        warm = SamplingParams(max_new_tokens=2, temperature=0.0, eos=False)
+        error = engine.submit(EngineRequest([0], warm, request_id="warm-up")).exception()
+        if error is not None:
+            log.error("compiling the decode step failed: %r", error)
+            return False
+        log.info("compiled the decode step in %.1f s", time.monotonic() - start)
+        return True
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Called after Celery's pool has finished its tasks: stop threads, engine, heartbeat."""

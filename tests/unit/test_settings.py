@@ -59,3 +59,21 @@ def test_a_non_numeric_bound_names_the_variable(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("LLM_MAX_BATCH", "many")
     with pytest.raises(ValidationError, match="max_batch"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "on_cpu", "on_gpu"),
+    [("auto", False, True), ("true", True, True), ("FALSE", False, False)],
+)
+def test_compiled_decode_is_on_for_gpus_unless_set(
+    monkeypatch: pytest.MonkeyPatch, value: str, on_cpu: bool, on_gpu: bool
+) -> None:
+    monkeypatch.setenv("LLM_COMPILE_DECODE", value)
+    s = Settings()
+    assert (s.decode_compiled_on("cpu"), s.decode_compiled_on("cuda")) == (on_cpu, on_gpu)
+
+
+def test_an_unknown_compile_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_COMPILE_DECODE", "sometimes")
+    with pytest.raises(ValidationError, match="compile_decode"):
+        Settings()
