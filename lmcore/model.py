@@ -22,6 +22,8 @@ from lmcore.linear import Linear
 # different logits run to run, so seeded sampling drifted apart after ~100 tokens; these two
 # repeat bit for bit (scripts/gpu_determinism.py). Flash takes no mask, so it is not lost here.
 REPRODUCIBLE_MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Where that holds: a set, so a CPU test can run the GPU's path through torch.compile.
+PINNED_MASKED_SDPA_DEVICES = frozenset({"cuda"})
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +77,8 @@ class CausalSelfAttention(nn.Module):
             keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            on_gpu = q.is_cuda
-            with sdpa_kernel(REPRODUCIBLE_MASKED_SDPA) if on_gpu else contextlib.nullcontext():
+            pinned = q.device.type in PINNED_MASKED_SDPA_DEVICES
+            with sdpa_kernel(REPRODUCIBLE_MASKED_SDPA) if pinned else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                    dropout_p=dropout)  # fmt: skip
         y = y.transpose(1, 2).reshape(batch, seq, width)

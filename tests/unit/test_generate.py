@@ -19,6 +19,7 @@ from lmcore.generate import (
     sample_token,
     sample_tokens,
 )
+from lmcore import model as model_module
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
 
@@ -175,6 +176,27 @@ def test_compiled_decode_step_has_no_graph_breaks(model: Transformer) -> None:
         )
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_the_gpus_pinned_attention_path_compiles_whole_and_keeps_the_tokens(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA, cached attention runs inside sdpa_kernel(efficient, math). Taking that path on a
+    # CPU (where it means math) shows a graph break or a changed result without a GPU.
+    unpinned = generate_ids(model, RAGGED, GREEDY)
+    monkeypatch.setattr(model_module, "PINNED_MASKED_SDPA_DEVICES", frozenset({"cpu"}))
+    pinned = generate_ids(model, RAGGED, GREEDY)
+    assert [g.token_ids for g in pinned] == [g.token_ids for g in unpinned]
+    cache = KVCache.for_model(model, 2, 32)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        prefill(model, [[1, 2, 3], [4, 5]], cache)
+        explanation = torch._dynamo.explain(decode_step)(
+            model, torch.tensor([[6], [7]]), torch.tensor([[3], [2]]), cache
+        )
+    assert explanation.graph_break_count == 0
+    ops = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_attention_math" in ops, sorted(ops)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in ops, sorted(ops)
 
 
 def test_prompt_beyond_the_context_window_is_a_clear_error(model: Transformer) -> None:
