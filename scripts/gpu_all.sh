@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent CUDA machine with a bare PyTorch image:
 # the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode, the
-# batched engine against a bare step loop), whether seeded sampling repeats bit for bit, then
+# batched engine against a bare step loop), whether seeded sampling repeats bit for bit and
+# whether a request alone generates what it generates in a batch, then
 # the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
 #
 #     OUT=/tmp/gpu bash scripts/gpu_all.sh
@@ -20,7 +21,7 @@ timeout "${CHECKS_TIMEOUT:-420}" $PY scripts/gpu_checks.py --out "$OUT/lmcore_gp
   | tee "$OUT/gpu_checks.log" | cut -c1-1500
 echo "gpu_checks exit: ${PIPESTATUS[0]}"
 
-timeout "${DETERMINISM_TIMEOUT:-120}" $PY scripts/gpu_determinism.py \
+timeout "${DETERMINISM_TIMEOUT:-180}" $PY scripts/gpu_determinism.py \
   --out "$OUT/gpu_determinism.json" 2>&1 | grep '^{'
 echo "gpu_determinism exit: ${PIPESTATUS[0]}"
 

@@ -5,6 +5,10 @@ The same 32 seeded, sampled requests run twice through one step-by-step eager En
 bf16 under torch.use_deterministic_algorithms, and fp32. A setting is reproducible when both
 runs give the same token ids. Prints one JSON line per setting and writes them all to --out.
 
+Then whether a request's text depends on the rest of its batch (lmcore promises it does not):
+in bf16 as served, eager and compiled, a few of those requests run alone and are compared with
+their rows when all 32 ran together.
+
     python scripts/gpu_determinism.py --out bench/gpu_determinism.json   # on a GPU, ~1 min
     python scripts/gpu_determinism.py --dry-run --out /tmp/det.json     # tiny model on CPU
 """
@@ -68,13 +72,36 @@ def twice(model: Transformer, prompts: list[list[int]], new_tokens: int) -> list
                     run_ahead=False)  # fmt: skip
     runs = []
     for _ in range(2):
-        params = [SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50, seed=i,
-                                 eos=False) for i in range(len(prompts))]  # fmt: skip
+        params = [_seeded(new_tokens, i) for i in range(len(prompts))]
         handles = [engine.submit(EngineRequest(p, sp)) for p, sp in zip(prompts, params)]
         while engine.step():
             pass
         runs.append([h.result(timeout=0).token_ids for h in handles])
     return runs
+
+
+@torch.inference_mode()
+def alone_against_batch(model: Transformer, prompts: list[list[int]], new_tokens: int,
+                        compile: bool, alone: int) -> dict[str, int | None]:  # fmt: skip
+    """Run all prompts together, then the first `alone` one by one, on one served-style engine."""
+    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens,
+                    compile=compile)  # fmt: skip
+
+    def run(seeds: list[int]) -> list[list[int]]:  # request i: prompt i with seed i
+        handles = [engine.submit(EngineRequest(prompts[i], _seeded(new_tokens, i)))
+                   for i in seeds]  # fmt: skip
+        while engine.step():
+            pass
+        return [h.result(timeout=0).token_ids for h in handles]
+
+    together = run(list(range(len(prompts))))[:alone]
+    one_by_one = [run([i])[0] for i in range(alone)]
+    return {"requests": alone, **first_difference(one_by_one, together)}
+
+
+def _seeded(new_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50, seed=seed,
+                          eos=False)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +131,21 @@ def main(argv: list[str] | None = None) -> int:
             diff = first_difference(first, second)
             results[setting] = {"reproducible": diff["rows_differ"] == 0, **diff}
         print(json.dumps({"setting": setting, **results[setting]}), flush=True)
+    invariance = {}
+    for way, compiled in (("eager", False), ("compiled", True)):
+        torch.manual_seed(0)
+        model = Transformer(preset(name)).to(device, torch.bfloat16).eval()
+        try:
+            diff = alone_against_batch(model, prompts, new_tokens, compiled, alone=4)
+        except Exception as exc:  # noqa: BLE001 - e.g. no compiler on this machine
+            invariance[way] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        else:
+            invariance[way] = {"alone_matches_batch": diff["rows_differ"] == 0, **diff}
+        print(json.dumps({"alone_against_batch": way, **invariance[way]}), flush=True)
     doc = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "sampling": "temperature 0.8, top_k 50, a seed per request", "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "settings": results}  # fmt: skip
+           "settings": results, "bf16_alone_against_batch": invariance}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
