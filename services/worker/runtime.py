@@ -86,8 +86,9 @@ class WorkerRuntime:
     def _warm_up(engine: Engine) -> bool:
         """Compile and record the decode step now, not while the first job waits for it.
 
-        Returns False if it failed (say, no compiler in the image). A model swap compiles again
-        at its first step (the engine installs a new step).
+        Returns False if it failed (say, no compiler in the image). A hot swap to a model of the
+        same shapes reuses the compiled step (no new graph: tests/unit/test_engine.py); on a GPU
+        the CUDA graphs then record the new weights' addresses at its first step.
         """
         start = time.monotonic()
         warm = SamplingParams(max_new_tokens=2, temperature=0.0, eos=False)

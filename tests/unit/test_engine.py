@@ -7,6 +7,7 @@ import dataclasses
 import threading
 
 import pytest
+import torch
 
 from lmcore.engine import (
     FLUSH_TOKEN_ID,
@@ -375,20 +376,53 @@ def test_the_host_reads_a_steps_tokens_after_the_next_step_is_queued_only_when_r
     assert handle.result(0).token_ids == alone(model, [3, 1, 4], params).token_ids
 
 
+def joining_one_step_apart(engine: Engine) -> list[list[int]]:
+    """PROMPTS joining one step apart (4 requests on 3 slots), greedy and sampled in turn."""
+    handles = []
+    for i, prompt in enumerate(PROMPTS):
+        params = SAMPLED if i % 2 else dataclasses.replace(GREEDY, max_new_tokens=12 + i)
+        handles.append(engine.submit(EngineRequest(prompt, params)))
+        engine.step()
+    run_until_idle(engine)
+    return [h.result(0).token_ids for h in handles]
+
+
+def test_a_compiled_engine_serves_a_swapped_in_model_without_compiling_again(model, other_model):
+    # A GPU worker's engine (compiled, running ahead), here on a CPU: a hot swap must give the
+    # new model's tokens, and reuse the compiled step rather than compile on the engine thread.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # other tests' compiles of decode_step must not stand in for this one
+    engine = Engine(model, max_batch=3, compile=True, run_ahead=True)
+    assert joining_one_step_apart(engine) == joining_one_step_apart(Engine(model, max_batch=3))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert engine.swap_model(other_model) is True
+    swapped = joining_one_step_apart(engine)
+    assert swapped == joining_one_step_apart(Engine(other_model, max_batch=3))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.gpu
 def test_compiled_and_run_ahead_decoding_match_eager_step_by_step_on_cuda():
     cuda_model = context_sensitive_model(0).cuda()
     results = {}
     for compiled, run_ahead in [(False, False), (False, True), (True, False), (True, True)]:
         engine = Engine(cuda_model, max_batch=3, compile=compiled, run_ahead=run_ahead)
-        handles = []
-        for i, prompt in enumerate(PROMPTS):  # joining at different steps, reusing slots
-            params = SAMPLED if i % 2 else dataclasses.replace(GREEDY, max_new_tokens=12 + i)
-            handles.append(engine.submit(EngineRequest(prompt, params)))
-            engine.step()
-        run_until_idle(engine)
-        results[compiled, run_ahead] = [h.result(0).token_ids for h in handles]
+        results[compiled, run_ahead] = joining_one_step_apart(engine)
     assert all(r == results[False, False] for r in results.values()), results
+
+
+@pytest.mark.gpu
+def test_a_compiled_engine_on_cuda_serves_a_swapped_in_model():
+    # CUDA graphs record the old model's weight addresses; after a swap the replayed steps must
+    # read the new weights.
+    cuda_model, cuda_other = context_sensitive_model(0).cuda(), context_sensitive_model(1).cuda()
+    engine = Engine(cuda_model, max_batch=3, compile=True)
+    assert joining_one_step_apart(engine) == joining_one_step_apart(Engine(cuda_model, max_batch=3))
+    assert engine.swap_model(cuda_other) is True
+    swapped = joining_one_step_apart(engine)
+    assert swapped == joining_one_step_apart(Engine(cuda_other, max_batch=3))
 
 
 def test_eager_decode_covers_only_the_active_slots(model):
