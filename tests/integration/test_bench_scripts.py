@@ -1,4 +1,5 @@
-"""The CPU benchmark scripts still run end to end (their --quick modes) and check what they claim.
+"""The benchmark scripts still run end to end and check what they claim: the CPU ones in their
+--quick modes, the GPU ones (which only a lent device runs for real) in their CPU --dry-run modes.
 
 Real subprocesses writing real JSON to a temporary path; the committed bench/ files are never
 touched. Numbers from a smoke run mean nothing, so only the scripts' own checks are asserted.
@@ -70,3 +71,40 @@ def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Pat
         assert row["chunks"] > 0 and row["received"] == row["chunks"]
         assert row["xread_calls"] > 0
     assert set(report["ratios"]) == {"0", "50"}
+
+
+def run_dry(script: str, out: Path) -> dict:
+    """A GPU script's --dry-run (tiny model on CPU), so no lent GPU time goes on a script bug."""
+    proc = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--dry-run", "--out", str(out)], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path: Path) -> None:
+    report = run_dry("gpu_checks.py", tmp_path / "gpu.json")
+    checks = report["checks"]
+    assert set(checks) == {"flash_sdpa_bf16", "train_step_mfu", "trainer_vs_bare_step",
+                           "decode_compiled_b1", "engine_batched_sampled"}  # fmt: skip
+    for name, result in checks.items():
+        assert "error" not in result and "skipped" not in result, (name, result)
+    assert checks["decode_compiled_b1"]["engine_run_ahead_over_step_by_step"] > 0
+    # On a CPU bf16 sampling repeats, so running ahead must not change a single token.
+    assert checks["engine_batched_sampled"]["run_ahead_same_tokens"] == {
+        "compiled": True, "eager": True}
+
+
+@pytest.mark.slow
+def test_gpu_determinism_dry_run_repeats_and_a_request_alone_matches_its_batch_row(
+    tmp_path: Path,
+) -> None:
+    report = run_dry("gpu_determinism.py", tmp_path / "det.json")
+    settings = report["settings"]
+    for name in ("bf16", "bf16_sdpa_math", "bf16_deterministic_algorithms", "fp32"):
+        assert settings[name]["reproducible"] is True, (name, settings[name])
+    assert "error" in settings["bf16_sdpa_efficient"]  # no efficient attention on a CPU
+    for way in ("eager", "compiled"):
+        assert report["bf16_alone_against_batch"][way]["alone_matches_batch"] is True, way
