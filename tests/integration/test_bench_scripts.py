@@ -21,14 +21,20 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_quick(script: str, out: Path) -> dict:
+def run_script(script: str, mode: str, out: Path) -> dict:
+    """scripts/<script> in `mode` (--quick, or a GPU script's CPU --dry-run); its JSON report."""
     proc = subprocess.run(
-        [sys.executable, f"scripts/{script}", "--quick", "--out", str(out)], cwd=REPO,
+        [sys.executable, f"scripts/{script}", mode, "--out", str(out)], cwd=REPO,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert out.with_suffix(".png").is_file()
     return json.loads(out.read_text())
+
+
+def run_quick(script: str, out: Path) -> dict:
+    report = run_script(script, "--quick", out)
+    assert out.with_suffix(".png").is_file()
+    return report
 
 
 def test_bench_lmcore_quick_run_checks_cache_and_kv_memory(tmp_path: Path) -> None:
@@ -73,19 +79,11 @@ def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Pat
     assert set(report["ratios"]) == {"0", "50"}
 
 
-def run_dry(script: str, out: Path) -> dict:
-    """A GPU script's --dry-run (tiny model on CPU), so no lent GPU time goes on a script bug."""
-    proc = subprocess.run(
-        [sys.executable, f"scripts/{script}", "--dry-run", "--out", str(out)], cwd=REPO,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 @pytest.mark.slow
 def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path: Path) -> None:
-    report = run_dry("gpu_checks.py", tmp_path / "gpu.json")
+    # The GPU scripts run for real only on a lent device; a dry run here keeps its minutes off
+    # script bugs.
+    report = run_script("gpu_checks.py", "--dry-run", tmp_path / "gpu.json")
     checks = report["checks"]
     assert set(checks) == {"flash_sdpa_bf16", "train_step_mfu", "trainer_vs_bare_step",
                            "decode_compiled_b1", "engine_batched_sampled"}  # fmt: skip
@@ -101,7 +99,7 @@ def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path
 def test_gpu_determinism_dry_run_repeats_and_a_request_alone_matches_its_batch_row(
     tmp_path: Path,
 ) -> None:
-    report = run_dry("gpu_determinism.py", tmp_path / "det.json")
+    report = run_script("gpu_determinism.py", "--dry-run", tmp_path / "det.json")
     settings = report["settings"]
     for name in ("bf16", "bf16_sdpa_math", "bf16_deterministic_algorithms", "fp32"):
         assert settings[name]["reproducible"] is True, (name, settings[name])
