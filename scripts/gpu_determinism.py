@@ -1,9 +1,11 @@
 """Is seeded sampling reproducible run to run on this GPU, and which kernel choice breaks it?
 
 The same 32 seeded, sampled requests run twice through one step-by-step eager Engine
-(`gpt2-124m`, random weights), per setting: bf16 as served, bf16 with SDPA held to one backend,
-bf16 under torch.use_deterministic_algorithms, and fp32. A setting is reproducible when both
-runs give the same token ids. Prints one JSON line per setting and writes them all to --out.
+(`gpt2-124m`, random weights), per setting: bf16 as served (cached attention held to the
+efficient or math backend), bf16 with SDPA's own backend choice (the control: it did not repeat
+on an H200), bf16 held to one backend, bf16 under torch.use_deterministic_algorithms, and fp32.
+A setting is reproducible when both runs give the same token ids. Prints one JSON line per
+setting and writes them all to --out.
 
 Then whether a request's text depends on the rest of its batch (lmcore promises it does not):
 in bf16 as served, eager and compiled, a few of those requests run alone and are compared with
@@ -28,12 +30,13 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/gpu_determinism.py`
     sys.path.insert(0, str(ROOT))
 
+from lmcore import model as model_module  # noqa: E402
 from lmcore.config import preset  # noqa: E402
 from lmcore.engine import Engine, EngineRequest  # noqa: E402
 from lmcore.generate import SamplingParams  # noqa: E402
@@ -41,10 +44,30 @@ from lmcore.model import Transformer  # noqa: E402
 
 
 @contextlib.contextmanager
+def cached_attention_held_to(backends: list[SDPBackend] | None) -> Iterator[None]:
+    """Hold the model's cached attention to `backends` on every device; None lets SDPA choose.
+
+    The model sets its own backends inside (lmcore.model), which would override an
+    sdpa_kernel() around the run, so the settings change what it sets.
+    """
+    saved = model_module.REPRODUCIBLE_MASKED_SDPA, model_module.PINNED_MASKED_SDPA_DEVICES
+    if backends is None:
+        model_module.PINNED_MASKED_SDPA_DEVICES = frozenset()
+    else:
+        model_module.REPRODUCIBLE_MASKED_SDPA = backends
+        model_module.PINNED_MASKED_SDPA_DEVICES = frozenset({"cpu", "cuda"})
+    try:
+        yield
+    finally:
+        model_module.REPRODUCIBLE_MASKED_SDPA, model_module.PINNED_MASKED_SDPA_DEVICES = saved
+
+
+@contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[None]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with cached_attention_held_to(None):
+            yield
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -52,8 +75,10 @@ def deterministic_algorithms() -> Iterator[None]:
 # name -> (dtype, context the runs happen in)
 SETTINGS: dict[str, tuple[torch.dtype, Callable[[], contextlib.AbstractContextManager]]] = {
     "bf16": (torch.bfloat16, contextlib.nullcontext),
-    "bf16_sdpa_math": (torch.bfloat16, lambda: sdpa_kernel(SDPBackend.MATH)),
-    "bf16_sdpa_efficient": (torch.bfloat16, lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)),
+    "bf16_sdpa_default_choice": (torch.bfloat16, lambda: cached_attention_held_to(None)),
+    "bf16_sdpa_math": (torch.bfloat16, lambda: cached_attention_held_to([SDPBackend.MATH])),
+    "bf16_sdpa_efficient": (torch.bfloat16,
+                            lambda: cached_attention_held_to([SDPBackend.EFFICIENT_ATTENTION])),
     "bf16_deterministic_algorithms": (torch.bfloat16, deterministic_algorithms),
     "fp32": (torch.float32, contextlib.nullcontext),
 }
