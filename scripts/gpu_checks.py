@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -426,11 +427,50 @@ CHECKS: dict[str, Callable[[Env], dict[str, Any]]] = {
 }
 
 
+def host_speed(env: Env) -> dict[str, float]:
+    """How fast this host runs Python, a small torch op and a kernel launch.
+
+    The host-bound figures (generate_ids, the engine) moved by up to 35% between lent machines
+    while the GPU-bound step loop stayed within 1%; these say how fast each host was.
+    """
+    start = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    python_ms = (time.perf_counter() - start) * 1e3
+    x = torch.zeros(8)
+    start = time.perf_counter()
+    for _ in range(20_000):
+        x = x.add(1)
+    speed = {"python_1m_adds_ms": python_ms,
+             "torch_cpu_op_us": (time.perf_counter() - start) / 20_000 * 1e6}  # fmt: skip
+    if env.cuda:
+        y = torch.zeros(8, device=env.device)
+        env.sync()
+        start = time.perf_counter()
+        for _ in range(20_000):
+            y.add_(1)  # queued, not waited for: the host's cost of one launch
+        speed["cuda_launch_us"] = (time.perf_counter() - start) / 20_000 * 1e6
+        env.sync()
+    return speed
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def meta(env: Env) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(),
         "device": str(env.device), "dry_run": env.dry_run, "settings": asdict(env.settings),
+        "host_cpu": cpu_name(), "host_cpus": os.cpu_count(), "host_speed_start": host_speed(env),
     }
     if env.cuda:
         props = torch.cuda.get_device_properties(env.device)
@@ -507,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["status"] = "done"
     doc["all_ok"] = all(r["ok"] for r in doc["checks"].values())
     doc["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+    doc["meta"]["host_speed_end"] = host_speed(env)
     write(out, doc)
     return 0 if doc["all_ok"] or args.dry_run else 1
 

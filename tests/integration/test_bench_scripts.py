@@ -90,6 +90,9 @@ def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path
     for name, result in checks.items():
         assert "error" not in result and "skipped" not in result, (name, result)
     assert checks["decode_compiled_b1"]["engine_run_ahead_over_step_by_step"] > 0
+    for when in ("host_speed_start", "host_speed_end"):  # to tell one lent host from another
+        speed = report["meta"][when]
+        assert speed["python_1m_adds_ms"] > 0 and speed["torch_cpu_op_us"] > 0
     # On a CPU bf16 sampling repeats, so running ahead must not change a single token.
     assert checks["engine_batched_sampled"]["run_ahead_same_tokens"] == {
         "compiled": True, "eager": True}
