@@ -11,7 +11,7 @@ Then whether a request's text depends on the rest of its batch (lmcore promises 
 in bf16 as served, eager and compiled, a few of those requests run alone and are compared with
 their rows when all 32 ran together.
 
-    python scripts/gpu_determinism.py --out bench/gpu_determinism.json   # on a GPU, ~1 min
+    python scripts/gpu_determinism.py --out bench/gpu_determinism.json   # on a GPU, ~2 min
     python scripts/gpu_determinism.py --dry-run --out /tmp/det.json     # tiny model on CPU
 """
 
