@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent CUDA machine with a bare PyTorch image:
 # the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode, the
-# batched engine against a bare step loop), whether seeded sampling repeats bit for bit and
-# whether a request alone generates what it generates in a batch, then
+# batched engine against a bare step loop, a compiled engine's hot swap), whether seeded sampling
+# repeats bit for bit and whether a request alone generates what it generates in a batch, then
 # the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
 #
 #     OUT=/tmp/gpu bash scripts/gpu_all.sh

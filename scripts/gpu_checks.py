@@ -1,4 +1,4 @@
-"""GPU checks for lmcore on one CUDA device: flash SDPA, compiled training MFU, Trainer, decode.
+"""GPU checks for lmcore on one CUDA device: flash SDPA, training MFU, Trainer, decode, hot swap.
 
 Prints one JSON line per check and writes them all to --out. Imports only torch and lmcore (the GPU
 image has no transformers or matplotlib); `--dry-run` exercises every path on CPU with a tiny model.
@@ -89,8 +89,8 @@ class Env:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
-def build(env: Env, dtype: torch.dtype = torch.float32) -> Transformer:
-    torch.manual_seed(0)
+def build(env: Env, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
     return Transformer(preset(env.settings.preset)).to(env.device, dtype)
 
 
@@ -361,6 +361,52 @@ def check_engine_batched(env: Env) -> dict[str, Any]:
     }
 
 
+def check_engine_hot_swap(env: Env) -> dict[str, Any]:
+    """What a serving worker's compiled engine pays for a hot swap to a model of the same shapes.
+
+    One-slot Engine(compile=True), seeded sampled requests of decode_tokens (random weights
+    greedy-decode one token over and over, whatever the weights): the first (compiles and
+    records), a warm one, then swap_model to other weights and two more. On a CPU the swap
+    compiles no new graph (tests/unit/test_engine.py); on a GPU the CUDA graphs must take the
+    new weights, and the first request after the swap shows what that costs.
+    """
+    from torch._dynamo.utils import counters
+
+    from lmcore.engine import Engine, EngineRequest
+
+    s = env.settings
+    old, new = build(env, torch.bfloat16).eval(), build(env, torch.bfloat16, seed=1).eval()
+    prompt = random_ids(env, 1, s.prompt_len)[0].tolist()
+    params = SamplingParams(max_new_tokens=s.decode_tokens, temperature=1.0, seed=0, eos=False)
+    engine = Engine(old, max_batch=1, max_len=s.prompt_len + s.decode_tokens, compile=True)
+
+    def request() -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        handle = engine.submit(EngineRequest(prompt, params))
+        while engine.step():
+            pass
+        env.sync()
+        return time.perf_counter() - start, handle.result(timeout=0).token_ids
+
+    first_s, _ = request()
+    warm_s, old_ids = request()
+    graphs = counters["stats"].get("unique_graphs", 0)
+    swap_start = time.perf_counter()
+    assert engine.swap_model(new) is True
+    swap_s = time.perf_counter() - swap_start
+    after_s, new_ids = request()
+    again_s, _ = request()
+    return {
+        "ok": new_ids != old_ids, "ok_meaning": "the swapped-in weights decide the tokens",
+        "first_request_s_incl_compile": first_s, "warm_request_s": warm_s,
+        "swap_model_s": swap_s, "first_request_after_swap_s": after_s,
+        "second_request_after_swap_s": again_s,
+        "first_after_swap_over_warm": after_s / warm_s,
+        "graphs_compiled_by_the_swap": counters["stats"].get("unique_graphs", 0) - graphs,
+        "new_tokens": s.decode_tokens, "batch": 1,
+    }
+
+
 @torch.inference_mode()
 def _device_loop(env: Env, model: Transformer, step: Callable, prompt: torch.Tensor) -> float:
     """Seconds for decode_tokens compiled steps after an eager prefill into one static cache."""
@@ -424,6 +470,7 @@ CHECKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "trainer_vs_bare_step": check_trainer_vs_bare_step,
     "decode_compiled_b1": check_decode_compiled,
     "engine_batched_sampled": check_engine_batched,
+    "engine_hot_swap": check_engine_hot_swap,
 }
 
 

@@ -86,13 +86,16 @@ def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path
     report = run_script("gpu_checks.py", "--dry-run", tmp_path / "gpu.json")
     checks = report["checks"]
     assert set(checks) == {"flash_sdpa_bf16", "train_step_mfu", "trainer_vs_bare_step",
-                           "decode_compiled_b1", "engine_batched_sampled"}  # fmt: skip
+                           "decode_compiled_b1", "engine_batched_sampled",
+                           "engine_hot_swap"}  # fmt: skip
     for name, result in checks.items():
         assert "error" not in result and "skipped" not in result, (name, result)
     assert checks["decode_compiled_b1"]["engine_run_ahead_over_step_by_step"] > 0
     for when in ("host_speed_start", "host_speed_end"):  # to tell one lent host from another
         speed = report["meta"][when]
         assert speed["python_1m_adds_ms"] > 0 and speed["torch_cpu_op_us"] > 0
+    swap = checks["engine_hot_swap"]
+    assert swap["ok"] is True and swap["graphs_compiled_by_the_swap"] == 0, swap
     # On a CPU bf16 sampling repeats, so running ahead must not change a single token.
     assert checks["engine_batched_sampled"]["run_ahead_same_tokens"] == {
         "compiled": True, "eager": True}
