@@ -35,6 +35,7 @@ from lmcore.cache import KVCache  # noqa: E402
 from lmcore.config import preset  # noqa: E402
 from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
+from scripts.bench_lmcore import cpu_model  # noqa: E402 - torch and lmcore only, as here
 
 COMMAND = "python scripts/gpu_checks.py"
 DEFAULT_OUT = ROOT / "bench" / "lmcore_gpu.json"
@@ -502,22 +503,12 @@ def host_speed(env: Env) -> dict[str, float]:
     return speed
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def meta(env: Env) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(),
         "device": str(env.device), "dry_run": env.dry_run, "settings": asdict(env.settings),
-        "host_cpu": cpu_name(), "host_cpus": os.cpu_count(), "host_speed_start": host_speed(env),
+        "host_cpu": cpu_model(), "host_cpus": os.cpu_count(), "host_speed_start": host_speed(env),
     }
     if env.cuda:
         props = torch.cuda.get_device_properties(env.device)
