@@ -10,8 +10,10 @@ chunks and one connection however many clients stream. A new subscription wakes 
 A queued job's stream stays empty until a worker claims the job or it is cancelled, and a backlog
 can hold thousands of clients waiting on queued jobs. So those streams are parked: left out of the
 reads, which carry instead the one stream (keys.LEFT_QUEUE) where the claim and cancel scripts
-name each job leaving the queue; its name unparks its stream. A sweep every few seconds reads
-the parked streams too, in case an announcement never comes (a worker older than it).
+name each job leaving the queue; its name unparks its stream. Their clients do not poll their
+jobs either: every few seconds the hub checks the jobs of all parked streams at once (one
+NOT_QUEUED script call per batch), in case a job left the queue unannounced (a worker older than
+the announcement) or its record expired, and unparks those streams.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, KeysView
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from services.common import keys
+from services.common import keys, scripts
 
 Entry = tuple[str, dict[str, str]]
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD r
 # Where CLIENT commands are not allowed (an ACL, or a managed Redis that disables them) nothing
 # can wake the read, so it blocks this briefly and new subscriptions join at the next round.
 SHORT_BLOCK_MS = 50
-SWEEP_S = 2.0  # how often parked streams are read anyway
+CHECK_PARKED_S = 2.0  # how often the jobs of parked streams are checked
+CHECK_PARKED_BATCH = 1000  # jobs per NOT_QUEUED call: Redis runs each call alone
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -45,14 +48,29 @@ def entry_order(entry_id: str) -> tuple[int, int]:
 
 @dataclass(eq=False)
 class Subscription:
-    """One reader of one job's stream; `cursor` is the last entry id handed to it."""
+    """One reader of one job's stream; `cursor` is the last entry id handed to it.
+
+    Its inbox holds lists of entries, the RedisError that stopped the hub's read, or None: the
+    stream was unparked (a wake-up with nothing to hand over).
+    """
 
     key: str
     cursor: str
-    inbox: asyncio.Queue[list[Entry] | RedisError] = field(default_factory=asyncio.Queue)
+    parked_keys: KeysView[str] | frozenset[str] = frozenset()  # the hub's, kept current by it
+    inbox: asyncio.Queue[list[Entry] | RedisError | None] = field(default_factory=asyncio.Queue)
 
-    async def next(self, timeout_s: float) -> list[Entry]:
+    @property
+    def parked(self) -> bool:
+        """Whether its job is queued: the hub leaves the stream out of its reads and watches the
+        job itself."""
+        return self.key in self.parked_keys
+
+    async def next(self, timeout_s: float, *, no_timeout_while_parked: bool = False) -> list[Entry]:
         """The next entries after the cursor, waiting up to timeout_s ([] when none came).
+
+        With no_timeout_while_parked the wait does not end while the stream is parked (the hub
+        watches queued jobs, so an SSE stream has no reason to check on its job then); timeout_s
+        counts from the moment the stream is unparked.
 
         Raises the RedisError that stopped the hub's read: the stream should end, and the client
         reconnect with Last-Event-ID.
@@ -62,13 +80,19 @@ class Subscription:
             # Cancelled, but a Redis call swallowed it (Python 3.11's wait_for, in redis-py's
             # send path, can): end now rather than wait on as a stream nobody reads.
             raise asyncio.CancelledError
-        try:
-            item = await asyncio.wait_for(self.inbox.get(), timeout_s)
-        except TimeoutError:
-            return []
-        if isinstance(item, RedisError):
-            raise item
-        return item
+        while True:
+            try:
+                if no_timeout_while_parked and self.parked:
+                    item = await self.inbox.get()  # no timer per parked client
+                else:
+                    item = await asyncio.wait_for(self.inbox.get(), timeout_s)
+            except TimeoutError:
+                return []
+            if item is None:
+                continue  # unparked: wait again, now with the timeout
+            if isinstance(item, RedisError):
+                raise item
+            return item
 
 
 class EventHub:
@@ -79,24 +103,26 @@ class EventHub:
     `redis` (the API's pool) sends the CLIENT UNBLOCK and the status checks. Per round the reader
     touches only the streams Redis answered for; a stream costs the read one argument while its
     job runs and none while it is queued (`park_queued`; False reads every stream every round).
+    The jobs of parked streams are checked every `check_parked_s`, all together.
     """
 
     def __init__(
         self, redis: Redis, reader: Redis, *, block_ms: int = 2000, count: int = 256,
-        park_queued: bool = True, sweep_s: float = SWEEP_S,
+        park_queued: bool = True, check_parked_s: float = CHECK_PARKED_S,
     ) -> None:  # fmt: skip
         self._redis = redis
         self._reader = reader
         self._block_ms = block_ms
         self._count = count
         self._park_queued = park_queued
-        self._sweep_s = sweep_s
+        self._check_parked_s = check_parked_s
+        self._not_queued = redis.register_script(scripts.NOT_QUEUED)
         self._by_key: dict[str, set[Subscription]] = {}
         self._cursors: dict[str, str] = {}  # streams read every round -> earliest cursor
-        self._parked: set[str] = set()  # streams of queued jobs, read only by sweeps
+        self._parked: dict[str, str] = {}  # streams of queued jobs, left out of reads -> job id
         self._left_queue_cursor: str | None = None  # read every round once set
         self._left_queue_lookup: asyncio.Future[list] | None = None
-        self._next_sweep = time.monotonic() + sweep_s
+        self._next_check = time.monotonic() + check_parked_s
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._in_read: dict[str, str] | None = None  # the cursors of the pending XREAD
@@ -116,7 +142,7 @@ class EventHub:
 
         Raises RedisError when Redis cannot be asked whether the job is still queued.
         """
-        sub = Subscription(keys.events(job_id), after)
+        sub = Subscription(keys.events(job_id), after, self._parked.keys())
         first = sub.key not in self._by_key
         self._by_key.setdefault(sub.key, set()).add(sub)
         try:
@@ -133,7 +159,7 @@ class EventHub:
             subs.discard(sub)  # the reader stops reading its stream from the next round
             if not subs:
                 self._by_key.pop(sub.key, None)
-                self._parked.discard(sub.key)
+                self._parked.pop(sub.key, None)
             self._update_cursor(sub.key)
 
     async def wait_done(self, job_id: str, timeout_s: float) -> bool:
@@ -165,16 +191,16 @@ class EventHub:
         after the check finds it parked; one made before it means the check sees the job gone
         from the queue. The LEFT_QUEUE cursor is taken before the first check for the same reason.
         """
-        self._parked.add(key)
+        self._parked[key] = job_id
         try:
             if self._left_queue_cursor is None:
                 await self._start_reading_left_queue()
             status = await self._redis.hget(keys.job(job_id), "status")
         except BaseException:
-            self._parked.discard(key)
+            self._parked.pop(key, None)
             raise
         if status != "queued":
-            self._parked.discard(key)
+            self._unpark(key)
 
     async def _start_reading_left_queue(self) -> None:
         """Set the LEFT_QUEUE cursor to its newest entry: one XREVRANGE however many
@@ -188,21 +214,31 @@ class EventHub:
             self._left_queue_cursor = last[0][0] if last else "0-0"
 
     def _unpark(self, key: str) -> None:
-        if key in self._parked:
-            self._parked.discard(key)
+        """Read key from the next round on, and start its subscriptions' timeouts."""
+        if self._parked.pop(key, None) is not None:
             self._update_cursor(key)
+            for sub in self._by_key.get(key, ()):
+                sub.inbox.put_nowait(None)
 
     def _update_cursor(self, key: str) -> None:
         subs = self._by_key.get(key)
         if key in self._parked:
-            return  # read by sweeps, from _earliest_cursor
+            return  # not read while parked
         if subs:
             self._cursors[key] = min((s.cursor for s in subs), key=entry_order)
         else:
             self._cursors.pop(key, None)
 
-    def _earliest_cursor(self, key: str) -> str:
-        return min((s.cursor for s in self._by_key.get(key, ())), key=entry_order, default="0-0")
+    async def _check_parked(self) -> None:
+        """Unpark the streams of parked jobs that are not queued any more: claimed or cancelled
+        with no announcement (by a worker or an API older than it), or expired."""
+        self._next_check = time.monotonic() + self._check_parked_s
+        parked = list(self._parked.items())
+        for start in range(0, len(parked), CHECK_PARKED_BATCH):
+            batch = parked[start : start + CHECK_PARKED_BATCH]
+            # A job never goes back to `queued`, so an answer stays true while others park.
+            for index in await self._not_queued(keys=[keys.job(job) for _, job in batch]):
+                self._unpark(batch[int(index) - 1][0])
 
     def _streams_to_read(self) -> tuple[dict[str, str], int]:
         """This round's streams and cursors, and how long it may block (ms)."""
@@ -210,12 +246,9 @@ class EventHub:
         if self._left_queue_cursor is not None:
             streams[keys.LEFT_QUEUE] = self._left_queue_cursor
         block = self._block_ms if self._can_unblock else min(self._block_ms, SHORT_BLOCK_MS)
-        if self._parked:
-            now = time.monotonic()
-            if now >= self._next_sweep:
-                streams.update((key, self._earliest_cursor(key)) for key in self._parked)
-                self._next_sweep = now + self._sweep_s
-            block = min(block, max(1, int((self._next_sweep - now) * 1000)))
+        if self._parked:  # wake up for the next check
+            until_check_ms = int((self._next_check - time.monotonic()) * 1000)
+            block = min(block, max(1, until_check_ms))
         return streams, block
 
     def _covers(self, pending: dict[str, str], sub: Subscription) -> bool:
@@ -249,6 +282,8 @@ class EventHub:
             try:
                 if self._reader_id is None and self._can_unblock:
                     self._reader_id = await self._client_id()
+                if self._parked and time.monotonic() >= self._next_check:
+                    await self._check_parked()
                 streams, block = self._streams_to_read()
                 if not streams:  # only a stream being parked, its LEFT_QUEUE cursor on the way
                     await asyncio.sleep(0.005)
@@ -289,7 +324,6 @@ class EventHub:
                     self._unpark(keys.events(fields.get("job", "")))
                 self._left_queue_cursor = entries[-1][0]
                 continue
-            self._unpark(key)  # a swept stream with entries: its job is not queued any more
             subs = self._by_key.get(key)
             if not subs:
                 continue  # closed while the read was pending

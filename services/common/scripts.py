@@ -94,6 +94,17 @@ return st
 """
 
 
+# KEYS: job records. -> the 1-based indexes of the jobs not `queued` any more (missing included):
+# the API's event hub checks the jobs of its parked streams with one call per batch.
+NOT_QUEUED = """
+local left = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'status') ~= 'queued' then left[#left + 1] = i end
+end
+return left
+"""
+
+
 def finish_args(
     owner: str,
     status: str,

@@ -39,11 +39,13 @@ def own_server(tmp_path: Path) -> Any:
 
 @contextlib.asynccontextmanager
 async def hub_on(
-    server: RedisServer, block_ms: int = 2000, sweep_s: float = 2.0
+    server: RedisServer, block_ms: int = 2000, check_parked_s: float = 2.0
 ) -> AsyncIterator[EventHub]:
     settings = Settings(redis_url=server.url)
     redis = make_redis(settings)
-    hub = EventHub(redis, make_stream_reader(settings), block_ms=block_ms, sweep_s=sweep_s)
+    hub = EventHub(
+        redis, make_stream_reader(settings), block_ms=block_ms, check_parked_s=check_parked_s
+    )
     try:
         yield hub
     finally:
@@ -257,12 +259,12 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
 
 @contextlib.asynccontextmanager
 async def hub_with_queued_job(
-    server: RedisServer, job_id: str, sweep_s: float
+    server: RedisServer, job_id: str, check_parked_s: float
 ) -> AsyncIterator[tuple[EventHub, Redis]]:
     """A hub whose reader blocks 30 s, and a writer; job_id's record is queued."""
     writer = Redis.from_url(server.url, decode_responses=True)
     try:
-        async with hub_on(server, block_ms=30_000, sweep_s=sweep_s) as hub:
+        async with hub_on(server, block_ms=30_000, check_parked_s=check_parked_s) as hub:
             await queue_job(writer, job_id)
             yield hub, writer
     finally:
@@ -271,8 +273,8 @@ async def hub_with_queued_job(
 
 def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: RedisServer) -> None:
     async def test() -> None:
-        # No sweep within the test: only the claim's announcement can bring the stream back.
-        async with hub_with_queued_job(server, "parked", sweep_s=600) as (hub, writer):
+        # No check of parked jobs within the test: only the claim's announcement can unpark.
+        async with hub_with_queued_job(server, "parked", check_parked_s=600) as (hub, writer):
             async with hub.subscribe("parked") as sub:
                 assert hub.parked_streams == 1
                 await asyncio.sleep(0.2)  # the reader blocks on LEFT_QUEUE alone
@@ -286,7 +288,7 @@ def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: Re
 
 def test_cancelling_a_queued_job_ends_its_parked_stream_at_once(server: RedisServer) -> None:
     async def test() -> None:
-        async with hub_with_queued_job(server, "dropped", sweep_s=600) as (hub, writer):
+        async with hub_with_queued_job(server, "dropped", check_parked_s=600) as (hub, writer):
             store = JobStore(writer, Settings(redis_url=server.url))
             waiting = asyncio.create_task(hub.wait_done("dropped", 10))
             await eventually(lambda: hub.parked_streams == 1)
@@ -297,9 +299,11 @@ def test_cancelling_a_queued_job_ends_its_parked_stream_at_once(server: RedisSer
     run(test)
 
 
-def test_a_job_that_left_the_queue_unannounced_is_found_by_the_sweep(server: RedisServer) -> None:
+def test_a_job_that_left_the_queue_unannounced_is_found_by_the_hubs_check(
+    server: RedisServer,
+) -> None:
     async def test() -> None:
-        async with hub_with_queued_job(server, "quiet", sweep_s=0.3) as (hub, writer):
+        async with hub_with_queued_job(server, "quiet", check_parked_s=0.3) as (hub, writer):
             async with hub.subscribe("quiet") as sub:
                 assert hub.parked_streams == 1
                 # A worker older than the announcement: status and tokens, no LEFT_QUEUE entry.
@@ -314,11 +318,11 @@ def test_a_job_that_left_the_queue_unannounced_is_found_by_the_sweep(server: Red
 def test_claims_racing_new_subscriptions_lose_no_stream(server: RedisServer) -> None:
     """A worker claims each job from 0 to 3 ms after its client subscribes, so claims land before,
     during and after the subscription's status check: every stream still gets its token, the
-    parked ones from the announcement alone (no sweep in the test)."""
+    parked ones from the announcement alone (no check of parked jobs in the test)."""
 
     async def test() -> None:
         writer = Redis.from_url(server.url, decode_responses=True)
-        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub:
+        async with hub_on(server, block_ms=30_000, check_parked_s=600) as hub:
             most_parked = 0
 
             async def one(i: int) -> list[str]:
@@ -347,11 +351,11 @@ def test_claims_racing_new_subscriptions_lose_no_stream(server: RedisServer) -> 
 
 def test_reads_leave_out_parked_streams(server: RedisServer) -> None:
     """With 200 clients on queued jobs and one on a running job, each XREAD that Redis runs names
-    the running job's stream and LEFT_QUEUE only (after the first round's sweep)."""
+    the running job's stream and LEFT_QUEUE only."""
 
     async def test() -> None:
         writer = Redis.from_url(server.url, decode_responses=True)
-        async with hub_on(server, block_ms=30_000, sweep_s=600) as hub, \
+        async with hub_on(server, block_ms=30_000, check_parked_s=600) as hub, \
                 contextlib.AsyncExitStack() as stack:  # fmt: skip
             for i in range(200):
                 await queue_job(writer, f"backlog-{i}")
@@ -359,7 +363,7 @@ def test_reads_leave_out_parked_streams(server: RedisServer) -> None:
             live = await stack.enter_async_context(hub.subscribe("live"))
             assert hub.parked_streams == 200
             await add(writer, "live", "warm")
-            assert await collect(live, 1) == ["warm"]  # the first round's sweep is over
+            assert await collect(live, 1) == ["warm"]
             async with writer.monitor() as monitor:
                 for n in range(3):
                     await add(writer, "live", f"t{n}")
@@ -400,11 +404,26 @@ def test_closing_the_hub_ends_its_reader_even_as_a_read_is_being_sent(server: Re
     run(test)
 
 
+async def hget_calls(redis: Redis) -> int:
+    return (await redis.info("commandstats")).get("cmdstat_hget", {}).get("calls", 0)
+
+
+async def next_event_task(stream: AsyncIterator[Any]) -> asyncio.Task[Any]:
+    return asyncio.create_task(anext(stream))  # type: ignore[arg-type]
+
+
+async def hget_calls_reach(redis: Redis, calls: int) -> None:
+    """Wait for Redis to have run `calls` HGETs (subscriptions check their job as they open)."""
+    async with asyncio.timeout(5):
+        while await hget_calls(redis) < calls:
+            await asyncio.sleep(0.01)
+
+
 def test_an_idle_event_stream_checks_its_job_less_and_less_often(
     server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The API's SSE generator on a queued job: each quiet check doubles the wait (0.2 s doubling
-    to 0.8 s here), so 2 s hold 3 status reads rather than 10."""
+    """The API's SSE generator on a running job that is quiet: each quiet check doubles the wait
+    (0.2 s doubling to 0.8 s here), so 2 s hold 3 status reads rather than 10."""
     from services.api.routers import jobs
 
     monkeypatch.setattr(jobs, "WAIT_S", 0.2)
@@ -413,23 +432,110 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
     async def test() -> None:
         settings = Settings(redis_url=server.url)
         writer = Redis.from_url(server.url, decode_responses=True)
-        await queue_job(writer, "waiting")
+        await queue_job(writer, "quiet-running")
+        await claim(writer, "quiet-running")
         async with hub_on(server) as hub:
             redis = make_redis(settings)
-            stream = jobs._stream(JobStore(redis, settings), hub, "waiting", "0-0")
-            reader = asyncio.create_task(anext(stream))
-            await eventually(lambda: hub.parked_streams == 1)
-            before = (await writer.info("commandstats"))["cmdstat_hget"]["calls"]
+            before = await hget_calls(writer) + 1  # the subscription's own status check
+            stream = jobs._stream(JobStore(redis, settings), hub, "quiet-running", "0-0")
+            reader = await next_event_task(stream)
+            await hget_calls_reach(writer, before)
             await asyncio.sleep(2.0)
-            checks = (await writer.info("commandstats"))["cmdstat_hget"]["calls"] - before
+            checks = await hget_calls(writer) - before
             assert 2 <= checks <= 4, checks
-            await store_done(writer, "waiting")
+            await store_done(writer, "quiet-running")
             assert (await reader).event == "done"  # still a live stream after its checks
             await stream.aclose()
             await redis.aclose()
         await writer.aclose()
 
     run(test)
+
+
+def test_streams_of_queued_jobs_leave_checking_their_jobs_to_the_hub(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 SSE generators on queued jobs, quiet checks due every 0.1 s: none reads its job's
+    status; the hub checks all 50 jobs in one script call per check (every 0.3 s here), and
+    finds the job that finished without an announcement, whose client gets its `done`."""
+    from services.api.routers import jobs
+
+    monkeypatch.setattr(jobs, "WAIT_S", 0.1)
+    monkeypatch.setattr(jobs, "MAX_WAIT_S", 0.1)
+
+    async def test() -> None:
+        settings = Settings(redis_url=server.url)
+        writer = Redis.from_url(server.url, decode_responses=True)
+        ids = [f"waiting-{i}" for i in range(50)]
+        for job_id in ids:
+            await queue_job(writer, job_id)
+        await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
+        async with hub_on(server, check_parked_s=0.3) as hub:
+            redis = make_redis(settings)
+            store = JobStore(redis, settings)
+            hgets = await hget_calls(writer) + 50  # each subscription's check as it opens
+            streams = [jobs._stream(store, hub, job_id, "0-0") for job_id in ids]
+            readers = [await next_event_task(stream) for stream in streams]
+            await hget_calls_reach(writer, hgets)
+            assert hub.parked_streams == 50
+            hgets, scripts_run = await hget_and_script_calls(writer)
+            await asyncio.sleep(1.5)
+            hgets_after, scripts_after = await hget_and_script_calls(writer)
+            checks = scripts_after - scripts_run
+            assert 3 <= checks <= 6  # the hub's, every 0.3 s
+            # Redis counts a script's commands too: every HGET was the hub's, one per job.
+            assert hgets_after - hgets == 50 * checks
+            assert not any(reader.done() for reader in readers)
+
+            await store_done(writer, ids[7])  # e.g. an older API's cancel: no announcement
+            async with asyncio.timeout(5):
+                assert (await readers[7]).event == "done"
+            assert hub.parked_streams == 49
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()
+            await redis.aclose()
+        await writer.aclose()
+
+    run(test)
+
+
+def test_the_stream_of_a_queued_job_whose_record_expired_ends(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued job's record expires (LLM_JOB_TTL_S) with a client streaming it: the hub's
+    check unparks the stream, whose next quiet check finds no job and ends it."""
+    from services.api.routers import jobs
+
+    monkeypatch.setattr(jobs, "WAIT_S", 0.2)
+
+    async def test() -> None:
+        settings = Settings(redis_url=server.url)
+        writer = Redis.from_url(server.url, decode_responses=True)
+        await queue_job(writer, "expiring")
+        async with hub_on(server, check_parked_s=0.3) as hub:
+            redis = make_redis(settings)
+            stream = jobs._stream(JobStore(redis, settings), hub, "expiring", "0-0")
+            reader = await next_event_task(stream)
+            await eventually(lambda: hub.parked_streams == 1)
+            await asyncio.sleep(0.5)
+            assert not reader.done()  # parked: it waits without checking
+            await writer.delete(keys.job("expiring"))
+            async with asyncio.timeout(5):
+                with pytest.raises(StopAsyncIteration):
+                    await reader
+            assert hub.parked_streams == 0 and hub.open_subscriptions == 0
+            await redis.aclose()
+        await writer.aclose()
+
+    run(test)
+
+
+async def hget_and_script_calls(redis: Redis) -> tuple[int, int]:
+    stats = await redis.info("commandstats")
+    return tuple(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "evalsha"))
 
 
 async def store_done(redis: Redis, job_id: str) -> None:

@@ -25,8 +25,9 @@ from services.common.settings import Settings
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
 # Without events for WAIT_S the stream checks whether its job is still alive (a resumed stream
-# past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S, so thousands of
-# clients waiting on queued jobs cost Redis a read each per half minute, not per 2 s.
+# past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S. While the job is
+# queued its stream is parked and does not check at all: the event hub checks every queued job at
+# once, so a backlog of waiting clients costs no timer and no Redis read per client.
 WAIT_S = 2.0
 MAX_WAIT_S = 30.0
 COMMON = {
@@ -142,7 +143,7 @@ async def _stream(
         async with hub.subscribe(job_id, after) as subscription:
             wait_s = WAIT_S
             while True:
-                entries = await subscription.next(wait_s)
+                entries = await subscription.next(wait_s, no_timeout_while_parked=True)
                 if not entries:
                     status = await store.status(job_id)
                     if status is None or status.final:
