@@ -11,9 +11,9 @@ A queued job's stream stays empty until a worker claims the job or it is cancell
 can hold thousands of clients waiting on queued jobs. So those streams are parked: left out of the
 reads, which carry instead the one stream (keys.LEFT_QUEUE) where the claim and cancel scripts
 name each job leaving the queue; its name unparks its stream. Their clients do not poll their
-jobs either: every few seconds the hub checks the jobs of all parked streams at once (one
-NOT_QUEUED script call per batch), in case a job left the queue unannounced (a worker older than
-the announcement) or its record expired, and unparks those streams.
+jobs either: the hub checks every parked stream's job every few seconds (NOT_QUEUED script calls
+of up to CHECK_PARKED_BATCH jobs, spread between its reads), in case a job left the queue
+unannounced (a worker older than the announcement) or its record expired, and unparks those.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ WAKE_TRIES = 50  # CLIENT UNBLOCK attempts 2 ms apart while the reader's XREAD r
 # Where CLIENT commands are not allowed (an ACL, or a managed Redis that disables them) nothing
 # can wake the read, so it blocks this briefly and new subscriptions join at the next round.
 SHORT_BLOCK_MS = 50
-CHECK_PARKED_S = 2.0  # how often the jobs of parked streams are checked
-CHECK_PARKED_BATCH = 1000  # jobs per NOT_QUEUED call: Redis runs each call alone
+CHECK_PARKED_S = 2.0  # how often each parked stream's job is checked
+# Jobs per NOT_QUEUED call. The calls of one pass are spread over CHECK_PARKED_S, one between two
+# reads, so however long the backlog the reader pauses for one batch at a time (~5 ms).
+CHECK_PARKED_BATCH = 1000
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -103,7 +105,7 @@ class EventHub:
     `redis` (the API's pool) sends the CLIENT UNBLOCK and the status checks. Per round the reader
     touches only the streams Redis answered for; a stream costs the read one argument while its
     job runs and none while it is queued (`park_queued`; False reads every stream every round).
-    The jobs of parked streams are checked every `check_parked_s`, all together.
+    Every `check_parked_s` each parked stream's job is checked once, in batches spread over it.
     """
 
     def __init__(
@@ -123,6 +125,8 @@ class EventHub:
         self._left_queue_cursor: str | None = None  # read every round once set
         self._left_queue_lookup: asyncio.Future[list] | None = None
         self._next_check = time.monotonic() + check_parked_s
+        self._to_check: list[tuple[str, str]] = []  # the rest of this pass over parked jobs
+        self._check_every_s = check_parked_s  # between two batches of this pass
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._in_read: dict[str, str] | None = None  # the cursors of the pending XREAD
@@ -230,15 +234,21 @@ class EventHub:
             self._cursors.pop(key, None)
 
     async def _check_parked(self) -> None:
-        """Unpark the streams of parked jobs that are not queued any more: claimed or cancelled
-        with no announcement (by a worker or an API older than it), or expired."""
-        self._next_check = time.monotonic() + self._check_parked_s
-        parked = list(self._parked.items())
-        for start in range(0, len(parked), CHECK_PARKED_BATCH):
-            batch = parked[start : start + CHECK_PARKED_BATCH]
-            # A job never goes back to `queued`, so an answer stays true while others park.
-            for index in await self._not_queued(keys=[keys.job(job) for _, job in batch]):
-                self._unpark(batch[int(index) - 1][0])
+        """Check the next batch of parked jobs, and unpark the streams of those not queued any
+        more: claimed or cancelled with no announcement (by a worker or an API older than it),
+        or expired. A pass over every parked job takes check_parked_s."""
+        if not self._to_check:
+            self._to_check = list(self._parked.items())
+            batches = -(-len(self._to_check) // CHECK_PARKED_BATCH)
+            self._check_every_s = self._check_parked_s / max(batches, 1)
+        batch = [item for item in self._to_check[-CHECK_PARKED_BATCH:] if item[0] in self._parked]
+        del self._to_check[-CHECK_PARKED_BATCH:]
+        self._next_check = time.monotonic() + self._check_every_s
+        if not batch:
+            return  # all closed or unparked since the pass began
+        # A job never goes back to `queued`, so an answer stays true while others park.
+        for index in await self._not_queued(keys=[keys.job(job) for _, job in batch]):
+            self._unpark(batch[int(index) - 1][0])
 
     def _streams_to_read(self) -> tuple[dict[str, str], int]:
         """This round's streams and cursors, and how long it may block (ms)."""

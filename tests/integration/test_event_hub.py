@@ -533,6 +533,49 @@ def test_the_stream_of_a_queued_job_whose_record_expired_ends(
     run(test)
 
 
+def test_a_long_backlog_is_checked_in_small_batches_spread_over_the_interval(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 parked streams, batches of 10 (1,000 in production), a pass every 1 s: every check
+    carries at most 10 jobs, so the reader never pauses for the whole backlog, and the checks
+    cover every job within two passes of the first."""
+    from services.api import events
+
+    monkeypatch.setattr(events, "CHECK_PARKED_BATCH", 10)
+
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        ids = [f"batched-{i}" for i in range(50)]
+        for job_id in ids:
+            await queue_job(writer, job_id)
+        await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the commands
+        async with hub_on(server, check_parked_s=1.0) as hub, \
+                contextlib.AsyncExitStack() as stack:  # fmt: skip
+            for job_id in ids:
+                await stack.enter_async_context(hub.subscribe(job_id))
+            assert hub.parked_streams == 50
+            checked: set[str] = set()
+            sizes: list[int] = []
+            async with writer.monitor() as monitor:
+                deadline = None  # two passes after the first check
+                while deadline is None or time.monotonic() < deadline:
+                    async with asyncio.timeout(5):
+                        words = (await monitor.next_command())["command"].split()
+                    if words[0].upper() == "EVALSHA":
+                        deadline = deadline or time.monotonic() + 2.0
+                        sizes.append(int(words[2]))
+                        checked.update(words[3 : 3 + int(words[2])])
+                    elif deadline and words[0].upper() == "XREAD":
+                        sizes.append(0)  # a read between two checks
+            checks = [size for size in sizes if size]
+            assert checks and max(checks) <= 10, sizes
+            assert all(a == 0 or b == 0 for a, b in zip(sizes, sizes[1:])), sizes  # interleaved
+            assert checked == {keys.job(job_id) for job_id in ids}
+        await writer.aclose()
+
+    run(test)
+
+
 async def hget_and_script_calls(redis: Redis) -> tuple[int, int]:
     stats = await redis.info("commandstats")
     return tuple(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "evalsha"))
