@@ -408,15 +408,46 @@ async def hget_calls(redis: Redis) -> int:
     return (await redis.info("commandstats")).get("cmdstat_hget", {}).get("calls", 0)
 
 
-async def next_event_task(stream: AsyncIterator[Any]) -> asyncio.Task[Any]:
-    return asyncio.create_task(anext(stream))  # type: ignore[arg-type]
+async def hget_and_script_calls(redis: Redis) -> tuple[int, int]:
+    stats = await redis.info("commandstats")
+    return tuple(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "evalsha"))
 
 
-async def hget_calls_reach(redis: Redis, calls: int) -> None:
-    """Wait for Redis to have run `calls` HGETs (subscriptions check their job as they open)."""
-    async with asyncio.timeout(5):
-        while await hget_calls(redis) < calls:
-            await asyncio.sleep(0.01)
+@contextlib.asynccontextmanager
+async def sse_clients(
+    server: RedisServer, job_ids: list[str], *, claimed: bool = False, check_parked_s: float = 2.0
+) -> AsyncIterator[tuple[EventHub, Redis, list[asyncio.Task[Any]]]]:
+    """The API's SSE generator (routers.jobs._stream) on each of job_ids, queued (or claimed)
+    here, over one hub: yields the hub, a writer, and for each a task awaiting its first event,
+    once every subscription has made its own status check."""
+    from services.api.routers import jobs
+
+    settings = Settings(redis_url=server.url)
+    writer = Redis.from_url(server.url, decode_responses=True)
+    redis = make_redis(settings)
+    for job_id in job_ids:
+        await queue_job(writer, job_id)
+        if claimed:
+            await claim(writer, job_id)
+    try:
+        async with hub_on(server, check_parked_s=check_parked_s) as hub:
+            opened = await hget_calls(writer) + len(job_ids)
+            streams = [jobs._stream(JobStore(redis, settings), hub, j, "0-0") for j in job_ids]
+            readers = [asyncio.create_task(anext(stream)) for stream in streams]
+            async with asyncio.timeout(5):
+                while await hget_calls(writer) < opened:
+                    await asyncio.sleep(0.01)
+            try:
+                yield hub, writer, readers
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+                for stream in streams:
+                    await stream.aclose()
+    finally:
+        await redis.aclose()
+        await writer.aclose()
 
 
 def test_an_idle_event_stream_checks_its_job_less_and_less_often(
@@ -430,24 +461,13 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
     monkeypatch.setattr(jobs, "MAX_WAIT_S", 0.8)
 
     async def test() -> None:
-        settings = Settings(redis_url=server.url)
-        writer = Redis.from_url(server.url, decode_responses=True)
-        await queue_job(writer, "quiet-running")
-        await claim(writer, "quiet-running")
-        async with hub_on(server) as hub:
-            redis = make_redis(settings)
-            before = await hget_calls(writer) + 1  # the subscription's own status check
-            stream = jobs._stream(JobStore(redis, settings), hub, "quiet-running", "0-0")
-            reader = await next_event_task(stream)
-            await hget_calls_reach(writer, before)
+        async with sse_clients(server, ["quiet-running"], claimed=True) as (_, writer, [reader]):
+            before = await hget_calls(writer)
             await asyncio.sleep(2.0)
             checks = await hget_calls(writer) - before
             assert 2 <= checks <= 4, checks
             await store_done(writer, "quiet-running")
             assert (await reader).event == "done"  # still a live stream after its checks
-            await stream.aclose()
-            await redis.aclose()
-        await writer.aclose()
 
     run(test)
 
@@ -464,19 +484,9 @@ def test_streams_of_queued_jobs_leave_checking_their_jobs_to_the_hub(
     monkeypatch.setattr(jobs, "MAX_WAIT_S", 0.1)
 
     async def test() -> None:
-        settings = Settings(redis_url=server.url)
-        writer = Redis.from_url(server.url, decode_responses=True)
         ids = [f"waiting-{i}" for i in range(50)]
-        for job_id in ids:
-            await queue_job(writer, job_id)
-        await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
-        async with hub_on(server, check_parked_s=0.3) as hub:
-            redis = make_redis(settings)
-            store = JobStore(redis, settings)
-            hgets = await hget_calls(writer) + 50  # each subscription's check as it opens
-            streams = [jobs._stream(store, hub, job_id, "0-0") for job_id in ids]
-            readers = [await next_event_task(stream) for stream in streams]
-            await hget_calls_reach(writer, hgets)
+        async with sse_clients(server, ids, check_parked_s=0.3) as (hub, writer, readers):
+            await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
             assert hub.parked_streams == 50
             hgets, scripts_run = await hget_and_script_calls(writer)
             await asyncio.sleep(1.5)
@@ -491,13 +501,6 @@ def test_streams_of_queued_jobs_leave_checking_their_jobs_to_the_hub(
             async with asyncio.timeout(5):
                 assert (await readers[7]).event == "done"
             assert hub.parked_streams == 49
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            for stream in streams:
-                await stream.aclose()
-            await redis.aclose()
-        await writer.aclose()
 
     run(test)
 
@@ -512,14 +515,8 @@ def test_the_stream_of_a_queued_job_whose_record_expired_ends(
     monkeypatch.setattr(jobs, "WAIT_S", 0.2)
 
     async def test() -> None:
-        settings = Settings(redis_url=server.url)
-        writer = Redis.from_url(server.url, decode_responses=True)
-        await queue_job(writer, "expiring")
-        async with hub_on(server, check_parked_s=0.3) as hub:
-            redis = make_redis(settings)
-            stream = jobs._stream(JobStore(redis, settings), hub, "expiring", "0-0")
-            reader = await next_event_task(stream)
-            await eventually(lambda: hub.parked_streams == 1)
+        async with sse_clients(server, ["expiring"], check_parked_s=0.3) as (hub, writer, [reader]):
+            assert hub.parked_streams == 1
             await asyncio.sleep(0.5)
             assert not reader.done()  # parked: it waits without checking
             await writer.delete(keys.job("expiring"))
@@ -527,8 +524,6 @@ def test_the_stream_of_a_queued_job_whose_record_expired_ends(
                 with pytest.raises(StopAsyncIteration):
                     await reader
             assert hub.parked_streams == 0 and hub.open_subscriptions == 0
-            await redis.aclose()
-        await writer.aclose()
 
     run(test)
 
@@ -574,11 +569,6 @@ def test_a_long_backlog_is_checked_in_small_batches_spread_over_the_interval(
         await writer.aclose()
 
     run(test)
-
-
-async def hget_and_script_calls(redis: Redis) -> tuple[int, int]:
-    stats = await redis.info("commandstats")
-    return tuple(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "evalsha"))
 
 
 async def store_done(redis: Redis, job_id: str) -> None:
