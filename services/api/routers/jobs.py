@@ -26,8 +26,9 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
 # Without events for WAIT_S the stream checks whether its job is still alive (a resumed stream
 # past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S. While the job is
-# queued its stream is parked and does not check at all: the event hub checks every queued job at
-# once, so a backlog of waiting clients costs no timer and no Redis read per client.
+# queued its stream is parked and does not check at all: the event hub checks the queued jobs of
+# all its streams together, so a backlog of waiting clients costs no timer and no Redis read per
+# client.
 WAIT_S = 2.0
 MAX_WAIT_S = 30.0
 COMMON = {
