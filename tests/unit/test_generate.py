@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from lmcore.cache import KVCache
 from lmcore.generate import (
@@ -15,6 +17,7 @@ from lmcore.generate import (
     decode_step,
     generate,
     generate_ids,
+    nucleus,
     prefill,
     sample_token,
     sample_tokens,
@@ -151,6 +154,45 @@ def test_sampled_frequencies_follow_the_filtered_softmax(params, allowed) -> Non
     assert counts[probs == 0].sum() == 0, "a filtered-out token was sampled"
     sigma = (n * probs * (1 - probs)).sqrt()
     assert torch.all((counts - n * probs).abs() <= 4.5 * sigma + 1), (counts / n, probs)
+
+
+def _nucleus_by_ranking(logits: list[float], top_p: float) -> set[int]:
+    """Top-p by its definition: rank by probability, lower id first among equals, and keep each
+    token while the tokens ranked above it hold less than top_p."""
+    probs = torch.softmax(torch.tensor(logits), dim=-1).tolist()
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        # Few distinct values, so that ties (at the boundary too) are common.
+        st.lists(st.sampled_from([-30.0, -2.0, 0.0, 0.5, 1.0, 3.0]), min_size=1, max_size=12),
+        min_size=1, max_size=4,
+    ),
+    top_ps=st.lists(st.floats(0.01, 1.0), min_size=4, max_size=4),
+)
+def test_top_p_keeps_the_most_probable_tokens_until_their_mass_reaches_it(
+    rows: list[list[float]], top_ps: list[float]
+) -> None:
+    width = max(len(r) for r in rows)
+    logits = torch.full((len(rows), width), float("-inf"))
+    for i, r in enumerate(rows):
+        logits[i, : len(r)] = torch.tensor(r)
+    for i, r in enumerate(rows):
+        # Away from the boundary, where float32 and float64 sums may round either way.
+        probs = sorted(torch.softmax(torch.tensor(r), dim=-1).tolist(), reverse=True)
+        partial = [sum(probs[:k]) for k in range(1, len(probs) + 1)]
+        assume(all(abs(m - top_ps[i]) > 1e-4 for m in partial))
+    keep = nucleus(logits, torch.tensor(top_ps[: len(rows)]))
+    for i, r in enumerate(rows):
+        assert set(keep[i].nonzero().flatten().tolist()) == _nucleus_by_ranking(r, top_ps[i])
 
 
 def test_top_k_one_is_greedy(model: Transformer) -> None:
