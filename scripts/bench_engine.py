@@ -7,6 +7,9 @@ weights laid out as `load_model_dir` serves them, one thread, three ways in one 
 - `static`: generate_ids over two fixed batches of 32 (a batch ends when its longest row does);
 - `one_at_a_time`: Engine(max_batch=1).
 Every way must produce the same tokens for the same seed; the JSON says whether they did.
+A fourth way, `engine_top_p`, is the engine on the same requests sampling with top_p=0.9 in
+place of top_k=50 (what a client that sends only top_p gets: the API leaves top-k off by
+default); its ratio to `engine` is what a nucleus request costs against a top-k one.
 
     python scripts/bench_engine.py              # -> bench/engine_cpu.json + .png
     python scripts/bench_engine.py --quick --out /tmp/e.json
@@ -22,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ class Workload:
     reps: int = 3
     model: str = "small"
     seed: int = 0
+    top_p: float = 0.9  # for the engine_top_p way
 
 
 FULL = Workload()
@@ -97,10 +101,12 @@ def static_run(model: Transformer, max_batch: int, prompts: list[list[int]],
     return run
 
 
-def measure(runs: dict[str, Run], reps: int, tokens: int) -> tuple[dict[str, Any], bool]:
-    """Interleaved reps after one warm-up each; rows per way and whether all ways agreed."""
+def measure(runs: dict[str, Run], reps: int, tokens: int,
+            compared: tuple[str, ...]) -> tuple[dict[str, Any], bool]:  # fmt: skip
+    """Interleaved reps after one warm-up each; rows per way and whether the compared ways
+    (those sampling alike) agreed."""
     outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens to compare
-    same = all(out == outputs["engine"] for out in outputs.values())
+    same = all(outputs[name] == outputs["engine"] for name in compared)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
@@ -121,7 +127,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows = report["results"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = list(rows)
-    ax.bar(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a7", "#68c", "#999"])
+    ax.bar(names, [rows[n]["tokens_per_s"] for n in names],
+           color=["#2a7", "#68c", "#999", "#c84"][: len(names)])  # fmt: skip
     ax.set_ylabel("tokens/s")
     w = report["workload"]
     ax.set_title(f"{w['requests']} sampled requests x {w['new_min']}-{w['new_max']} tokens, "
@@ -149,18 +156,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "engine": engine_run(model, w.max_batch, max_len, prompts, params),
         "static": static_run(model, w.max_batch, prompts, params),
         "one_at_a_time": engine_run(model, 1, max_len, prompts, params),
+        "engine_top_p": engine_run(model, w.max_batch, max_len, prompts,
+                                   [replace(p, top_k=0, top_p=w.top_p) for p in params]),
     }
     started = time.perf_counter()
     with torch.inference_mode():
         # eos is off, so every request makes exactly its max_new_tokens.
-        results, same = measure(runs, w.reps, sum(p.max_new_tokens for p in params))
+        results, same = measure(runs, w.reps, sum(p.max_new_tokens for p in params),
+                                compared=("static", "one_at_a_time"))
     report = {
         "workload": asdict(w),
         "results": results,
         "ratios": {"engine_vs_static": results["engine"]["tokens_per_s"]
                    / results["static"]["tokens_per_s"],
                    "engine_vs_one_at_a_time": results["engine"]["tokens_per_s"]
-                   / results["one_at_a_time"]["tokens_per_s"]},  # fmt: skip
+                   / results["one_at_a_time"]["tokens_per_s"],
+                   "engine_top_p_vs_engine": results["engine_top_p"]["tokens_per_s"]
+                   / results["engine"]["tokens_per_s"]},  # fmt: skip
         "checks": {"same_tokens_every_way": same},
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python scripts/bench_engine.py" + (" --quick" if args.quick else ""),
