@@ -420,8 +420,7 @@ class Engine:
                 continue
             try:
                 ids = self._prepare(handle.request, self._model, self._tokenizer)
-                state = SequenceState(ids, handle.request.params, codec=self._tokenizer,
-                                      device=self._model.device)  # fmt: skip
+                state = SequenceState(ids, handle.request.params, codec=self._tokenizer)
             except Exception as exc:
                 self._fail(handle, exc)
                 continue
@@ -492,7 +491,7 @@ class Engine:
             rows = host_to_device([run.slot - queued.first for run in stepped], device)
             tokens = sample_token_ids(queued.logits.index_select(0, rows),
                                       [run.state.params for run in stepped],
-                                      [run.state.generator for run in stepped])  # fmt: skip
+                                      [run.state.draws for run in stepped])  # fmt: skip
             slots = host_to_device([run.slot for run in stepped], device)
             self._step_tokens.index_copy_(0, slots, tokens[:, None])
         except Exception as exc:
@@ -573,7 +572,7 @@ class Engine:
         """Sample one token per run from its row of logits (rows in the order of runs)."""
         try:
             tokens = sample_tokens(logits, [run.state.params for run in runs],
-                                   [run.state.generator for run in runs])  # fmt: skip
+                                   [run.state.draws for run in runs])  # fmt: skip
         except Exception as exc:
             log.exception("sampling failed; failing its %d requests", len(runs))
             for run in runs:

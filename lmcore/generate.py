@@ -1,12 +1,11 @@
 """Sampling and batched generation over ragged prompts with a static KV cache.
 
-Each request owns its seeded generator and stop rules; this module must not know about queues,
-HTTP or threads (the engine and the services build on it).
+Each request owns its seeded stream of draws (`lmcore.draws`) and its stop rules; this module
+must not know about queues, HTTP or threads (the engine and the services build on it).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from lmcore.cache import KVCache
+from lmcore.draws import Draws, next_uniforms
 
 if TYPE_CHECKING:
     from lmcore.model import Transformer
@@ -80,30 +80,30 @@ class Generation:
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, draws: Draws
 ) -> int:
     """One token id from a (vocab,) logits row: greedy, or temperature + top-k + top-p."""
-    return sample_tokens(logits[None], [params], [generator])[0]
+    return sample_tokens(logits[None], [params], [draws])[0]
 
 
 def sample_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    draws: Sequence[Draws],
 ) -> list[int]:
-    """One token id per row of (B, vocab) logits, each row with its own params and generator.
+    """One token id per row of (B, vocab) logits, each row with its own params and draws.
 
     The rows are sampled together, a few ops for the batch instead of a few per row (and on a
     GPU one copy to the host instead of one per row); every op works row by row, so a row gets
     the token it would get alone.
     """
-    return sample_token_ids(logits, params, generators).tolist()
+    return sample_token_ids(logits, params, draws).tolist()
 
 
 def sample_token_ids(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    draws: Sequence[Draws],
 ) -> torch.Tensor:
     """`sample_tokens` left on the logits' device: (B,) ids, and the host never waits for them.
 
@@ -112,22 +112,22 @@ def sample_token_ids(
     """
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
     if len(rows) == len(params):
-        return _sample_rows(logits, list(params), list(generators))
+        return _sample_rows(logits, list(params), list(draws))
     tokens = logits.argmax(dim=-1)  # the greedy rows' answer
     if rows:
         index = host_to_device(rows, logits.device)
         sampled = _sample_rows(logits.index_select(0, index), [params[i] for i in rows],
-                               [generators[i] for i in rows])  # fmt: skip
+                               [draws[i] for i in rows])  # fmt: skip
         tokens.index_copy_(0, index, sampled)
     return tokens
 
 
 def host_to_device(
-    values: Sequence[int] | Sequence[float] | Sequence[bool],
+    values: Sequence[int] | Sequence[float] | Sequence[bool] | np.ndarray,
     device: torch.device,
     dtype: torch.dtype = torch.long,
 ) -> torch.Tensor:
-    """A small host list as a tensor on `device`, without waiting for work queued on a GPU.
+    """A small host list or array as a tensor on `device`, not waiting for work queued on a GPU.
 
     torch.tensor(..., device="cuda") copies from pageable memory and waits for the stream;
     from pinned memory the copy is queued like a kernel (the host allocator keeps the buffer
@@ -160,7 +160,7 @@ class HostCopy:
 
 
 def _sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor, params: list[SamplingParams], draws: list[Draws]
 ) -> torch.Tensor:
     """Temperature, then top-k, then top-p, then one draw per row: (S, vocab) -> (S,) ids."""
     device, vocab = logits.device, logits.shape[-1]
@@ -181,10 +181,7 @@ def _sample_rows(
     # exponential per vocabulary entry (10% of a 32-request engine step on CPU). In float64,
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
-    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
-                     for g in generators])  # fmt: skip
-    if u.device != device:  # generators on the host, logits on a GPU
-        u = u.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else u.to(device)
+    u = host_to_device(next_uniforms(draws), device, torch.float64)
     return torch.searchsorted(cdf, ((1.0 - u) * cdf[:, -1])[:, None])[:, 0]
 
 
@@ -230,7 +227,6 @@ class SequenceState:
         *,
         codec: TextCodec | None = None,
         eos_id: int | None = None,
-        device: torch.device | str = "cpu",
     ) -> None:
         if params.stop and codec is None:
             raise ValueError("stop strings need a tokenizer")
@@ -238,8 +234,7 @@ class SequenceState:
         self.params = params
         self.codec = codec
         self.eos_id = eos_id if eos_id is not None else (codec.eos_id if codec else None)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self.draws = Draws(params.seed)
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         # Tokenizers with a stream decoder make decoding linear; others re-decode every step.
@@ -413,7 +408,7 @@ def generate_ids(
     fitted = [fit_prompt(p, sp, block, truncate) for p, sp in zip(prompts, plist)]
     device = model.device
     states = [
-        SequenceState(p, sp, codec=codec, eos_id=eos_id, device=device)
+        SequenceState(p, sp, codec=codec, eos_id=eos_id)
         for p, sp in zip(fitted, plist)
     ]
     if use_cache:
@@ -462,7 +457,7 @@ def generate_ids(
             live = [row for row, s in enumerate(states) if not s.finished]
             tokens = [0] * len(states)
             picked = sample_tokens(logits[live], [states[r].params for r in live],
-                                   [states[r].generator for r in live])  # fmt: skip
+                                   [states[r].draws for r in live])  # fmt: skip
             for row, token in zip(live, picked):
                 tokens[row] = token
             step_tokens = torch.tensor(tokens, device=device)[:, None]

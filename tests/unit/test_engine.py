@@ -179,12 +179,23 @@ def test_on_token_deltas_concatenate_to_the_final_text(text_setup, run_ahead):
     assert handles[1].result(0).finish_reason == "stop"  # held-back stop prefixes exercised
 
 
+def seed_ending_inside_a_character(model, tok, prompt: str, tokens: int) -> int:
+    """A seed whose first `tokens` sampled tokens end inside a UTF-8 character."""
+    for seed in range(1000):
+        params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=seed, eos=False)
+        ids = generate(model, tok, [prompt], params)[0].token_ids
+        if tok.decode(ids).endswith("\ufffd"):
+            return seed
+    raise AssertionError("no seed in 1,000 ends inside a character")
+
+
 def test_cancelling_releases_held_back_text_through_on_token(text_setup, run_ahead):
     model, tok = text_setup
     engine = Engine(model, tok, max_batch=1, run_ahead=run_ahead)
     deltas: list[tuple[int, str]] = []
-    # This seed's first two tokens end inside a UTF-8 character, so that text is held back.
-    params = SamplingParams(max_new_tokens=50, temperature=1.0, seed=2)
+    # The first two tokens end inside a UTF-8 character, so that text is held back.
+    seed = seed_ending_inside_a_character(model, tok, "dog", tokens=2)
+    params = SamplingParams(max_new_tokens=50, temperature=1.0, seed=seed)
     handle = engine.submit(EngineRequest(prompt="dog", params=params,
                                          on_token=lambda t, d: deltas.append((t, d))))
     engine.step()

@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lmcore.cache import KVCache
+from lmcore.draws import Draws
 from lmcore.generate import (
     ContextLengthError,
     SamplingParams,
@@ -125,8 +126,8 @@ def test_batched_sampling_gives_each_row_the_token_it_gets_alone() -> None:
         logits = torch.randn(len(mixed), 64) * 3
         logits[:, :8] = 4.0  # a tie among the top tokens
         seeds = [trial * 10 + i for i in range(len(mixed))]
-        together = sample_tokens(logits, mixed, [torch.Generator().manual_seed(s) for s in seeds])
-        alone = [sample_token(row, p, torch.Generator().manual_seed(s))
+        together = sample_tokens(logits, mixed, [Draws(s) for s in seeds])
+        alone = [sample_token(row, p, Draws(s))
                  for row, p, s in zip(logits, mixed, seeds)]  # fmt: skip
         assert together == alone
 
@@ -146,10 +147,10 @@ def test_sampled_frequencies_follow_the_filtered_softmax(params, allowed) -> Non
     # The distribution sample_token should draw from, built independently of it.
     probs = torch.zeros(5, dtype=torch.float64)
     probs[allowed] = torch.softmax(logits[allowed].double() / params.temperature, dim=0)
-    gen = torch.Generator().manual_seed(7)
+    draws = Draws(7)
     n = 20_000
     counts = torch.bincount(
-        torch.tensor([sample_token(logits, params, gen) for _ in range(n)]), minlength=5
+        torch.tensor([sample_token(logits, params, draws) for _ in range(n)]), minlength=5
     ).double()
     assert counts[probs == 0].sum() == 0, "a filtered-out token was sampled"
     sigma = (n * probs * (1 - probs)).sqrt()
@@ -324,6 +325,22 @@ def test_kv_cache_bytes_match_the_formula(model: Transformer) -> None:
         assert cache.nbytes == 2 * cfg.n_layer * batch * max_len * cfg.n_embd * 4
     half = KVCache.for_model(model, 2, 64, dtype=torch.bfloat16)
     assert half.nbytes == 2 * cfg.n_layer * 2 * 64 * cfg.n_embd * 2
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_picks_what_the_cpu_picks_from_the_same_logits() -> None:
+    # The draws are a function of (seed, step) made on the host, so a device changes only the
+    # rounding of the filters and the cdf (and top-p sorts with torch there, NumPy here).
+    mixed = [SamplingParams(temperature=0.9), SamplingParams(temperature=1.0, top_k=3),
+             SamplingParams(temperature=0.7, top_p=0.8),
+             SamplingParams(temperature=1.3, top_k=20, top_p=0.5), SamplingParams(temperature=0.0)]
+    torch.manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(len(mixed), 300) * 3
+        logits[:, :8] = 4.0  # a tie among the top tokens
+        seeds = [trial * 10 + i for i in range(len(mixed))]
+        on_cpu = sample_tokens(logits, mixed, [Draws(s) for s in seeds])
+        assert sample_tokens(logits.cuda(), mixed, [Draws(s) for s in seeds]) == on_cpu
 
 
 @pytest.mark.gpu
