@@ -268,18 +268,29 @@ def check_decode_compiled(env: Env) -> dict[str, Any]:
     model = build(env, torch.bfloat16).eval()
     step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
     prompt = random_ids(env, 1, s.prompt_len)
-    loop_s = [_device_loop(env, model, step, prompt) for _ in range(s.decode_reps)]
-    graphs_after_loop = counters["stats"].get("unique_graphs", 0) - graphs_before
     params = SamplingParams(max_new_tokens=s.decode_tokens, temperature=0.0, eos=False)
     ids = prompt.tolist()
-    gen_s = []
-    for _ in range(s.decode_reps):
+    graphs_after_loop: int | None = None
+
+    def loop() -> float:
+        nonlocal graphs_after_loop
+        elapsed = _device_loop(env, model, step, prompt)
+        if graphs_after_loop is None:  # the first run, before any other way, compiled the step
+            graphs_after_loop = counters["stats"].get("unique_graphs", 0) - graphs_before
+        return elapsed
+
+    def generate() -> float:
         start = time.perf_counter()
         generate_ids(model, ids, params, eos_id=None, step_fn=step)
         env.sync()
-        gen_s.append(time.perf_counter() - start)
-    engine_s = [_engine_run(env, model, prompt, run_ahead=True) for _ in range(s.decode_reps)]
-    stepwise_s = [_engine_run(env, model, prompt, run_ahead=False) for _ in range(s.decode_reps)]
+        return time.perf_counter() - start
+
+    timed = interleaved({"loop": loop, "generate": generate,
+                         "engine": lambda: _engine_run(env, model, prompt, run_ahead=True),
+                         "stepwise": lambda: _engine_run(env, model, prompt, run_ahead=False)},
+                        s.decode_reps)  # fmt: skip
+    loop_s, gen_s, engine_s, stepwise_s = (timed[k] for k in ("loop", "generate", "engine",
+                                                             "stepwise"))  # fmt: skip
     engine_tps = s.decode_tokens / statistics.median(engine_s[1:])
     stepwise_tps = s.decode_tokens / statistics.median(stepwise_s[1:])
     loop_tps = s.decode_tokens / statistics.median(loop_s[1:])
@@ -325,28 +336,36 @@ def check_engine_batched(env: Env) -> dict[str, Any]:
     tokens = s.engine_batch * s.decode_tokens
     ways = {"compiled_run_ahead": (True, True), "compiled_step_by_step": (True, False),
             "eager_run_ahead": (False, True), "eager_step_by_step": (False, False)}
-    result: dict[str, Any] = {}
     texts: dict[str, list[list[int]]] = {}
-    for way, (compiled, run_ahead) in ways.items():
-        engine = Engine(model, max_batch=s.engine_batch, max_len=max_len, compile=compiled,
-                        run_ahead=run_ahead)  # fmt: skip
-        runs = []
-        for _ in range(s.decode_reps):
+
+    def run_way(way: str, engine: Engine) -> Callable[[], float]:
+        def run() -> float:
             start = time.perf_counter()
             handles = [engine.submit(EngineRequest(p, sp))
                        for p, sp in zip(prompts.tolist(), params)]  # fmt: skip
             while engine.step():
                 pass
             env.sync()
-            runs.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
             texts[way] = [h.result(timeout=0).token_ids for h in handles]
             assert all(len(ids) == s.decode_tokens for ids in texts[way])
-        result[way] = {"tokens_per_s": tokens / statistics.median(runs[1:]), "runs_s": runs}
+            return elapsed
+
+        return run
+
+    runs = {way: run_way(way, Engine(model, max_batch=s.engine_batch, max_len=max_len,
+                                     compile=compiled, run_ahead=run_ahead))
+            for way, (compiled, run_ahead) in ways.items()}  # fmt: skip
     step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
-    loop_s = [_device_loop(env, model, step, prompts) for _ in range(s.decode_reps)]
+    runs["step_loop"] = lambda: _device_loop(env, model, step, prompts)
+    timed = interleaved(runs, s.decode_reps)
+    loop_s = timed.pop("step_loop")
     loop_tps = tokens / statistics.median(loop_s[1:])
-    for way in ways:
-        result[way]["over_step_loop"] = result[way]["tokens_per_s"] / loop_tps
+    result: dict[str, Any] = {}
+    for way, way_runs in timed.items():
+        way_tps = tokens / statistics.median(way_runs[1:])
+        result[way] = {"tokens_per_s": way_tps, "runs_s": way_runs,
+                       "over_step_loop": way_tps / loop_tps}  # fmt: skip
     # Reported, not judged: bf16 sampled decoding on a GPU is not bitwise reproducible even
     # step by step (scripts/gpu_determinism.py); the gpu tests assert the equality in fp32.
     same = {"compiled": texts["compiled_run_ahead"] == texts["compiled_step_by_step"],
@@ -406,6 +425,18 @@ def check_engine_hot_swap(env: Env) -> dict[str, Any]:
         "graphs_compiled_by_the_swap": counters["stats"].get("unique_graphs", 0) - graphs,
         "new_tokens": s.decode_tokens, "batch": 1,
     }
+
+
+def interleaved(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Each way's seconds for `reps` runs: first one warm-up run of each way (it compiles and
+    records CUDA graphs; kept as runs_s[0]), then the rest in rounds, one run of every way per
+    round. A host that slows down or speeds up over the check then touches every way alike;
+    run way by way, that drift (up to 35% on lent machines) read as a difference between ways."""
+    seconds: dict[str, list[float]] = {name: [run()] for name, run in runs.items()}
+    for _ in range(reps - 1):
+        for name, run in runs.items():
+            seconds[name].append(run())
+    return seconds
 
 
 @torch.inference_mode()

@@ -80,6 +80,23 @@ def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Pat
     assert set(report["ratios"]) == {"0", "50"}
 
 
+def test_gpu_checks_time_their_ways_in_rounds_after_one_warm_up_each() -> None:
+    from scripts.gpu_checks import interleaved
+
+    calls: list[str] = []
+
+    def way(name: str):
+        def run() -> float:
+            calls.append(name)
+            return float(len(calls))
+
+        return run
+
+    seconds = interleaved({"a": way("a"), "b": way("b"), "c": way("c")}, reps=3)
+    assert calls == ["a", "b", "c"] * 3
+    assert seconds == {"a": [1.0, 4.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 6.0, 9.0]}
+
+
 @pytest.mark.slow
 def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path: Path) -> None:
     # The GPU scripts run for real only on a lent device; a dry run here keeps its minutes off
