@@ -175,10 +175,7 @@ def _sample_rows(
     rows = host_to_device(inputs, device, torch.float64)
     x = logits.float() / rows[:, 0:1].float()
     if any(ks):
-        top = torch.topk(x, max(ks), dim=-1).values  # (S, max k), descending
-        kth_index = rows[:, 1:2].long()
-        kth = top.gather(1, kth_index.clamp(min=0)).masked_fill_(kth_index < 0, float("-inf"))
-        x = x.masked_fill(x < kth, float("-inf"))
+        x = x.masked_fill(x < _kth_largest(x, ks, rows[:, 1:2]), float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         x = x.masked_fill(~nucleus(x, rows[:, 2].float()), float("-inf"))
     # Inverse-transform sampling: one uniform draw per row, where torch.multinomial draws one
@@ -186,6 +183,26 @@ def _sample_rows(
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
     return torch.searchsorted(cdf, ((1.0 - rows[:, 3]) * cdf[:, -1])[:, None])[:, 0]
+
+
+def _kth_largest(x: torch.Tensor, ks: list[int], kth_index: torch.Tensor) -> torch.Tensor:
+    """(S, 1): each row's k-th largest value, -inf where k is 0 (top-k off).
+
+    On the CPU through NumPy's selection, one k at a time: its cost does not grow with k,
+    where torch.topk's does (32 rows of 8,192: 0.6 ms at k=50, 3.1 at 1,000, 13 at 8,192,
+    against ~0.2 ms). kth_index is (S, 1) k-1 on x's device, -1 where k is 0.
+    """
+    if x.device.type == "cpu":
+        values = np.full((len(ks), 1), -np.inf, dtype=np.float32)
+        row_values = x.detach().numpy()
+        vocab = row_values.shape[-1]
+        for k in set(ks) - {0}:
+            rows = [i for i, row_k in enumerate(ks) if row_k == k]
+            chosen = row_values if len(rows) == len(ks) else row_values[rows]
+            values[rows, 0] = np.partition(chosen, vocab - k, axis=-1)[:, vocab - k]
+        return torch.from_numpy(values)
+    top = torch.topk(x, max(ks), dim=-1).values  # (S, max k), descending
+    return top.gather(1, kth_index.clamp(min=0).long()).masked_fill_(kth_index < 0, float("-inf"))
 
 
 def nucleus(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from lmcore.generate import (
     ContextLengthError,
     SamplingParams,
     SequenceState,
+    _kth_largest,
     decode_step,
     generate,
     generate_ids,
@@ -155,6 +156,26 @@ def test_sampled_frequencies_follow_the_filtered_softmax(params, allowed) -> Non
     assert counts[probs == 0].sum() == 0, "a filtered-out token was sampled"
     sigma = (n * probs * (1 - probs)).sqrt()
     assert torch.all((counts - n * probs).abs() <= 4.5 * sigma + 1), (counts / n, probs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    rows=st.integers(1, 6),
+    width=st.integers(1, 40),
+)
+def test_top_k_threshold_is_each_rows_kth_largest_value_whatever_the_others_ask(
+    data: st.DataObject, rows: int, width: int
+) -> None:
+    values = data.draw(st.lists(st.lists(st.sampled_from([-3.0, -1.0, 0.0, 0.5, 2.0]),
+                                         min_size=width, max_size=width),
+                                min_size=rows, max_size=rows))  # fmt: skip
+    ks = data.draw(st.lists(st.integers(0, width), min_size=rows, max_size=rows))
+    x = torch.tensor(values)
+    kth_index = torch.tensor([[k - 1] for k in ks], dtype=torch.float64)
+    got = _kth_largest(x, ks, kth_index)[:, 0].tolist()
+    want = [sorted(row, reverse=True)[k - 1] if k else float("-inf") for row, k in zip(values, ks)]
+    assert got == want
 
 
 def _nucleus_by_ranking(logits: list[float], top_p: float) -> set[int]:
