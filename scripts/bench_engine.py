@@ -7,9 +7,10 @@ weights laid out as `load_model_dir` serves them, one thread, three ways in one 
 - `static`: generate_ids over two fixed batches of 32 (a batch ends when its longest row does);
 - `one_at_a_time`: Engine(max_batch=1).
 Every way must produce the same tokens for the same seed; the JSON says whether they did.
-A fourth way, `engine_top_p`, is the engine on the same requests sampling with top_p=0.9 in
-place of top_k=50 (what a client that sends only top_p gets: the API leaves top-k off by
-default); its ratio to `engine` is what a nucleus request costs against a top-k one.
+Two more ways run the engine on the same requests with other filters, each against `engine`:
+`engine_top_p` samples with top_p=0.9 in place of top_k=50 (what a client that sends only
+top_p gets: the API leaves top-k off by default), `engine_top_k_1000` with top_k=1000: what
+a nucleus request, and a wide top-k, cost against the usual top-k.
 
     python scripts/bench_engine.py              # -> bench/engine_cpu.json + .png
     python scripts/bench_engine.py --quick --out /tmp/e.json
@@ -57,6 +58,7 @@ class Workload:
     model: str = "small"
     seed: int = 0
     top_p: float = 0.9  # for the engine_top_p way
+    wide_top_k: int = 1000  # for the engine_top_k_1000 way
 
 
 FULL = Workload()
@@ -128,7 +130,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = list(rows)
     ax.bar(names, [rows[n]["tokens_per_s"] for n in names],
-           color=["#2a7", "#68c", "#999", "#c84"][: len(names)])  # fmt: skip
+           color=["#2a7", "#68c", "#999", "#c84", "#b6b"][: len(names)])  # fmt: skip
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("tokens/s")
     w = report["workload"]
     ax.set_title(f"{w['requests']} sampled requests x {w['new_min']}-{w['new_max']} tokens, "
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "one_at_a_time": engine_run(model, 1, max_len, prompts, params),
         "engine_top_p": engine_run(model, w.max_batch, max_len, prompts,
                                    [replace(p, top_k=0, top_p=w.top_p) for p in params]),
+        f"engine_top_k_{w.wide_top_k}": engine_run(model, w.max_batch, max_len, prompts,
+                                                   [replace(p, top_k=w.wide_top_k)
+                                                    for p in params]),  # fmt: skip
     }
     started = time.perf_counter()
     with torch.inference_mode():
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "engine_vs_one_at_a_time": results["engine"]["tokens_per_s"]
                    / results["one_at_a_time"]["tokens_per_s"],
                    "engine_top_p_vs_engine": results["engine_top_p"]["tokens_per_s"]
+                   / results["engine"]["tokens_per_s"],
+                   f"engine_top_k_{w.wide_top_k}_vs_engine":
+                   results[f"engine_top_k_{w.wide_top_k}"]["tokens_per_s"]
                    / results["engine"]["tokens_per_s"]},  # fmt: skip
         "checks": {"same_tokens_every_way": same},
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

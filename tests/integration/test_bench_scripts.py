@@ -65,8 +65,10 @@ def test_bench_linear_quick_run_times_both_libraries_and_layouts(tmp_path: Path)
 def test_bench_engine_quick_run_gets_the_same_tokens_every_way(tmp_path: Path) -> None:
     report = run_quick("bench_engine.py", tmp_path / "engine.json")
     assert report["checks"]["same_tokens_every_way"] is True
-    assert set(report["results"]) == {"engine", "static", "one_at_a_time", "engine_top_p"}
+    assert set(report["results"]) == {"engine", "static", "one_at_a_time", "engine_top_p",
+                                      "engine_top_k_1000"}  # fmt: skip
     assert report["ratios"]["engine_top_p_vs_engine"] > 0
+    assert report["ratios"]["engine_top_k_1000_vs_engine"] > 0
 
 
 def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Path) -> None:
