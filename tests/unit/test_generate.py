@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -116,20 +116,28 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transf
     assert other_seed.token_ids != batch[0].token_ids
 
 
+MIXED_FILTERS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9),
+                 SamplingParams(temperature=1.0, top_k=3),
+                 SamplingParams(temperature=0.7, top_p=0.8),
+                 SamplingParams(temperature=1.3, top_k=20, top_p=0.5),
+                 SamplingParams(temperature=2.0, top_k=1000)]  # fmt: skip
+
+
+def mixed_filter_trials(width: int, trials: int = 50) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Logits for MIXED_FILTERS' rows, with a tie among the top tokens, and a seed per row."""
+    torch.manual_seed(0)
+    for trial in range(trials):
+        logits = torch.randn(len(MIXED_FILTERS), width) * 3
+        logits[:, :8] = 4.0
+        yield logits, [trial * 10 + i for i in range(len(MIXED_FILTERS))]
+
+
 def test_batched_sampling_gives_each_row_the_token_it_gets_alone() -> None:
     """Rows with different filters sampled together, ties included, against each row alone."""
-    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9),
-             SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.7, top_p=0.8),
-             SamplingParams(temperature=1.3, top_k=20, top_p=0.5),
-             SamplingParams(temperature=2.0, top_k=1000)]  # fmt: skip
-    torch.manual_seed(0)
-    for trial in range(50):
-        logits = torch.randn(len(mixed), 64) * 3
-        logits[:, :8] = 4.0  # a tie among the top tokens
-        seeds = [trial * 10 + i for i in range(len(mixed))]
-        together = sample_tokens(logits, mixed, [Draws(s) for s in seeds])
+    for logits, seeds in mixed_filter_trials(64):
+        together = sample_tokens(logits, MIXED_FILTERS, [Draws(s) for s in seeds])
         alone = [sample_token(row, p, Draws(s))
-                 for row, p, s in zip(logits, mixed, seeds)]  # fmt: skip
+                 for row, p, s in zip(logits, MIXED_FILTERS, seeds)]  # fmt: skip
         assert together == alone
 
 
@@ -351,17 +359,11 @@ def test_kv_cache_bytes_match_the_formula(model: Transformer) -> None:
 @pytest.mark.gpu
 def test_sampling_on_cuda_picks_what_the_cpu_picks_from_the_same_logits() -> None:
     # The draws are a function of (seed, step) made on the host, so a device changes only the
-    # rounding of the filters and the cdf (and top-p sorts with torch there, NumPy here).
-    mixed = [SamplingParams(temperature=0.9), SamplingParams(temperature=1.0, top_k=3),
-             SamplingParams(temperature=0.7, top_p=0.8),
-             SamplingParams(temperature=1.3, top_k=20, top_p=0.5), SamplingParams(temperature=0.0)]
-    torch.manual_seed(0)
-    for trial in range(50):
-        logits = torch.randn(len(mixed), 300) * 3
-        logits[:, :8] = 4.0  # a tie among the top tokens
-        seeds = [trial * 10 + i for i in range(len(mixed))]
-        on_cpu = sample_tokens(logits, mixed, [Draws(s) for s in seeds])
-        assert sample_tokens(logits.cuda(), mixed, [Draws(s) for s in seeds]) == on_cpu
+    # rounding of the filters and the cdf (and the filters use torch's sort and top-k there,
+    # NumPy here).
+    for logits, seeds in mixed_filter_trials(300):
+        on_cpu = sample_tokens(logits, MIXED_FILTERS, [Draws(s) for s in seeds])
+        assert sample_tokens(logits.cuda(), MIXED_FILTERS, [Draws(s) for s in seeds]) == on_cpu
 
 
 @pytest.mark.gpu
