@@ -41,10 +41,12 @@ import torch
 from lmcore.cache import KVCache
 from lmcore.generate import (
     Generation,
+    NonFiniteLogitsError,
     SamplingParams,
     SequenceState,
     TextCodec,
     Truncate,
+    clamp_ids,
     decode_step,
     HostCopy,
     fit_prompt,
@@ -493,7 +495,8 @@ class Engine:
                                       [run.state.params for run in stepped],
                                       [run.state.draws for run in stepped])  # fmt: skip
             slots = host_to_device([run.slot for run in stepped], device)
-            self._step_tokens.index_copy_(0, slots, tokens[:, None])
+            in_vocab = clamp_ids(tokens, self._model.config.vocab_size)
+            self._step_tokens.index_copy_(0, slots, in_vocab[:, None])
         except Exception as exc:
             log.exception("sampling failed; failing its %d requests", len(stepped))
             for run in stepped:
@@ -582,6 +585,11 @@ class Engine:
             self._take_token(run, token)
 
     def _take_token(self, run: _Running, token: int) -> None:
+        if token >= self._model.config.vocab_size:  # flagged by the sampler
+            self._release(run, error=NonFiniteLogitsError(
+                f"the model's logits were NaN or infinite at generated token "
+                f"{len(run.state.token_ids)}; the request failed, the others in its batch go on"))
+            return
         try:
             delta = run.state.add_token(token)
         except Exception as exc:

@@ -28,6 +28,10 @@ class ContextLengthError(ValueError):
     """The prompt plus max_new_tokens does not fit the model's context window."""
 
 
+class NonFiniteLogitsError(ArithmeticError):
+    """The model's logits for a request held NaN or infinity, so no token could be chosen."""
+
+
 class TextCodec(Protocol):
     """What generation needs from a tokenizer."""
 
@@ -112,14 +116,27 @@ def sample_token_ids(
     """
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
     if len(rows) == len(params):
-        return _sample_rows(logits, list(params), list(draws))
+        return flag_non_finite(_sample_rows(logits, list(params), list(draws)), logits)
     tokens = logits.argmax(dim=-1)  # the greedy rows' answer
     if rows:
         index = host_to_device(rows, logits.device)
         sampled = _sample_rows(logits.index_select(0, index), [params[i] for i in rows],
                                [draws[i] for i in rows])  # fmt: skip
         tokens.index_copy_(0, index, sampled)
-    return tokens
+    return flag_non_finite(tokens, logits)
+
+
+def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """tokens (B,), with the id one past the vocabulary for each row whose logits hold NaN or
+    +inf: no real token, so the caller fails that request alone (`NonFiniteLogitsError`)
+    instead of generating from garbage. A step input must clamp such ids (`clamp_ids`)."""
+    return tokens.masked_fill_(~(logits.amax(dim=-1) < float("inf")), logits.shape[-1])
+
+
+def clamp_ids(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """tokens with flagged ids pulled into the vocabulary, for a step queued before the host
+    has seen them: an embedding lookup out of range would abort the whole device."""
+    return tokens.clamp(max=vocab_size - 1)
 
 
 def host_to_device(
@@ -440,6 +457,7 @@ def generate_ids(
         front = max(len(p) for p in fitted)  # the highest position the next step writes
     else:
         logits = _recompute_last_logits(model, states)
+    vocab = model.config.vocab_size  # a sampled id at or past it flags non-finite logits
     all_greedy = all(sp.temperature == 0.0 for sp in plist)
     # Greedy cached decoding on a GPU runs one step ahead: the next step is queued before this
     # step's tokens reach the host, so the GPU works while Python handles them. When every row
@@ -465,10 +483,10 @@ def generate_ids(
     while True:
         if all_greedy:
             # One argmax and one device-to-host copy for the batch rather than one per row.
-            step_tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            step_tokens = flag_non_finite(logits.argmax(dim=-1), logits)[:, None]  # (B, 1)
             if ahead:
                 copy = HostCopy(step_tokens.squeeze(1))
-                queued = next_logits(step_tokens)
+                queued = next_logits(clamp_ids(step_tokens, vocab))
                 tokens = copy.tolist()  # waits for the copy only, not for the queued step
             else:
                 tokens = step_tokens.squeeze(1).tolist()
@@ -484,6 +502,10 @@ def generate_ids(
         for row, state in enumerate(states):
             if state.finished:
                 continue
+            if tokens[row] >= vocab:
+                raise NonFiniteLogitsError(
+                    f"prompt {row}: the model's logits were NaN or infinite at generated token "
+                    f"{len(state.token_ids)}")
             delta = state.add_token(tokens[row])
             if on_token is not None:
                 on_token(row, tokens[row], delta)

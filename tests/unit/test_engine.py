@@ -16,7 +16,14 @@ from lmcore.engine import (
     EngineRequest,
     EngineStoppedError,
 )
-from lmcore.generate import ContextLengthError, SamplingParams, decode_step, generate, generate_ids
+from lmcore.generate import (
+    ContextLengthError,
+    NonFiniteLogitsError,
+    SamplingParams,
+    decode_step,
+    generate,
+    generate_ids,
+)
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
 
@@ -205,6 +212,37 @@ def test_cancelling_releases_held_back_text_through_on_token(text_setup, run_ahe
     assert result.finish_reason == "cancelled"
     assert [t for t, _ in deltas] == [*result.token_ids, FLUSH_TOKEN_ID]
     assert deltas[-1][1] and "".join(d for _, d in deltas) == result.text
+
+
+def poisoned_step(call: int, position: int):
+    """A decode step whose logits turn NaN on its `call`-th use (0-based), for the rows whose
+    input sits at `position` (as an fp16 overflow would for one request)."""
+    calls = 0
+
+    def step(model, tokens, positions, cache, rows=None, kv_len=None):
+        nonlocal calls
+        logits = decode_step(model, tokens, positions, cache, rows, kv_len)
+        if calls == call:
+            logits[positions[:, 0] == position] = float("nan")
+        calls += 1
+        return logits
+
+    return step
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_a_request_whose_logits_turn_non_finite_fails_alone(model, params, run_ahead):
+    # Prompts of 3, 7 and 1 tokens decode at positions 3+n, 7+n and 1+n on the n-th step, so
+    # position 5 on the third step is the first request's alone.
+    engine = Engine(model, max_batch=3, run_ahead=run_ahead, step_fn=poisoned_step(2, 5))
+    handles = [engine.submit(EngineRequest(p, params)) for p in PROMPTS[:3]]
+    run_until_idle(engine)
+    error = handles[0].exception(0)
+    assert isinstance(error, NonFiniteLogitsError)
+    assert "NaN or infinite at generated token 3" in str(error)
+    for handle, prompt in zip(handles[1:], PROMPTS[1:3]):
+        assert handle.result(0).token_ids == alone(model, prompt, params).token_ids
+    assert engine.stats.failed == 1
 
 
 def test_bad_requests_fail_alone_with_a_clear_error(model):

@@ -13,6 +13,7 @@ from lmcore.cache import KVCache
 from lmcore.draws import Draws
 from lmcore.generate import (
     ContextLengthError,
+    NonFiniteLogitsError,
     SamplingParams,
     SequenceState,
     _kth_largest,
@@ -223,6 +224,38 @@ def test_top_p_keeps_the_most_probable_tokens_until_their_mass_reaches_it(
     keep = nucleus(logits, torch.tensor(top_ps[: len(rows)]))
     for i, r in enumerate(rows):
         assert set(keep[i].nonzero().flatten().tolist()) == _nucleus_by_ranking(r, top_ps[i])
+
+
+def test_rows_with_nan_or_infinite_logits_get_no_real_token() -> None:
+    logits = torch.randn(4, 50)
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3, :40] = float("-inf")  # masked ids are fine: only NaN and +inf poison a row
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5),
+                   SamplingParams(temperature=1.0, top_p=0.9)):  # fmt: skip
+        tokens = sample_tokens(logits, [params] * 4, [Draws(s) for s in range(4)])
+        assert tokens[1] == tokens[2] == 50, params
+        assert 0 <= tokens[0] < 50 and 40 <= tokens[3] < 50, params
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_new_tokens=24, seed=5)],
+                         ids=["greedy", "sampled"])  # fmt: skip
+def test_generation_stops_with_a_clear_error_when_a_rows_logits_turn_nan(
+    model: Transformer, params: SamplingParams
+) -> None:
+    calls = 0
+
+    def nan_on_the_third_step(model, tokens, positions, cache, **kw):
+        nonlocal calls
+        logits = decode_step(model, tokens, positions, cache, **kw)
+        if calls == 2:
+            logits[1] = float("nan")
+        calls += 1
+        return logits
+
+    with pytest.raises(NonFiniteLogitsError, match="prompt 1: .*NaN or infinite at generated "
+                                                   "token 3"):  # fmt: skip
+        generate_ids(model, RAGGED, params, step_fn=nan_on_the_third_step)
 
 
 def test_top_k_one_is_greedy(model: Transformer) -> None:
