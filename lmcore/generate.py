@@ -116,21 +116,23 @@ def sample_token_ids(
     """
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
     if len(rows) == len(params):
-        return flag_non_finite(_sample_rows(logits, list(params), list(draws)), logits)
-    tokens = logits.argmax(dim=-1)  # the greedy rows' answer
+        sampled = _sample_rows(logits, list(params), list(draws))
+        return flag_non_finite(sampled, logits.amax(dim=-1), logits.shape[-1])
+    row_max, tokens = logits.max(dim=-1)  # the greedy rows' answer
     if rows:
         index = host_to_device(rows, logits.device)
         sampled = _sample_rows(logits.index_select(0, index), [params[i] for i in rows],
                                [draws[i] for i in rows])  # fmt: skip
         tokens.index_copy_(0, index, sampled)
-    return flag_non_finite(tokens, logits)
+    return flag_non_finite(tokens, row_max, logits.shape[-1])
 
 
-def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """tokens (B,), with the id one past the vocabulary for each row whose logits hold NaN or
-    +inf: no real token, so the caller fails that request alone (`NonFiniteLogitsError`)
-    instead of generating from garbage. A step input must clamp such ids (`clamp_ids`)."""
-    return tokens.masked_fill_(~(logits.amax(dim=-1) < float("inf")), logits.shape[-1])
+def flag_non_finite(tokens: torch.Tensor, row_max: torch.Tensor, vocab: int) -> torch.Tensor:
+    """tokens (B,), but `vocab` (one past the last id) for each row whose logits hold NaN or
+    +inf, which their max (B,) shows: no real token, so the caller fails that request alone
+    (`NonFiniteLogitsError`) instead of generating from garbage. A step input must clamp such
+    ids (`clamp_ids`)."""
+    return torch.where(row_max < float("inf"), tokens, vocab)
 
 
 def clamp_ids(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -483,13 +485,16 @@ def generate_ids(
     while True:
         if all_greedy:
             # One argmax and one device-to-host copy for the batch rather than one per row.
-            step_tokens = flag_non_finite(logits.argmax(dim=-1), logits)[:, None]  # (B, 1)
+            # The host gets the ids with non-finite rows flagged; the next step, the argmax.
+            row_max, ids = logits.max(dim=-1)
+            flagged = flag_non_finite(ids, row_max, vocab)
+            step_tokens = ids[:, None]  # (B, 1)
             if ahead:
-                copy = HostCopy(step_tokens.squeeze(1))
-                queued = next_logits(clamp_ids(step_tokens, vocab))
+                copy = HostCopy(flagged)
+                queued = next_logits(step_tokens)
                 tokens = copy.tolist()  # waits for the copy only, not for the queued step
             else:
-                tokens = step_tokens.squeeze(1).tolist()
+                tokens = flagged.tolist()
         else:
             # Finished rows keep stepping (fixed shapes) on token 0 and draw nothing.
             live = [row for row, s in enumerate(states) if not s.finished]
