@@ -341,6 +341,7 @@ def load_model_dir(
     """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
+    tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
     model = Transformer(config).to(saved_dtype)
     tensors = _read_safetensors(root / MODEL_FILE)
     _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
@@ -348,8 +349,22 @@ def load_model_dir(
     model.to(device=device, dtype=dtype or saved_dtype).eval()
     # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
     choices = use_inference_layout(model, reuse=layout)
-    tokenizer = Tokenizer.load(root / TOKENIZER_FILE) if (root / TOKENIZER_FILE).exists() else None
     return LoadedModel(model, tokenizer, config, metadata, root, choices)
+
+
+def _read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
+    """The dir's tokenizer.json, if it has one, and only if its ids fit the model."""
+    if not path.exists():
+        return None
+    try:
+        tokenizer = Tokenizer.load(path)
+    except Exception as exc:  # HF tokenizers raises a bare Exception for a malformed file
+        raise CheckpointError(f"{path}: not a tokenizer file lmcore can read: {exc}") from exc
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size ({config.vocab_size}): its ids would fall outside the embedding")
+    return tokenizer
 
 
 # -- trainer checkpoints ------------------------------------------------------------------------

@@ -206,6 +206,27 @@ def test_config_with_unknown_field_is_refused(tmp_path: Path, section: str) -> N
         load_model_dir(tmp_path)
 
 
+@pytest.mark.parametrize("content", ['{"model": 1}', "{nope", ""],
+                         ids=["json", "not-json", "empty"])  # fmt: skip
+def test_unreadable_tokenizer_file_is_refused_naming_it(
+    tmp_path: Path, tokenizer: Tokenizer, content: str
+) -> None:
+    save_model_dir(tmp_path, tiny_model(), tokenizer)
+    (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a tokenizer file"):
+        load_model_dir(tmp_path)
+
+
+def test_tokenizer_with_more_tokens_than_the_model_is_refused(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    assert tokenizer.vocab_size > 256
+    save_model_dir(tmp_path, tiny_model(vocab_size=256), tokenizer)
+    with pytest.raises(CheckpointError,
+                       match=rf"{tokenizer.vocab_size} tokens, more than .* \(256\)"):  # fmt: skip
+        load_model_dir(tmp_path)
+
+
 # -- trainer checkpoints ------------------------------------------------------------------------
 
 
