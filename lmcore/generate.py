@@ -256,6 +256,20 @@ def _sorted_descending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True).values
 
 
+def stop_prefix_start(text: str, end: int, stop: str) -> int:
+    """Where the longest tail of text[:end] that could begin `stop` starts (end if none).
+
+    Only the places where stop's first character occurs are tried: comparing every tail length
+    cost ~70 us a token for four stop strings of 200 characters, per request and step.
+    """
+    i = text.find(stop[0], max(end - len(stop) + 1, 0), end)
+    while i >= 0:
+        if stop.startswith(text[i:end]):
+            return i
+        i = text.find(stop[0], i + 1, end)
+    return end
+
+
 class SequenceState:
     """One request's progress: generated ids, the text safe to stream, and when to finish."""
 
@@ -344,10 +358,7 @@ class SequenceState:
             # Hold back a half-decoded UTF-8 character and anything that may start a stop string.
             end = len(self._text.rstrip("\ufffd"))
             for stop in self.params.stop:
-                for n in range(min(len(stop) - 1, end), 0, -1):
-                    if self._text[end - n : end] == stop[:n]:
-                        end -= n
-                        break
+                end = stop_prefix_start(self._text, end, stop)
         end = max(end, self._streamed)
         delta = self._text[self._streamed : end]
         self._streamed = end

@@ -24,6 +24,7 @@ from lmcore.generate import (
     prefill,
     sample_token,
     sample_tokens,
+    stop_prefix_start,
 )
 from lmcore import model as model_module
 from lmcore.model import Transformer
@@ -362,6 +363,19 @@ def test_stop_string_cuts_the_text_and_streaming_never_leaks_it() -> None:
     assert state.finish_reason == "stop"
     assert state.text == "hello EN then "
     assert streamed == state.text
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text("ab=", max_size=30), stop=st.text("ab=", min_size=1, max_size=8),
+       data=st.data())  # fmt: skip
+def test_held_back_tail_is_the_longest_that_could_begin_the_stop_string(
+    text: str, stop: str, data: st.DataObject
+) -> None:
+    end = data.draw(st.integers(0, len(text)))
+    # By definition: the longest n < len(stop) such that text[:end] ends with stop[:n].
+    n = next((n for n in range(min(len(stop) - 1, end), 0, -1)
+              if text[end - n : end] == stop[:n]), 0)  # fmt: skip
+    assert stop_prefix_start(text, end, stop) == end - n
 
 
 def test_streamed_deltas_hold_back_half_utf8_characters() -> None:
