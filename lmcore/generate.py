@@ -191,17 +191,17 @@ def _sample_rows(
     inputs[:, 1] = [k - 1 for k in ks]
     inputs[:, 2] = [p.top_p if p.top_p < 1.0 else np.inf for p in params]
     inputs[:, 3] = next_uniforms(draws)
-    rows = host_to_device(inputs, device, torch.float64)
-    x = logits.float() / rows[:, 0:1].float()
+    row_inputs = host_to_device(inputs, device, torch.float64)
+    x = logits.float() / row_inputs[:, 0:1].float()
     if any(ks):
-        x = x.masked_fill(x < _kth_largest(x, ks, rows[:, 1:2]), float("-inf"))
+        x = x.masked_fill(x < _kth_largest(x, ks, row_inputs[:, 1:2]), float("-inf"))
     if any(p.top_p < 1.0 for p in params):
-        x = x.masked_fill(~nucleus(x, rows[:, 2].float()), float("-inf"))
+        x = x.masked_fill(~nucleus(x, row_inputs[:, 2].float()), float("-inf"))
     # Inverse-transform sampling: one uniform draw per row, where torch.multinomial draws one
     # exponential per vocabulary entry (10% of a 32-request engine step on CPU). In float64,
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
-    return torch.searchsorted(cdf, ((1.0 - rows[:, 3]) * cdf[:, -1])[:, None])[:, 0]
+    return torch.searchsorted(cdf, ((1.0 - row_inputs[:, 3]) * cdf[:, -1])[:, None])[:, 0]
 
 
 def _kth_largest(x: torch.Tensor, ks: list[int], kth_index: torch.Tensor) -> torch.Tensor:
