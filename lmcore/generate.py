@@ -153,7 +153,12 @@ def host_to_device(
     until the copy has run).
     """
     on_gpu = device.type == "cuda"
-    tensor = torch.tensor(values, dtype=dtype, pin_memory=on_gpu)
+    if isinstance(values, np.ndarray):
+        # torch.tensor refuses to pin an array ("Can't pin tensor constructed from numpy").
+        tensor = torch.from_numpy(values).to(dtype)
+        tensor = tensor.pin_memory() if on_gpu else tensor
+    else:
+        tensor = torch.tensor(values, dtype=dtype, pin_memory=on_gpu)
     return tensor.to(device, non_blocking=True) if on_gpu else tensor
 
 
