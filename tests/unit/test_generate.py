@@ -26,6 +26,7 @@ from lmcore.generate import (
     sample_tokens,
     stop_prefix_start,
 )
+from lmcore import generate as generate_module
 from lmcore import model as model_module
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
@@ -186,6 +187,18 @@ def test_top_k_threshold_is_each_rows_kth_largest_value_whatever_the_others_ask(
     got = _kth_largest(x, ks, kth_index)[:, 0].tolist()
     want = [sorted(row, reverse=True)[k - 1] if k else float("-inf") for row, k in zip(values, ks)]
     assert got == want
+
+
+def test_the_gpus_torch_filters_pick_what_the_cpus_numpy_filters_pick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A GPU selects top-k with torch.topk and sorts top-p's probabilities with torch.sort; the
+    # CPU uses NumPy. Taking the torch path on the CPU checks its logic without a GPU.
+    trials = list(mixed_filter_trials(300))
+    with_numpy = [sample_tokens(x, MIXED_FILTERS, [Draws(s) for s in seeds]) for x, seeds in trials]
+    monkeypatch.setattr(generate_module, "NUMPY_FILTER_DEVICES", frozenset())
+    with_torch = [sample_tokens(x, MIXED_FILTERS, [Draws(s) for s in seeds]) for x, seeds in trials]
+    assert with_torch == with_numpy
 
 
 def _nucleus_by_ranking(logits: list[float], top_p: float) -> set[int]:
