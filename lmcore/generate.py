@@ -145,21 +145,19 @@ def clamp_ids(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def host_to_device(
-    values: Sequence[int] | Sequence[float] | Sequence[bool] | np.ndarray,
+    values: Sequence[int] | Sequence[float] | Sequence[bool] | Sequence[Sequence[float]],
     device: torch.device,
     dtype: torch.dtype = torch.long,
 ) -> torch.Tensor:
-    """A small host list or array as a tensor on `device`, not waiting for work queued on a GPU.
+    """A small host list as a tensor on `device`, without waiting for work queued on a GPU.
 
     torch.tensor(..., device="cuda") copies from pageable memory and waits for the stream;
     from pinned memory the copy is queued like a kernel (the host allocator keeps the buffer
     until the copy has run).
     """
     on_gpu = device.type == "cuda"
-    if isinstance(values, np.ndarray):
-        # torch.tensor refuses to pin an array ("Can't pin tensor constructed from numpy"); a
-        # list takes the same road as every other input (a few dozen numbers: ~2 us).
-        values = values.tolist()
+    # Lists only: torch.tensor refuses to pin a NumPy array ("Can't pin tensor constructed
+    # from numpy").
     tensor = torch.tensor(values, dtype=dtype, pin_memory=on_gpu)
     return tensor.to(device, non_blocking=True) if on_gpu else tensor
 
@@ -193,11 +191,8 @@ def _sample_rows(
     ks = [min(p.top_k, vocab) for p in params]
     # Every row's inputs in one host array, so one copy to a GPU rather than one per input:
     # temperature, the index of the k-th largest value (-1: top-k off), top-p (inf: off), draw.
-    inputs = np.empty((len(params), 4))
-    inputs[:, 0] = [p.temperature for p in params]
-    inputs[:, 1] = [k - 1 for k in ks]
-    inputs[:, 2] = [p.top_p if p.top_p < 1.0 else np.inf for p in params]
-    inputs[:, 3] = next_uniforms(draws)
+    inputs = [[p.temperature, k - 1, p.top_p if p.top_p < 1.0 else float("inf"), u]
+              for p, k, u in zip(params, ks, next_uniforms(draws).tolist())]  # fmt: skip
     row_inputs = host_to_device(inputs, device, torch.float64)
     x = logits.float() / row_inputs[:, 0:1].float()
     if any(ks):
