@@ -123,7 +123,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _bag_indices(n: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def bag_indices(n: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices 0..n-1 once per row and each row's bag offset, made once per (n, rows, device);
     ordinary tensors even when first asked for under inference_mode."""
     with torch.inference_mode(False):
@@ -142,7 +142,7 @@ def bag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     where). Any weight order gives the same result; a row-major one is copied first.
     """
     rows = x.numel() // weight.shape[1]
-    indices, offsets = _bag_indices(weight.shape[1], rows, weight.device)
+    indices, offsets = bag_indices(weight.shape[1], rows, weight.device)
     out = F.embedding_bag(indices, weight.t(), offsets, mode="sum",
                           per_sample_weights=x.reshape(-1))  # fmt: skip
     if bias is not None:

@@ -2,11 +2,18 @@
 
 Inference only: quantized models must not be trained, and the tied embedding/head stays in full
 precision (quantizing the head alone would untie it and store the matrix twice).
+
+On the CPU, products of a few rows (batch-1 and small-batch decode) read the int8 weight as it
+is, through FBGEMM's 8-bit embedding-bag kernel, instead of converting the whole matrix to the
+activation dtype first: a decode step is streaming weights from memory, and the conversion read
+1 byte, wrote 4 and read them back for every weight (3-7x slower at one row,
+bench/quantized_cpu.json). lmcore.inference_layout measures up to how many rows that pays.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcore.linear import linear, shared_weight_ids
+from lmcore.linear import bag_indices, linear, shared_weight_ids
 
 INT8_MAX = 127
 
@@ -25,7 +32,12 @@ class Int8Linear(nn.Module):
 
     Symmetric, round-to-nearest, scale = max|W_row| / 127. The int8 -> activation-dtype cast is
     exact (|q| <= 127 fits bf16/fp16 mantissas), so the only error is the rounding of W.
+
+    bag_rows: CPU products of up to this many rows take the byte bag (`byte_bag_product`), which
+    sums the same int8 values in fp32; 0 (the default) until lmcore.inference_layout measures it.
     """
+
+    bag_rows: int = 0
 
     def __init__(
         self,
@@ -65,13 +77,69 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (
+            0 < rows <= self.bag_rows
+            and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # the compiler lowers products its own way
+        ):
+            return byte_bag_product(x, self)
+        return self.dequant_product(x)
+
+    def dequant_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product on any device and any rows: the weight converted to x's dtype, a GEMM."""
         # Scale the output, not the weight: one (out,) multiply instead of a full (out, in) one.
         y = linear(x, self.weight.to(x.dtype), None) * self.scale.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
+    def packed_rows(self) -> torch.Tensor:
+        """The weight as the byte bag reads it, made on first use and remade when the weight
+        changes: one row per input channel (a row of W^T), each the q + 128 bytes followed by
+        the row's fp32 scale 1 and offset -128, so that every value reads back exactly as q.
+        It costs one more byte per weight beside `weight` (and 8 per input channel)."""
+        weight = self.weight
+        # Inference tensors keep no version counter; their storage is the key alone.
+        version = None if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.device)
+        if getattr(self, "_packed_key", None) != key:
+            with torch.inference_mode(False):  # an ordinary tensor, whatever mode asks first
+                rows = (weight.t().to(torch.int16) + 128).to(torch.uint8)
+                tail = torch.tensor([1.0, -128.0]).view(torch.uint8)
+                packed = torch.cat([rows, tail.expand(self.in_features, tail.numel())], dim=1)
+            self._packed, self._packed_key = packed.contiguous(), key
+        return self._packed
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.scale.dtype}")
+
+
+@functools.cache
+def byte_bag_supported() -> bool:
+    """This torch has FBGEMM's 8-bit row-wise embedding bag (x86 builds) and it reads the packed
+    layout that `Int8Linear.packed_rows` writes (checked once, on a 2 x 3 product)."""
+    try:
+        layer = Int8Linear(2, 3)
+        layer.weight.copy_(torch.tensor([[1, -2], [127, -127], [0, 5]], dtype=torch.int8))
+        got = byte_bag_product(torch.tensor([[0.5, 2.0]]), layer)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return torch.equal(got, torch.tensor([[-3.5, -190.5, 10.0]]))
+
+
+def byte_bag_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """layer(x) on the CPU for a few rows of x, each row one weighted bag over the rows of the
+    packed W^T: reads one byte per weight per row, accumulating in fp32."""
+    rows = x.numel() // layer.in_features
+    indices, offsets = bag_indices(layer.in_features, rows, x.device)
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        layer.packed_rows(), indices, offsets, False, 0, False, x.reshape(-1).float(), None, False
+    )
+    y = y * layer.scale.float()
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate_ids
@@ -15,6 +17,8 @@ from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import (
     Int8Linear,
+    byte_bag_product,
+    byte_bag_supported,
     dynamic_int8,
     model_size_bytes,
     quantization_report,
@@ -24,6 +28,7 @@ from lmcore.quantize import (
 
 pytestmark = pytest.mark.unit
 
+BYTE_BAG_OP = "quantized::embedding_bag_byte_rowwise_offsets"
 PERIOD = 23  # the trained model learns a repeating sequence of 23 distinct tokens
 
 
@@ -124,6 +129,76 @@ def test_greedy_generation_with_int8_and_kv_cache_matches_fp32(trained: Transfor
     agree = sum(a == b for f, c in zip(fp, cached) for a, b in zip(f.token_ids, c.token_ids))
     assert agree / (2 * 24) >= 0.9
     assert all(len(g.token_ids) == 24 for g in cached)
+
+
+needs_byte_bag = pytest.mark.skipif(
+    not byte_bag_supported(), reason="this torch build has no FBGEMM 8-bit embedding bag"
+)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="FBGEMM, the byte bag's kernel, ships in x86 builds of torch")
+def test_x86_builds_have_a_working_byte_bag() -> None:
+    assert byte_bag_supported()  # else the tests below skip and int8 decode takes the GEMM path
+
+
+@needs_byte_bag
+def test_the_byte_bag_reads_every_int8_value_exactly() -> None:
+    layer = Int8Linear(255, 3, bias=True)
+    q = torch.arange(-127, 128, dtype=torch.int8)  # every value an int8 weight can hold
+    layer.weight.copy_(torch.stack([q, q.flip(0), torch.zeros_like(q)]))
+    layer.scale.copy_(torch.tensor([0.5, 2.0, 1.0]))
+    layer.bias.copy_(torch.tensor([1.0, -1.0, 3.0]))
+    one_hot = torch.eye(255)  # row i picks input channel i: the product is q[:, i] * scale + bias
+    got = torch.cat([byte_bag_product(row[None], layer) for row in one_hot])
+    torch.testing.assert_close(got, layer.dequantize().t() + layer.bias, rtol=0, atol=0)
+
+
+@needs_byte_bag
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_products_of_up_to_bag_rows_take_the_byte_bag_and_agree(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    layer = Int8Linear.from_linear(Linear(48, 40)).to(dtype)
+    layer.bag_rows = 3
+    for rows in range(1, 6):
+        x = torch.randn(rows, 48).to(dtype)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = layer(x)
+        used_bag = BYTE_BAG_OP in {e.key for e in prof.key_averages()}
+        assert used_bag == (rows <= 3), rows
+        # fp32: the same sums in another order. bf16: the bag rounds once, the GEMM path twice.
+        tol = 1e-5 if dtype == torch.float32 else 0.01
+        torch.testing.assert_close(got, layer.dequant_product(x), rtol=tol, atol=tol)
+        assert got.dtype == dtype and got.shape == (rows, 40)
+
+
+@needs_byte_bag
+def test_the_byte_bag_follows_a_new_weight() -> None:
+    torch.manual_seed(4)
+    layer, other = (Int8Linear.from_linear(Linear(32, 24)) for _ in range(2))
+    layer.bag_rows = 1
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        layer(x)  # packs the first weight
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other.dequant_product(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_byte_bag
+def test_greedy_generation_is_unchanged_when_int8_layers_take_the_byte_bag(
+    trained: Transformer,
+) -> None:
+    q = quantize_int8(copy.deepcopy(trained))
+    prompts = [pattern_tokens(10).tolist(), pattern_tokens(17)[3:].tolist()]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, eos=False)
+    dequant = generate_ids(q, prompts, params)
+    for layer in q.modules():
+        if isinstance(layer, Int8Linear):
+            layer.bag_rows = 2  # both decode rows and the one-row prefill of a single prompt
+    bagged = generate_ids(q, prompts, params)
+    alone = generate_ids(q, prompts[:1], params)
+    assert [g.token_ids for g in bagged] == [g.token_ids for g in dequant]
+    assert alone[0].token_ids == dequant[0].token_ids
 
 
 def test_int8_runs_a_bf16_model_in_bf16() -> None:
