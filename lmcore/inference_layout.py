@@ -12,6 +12,10 @@ decode step, not from a warm cache), and keeps the fastest for each weight shape
 a weight once per row, yet it can still beat a GEMM at two or three rows (a serving engine with
 a few requests in flight), so where it is chosen the same measurement finds how many rows it
 keeps.
+
+bf16 and fp16 weights are laid out the same way (the bag sums them in fp32 and rounds once), and
+int8 linears (lmcore.quantize.Int8Linear) are measured for how many rows their byte bag beats
+converting the whole weight first.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ import torch
 from torch import nn
 
 from lmcore.linear import Linear, OneRowKernel, bag_linear, linear, onednn_enabled
+from lmcore.quantize import Int8Linear, byte_bag_product, byte_bag_supported
 
 Order = Literal["row", "col"]
 MAX_BAG_ROWS = 4  # beyond this the bag, which reads the weight once per row, never won here
+# An int8 weight read through the byte bag is 1 byte against the 9 its conversion moves, so the
+# bag wins at many more rows (crossing over at 12-16 on one Xeon; bench/quantized_cpu.json).
+INT8_BAG_ROWS = (1, 2, 4, 8, 16)
+TUNED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -47,26 +56,29 @@ class ShapeChoice:
 
     shape: tuple[int, int]  # (out_features, in_features)
     modules: int
-    chosen: str
+    chosen: str  # a Candidate's name; for int8 weights "bytebag" or "dequant"
     micros: dict[str, float]  # candidate name -> summed median microseconds per pass
-    bag_rows: int = 1  # with the bag chosen: products of up to this many rows take it
-    # rows ("2".."4") -> {"bag": µs, "linear": µs}: how bag_rows was decided
+    bag_rows: int = 1  # with a bag chosen: products of up to this many rows take it
+    # rows ("2".."4"; "1".."16" for int8) -> {"bag": µs, "linear": µs}: how bag_rows was decided
     rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
+    dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16 or int8
 
 
 def describe(choices: list[ShapeChoice]) -> str:
     """One line for a log: "1152x384 bag-col (<= 2 rows), 384x1536 onednn-row" (out x in)."""
     def one(c: ShapeChoice) -> str:
         rows = f" (<= {c.bag_rows} rows)" if c.bag_rows > 1 else ""
-        return f"{c.shape[0]}x{c.shape[1]} {c.chosen}{rows}"
+        dtype = "" if c.dtype == "float32" else f" {c.dtype}"
+        return f"{c.shape[0]}x{c.shape[1]}{dtype} {c.chosen}{rows}"
 
     return ", ".join(one(c) for c in choices) or "none"
 
 
-def candidates() -> list[Candidate]:
-    """The default (oneDNN row-major, where oneDNN runs) first; the bag only column-major, the
-    order whose transpose it reads in place."""
-    kernels: list[OneRowKernel] = ["onednn", "blas"] if onednn_enabled() else ["blas"]
+def candidates(dtype: torch.dtype = torch.float32) -> list[Candidate]:
+    """The default (oneDNN row-major, where oneDNN runs fp32) first; the bag only column-major,
+    the order whose transpose it reads in place. `linear` is F.linear but for fp32 on oneDNN."""
+    use_onednn = onednn_enabled() and dtype == torch.float32
+    kernels: list[OneRowKernel] = ["onednn", "blas"] if use_onednn else ["blas"]
     both_orders = [Candidate(k, o) for k in kernels for o in ("row", "col")]
     return [*both_orders, Candidate("bag", "col")]
 
@@ -78,19 +90,26 @@ def pick_fastest(micros: dict[str, float], default: str) -> str:
 
 
 def tunable_linears(model: nn.Module) -> list[Linear]:
-    """lmcore Linear modules with fp32 CPU weights, each weight once (a tied head counts once)."""
+    """lmcore Linear modules with fp32, bf16 or fp16 CPU weights, each weight once (a tied head
+    counts once)."""
     seen: set[int] = set()
     found: list[Linear] = []
     for module in model.modules():
         if (
             isinstance(module, Linear)
             and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32
+            and module.weight.dtype in TUNED_DTYPES
             and id(module.weight) not in seen
         ):
             seen.add(id(module.weight))
             found.append(module)
     return found
+
+
+def int8_linears(model: nn.Module) -> list[Int8Linear]:
+    """Int8Linear modules on the CPU, in model order."""
+    return [m for m in model.modules()
+            if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"]  # fmt: skip
 
 
 def apply_candidate(module: Linear, candidate: Candidate) -> None:
@@ -106,22 +125,27 @@ def apply_candidate(module: Linear, candidate: Candidate) -> None:
 
 
 def _time_passes(
-    linears: list[Linear], passes: int, rows: int = 1, product: Callable | None = None
+    linears: Sequence[nn.Module], passes: int, rows: int = 1, product: Callable | None = None
 ) -> list[float]:
     """Median seconds of each module's product of `rows` rows over `passes` passes (after a
-    warm one): the module's own forward, or product(x, weight, bias)."""
-    inputs = [torch.randn(rows, m.in_features) for m in linears]
+    warm one): the module's own forward, or product(x, module)."""
+    inputs = [torch.randn(rows, m.in_features, dtype=_activation_dtype(m)) for m in linears]
     samples: list[list[float]] = [[] for _ in linears]
     for rep in range(passes + 1):
         for i, (module, x) in enumerate(zip(linears, inputs)):
             start = time.perf_counter()
-            module(x) if product is None else product(x, module.weight, module.bias)
+            module(x) if product is None else product(x, module)
             if rep:  # the first pass only warms up (oneDNN builds a kernel per shape)
                 samples[i].append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
 
 
-def _shape_groups(linears: list[Linear]) -> dict[tuple[int, int], list[int]]:
+def _activation_dtype(module: nn.Module) -> torch.dtype:
+    # An int8 linear takes activations in its scale's dtype (the model's float dtype).
+    return module.scale.dtype if isinstance(module, Int8Linear) else module.weight.dtype
+
+
+def _shape_groups(linears: Sequence[nn.Module]) -> dict[tuple[int, int], list[int]]:
     """Weight shape (out, in) -> indices of the linears of that shape, in model order."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, module in enumerate(linears):
@@ -129,45 +153,89 @@ def _shape_groups(linears: list[Linear]) -> dict[tuple[int, int], list[int]]:
     return groups
 
 
-def _reusable(groups: dict[tuple[int, int], list[int]], reuse: Sequence[ShapeChoice]) -> bool:
-    """The earlier choices were made for the same linears: every shape, each as many times."""
-    by_shape = {c.shape: c for c in reuse}
-    return set(groups) == set(by_shape) and all(
-        len(members) == by_shape[shape].modules for shape, members in groups.items()
-    )
+Family = tuple[str, list[nn.Module]]  # a dtype's name and its linears, in model order
+
+
+def _families(model: nn.Module) -> list[Family]:
+    """The model's tunable linears by weight dtype: each float dtype's Linears, then int8."""
+    by_dtype: dict[str, list[nn.Module]] = {}
+    for module in tunable_linears(model):
+        by_dtype.setdefault(_dtype_name(module.weight.dtype), []).append(module)
+    int8 = int8_linears(model)
+    return [*by_dtype.items(), *([("int8", int8)] if int8 else [])]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _choice_names(dtype: str) -> set[str]:
+    if dtype == "int8":
+        return {"bytebag", "dequant"}
+    return {c.name for c in candidates(getattr(torch, dtype))}
+
+
+def _reusable(families: list[Family], reuse: Sequence[ShapeChoice]) -> bool:
+    """The earlier choices were made for the same linears: every dtype and shape, each as many
+    times, and each choice still a candidate here."""
+    wanted = {(dtype, shape): len(members)
+              for dtype, linears in families for shape, members in _shape_groups(linears).items()}
+    given = {(c.dtype, c.shape): c.modules for c in reuse}
+    return wanted == given and all(c.chosen in _choice_names(c.dtype) for c in reuse)
+
+
+def _apply_reused(families: list[Family], reuse: Sequence[ShapeChoice]) -> None:
+    by_key = {(c.dtype, c.shape): c for c in reuse}
+    for dtype, linears in families:
+        for shape, members in _shape_groups(linears).items():
+            choice = by_key[(dtype, shape)]
+            for i in members:
+                if dtype != "int8":
+                    apply_candidate(linears[i], _candidate(choice.chosen))
+                linears[i].bag_rows = choice.bag_rows
+
+
+def _candidate(name: str) -> Candidate:
+    kernel, order = name.split("-")
+    return Candidate(kernel, order)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
 def use_inference_layout(
     model: nn.Module, *, passes: int = 7, reuse: Sequence[ShapeChoice] | None = None
 ) -> list[ShapeChoice]:
-    """Give every fp32 CPU Linear the weight order and one-row kernel measured fastest here.
+    """Give every CPU Linear (fp32, bf16 or fp16) the weight order and one-row kernel measured
+    fastest here, and every CPU Int8Linear the most rows its byte bag measured faster for.
 
     Values and the state dict stay the same; only the memory order of weights and the kernel of
-    one-row calls change, so results differ by fp32 rounding at most. Products of more rows
+    one-row calls change, so results differ by rounding at most. Products of more rows
     (prefill, batched decode, training) keep `linear`, but for the 2-4 rows where a chosen bag
     measured faster (`ShapeChoice.bag_rows`). For loaded, eval-only models: a weight
     tied to the token embedding moves with it (a lookup reads a row either way). Returns the
-    choice for each weight shape, with the timings behind it.
+    choice for each weight dtype and shape, with the timings behind it.
 
     `reuse`: the choices this process measured for another model; when they cover the same
-    linears (same shapes, as many of each) they are applied without timing anything. A serving
-    worker swapping in a retrained model of the same architecture passes the old one's, so it
-    does not measure while its engine shares the cores, and the weights' values never change a
-    kernel's speed.
+    linears (same dtypes and shapes, as many of each) they are applied without timing anything.
+    A serving worker swapping in a retrained model of the same architecture passes the old
+    one's, so it does not measure while its engine shares the cores, and the weights' values
+    never change a kernel's speed.
     """
-    linears = tunable_linears(model)
-    if not linears:
-        return []
-    groups = _shape_groups(linears)
-    options = candidates()
-    by_name = {c.name: c for c in options}
-    if reuse and _reusable(groups, reuse) and all(c.chosen in by_name for c in reuse):
-        for choice in reuse:
-            for i in groups[choice.shape]:
-                apply_candidate(linears[i], by_name[choice.chosen])
-                linears[i].bag_rows = choice.bag_rows
+    families = _families(model)
+    if reuse and _reusable(families, reuse):
+        _apply_reused(families, reuse)
         return list(reuse)
+    choices: list[ShapeChoice] = []
+    for dtype, linears in families:
+        tune = _tune_int8 if dtype == "int8" else _tune_float
+        choices += tune(linears, passes)
+    return choices
+
+
+def _tune_float(linears: list[nn.Module], passes: int) -> list[ShapeChoice]:
+    """Time every candidate on every linear of one float dtype; keep the fastest per shape."""
+    dtype = linears[0].weight.dtype
+    groups = _shape_groups(linears)
+    options = candidates(dtype)
     timings: dict[str, list[float]] = {}
     for candidate in options:
         for module in linears:
@@ -180,52 +248,101 @@ def use_inference_layout(
         micros = {name: 1e6 * sum(t[i] for i in members) for name, t in timings.items()}
         chosen = pick_fastest(micros, default)
         for i in members:
-            apply_candidate(linears[i], by_name[chosen])
-        choices.append(ShapeChoice(shape, len(members), chosen, micros))
+            apply_candidate(linears[i], _candidate(chosen))
+        choices.append(ShapeChoice(shape, len(members), chosen, micros,
+                                   dtype=_dtype_name(dtype)))  # fmt: skip
     return _with_bag_rows(choices, linears, groups, passes)
 
 
 def _with_bag_rows(
     choices: list[ShapeChoice],
-    linears: list[Linear],
+    linears: list[nn.Module],
     groups: dict[tuple[int, int], list[int]],
     passes: int,
 ) -> list[ShapeChoice]:
     """For the shapes that chose the bag: the most rows (2..MAX_BAG_ROWS) up to which it still
     beats `linear` at every count, timed like one row, on those linears in model order."""
-    bagged = [c for c in choices if _kernel_of(c) == "bag"]
-    members = [i for c in bagged for i in groups[c.shape]]
-    if not members:
+    bagged = {c.shape: groups[c.shape] for c in choices if _kernel_of(c) == "bag"}
+    if not bagged:
         return choices
-    mods = [linears[i] for i in members]
-    position = {i: n for n, i in enumerate(members)}
-    rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {c.shape: {} for c in bagged}
-    bag_rows = {c.shape: 1 for c in bagged}
-    still_winning = {c.shape for c in bagged}
-    for rows in range(2, MAX_BAG_ROWS + 1):
-        if not still_winning:
-            break
-        bag = _time_passes(mods, passes, rows, bag_linear)
-        plain = _time_passes(mods, passes, rows, linear)
-        for shape in list(still_winning):
-            at = [position[i] for i in groups[shape]]
-            micros = {"bag": 1e6 * sum(bag[n] for n in at),
-                      "linear": 1e6 * sum(plain[n] for n in at)}  # fmt: skip
-            rows_micros[shape][str(rows)] = micros
-            if pick_fastest(micros, "linear") == "bag":
-                bag_rows[shape] = rows
-            else:
-                still_winning.discard(shape)  # from its first loss on, the shape is settled
+    won, rows_micros = _rows_the_bag_wins(
+        linears, bagged, range(2, MAX_BAG_ROWS + 1), passes, won_already=1,
+        bag=lambda x, m: bag_linear(x, m.weight, m.bias),
+        plain=("linear", lambda x, m: linear(x, m.weight, m.bias)),
+    )  # fmt: skip
     out = []
     for choice in choices:
-        if _kernel_of(choice) != "bag":
+        if choice.shape not in bagged:
             out.append(choice)
             continue
         for i in groups[choice.shape]:
-            linears[i].bag_rows = bag_rows[choice.shape]
+            linears[i].bag_rows = won[choice.shape]
         out.append(ShapeChoice(choice.shape, choice.modules, choice.chosen, choice.micros,
-                               bag_rows[choice.shape], rows_micros[choice.shape]))  # fmt: skip
+                               won[choice.shape], rows_micros[choice.shape],
+                               choice.dtype))  # fmt: skip
     return out
+
+
+def _tune_int8(layers: list[nn.Module], passes: int) -> list[ShapeChoice]:
+    """For each int8 shape: the most rows (of INT8_BAG_ROWS) up to which the byte bag beats
+    converting the weight, at every count; 0 (never the bag) where the kernel is missing."""
+    groups = _shape_groups(layers)
+    if not byte_bag_supported():
+        for layer in layers:
+            layer.bag_rows = 0
+        return [ShapeChoice(shape, len(members), "dequant", {}, 0, dtype="int8")
+                for shape, members in groups.items()]  # fmt: skip
+    won, rows_micros = _rows_the_bag_wins(
+        layers, groups, INT8_BAG_ROWS, passes, won_already=0,
+        bag=byte_bag_product, plain=("dequant", lambda x, m: m.dequant_product(x)),
+    )  # fmt: skip
+    choices = []
+    for shape, members in groups.items():
+        for i in members:
+            layers[i].bag_rows = won[shape]
+        at_one_row = rows_micros[shape].get("1", {})
+        micros = {("bytebag" if k == "bag" else k): v for k, v in at_one_row.items()}
+        chosen = "bytebag" if won[shape] else "dequant"
+        choices.append(ShapeChoice(shape, len(members), chosen, micros, won[shape],
+                                   rows_micros[shape], "int8"))  # fmt: skip
+    return choices
+
+
+def _rows_the_bag_wins(
+    modules: list[nn.Module],
+    groups: dict[tuple[int, int], list[int]],
+    counts: Sequence[int],
+    passes: int,
+    *,
+    won_already: int,
+    bag: Callable[[torch.Tensor, nn.Module], torch.Tensor],
+    plain: tuple[str, Callable[[torch.Tensor, nn.Module], torch.Tensor]],
+) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], dict[str, dict[str, float]]]]:
+    """Time `bag` against the `plain` product at each row count, on the groups' modules in model
+    order, until each shape first loses. Returns each shape's last winning count (won_already
+    if none) and the timings: count -> {"bag": µs, plain name: µs}."""
+    members = [i for shape_members in groups.values() for i in shape_members]
+    mods = [modules[i] for i in members]
+    position = {i: n for n, i in enumerate(members)}
+    plain_name, plain_product = plain
+    won = {shape: won_already for shape in groups}
+    rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {s: {} for s in groups}
+    still_winning = set(groups)
+    for rows in counts:
+        if not still_winning:
+            break
+        bag_s = _time_passes(mods, passes, rows, bag)
+        plain_s = _time_passes(mods, passes, rows, plain_product)
+        for shape in list(still_winning):
+            at = [position[i] for i in groups[shape]]
+            micros = {"bag": 1e6 * sum(bag_s[n] for n in at),
+                      plain_name: 1e6 * sum(plain_s[n] for n in at)}  # fmt: skip
+            rows_micros[shape][str(rows)] = micros
+            if pick_fastest(micros, plain_name) == "bag":
+                won[shape] = rows
+            else:
+                still_winning.discard(shape)  # from its first loss on, the shape is settled
+    return won, rows_micros
 
 
 def _kernel_of(choice: ShapeChoice) -> str:

@@ -14,6 +14,7 @@ from lmcore.config import preset
 from lmcore.generate import decode_step
 from lmcore.linear import Linear, onednn_enabled
 from lmcore.model import Transformer
+from lmcore.quantize import Int8Linear, quantize_int8
 
 pytestmark = pytest.mark.unit
 
@@ -124,18 +125,76 @@ def test_tuning_applies_its_reported_choice_to_every_linear_and_keeps_values() -
 def test_describe_names_each_shape_and_its_choice() -> None:
     choices = [layout.ShapeChoice((1152, 384), 6, "blas-col", {}),
                layout.ShapeChoice((384, 1536), 6, "onednn-row", {}),
-               layout.ShapeChoice((384, 384), 6, "bag-col", {}, bag_rows=2)]  # fmt: skip
+               layout.ShapeChoice((384, 384), 6, "bag-col", {}, bag_rows=2),
+               layout.ShapeChoice((64, 64), 2, "bytebag", {}, bag_rows=8, dtype="int8")]
     assert layout.describe(choices) == (
-        "1152x384 blas-col, 384x1536 onednn-row, 384x384 bag-col (<= 2 rows)"
+        "1152x384 blas-col, 384x1536 onednn-row, 384x384 bag-col (<= 2 rows), "
+        "64x64 int8 bytebag (<= 8 rows)"
     )
     assert layout.describe([]) == "none"
 
 
-def test_models_off_the_cpu_float32_path_are_left_alone() -> None:
-    model = Transformer(preset("tiny")).to(torch.bfloat16).eval()
+def test_models_off_the_cpu_are_left_alone() -> None:
+    model = quantize_int8(Transformer(preset("tiny")).eval()).to("meta")
     assert layout.use_inference_layout(model) == []
     assert all(m.weight.is_contiguous() and m.one_row_kernel == "onednn"
                for m in model.modules() if isinstance(m, Linear))  # fmt: skip
+    assert {m.bag_rows for m in model.modules() if isinstance(m, Int8Linear)} == {0}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_models_are_laid_out_in_their_own_dtype_and_keep_their_logits(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(10)
+    model = Transformer(preset("tiny")).to(dtype).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        before = _cached_logits(model, idx)
+        choices = layout.use_inference_layout(model, passes=2)
+        after = _cached_logits(model, idx)
+
+    # oneDNN's op is fp32-only, so half weights choose among F.linear's orders and the bag.
+    names = {"blas-row", "blas-col", "bag-col"}
+    assert [c.name for c in layout.candidates(dtype)] == ["blas-row", "blas-col", "bag-col"]
+    assert {c.dtype for c in choices} == {str(dtype).removeprefix("torch.")}
+    assert sum(c.modules for c in choices) == len(layout.tunable_linears(model))
+    for module in layout.tunable_linears(model):
+        [choice] = [c for c in choices if c.shape == (module.out_features, module.in_features)]
+        assert set(choice.micros) == names and choice.chosen in names
+        assert (module.one_row_kernel, _order(module.weight)) == tuple(choice.chosen.split("-"))
+        assert module.weight.dtype == dtype
+    # Every kernel sums in fp32 and rounds once; only the order of the sum differs.
+    torch.testing.assert_close(after, before, rtol=0.02, atol=0.02)
+
+
+def test_int8_layers_take_the_byte_bag_for_as_many_rows_as_it_keeps_winning() -> None:
+    torch.manual_seed(11)
+    model = quantize_int8(Transformer(preset("tiny")).eval())
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        before = _cached_logits(model, idx)
+        choices = layout.use_inference_layout(model, passes=2)
+        after = _cached_logits(model, idx)
+
+    layers = layout.int8_linears(model)
+    int8 = [c for c in choices if c.dtype == "int8"]
+    assert sum(c.modules for c in int8) == len(layers) > 0
+    for choice in int8:
+        counts = [int(r) for r in choice.rows_micros]
+        assert counts == list(layout.INT8_BAG_ROWS[: len(counts)])
+        wins = [layout.pick_fastest(choice.rows_micros[str(r)], "dequant") == "bag"
+                for r in counts]  # fmt: skip
+        # Counts are timed until the bag first loses; bag_rows is the last count it won.
+        won = [r for r, w in zip(counts, wins) if w]
+        assert wins == [True] * len(won) + [False] * (len(counts) - len(won))
+        assert choice.bag_rows == (won[-1] if won else 0)
+        assert choice.chosen == ("bytebag" if won else "dequant")
+        shape = choice.shape
+        assert {m.bag_rows for m in layers if (m.out_features, m.in_features) == shape} == {
+            choice.bag_rows
+        }
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
 def test_loaded_model_reports_its_layout_and_saves_again(tmp_path) -> None:
@@ -174,6 +233,22 @@ def test_a_compiled_batch_1_step_of_a_tuned_model_traces_plain_products(kernel: 
 def _stamped(choices: list[layout.ShapeChoice], chosen: str) -> list[layout.ShapeChoice]:
     """The same shapes with another choice and timings no measurement would give."""
     return [layout.ShapeChoice(c.shape, c.modules, chosen, {chosen: 1.0}) for c in choices]
+
+
+def test_int8_choices_are_reused_and_told_apart_from_float_ones() -> None:
+    torch.manual_seed(12)
+    first = quantize_int8(Transformer(preset("tiny")).eval())
+    earlier = [layout.ShapeChoice(c.shape, c.modules, c.chosen, {"stamp": 1.0}, 3, {}, c.dtype)
+               if c.dtype == "int8" else c
+               for c in layout.use_inference_layout(first, passes=1)]  # fmt: skip
+    second = quantize_int8(Transformer(preset("tiny")).eval())
+    assert layout.use_inference_layout(second, reuse=earlier) == earlier
+    assert {m.bag_rows for m in layout.int8_linears(second)} == {3}
+    # The same shapes in fp32 are other linears: measured, not given the int8 choices.
+    plain = Transformer(preset("tiny")).eval()
+    assert {c.dtype for c in layout.use_inference_layout(plain, passes=1, reuse=earlier)} == {
+        "float32"
+    }
 
 
 def test_choices_for_the_same_linears_are_reused_without_measuring() -> None:
