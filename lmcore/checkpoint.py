@@ -24,6 +24,7 @@ from torch import nn
 from lmcore.config import ConfigError, ModelConfig
 from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
+from lmcore.quantize import quantize_int8
 from lmcore.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -330,14 +331,17 @@ def load_model_dir(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    quantized: bool = False,
     layout: Sequence[ShapeChoice] | None = None,
 ) -> LoadedModel:
     """Build the Transformer from config.json, check and load every tensor, return it in eval().
 
-    The model comes laid out for inference: each linear's weight order and one-row kernel are
-    the fastest measured on this machine (lmcore.inference_layout; 0.2-0.4 s for 14M
-    parameters). `layout`, an earlier model's `LoadedModel.layout` from this process, is
-    applied instead of measuring again when it covers the same linears.
+    `dtype` casts the weights (the saved dtype by default); `quantized` then swaps the linears
+    for int8 ones (lmcore.quantize.quantize_int8). The model comes laid out for inference in
+    that final form: each linear's weight order and one-row kernel are the fastest measured on
+    this machine (lmcore.inference_layout; 0.2-0.4 s for 14M parameters). `layout`, an earlier
+    model's `LoadedModel.layout` from this process, is applied instead of measuring again when
+    it covers the same linears.
     """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
@@ -347,6 +351,8 @@ def load_model_dir(
     _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
     _load_into(model, tensors)
     model.to(device=device, dtype=dtype or saved_dtype).eval()
+    if quantized:
+        quantize_int8(model)
     # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
     choices = use_inference_layout(model, reuse=layout)
     return LoadedModel(model, tokenizer, config, metadata, root, choices)

@@ -62,8 +62,8 @@ def resolve_precision(
     return Precision(_DTYPES[requested], device.type)
 
 
-def cast_for_inference(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
-    """Inference needs no autocast: weights (and so the KV cache) simply take the dtype."""
-    if precision.dtype != torch.float32:
-        model = model.to(precision.dtype)
-    return model.eval()
+def inference_dtype(precision: Precision) -> torch.dtype | None:
+    """The dtype inference casts weights to, or None to keep them as saved (fp32 casts nothing:
+    a model saved in bf16 serves in bf16). Inference needs no autocast: the weights (and so the
+    KV cache) simply take the dtype."""
+    return None if precision.dtype == torch.float32 else precision.dtype

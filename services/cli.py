@@ -153,8 +153,7 @@ def generate(
     from lmcore.checkpoint import CheckpointError, load_model_dir
     from lmcore.generate import SamplingParams
     from lmcore.generate import generate as run_generate
-    from lmcore.precision import cast_for_inference, resolve_precision
-    from lmcore.quantize import quantize_int8
+    from lmcore.precision import inference_dtype, resolve_precision
     from lmcore.tracking import TrackingError, resolve_model_uri
 
     expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError)
@@ -164,13 +163,11 @@ def generate(
         resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded = load_model_dir(resolved.path, device=device)
+        dtype = inference_dtype(resolve_precision(mixed_precision, device))
+        loaded = load_model_dir(resolved.path, device=device, dtype=dtype, quantized=quantized)
         if loaded.tokenizer is None:
             raise CliError(f"{resolved.path} has no tokenizer.json; cannot generate text")
-        model = cast_for_inference(loaded.model, resolve_precision(mixed_precision, device))
-        if quantized:
-            model = quantize_int8(model)
-        [out] = run_generate(model, loaded.tokenizer, [prompt], params, use_cache=kv_cache)
+        [out] = run_generate(loaded.model, loaded.tokenizer, [prompt], params, use_cache=kv_cache)
     typer.echo((prompt if echo else "") + out.text)
 
 

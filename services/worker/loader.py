@@ -17,8 +17,7 @@ from lmcore.checkpoint import load_model_dir
 from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.linear import gemm_library
 from lmcore.model import Transformer
-from lmcore.precision import cast_for_inference, resolve_precision
-from lmcore.quantize import quantize_int8
+from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
@@ -65,11 +64,10 @@ def load_serving_model(
             "(use `lmctl generate --no-kv-cache` to compare against full recompute)"
         )
     device = pick_device(settings.device)
-    loaded = load_model_dir(resolved.path, device=device, layout=layout)
     precision = resolve_precision(settings.mixed_precision, device)
-    loaded.model = cast_for_inference(loaded.model, precision)
-    if settings.quantized:
-        loaded.model = quantize_int8(loaded.model)
+    # Cast and quantized before the layout is measured, so it is measured for what serves.
+    loaded = load_model_dir(resolved.path, device=device, dtype=inference_dtype(precision),
+                            quantized=settings.quantized, layout=layout)  # fmt: skip
     if loaded.tokenizer is None:
         raise ValueError(f"{resolved.path} has no tokenizer.json; the worker needs one")
     meta = loaded.metadata

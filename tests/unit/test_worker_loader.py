@@ -36,6 +36,19 @@ def test_quantized_setting_loads_int8_linears(model_dir: Path) -> None:
     assert not any(isinstance(m, Int8Linear) for m in plain.model.modules())
 
 
+def test_the_layout_is_measured_for_the_dtype_and_int8_layers_that_serve(model_dir: Path) -> None:
+    served = load_serving_model(
+        str(model_dir), Settings(device="cpu", mixed_precision="bf16", quantized=True)
+    )
+    int8 = [m for m in served.model.modules() if isinstance(m, Int8Linear)]
+    assert {c.dtype for c in served.layout} == {"bfloat16", "int8"}  # the tied head, the rest
+    assert sum(c.modules for c in served.layout if c.dtype == "int8") == len(int8)
+    for choice in served.layout:
+        if choice.dtype == "int8":
+            assert {m.bag_rows for m in int8
+                    if (m.out_features, m.in_features) == choice.shape} == {choice.bag_rows}
+
+
 def test_mixed_precision_setting_sets_the_weight_dtype(model_dir: Path) -> None:
     auto = load_serving_model(str(model_dir), Settings(device="cpu"))
     assert auto.model.tok_emb.weight.dtype == torch.float32  # auto is fp32 on CPU
