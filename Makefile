@@ -35,6 +35,7 @@ bench: setup
 	$(PY) scripts/bench_lmcore.py
 	$(PY) scripts/bench_linear.py
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_quantized.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_serve.py
 	$(PY) scripts/bench_events.py
