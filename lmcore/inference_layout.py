@@ -125,11 +125,16 @@ def apply_candidate(module: Linear, candidate: Candidate) -> None:
 
 
 def _time_passes(
-    linears: Sequence[nn.Module], passes: int, rows: int = 1, product: Callable | None = None
+    linears: Sequence[nn.Module],
+    passes: int,
+    rows: int = 1,
+    product: Callable | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Median seconds of each module's product of `rows` rows over `passes` passes (after a
-    warm one): the module's own forward, or product(x, module)."""
-    inputs = [torch.randn(rows, m.in_features, dtype=_activation_dtype(m)) for m in linears]
+    warm one): the module's own forward, or product(x, module); x in `dtype` (by default the
+    weight's)."""
+    inputs = [torch.randn(rows, m.in_features, dtype=dtype or m.weight.dtype) for m in linears]
     samples: list[list[float]] = [[] for _ in linears]
     for rep in range(passes + 1):
         for i, (module, x) in enumerate(zip(linears, inputs)):
@@ -138,11 +143,6 @@ def _time_passes(
             if rep:  # the first pass only warms up (oneDNN builds a kernel per shape)
                 samples[i].append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
-
-
-def _activation_dtype(module: nn.Module) -> torch.dtype:
-    # An int8 linear takes activations in its scale's dtype (the model's float dtype).
-    return module.scale.dtype if isinstance(module, Int8Linear) else module.weight.dtype
 
 
 def _shape_groups(linears: Sequence[nn.Module]) -> dict[tuple[int, int], list[int]]:
@@ -226,9 +226,16 @@ def use_inference_layout(
         return list(reuse)
     choices: list[ShapeChoice] = []
     for dtype, linears in families:
-        tune = _tune_int8 if dtype == "int8" else _tune_float
-        choices += tune(linears, passes)
+        if dtype == "int8":
+            choices += _tune_int8(linears, passes, _activation_dtype(model))
+        else:
+            choices += _tune_float(linears, passes)
     return choices
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its first floating parameter's (int8 layers hold none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _tune_float(linears: list[nn.Module], passes: int) -> list[ShapeChoice]:
@@ -283,9 +290,12 @@ def _with_bag_rows(
     return out
 
 
-def _tune_int8(layers: list[nn.Module], passes: int) -> list[ShapeChoice]:
+def _tune_int8(
+    layers: list[nn.Module], passes: int, activations: torch.dtype
+) -> list[ShapeChoice]:
     """For each int8 shape: the most rows (of INT8_BAG_ROWS) up to which the byte bag beats
-    converting the weight, at every count; 0 (never the bag) where the kernel is missing."""
+    converting the weight (to the `activations` dtype), at every count; 0 (never the bag) where
+    the kernel is missing."""
     groups = _shape_groups(layers)
     if not byte_bag_supported():
         for layer in layers:
@@ -293,7 +303,7 @@ def _tune_int8(layers: list[nn.Module], passes: int) -> list[ShapeChoice]:
         return [ShapeChoice(shape, len(members), "dequant", {}, 0, dtype="int8")
                 for shape, members in groups.items()]  # fmt: skip
     won, rows_micros = _rows_the_bag_wins(
-        layers, groups, INT8_BAG_ROWS, passes, won_already=0,
+        layers, groups, INT8_BAG_ROWS, passes, won_already=0, dtype=activations,
         bag=byte_bag_product, plain=("dequant", lambda x, m: m.dequant_product(x)),
     )  # fmt: skip
     choices = []
@@ -315,12 +325,14 @@ def _rows_the_bag_wins(
     passes: int,
     *,
     won_already: int,
+    dtype: torch.dtype | None = None,
     bag: Callable[[torch.Tensor, nn.Module], torch.Tensor],
     plain: tuple[str, Callable[[torch.Tensor, nn.Module], torch.Tensor]],
 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], dict[str, dict[str, float]]]]:
     """Time `bag` against the `plain` product at each row count, on the groups' modules in model
-    order, until each shape first loses. Returns each shape's last winning count (won_already
-    if none) and the timings: count -> {"bag": µs, plain name: µs}."""
+    order (inputs in `dtype`, by default the weight's), until each shape first loses. Returns
+    each shape's last winning count (won_already if none) and the timings:
+    count -> {"bag": µs, plain name: µs}."""
     members = [i for shape_members in groups.values() for i in shape_members]
     mods = [modules[i] for i in members]
     position = {i: n for n, i in enumerate(members)}
@@ -331,8 +343,8 @@ def _rows_the_bag_wins(
     for rows in counts:
         if not still_winning:
             break
-        bag_s = _time_passes(mods, passes, rows, bag)
-        plain_s = _time_passes(mods, passes, rows, plain_product)
+        bag_s = _time_passes(mods, passes, rows, bag, dtype)
+        plain_s = _time_passes(mods, passes, rows, plain_product, dtype)
         for shape in list(still_winning):
             at = [position[i] for i in groups[shape]]
             micros = {"bag": 1e6 * sum(bag_s[n] for n in at),
