@@ -244,6 +244,11 @@ def test_int8_choices_are_reused_and_told_apart_from_float_ones() -> None:
     second = quantize_int8(Transformer(preset("tiny")).eval())
     assert layout.use_inference_layout(second, reuse=earlier) == earlier
     assert {m.bag_rows for m in layout.int8_linears(second)} == {3}
+    # The bytes are packed with the layout, not by the first request's step.
+    layer = layout.int8_linears(second)[0]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(torch.randn(1, layer.in_features))
+    assert "aten::cat" not in {e.key for e in prof.key_averages()}
     # The same shapes in fp32 are other linears: measured, not given the int8 choices.
     plain = Transformer(preset("tiny")).eval()
     assert {c.dtype for c in layout.use_inference_layout(plain, passes=1, reuse=earlier)} == {
