@@ -170,9 +170,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _choice_names(dtype: str) -> set[str]:
+    """What a choice for weights of this dtype may say; nothing for a dtype not tuned here."""
     if dtype == "int8":
         return {"bytebag", "dequant"}
-    return {c.name for c in candidates(getattr(torch, dtype))}
+    float_dtype = getattr(torch, dtype, None)
+    return {c.name for c in candidates(float_dtype)} if float_dtype in TUNED_DTYPES else set()
 
 
 def _reusable(families: list[Family], reuse: Sequence[ShapeChoice]) -> bool:
