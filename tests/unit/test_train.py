@@ -179,6 +179,31 @@ def test_training_lowers_validation_loss_and_reports_cpu_metrics(
     assert "mfu" not in last and "gpu_mem_gb" not in last  # MFU is reported on CUDA only
 
 
+def test_bf16_on_cpu_trains_under_autocast_with_fp32_weights_and_no_scaler(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    # The int8 report measures the fp32 model on purpose; it is not the training being checked.
+    cfg = config(tmp_path, max_steps=30, eval_interval=10, warmup_steps=5, mixed_precision="bf16",
+                 quantization_report=False)  # fmt: skip
+    tracker = ListTracker()
+    trainer = Trainer(tiny(dataset), cfg, dataset, tracker)
+    seen: set[torch.dtype] = set()
+
+    def watch_an_mlp(step: int, _metrics: dict[str, float]) -> None:
+        if step == 1:  # the model exists once fit() has set it up
+            up = trainer.model.blocks[0].mlp.up
+            up.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+
+    tracker.on_metrics = watch_an_mlp
+    result = trainer.fit()
+
+    assert trainer.precision.name == "bf16" and not trainer.scaler.is_enabled()
+    assert seen == {torch.bfloat16}  # the matmuls ran in bf16, training and evaluation alike
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # master weights
+    val = [v for _, v in result.history["val_loss"]]
+    assert val[-1] < val[0] - 0.5
+
+
 def test_gradient_accumulation_matches_one_big_batch(dataset: TokenDataset) -> None:
     """2 micro-steps of b windows == 1 step of the same 2b windows (fp32 on CPU)."""
 
