@@ -2,6 +2,8 @@
 
 Every figure is measured interleaved (ABAB...) with its peer in the same run, random weights, fp32;
 it must not be read as an absolute speed of the machine (a shared CPU is noisy), only as ratios.
+The training step also runs under bf16 autocast for both models (`-bf16` rows): what an explicit
+`mixed_precision=bf16` buys on this CPU (lmcore's `auto` stays fp32 on every CPU).
 
     python scripts/bench_lmcore.py                 # full run -> bench/lmcore_cpu.json + .png
     python scripts/bench_lmcore.py --quick --out /tmp/b.json   # seconds-long smoke run
@@ -242,8 +244,11 @@ def cache_matches_recompute(model: Transformer, s: BenchSettings) -> bool:
 # ---------------------------------------------------------------- training
 
 
-def train_stepper(model: torch.nn.Module, s: BenchSettings, hf: bool) -> Callable[[], Timing]:
-    """A runner: one AdamW step (forward + backward + update) on a fixed random batch."""
+def train_stepper(
+    model: torch.nn.Module, s: BenchSettings, hf: bool, bf16: bool = False
+) -> Callable[[], Timing]:
+    """A runner: one AdamW step (forward + backward + update) on a fixed random batch; with
+    bf16, the forward under CPU bf16 autocast (fp32 weights and optimizer, as the trainer)."""
     model.train()
     # The same optimizer for both: fused AdamW, as lmcore's trainer runs it on CPU and CUDA.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
@@ -252,7 +257,8 @@ def train_stepper(model: torch.nn.Module, s: BenchSettings, hf: bool) -> Callabl
 
     def step() -> None:
         # HF shifts labels inside the loss; lmcore takes targets as given. Same matmul work.
-        loss = model(input_ids=x, labels=x).loss if hf else model(x, x)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss if hf else model(x, x)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -260,18 +266,26 @@ def train_stepper(model: torch.nn.Module, s: BenchSettings, hf: bool) -> Callabl
     return lambda: timed(step)
 
 
+BF16_TRAINED = ("lmcore", "transformers")  # the parity pair, also stepped under bf16 autocast
+
+
 def run_train(s: BenchSettings, models: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
     runners = {name: train_stepper(m, s, hf=(name == "transformers")) for name, m in models.items()}
+    runners.update({f"{name}-bf16": train_stepper(models[name], s, hf=(name == "transformers"),
+                                                  bf16=True)
+                    for name in BF16_TRAINED})  # fmt: skip
     for step in runners.values():  # first step allocates grads and optimizer state
         step()
     times = interleaved(runners, {name: s.train_steps for name in runners})
     tokens = s.train_batch * s.train_seq
     rows = []
     for name, runs in times.items():
+        model = models[name.removesuffix("-bf16")]
         row = {"impl": name, "batch": s.train_batch, "seq_len": s.train_seq,
+               "precision": "bf16" if name.endswith("-bf16") else "fp32",
                **medians(runs, tokens)}
-        if isinstance(models[name], Transformer):
-            flops_per_token = models[name].flops_per_token(s.train_seq)
+        if isinstance(model, Transformer):
+            flops_per_token = model.flops_per_token(s.train_seq)
             row["achieved_gflops_per_cpu_s"] = flops_per_token * row["tokens_per_cpu_s"] / 1e9
         rows.append(row)
     for m in models.values():
@@ -343,6 +357,9 @@ def summarize(
         ),
         "train_lmcore_vs_hf": ratio(train, "lmcore", "transformers", key),
         "train_swiglu_vs_hf": ratio(train, "lmcore-swiglu", "transformers", key),
+        "train_bf16_vs_fp32_lmcore": ratio(train, "lmcore-bf16", "lmcore", key),
+        "train_bf16_vs_fp32_hf": ratio(train, "transformers-bf16", "transformers", key),
+        "train_bf16_lmcore_vs_hf": ratio(train, "lmcore-bf16", "transformers-bf16", key),
     }
 
 
@@ -397,6 +414,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     colors = [_color(r["impl"]) for r in tr]
     ax_train.bar([r["impl"] for r in tr], [r["tokens_per_s"] for r in tr], color=colors)
     ax_train.set_ylabel("tokens/s")
+    ax_train.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax_train.set_title(f"AdamW train step, batch {tr[0]['batch']}×{tr[0]['seq_len']}")
     kv = [r for r in result["kv_cache"] if r["dtype"] == "float32"]
     xs = range(len(kv))
@@ -419,7 +437,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def _color(impl: str) -> str:
     return {"lmcore": "tab:blue", "transformers": "tab:orange", "lmcore-swiglu": "tab:cyan",
-            "lmcore-nocache": "tab:gray"}[impl]
+            "lmcore-nocache": "tab:gray", "lmcore-bf16": "tab:purple",
+            "transformers-bf16": "tab:red"}[impl]
 
 
 def run(s: BenchSettings, quick: bool) -> dict[str, Any]:

@@ -43,6 +43,9 @@ def test_bench_lmcore_quick_run_checks_cache_and_kv_memory(tmp_path: Path) -> No
     assert report["checks"]["cached_greedy_equals_recompute"] is True
     assert report["targets"]["kv_cache_matches_formula"]["met"] is True
     assert {r["impl"] for r in report["decode"]} >= {"lmcore", "transformers", "lmcore-nocache"}
+    bf16 = {r["impl"] for r in report["train"] if r["precision"] == "bf16"}
+    assert bf16 == {"lmcore-bf16", "transformers-bf16"}
+    assert report["ratios"]["train_bf16_lmcore_vs_hf"] > 0
 
 
 @pytest.mark.skipif(not onednn_supported(), reason="oneDNN's linear op does not run here")
