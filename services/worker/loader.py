@@ -65,7 +65,7 @@ def load_serving_model(
         )
     device = pick_device(settings.device)
     precision = resolve_precision(settings.mixed_precision, device)
-    # Cast and quantized before the layout is measured, so it is measured for what serves.
+    # Cast and quantize before the layout is measured, so that it is measured for what serves.
     loaded = load_model_dir(resolved.path, device=device, dtype=inference_dtype(precision),
                             quantized=settings.quantized, layout=layout)  # fmt: skip
     if loaded.tokenizer is None:
