@@ -201,6 +201,15 @@ def test_greedy_generation_is_unchanged_when_int8_layers_take_the_byte_bag(
     assert alone[0].token_ids == dequant[0].token_ids
 
 
+def test_a_compiled_bf16_int8_layer_gives_the_eager_result() -> None:
+    torch.manual_seed(6)
+    layer = Int8Linear.from_linear(Linear(64, 96))
+    x = torch.randn(2, 1, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0.01, atol=0.01)
+
+
 def test_int8_runs_a_bf16_model_in_bf16() -> None:
     model = quantize_int8(Transformer(preset("tiny")).to(torch.bfloat16))
     logits, _ = model(pattern_tokens(16)[None])
