@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent CUDA machine with a bare PyTorch image:
 # the lmcore checks (flash SDPA, compiled training MFU, the full Trainer, compiled decode, the
-# batched engine against a bare step loop, a compiled engine's hot swap), whether seeded sampling
+# batched engine against a bare step loop, a compiled engine's hot swap, int8 against bf16
+# decode), whether seeded sampling
 # repeats bit for bit and whether a request alone generates what it generates in a batch, then
 # the tests marked `gpu`. Results go under $OUT (default bench/); copy them into bench/.
 #

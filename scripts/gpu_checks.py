@@ -1,4 +1,5 @@
-"""GPU checks for lmcore on one CUDA device: flash SDPA, training MFU, Trainer, decode, hot swap.
+"""GPU checks for lmcore on one CUDA device: flash SDPA, training MFU, Trainer, decode, hot swap,
+int8 decode.
 
 Prints one JSON line per check and writes them all to --out. Imports only torch and lmcore (the GPU
 image has no transformers or matplotlib); `--dry-run` exercises every path on CPU with a tiny model.
@@ -427,6 +428,31 @@ def check_engine_hot_swap(env: Env) -> dict[str, Any]:
     }
 
 
+def check_int8_decode(env: Env) -> dict[str, Any]:
+    """Batch-1 greedy decode through a one-slot compiled Engine (the serving path): bf16 weights
+    against the same weights quantized to int8 (`quantize_int8`: what LLM_QUANTIZED=true
+    serves). A measurement, no target. Eager int8 layers convert their weight to bf16 before
+    every product (on the CPU they read bytes instead, bench/quantized_cpu.json); whether the
+    compiler fuses that conversion into the product decides what int8 costs on a GPU."""
+    from lmcore.quantize import quantize_int8
+
+    s = env.settings
+    bf16 = build(env, torch.bfloat16).eval()
+    int8 = quantize_int8(build(env, torch.bfloat16).eval())
+    prompt = random_ids(env, 1, s.prompt_len)
+    timed = interleaved({"bf16": lambda: _engine_run(env, bf16, prompt, run_ahead=True),
+                         "int8": lambda: _engine_run(env, int8, prompt, run_ahead=True)},
+                        s.decode_reps)  # fmt: skip
+    tps = {way: s.decode_tokens / statistics.median(runs[1:]) for way, runs in timed.items()}
+    return {
+        "ok": True, "ok_meaning": "a measurement: both ways decoded every token",
+        "bf16_tokens_per_s": tps["bf16"], "int8_tokens_per_s": tps["int8"],
+        "int8_over_bf16": tps["int8"] / tps["bf16"],
+        "first_rep_s_incl_compile": {way: runs[0] for way, runs in timed.items()},
+        "runs_s": timed, "new_tokens": s.decode_tokens, "prompt_len": s.prompt_len, "batch": 1,
+    }
+
+
 def interleaved(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
     """Each way's seconds for `reps` runs: first one warm-up run of each way (it compiles and
     records CUDA graphs; kept as runs_s[0]), then the rest in rounds, one run of every way per
@@ -503,6 +529,7 @@ CHECKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "decode_compiled_b1": check_decode_compiled,
     "engine_batched_sampled": check_engine_batched,
     "engine_hot_swap": check_engine_hot_swap,
+    "int8_decode_b1": check_int8_decode,  # last: a new measurement must not crowd out the rest
 }
 
 

@@ -126,13 +126,14 @@ def test_gpu_checks_dry_run_runs_every_check_and_both_engine_ways_agree(tmp_path
     checks = report["checks"]
     assert set(checks) == {"flash_sdpa_bf16", "train_step_mfu", "trainer_vs_bare_step",
                            "decode_compiled_b1", "engine_batched_sampled",
-                           "engine_hot_swap"}  # fmt: skip
+                           "engine_hot_swap", "int8_decode_b1"}  # fmt: skip
     for name, result in checks.items():
         assert "error" not in result and "skipped" not in result, (name, result)
     assert checks["decode_compiled_b1"]["engine_run_ahead_over_step_by_step"] > 0
     for when in ("host_speed_start", "host_speed_end"):  # to tell one lent host from another
         speed = report["meta"][when]
         assert speed["python_1m_adds_ms"] > 0 and speed["torch_cpu_op_us"] > 0
+    assert checks["int8_decode_b1"]["int8_over_bf16"] > 0  # a compiled int8 engine decodes
     swap = checks["engine_hot_swap"]
     assert swap["ok"] is True and swap["graphs_compiled_by_the_swap"] == 0, swap
     # On a CPU bf16 sampling repeats, so running ahead must not change a single token.
