@@ -38,6 +38,10 @@ MAX_BAG_ROWS = 4  # beyond this the bag, which reads the weight once per row, ne
 # bag wins at many more rows (crossing over at 12-16 on one Xeon; bench/quantized_cpu.json).
 INT8_BAG_ROWS = (1, 2, 4, 8, 16)
 TUNED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A timing stops taking passes once it has spent this long and has MIN_PASSES: a pass over a
+# large model (or over gpt2-124m's int8 head, converted whole) takes 0.1-0.2 s on one core.
+PASS_BUDGET_S = 0.25
+MIN_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,16 @@ def _time_passes(
     dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Median seconds of each module's product of `rows` rows over `passes` passes (after a
-    warm one): the module's own forward, or product(x, module); x in `dtype` (by default the
-    weight's)."""
-    inputs = [torch.randn(rows, m.in_features, dtype=dtype or m.weight.dtype) for m in linears]
+    warm one), or fewer once PASS_BUDGET_S is spent (at least MIN_PASSES): the module's own
+    forward, or product(x, module); x in `dtype` (by default the weight's)."""
+    gen = torch.Generator().manual_seed(0)  # a load must not move the caller's global RNG
+    inputs = [torch.randn(rows, m.in_features, generator=gen).to(dtype or m.weight.dtype)
+              for m in linears]  # fmt: skip
     samples: list[list[float]] = [[] for _ in linears]
+    began = time.perf_counter()
     for rep in range(passes + 1):
+        if rep > MIN_PASSES and time.perf_counter() - began > PASS_BUDGET_S:
+            break  # passes this long are steady; more of them only delay the load
         for i, (module, x) in enumerate(zip(linears, inputs)):
             start = time.perf_counter()
             module(x) if product is None else product(x, module)
@@ -333,13 +342,10 @@ def _rows_the_bag_wins(
     bag: Callable[[torch.Tensor, nn.Module], torch.Tensor],
     plain: tuple[str, Callable[[torch.Tensor, nn.Module], torch.Tensor]],
 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], dict[str, dict[str, float]]]]:
-    """Time `bag` against the `plain` product at each row count, on the groups' modules in model
-    order (inputs in `dtype`, by default the weight's), until each shape first loses. Returns
-    each shape's last winning count (won_already if none) and the timings:
+    """Time `bag` against the `plain` product at each row count, on the modules of the shapes
+    still in play, in model order (inputs in `dtype`, by default the weight's), until each shape
+    first loses. Returns each shape's last winning count (won_already if none) and the timings:
     count -> {"bag": µs, plain name: µs}."""
-    members = [i for shape_members in groups.values() for i in shape_members]
-    mods = [modules[i] for i in members]
-    position = {i: n for n, i in enumerate(members)}
     plain_name, plain_product = plain
     won = {shape: won_already for shape in groups}
     rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {s: {} for s in groups}
@@ -347,6 +353,11 @@ def _rows_the_bag_wins(
     for rows in counts:
         if not still_winning:
             break
+        # Settled shapes are not timed again: one shape that keeps winning (an int8 head, up to
+        # 16 rows) must not have every other linear of the model timed at each count with it.
+        members = sorted(i for shape in still_winning for i in groups[shape])
+        mods = [modules[i] for i in members]
+        position = {i: n for n, i in enumerate(members)}
         bag_s = _time_passes(mods, passes, rows, bag, dtype)
         plain_s = _time_passes(mods, passes, rows, plain_product, dtype)
         for shape in list(still_winning):

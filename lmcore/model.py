@@ -135,9 +135,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.tie_weights()
         self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """With config.tie_embeddings, the head holds the token embedding's Parameter itself
+        (again after to_empty(), which gives each module a tensor of its own)."""
+        if self.config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so depth keeps variance.

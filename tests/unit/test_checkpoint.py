@@ -71,6 +71,18 @@ def test_tied_embeddings_stay_tied_after_load_and_are_stored_once(tmp_path: Path
     assert model.head.weight is model.tok_emb.weight
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_loading_draws_no_random_numbers(tmp_path: Path, quantized: bool) -> None:
+    # No random init that the file's tensors would replace, and no global draws while the
+    # layout is measured: a caller's seeded stream is the same after a load as before it.
+    save_model_dir(tmp_path, Transformer(preset("tiny")))
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    load_model_dir(tmp_path, quantized=quantized)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 def test_untied_model_round_trips_both_matrices(tmp_path: Path) -> None:
     model = tiny_model(tie_embeddings=False)
     save_model_dir(tmp_path, model)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lmcore import inference_layout as layout
@@ -323,3 +327,42 @@ def test_a_decode_step_of_a_few_rows_through_the_bag_gives_the_same_logits() -> 
             after = step_logits()
     assert "aten::embedding_bag" in {e.key for e in prof.key_averages()}
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_settled_shapes_are_not_timed_again_while_another_keeps_winning() -> None:
+    # Two shapes: the bag always loses on the narrow one and always wins on the wide one (each
+    # product waits a fixed time), so only the wide one is timed at the later counts.
+    narrow, wide = nn.Linear(8, 4), nn.Linear(8, 16)
+    modules = [narrow, wide, narrow]
+    seen: dict[int, set[int]] = {}
+
+    def product(slow_on: nn.Module) -> Callable[[torch.Tensor, nn.Module], None]:
+        def run(x: torch.Tensor, module: nn.Module) -> None:
+            seen.setdefault(x.shape[0], set()).add(module.out_features)
+            time.sleep(0.004 if module is slow_on else 0.0005)
+        return run
+
+    groups = layout._shape_groups(modules)
+    won, rows_micros = layout._rows_the_bag_wins(
+        modules, groups, (1, 2, 4), passes=1, won_already=0,
+        bag=product(slow_on=narrow), plain=("plain", product(slow_on=wide)),
+    )  # fmt: skip
+    assert won == {(4, 8): 0, (16, 8): 4}
+    assert seen == {1: {4, 16}, 2: {16}, 4: {16}}
+    assert list(rows_micros[(4, 8)]) == ["1"] and list(rows_micros[(16, 8)]) == ["1", "2", "4"]
+
+
+def test_timing_takes_fewer_passes_once_its_budget_is_spent() -> None:
+    calls = {"slow": 0, "fast": 0}
+
+    def counted(name: str, seconds: float) -> Callable[[torch.Tensor, nn.Module], None]:
+        def run(x: torch.Tensor, module: nn.Module) -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    module = nn.Linear(4, 4)
+    slow_s = 1.5 * layout.PASS_BUDGET_S / layout.MIN_PASSES
+    layout._time_passes([module], 7, product=counted("slow", slow_s))
+    layout._time_passes([module], 7, product=counted("fast", 0.0))
+    assert calls == {"slow": layout.MIN_PASSES + 1, "fast": 7 + 1}  # the first pass warms up
