@@ -55,7 +55,7 @@ class KVCache(nn.Module):
         max_len = cfg.block_size if max_len is None else max_len
         if not 1 <= max_len <= cfg.block_size:
             raise ValueError(f"max_len must be in 1..{cfg.block_size}, got {max_len}")
-        weight = model.tok_emb.weight
+        weight = model.pos_emb.weight  # the model's dtype (the token table may be int8)
         return cls(
             cfg.n_layer,
             batch_size,

@@ -339,8 +339,9 @@ def load_model_dir(
     `dtype` casts the weights (the saved dtype by default); `quantized` then swaps the linears
     for int8 ones (lmcore.quantize.quantize_int8). The model comes laid out for inference in
     that final form: each linear's weight order and one-row kernel are the fastest measured on
-    this machine (lmcore.inference_layout: for the `small` and `gpt2-124m` presets 0.2 and 1.3 s
-    in fp32, 0.5 and 2.4 s in bf16, 0.6 and 4.8 s in int8, on one Xeon core). `layout`, an earlier
+    this machine (lmcore.inference_layout: for the `small` and `gpt2-124m` presets 0.3 and 1.5 s
+    in fp32, 0.4 and 2.7 s in bf16, 0.6 and 7.6 s in int8, on one slow Zen 3 core; most of the
+    last is gpt2-124m's int8 head, converted whole to be timed against its byte bag). `layout`, an earlier
     model's `LoadedModel.layout` from this process, is applied instead of measuring again when
     it covers the same linears.
     """

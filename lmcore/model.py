@@ -185,11 +185,13 @@ class Transformer(nn.Module):
                     f"sequence length {seq} exceeds block_size {self.config.block_size}"
                 )
             pos = torch.arange(seq, device=idx.device)
-            x = self.tok_emb(idx) + self.pos_emb(pos)
+        elif input_pos is None:
+            raise ValueError("input_pos is required with a cache")
         else:
-            if input_pos is None:
-                raise ValueError("input_pos is required with a cache")
-            x = self.tok_emb(idx) + self.pos_emb(input_pos)
+            pos = input_pos
+        positions = self.pos_emb(pos)
+        # In the model's dtype: an int8 token table (lmcore.quantize) looks rows up in fp32.
+        x = self.tok_emb(idx).to(positions.dtype) + positions
         # One (B, 1, T, max_len) mask shared by every layer rather than rebuilt per layer.
         mask = None if cache is None else cache.attention_mask(input_pos, kv_len)
         x = self.drop(x)

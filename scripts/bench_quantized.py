@@ -8,7 +8,9 @@ in the same run, each built the way the worker builds it:
   bf16 weights measured in bf16, int8 layers measured for how many rows their byte bag reads;
 - `bf16_before`, `int8_before`: the order the worker used before, laid out in fp32 and then
   cast or quantized (so bf16 kept the fp32 choices, and int8 layers converted their whole
-  weight on every call): the peers that say what the change is worth.
+  weight on every call): the peers that say what the change is worth;
+- `int8_fp32_head`: int8 laid out as `int8`, but with the tied head and token table left in
+  fp32 (`skip=("head",)`, what `quantize_int8` did before it quantized the tied pair).
 Also per form: weight bytes (`model_size_bytes`), the layout chosen, and how many greedy tokens
 agree with fp32 (random weights make near-ties, so this is a rate, not an identity).
 
@@ -71,7 +73,8 @@ def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, An
         "bf16": lambda m: laid_out(m.to(torch.bfloat16)),
         "bf16_before": lambda m: laid_out(m).to(torch.bfloat16),
         "int8": lambda m: laid_out(quantize_int8(m)),
-        "int8_before": lambda m: quantize_int8(laid_out(m)),  # int8 layers' bag_rows stay 0
+        "int8_before": lambda m: quantize_int8(laid_out(m), skip=("head",)),  # bag_rows 0
+        "int8_fp32_head": lambda m: laid_out(quantize_int8(m, skip=("head",))),
     }
     forms: dict[str, Transformer] = {}
     layouts: dict[str, Any] = {}
@@ -120,8 +123,8 @@ def ratios(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     speed = {(r["form"], r["batch"]): r[key] for r in rows}
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
-        for a, b in [("int8", "int8_before"), ("int8", "fp32"), ("bf16", "bf16_before"),
-                     ("bf16", "fp32")]:  # fmt: skip
+        for a, b in [("int8", "int8_before"), ("int8", "int8_fp32_head"), ("int8", "fp32"),
+                     ("bf16", "bf16_before"), ("bf16", "fp32")]:  # fmt: skip
             out[f"{a}_vs_{b}_b{batch}"] = round(speed[(a, batch)] / speed[(b, batch)], 3)
     return out
 

@@ -12,11 +12,13 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lmcore.config import preset
-from lmcore.generate import SamplingParams, generate_ids
+from lmcore.cache import KVCache
+from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill
 from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import (
     Int8Linear,
+    TiedInt8Embedding,
     byte_bag_product,
     byte_bag_supported,
     dynamic_int8,
@@ -75,24 +77,66 @@ def test_int8_linear_equals_matmul_with_its_dequantized_weight() -> None:
     torch.testing.assert_close(q(x), linear(x), atol=0.05, rtol=0)
 
 
-def test_quantize_int8_replaces_block_linears_and_keeps_the_tied_head() -> None:
+def test_quantize_int8_replaces_every_linear_and_makes_the_tied_pair_one_int8_matrix() -> None:
     model = quantize_int8(Transformer(preset("tiny")))
-    block_linears = [m for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    assert block_linears == []
+    assert [m for m in model.modules() if type(m) in (nn.Linear, Linear)] == []
     assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
-    assert isinstance(model.head, nn.Linear) and model.head.weight is model.tok_emb.weight
+    assert isinstance(model.head, Int8Linear) and isinstance(model.tok_emb, TiedInt8Embedding)
+    assert model.tok_emb.weight is model.head.weight and model.head.weight.dtype == torch.int8
+    # One copy: the head owns the tensors; no float table is left behind.
+    assert {k for k in model.state_dict() if k.startswith(("head", "tok_emb"))} == {
+        "head.weight", "head.scale"}
     assert not model.training
 
 
-def test_tied_head_is_kept_even_when_not_skipped() -> None:
-    model = quantize_int8(Transformer(preset("tiny")), skip=())
+def test_the_int8_lookup_reads_the_heads_dequantized_rows() -> None:
+    torch.manual_seed(7)
+    model = Transformer(preset("tiny"))
+    float_rows = model.tok_emb.weight.detach().clone()
+    quantize_int8(model)
+    idx = torch.tensor([[0, 5, 511], [5, 5, 2]])
+    with torch.no_grad():
+        rows = model.tok_emb(idx)
+    torch.testing.assert_close(rows, model.head.dequantize()[idx], rtol=0, atol=0)
+    assert float((rows - float_rows[idx]).abs().max()) <= float(model.head.scale.max()) / 2
+
+
+def test_the_tied_pair_stays_one_matrix_when_the_model_moves_or_casts() -> None:
+    model = quantize_int8(Transformer(preset("tiny"))).to(torch.bfloat16)
+    assert model.tok_emb.weight is model.head.weight and model.head.weight.dtype == torch.int8
+    logits, _ = model(pattern_tokens(16)[None])
+    assert logits.dtype == torch.bfloat16
+    copied = copy.deepcopy(model)
+    assert copied.tok_emb.weight is copied.head.weight
+    assert copied.head.weight is not model.head.weight
+    moved = copied.to("meta")  # a device move makes new tensors: the lookup follows the head's
+    assert moved.tok_emb.weight is moved.head.weight and moved.tok_emb.weight.is_meta
+
+
+def test_a_compiled_int8_decode_step_has_no_graph_breaks(trained: Transformer) -> None:
+    q = quantize_int8(copy.deepcopy(trained))
+    cache = KVCache.for_model(q, 2, 32)
+    assert cache.k.dtype == torch.float32  # the model's dtype, not the int8 table's
+    with torch.inference_mode():
+        prefill(q, [[1, 2, 3], [4, 5]], cache)
+        explanation = torch._dynamo.explain(decode_step)(
+            q, torch.tensor([[6], [7]]), torch.tensor([[3], [2]]), cache
+        )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("skip", ["head", "tok_emb"])
+def test_skipping_either_half_keeps_the_tied_pair_in_full_precision(skip: str) -> None:
+    model = quantize_int8(Transformer(preset("tiny")), skip=(skip,))
     assert type(model.head) is Linear and model.head.weight is model.tok_emb.weight
+    assert isinstance(model.blocks[0].mlp.up, Int8Linear)
 
 
-def test_untied_head_is_quantized_only_when_not_skipped() -> None:
+def test_an_untied_head_is_quantized_unless_skipped() -> None:
     cfg = preset("tiny", tie_embeddings=False)
-    assert type(quantize_int8(Transformer(cfg)).head) is Linear
-    assert isinstance(quantize_int8(Transformer(cfg), skip=()).head, Int8Linear)
+    model = quantize_int8(Transformer(cfg))
+    assert isinstance(model.head, Int8Linear) and type(model.tok_emb) is nn.Embedding
+    assert type(quantize_int8(Transformer(cfg), skip=("head",)).head) is Linear
 
 
 def test_model_size_counts_tied_weights_once() -> None:
@@ -100,11 +144,18 @@ def test_model_size_counts_tied_weights_once() -> None:
     assert model_size_bytes(model) == 4 * model.num_params(non_embedding=False)
 
 
-def test_int8_shrinks_the_tiny_model_below_half() -> None:
+def test_int8_stores_one_byte_per_weight_plus_the_scales_and_the_float_rest() -> None:
     model = Transformer(preset("tiny"))
-    ratio = model_size_bytes(quantize_int8(copy.deepcopy(model))) / model_size_bytes(model)
-    # Block linears go to 1 byte/weight; the fp32 embeddings (40k of 147k params) stay: ~0.47.
-    assert 0.40 < ratio < 0.50
+    fp32_bytes = model_size_bytes(model)
+    q = quantize_int8(copy.deepcopy(model))
+    int8 = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    weights = sum(m.weight.numel() for m in int8)
+    scales = sum(m.out_features for m in int8)
+    floats = sum(p.numel() for p in q.parameters())  # norms and the position table
+    assert model_size_bytes(q) == weights + 4 * scales + 4 * floats
+    # The head's matrix counts once: 147k weights at 4 bytes become ~1 byte each (~0.31x).
+    assert weights + floats == model.num_params(non_embedding=False)
+    assert 0.28 < model_size_bytes(q) / fp32_bytes < 0.34
 
 
 def test_int8_logits_are_close_to_fp32(trained: Transformer) -> None:
@@ -238,7 +289,8 @@ def test_quantization_report_gives_sizes_and_loss_delta_without_changing_the_mod
                                  include_dynamic=True)
     assert trained.training and type(trained.blocks[0].attn.qkv) is Linear
     assert report["base_bytes"] == model_size_bytes(trained)
-    assert 0.40 < report["int8_size_ratio"] < 0.50
+    assert report["int8_bytes"] == model_size_bytes(quantize_int8(copy.deepcopy(trained)))
+    assert 0.28 < report["int8_size_ratio"] < 0.34
     assert report["int8_val_loss_delta"] == pytest.approx(
         report["int8_val_loss"] - report["base_val_loss"]
     )

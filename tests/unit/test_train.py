@@ -274,8 +274,8 @@ def test_final_model_dir_reports_its_int8_size_and_val_loss_change(
     result = Trainer(tiny(dataset), config(tmp_path, max_steps=30), dataset, tracker).fit()
     report = load_model_dir(result.model_dir).metadata["quantization"]
 
-    # The tied embedding stays fp32, so int8 saves less than 4x on a model this small.
-    assert report["int8_bytes"] < 0.8 * report["base_bytes"]
+    # Every weight in int8, the tied table included; the norms and positions stay fp32 (~0.31x).
+    assert report["int8_bytes"] < 0.35 * report["base_bytes"]
     assert report["int8_size_ratio"] == pytest.approx(report["int8_bytes"] / report["base_bytes"])
     # Rounding the weights to int8 changes the loss a little, not a lot.
     assert 0 < abs(report["int8_val_loss_delta"]) < 0.05 * report["base_val_loss"]

@@ -41,7 +41,9 @@ def test_the_layout_is_measured_for_the_dtype_and_int8_layers_that_serve(model_d
         str(model_dir), Settings(device="cpu", mixed_precision="bf16", quantized=True)
     )
     int8 = [m for m in served.model.modules() if isinstance(m, Int8Linear)]
-    assert {c.dtype for c in served.layout} == {"bfloat16", "int8"}  # the tied head, the rest
+    assert {c.dtype for c in served.layout} == {"int8"}  # every linear, the tied head included
+    logits, _ = served.model(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.bfloat16  # int8 weights, bf16 activations
     assert sum(c.modules for c in served.layout if c.dtype == "int8") == len(int8)
     for choice in served.layout:
         if choice.dtype == "int8":
