@@ -341,9 +341,9 @@ def load_model_dir(
     that final form: each linear's weight order and one-row kernel are the fastest measured on
     this machine (lmcore.inference_layout: for the `small` and `gpt2-124m` presets 0.3 and 1.5 s
     in fp32, 0.4 and 2.7 s in bf16, 0.6 and 7.6 s in int8, on one slow Zen 3 core; most of the
-    last is gpt2-124m's int8 head, converted whole to be timed against its byte bag). `layout`, an earlier
-    model's `LoadedModel.layout` from this process, is applied instead of measuring again when
-    it covers the same linears.
+    last is gpt2-124m's int8 head, converted whole to be timed against its byte bag). `layout`,
+    an earlier model's `LoadedModel.layout` from this process, is applied instead of measuring
+    again when it covers the same linears.
     """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
