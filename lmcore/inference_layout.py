@@ -323,6 +323,8 @@ def _tune_int8(
     for shape, members in groups.items():
         for i in members:
             layers[i].bag_rows = won[shape]
+            if not won[shape]:
+                layers[i].drop_packed_rows()  # timing the bag packed it: one byte per weight
         at_one_row = rows_micros[shape].get("1", {})
         micros = {("bytebag" if k == "bag" else k): v for k, v in at_one_row.items()}
         chosen = "bytebag" if won[shape] else "dequant"

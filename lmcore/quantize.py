@@ -117,6 +117,17 @@ class Int8Linear(nn.Module):
             self._packed, self._packed_key = packed.contiguous(), key
         return self._packed
 
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes the byte bag's packed copy holds now (0 when none is made)."""
+        packed = self.__dict__.get("_packed")
+        return 0 if packed is None else packed.nbytes
+
+    def drop_packed_rows(self) -> None:
+        """Free the packed copy: a layer whose products never take the byte bag needs none."""
+        self.__dict__.pop("_packed", None)
+        self.__dict__.pop("_packed_key", None)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.scale.dtype}")

@@ -18,7 +18,7 @@ from lmcore.config import preset
 from lmcore.generate import decode_step
 from lmcore.linear import Linear, onednn_enabled
 from lmcore.model import Transformer
-from lmcore.quantize import Int8Linear, quantize_int8
+from lmcore.quantize import Int8Linear, byte_bag_supported, quantize_int8
 
 pytestmark = pytest.mark.unit
 
@@ -366,3 +366,25 @@ def test_timing_takes_fewer_passes_once_its_budget_is_spent() -> None:
     layout._time_passes([module], 7, product=counted("slow", slow_s))
     layout._time_passes([module], 7, product=counted("fast", 0.0))
     assert calls == {"slow": layout.MIN_PASSES + 1, "fast": 7 + 1}  # the first pass warms up
+
+
+@pytest.mark.skipif(not byte_bag_supported(), reason="this torch build has no FBGEMM byte bag")
+@pytest.mark.parametrize("bag", ["as measured", "slower everywhere"])
+def test_int8_layers_keep_the_packed_copy_only_where_the_bag_serves(
+    bag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if bag == "slower everywhere":
+        real = layout.byte_bag_product
+
+        def slow(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+            time.sleep(0.002)
+            return real(x, layer)
+
+        monkeypatch.setattr(layout, "byte_bag_product", slow)
+    model = quantize_int8(Transformer(preset("tiny")).eval())
+    layout.use_inference_layout(model, passes=1)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    # Timing the bag packs every layer; a layer that never takes it must not keep the bytes.
+    assert all((m.packed_nbytes > 0) == (m.bag_rows > 0) for m in layers)
+    if bag == "slower everywhere":
+        assert all(m.bag_rows == 0 for m in layers)
