@@ -11,13 +11,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -123,13 +124,29 @@ def _check_tensors(
             )
 
 
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Strict load; tied aliases get their first name's tensor so both stay one Parameter."""
-    full = dict(tensors)
-    for alias, first in _aliases(module).items():
-        if first in full:
-            full[alias] = full[first]
-    module.load_state_dict(full, strict=True)
+def _load_model_file(
+    module: nn.Module, path: Path, *, stored_dtype: torch.dtype | None = None
+) -> None:
+    """Check every tensor of a model file against the module, then copy them in one at a time.
+
+    Each tensor is read through a mapping of its own, closed before the next, so a load peaks at
+    the model plus its largest tensor rather than the model plus the whole file (mapped pages
+    count until the mapping closes). A module on a GPU takes each tensor from its mapping
+    straight to the device. Tied aliases are not in the file: their first name fills both.
+    `stored_dtype`: the file's floating dtype where the module's differs (the copy casts).
+    """
+    expected = _expected_tensors(module)
+    if stored_dtype is not None:
+        expected = {name: (shape, stored_dtype if dtype.is_floating_point else dtype)
+                    for name, (shape, dtype) in expected.items()}  # fmt: skip
+    with _opened_safetensors(path) as f:
+        # get_tensor maps without reading: checking shapes and dtypes touches no data.
+        _check_tensors({name: f.get_tensor(name) for name in f.keys()}, expected, path)
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name in expected:
+            with _opened_safetensors(path, sniffed=True) as f:
+                targets[name].copy_(f.get_tensor(name))
 
 
 # -- safe file IO -------------------------------------------------------------------------------
@@ -156,6 +173,20 @@ def _sniff_safetensors(path: Path) -> None:
     header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
     if not (0 < header_len <= size - 8) or head[8:9] != b"{":
         raise CheckpointError(f"{path}: not a safetensors file (bad header)")
+
+
+@contextmanager
+def _opened_safetensors(path: Path, *, sniffed: bool = False) -> Iterator[Any]:
+    """safetensors' lazy reader of `path` (a pickle or other file refused first, unless the
+    caller already did)."""
+    if not sniffed:
+        _sniff_safetensors(path)
+    try:
+        reader = safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
+    with reader:
+        yield reader
 
 
 def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -348,15 +379,11 @@ def load_model_dir(
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
     tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
-    # Built without its random init, which every tensor from the file replaces: for gpt2-124m
-    # that init was ~3 s of a ~4 s load on one core.
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device="cpu").to(saved_dtype).tie_weights()
-    tensors = _read_safetensors(root / MODEL_FILE)
-    _check_tensors(tensors, _expected_tensors(model), root / MODEL_FILE)
-    _load_into(model, tensors)
-    model.to(device=device, dtype=dtype or saved_dtype).eval()
+    # Built on the device, in the dtype it serves in, without a random init: every tensor from
+    # the file replaces it, cast as it is copied, so no second full copy in the saved dtype.
+    model = Transformer.uninitialized(config, device=device, dtype=dtype or saved_dtype)
+    _load_model_file(model, root / MODEL_FILE, stored_dtype=saved_dtype)
+    model.eval()
     if quantized:
         quantize_int8(model)
     # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
@@ -554,10 +581,7 @@ def load_training_state(
     meta = _read_json(root / STATE_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{root}: unsupported format_version {meta.get('format_version')!r}")
-    module = unwrap_model(model)
-    tensors = _read_safetensors(root / MODEL_FILE)
-    _check_tensors(tensors, _expected_tensors(module), root / MODEL_FILE)
-    _load_into(module, tensors)
+    _load_model_file(unwrap_model(model), root / MODEL_FILE)
     if optimizer is not None:
         opt_tensors = _read_safetensors(root / OPTIMIZER_FILE)
         optimizer.load_state_dict(_join_optimizer_state(optimizer, opt_tensors, meta["optimizer"]))

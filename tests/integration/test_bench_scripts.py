@@ -91,6 +91,21 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
     assert dtypes["int8"] == {"int8"} and dtypes["int8_fp32_head"] == {"float32", "int8"}
 
 
+def test_bench_load_quick_run_loads_every_form_both_ways_to_the_same_model(
+    tmp_path: Path,
+) -> None:
+    report = run_quick("bench_load.py", tmp_path / "load.json")
+    w = report["workload"]
+    assert {(r["preset"], r["form"], r["way"]) for r in report["results"]} == {
+        (p, f, way) for p in w["presets"] for f in w["forms"] for way in ("lmcore", "plain")
+    }
+    for row in report["results"]:
+        assert row["load_s"] > 0 and row["added_peak_mb"] >= row["added_resident_mb"] > 0
+    assert all(report["checks"]["same_logits_both_ways"].values())
+    assert set(report["ratios"]) == {f"{k}_{p}_{f}" for k in ("peak", "time")
+                                     for p in w["presets"] for f in w["forms"]}  # fmt: skip
+
+
 def test_bench_events_quick_run_delivers_every_chunk_parked_or_not(tmp_path: Path) -> None:
     report = run_quick("bench_events.py", tmp_path / "events.json")
     rows = report["results"]

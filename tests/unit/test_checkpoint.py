@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,35 @@ def test_loading_draws_no_random_numbers(tmp_path: Path, quantized: bool) -> Non
     torch.manual_seed(1)
     load_model_dir(tmp_path, quantized=quantized)
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_loading_a_model_dir_leaves_the_compiler_unimported(
+    tmp_path: Path, quantized: bool
+) -> None:
+    # Importing torch._dynamo costs ~1 s, which a load that compiles nothing must not pay (it
+    # did while the model was built on the meta device, whose init ops import it).
+    save_model_dir(tmp_path, tiny_model())
+    code = (
+        "import sys\n"
+        "from lmcore.checkpoint import load_model_dir\n"
+        f"load_model_dir({str(tmp_path)!r}, quantized={quantized})\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_model_dir_loaded_in_another_dtype_holds_what_a_cast_gives(tmp_path: Path) -> None:
+    # The file's tensors are cast as they are copied in, not after a full copy in fp32.
+    model = tiny_model()
+    save_model_dir(tmp_path, model)
+    loaded = load_model_dir(tmp_path, dtype=torch.bfloat16).model
+    for (name, want), got in zip(model.to(torch.bfloat16).state_dict().items(),
+                                 loaded.state_dict().values()):
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert loaded.head.weight is loaded.tok_emb.weight
 
 
 def test_untied_model_round_trips_both_matrices(tmp_path: Path) -> None:

@@ -72,6 +72,25 @@ def test_head_is_tied_to_the_token_embedding(tiny: Transformer) -> None:
     assert untied.head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_an_uninitialized_model_has_the_same_tensors_and_draws_no_random_numbers(
+    tied: bool,
+) -> None:
+    config = preset("tiny", tie_embeddings=tied)
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    model = Transformer.uninitialized(config, dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+    reference = Transformer(config).state_dict()
+    assert {k: (v.shape, torch.bfloat16) for k, v in reference.items()} == {
+        k: (v.shape, v.dtype) for k, v in model.state_dict().items()
+    }
+    assert (model.head.weight is model.tok_emb.weight) == tied
+    # Only the random init is skipped: what a constructor sets otherwise is still there.
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
 def test_residual_projections_get_scaled_init() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, n_layer=8, n_head=4, n_embd=256, block_size=64)
