@@ -36,6 +36,7 @@ bench: setup
 	$(PY) scripts/bench_linear.py
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_quantized.py
+	$(PY) scripts/bench_load.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_serve.py
 	$(PY) scripts/bench_events.py
