@@ -370,11 +370,11 @@ def load_model_dir(
     `dtype` casts the weights (the saved dtype by default); `quantized` then swaps the linears
     for int8 ones (lmcore.quantize.quantize_int8). The model comes laid out for inference in
     that final form: each linear's weight order and one-row kernel are the fastest measured on
-    this machine (lmcore.inference_layout: for the `small` and `gpt2-124m` presets 0.3 and 1.5 s
-    in fp32, 0.4 and 2.7 s in bf16, 0.6 and 7.6 s in int8, on one slow Zen 3 core; most of the
-    last is gpt2-124m's int8 head, converted whole to be timed against its byte bag). `layout`,
-    an earlier model's `LoadedModel.layout` from this process, is applied instead of measuring
-    again when it covers the same linears.
+    this machine (lmcore.inference_layout: for the `small` and `gpt2-124m` presets 0.4 and 1.0 s
+    in fp32, 0.2 and 1.8 s in bf16, 0.3 and 2.2 s in int8, of whole loads of 0.4 and 2.5, 0.3
+    and 2.1, 0.4 and 3.6 s on one Zen 4 core). `layout`, an earlier model's
+    `LoadedModel.layout` from this process, is applied instead of measuring again when it
+    covers the same linears.
     """
     root = _model_dir(path)
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)

@@ -63,7 +63,8 @@ class ShapeChoice:
     chosen: str  # a Candidate's name; for int8 weights "bytebag" or "dequant"
     micros: dict[str, float]  # candidate name -> summed median microseconds per pass
     bag_rows: int = 1  # with a bag chosen: products of up to this many rows take it
-    # rows ("2".."4"; "1".."16" for int8) -> {"bag": µs, "linear": µs}: how bag_rows was decided
+    # rows ("2".."4"; "1".."16" for int8) -> {"bag": µs, "linear" or "dequant": µs}: how
+    # bag_rows was decided; {"bag": µs} alone where the bag beat the other's time at fewer rows
     rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
     dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16 or int8
 
@@ -347,31 +348,53 @@ def _rows_the_bag_wins(
     """Time `bag` against the `plain` product at each row count, on the modules of the shapes
     still in play, in model order (inputs in `dtype`, by default the weight's), until each shape
     first loses. Returns each shape's last winning count (won_already if none) and the timings:
-    count -> {"bag": µs, plain name: µs}."""
+    count -> {"bag": µs, plain name: µs}, or {"bag": µs} alone where the bag beat the plain
+    product's time at fewer rows, which more rows do not make faster (so it was not timed)."""
     plain_name, plain_product = plain
     won = {shape: won_already for shape in groups}
     rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {s: {} for s in groups}
+    plain_before: dict[tuple[int, int], float] = {}  # µs of the plain product at fewer rows
     still_winning = set(groups)
     for rows in counts:
         if not still_winning:
             break
         # Settled shapes are not timed again: one shape that keeps winning (an int8 head, up to
         # 16 rows) must not have every other linear of the model timed at each count with it.
-        members = sorted(i for shape in still_winning for i in groups[shape])
-        mods = [modules[i] for i in members]
-        position = {i: n for n, i in enumerate(members)}
-        bag_s = _time_passes(mods, passes, rows, bag, dtype)
-        plain_s = _time_passes(mods, passes, rows, plain_product, dtype)
+        bag_micros = _summed_micros(modules, groups, still_winning, passes, rows, bag, dtype)
+        # Nor is a plain product the bag already beats at fewer rows: gpt2-124m's int8 head is
+        # converted whole each time (~0.1 s), and the bag wins there up to 8 or 16 rows.
+        undecided = {shape for shape in still_winning if shape not in plain_before
+                     or pick_fastest({"bag": bag_micros[shape], plain_name: plain_before[shape]},
+                                     plain_name) != "bag"}  # fmt: skip
+        plain_micros = _summed_micros(
+            modules, groups, undecided, passes, rows, plain_product, dtype
+        ) if undecided else {}  # fmt: skip
         for shape in list(still_winning):
-            at = [position[i] for i in groups[shape]]
-            micros = {"bag": 1e6 * sum(bag_s[n] for n in at),
-                      plain_name: 1e6 * sum(plain_s[n] for n in at)}  # fmt: skip
+            micros = {"bag": bag_micros[shape]}
+            if shape in plain_micros:
+                micros[plain_name] = plain_before[shape] = plain_micros[shape]
             rows_micros[shape][str(rows)] = micros
-            if pick_fastest(micros, plain_name) == "bag":
+            if plain_name not in micros or pick_fastest(micros, plain_name) == "bag":
                 won[shape] = rows
             else:
                 still_winning.discard(shape)  # from its first loss on, the shape is settled
     return won, rows_micros
+
+
+def _summed_micros(
+    modules: list[nn.Module],
+    groups: dict[tuple[int, int], list[int]],
+    shapes: set[tuple[int, int]],
+    passes: int,
+    rows: int,
+    product: Callable[[torch.Tensor, nn.Module], torch.Tensor],
+    dtype: torch.dtype | None,
+) -> dict[tuple[int, int], float]:
+    """Each shape's summed median µs of `product`, timed on its modules in model order."""
+    members = sorted(i for shape in shapes for i in groups[shape])
+    seconds = dict(zip(members, _time_passes([modules[i] for i in members], passes, rows,
+                                             product, dtype)))  # fmt: skip
+    return {shape: 1e6 * sum(seconds[i] for i in groups[shape]) for shape in shapes}
 
 
 def _kernel_of(choice: ShapeChoice) -> str:

@@ -187,8 +187,7 @@ def test_int8_layers_take_the_byte_bag_for_as_many_rows_as_it_keeps_winning() ->
     for choice in int8:
         counts = [int(r) for r in choice.rows_micros]
         assert counts == list(layout.INT8_BAG_ROWS[: len(counts)])
-        wins = [layout.pick_fastest(choice.rows_micros[str(r)], "dequant") == "bag"
-                for r in counts]  # fmt: skip
+        wins = _bag_wins(choice.rows_micros, "dequant")
         # Counts are timed until the bag first loses; bag_rows is the last count it won.
         won = [r for r, w in zip(counts, wins) if w]
         assert wins == [True] * len(won) + [False] * (len(counts) - len(won))
@@ -288,6 +287,17 @@ def test_choices_for_other_linears_are_measured_afresh() -> None:
     assert sum(c.modules for c in choices) == len(layout.tunable_linears(deeper))
 
 
+def _bag_wins(rows_micros: dict[str, dict[str, float]], plain: str) -> list[bool]:
+    """Whether the bag won at each count: against the plain product's time at that count or,
+    where that was not timed, at the last count where it was."""
+    wins, before = [], None
+    for micros in rows_micros.values():
+        before = micros.get(plain, before)
+        assert before is not None, "the plain product is timed at the first count"
+        wins.append(layout.pick_fastest({"bag": micros["bag"], plain: before}, plain) == "bag")
+    return wins
+
+
 def test_bag_rows_grow_while_the_bag_keeps_winning_and_reach_every_module() -> None:
     torch.manual_seed(8)
     model = Transformer(preset("tiny")).eval()
@@ -302,7 +312,7 @@ def test_bag_rows_grow_while_the_bag_keeps_winning_and_reach_every_module() -> N
         timed = [int(r) for r in choice.rows_micros]
         assert timed == list(range(2, 2 + len(timed)))
         assert 1 <= len(timed) <= layout.MAX_BAG_ROWS - 1
-        wins = [layout.pick_fastest(choice.rows_micros[str(r)], "linear") == "bag" for r in timed]
+        wins = _bag_wins(choice.rows_micros, "linear")
         # Counts are timed until the bag first loses; bag_rows is the last count it won.
         assert wins == [True] * (choice.bag_rows - 1) + [False] * (len(timed) - choice.bag_rows + 1)
         assert {linears[i].bag_rows for i in groups[choice.shape]} == {choice.bag_rows}
@@ -350,6 +360,31 @@ def test_settled_shapes_are_not_timed_again_while_another_keeps_winning() -> Non
     assert won == {(4, 8): 0, (16, 8): 4}
     assert seen == {1: {4, 16}, 2: {16}, 4: {16}}
     assert list(rows_micros[(4, 8)]) == ["1"] and list(rows_micros[(16, 8)]) == ["1", "2", "4"]
+
+
+def test_a_plain_product_the_bag_beat_at_fewer_rows_is_not_timed_again() -> None:
+    # The bag's time grows with rows, the plain product's does not (a weight converted whole):
+    # the plain one is timed at 1 row, skipped at 2 (the bag still beats its 1-row time), and
+    # timed again at 4, where the bag no longer does.
+    module = nn.Linear(8, 4)
+    plain_rows: list[int] = []
+
+    def bag(x: torch.Tensor, m: nn.Module) -> None:
+        time.sleep(0.001 * x.shape[0])
+
+    def plain(x: torch.Tensor, m: nn.Module) -> None:
+        plain_rows.append(x.shape[0])
+        time.sleep(0.0035)
+
+    won, rows_micros = layout._rows_the_bag_wins(
+        [module], {(4, 8): [0]}, (1, 2, 4, 8), passes=1, won_already=0,
+        bag=bag, plain=("plain", plain),
+    )  # fmt: skip
+    assert sorted(set(plain_rows)) == [1, 4]
+    assert [sorted(m) for m in rows_micros[(4, 8)].values()] == [
+        ["bag", "plain"], ["bag"], ["bag", "plain"]
+    ]
+    assert won == {(4, 8): 2}
 
 
 def test_timing_takes_fewer_passes_once_its_budget_is_spent() -> None:
