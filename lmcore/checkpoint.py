@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch import nn
 from lmcore.config import ConfigError, ModelConfig
 from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
-from lmcore.quantize import quantize_int8
+from lmcore.quantize import quantize_as_loaded
 from lmcore.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -125,7 +125,11 @@ def _check_tensors(
 
 
 def _load_model_file(
-    module: nn.Module, path: Path, *, stored_dtype: torch.dtype | None = None
+    module: nn.Module,
+    path: Path,
+    *,
+    stored_dtype: torch.dtype | None = None,
+    loaded: Callable[[str], None] | None = None,
 ) -> None:
     """Check every tensor of a model file against the module, then copy them in one at a time.
 
@@ -134,6 +138,7 @@ def _load_model_file(
     count until the mapping closes). A module on a GPU takes each tensor from its mapping
     straight to the device. Tied aliases are not in the file: their first name fills both.
     `stored_dtype`: the file's floating dtype where the module's differs (the copy casts).
+    `loaded` is called with each name once its tensor is in (lmcore.quantize.quantize_as_loaded).
     """
     expected = _expected_tensors(module)
     if stored_dtype is not None:
@@ -146,7 +151,9 @@ def _load_model_file(
     with torch.no_grad():
         for name in expected:
             with _opened_safetensors(path, sniffed=True) as f:
-                targets[name].copy_(f.get_tensor(name))
+                targets.pop(name).copy_(f.get_tensor(name))  # no reference kept past `loaded`
+            if loaded is not None:
+                loaded(name)
 
 
 # -- safe file IO -------------------------------------------------------------------------------
@@ -382,10 +389,11 @@ def load_model_dir(
     # Built on the device, in the dtype it serves in, without a random init: every tensor from
     # the file replaces it, cast as it is copied, so no second full copy in the saved dtype.
     model = Transformer.uninitialized(config, device=device, dtype=dtype or saved_dtype)
-    _load_model_file(model, root / MODEL_FILE, stored_dtype=saved_dtype)
+    # int8: each linear is quantized as soon as its tensors are in, so the full-precision
+    # model is never resident whole.
+    loaded = quantize_as_loaded(model) if quantized else None
+    _load_model_file(model, root / MODEL_FILE, stored_dtype=saved_dtype, loaded=loaded)
     model.eval()
-    if quantized:
-        quantize_int8(model)
     # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
     choices = use_inference_layout(model, reuse=layout)
     return LoadedModel(model, tokenizer, config, metadata, root, choices)

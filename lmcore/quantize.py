@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import nn
 from lmcore.linear import bag_indices, linear, shared_weight_ids
 
 INT8_MAX = 127
+QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
 
 
 class Int8Linear(nn.Module):
@@ -186,12 +187,21 @@ def byte_bag_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> int8 weight and fp32 per-row scale (symmetric, no zero point)."""
-    w = weight.float()
+    """(out, in) float weight -> int8 weight and fp32 per-row scale (symmetric, no zero point).
+
+    A block of rows at a time, so the fp32 temporaries stay small: whole-matrix ones were two
+    more copies of gpt2-124m's 147 MiB head at the peak of an int8 load.
+    """
+    lo, hi = torch.aminmax(weight, dim=1)  # max |w| without a full-size abs() temporary
+    amax = torch.maximum(-lo.float(), hi.float())
     # An all-zero row gets scale 1 instead of 0 so dequantization never divides by zero.
-    amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    step = max(1, QUANTIZE_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        block = weight[rows].float() / scale[rows, None]
+        q[rows] = block.round_().clamp_(-INT8_MAX, INT8_MAX)
     return q, scale
 
 
@@ -225,6 +235,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _quantize_linear(model: nn.Module, name: str) -> None:
+    _set_submodule(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+
+
+def _quantize_tied(model: nn.Module, table: str, name: str) -> None:
+    head = Int8Linear.from_linear(model.get_submodule(name))
+    _set_submodule(model, name, head)
+    _set_submodule(model, table, TiedInt8Embedding(head))
+
+
 @torch.no_grad()
 def quantize_int8(model: nn.Module, *, skip: Sequence[str] = ()) -> nn.Module:
     """Replace every nn.Linear (except `skip` names) by Int8Linear, in place; cast the model to
@@ -236,12 +256,45 @@ def quantize_int8(model: nn.Module, *, skip: Sequence[str] = ()) -> nn.Module:
     matrix twice. Other embeddings stay as they are. Returns the model, in eval() mode.
     """
     for name in _linears_to_quantize(model, skip):
-        _set_submodule(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+        _quantize_linear(model, name)
     for table, name in _tied_heads(model, skip):
-        head = Int8Linear.from_linear(model.get_submodule(name))
-        _set_submodule(model, name, head)
-        _set_submodule(model, table, TiedInt8Embedding(head))
+        _quantize_tied(model, table, name)
     return model.eval()
+
+
+def quantize_as_loaded(model: nn.Module, *, skip: Sequence[str] = ()) -> Callable[[str], None]:
+    """For a loader that fills `model` one tensor at a time: a callback, given each tensor's
+    name (as in the state dict, a tied tensor by its first name) once it is in, that quantizes
+    each linear `quantize_int8(model, skip=skip)` would as soon as its last tensor is in.
+
+    Each full-precision weight is released as its linear is quantized, so a CPU load of an
+    int8 model never holds the whole full-precision model: the rest of it is allocated but not
+    yet written (pages never touched). On a GPU the allocation itself is real.
+    """
+    first_name = {id(p): n for n, p in model.named_parameters()}  # a tied tensor counts once
+
+    def names(*modules: str) -> set[str]:
+        return {first_name[id(p)] for m in modules for p in model.get_submodule(m).parameters()}
+
+    # Names and actions only: a reference to a module here would keep its weight alive.
+    linears = _linears_to_quantize(model, skip)
+    pending = [names(name) for name in linears]
+    actions = [functools.partial(_quantize_linear, model, name) for name in linears]
+    for table, name in _tied_heads(model, skip):
+        pending.append(names(name, table))
+        actions.append(functools.partial(_quantize_tied, model, table, name))
+    group_of = {name: i for i, group in enumerate(pending) for name in group}
+
+    @torch.no_grad()
+    def loaded(name: str) -> None:
+        i = group_of.pop(name, None)
+        if i is None:  # not a quantized linear's tensor (a norm, the position table)
+            return
+        pending[i].discard(name)
+        if not pending[i]:
+            actions[i]()
+
+    return loaded
 
 
 def dynamic_int8(model: nn.Module, *, skip: Sequence[str] = ()) -> nn.Module:

@@ -24,6 +24,7 @@ from lmcore.checkpoint import (
 )
 from lmcore.config import preset
 from lmcore.model import Transformer
+from lmcore.quantize import Int8Linear, quantize_int8
 from lmcore.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
@@ -112,6 +113,24 @@ def test_a_model_dir_loaded_in_another_dtype_holds_what_a_cast_gives(tmp_path: P
         assert got.dtype == torch.bfloat16, name
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert loaded.head.weight is loaded.tok_emb.weight
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_int8_load_holds_what_quantizing_the_loaded_model_gives(
+    tmp_path: Path, tied: bool, dtype: torch.dtype | None
+) -> None:
+    # Linears are quantized as their tensors come in, not after the whole model is loaded.
+    model = tiny_model(tie_embeddings=tied)
+    save_model_dir(tmp_path, model)
+    loaded = load_model_dir(tmp_path, dtype=dtype, quantized=True).model
+    want = quantize_int8(model.to(dtype or torch.float32)).state_dict()
+    got = loaded.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
+    assert isinstance(loaded.head, Int8Linear)
 
 
 def test_untied_model_round_trips_both_matrices(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import weakref
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from lmcore.quantize import (
     dynamic_int8,
     model_size_bytes,
     quantization_report,
+    quantize_as_loaded,
     quantize_int8,
     quantize_per_channel,
 )
@@ -137,6 +139,27 @@ def test_an_untied_head_is_quantized_unless_skipped() -> None:
     model = quantize_int8(Transformer(cfg))
     assert isinstance(model.head, Int8Linear) and type(model.tok_emb) is nn.Embedding
     assert type(quantize_int8(Transformer(cfg), skip=("head",)).head) is Linear
+
+
+def test_quantizing_as_loaded_swaps_each_linear_once_its_tensors_are_in() -> None:
+    model = Transformer(preset("tiny"))
+    reference = quantize_int8(copy.deepcopy(model))
+    fp32_up = weakref.ref(model.blocks[0].mlp.up.weight)
+    loaded = quantize_as_loaded(model)
+    # A loader reports tensors one at a time; block 0's come in, block 1's have not yet.
+    for name in [n for n in model.state_dict() if n.startswith("blocks.0.")]:
+        loaded(name)
+    assert isinstance(model.blocks[0].mlp.up, Int8Linear)
+    assert fp32_up() is None  # its full-precision weight is released already
+    assert type(model.blocks[1].mlp.up) is Linear and type(model.head) is Linear
+    loaded("tok_emb.weight")  # the tied pair: the table's tensor is the head's
+    assert isinstance(model.head, Int8Linear) and isinstance(model.tok_emb, TiedInt8Embedding)
+    for name in model.state_dict():
+        loaded(name)  # the rest; names already reported or not quantized are ignored
+    got, want = model.state_dict(), reference.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 def test_model_size_counts_tied_weights_once() -> None:
