@@ -145,6 +145,7 @@ def _load_model_file(
         expected = {name: (shape, stored_dtype if dtype.is_floating_point else dtype)
                     for name, (shape, dtype) in expected.items()}  # fmt: skip
     with _opened_safetensors(path) as f:
+        first_seen = _identity(path)
         # get_tensor maps without reading: checking shapes and dtypes touches no data.
         _check_tensors({name: f.get_tensor(name) for name in f.keys()}, expected, path)
     targets = module.state_dict(keep_vars=True)
@@ -152,8 +153,19 @@ def _load_model_file(
         for name in expected:
             with _opened_safetensors(path, sniffed=True) as f:
                 targets.pop(name).copy_(f.get_tensor(name))  # no reference kept past `loaded`
+                # Each tensor opens the path again: a file replaced or rewritten meanwhile
+                # would mix two checkpoints' tensors without this check.
+                if _identity(path) != first_seen:
+                    raise CheckpointError(f"{path}: replaced or rewritten while it was being "
+                                          "read; load it again")  # fmt: skip
             if loaded is not None:
                 loaded(name)
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced (a new inode) or rewritten in place (size, mtime)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # -- safe file IO -------------------------------------------------------------------------------

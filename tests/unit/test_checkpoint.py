@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lmcore.checkpoint import (
     CheckpointError,
+    _load_model_file,
     latest_training_state,
     list_training_states,
     load_model_dir,
@@ -217,6 +219,25 @@ def test_dir_with_only_a_pt_file_is_refused_naming_it(tmp_path: Path, no_unpickl
         load_model_dir(tmp_path)
     with pytest.raises(CheckpointError, match="pickles"):
         load_model_dir(tmp_path / "model.pt")
+
+
+def test_a_model_file_replaced_while_it_is_read_is_refused(tmp_path: Path) -> None:
+    # Tensors are read one at a time, each through the path: another checkpoint renamed over
+    # the file midway must not leave a model holding tensors of both.
+    save_model_dir(tmp_path / "a", tiny_model(seed=0))
+    save_model_dir(tmp_path / "b", tiny_model(seed=1))
+    target = tmp_path / "a" / "model.safetensors"
+    reads: list[str] = []
+
+    def replace_after_the_first(name: str) -> None:
+        reads.append(name)
+        if len(reads) == 1:
+            os.replace(tmp_path / "b" / "model.safetensors", target)
+
+    model = Transformer.uninitialized(preset("tiny", block_size=32))
+    with pytest.raises(CheckpointError, match="replaced or rewritten while it was being read"):
+        _load_model_file(model, target, loaded=replace_after_the_first)
+    assert len(reads) == 1
 
 
 def test_garbage_model_file_is_refused(tmp_path: Path) -> None:
