@@ -56,6 +56,13 @@ def test_candidates_cover_both_orders_of_every_gemm_kernel_and_the_column_major_
     assert names[0] == ("onednn-row" if onednn_enabled() else "blas-row")  # the default
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_candidates_change_the_weight_order_once(dtype: torch.dtype) -> None:
+    # Timing them in turn transposes every weight at each change of order.
+    orders = [c.order for c in layout.candidates(dtype)]
+    assert orders == sorted(orders, key=["row", "col"].index) and orders[0] == "row"
+
+
 EVERY_CANDIDATE = [layout.Candidate(k, o) for k in ("onednn", "blas") for o in ("row", "col")]
 EVERY_CANDIDATE.append(layout.Candidate("bag", "col"))
 
