@@ -15,7 +15,8 @@ keeps.
 
 bf16 and fp16 weights are laid out the same way (the bag sums them in fp32 and rounds once), and
 int8 linears (lmcore.quantize.Int8Linear) are measured for how many rows their byte bag beats
-converting the whole weight first.
+converting the whole weight first, and, with bf16 or fp16 activations, for how many more rows
+PyTorch's int8 weight-only GEMM does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ import torch
 from torch import nn
 
 from lmcore.linear import Linear, OneRowKernel, bag_linear, linear, onednn_enabled
-from lmcore.quantize import Int8Linear, byte_bag_product, byte_bag_supported
+from lmcore.quantize import (
+    Int8Linear,
+    byte_bag_product,
+    byte_bag_supported,
+    int8pack_product,
+    int8pack_supported,
+)
 
 Order = Literal["row", "col"]
 MAX_BAG_ROWS = 4  # beyond this the bag, which reads the weight once per row, never won here
@@ -60,21 +67,27 @@ class ShapeChoice:
 
     shape: tuple[int, int]  # (out_features, in_features)
     modules: int
-    chosen: str  # a Candidate's name; for int8 weights "bytebag" or "dequant"
+    chosen: str  # a Candidate's name; for int8 weights "bytebag", "int8pack" or "dequant"
     micros: dict[str, float]  # candidate name -> summed median microseconds per pass
     bag_rows: int = 1  # with a bag chosen: products of up to this many rows take it
     # rows ("2".."4"; "1".."16" for int8) -> {"bag": µs, "linear" or "dequant": µs}: how
     # bag_rows was decided; {"bag": µs} alone where the bag beat the other's time at fewer rows
     rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
     dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16 or int8
+    pack_rows: int = 0  # int8: products of more than bag_rows, up to this many, take int8pack
 
 
 def describe(choices: list[ShapeChoice]) -> str:
     """One line for a log: "1152x384 bag-col (<= 2 rows), 384x1536 onednn-row" (out x in)."""
     def one(c: ShapeChoice) -> str:
         rows = f" (<= {c.bag_rows} rows)" if c.bag_rows > 1 else ""
+        if c.pack_rows > c.bag_rows:  # int8 with an int8pack range
+            head = "" if c.chosen == "int8pack" else f"{c.chosen}{rows}, "
+            rows, chosen = f"{head}int8pack (<= {c.pack_rows} rows)", ""
+        else:
+            chosen = c.chosen
         dtype = "" if c.dtype == "float32" else f" {c.dtype}"
-        return f"{c.shape[0]}x{c.shape[1]}{dtype} {c.chosen}{rows}"
+        return f"{c.shape[0]}x{c.shape[1]}{dtype} {chosen}{rows}".replace("  ", " ")
 
     return ", ".join(one(c) for c in choices) or "none"
 
@@ -185,7 +198,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _choice_names(dtype: str) -> set[str]:
     """What a choice for weights of this dtype may say; nothing for a dtype not tuned here."""
     if dtype == "int8":
-        return {"bytebag", "dequant"}
+        return {"bytebag", "int8pack", "dequant"}
     float_dtype = getattr(torch, dtype, None)
     return {c.name for c in candidates(float_dtype)} if float_dtype in TUNED_DTYPES else set()
 
@@ -210,6 +223,7 @@ def _apply_reused(families: list[Family], reuse: Sequence[ShapeChoice]) -> None:
                 elif choice.bag_rows:
                     linears[i].packed_rows()  # now, not in the first request's step (~2 ms/M)
                 linears[i].bag_rows = choice.bag_rows
+                linears[i].pack_rows = choice.pack_rows if dtype == "int8" else 0
 
 
 def _candidate(name: str) -> Candidate:
@@ -310,31 +324,72 @@ def _with_bag_rows(
 def _tune_int8(
     layers: list[nn.Module], passes: int, activations: torch.dtype
 ) -> list[ShapeChoice]:
-    """For each int8 shape: the most rows (of INT8_BAG_ROWS) up to which the byte bag beats
-    converting the weight (to the `activations` dtype), at every count; 0 (never the bag) where
-    the kernel is missing."""
+    """For each int8 shape: the most rows (of INT8_BAG_ROWS) up to which the byte bag beats the
+    next kernel at every count, then (bf16/fp16 activations, where `int8pack_supported`) the
+    most rows up to which the int8 weight-only GEMM beats converting the weight (to the
+    `activations` dtype); 0 (never the bag) where the kernel is missing."""
     groups = _shape_groups(layers)
     if not byte_bag_supported():
         for layer in layers:
-            layer.bag_rows = 0
+            layer.bag_rows = layer.pack_rows = 0
         return [ShapeChoice(shape, len(members), "dequant", {}, 0, dtype="int8")
                 for shape, members in groups.items()]  # fmt: skip
-    won, rows_micros = _rows_the_bag_wins(
-        layers, groups, INT8_BAG_ROWS, passes, won_already=0, dtype=activations,
-        bag=byte_bag_product, plain=("dequant", lambda x, m: m.dequant_product(x)),
-    )  # fmt: skip
+    dequant = ("dequant", lambda x, m: m.dequant_product(x))
+    int8pack = ("int8pack", int8pack_product)
+    packable = {s: m for s, m in groups.items() if int8pack_supported(activations, s[1])}
+    others = {s: m for s, m in groups.items() if s not in packable}
+    won: dict[tuple[int, int], int] = {}
+    rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+    # The bag against the stronger of the rest at few rows: int8pack where it runs.
+    for shapes, plain in ((others, dequant), (packable, int8pack)):
+        if shapes:
+            got, micros = _rows_the_bag_wins(
+                layers, shapes, INT8_BAG_ROWS, passes, won_already=0, dtype=activations,
+                bag=byte_bag_product, plain=plain,
+            )  # fmt: skip
+            won.update(got)
+            rows_micros.update(micros)
+    pack_won = _rows_int8pack_wins(layers, packable, won, rows_micros, passes, activations)
     choices = []
     for shape, members in groups.items():
+        pack_rows = pack_won.get(shape, 0)
         for i in members:
-            layers[i].bag_rows = won[shape]
+            layers[i].bag_rows, layers[i].pack_rows = won[shape], pack_rows
             if not won[shape]:
                 layers[i].drop_packed_rows()  # timing the bag packed it: one byte per weight
         at_one_row = rows_micros[shape].get("1", {})
         micros = {("bytebag" if k == "bag" else k): v for k, v in at_one_row.items()}
-        chosen = "bytebag" if won[shape] else "dequant"
+        chosen = "bytebag" if won[shape] else ("int8pack" if pack_rows else "dequant")
         choices.append(ShapeChoice(shape, len(members), chosen, micros, won[shape],
-                                   rows_micros[shape], "int8"))  # fmt: skip
+                                   rows_micros[shape], "int8", pack_rows))  # fmt: skip
     return choices
+
+
+def _rows_int8pack_wins(
+    layers: list[nn.Module],
+    packable: dict[tuple[int, int], list[int]],
+    bag_won: dict[tuple[int, int], int],
+    rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]],
+    passes: int,
+    activations: torch.dtype,
+) -> dict[tuple[int, int], int]:
+    """For each packable shape, from the first count beyond its bag_rows: the most rows up to
+    which int8pack beats converting the weight (its bag_rows where it never does). Adds the
+    timings to rows_micros, "int8pack" and "dequant" at each count timed."""
+    pack_won: dict[tuple[int, int], int] = {}
+    for start in sorted({bag_won[s] for s in packable}):
+        shapes = {s: m for s, m in packable.items() if bag_won[s] == start}
+        got, micros = _rows_the_bag_wins(
+            layers, shapes, [c for c in INT8_BAG_ROWS if c > start], passes, won_already=start,
+            dtype=activations, bag=int8pack_product,
+            plain=("dequant", lambda x, m: m.dequant_product(x)),
+        )  # fmt: skip
+        pack_won.update(got)
+        for shape, by_count in micros.items():
+            for count, timed in by_count.items():
+                named = {("int8pack" if k == "bag" else k): v for k, v in timed.items()}
+                rows_micros[shape].setdefault(count, {}).update(named)
+    return pack_won
 
 
 def _rows_the_bag_wins(

@@ -9,13 +9,17 @@ On the CPU, products of a few rows (batch-1 and small-batch decode) read the int
 is, through FBGEMM's 8-bit embedding-bag kernel, instead of converting the whole matrix to the
 activation dtype first: a decode step is streaming weights from memory, and the conversion read
 1 byte, wrote 4 and read them back for every weight (3-7x slower at one row,
-bench/quantized_cpu.json). lmcore.inference_layout measures up to how many rows that pays.
+bench/quantized_cpu.json). With bf16 or fp16 activations PyTorch's int8 weight-only GEMM
+(`int8pack_product`) reads the bytes too, as one product for all rows, which the bag, reading
+the weight once per row, loses to at a few rows. lmcore.inference_layout measures up to how
+many rows each pays.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +32,11 @@ from torch import nn
 from lmcore.linear import bag_indices, linear, shared_weight_ids
 
 INT8_MAX = 127
+INT8PACK_DTYPES = (torch.bfloat16, torch.float16)  # the op has no fast fp32 path (5-100x slower)
+# torch 2.13's CPU kernel crashed the process (SIGSEGV) on inner sizes that are not a multiple
+# of 8; only multiples of this are ever handed to it.
+INT8PACK_IN_MULTIPLE = 32
+INT8PACK_SWITCH = "LMCORE_INT8PACK"  # "0": never use torch._weight_int8pack_mm
 QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
 
 
@@ -39,9 +48,12 @@ class Int8Linear(nn.Module):
 
     bag_rows: CPU products of up to this many rows take the byte bag (`byte_bag_product`), which
     sums the same int8 values in fp32; 0 (the default) until lmcore.inference_layout measures it.
+    pack_rows: CPU products of more rows than that, up to this many, in bf16 or fp16, take
+    PyTorch's int8 weight-only GEMM (`int8pack_product`); 0 until measured.
     """
 
     bag_rows: int = 0
+    pack_rows: int = 0
 
     def __init__(
         self,
@@ -83,12 +95,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (
-            0 < rows <= self.bag_rows
+            0 < rows <= max(self.bag_rows, self.pack_rows)
             and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()  # the compiler lowers products its own way
         ):
-            return byte_bag_product(x, self)
+            if rows <= self.bag_rows:
+                return byte_bag_product(x, self)
+            if x.dtype in INT8PACK_DTYPES:  # the tuner set pack_rows for these; never fp32
+                return int8pack_product(x, self)
         return self.dequant_product(x)
 
     def dequant_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +196,46 @@ def byte_bag_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
         layer.packed_rows(), indices, offsets, False, 0, False, x.reshape(-1).float(), None, False
     )
     y = y * layer.scale.float()
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+
+
+@functools.cache
+def _int8pack_runs() -> bool:
+    """This torch has the CPU int8 weight-only GEMM and it gives an exact small product."""
+    op = getattr(torch, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    weight = torch.zeros(3, INT8PACK_IN_MULTIPLE, dtype=torch.int8)
+    weight[:, :2] = torch.tensor([[1, -2], [127, -127], [0, 5]], dtype=torch.int8)
+    x = torch.zeros(1, INT8PACK_IN_MULTIPLE, dtype=torch.bfloat16)
+    x[0, :2] = torch.tensor([1.0, 2.0])
+    try:
+        got = op(x, weight, torch.ones(3, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(got.float(), torch.tensor([[-3.0, -127.0, 10.0]]))
+
+
+def int8pack_supported(activations: torch.dtype, in_features: int) -> bool:
+    """`int8pack_product` may serve int8 linears of this input size with these activations
+    (bf16 or fp16, an inner size it is safe on, not switched off by LMCORE_INT8PACK=0)."""
+    return (
+        activations in INT8PACK_DTYPES
+        and in_features % INT8PACK_IN_MULTIPLE == 0
+        and os.environ.get(INT8PACK_SWITCH, "1") != "0"
+        and _int8pack_runs()
+    )
+
+
+def int8pack_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """layer(x) for bf16/fp16 x on the CPU through torch._weight_int8pack_mm: the int8 weight
+    read as it is, in one product for all rows. Given unit scales, so the fp32 scale applies
+    after, as on every other path."""
+    flat = x.reshape(-1, layer.in_features)
+    ones = torch.ones(layer.out_features, dtype=x.dtype)
+    y = torch._weight_int8pack_mm(flat, layer.weight, ones).float() * layer.scale.float()
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)

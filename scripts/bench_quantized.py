@@ -10,7 +10,10 @@ in the same run, each built the way the worker builds it:
   cast or quantized (so bf16 kept the fp32 choices, and int8 layers converted their whole
   weight on every call): the peers that say what the change is worth;
 - `int8_fp32_head`: int8 laid out as `int8`, but with the tied head and token table left in
-  fp32 (`skip=("head",)`, what `quantize_int8` did before it quantized the tied pair).
+  fp32 (`skip=("head",)`, what `quantize_int8` did before it quantized the tied pair);
+- `int8_bf16`: bf16 activations with int8 weights (`load_model_dir(dtype=bf16, quantized=True)`),
+  where int8 layers may also take PyTorch's int8 weight-only GEMM, and its peer
+  `int8_bf16_nopack`, laid out with that GEMM switched off (LMCORE_INT8PACK=0).
 Also per form: weight bytes (`model_size_bytes`), the layout chosen, and how many greedy tokens
 agree with fp32 (random weights make near-ties, so this is a rate, not an identity).
 
@@ -41,7 +44,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_quantized.py`
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import describe, use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
-from lmcore.quantize import model_size_bytes, quantize_int8  # noqa: E402
+from lmcore.quantize import INT8PACK_SWITCH, model_size_bytes, quantize_int8  # noqa: E402
 from scripts import bench_lmcore  # noqa: E402
 from scripts.bench_lmcore import cpu_model, interleaved, medians, timed  # noqa: E402
 
@@ -75,12 +78,28 @@ def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, An
         "int8": lambda m: laid_out(quantize_int8(m)),
         "int8_before": lambda m: quantize_int8(laid_out(m), skip=("head",)),  # bag_rows 0
         "int8_fp32_head": lambda m: laid_out(quantize_int8(m, skip=("head",))),
+        "int8_bf16": lambda m: laid_out(quantize_int8(m.to(torch.bfloat16))),
+        "int8_bf16_nopack": lambda m: without_int8pack(
+            lambda: laid_out(quantize_int8(m.to(torch.bfloat16)))),
     }
     forms: dict[str, Transformer] = {}
     layouts: dict[str, Any] = {}
     for name, recipe in recipes.items():
         forms[name] = recipe(copy.deepcopy(base)).eval()
     return forms, layouts
+
+
+def without_int8pack(build: Callable[[], Transformer]) -> Transformer:
+    """build() with lmcore's int8 weight-only GEMM switched off, as LMCORE_INT8PACK=0 does."""
+    before = os.environ.get(INT8PACK_SWITCH)
+    os.environ[INT8PACK_SWITCH] = "0"
+    try:
+        return build()
+    finally:
+        if before is None:
+            del os.environ[INT8PACK_SWITCH]
+        else:
+            os.environ[INT8PACK_SWITCH] = before
 
 
 def decoder(model: Transformer, prompts: list[list[int]], new_tokens: int) -> Callable:
@@ -124,7 +143,8 @@ def ratios(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
         for a, b in [("int8", "int8_before"), ("int8", "int8_fp32_head"), ("int8", "fp32"),
-                     ("bf16", "bf16_before"), ("bf16", "fp32")]:  # fmt: skip
+                     ("bf16", "bf16_before"), ("bf16", "fp32"), ("int8_bf16", "int8_bf16_nopack"),
+                     ("int8_bf16", "bf16")]:  # fmt: skip
             out[f"{a}_vs_{b}_b{batch}"] = round(speed[(a, batch)] / speed[(b, batch)], 3)
     return out
 

@@ -78,7 +78,8 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
     tmp_path: Path,
 ) -> None:
     report = run_quick("bench_quantized.py", tmp_path / "quantized.json")
-    forms = {"fp32", "bf16", "bf16_before", "int8", "int8_before", "int8_fp32_head"}
+    forms = {"fp32", "bf16", "bf16_before", "int8", "int8_before", "int8_fp32_head", "int8_bf16",
+             "int8_bf16_nopack"}
     assert {(r["form"], r["batch"]) for r in report["results"]} == {
         (f, b) for f in forms for b in report["workload"]["batches"]
     }
@@ -89,6 +90,9 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
     dtypes = {name: {c["dtype"] for c in lay["choices"]} for name, lay in report["layouts"].items()}
     assert dtypes["bf16"] == {"bfloat16"} and dtypes["bf16_before"] == {"float32"}
     assert dtypes["int8"] == {"int8"} and dtypes["int8_fp32_head"] == {"float32", "int8"}
+    pack_rows = {name: {c["pack_rows"] for c in report["layouts"][name]["choices"]}
+                 for name in ("int8", "int8_bf16_nopack")}  # fmt: skip
+    assert pack_rows == {"int8": {0}, "int8_bf16_nopack": {0}}  # fp32 activations; switched off
 
 
 def test_bench_load_quick_run_loads_every_form_both_ways_to_the_same_model(

@@ -18,7 +18,7 @@ from lmcore.config import preset
 from lmcore.generate import decode_step
 from lmcore.linear import Linear, onednn_enabled
 from lmcore.model import Transformer
-from lmcore.quantize import Int8Linear, byte_bag_supported, quantize_int8
+from lmcore.quantize import Int8Linear, byte_bag_supported, int8pack_supported, quantize_int8
 
 pytestmark = pytest.mark.unit
 
@@ -264,6 +264,36 @@ def test_int8_choices_are_reused_and_told_apart_from_float_ones() -> None:
     assert {c.dtype for c in layout.use_inference_layout(plain, passes=1, reuse=earlier)} == {
         "float32"
     }
+
+
+@pytest.mark.skipif(not byte_bag_supported() or not int8pack_supported(torch.bfloat16, 64),
+                    reason="needs FBGEMM's byte bag and the CPU int8 weight GEMM")
+def test_bf16_int8_layers_get_int8pack_rows_beyond_the_bag_where_it_is_safe() -> None:
+    torch.manual_seed(13)
+    model = quantize_int8(Transformer(preset("tiny")).eval().to(torch.bfloat16))
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        before = _cached_logits(model, idx)
+        choices = layout.use_inference_layout(model, passes=2)
+        after = _cached_logits(model, idx)
+    torch.testing.assert_close(after.float(), before.float(), rtol=0.05, atol=0.05)
+
+    layers = layout.int8_linears(model)
+    for choice in choices:
+        assert choice.pack_rows == 0 or choice.pack_rows >= max(choice.bag_rows, 1)
+        members = [m for m in layers if (m.out_features, m.in_features) == choice.shape]
+        assert {(m.bag_rows, m.pack_rows) for m in members} == {(choice.bag_rows,
+                                                                 choice.pack_rows)}
+        # Every tiny shape's inner size suits the op: the bag is timed against it at one row.
+        assert "int8pack" in choice.rows_micros["1"]
+        assert choice.chosen == ("bytebag" if choice.bag_rows else
+                                 "int8pack" if choice.pack_rows else "dequant")  # fmt: skip
+
+    reused = quantize_int8(Transformer(preset("tiny")).eval().to(torch.bfloat16))
+    assert layout.use_inference_layout(reused, reuse=choices) == choices
+    assert [(m.bag_rows, m.pack_rows) for m in layout.int8_linears(reused)] == [
+        (m.bag_rows, m.pack_rows) for m in layers
+    ]
 
 
 def test_choices_for_the_same_linears_are_reused_without_measuring() -> None:

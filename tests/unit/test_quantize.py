@@ -23,6 +23,8 @@ from lmcore.quantize import (
     byte_bag_product,
     byte_bag_supported,
     dynamic_int8,
+    int8pack_product,
+    int8pack_supported,
     model_size_bytes,
     quantization_report,
     quantize_as_loaded,
@@ -244,6 +246,56 @@ def test_int8_products_of_up_to_bag_rows_take_the_byte_bag_and_agree(dtype: torc
         tol = 1e-5 if dtype == torch.float32 else 0.01
         torch.testing.assert_close(got, layer.dequant_product(x), rtol=tol, atol=tol)
         assert got.dtype == dtype and got.shape == (rows, 40)
+
+
+INT8PACK_OP = "aten::_weight_int8pack_mm"
+needs_int8pack = pytest.mark.skipif(
+    not int8pack_supported(torch.bfloat16, 64), reason="this torch has no CPU int8 weight GEMM"
+)
+
+
+def test_int8pack_is_offered_for_half_activations_on_safe_inner_sizes_unless_switched_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Never fp32 (no fast path), never an inner size the op crashed this torch on.
+    assert not int8pack_supported(torch.float32, 64)
+    assert not int8pack_supported(torch.bfloat16, 72) and not int8pack_supported(torch.float16, 33)
+    monkeypatch.setenv("LMCORE_INT8PACK", "0")
+    assert not int8pack_supported(torch.bfloat16, 64)
+
+
+@needs_byte_bag
+@needs_int8pack
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_products_beyond_bag_rows_take_int8pack_up_to_pack_rows_and_agree(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(5)
+    layer = Int8Linear.from_linear(Linear(64, 40, bias=True)).to(dtype)
+    layer.bag_rows, layer.pack_rows = 1, 4
+    for rows in range(1, 7):
+        x = torch.randn(rows, 64).to(dtype)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = layer(x)
+        ops = {e.key for e in prof.key_averages()}
+        assert (BYTE_BAG_OP in ops, INT8PACK_OP in ops) == (rows == 1, 1 < rows <= 4), rows
+        torch.testing.assert_close(got, layer.dequant_product(x), rtol=0.01, atol=0.01)
+        assert got.dtype == dtype and got.shape == (rows, 40)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer.float()(torch.randn(3, 64))  # fp32 activations never take it, whatever pack_rows
+    assert INT8PACK_OP not in {e.key for e in prof.key_averages()}
+
+
+@needs_int8pack
+def test_int8pack_reads_the_int8_values_exactly_before_the_scale() -> None:
+    layer = Int8Linear(64, 3, bias=True)
+    layer.weight.copy_(torch.randint(-127, 128, (3, 64), dtype=torch.int8))
+    layer.scale.copy_(torch.tensor([0.5, 2.0, 1.0]))
+    layer.bias.copy_(torch.tensor([1.0, -1.0, 3.0]))
+    x = torch.eye(64, dtype=torch.bfloat16)  # row i picks input channel i
+    got = int8pack_product(x, layer)
+    torch.testing.assert_close(got, (layer.dequantize().t() + layer.bias).bfloat16(),
+                               rtol=0, atol=0)  # fmt: skip
 
 
 @needs_byte_bag
