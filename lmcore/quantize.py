@@ -233,7 +233,7 @@ def int8pack_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """layer(x) for bf16/fp16 x on the CPU through torch._weight_int8pack_mm: the int8 weight
     read as it is, in one product for all rows. Given unit scales, so the fp32 scale applies
     after, as on every other path."""
-    flat = x.reshape(-1, layer.in_features)
+    flat = x.reshape(-1, layer.in_features).contiguous()  # the kernel takes plain rows only
     ones = torch.ones(layer.out_features, dtype=x.dtype)
     y = torch._weight_int8pack_mm(flat, layer.weight, ones).float() * layer.scale.float()
     if layer.bias is not None:

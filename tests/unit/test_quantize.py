@@ -327,6 +327,24 @@ def test_greedy_generation_is_unchanged_when_int8_layers_take_the_byte_bag(
     assert alone[0].token_ids == dequant[0].token_ids
 
 
+@needs_int8pack
+def test_greedy_bf16_generation_is_unchanged_when_int8_layers_take_int8pack(
+    trained: Transformer,
+) -> None:
+    q = quantize_int8(copy.deepcopy(trained).to(torch.bfloat16))
+    prompts = [pattern_tokens(10).tolist(), pattern_tokens(17)[3:].tolist(),
+               pattern_tokens(12)[5:].tolist()]  # fmt: skip
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, eos=False)
+    dequant = generate_ids(q, prompts, params)
+    for layer in q.modules():
+        if isinstance(layer, Int8Linear):
+            layer.bag_rows, layer.pack_rows = 1, 16  # 2- and 3-row decode steps take int8pack
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        packed = generate_ids(q, prompts, params)
+    assert INT8PACK_OP in {e.key for e in prof.key_averages()}
+    assert [g.token_ids for g in packed] == [g.token_ids for g in dequant]
+
+
 def test_a_compiled_bf16_int8_layer_gives_the_eager_result() -> None:
     torch.manual_seed(6)
     layer = Int8Linear.from_linear(Linear(64, 96))
