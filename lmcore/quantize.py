@@ -102,8 +102,8 @@ class Int8Linear(nn.Module):
         ):
             if rows <= self.bag_rows:
                 return byte_bag_product(x, self)
-            if x.dtype in INT8PACK_DTYPES:  # the tuner set pack_rows for these; never fp32
-                return int8pack_product(x, self)
+            if x.dtype in INT8PACK_DTYPES and self.in_features % INT8PACK_IN_MULTIPLE == 0:
+                return int8pack_product(x, self)  # never fp32; never a size it may crash on
         return self.dequant_product(x)
 
     def dequant_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +233,9 @@ def int8pack_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """layer(x) for bf16/fp16 x on the CPU through torch._weight_int8pack_mm: the int8 weight
     read as it is, in one product for all rows. Given unit scales, so the fp32 scale applies
     after, as on every other path."""
+    if layer.in_features % INT8PACK_IN_MULTIPLE:
+        raise ValueError(f"int8pack_product needs in_features a multiple of "
+                         f"{INT8PACK_IN_MULTIPLE}, got {layer.in_features}")  # fmt: skip
     flat = x.reshape(-1, layer.in_features).contiguous()  # the kernel takes plain rows only
     ones = torch.ones(layer.out_features, dtype=x.dtype)
     y = torch._weight_int8pack_mm(flat, layer.weight, ones).float() * layer.scale.float()

@@ -262,6 +262,13 @@ def test_int8pack_is_offered_for_half_activations_on_safe_inner_sizes_unless_swi
     assert not int8pack_supported(torch.bfloat16, 72) and not int8pack_supported(torch.float16, 33)
     monkeypatch.setenv("LMCORE_INT8PACK", "0")
     assert not int8pack_supported(torch.bfloat16, 64)
+    # Whatever pack_rows says, such a layer never hands the op its input.
+    layer = Int8Linear.from_linear(Linear(40, 8)).to(torch.bfloat16)
+    layer.pack_rows = 4
+    x = torch.randn(3, 40).bfloat16()
+    torch.testing.assert_close(layer(x), layer.dequant_product(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int8pack_product(x, layer)
 
 
 @needs_byte_bag
