@@ -80,14 +80,12 @@ class ShapeChoice:
 def describe(choices: list[ShapeChoice]) -> str:
     """One line for a log: "1152x384 bag-col (<= 2 rows), 384x1536 onednn-row" (out x in)."""
     def one(c: ShapeChoice) -> str:
-        rows = f" (<= {c.bag_rows} rows)" if c.bag_rows > 1 else ""
-        if c.pack_rows > c.bag_rows:  # int8 with an int8pack range
-            head = "" if c.chosen == "int8pack" else f"{c.chosen}{rows}, "
-            rows, chosen = f"{head}int8pack (<= {c.pack_rows} rows)", ""
-        else:
-            chosen = c.chosen
+        kernels = c.chosen + (f" (<= {c.bag_rows} rows)" if c.bag_rows > 1 else "")
+        if c.pack_rows > c.bag_rows:  # int8: the int8 GEMM after the bag, or alone
+            pack = f"int8pack (<= {c.pack_rows} rows)"
+            kernels = pack if c.chosen == "int8pack" else f"{kernels}, {pack}"
         dtype = "" if c.dtype == "float32" else f" {c.dtype}"
-        return f"{c.shape[0]}x{c.shape[1]}{dtype} {chosen}{rows}".replace("  ", " ")
+        return f"{c.shape[0]}x{c.shape[1]}{dtype} {kernels}"
 
     return ", ".join(one(c) for c in choices) or "none"
 

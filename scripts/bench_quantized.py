@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -91,15 +92,8 @@ def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, An
 
 def without_int8pack(build: Callable[[], Transformer]) -> Transformer:
     """build() with lmcore's int8 weight-only GEMM switched off, as LMCORE_INT8PACK=0 does."""
-    before = os.environ.get(INT8PACK_SWITCH)
-    os.environ[INT8PACK_SWITCH] = "0"
-    try:
+    with mock.patch.dict(os.environ, {INT8PACK_SWITCH: "0"}):
         return build()
-    finally:
-        if before is None:
-            del os.environ[INT8PACK_SWITCH]
-        else:
-            os.environ[INT8PACK_SWITCH] = before
 
 
 def decoder(model: Transformer, prompts: list[list[int]], new_tokens: int) -> Callable:
