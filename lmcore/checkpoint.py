@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmcore.config import ConfigError, ModelConfig
@@ -209,11 +209,9 @@ def _opened_safetensors(path: Path, *, sniffed: bool = False) -> Iterator[Any]:
 
 
 def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    _sniff_safetensors(path)
-    try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
+    """Every tensor of a file at once, on `device` (optimizer state, extra tensors)."""
+    with _opened_safetensors(path) as f:
+        return {name: f.get_tensor(name).to(device) for name in f.keys()}
 
 
 def _fsync_file(path: Path) -> None:

@@ -319,6 +319,10 @@ def _with_bag_rows(
     return out
 
 
+# An int8 layer's product by converting its whole weight: what the faster kernels must beat.
+_DEQUANT = ("dequant", lambda x, m: m.dequant_product(x))
+
+
 def _tune_int8(
     layers: list[nn.Module], passes: int, activations: torch.dtype
 ) -> list[ShapeChoice]:
@@ -332,14 +336,13 @@ def _tune_int8(
             layer.bag_rows = layer.pack_rows = 0
         return [ShapeChoice(shape, len(members), "dequant", {}, 0, dtype="int8")
                 for shape, members in groups.items()]  # fmt: skip
-    dequant = ("dequant", lambda x, m: m.dequant_product(x))
     int8pack = ("int8pack", int8pack_product)
     packable = {s: m for s, m in groups.items() if int8pack_supported(activations, s[1])}
     others = {s: m for s, m in groups.items() if s not in packable}
     won: dict[tuple[int, int], int] = {}
     rows_micros: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
     # The bag against the stronger of the rest at few rows: int8pack where it runs.
-    for shapes, plain in ((others, dequant), (packable, int8pack)):
+    for shapes, plain in ((others, _DEQUANT), (packable, int8pack)):
         if shapes:
             got, micros = _rows_the_bag_wins(
                 layers, shapes, INT8_BAG_ROWS, passes, won_already=0, dtype=activations,
@@ -380,7 +383,7 @@ def _rows_int8pack_wins(
         got, micros = _rows_the_bag_wins(
             layers, shapes, [c for c in INT8_BAG_ROWS if c > start], passes, won_already=start,
             dtype=activations, bag=int8pack_product,
-            plain=("dequant", lambda x, m: m.dequant_product(x)),
+            plain=_DEQUANT,
         )  # fmt: skip
         pack_won.update(got)
         for shape, by_count in micros.items():
