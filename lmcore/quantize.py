@@ -38,6 +38,9 @@ INT8PACK_DTYPES = (torch.bfloat16, torch.float16)  # the op has no fast fp32 pat
 INT8PACK_IN_MULTIPLE = 32
 INT8PACK_SWITCH = "LMCORE_INT8PACK"  # "0": never use torch._weight_int8pack_mm
 QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
+# A CPU product converts the weight this many elements (a block of output rows) at a time, and
+# only weights of more than two blocks are split (bench/quantized_cpu.json, `dequant_blocks`).
+DEQUANT_BLOCK_ELEMENTS = 1 << 20
 
 
 class Int8Linear(nn.Module):
@@ -107,7 +110,18 @@ class Int8Linear(nn.Module):
         return self.dequant_product(x)
 
     def dequant_product(self, x: torch.Tensor) -> torch.Tensor:
-        """The product on any device and any rows: the weight converted to x's dtype, a GEMM."""
+        """The product on any device and any rows: the weight converted to x's dtype, a GEMM.
+
+        On the CPU a large weight is converted and multiplied a block of output rows at a time
+        (`dequant_blocks`), so the converted copy is a few MiB that stay in cache, not a fresh
+        full-size temporary (147 MiB for gpt2-124m's head in fp32) paged in on every call.
+        """
+        if (
+            x.device.type == "cpu"
+            and self.weight.numel() > 2 * DEQUANT_BLOCK_ELEMENTS
+            and not torch.compiler.is_compiling()  # the compiler fuses the conversion itself
+        ):
+            return self.dequant_blocks(x)
         # Scale the output, not the weight: one (out,) multiply instead of a full (out, in) one.
         # In fp32, as the byte bag does: a scale rounded to bf16 would add its own 0.4% error,
         # and inductor's CPU rewrite of a bf16 `mm * scale` into its int8 kernel fails to
@@ -115,6 +129,23 @@ class Int8Linear(nn.Module):
         y = linear(x, self.weight.to(x.dtype), None).float() * self.scale.float()
         y = y + self.bias.float() if self.bias is not None else y
         return y.to(x.dtype)
+
+    def dequant_blocks(self, x: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+        """`dequant_product`, converting `block_elements` weights (whole output rows; default
+        DEQUANT_BLOCK_ELEMENTS) at a time, each block's product scaled straight into its columns
+        of the fp32 output."""
+        block_elements = block_elements or DEQUANT_BLOCK_ELEMENTS
+        flat = x.reshape(-1, self.in_features)
+        y = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        scale = self.scale.float()
+        step = max(1, block_elements // self.in_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, start + step)
+            block = linear(flat, self.weight[rows].to(x.dtype), None)
+            torch.mul(block, scale[rows], out=y[:, rows])
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def packed_rows(self) -> torch.Tensor:
         """The weight as the byte bag reads it, made on first use and remade when the weight

@@ -17,6 +17,11 @@ in the same run, each built the way the worker builds it:
 Also per form: weight bytes (`model_size_bytes`), the layout chosen, and how many greedy tokens
 agree with fp32 (random weights make near-ties, so this is a rate, not an identity).
 
+`dequant_blocks`: the product every int8 layer falls back to beyond the rows its byte bag and
+int8pack serve (a prefill, a large batch): the whole weight converted, then one GEMM, against
+`Int8Linear.dequant_blocks` converting a block of output rows at a time, at several block sizes,
+on the bench model's head and gpt2-124m's (fp32 and bf16 activations, interleaved, medians).
+
     python scripts/bench_quantized.py            # -> bench/quantized_cpu.json + .png
     python scripts/bench_quantized.py --quick --out /tmp/q.json
 """
@@ -45,7 +50,13 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_quantized.py`
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import describe, use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
-from lmcore.quantize import INT8PACK_SWITCH, model_size_bytes, quantize_int8  # noqa: E402
+from lmcore.linear import linear  # noqa: E402
+from lmcore.quantize import (  # noqa: E402
+    INT8PACK_SWITCH,
+    Int8Linear,
+    model_size_bytes,
+    quantize_int8,
+)
 from scripts import bench_lmcore  # noqa: E402
 from scripts.bench_lmcore import cpu_model, interleaved, medians, timed  # noqa: E402
 
@@ -63,6 +74,10 @@ class Workload:
 
 FULL = Workload()
 QUICK = Workload(batches=(1, 2), prompt_len=8, new_tokens=8, reps=1)
+# dequant_blocks: (out_features, in_features) of the bench model's head and gpt2-124m's; rows.
+DEQUANT_SHAPES = ((8192, 384), (50304, 768))
+DEQUANT_ROWS = (17, 64, 256)
+DEQUANT_BLOCKS = (1 << 18, 1 << 20, 1 << 22)  # weights converted per block
 
 
 def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, Any]]:
@@ -132,6 +147,42 @@ def measure(forms: dict[str, Transformer], w: Workload, vocab: int) -> list[dict
     return rows
 
 
+def whole_conversion(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """The product as dequant_product computed it before blocks: the whole weight converted."""
+    return (linear(x, layer.weight.to(x.dtype), None).float() * layer.scale).to(x.dtype)
+
+
+def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
+    """Milliseconds per product, the whole conversion against blocks of each size."""
+    shapes = ((512, 64),) if quick else DEQUANT_SHAPES
+    rows_list = (17,) if quick else DEQUANT_ROWS
+    blocks = (1 << 12,) if quick else DEQUANT_BLOCKS
+    results = []
+    for out_f, in_f in shapes:
+        layer = Int8Linear.from_linear(torch.nn.Linear(in_f, out_f, bias=False))
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in rows_list:
+                x = torch.randn(rows, in_f).to(dtype)
+                ways: dict[str, Callable[[], Any]] = {"whole": lambda: whole_conversion(x, layer)}
+                for block in blocks:
+                    ways[f"block_{block}"] = lambda b=block: layer.dequant_blocks(x, b)
+                want = ways["whole"]().float()
+                for fn in ways.values():  # warm-up, and every way gives the same product
+                    torch.testing.assert_close(fn().float(), want, rtol=0.02, atol=0.02)
+                runners = {name: lambda fn=fn: timed(fn) for name, fn in ways.items()}
+                times = interleaved(runners, {name: reps for name in runners})
+                ms = {name: round(1e3 * medians(runs, 1)["median_s"], 3)
+                      for name, runs in times.items()}  # fmt: skip
+                results.append({"shape": [out_f, in_f], "dtype": str(dtype).split(".")[-1],
+                                "rows": rows, "ms": ms,
+                                "whole_vs_block": {n: round(ms["whole"] / v, 3)
+                                                   for n, v in ms.items() if n != "whole"},
+                                "converted_bytes": {"whole": out_f * in_f * x.element_size(),
+                                                    **{f"block_{b}": b * x.element_size()
+                                                       for b in blocks}}})  # fmt: skip
+    return results
+
+
 def ratios(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     speed = {(r["form"], r["batch"]): r[key] for r in rows}
     out = {}
@@ -184,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     forms, layouts = build_forms(base)
     with torch.inference_mode():
         rows = measure(forms, w, shape.vocab_size)
+        blocked = dequant_blocks(args.quick, w.reps)
     report = {
         "workload": asdict(w),
         "model": {"n_layer": shape.n_layer, "n_embd": shape.n_embd, "vocab_size": shape.vocab_size,
@@ -192,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": ratios(rows, "tokens_per_s"),
         "ratios_cpu_time": ratios(rows, "tokens_per_cpu_s"),
         "weight_bytes": {name: model_size_bytes(m) for name, m in forms.items()},
+        "dequant_blocks": blocked,
         "layouts": layouts,
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python scripts/bench_quantized.py"
@@ -208,7 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps({"ratios": report["ratios"],
                       "layouts": {name: lay["described"] for name, lay in layouts.items()},
                       "tokens_per_s": {f"{r['form']} b{r['batch']}": round(r["tokens_per_s"])
-                                       for r in rows}, "out": str(out)}, indent=2))  # fmt: skip
+                                       for r in rows},
+                      "dequant_whole_vs_block": [(r["shape"], r["dtype"], r["rows"],
+                                                  r["whole_vs_block"]) for r in blocked],
+                      "out": str(out)}, indent=2))  # fmt: skip
     return report
 
 

@@ -93,6 +93,11 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
     pack_rows = {name: {c["pack_rows"] for c in report["layouts"][name]["choices"]}
                  for name in ("int8", "int8_bf16_nopack")}  # fmt: skip
     assert pack_rows == {"int8": {0}, "int8_bf16_nopack": {0}}  # fp32 activations; switched off
+    blocked = report["dequant_blocks"]
+    assert {(r["dtype"], r["rows"]) for r in blocked} == {("float32", 17), ("bfloat16", 17)}
+    for row in blocked:
+        assert set(row["ms"]) == {"whole", "block_4096"} and min(row["ms"].values()) > 0
+        assert row["converted_bytes"]["block_4096"] < row["converted_bytes"]["whole"]
 
 
 def test_bench_load_quick_run_loads_every_form_both_ways_to_the_same_model(

@@ -81,6 +81,44 @@ def test_int8_linear_equals_matmul_with_its_dequantized_weight() -> None:
     torch.testing.assert_close(q(x), linear(x), atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_product_converted_a_block_of_rows_at_a_time_agrees_with_the_whole_conversion(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(1)
+    layer = Int8Linear.from_linear(nn.Linear(32, 50, bias=True)).to(dtype)
+    x = torch.randn(2, 3, 32).to(dtype)
+    whole = F.linear(x.float(), layer.dequantize().float(), layer.bias.float()).to(dtype)
+    for block in (32, 7 * 32, 50 * 32, 10**6):  # one row, a ragged last block, one block
+        got = layer.dequant_blocks(x, block)
+        assert got.dtype == dtype and got.shape == (2, 3, 50)
+        tol = 1e-5 if dtype == torch.float32 else 0.01
+        torch.testing.assert_close(got, whole, rtol=tol, atol=tol)
+
+
+def test_a_large_cpu_weight_is_never_converted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_BLOCK_ELEMENTS", 10 * 64)  # 10 rows of 64
+    torch.manual_seed(2)
+    layer = Int8Linear.from_linear(nn.Linear(64, 45))  # 45 rows: more than two blocks
+    small = Int8Linear.from_linear(nn.Linear(64, 20))  # 20 rows: converted whole
+    x = torch.randn(17, 64)
+
+    def converted_rows(module: Int8Linear) -> list[int]:
+        """The row counts of each int8 -> float conversion during one product."""
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+            got = module(x)
+        want = F.linear(x, module.dequantize(), module.bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        rows = []
+        for event in p.key_averages(group_by_input_shape=True):
+            if event.key == "aten::_to_copy" and event.input_shapes[0][1:] == [64]:
+                rows += [event.input_shapes[0][0]] * event.count
+        return rows
+
+    assert sorted(converted_rows(layer)) == [5, 10, 10, 10, 10]
+    assert converted_rows(small) == [20]
+
+
 def test_quantize_int8_replaces_every_linear_and_makes_the_tied_pair_one_int8_matrix() -> None:
     model = quantize_int8(Transformer(preset("tiny")))
     assert [m for m in model.modules() if type(m) in (nn.Linear, Linear)] == []
