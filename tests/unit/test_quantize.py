@@ -18,6 +18,7 @@ from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill
 from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import (
+    PACK_BLOCK_ROWS,
     Int8Linear,
     TiedInt8Embedding,
     byte_bag_product,
@@ -254,6 +255,19 @@ needs_byte_bag = pytest.mark.skipif(
                     reason="FBGEMM, the byte bag's kernel, ships in x86 builds of torch")
 def test_x86_builds_have_a_working_byte_bag() -> None:
     assert byte_bag_supported()  # else the tests below skip and int8 decode takes the GEMM path
+
+
+def test_the_byte_bags_packed_rows_are_the_shifted_transpose_and_each_rows_scale_and_offset(
+) -> None:
+    torch.manual_seed(6)
+    layer = Int8Linear(40, PACK_BLOCK_ROWS * 2 + 37)  # blocks of rows, the last one ragged
+    layer.weight.copy_(torch.randint(-128, 128, layer.weight.shape, dtype=torch.int8))
+    packed = layer.packed_rows()
+    assert packed.dtype == torch.uint8 and packed.shape == (40, layer.out_features + 8)
+    want = (layer.weight.t().to(torch.int16) + 128).to(torch.uint8)
+    assert torch.equal(packed[:, : layer.out_features], want)
+    tails = packed[:, layer.out_features :].contiguous().view(torch.float32)
+    assert torch.equal(tails, torch.tensor([[1.0, -128.0]]).expand(40, 2))
 
 
 @needs_byte_bag
