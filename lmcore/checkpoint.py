@@ -398,12 +398,14 @@ def load_model_dir(
     tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
     # Built on the device, in the dtype it serves in, without a random init: every tensor from
     # the file replaces it, cast as it is copied, so no second full copy in the saved dtype.
-    model = Transformer.uninitialized(config, device=device, dtype=dtype or saved_dtype)
     # int8: each linear is quantized as soon as its tensors are in, so the full-precision
-    # model is never resident whole.
-    loaded = quantize_as_loaded(model) if quantized else None
+    # model is never resident whole. On a GPU that needs the model built on the host, where
+    # unwritten pages cost nothing, each linear reaching the device just before it is quantized.
+    build_on = "cpu" if quantized else device
+    model = Transformer.uninitialized(config, device=build_on, dtype=dtype or saved_dtype)
+    loaded = quantize_as_loaded(model, device=device) if quantized else None
     _load_model_file(model, root / MODEL_FILE, stored_dtype=saved_dtype, loaded=loaded)
-    model.eval()
+    model.to(device).eval()  # what is not quantized (norms, the position table) follows
     # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
     choices = use_inference_layout(model, reuse=layout)
     return LoadedModel(model, tokenizer, config, metadata, root, choices)

@@ -341,12 +341,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _quantize_linear(model: nn.Module, name: str) -> None:
-    _set_submodule(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+def _quantize_linear(model: nn.Module, name: str, device: torch.device | None = None) -> None:
+    linear = model.get_submodule(name)
+    _set_submodule(model, name, Int8Linear.from_linear(linear.to(device)))
 
 
-def _quantize_tied(model: nn.Module, table: str, name: str) -> None:
-    head = Int8Linear.from_linear(model.get_submodule(name))
+def _quantize_tied(
+    model: nn.Module, table: str, name: str, device: torch.device | None = None
+) -> None:
+    head = Int8Linear.from_linear(model.get_submodule(name).to(device))
     _set_submodule(model, name, head)
     _set_submodule(model, table, TiedInt8Embedding(head))
 
@@ -368,14 +371,19 @@ def quantize_int8(model: nn.Module, *, skip: Sequence[str] = ()) -> nn.Module:
     return model.eval()
 
 
-def quantize_as_loaded(model: nn.Module, *, skip: Sequence[str] = ()) -> Callable[[str], None]:
+def quantize_as_loaded(
+    model: nn.Module, *, skip: Sequence[str] = (), device: torch.device | str | None = None
+) -> Callable[[str], None]:
     """For a loader that fills `model` one tensor at a time: a callback, given each tensor's
     name (as in the state dict, a tied tensor by its first name) once it is in, that quantizes
     each linear `quantize_int8(model, skip=skip)` would as soon as its last tensor is in.
 
     Each full-precision weight is released as its linear is quantized, so a CPU load of an
     int8 model never holds the whole full-precision model: the rest of it is allocated but not
-    yet written (pages never touched). On a GPU the allocation itself is real.
+    yet written (pages never touched). On a GPU that allocation would be real, so a model for
+    a GPU is built on the CPU and each linear moved to `device` just before it is quantized
+    there: the device then holds the int8 model plus one full-precision layer at a time (the
+    rest of the model follows with `model.to(device)` once loaded).
     """
     first_name = {id(p): n for n, p in model.named_parameters()}  # a tied tensor counts once
 
@@ -385,10 +393,11 @@ def quantize_as_loaded(model: nn.Module, *, skip: Sequence[str] = ()) -> Callabl
     # Names and actions only: a reference to a module here would keep its weight alive.
     linears = _linears_to_quantize(model, skip)
     pending = [names(name) for name in linears]
-    actions = [functools.partial(_quantize_linear, model, name) for name in linears]
+    device = None if device is None else torch.device(device)
+    actions = [functools.partial(_quantize_linear, model, name, device) for name in linears]
     for table, name in _tied_heads(model, skip):
         pending.append(names(name, table))
-        actions.append(functools.partial(_quantize_tied, model, table, name))
+        actions.append(functools.partial(_quantize_tied, model, table, name, device))
     group_of = {name: i for i, group in enumerate(pending) for name in group}
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from lmcore.checkpoint import (
 )
 from lmcore.config import preset
 from lmcore.model import Transformer
-from lmcore.quantize import Int8Linear, quantize_int8
+from lmcore.quantize import Int8Linear, quantize_int8, quantize_per_channel
 from lmcore.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
@@ -133,6 +133,36 @@ def test_an_int8_load_holds_what_quantizing_the_loaded_model_gives(
         assert got[name].dtype == want[name].dtype, name
         torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
     assert isinstance(loaded.head, Int8Linear)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_an_int8_load_for_another_device_stages_the_float_model_on_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool
+) -> None:
+    # "meta" stands in for a GPU: only one float weight may be on it, the one being quantized.
+    save_model_dir(tmp_path, tiny_model(tie_embeddings=tied))
+    built: list[Transformer] = []
+    uninitialized = Transformer.uninitialized
+
+    def build(*args: object, **kwargs: object) -> Transformer:
+        built.append(uninitialized(*args, **kwargs))
+        return built[-1]
+
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        on_device = sum(p.numel() for p in built[0].parameters() if p.device.type == "meta")
+        assert weight.device.type == "meta"
+        assert on_device <= weight.numel() + weight.shape[0]  # this weight and its bias at most
+        quantized.append(weight.shape)
+        return quantize_per_channel(weight)
+
+    quantized: list[torch.Size] = []
+    monkeypatch.setattr(Transformer, "uninitialized", build)
+    monkeypatch.setattr("lmcore.quantize.quantize_per_channel", quantize)
+    loaded = load_model_dir(tmp_path, device="meta", quantized=True).model
+    assert len(quantized) == sum(isinstance(m, Int8Linear) for m in loaded.modules())
+    assert {t.device.type for t in loaded.state_dict().values()} == {"meta"}
+    assert isinstance(loaded.head, Int8Linear)
+    assert (loaded.tok_emb.weight is loaded.head.weight) == tied
 
 
 def test_untied_model_round_trips_both_matrices(tmp_path: Path) -> None:
@@ -438,3 +468,22 @@ def test_model_dir_loads_onto_cuda_in_bf16(tmp_path: Path) -> None:
     loaded = load_model_dir(tmp_path, device="cuda", dtype=torch.bfloat16).model
     assert loaded.device.type == "cuda" and loaded.tok_emb.weight.dtype == torch.bfloat16
     assert loaded.head.weight is loaded.tok_emb.weight
+
+
+@pytest.mark.gpu
+def test_an_int8_load_onto_cuda_holds_the_int8_model_and_one_float_layer_at_most(
+    tmp_path: Path,
+) -> None:
+    model = Transformer(preset("small", n_layer=24))  # fp32 4x int8, largest tensor 12.6 MB
+    save_model_dir(tmp_path, model)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loaded = load_model_dir(tmp_path, device="cuda", quantized=True).model
+    int8_bytes = torch.cuda.memory_allocated() - before
+    largest_float = max(p.numel() * 4 for p in model.parameters())
+    # The fp32 model (4x the int8 one) is never on the device, only one layer of it at a time.
+    assert torch.cuda.max_memory_allocated() - before <= int8_bytes + 3 * largest_float
+    want = quantize_int8(model).cuda().state_dict()
+    for name, got in loaded.state_dict().items():
+        assert got.device.type == "cuda", name
+        torch.testing.assert_close(got, want[name], atol=0, rtol=0, msg=name)
