@@ -38,9 +38,11 @@ INT8PACK_DTYPES = (torch.bfloat16, torch.float16)  # the op has no fast fp32 pat
 INT8PACK_IN_MULTIPLE = 32
 INT8PACK_SWITCH = "LMCORE_INT8PACK"  # "0": never use torch._weight_int8pack_mm
 QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
-# A CPU product converts the weight this many elements (a block of output rows) at a time, and
-# only weights of more than two blocks are split (bench/quantized_cpu.json, `dequant_blocks`).
+# A CPU product converts a large weight a block of output rows at a time: this many elements,
+# but no fewer rows (narrow blocks made 768 x 3072 up to 1.4x slower), and only weights of more
+# than two blocks are split (bench/avx2/quantized_cpu.json, `dequant_blocks`).
 DEQUANT_BLOCK_ELEMENTS = 1 << 20
+DEQUANT_MIN_BLOCK_ROWS = 512
 PACK_BLOCK_ROWS = 256  # the byte bag's packed copy is written this many weight rows at a time
 
 
@@ -119,7 +121,7 @@ class Int8Linear(nn.Module):
         """
         if (
             x.device.type == "cpu"
-            and self.weight.numel() > 2 * DEQUANT_BLOCK_ELEMENTS
+            and self.out_features > 2 * dequant_block_rows(self.in_features)
             and not torch.compiler.is_compiling()  # the compiler fuses the conversion itself
         ):
             return self.dequant_blocks(x)
@@ -131,15 +133,14 @@ class Int8Linear(nn.Module):
         y = y + self.bias.float() if self.bias is not None else y
         return y.to(x.dtype)
 
-    def dequant_blocks(self, x: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
-        """`dequant_product`, converting `block_elements` weights (whole output rows; default
-        DEQUANT_BLOCK_ELEMENTS) at a time, each block's product scaled straight into its columns
-        of the fp32 output."""
-        block_elements = block_elements or DEQUANT_BLOCK_ELEMENTS
+    def dequant_blocks(self, x: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
+        """`dequant_product`, converting `block_rows` rows of the weight at a time (default
+        `dequant_block_rows`), each block's product scaled straight into its columns of the
+        fp32 output."""
+        step = block_rows or dequant_block_rows(self.in_features)
         flat = x.reshape(-1, self.in_features)
         y = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         scale = self.scale.float()
-        step = max(1, block_elements // self.in_features)
         for start in range(0, self.out_features, step):
             rows = slice(start, start + step)
             block = linear(flat, self.weight[rows].to(x.dtype), None)
@@ -176,6 +177,11 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.scale.dtype}")
+
+
+def dequant_block_rows(in_features: int) -> int:
+    """Rows of an int8 weight `Int8Linear.dequant_blocks` converts at a time by default."""
+    return max(DEQUANT_MIN_BLOCK_ROWS, DEQUANT_BLOCK_ELEMENTS // in_features)
 
 
 class TiedInt8Embedding(nn.Module):

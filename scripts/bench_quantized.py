@@ -19,8 +19,9 @@ agree with fp32 (random weights make near-ties, so this is a rate, not an identi
 
 `dequant_blocks`: the product every int8 layer falls back to beyond the rows its byte bag and
 int8pack serve (a prefill, a large batch): the whole weight converted, then one GEMM, against
-`Int8Linear.dequant_blocks` converting a block of output rows at a time, at several block sizes,
-on the bench model's head and gpt2-124m's (fp32 and bf16 activations, interleaved, medians).
+`Int8Linear.dequant_blocks` converting a block of output rows at a time, at several block sizes
+(`default_block_rows`: the one `dequant_product` takes), on the bench model's head and
+gpt2-124m's head and MLP weights (fp32 and bf16 activations, interleaved, medians).
 
     python scripts/bench_quantized.py            # -> bench/quantized_cpu.json + .png
     python scripts/bench_quantized.py --quick --out /tmp/q.json
@@ -54,6 +55,7 @@ from lmcore.linear import linear  # noqa: E402
 from lmcore.quantize import (  # noqa: E402
     INT8PACK_SWITCH,
     Int8Linear,
+    dequant_block_rows,
     model_size_bytes,
     quantize_int8,
 )
@@ -74,10 +76,11 @@ class Workload:
 
 FULL = Workload()
 QUICK = Workload(batches=(1, 2), prompt_len=8, new_tokens=8, reps=1)
-# dequant_blocks: (out_features, in_features) of the bench model's head and gpt2-124m's; rows.
-DEQUANT_SHAPES = ((8192, 384), (50304, 768))
+# dequant_blocks: (out_features, in_features) of the bench model's head, gpt2-124m's head and
+# MLP weights; rows of x; rows of the weight converted per block.
+DEQUANT_SHAPES = ((8192, 384), (50304, 768), (3072, 768), (768, 3072))
 DEQUANT_ROWS = (17, 64, 256)
-DEQUANT_BLOCKS = (1 << 18, 1 << 20, 1 << 22)  # weights converted per block
+DEQUANT_BLOCKS = (256, 512, 1024, 2048)
 
 
 def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, Any]]:
@@ -156,7 +159,7 @@ def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
     """Milliseconds per product, the whole conversion against blocks of each size."""
     shapes = ((512, 64),) if quick else DEQUANT_SHAPES
     rows_list = (17,) if quick else DEQUANT_ROWS
-    blocks = (1 << 12,) if quick else DEQUANT_BLOCKS
+    blocks = (64,) if quick else DEQUANT_BLOCKS
     results = []
     for out_f, in_f in shapes:
         layer = Int8Linear.from_linear(torch.nn.Linear(in_f, out_f, bias=False))
@@ -165,7 +168,7 @@ def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
                 x = torch.randn(rows, in_f).to(dtype)
                 ways: dict[str, Callable[[], Any]] = {"whole": lambda: whole_conversion(x, layer)}
                 for block in blocks:
-                    ways[f"block_{block}"] = lambda b=block: layer.dequant_blocks(x, b)
+                    ways[f"rows_{block}"] = lambda b=block: layer.dequant_blocks(x, b)
                 want = ways["whole"]().float()
                 for fn in ways.values():  # warm-up, and every way gives the same product
                     torch.testing.assert_close(fn().float(), want, rtol=0.02, atol=0.02)
@@ -177,8 +180,10 @@ def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
                                 "rows": rows, "ms": ms,
                                 "whole_vs_block": {n: round(ms["whole"] / v, 3)
                                                    for n, v in ms.items() if n != "whole"},
+                                "default_block_rows": dequant_block_rows(in_f),
+                                "splits_by_default": out_f > 2 * dequant_block_rows(in_f),
                                 "converted_bytes": {"whole": out_f * in_f * x.element_size(),
-                                                    **{f"block_{b}": b * x.element_size()
+                                                    **{f"rows_{b}": b * in_f * x.element_size()
                                                        for b in blocks}}})  # fmt: skip
     return results
 

@@ -96,8 +96,8 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
     blocked = report["dequant_blocks"]
     assert {(r["dtype"], r["rows"]) for r in blocked} == {("float32", 17), ("bfloat16", 17)}
     for row in blocked:
-        assert set(row["ms"]) == {"whole", "block_4096"} and min(row["ms"].values()) > 0
-        assert row["converted_bytes"]["block_4096"] < row["converted_bytes"]["whole"]
+        assert set(row["ms"]) == {"whole", "rows_64"} and min(row["ms"].values()) > 0
+        assert row["converted_bytes"]["rows_64"] < row["converted_bytes"]["whole"]
 
 
 def test_bench_load_quick_run_loads_every_form_both_ways_to_the_same_model(

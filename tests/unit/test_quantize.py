@@ -90,7 +90,7 @@ def test_a_product_converted_a_block_of_rows_at_a_time_agrees_with_the_whole_con
     layer = Int8Linear.from_linear(nn.Linear(32, 50, bias=True)).to(dtype)
     x = torch.randn(2, 3, 32).to(dtype)
     whole = F.linear(x.float(), layer.dequantize().float(), layer.bias.float()).to(dtype)
-    for block in (32, 7 * 32, 50 * 32, 10**6):  # one row, a ragged last block, one block
+    for block in (1, 7, 50, 1000):  # one row, a ragged last block, one block
         got = layer.dequant_blocks(x, block)
         assert got.dtype == dtype and got.shape == (2, 3, 50)
         tol = 1e-5 if dtype == torch.float32 else 0.01
@@ -99,25 +99,26 @@ def test_a_product_converted_a_block_of_rows_at_a_time_agrees_with_the_whole_con
 
 def test_a_large_cpu_weight_is_never_converted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lmcore.quantize.DEQUANT_BLOCK_ELEMENTS", 10 * 64)  # 10 rows of 64
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_MIN_BLOCK_ROWS", 4)
     torch.manual_seed(2)
-    layer = Int8Linear.from_linear(nn.Linear(64, 45))  # 45 rows: more than two blocks
-    small = Int8Linear.from_linear(nn.Linear(64, 20))  # 20 rows: converted whole
-    x = torch.randn(17, 64)
 
-    def converted_rows(module: Int8Linear) -> list[int]:
+    def converted_rows(out_features: int, in_features: int) -> list[int]:
         """The row counts of each int8 -> float conversion during one product."""
+        layer = Int8Linear.from_linear(nn.Linear(in_features, out_features))
+        x = torch.randn(17, in_features)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
-            got = module(x)
-        want = F.linear(x, module.dequantize(), module.bias)
+            got = layer(x)
+        want = F.linear(x, layer.dequantize(), layer.bias)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         rows = []
         for event in p.key_averages(group_by_input_shape=True):
-            if event.key == "aten::_to_copy" and event.input_shapes[0][1:] == [64]:
+            if event.key == "aten::_to_copy" and event.input_shapes[0][1:] == [in_features]:
                 rows += [event.input_shapes[0][0]] * event.count
-        return rows
+        return sorted(rows)
 
-    assert sorted(converted_rows(layer)) == [5, 10, 10, 10, 10]
-    assert converted_rows(small) == [20]
+    assert converted_rows(45, 64) == [5, 10, 10, 10, 10]  # more than two blocks
+    assert converted_rows(20, 64) == [20]  # two blocks: converted whole
+    assert converted_rows(9, 320) == [1, 4, 4]  # 2 rows of 320 make a block: the least is 4
 
 
 def test_quantize_int8_replaces_every_linear_and_makes_the_tied_pair_one_int8_matrix() -> None:
