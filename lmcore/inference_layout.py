@@ -21,6 +21,7 @@ PyTorch's int8 weight-only GEMM does.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,13 @@ TUNED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # large model (or over gpt2-124m's int8 head, converted whole) takes 0.1-0.2 s on one core.
 PASS_BUDGET_S = 0.25
 MIN_PASSES = 3
+# A product past every one-row kernel (a prefill, a batched decode step) takes `linear` on the
+# weight in whatever order was chosen for one row. In fp32 both orders run it within ~10%, but
+# a bf16 GEMM on a CPU without bf16 instructions (Zen 3) ran 4-16x slower on column-major
+# weights, so a column-major order is kept only where products of MANY_ROWS rows on it take
+# at most COL_MANY_ROWS_TOLERANCE times what they take on row-major.
+MANY_ROWS = 16
+COL_MANY_ROWS_TOLERANCE = 1.25
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class ShapeChoice:
     rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
     dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16 or int8
     pack_rows: int = 0  # int8: products of more than bag_rows, up to this many, take int8pack
+    # float: weight order ("row", "col") -> µs of one MANY_ROWS-row `linear` on that order
+    many_rows_micros: dict[str, float] = field(default_factory=dict)
 
 
 def describe(choices: list[ShapeChoice]) -> str:
@@ -106,6 +116,16 @@ def pick_fastest(micros: dict[str, float], default: str) -> str:
     """The fastest candidate; the default unless another beats it by more than 3% (noise)."""
     best = min(micros, key=micros.__getitem__)
     return default if micros[default] <= 1.03 * micros[best] else best
+
+
+def pick_layout(micros: dict[str, float], many_rows_micros: dict[str, float], default: str) -> str:
+    """`pick_fastest` among the candidates whose weight order does not slow products of many
+    rows: column-major ones only where those take at most COL_MANY_ROWS_TOLERANCE times
+    their row-major time (`default` is row-major)."""
+    col, row = many_rows_micros.get("col"), many_rows_micros.get("row")
+    if col is not None and row is not None and col > COL_MANY_ROWS_TOLERANCE * row:
+        micros = {name: t for name, t in micros.items() if _candidate(name).order == "row"}
+    return pick_fastest(micros, default)
 
 
 def tunable_linears(model: nn.Module) -> list[Linear]:
@@ -239,7 +259,8 @@ def use_inference_layout(
     Values and the state dict stay the same; only the memory order of weights and the kernel of
     one-row calls change, so results differ by rounding at most. Products of more rows
     (prefill, batched decode, training) keep `linear`, but for the 2-4 rows where a chosen bag
-    measured faster (`ShapeChoice.bag_rows`). For loaded, eval-only models: a weight
+    measured faster (`ShapeChoice.bag_rows`), and a weight order is kept only where it does not
+    make them slower (`pick_layout`). For loaded, eval-only models: a weight
     tied to the token embedding moves with it (a lookup reads a row either way). Returns the
     choice for each weight dtype and shape, with the timings behind it.
 
@@ -273,20 +294,26 @@ def _tune_float(linears: list[nn.Module], passes: int) -> list[ShapeChoice]:
     groups = _shape_groups(linears)
     options = candidates(dtype)
     timings: dict[str, list[float]] = {}
+    many_rows: dict[str, list[float]] = {}  # order -> seconds per shape, in `groups` order
     for candidate in options:
         for module in linears:
             apply_candidate(module, candidate)
         timings[candidate.name] = _time_passes(linears, passes)
+        if candidate.order not in many_rows:  # once per order, on one linear of each shape
+            firsts = [linears[members[0]] for members in groups.values()]
+            many_rows[candidate.order] = _time_passes(
+                firsts, passes, MANY_ROWS, lambda x, m: linear(x, m.weight, m.bias))
 
     default = options[0].name  # the order and kernel every Linear starts with
     choices = []
-    for shape, members in groups.items():
+    for g, (shape, members) in enumerate(groups.items()):
         micros = {name: 1e6 * sum(t[i] for i in members) for name, t in timings.items()}
-        chosen = pick_fastest(micros, default)
+        many = {order: 1e6 * times[g] for order, times in many_rows.items()}
+        chosen = pick_layout(micros, many, default)
         for i in members:
             apply_candidate(linears[i], _candidate(chosen))
         choices.append(ShapeChoice(shape, len(members), chosen, micros,
-                                   dtype=_dtype_name(dtype)))  # fmt: skip
+                                   dtype=_dtype_name(dtype), many_rows_micros=many))  # fmt: skip
     return _with_bag_rows(choices, linears, groups, passes)
 
 
@@ -313,9 +340,8 @@ def _with_bag_rows(
             continue
         for i in groups[choice.shape]:
             linears[i].bag_rows = won[choice.shape]
-        out.append(ShapeChoice(choice.shape, choice.modules, choice.chosen, choice.micros,
-                               won[choice.shape], rows_micros[choice.shape],
-                               choice.dtype))  # fmt: skip
+        out.append(dataclasses.replace(choice, bag_rows=won[choice.shape],
+                                       rows_micros=rows_micros[choice.shape]))  # fmt: skip
     return out
 
 

@@ -49,6 +49,31 @@ def test_pick_fastest_keeps_the_default_within_noise_and_takes_a_clear_winner() 
     )
 
 
+def test_a_column_major_order_that_slows_many_row_products_is_not_chosen() -> None:
+    one_row = {"blas-row": 925.0, "blas-col": 12577.0, "bag-col": 719.0}
+    # bf16 on a Zen 3 core: the bag is the fastest single row, but 16 rows on its order took
+    # 13.7x the row-major time.
+    assert layout.pick_layout(one_row, {"row": 13737.0, "col": 187616.0}, "blas-row") == (
+        "blas-row"
+    )
+    assert layout.pick_layout(one_row, {"row": 13737.0, "col": 14000.0}, "blas-row") == "bag-col"
+    assert layout.pick_layout(one_row, {}, "blas-row") == "bag-col"  # nothing measured: as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tuning_times_many_row_products_on_both_orders_and_keeps_column_major_only_where_cheap(
+    dtype: torch.dtype,
+) -> None:
+    model = Transformer(preset("tiny")).eval().to(dtype)
+    with torch.no_grad():
+        choices = layout.use_inference_layout(model, passes=3)
+    for choice in choices:
+        many = choice.many_rows_micros
+        assert set(many) == {"row", "col"} and min(many.values()) > 0, choice.shape
+        if choice.chosen.endswith("-col"):
+            assert many["col"] <= layout.COL_MANY_ROWS_TOLERANCE * many["row"], choice
+
+
 def test_candidates_cover_both_orders_of_every_gemm_kernel_and_the_column_major_bag() -> None:
     names = [c.name for c in layout.candidates()]
     assert {"blas-row", "blas-col", "bag-col"} <= set(names) and "bag-row" not in names
