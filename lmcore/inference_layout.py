@@ -57,6 +57,10 @@ MIN_PASSES = 3
 # at most COL_MANY_ROWS_TOLERANCE times what they take on row-major.
 MANY_ROWS = 16
 COL_MANY_ROWS_TOLERANCE = 1.25
+MANY_ROWS_PASSES = 2  # a product of many rows is compute-bound: steady from the first pass
+# ...and its speed per weight is the same on a slice of the weight's rows, which bounds what
+# the check costs a load (a 16-row bf16 product on gpt2-124m's column-major head took ~1 s).
+MANY_ROWS_OUT = 4096
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class ShapeChoice:
     rows_micros: dict[str, dict[str, float]] = field(default_factory=dict)
     dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16 or int8
     pack_rows: int = 0  # int8: products of more than bag_rows, up to this many, take int8pack
-    # float: weight order ("row", "col") -> µs of one MANY_ROWS-row `linear` on that order
+    # float: weight order -> µs of one MANY_ROWS-row `linear` on one weight of this shape in
+    # that order: "row" always, "col" where a column-major candidate was fastest for one row
     many_rows_micros: dict[str, float] = field(default_factory=dict)
 
 
@@ -293,28 +298,40 @@ def _tune_float(linears: list[nn.Module], passes: int) -> list[ShapeChoice]:
     dtype = linears[0].weight.dtype
     groups = _shape_groups(linears)
     options = candidates(dtype)
+    firsts = [linears[members[0]] for members in groups.values()]  # one linear of each shape
     timings: dict[str, list[float]] = {}
-    many_rows: dict[str, list[float]] = {}  # order -> seconds per shape, in `groups` order
     for candidate in options:
         for module in linears:
             apply_candidate(module, candidate)
         timings[candidate.name] = _time_passes(linears, passes)
-        if candidate.order not in many_rows:  # once per order, on one linear of each shape
-            firsts = [linears[members[0]] for members in groups.values()]
-            many_rows[candidate.order] = _time_passes(
-                firsts, passes, MANY_ROWS, lambda x, m: linear(x, m.weight, m.bias))
+        if candidate == options[0]:  # row-major, the order products of many rows start from
+            many_rows = dict(zip(groups, _time_many_rows(firsts)))
 
     default = options[0].name  # the order and kernel every Linear starts with
     choices = []
-    for g, (shape, members) in enumerate(groups.items()):
+    for first, (shape, members) in zip(firsts, groups.items()):
         micros = {name: 1e6 * sum(t[i] for i in members) for name, t in timings.items()}
-        many = {order: 1e6 * times[g] for order, times in many_rows.items()}
-        chosen = pick_layout(micros, many, default)
+        chosen = pick_fastest(micros, default)
+        many = {"row": 1e6 * many_rows[shape]}
+        if _candidate(chosen).order == "col":  # what it would cost products of many rows
+            apply_candidate(first, _candidate(chosen))
+            many["col"] = 1e6 * _time_many_rows([first])[0]
+            chosen = pick_layout(micros, many, default)
         for i in members:
             apply_candidate(linears[i], _candidate(chosen))
         choices.append(ShapeChoice(shape, len(members), chosen, micros,
                                    dtype=_dtype_name(dtype), many_rows_micros=many))  # fmt: skip
     return _with_bag_rows(choices, linears, groups, passes)
+
+
+def _time_many_rows(linears: Sequence[nn.Module]) -> list[float]:
+    """Seconds of a MANY_ROWS-row product through `linear` on (at most) the first
+    MANY_ROWS_OUT rows of each linear's weight, in its present order."""
+    def product(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+        bias = None if m.bias is None else m.bias[:MANY_ROWS_OUT]
+        return linear(x, m.weight[:MANY_ROWS_OUT], bias)
+
+    return _time_passes(linears, MANY_ROWS_PASSES, MANY_ROWS, product)
 
 
 def _with_bag_rows(

@@ -61,7 +61,7 @@ def test_a_column_major_order_that_slows_many_row_products_is_not_chosen() -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tuning_times_many_row_products_on_both_orders_and_keeps_column_major_only_where_cheap(
+def test_tuning_times_many_row_products_and_keeps_column_major_only_where_they_stay_cheap(
     dtype: torch.dtype,
 ) -> None:
     model = Transformer(preset("tiny")).eval().to(dtype)
@@ -69,7 +69,10 @@ def test_tuning_times_many_row_products_on_both_orders_and_keeps_column_major_on
         choices = layout.use_inference_layout(model, passes=3)
     for choice in choices:
         many = choice.many_rows_micros
-        assert set(many) == {"row", "col"} and min(many.values()) > 0, choice.shape
+        assert many["row"] > 0, choice.shape
+        fastest_one_row = layout.pick_fastest(choice.micros, layout.candidates(dtype)[0].name)
+        # Column-major costs are timed where column-major won one row, and kept if cheap.
+        assert ("col" in many) == fastest_one_row.endswith("-col"), choice
         if choice.chosen.endswith("-col"):
             assert many["col"] <= layout.COL_MANY_ROWS_TOLERANCE * many["row"], choice
 
