@@ -51,7 +51,6 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_quantized.py`
 from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import describe, use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
-from lmcore.linear import linear  # noqa: E402
 from lmcore.quantize import (  # noqa: E402
     INT8PACK_SWITCH,
     Int8Linear,
@@ -150,11 +149,6 @@ def measure(forms: dict[str, Transformer], w: Workload, vocab: int) -> list[dict
     return rows
 
 
-def whole_conversion(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
-    """The product as dequant_product computed it before blocks: the whole weight converted."""
-    return (linear(x, layer.weight.to(x.dtype), None).float() * layer.scale).to(x.dtype)
-
-
 def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
     """Milliseconds per product, the whole conversion against blocks of each size."""
     shapes = ((512, 64),) if quick else DEQUANT_SHAPES
@@ -166,7 +160,9 @@ def dequant_blocks(quick: bool, reps: int) -> list[dict[str, Any]]:
         for dtype in (torch.float32, torch.bfloat16):
             for rows in rows_list:
                 x = torch.randn(rows, in_f).to(dtype)
-                ways: dict[str, Callable[[], Any]] = {"whole": lambda: whole_conversion(x, layer)}
+                # One block of every row: the whole weight converted, as before blocks.
+                ways: dict[str, Callable[[], Any]] = {
+                    "whole": lambda: layer.dequant_blocks(x, out_f)}
                 for block in blocks:
                     ways[f"rows_{block}"] = lambda b=block: layer.dequant_blocks(x, b)
                 want = ways["whole"]().float()
