@@ -30,6 +30,27 @@ def _order(weight: torch.Tensor) -> str:
     return "col"
 
 
+class FakeClock:
+    """Stands in for `time` in the layout module: time passes only when a product says so, so
+    timing tests decide the same way on a loaded machine (sleeps overshoot there)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(layout, "time", fake)
+    return fake
+
+
 def _cached_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
     """Prefill all but the last token, then one decode step (one row): both paths run."""
     cache = KVCache.for_model(model, 1, idx.shape[1])
@@ -404,7 +425,7 @@ def test_a_decode_step_of_a_few_rows_through_the_bag_gives_the_same_logits() -> 
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
-def test_settled_shapes_are_not_timed_again_while_another_keeps_winning() -> None:
+def test_settled_shapes_are_not_timed_again_while_another_keeps_winning(clock: FakeClock) -> None:
     # Two shapes: the bag always loses on the narrow one and always wins on the wide one (each
     # product waits a fixed time), so only the wide one is timed at the later counts.
     narrow, wide = nn.Linear(8, 4), nn.Linear(8, 16)
@@ -414,7 +435,7 @@ def test_settled_shapes_are_not_timed_again_while_another_keeps_winning() -> Non
     def product(slow_on: nn.Module) -> Callable[[torch.Tensor, nn.Module], None]:
         def run(x: torch.Tensor, module: nn.Module) -> None:
             seen.setdefault(x.shape[0], set()).add(module.out_features)
-            time.sleep(0.004 if module is slow_on else 0.0005)
+            clock.spend(0.004 if module is slow_on else 0.0005)
         return run
 
     groups = layout._shape_groups(modules)
@@ -427,7 +448,7 @@ def test_settled_shapes_are_not_timed_again_while_another_keeps_winning() -> Non
     assert list(rows_micros[(4, 8)]) == ["1"] and list(rows_micros[(16, 8)]) == ["1", "2", "4"]
 
 
-def test_a_plain_product_the_bag_beat_at_fewer_rows_is_not_timed_again() -> None:
+def test_a_plain_product_the_bag_beat_at_fewer_rows_is_not_timed_again(clock: FakeClock) -> None:
     # The bag's time grows with rows, the plain product's does not (a weight converted whole):
     # the plain one is timed at 1 row, skipped at 2 (the bag still beats its 1-row time), and
     # timed again at 4, where the bag no longer does.
@@ -435,11 +456,11 @@ def test_a_plain_product_the_bag_beat_at_fewer_rows_is_not_timed_again() -> None
     plain_rows: list[int] = []
 
     def bag(x: torch.Tensor, m: nn.Module) -> None:
-        time.sleep(0.001 * x.shape[0])
+        clock.spend(0.001 * x.shape[0])
 
     def plain(x: torch.Tensor, m: nn.Module) -> None:
         plain_rows.append(x.shape[0])
-        time.sleep(0.0035)
+        clock.spend(0.0035)
 
     won, rows_micros = layout._rows_the_bag_wins(
         [module], {(4, 8): [0]}, (1, 2, 4, 8), passes=1, won_already=0,
@@ -452,13 +473,13 @@ def test_a_plain_product_the_bag_beat_at_fewer_rows_is_not_timed_again() -> None
     assert won == {(4, 8): 2}
 
 
-def test_timing_takes_fewer_passes_once_its_budget_is_spent() -> None:
+def test_timing_takes_fewer_passes_once_its_budget_is_spent(clock: FakeClock) -> None:
     calls = {"slow": 0, "fast": 0}
 
     def counted(name: str, seconds: float) -> Callable[[torch.Tensor, nn.Module], None]:
         def run(x: torch.Tensor, module: nn.Module) -> None:
             calls[name] += 1
-            time.sleep(seconds)
+            clock.spend(seconds)
         return run
 
     module = nn.Linear(4, 4)
