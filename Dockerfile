@@ -47,8 +47,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
+# gcc and the Python headers: Triton builds its CUDA launcher with them the first time
+# torch.compile runs (train=gpu compiles; the worker's CUDA-graph decode step too).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+       ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && pip install "setuptools>=68" wheel \
@@ -76,29 +79,34 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}"
 FROM cpu-torch AS serve-deps-cpu
 COPY pyproject.toml ./
 # The worker resolves models:/ URIs through the MLflow client; the skinny client is enough.
+# Every MLflow client is pinned to the server image's release (MLFLOW_VERSION).
+ARG MLFLOW_VERSION
 RUN mkdir -p lmcore services && touch README.md lmcore/__init__.py services/__init__.py \
-    && pip install --no-build-isolation ".[serve]" "mlflow-skinny>=2.16" \
+    && pip install --no-build-isolation ".[serve]" "mlflow-skinny==${MLFLOW_VERSION}" \
     && pip uninstall -y llm-pipeline \
     && rm -rf lmcore services README.md build *.egg-info
 
 FROM gpu-torch AS serve-deps-gpu
+ARG MLFLOW_VERSION
 COPY pyproject.toml ./
 RUN mkdir -p lmcore services && touch README.md lmcore/__init__.py services/__init__.py \
-    && pip install --no-build-isolation ".[serve]" "mlflow-skinny>=2.16" \
+    && pip install --no-build-isolation ".[serve]" "mlflow-skinny==${MLFLOW_VERSION}" \
     && pip uninstall -y llm-pipeline \
     && rm -rf lmcore services README.md build *.egg-info
 
 FROM cpu-torch AS train-deps-cpu
+ARG MLFLOW_VERSION
 COPY pyproject.toml ./
 RUN mkdir -p lmcore services && touch README.md lmcore/__init__.py services/__init__.py \
-    && pip install --no-build-isolation ".[train,cli]" \
+    && pip install --no-build-isolation ".[train,cli]" "mlflow==${MLFLOW_VERSION}" \
     && pip uninstall -y llm-pipeline \
     && rm -rf lmcore services README.md build *.egg-info
 
 FROM gpu-torch AS train-deps-gpu
+ARG MLFLOW_VERSION
 COPY pyproject.toml ./
 RUN mkdir -p lmcore services && touch README.md lmcore/__init__.py services/__init__.py \
-    && pip install --no-build-isolation ".[train,cli]" \
+    && pip install --no-build-isolation ".[train,cli]" "mlflow==${MLFLOW_VERSION}" \
     && pip uninstall -y llm-pipeline \
     && rm -rf lmcore services README.md build *.egg-info
 
@@ -138,14 +146,15 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 CMD ["uvicorn", "services.api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
 
-# Thread pool: CUDA is never initialised before a fork.
+# Thread pool: CUDA is never initialised before a fork. No --concurrency: the settings give
+# LLM_WORKER_CONCURRENCY, by default 2 x LLM_MAX_BATCH, so every engine slot can fill.
 FROM app-cpu AS worker
 ARG APP_UID
 ENV LLM_DEVICE=cpu
 USER ${APP_UID}:${APP_UID}
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-m", "services.worker.healthcheck"]
-CMD ["celery", "-A", "services.worker.celery_app:app", "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"]
+CMD ["celery", "-A", "services.worker.celery_app:app", "worker", "--pool", "threads", "--loglevel", "INFO"]
 
 FROM app-gpu AS worker-gpu
 ARG APP_UID
@@ -153,7 +162,7 @@ ENV LLM_DEVICE=cuda
 USER ${APP_UID}:${APP_UID}
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-m", "services.worker.healthcheck"]
-CMD ["celery", "-A", "services.worker.celery_app:app", "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"]
+CMD ["celery", "-A", "services.worker.celery_app:app", "worker", "--pool", "threads", "--loglevel", "INFO"]
 
 # torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT as its defaults:
 # under a PyTorchJob the training operator sets them, so the command needs no cluster flags.
@@ -176,7 +185,7 @@ USER ${APP_UID}:${APP_UID}
 CMD ["torchrun", "--nproc-per-node=1", "-m", "services.trainer", "train=cpu", "train.checkpoint_dir=/checkpoints", "tracking.register_name=llm"]
 
 # ---------------------------------------------------------------------------------------------
-# MLflow tracking server: the same MLflow as the clients, plus the Postgres driver.
+# MLflow tracking server: the release the images' clients are pinned to, plus the Postgres driver.
 # ---------------------------------------------------------------------------------------------
 FROM cpu-base AS mlflow
 ARG APP_UID

@@ -125,6 +125,35 @@ def test_gpu_targets_use_a_cuda_runtime_base_and_a_matching_torch_build(
         assert any("TORCH_CPU_INDEX" in r for r in runs)
 
 
+def test_gpu_targets_carry_the_c_compiler_and_python_headers_triton_builds_with(
+    dockerfile: Dockerfile,
+) -> None:
+    # torch.compile on CUDA (train=gpu, the worker's CUDA-graph decode step) has Triton build
+    # its launcher at first use; the CUDA runtime base has neither gcc nor Python.h.
+    for target in GPU_TARGETS:
+        runs = " ".join(i.rest for s in dockerfile.chain(target) for i in s.all("RUN"))
+        installed = set(re.findall(r"[\w.+-]+", runs.split("apt-get install", 1)[-1]))
+        assert {"gcc", "libc6-dev", "python3-dev"} <= installed, target
+
+
+def test_every_mlflow_client_is_the_server_images_release(dockerfile: Dockerfile) -> None:
+    pins = [
+        m
+        for stage in dockerfile.stages.values()
+        for run in stage.all("RUN")
+        for m in re.findall(r'"(mlflow(?:-skinny)?)([^"]*)"', run.rest)
+    ]
+    assert {name for name, _ in pins} == {"mlflow", "mlflow-skinny"}
+    assert all(spec == "==${MLFLOW_VERSION}" for _, spec in pins), pins
+
+
+@pytest.mark.parametrize("target", ["worker", "worker-gpu"])
+def test_worker_threads_come_from_the_settings(dockerfile: Dockerfile, target: str) -> None:
+    # A fixed --concurrency overrides LLM_WORKER_CONCURRENCY (default 2 x LLM_MAX_BATCH): with
+    # fewer threads than engine slots, jobs wait in the queue while slots stay empty.
+    assert "--concurrency" not in dockerfile.effective(target, "CMD").exec_form()
+
+
 def test_torch_pin_matches_the_makefile(dockerfile: Dockerfile) -> None:
     makefile = (REPO / "Makefile").read_text()
     pinned = re.search(r"^TORCH_VERSION \?= (\S+)", makefile, re.M)
