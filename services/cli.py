@@ -214,6 +214,51 @@ def load_job_template(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, Any]:
     return _default_job_template()
 
 
+def load_job_claims(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, dict[str, Any]]:
+    """The PersistentVolumeClaims manifests/pytorchjob.yaml defines beside its job, by name."""
+    import yaml
+
+    if not path.is_file():
+        return {}
+    return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(path.read_text())
+            if isinstance(doc, dict) and doc.get("kind") == "PersistentVolumeClaim"}  # fmt: skip
+
+
+def claims_of(job: dict[str, Any]) -> list[str]:
+    """The claim names the job's pods mount, in order, once each."""
+    names: list[str] = []
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        for volume in replica["template"]["spec"].get("volumes") or []:
+            name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def ensure_claims(core_api: Any, job: dict[str, Any], namespace: str,
+                  known: dict[str, dict[str, Any]]) -> list[str]:  # fmt: skip
+    """Create each claim the job mounts that the namespace lacks and `known` defines (the
+    manifest's checkpoint volume): without it every pod stays Pending. Returns those created."""
+    from kubernetes.client.exceptions import ApiException
+
+    created = []
+    for name in claims_of(job):
+        try:
+            core_api.read_namespaced_persistent_volume_claim(name, namespace)
+            continue
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        if name not in known:
+            raise CliError(f"the job mounts PersistentVolumeClaim {namespace}/{name}, which does "
+                           "not exist; create it first")  # fmt: skip
+        body = json.loads(json.dumps(known[name]))
+        body["metadata"]["namespace"] = namespace
+        core_api.create_namespaced_persistent_volume_claim(namespace, body)
+        created.append(name)
+    return created
+
+
 def _default_job_template() -> dict[str, Any]:
     container = {
         "name": CONTAINER_NAME,
@@ -372,11 +417,16 @@ def submit_training(
     if dry_run:
         typer.echo(sdk_job_yaml(sdk_job), nl=False)
         return
-    _submit(sdk_job, job["metadata"]["namespace"], context, kubeconfig)
-    typer.echo(f"submitted PyTorchJob {job['metadata']['namespace']}/{job['metadata']['name']}")
+    namespace = job["metadata"]["namespace"]
+    created = _submit(sdk_job, job, namespace, context, kubeconfig)
+    for claim in created:
+        typer.echo(f"created PersistentVolumeClaim {namespace}/{claim}")
+    typer.echo(f"submitted PyTorchJob {namespace}/{job['metadata']['name']}")
 
 
-def _submit(sdk_job: Any, namespace: str, context: str | None, kubeconfig: Path | None) -> None:
+def _submit(sdk_job: Any, job: dict[str, Any], namespace: str, context: str | None,
+            kubeconfig: Path | None) -> list[str]:  # fmt: skip
+    """Create the claims the job needs, then the job; returns the claims created."""
     try:
         from kubeflow.training import TrainingClient
         from kubernetes.config import ConfigException
@@ -388,8 +438,12 @@ def _submit(sdk_job: Any, namespace: str, context: str | None, kubeconfig: Path 
     except (ConfigException, OSError, TypeError) as exc:
         raise CliError(f"no usable Kubernetes context ({_one_line(exc)}); "
                        "use --dry-run to print the job instead") from exc  # fmt: skip
-    with _expected_errors(RuntimeError, TimeoutError, ValueError, OSError):
+    from kubernetes.client.exceptions import ApiException
+
+    with _expected_errors(RuntimeError, TimeoutError, ValueError, OSError, ApiException):
+        created = ensure_claims(client.core_api, job, namespace, load_job_claims())
         client.create_job(job=sdk_job, namespace=namespace)
+    return created
 
 
 # -- stack (optional) ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.common import keys
 from tests.deploy.conftest import (
     CHART,
     CI_VALUES,
@@ -229,12 +230,14 @@ def test_services_and_controllers_select_their_own_pods(
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_api_has_liveness_on_healthz_and_readiness_on_readyz(
+def test_api_readiness_does_not_hang_on_workers_or_redis(
     shapes: dict[str, Rendered], shape: str
 ) -> None:
     api = container(shapes[shape], "Deployment", component("api"))
     assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # /readyz fails without a worker: an API ready on it would leave a fresh install (no model
+    # yet) with no endpoints at all.
+    assert api["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in api["ports"]
     assert api["command"] + api["args"][:6] == [
         "uvicorn",
@@ -306,6 +309,13 @@ def test_gpu_worker_requests_nvidia_gpus_on_gpu_nodes(
     assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["volumeMounts"]
 
 
+def test_gpu_workers_roll_out_without_asking_for_a_spare_gpu(shapes: dict[str, Rendered]) -> None:
+    gpu = shapes["gpu-values"].get("Deployment", component("worker"))["spec"]["strategy"]
+    assert gpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    cpu = shapes["defaults"].get("Deployment", component("worker"))["spec"]
+    assert "strategy" not in cpu  # CPU workers surge as usual
+
+
 def test_cpu_worker_asks_for_no_gpu(shapes: dict[str, Rendered]) -> None:
     for shape in ("defaults", "cpu-values"):
         deployment = shapes[shape].get("Deployment", component("worker"))
@@ -327,6 +337,9 @@ def test_worker_runs_celery_threads_ready_on_heartbeat_and_drains_on_stop(
     argv = worker["command"] + worker["args"]
     assert argv[:4] == ["celery", "-A", "services.worker.celery_app:app", "worker"]
     assert argv[argv.index("--pool") + 1] == "threads"
+    # Each thread waits on one job: fewer threads than engine slots leave slots empty.
+    max_batch = int(env_of(worker)["LLM_MAX_BATCH"]["value"])
+    assert int(argv[argv.index("--concurrency") + 1]) >= max_batch
     assert worker["readinessProbe"]["exec"]["command"] == [
         "python",
         "-m",
@@ -359,7 +372,7 @@ def test_keda_scales_the_worker_on_the_redis_queue(shapes: dict[str, Rendered]) 
         meta["address"]
         == f"{component('redis')}.{NAMESPACE}.svc:{redis_svc['spec']['ports'][0]['port']}"
     )
-    assert meta["listName"] == "celery"
+    assert meta["listName"] == keys.QUEUE, "KEDA must watch the list the API pushes jobs to"
     auth = rendered.get("TriggerAuthentication", trigger["authenticationRef"]["name"])
     (ref,) = auth["spec"]["secretTargetRef"]
     secret = rendered.get("Secret", ref["name"])

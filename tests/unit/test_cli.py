@@ -126,6 +126,47 @@ def test_submit_without_a_kube_context_is_one_line_error(capsys, tmp_path: Path)
     assert_one_line_error(code, err, "--dry-run")
 
 
+class FakeCoreApi:
+    """The two PersistentVolumeClaim calls of kubernetes' CoreV1Api, over a dict (no cluster
+    here); reads of an absent claim raise the 404 the real client raises."""
+
+    def __init__(self, existing: set[str]) -> None:
+        self.claims = {name: {} for name in existing}
+        self.created: list[tuple[str, dict]] = []
+
+    def read_namespaced_persistent_volume_claim(self, name: str, namespace: str) -> dict:
+        from kubernetes.client.exceptions import ApiException
+
+        if name not in self.claims:
+            raise ApiException(status=404, reason="Not Found")
+        return self.claims[name]
+
+    def create_namespaced_persistent_volume_claim(self, namespace: str, body: dict) -> None:
+        self.claims[body["metadata"]["name"]] = body
+        self.created.append((namespace, body))
+
+
+def test_submitting_creates_the_checkpoint_claim_the_job_mounts_once() -> None:
+    job = cli.build_pytorchjob(["model=tiny"], namespace="team-a")
+    (claim,) = cli.claims_of(job)
+    known = cli.load_job_claims()
+    assert claim in known, "the manifest defines the claim its job mounts"
+    api = FakeCoreApi(existing=set())
+    assert cli.ensure_claims(api, job, "team-a", known) == [claim]
+    ((namespace, body),) = api.created
+    assert namespace == "team-a" and body["metadata"]["namespace"] == "team-a"
+    assert body["spec"]["accessModes"] == ["ReadWriteMany"]  # Master and Worker share it
+    assert known[claim]["metadata"]["namespace"] == "llm"  # the manifest's copy is untouched
+    # A second submission finds it and creates nothing.
+    assert cli.ensure_claims(api, job, "team-a", known) == []
+
+
+def test_a_mounted_claim_nobody_defines_is_a_one_line_error() -> None:
+    job = cli.build_pytorchjob(["model=tiny"])
+    with pytest.raises(cli.CliError, match="does not exist"):
+        cli.ensure_claims(FakeCoreApi(existing=set()), job, "llm", known={})
+
+
 # -- generate -------------------------------------------------------------------------------------
 
 
