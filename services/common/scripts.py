@@ -36,13 +36,15 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return {{'claimed', tostring(attempts), redis.call('HGET', KEYS[1], 'cancel_requested') or ''}}
 """
 
-# KEYS: lease. ARGV: owner, lease_ttl_ms. -> 1 while we still own the job, else 0.
+# KEYS: lease. ARGV: owner, lease_ttl_ms. -> 1 while we still own the job, else 0 (another
+# worker holds it). A lease that expired with no new holder (Redis was away longer than its TTL
+# and nobody claimed the job) is taken back: giving the job up then would leave it `running`
+# with no worker at all, since this worker's task is acked when it returns.
 RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # KEYS: job, events, lease, stats.
