@@ -314,7 +314,7 @@ class EventHub:
             finally:
                 self._in_read = None
             failures = 0
-            self._deliver(reply or [])
+            self._deliver(reply or [], streams)
 
     async def _client_id(self) -> int | None:
         try:
@@ -325,9 +325,11 @@ class EventHub:
             self._can_unblock = False
             return None
 
-    def _deliver(self, reply: list | dict) -> None:
+    def _deliver(self, reply: list | dict, read_from: dict[str, str]) -> None:
         """Hand each subscription of the streams in the reply the entries past its cursor, and
-        unpark the streams of jobs that left the queue."""
+        unpark the streams of jobs that left the queue. `read_from`: the read's cursors. A
+        subscription behind its stream's cursor (it joined while the read was pending, and the
+        wake came too late) gets nothing now: the next read starts from its cursor."""
         for key, entries in reply.items() if isinstance(reply, dict) else reply:  # RESP3 / 2
             if key == keys.LEFT_QUEUE:
                 for _, fields in entries:
@@ -337,8 +339,11 @@ class EventHub:
             subs = self._by_key.get(key)
             if not subs:
                 continue  # closed while the read was pending
+            read_after = entry_order(read_from.get(key, "0-0"))
             for sub in subs:
                 after = entry_order(sub.cursor)
+                if after < read_after:
+                    continue  # the read skipped entries this one has not had
                 new = [(i, fields) for i, fields in entries if entry_order(i) > after]
                 if new:
                     sub.cursor = new[-1][0]

@@ -146,6 +146,33 @@ def test_subscriptions_resume_after_their_own_cursor(server: RedisServer) -> Non
     run(test)
 
 
+def test_a_subscription_behind_a_pending_read_misses_nothing_when_the_wake_comes_late(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client resuming from an old id joins a stream the reader is already blocked on from a
+    # later cursor. If that read returns before the wake lands (a busy stream; or a Redis that
+    # refuses CLIENT UNBLOCK), its entries must not move the new client's cursor past the ones
+    # it has not been sent yet.
+    async def test() -> None:
+        writer = Redis.from_url(server.url, decode_responses=True)
+        ids = [await add(writer, "behind", t) for t in ("a", "b", "c")]
+        async with hub_on(server, block_ms=5000) as hub:
+            async with hub.subscribe("behind", ids[-1]) as live:
+                await asyncio.sleep(0.2)  # the reader blocks from "c" on
+
+                async def late_wake(sub: Any) -> None:
+                    return None
+
+                monkeypatch.setattr(hub, "_wake", late_wake)
+                async with hub.subscribe("behind", "0-0") as resumed:
+                    await add(writer, "behind", "d")  # answers the read pending from "c"
+                    assert await collect(live, 1) == ["d"]
+                    assert await collect(resumed, 4) == ["a", "b", "c", "d"]
+        await writer.aclose()
+
+    run(test)
+
+
 def test_the_reader_stops_when_the_last_subscription_closes(server: RedisServer) -> None:
     async def test() -> None:
         async with hub_on(server, block_ms=100) as hub:
