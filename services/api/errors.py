@@ -6,7 +6,7 @@ Handlers only translate exceptions into responses; recovery is the Redis client'
 from __future__ import annotations
 
 import logging
-
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +34,10 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _printable(value: Any) -> Any:
-    # A rejected input may hold lone surrogates: echo it back without them, never crash on it.
+    # A rejected input may hold lone surrogates, or be NaN or infinite (JSON has neither): echo
+    # it back printable, never crash on it.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, dict):

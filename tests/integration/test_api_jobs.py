@@ -343,16 +343,35 @@ LONG_IN_TOKENS = "ж" * 600  # unseen by the tokenizer: 2 byte tokens each, > th
         ({"seed": -1}, "seed"),
         ({"truncate": "right"}, "truncate"),
         ({"temprature": 1.0}, "temprature"),
+        # JSON has no NaN or Infinity, but Python's parser takes them: the 422 must still print.
+        ('{"prompt": "a", "temperature": NaN}', "temperature"),
+        ('{"prompt": "a", "top_p": Infinity}', "top_p"),
+        ('{"prompt": "a", "max_new_tokens": 1e400}', "max_new_tokens"),
     ],
 )
 def test_out_of_bounds_request_is_422_naming_the_field(
-    client: Any, body: dict[str, Any], field: str
+    client: Any, body: dict[str, Any] | str, field: str
 ) -> None:
-    resp = client.post("/jobs", json=body)
+    if isinstance(body, str):  # raw JSON text, for what a JSON encoder would refuse to write
+        resp = client.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    else:
+        resp = client.post("/jobs", json=body)
 
     assert resp.status_code == 422, resp.text
     locs = [err["loc"] for err in resp.json()["detail"]]
     assert any(loc[:2] == ["body", field] for loc in locs), locs
+
+
+def test_a_last_event_id_redis_would_refuse_is_422_naming_the_header(client: Any) -> None:
+    # The hub reads every open stream in one XREAD: such a cursor would have ended them all.
+    job_id = submit(client, {"prompt": "a", "max_new_tokens": 4})
+    wait_final(client, job_id)
+    too_big = f"{2**64}-0"  # 20 digits, as the pattern allows, but past an entry id's range
+    resp = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": too_big})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"] == ["header", "Last-Event-ID"]
+    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+        assert read_sse(stream)[-1]["event"] == "done"
 
 
 def test_a_long_prompt_is_accepted_with_left_truncation(client: Any) -> None:

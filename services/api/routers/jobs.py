@@ -11,6 +11,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Response, status
+from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -24,6 +25,7 @@ from services.common.settings import Settings
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
+MAX_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
 # Without events for WAIT_S the stream checks whether its job is still alive (a resumed stream
 # past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S. While the job is
 # queued its stream is parked and does not check at all: the event hub checks the queued jobs of
@@ -129,12 +131,24 @@ def build_router(settings: Settings) -> APIRouter:
         hub: EventHub = Depends(deps.get_events),
     ) -> EventSourceResponse:
         """The job's tokens as they are generated; a late client gets them all from the start."""
+        if last_event_id is not None:
+            _check_event_id(last_event_id)
         if await store.get(job_id) is None:
             raise HTTPException(404, f"no job {job_id}")
         stream = _stream(store, hub, job_id, last_event_id or "0-0")
         return EventSourceResponse(stream, ping=15)
 
     return router
+
+
+def _check_event_id(event_id: str) -> None:
+    """422 for an id Redis would refuse (a part above 2**64 - 1): the hub reads every open
+    stream in one XREAD, and one bad cursor there would end all of them."""
+    if any(int(part) > MAX_ENTRY_PART for part in event_id.split("-")):
+        raise RequestValidationError([{
+            "type": "value_error", "loc": ("header", "Last-Event-ID"), "input": event_id,
+            "msg": f"not a stream entry id: each part is at most {MAX_ENTRY_PART}",
+        }])  # fmt: skip
 
 
 async def _stream(
