@@ -44,6 +44,10 @@ class JobStore:
         value = await self.redis.hget(keys.job(job_id), "status")
         return JobStatus(value) if value else None
 
+    async def events_after(self, job_id: str, after: str) -> list[tuple[str, dict[str, str]]]:
+        """The entries of the job's stream after id `after`, oldest first."""
+        return await self.redis.xrange(keys.events(job_id), min=f"({after}")
+
     async def create(self, record: JobRecord, message: str) -> None:
         """Write the record and push its Celery message in one transaction: both or neither."""
         async with self.redis.pipeline(transaction=True) as pipe:

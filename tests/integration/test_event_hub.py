@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -495,6 +496,42 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
             assert 2 <= checks <= 4, checks
             await store_done(writer, "quiet-running")
             assert (await reader).event == "done"  # still a live stream after its checks
+
+    run(test)
+
+
+class UndeliveredHub:
+    """A hub whose deliveries have not come yet: every wait ends quiet. It stands in for the
+    moment the job finishes as the SSE generator's quiet check runs, before the hub's next read
+    hands the last entries over."""
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str, after: str = "0-0") -> AsyncIterator[Any]:
+        class Quiet:
+            async def next(self, timeout_s: float, **_: Any) -> list:
+                return []
+
+        yield Quiet()
+
+
+def test_a_stream_whose_job_finished_unseen_still_sends_the_rest_and_done(
+    server: RedisServer,
+) -> None:
+    from services.api.routers import jobs
+
+    async def test() -> None:
+        redis = Redis.from_url(server.url, decode_responses=True)
+        record = JobRecord.new("finished-unseen", JobRequest(prompt="a"))
+        await redis.hset(keys.job(record.id), mapping={**record.to_hash(), "status": "succeeded"})
+        ids = [await add(redis, record.id, t) for t in ("x", "y")]
+        await redis.xadd(keys.events(record.id), {"type": "done", "status": "succeeded"})
+        store = JobStore(redis, Settings(redis_url=server.url))
+        try:
+            events = [e async for e in jobs._stream(store, UndeliveredHub(), record.id, ids[0])]
+        finally:
+            await redis.aclose()
+        assert [e.event for e in events] == ["token", "done"]  # after the client's "x"
+        assert json.loads(events[0].data)["text"] == "y"
 
     run(test)
 

@@ -154,6 +154,7 @@ def _check_event_id(event_id: str) -> None:
 async def _stream(
     store: JobStore, hub: EventHub, job_id: str, after: str
 ) -> AsyncIterator[ServerSentEvent]:
+    sent = after  # the last entry id this client was sent
     try:
         async with hub.subscribe(job_id, after) as subscription:
             wait_s = WAIT_S
@@ -161,25 +162,39 @@ async def _stream(
                 entries = await subscription.next(wait_s, no_timeout_while_parked=True)
                 if not entries:
                     status = await store.status(job_id)
-                    if status is None or status.final:
-                        return  # expired, or resumed after its final event
-                    wait_s = min(2 * wait_s, MAX_WAIT_S)
-                    continue
+                    if status is None:
+                        return  # expired
+                    if status.final:
+                        # The job may have finished just now, its last entries and `done` not
+                        # handed over yet: read them straight from the stream, then end.
+                        entries = await store.events_after(job_id, sent)
+                        if not entries:
+                            return  # resumed after its final event
+                    else:
+                        wait_s = min(2 * wait_s, MAX_WAIT_S)
+                        continue
                 wait_s = WAIT_S
                 for entry_id, fields in entries:
-                    kind = fields.get("type", "token")
-                    if kind == "done":
-                        record = await store.get(job_id)
-                        data = (
-                            JobView.from_record(record).model_dump_json()
-                            if record
-                            else json.dumps({"id": job_id, "status": fields.get("status")})
-                        )
-                        yield ServerSentEvent(data=data, event="done", id=entry_id)
+                    yield await _event(store, job_id, entry_id, fields)
+                    sent = entry_id
+                    if fields.get("type") == "done":
                         return
-                    payload = {"text": fields.get("text", "")}
-                    if kind == "token":
-                        payload["tokens"] = int(fields.get("tokens", 0))
-                    yield ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
     except RedisError:
         return  # the client reconnects with Last-Event-ID and misses nothing
+
+
+async def _event(store: JobStore, job_id: str, entry_id: str, fields: dict) -> ServerSentEvent:
+    """One stream entry as an SSE event; `done` carries the job record."""
+    kind = fields.get("type", "token")
+    if kind == "done":
+        record = await store.get(job_id)
+        data = (
+            JobView.from_record(record).model_dump_json()
+            if record
+            else json.dumps({"id": job_id, "status": fields.get("status")})
+        )
+        return ServerSentEvent(data=data, event="done", id=entry_id)
+    payload = {"text": fields.get("text", "")}
+    if kind == "token":
+        payload["tokens"] = int(fields.get("tokens", 0))
+    return ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
