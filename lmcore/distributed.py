@@ -172,10 +172,15 @@ class StopVote:
     group and returns the previous call's result, so every rank sees the same answer at the same
     step, one step after the flag. A device all-reduce read with .item() would make the host wait
     every step for all of the step's kernels, so it could not queue the next step meanwhile.
-    One process: this call's own values. Every rank must create it and call it at the same points.
+    The first call has no earlier vote to return and answers `start`, which must be the same on
+    every rank (a resumed run's elapsed time, from the checkpoint every rank loaded): each
+    rank's own values would differ, and ranks that disagree on the LR or on stopping diverge or
+    hang. One process: this call's own values. Every rank must create it and call it at the
+    same points.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: Agreed = Agreed(False, 0.0)) -> None:
+        self._start = start
         self._group: Any = None
         self._pending: tuple[torch.Tensor, Any] | None = None
         if active():
@@ -190,7 +195,7 @@ class StopVote:
         work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         previous, self._pending = self._pending, (vote, work)
         if previous is None:
-            return Agreed(False, 0.0)
+            return self._start
         previous[1].wait()
         return Agreed(bool(previous[0][0] > 0), float(previous[0][1]))
 

@@ -504,10 +504,11 @@ class Trainer:
         val_loss, evaluated_at = math.nan, -1
         saved_at, last_path = -1, None
         step = start
-        stop_vote = D.StopVote()
         budget = cfg.max_time_s
         self._clock = time.perf_counter() - self.elapsed_before  # a resumed run's time counts
+        # Until the first vote comes back, the checkpoint's time (the same on every rank).
         agreed = D.Agreed(False, self.elapsed_before)
+        stop_vote = D.StopVote(start=agreed)
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:

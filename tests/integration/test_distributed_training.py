@@ -142,6 +142,32 @@ def test_a_time_budget_stops_both_ranks_at_the_same_step_with_identical_weights(
     assert (out / "model" / "model.safetensors").exists()
 
 
+def test_a_resumed_budget_run_keeps_decaying_the_lr_on_both_ranks(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """After a resume the ranks start from the checkpoint's elapsed time until their first vote
+    comes back; the second step used to see 0 s there and take the full-run (near-peak) LR."""
+    _, data = corpus
+    ckpt = tmp_path / "ckpt"
+    for budget, name in (("2", "first"), ("4", "resumed")):
+        cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER,
+               "--dataset", str(data.path), "--out", str(tmp_path / name), "--steps", "100000",
+               "--max-time", budget, "--checkpoint-dir", str(ckpt)]
+        log = tmp_path / f"{name}.log"
+        finish(start(cmd, log), log)
+
+    first, resumed = (json.loads((tmp_path / n / "rank0.json").read_text())
+                      for n in ("first", "resumed"))
+    assert resumed["steps"] > first["steps"] + 2
+    lrs = [c["metrics"]["lr"] for c in calls(tmp_path / "resumed", 0)
+           if c["method"] == "log_metrics" and "lr" in c["metrics"]]
+    assert len(lrs) == resumed["steps"] - first["steps"]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs[:5]
+    w0, w1 = (load_file(tmp_path / "resumed" / f"rank{r}.safetensors") for r in (0, 1))
+    for name in w0:  # the same LR on both ranks, step after step
+        assert torch.equal(w0[name], w1[name]), name
+
+
 def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:
