@@ -26,6 +26,9 @@ class IdempotencyHit:
     fingerprint: str
 
 
+PENDING_IDEMPOTENCY_S = 30  # an Idempotency-Key bound before its job's record exists
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -48,20 +51,28 @@ class JobStore:
         """The entries of the job's stream after id `after`, oldest first."""
         return await self.redis.xrange(keys.events(job_id), min=f"({after}")
 
-    async def create(self, record: JobRecord, message: str) -> None:
-        """Write the record and push its Celery message in one transaction: both or neither."""
+    async def create(self, record: JobRecord, message: str, idempotency: str | None = None) -> None:
+        """Write the record and push its Celery message in one transaction: both or neither.
+        The Idempotency-Key binding claimed for it, if any, then lives as long as the record."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(record.id), mapping=record.to_hash())
             pipe.expire(keys.job(record.id), self.ttl_s)
             pipe.lpush(keys.QUEUE, message)
+            if idempotency is not None:
+                pipe.expire(keys.idempotency(idempotency), self.ttl_s)
             await pipe.execute()
 
     async def claim_idempotency(
         self, key: str, fingerprint: str, job_id: str
     ) -> IdempotencyHit | None:
-        """Bind key -> (fingerprint, job_id) unless bound already; return the earlier binding."""
+        """Bind key -> (fingerprint, job_id) unless bound already; return the earlier binding.
+
+        The binding lasts PENDING_IDEMPOTENCY_S until `create` extends it with its record: if
+        the create fails and the release fails too (Redis away), a retry with the same key is
+        refused as in progress for that long, not for the record's whole TTL.
+        """
         value = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
-        if await self.redis.set(keys.idempotency(key), value, nx=True, ex=self.ttl_s):
+        if await self.redis.set(keys.idempotency(key), value, nx=True, ex=PENDING_IDEMPOTENCY_S):
             return None
         raw = await self.redis.get(keys.idempotency(key))
         if raw is None:  # expired between the two calls: try once more

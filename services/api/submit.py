@@ -94,7 +94,7 @@ async def submit_job(
         req = req.model_copy(update={"seed": secrets.randbits(52)})
     record = JobRecord.new(job_id, JobRequest.model_validate(req.model_dump()))
     try:
-        await store.create(record, task_message(celery, job_id))
+        await store.create(record, task_message(celery, job_id), idem_scope)
     except Exception:
         if idem_scope is not None:
             with contextlib.suppress(Exception):
