@@ -12,7 +12,6 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,9 +39,12 @@ class JobStatus(str, Enum):
 FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
-def _as_text(value: str) -> str:
+def _as_text(value: Any) -> Any:
     """Lone surrogates are valid JSON escapes but not text (the tokenizer would choke on them):
-    each becomes U+FFFD, as a lossy UTF-8 decoder would do."""
+    each becomes U+FFFD, as a lossy UTF-8 decoder would do. Runs before str validation, which
+    refuses them where a length limit is set; anything but a str is left to it."""
+    if not isinstance(value, str):
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -57,7 +59,7 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-Text = Annotated[str, AfterValidator(_as_text)]
+Text = Annotated[str, BeforeValidator(_as_text)]
 Int = Annotated[int, BeforeValidator(_json_number)]
 Float = Annotated[float, BeforeValidator(_json_number)]
 StopString = Annotated[Text, StringConstraints(min_length=1, max_length=256)]

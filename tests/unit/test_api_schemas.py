@@ -53,10 +53,22 @@ def test_per_app_request_model_enforces_the_configured_limits() -> None:
     assert ("num_of_token_generated",) in errors_for(without_prompt, {"num_of_token_generated": 9})
 
 
-def test_lone_surrogates_become_replacement_characters() -> None:
-    req = JobRequest.model_validate({"prompt": "a\ud800b", "stop": ["\udc00"]})
-    assert req.prompt == "a\ufffdb" and req.stop == ["\ufffd"]
+@pytest.mark.parametrize(
+    "model",
+    [JobRequest, job_request_model(Settings()), legacy_request_models(Settings())[0]],
+    ids=["base", "served", "seed endpoint"],
+)
+def test_lone_surrogates_become_replacement_characters(model: type) -> None:
+    # The served models add a length limit, which makes pydantic check the string's encoding
+    # before an after-validator would see it: the repair must come first.
+    data = {"prompt": "a\ud800b"}
+    if "num_of_token_generated" in model.model_fields:  # the seed's request
+        data["num_of_token_generated"] = 1
+    req = model.model_validate(data)
+    assert req.prompt == "a\ufffdb"
     req.prompt.encode("utf-8")  # the tokenizer can take it
+    if model is JobRequest:
+        assert JobRequest.model_validate({"stop": ["\udc00"]}).stop == ["\ufffd"]
 
 
 def test_sampling_fields_build_lmcore_sampling_params() -> None:
