@@ -119,13 +119,14 @@ def sample_token_ids(
     """
     rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
     if len(rows) == len(params):
-        sampled = _sample_rows(logits, list(params), list(draws))
-        return flag_non_finite(sampled, logits.amax(dim=-1), logits.shape[-1])
+        row_max = logits.amax(dim=-1)
+        sampled = _sample_rows(logits, row_max, list(params), list(draws))
+        return flag_non_finite(sampled, row_max, logits.shape[-1])
     row_max, tokens = logits.max(dim=-1)  # the greedy rows' answer
     if rows:
         index = host_to_device(rows, logits.device)
-        sampled = _sample_rows(logits.index_select(0, index), [params[i] for i in rows],
-                               [draws[i] for i in rows])  # fmt: skip
+        sampled = _sample_rows(logits.index_select(0, index), row_max.index_select(0, index),
+                               [params[i] for i in rows], [draws[i] for i in rows])  # fmt: skip
         tokens.index_copy_(0, index, sampled)
     return flag_non_finite(tokens, row_max, logits.shape[-1])
 
@@ -184,9 +185,12 @@ class HostCopy:
 
 
 def _sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], draws: list[Draws]
+    logits: torch.Tensor, row_max: torch.Tensor, params: list[SamplingParams], draws: list[Draws]
 ) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, then one draw per row: (S, vocab) -> (S,) ids."""
+    """Temperature, then top-k, then top-p, then one draw per row: (S, vocab) -> (S,) ids.
+
+    row_max (S,) is each row's largest logit.
+    """
     device, vocab = logits.device, logits.shape[-1]
     ks = [min(p.top_k, vocab) for p in params]
     # Every row's inputs in one host array, so one copy to a GPU rather than one per input:
@@ -194,7 +198,9 @@ def _sample_rows(
     inputs = [[p.temperature, k - 1, p.top_p if p.top_p < 1.0 else float("inf"), u]
               for p, k, u in zip(params, ks, next_uniforms(draws).tolist())]  # fmt: skip
     row_inputs = host_to_device(inputs, device, torch.float64)
-    x = logits.float() / row_inputs[:, 0:1].float()
+    # A temperature under float32's range would round to 0; the smallest normal one is as greedy.
+    temperature = row_inputs[:, 0:1].float().clamp_(min=torch.finfo(torch.float32).tiny)
+    x = logits.float().sub(_overflow_shift(row_max, temperature)).div_(temperature)
     if any(ks):
         x = x.masked_fill(x < _kth_largest(x, ks, row_inputs[:, 1:2]), float("-inf"))
     if any(p.top_p < 1.0 for p in params):
@@ -204,6 +210,21 @@ def _sample_rows(
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
     return torch.searchsorted(cdf, ((1.0 - row_inputs[:, 3]) * cdf[:, -1])[:, None])[:, 0]
+
+
+def _overflow_shift(row_max: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(S, 1): what to subtract from each row's logits before dividing by its temperature.
+
+    A tiny temperature (1e-38 and below) divides the top logit past float32's range, or itself
+    rounds to 0. Such rows subtract their max, so the top token divides 0 and the others fall
+    to -inf or near it: one-hot, the limit as the temperature goes to 0 (greedy; tied top tokens
+    share the mass). Every other row subtracts
+    0, which leaves its logits, and so its seeded tokens, exactly as they were. row_max: (S,),
+    temperature: (S, 1) float32, positive.
+    """
+    top = row_max.float()[:, None]
+    overflows = torch.isfinite(top) & ~torch.isfinite(top / temperature)
+    return torch.where(overflows, top, 0.0)
 
 
 def _kth_largest(x: torch.Tensor, ks: list[int], kth_index: torch.Tensor) -> torch.Tensor:

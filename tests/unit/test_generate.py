@@ -240,6 +240,31 @@ def test_top_p_keeps_the_most_probable_tokens_until_their_mass_reaches_it(
         assert set(keep[i].nonzero().flatten().tolist()) == _nucleus_by_ranking(r, top_ps[i])
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-40, 1e-45, 1e-300])
+@pytest.mark.parametrize("numpy_filters", [True, False], ids=["numpy", "torch"])
+def test_a_tiny_positive_temperature_samples_the_top_token(
+    temperature: float, numpy_filters: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dividing logits by such a temperature overflows float32 (or the temperature rounds to 0);
+    # the limit of the distribution is one-hot on the top token, which is what greedy picks.
+    if not numpy_filters:
+        monkeypatch.setattr(generate_module, "NUMPY_FILTER_DEVICES", frozenset())
+    torch.manual_seed(0)
+    logits = torch.randn(4, 512) * 50
+    params = [SamplingParams(temperature=temperature), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=temperature, top_k=5),
+              SamplingParams(temperature=temperature, top_p=0.9)]  # fmt: skip
+    tokens = sample_tokens(logits, params, [Draws(s) for s in range(4)])
+    assert tokens == logits.argmax(dim=-1).tolist()
+
+
+def test_generation_at_a_tiny_temperature_is_greedy(model: Transformer) -> None:
+    tiny = SamplingParams(max_new_tokens=24, temperature=1e-40, seed=3, eos=False)
+    sampled = generate_ids(model, RAGGED, tiny)
+    greedy = generate_ids(model, RAGGED, GREEDY)
+    assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]
+
+
 def test_rows_with_nan_or_infinite_logits_get_no_real_token() -> None:
     logits = torch.randn(4, 50)
     logits[1, 7] = float("nan")
