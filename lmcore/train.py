@@ -339,7 +339,8 @@ class Trainer:
 
     Works alone, under torchrun and in PyTorchJob pods: the process group is created from the
     environment unless one already exists (then the caller owns it). Rank 0 alone talks to the
-    tracker and writes checkpoints and the model dir; other ranks wait at barriers.
+    tracker and writes checkpoints and the model dir; other ranks wait at barriers for each
+    checkpoint, but not for the final model dir and its registration: they return first.
     """
 
     def __init__(
@@ -551,8 +552,10 @@ class Trainer:
         if saved_at != step and step > start:
             self._save_checkpoint(step)
         ended_by = "time" if stopped_by_time else "steps"
+        # Rank 0 publishes alone, and nobody waits for it: registration retries for up to the
+        # tracker's publish_timeout_s, which a barrier (bound by dist_timeout_s) would not
+        # outlast. Every collective of the run is behind us: the final eval and checkpoint.
         model_dir, version = self._publish(step, val_loss, ended_by) if main else (None, None)
-        D.barrier()
         return TrainResult(
             model_dir=model_dir,
             final_val_loss=val_loss,

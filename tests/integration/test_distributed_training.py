@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from lmcore.checkpoint import latest_training_state
+from lmcore.config import preset
 from lmcore.data import TokenDataset, prepare_corpus
-from lmcore.train import INTERRUPTED_EXIT_CODE
+from lmcore.distributed import DistEnv
+from lmcore.train import INTERRUPTED_EXIT_CODE, Trainer, TrainConfig
 from tests.helpers.trainer_run import write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -198,6 +201,64 @@ def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
     assert ddp_m["train_loss"] == pytest.approx(one_m["train_loss"], rel=1e-5)
     assert ddp_m["grad_norm"] == pytest.approx(one_m["grad_norm"], rel=1e-4)
     assert json.loads((tmp_path / "one" / "rank0.json").read_text())["world_size"] == 1
+
+
+class _PublishOutlastingRank1:
+    """Rank 0's tracker: registering takes until rank 1 has returned from fit() (or failed),
+    however long that is, as a slow or retrying registry may; it records how the run ended."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def start_run(self, experiment: str, run_id: str | None, params: dict) -> str:
+        return "slow-publish"
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: object, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model_dir(self, model_dir: object, register_name: str | None,
+                      alias: str = "candidate") -> str:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (self.out / "rank1.done").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return "v1"
+
+    def end_run(self, status: str) -> None:
+        (self.out / "end_run").write_text(status)
+
+
+def _train_with_slow_publish(rank: int, port: int, data_dir: Path, out: Path) -> None:
+    torch.set_num_threads(1)
+    data = TokenDataset.load(data_dir)
+    cfg = TrainConfig(max_steps=4, warmup_steps=1, batch_size=4, eval_interval=0,
+                      eval_batches=2, checkpoint_interval=0, checkpoint_dir=str(out / "ckpt"),
+                      device="cpu", progress=False, quantization_report=False,
+                      dist_timeout_s=10)  # far shorter than the publish below
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=64)
+    tracker = _PublishOutlastingRank1(out) if rank == 0 else None
+    env = DistEnv(rank=rank, world_size=2, master_port=port)
+    try:
+        result = Trainer(model, cfg, data, tracker, env=env).fit()
+    except Exception as exc:
+        (out / f"rank{rank}.done").write_text(f"failed: {exc}")
+        raise
+    (out / f"rank{rank}.done").write_text(f"ok {result.model_version}")
+
+
+def test_a_publish_slower_than_the_collective_timeout_fails_no_rank(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Rank 0 reports, saves and registers the model alone (registration retries for up to
+    the tracker's publish_timeout_s); the other ranks used to wait for it at a barrier bound
+    by dist_timeout_s, time out, and take rank 0 down with them after it had registered."""
+    _, data = corpus
+    mp.spawn(_train_with_slow_publish, args=(free_port(), data.path, tmp_path), nprocs=2)
+    assert (tmp_path / "rank1.done").read_text() == "ok None"
+    assert (tmp_path / "rank0.done").read_text() == "ok v1"
+    assert (tmp_path / "end_run").read_text() == "FINISHED"
 
 
 def trainer_args(text: Path, data: TokenDataset, ckpt: Path, *extra: str) -> list[str]:
