@@ -324,6 +324,16 @@ class _Meter:
     def stop(self) -> None:
         self.end = time.perf_counter()
 
+    @contextlib.contextmanager
+    def paused(self, *others: _Meter) -> Iterator[None]:
+        """Leave the body's time (an evaluation, a checkpoint) out of this and `others`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            for meter in (self, *others):
+                meter.start += time.perf_counter() - t0
+
     def elapsed(self) -> float:
         return (self.end or time.perf_counter()) - self.start
 
@@ -524,10 +534,13 @@ class Trainer:
                 bar.update(1)
                 if step % cfg.log_interval == 0 or step == self.steps:
                     self._log_train(step, loss, grad_norm, lr, meter, bar)
+                # Not training: kept out of the next interval's tokens/s and MFU.
                 if cfg.eval_interval and step % cfg.eval_interval == 0:
-                    val_loss, evaluated_at = self._evaluate(step), step
+                    with meter.paused(run_meter):
+                        val_loss, evaluated_at = self._evaluate(step), step
                 if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-                    saved_at, last_path = step, self._save_checkpoint(step)
+                    with meter.paused(run_meter):
+                        saved_at, last_path = step, self._save_checkpoint(step)
                 agreed = stop_vote(stop.is_set(), self._elapsed())
                 if agreed.stop:  # every rank stops at the same step
                     stop_vote.close()

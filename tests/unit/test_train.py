@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,22 @@ def test_training_lowers_validation_loss_and_reports_cpu_metrics(
             "data_time_share"} <= set(last)
     assert last["val_perplexity"] == pytest.approx(math.exp(last["val_loss"]), rel=1e-6)
     assert "mfu" not in last and "gpu_mem_gb" not in last  # MFU is reported on CUDA only
+
+
+def test_an_intervals_tokens_per_s_leaves_out_the_evaluation_before_it(
+    dataset: TokenDataset,
+) -> None:
+    pause_s = 1.0
+    tracker = ListTracker()
+    # An evaluation that takes a second: rank 0 logs its val loss inside it.
+    tracker.on_metrics = lambda _step, m: time.sleep(pause_s) if "val_loss" in m else None
+    cfg = config(max_steps=10, log_interval=5, eval_interval=5, quantization_report=False)
+    result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    # Steps 6-10 came after the evaluation at step 5: their time is training time alone.
+    tokens = 5 * cfg.batch_size * BLOCK
+    assert tokens / tracker.metrics()[10]["tokens_per_s"] < pause_s
+    # So is the run's rate (steps 2-10, after the first step's warm-up).
+    assert 9 * cfg.batch_size * BLOCK / result.tokens_per_s < pause_s
 
 
 def test_bf16_on_cpu_trains_under_autocast_with_fp32_weights_and_no_scaler(
