@@ -34,6 +34,7 @@ class JobStore:
         self.redis = redis
         self.ttl_s = settings.job_ttl_s
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._fresh_workers = redis.register_script(scripts.FRESH_WORKERS)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -95,11 +96,8 @@ class JobStore:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Workers whose heartbeat key has not expired."""
-        names = [k async for k in self.redis.scan_iter(match=keys.WORKERS_MATCH, count=100)]
-        if not names:
-            return []
-        values = await self.redis.mget(names)
-        return [json.loads(v) for v in values if v]
+        beats = await self._fresh_workers(keys=[keys.WORKERS], args=[keys.worker("")])
+        return [json.loads(beat) for beat in beats]
 
     async def stats(self) -> dict[str, str]:
         return await self.redis.hgetall(keys.STATS)

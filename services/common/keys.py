@@ -10,7 +10,9 @@ QUEUE = f"{PREFIX}:jobs"  # the Celery queue (a Redis list under kombu's Redis t
 TASK_NAME = "llm.generate"
 STATS = f"{PREFIX}:stats"  # counters and histogram buckets written when jobs finish
 MODEL_CURRENT = f"{PREFIX}:model:current"  # what the workers serve (name, version, block size)
-WORKERS_MATCH = f"{PREFIX}:workers:*"
+# The names of live workers (a sorted set, scored by their last beat): readers look up each
+# one's heartbeat key instead of scanning a keyspace that holds every job of the last day.
+WORKERS = f"{PREFIX}:workers"
 # A stream naming each job that left `queued` (claimed by a worker, or cancelled), written by the
 # scripts that make those transitions: the API's event hub reads it instead of the streams of
 # queued jobs, which have nothing to say until then. Trimmed to about LEFT_QUEUE_MAXLEN entries.

@@ -96,6 +96,18 @@ return st
 """
 
 
+# KEYS: keys.WORKERS. ARGV: the heartbeat key of a worker without its name (keys.worker("")).
+# -> the heartbeats of the workers whose key has not expired; the names of the others leave
+# the set. (It reads keys it is not handed: fine on one Redis, not on a cluster.)
+FRESH_WORKERS = """
+local beats = {}
+for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local beat = redis.call('GET', ARGV[1] .. name)
+  if beat then beats[#beats + 1] = beat else redis.call('ZREM', KEYS[1], name) end
+end
+return beats
+"""
+
 # KEYS: job records. -> the 1-based indexes of the jobs not `queued` any more (missing included):
 # the API's event hub checks the jobs of its parked streams with one call per batch.
 NOT_QUEUED = """

@@ -13,20 +13,15 @@ import sys
 
 import redis
 
-from services.common import keys
+from services.common import keys, scripts
 from services.common.settings import Settings
 
 
 def fresh_workers(client: redis.Redis, host: str | None = None) -> list[dict]:
-    found = []
-    for name in client.scan_iter(match=keys.WORKERS_MATCH, count=100):
-        raw = client.get(name)
-        if raw is None:
-            continue
-        beat = json.loads(raw)
-        if host is None or beat.get("host") == host:
-            found.append(beat)
-    return found
+    """The heartbeats of live workers (on `host`, if given)."""
+    fresh = client.register_script(scripts.FRESH_WORKERS)
+    beats = [json.loads(raw) for raw in fresh(keys=[keys.WORKERS], args=[keys.worker("")])]
+    return [beat for beat in beats if host is None or beat.get("host") == host]
 
 
 def main(argv: list[str] | None = None) -> int:

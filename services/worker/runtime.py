@@ -108,7 +108,10 @@ class WorkerRuntime:
             self.engine.stop(drain=True, timeout=timeout_s)
         self.streamer.stop()
         try:
-            self.redis.delete(keys.worker(self.nodename))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(keys.worker(self.nodename))
+            pipe.zrem(keys.WORKERS, self.nodename)
+            pipe.execute()
         except redis.RedisError:
             pass
         self.redis.close()
@@ -147,6 +150,7 @@ class WorkerRuntime:
         digest = serving.tokenizer_digest
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.worker(self.nodename), json.dumps(payload), ex=self.settings.heartbeat_ttl_s)
+        pipe.zadd(keys.WORKERS, {self.nodename: payload["ts"]})
         # The API checks prompt lengths against these (it never loads weights).
         pipe.hset(keys.MODEL_CURRENT, mapping={
             **{k: v for k, v in serving.ref.model_dump().items() if v is not None},

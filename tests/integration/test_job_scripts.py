@@ -48,3 +48,37 @@ def test_renewing_ones_own_lease_extends_it(client: redis.Redis) -> None:
     client.set(lease, "w1", px=100)
     assert renew(keys=[lease], args=["w1", LEASE_MS]) == 1
     assert client.pttl(lease) > 100
+
+
+def test_live_workers_are_found_without_scanning_and_dead_ones_are_forgotten(
+    client: redis.Redis,
+) -> None:
+    import asyncio
+    import json
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from services.api.store import JobStore
+    from services.common.settings import Settings
+    from services.worker.healthcheck import fresh_workers
+
+    client.set(keys.worker("alive"), json.dumps({"nodename": "alive", "host": "h1"}), ex=30)
+    client.zadd(keys.WORKERS, {"alive": 1.0, "gone": 1.0})  # "gone": its key expired
+    for i in range(2000):  # a day of job records beside them
+        client.set(keys.job(f"old-{i}"), "x")
+    client.config_resetstat()
+
+    assert [w["nodename"] for w in fresh_workers(client)] == ["alive"]
+    assert fresh_workers(client, host="elsewhere") == []
+    assert client.zrange(keys.WORKERS, 0, -1) == ["alive"]  # the dead name left the set
+
+    async def from_the_api() -> list[dict]:
+        url = client.connection_pool.connection_kwargs
+        aclient = AsyncRedis(host=url["host"], port=url["port"], decode_responses=True)
+        try:
+            return await JobStore(aclient, Settings()).workers()
+        finally:
+            await aclient.aclose()
+
+    assert [w["nodename"] for w in asyncio.run(from_the_api())] == ["alive"]
+    assert "cmdstat_scan" not in client.info("commandstats")
