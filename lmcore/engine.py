@@ -626,8 +626,6 @@ class Engine:
     ) -> None:
         """Free the slot now (the same step) and complete the handle."""
         self._slots[run.slot] = None
-        with self._lock:
-            self._live.pop(run.handle.request_id, None)
         if error is not None:
             self._fail(run.handle, error)
         else:
@@ -664,20 +662,28 @@ class Engine:
     # -- completion and counters -----------------------------------------------------------------
 
     def _complete(self, handle: EngineHandle, generation: Generation) -> None:
+        self._forget(handle)
         if handle._complete(generation):
             self._bump("finished")
             if generation.finish_reason == "cancelled":
                 self._bump("cancelled")
 
     def _cancel_unstarted(self, handle: EngineHandle) -> None:
-        with self._lock:
-            self._live.pop(handle.request_id, None)
         prompt_tokens = len(handle.request.prompt_ids)
         self._complete(handle, Generation("", [], "cancelled", prompt_tokens))
 
     def _fail(self, handle: EngineHandle, error: BaseException) -> None:
+        self._forget(handle)
         if handle._complete(error=error):
             self._bump("failed")
+
+    def _forget(self, handle: EngineHandle) -> None:
+        """Drop a finishing request's id, before its done callbacks run: one that resubmits
+        the id (a redelivered job) is then accepted. A live request keeps its entry when a bad
+        request under the same id fails at submit."""
+        with self._lock:
+            if self._live.get(handle.request_id) is handle:
+                del self._live[handle.request_id]
 
     def _bump(self, name: str, n: int = 1) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from lmcore import engine as engine_module
 from lmcore.engine import (
     FLUSH_TOKEN_ID,
     Engine,
@@ -48,7 +49,8 @@ def other_model() -> Transformer:
 @pytest.fixture(scope="module")
 def text_setup():
     tokenizer_mod = pytest.importorskip("lmcore.tokenizer")
-    corpus = ["the quick brown fox jumps over the lazy dog. héllo wörld, ça va? 日本語 テキスト"] * 20
+    corpus = ["the quick brown fox jumps over the lazy dog. "
+              "héllo wörld, ça va? 日本語 テキスト"] * 20  # fmt: skip
     tok = tokenizer_mod.Tokenizer.train(corpus, vocab_size=300)
     return context_sensitive_model(0, vocab_size=tok.vocab_size), tok
 
@@ -269,6 +271,28 @@ def test_bad_requests_fail_alone_with_a_clear_error(model):
     assert good.result(0).token_ids == alone(model, [1, 2, 3], SAMPLED).token_ids
     assert truncated.result(0).prompt_tokens == 120
     assert engine.stats.failed == 4
+
+
+@pytest.mark.parametrize("failure", ["window-shrunk-by-a-swap", "prefill-raises"])
+def test_a_request_that_fails_at_admission_frees_its_id_for_a_resubmission(
+    model, failure, monkeypatch
+):
+    # The worker submits a job under its job id, so a redelivered job reuses the id.
+    engine = Engine(model, max_batch=2)
+    first = engine.submit(EngineRequest(list(range(1, 101)), GREEDY, request_id="job-1"))
+    if failure == "prefill-raises":
+        def broken_prefill(*args, **kwargs):
+            raise RuntimeError("prefill fell over")
+
+        monkeypatch.setattr(engine_module, "prefill", broken_prefill)
+    else:  # applied at once (nothing runs): the queued 100-token prompt no longer fits
+        engine.swap_model(context_sensitive_model(2, block_size=64))
+    run_until_idle(engine)
+    assert first.exception(0) is not None
+    monkeypatch.undo()
+    again = engine.submit(EngineRequest([1, 2, 3], GREEDY, request_id="job-1"))
+    run_until_idle(engine)
+    assert again.result(0).token_ids == alone(engine.model, [1, 2, 3], GREEDY).token_ids
 
 
 def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(model, run_ahead):
