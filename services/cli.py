@@ -141,7 +141,8 @@ def generate(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE"),
     kv_cache: bool = typer.Option(
-        True, "--kv-cache/--no-kv-cache", help="Decode from the static KV cache (the seed's kv_cache)."
+        True, "--kv-cache/--no-kv-cache",
+        help="Decode from the static KV cache (the seed's kv_cache).",
     ),
     quantized: bool = typer.Option(False, "--quantized", help="int8 weight-only linear layers."),
     mixed_precision: str = typer.Option(
@@ -163,6 +164,8 @@ def generate(
         resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise CliError(f"--device {device}: no CUDA device here (use --device cpu or auto)")
         dtype = inference_dtype(resolve_precision(mixed_precision, device))
         loaded = load_model_dir(resolved.path, device=device, dtype=dtype, quantized=quantized)
         if loaded.tokenizer is None:

@@ -139,7 +139,10 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        except ValueError as exc:  # Hydra's own, e.g. a number given for a group (model=1)
+            raise ConfigError(f"{exc} (a config group takes a name, e.g. model=small)") from exc
     OmegaConf.resolve(cfg)  # a missing env var or a bad interpolation fails here, not mid-run
     return cfg
 
@@ -208,6 +211,20 @@ def validate(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(RootConfig)})
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}' (see config/README.md)")
+    for key in ("train.device", "serve.device"):
+        _check_device(key, OmegaConf.select(cfg, key))
     model_config(cfg)
     train_config(cfg)
     check_data(cfg)
+
+
+def _check_device(key: str, value: Any) -> None:
+    """`auto` or a device torch knows (cpu, cuda, cuda:1, ...): a typo fails before any work."""
+    if value is None or value == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{key}: not a device: {value!r} (auto, cpu, cuda or cuda:N)") from exc

@@ -230,9 +230,21 @@ def test_train_passes_hydra_overrides_to_the_trainer(capsys) -> None:
     assert cfg["model"]["name"] == "tiny" and cfg["train"]["max_steps"] == 7
 
 
-def test_train_with_a_bad_override_exits_with_the_trainers_config_error(capsys) -> None:
-    code, _, err = lmctl(capsys, "train", "model=nope")
-    assert code == 2 and "model" in err and err.count("\n") == 1
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("model=nope", "model"), ("model=1", "model=small"), ("train.device=gpu0", "train.device")],
+)
+def test_train_with_a_bad_override_exits_with_the_trainers_config_error(
+    capsys, override: str, named: str
+) -> None:
+    code, _, err = lmctl(capsys, "train", override)
+    assert code == 2 and named in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine has the device")
+def test_generate_on_a_missing_cuda_device_is_a_one_line_error(capsys, model_dir: Path) -> None:
+    code, _, err = lmctl(capsys, "generate", "--model", str(model_dir), "--device", "cuda", "hi")
+    assert_one_line_error(code, err, "no CUDA device")
 
 
 def test_console_entry_point_runs_as_a_process() -> None:
