@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries 128-255
+MAX_WARMUP_SHARE = 0.5  # the warmup takes at most this share of the run's steps
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ class TrainConfig:
     max_time_s: float | None = None  # wall-clock budget in seconds; None = no limit
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # at most half the run's steps are warmup (warmup_for)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -157,18 +158,28 @@ def total_steps(cfg: TrainConfig, train_tokens: int, block_size: int, world_size
     return max(1, math.ceil(cfg.epochs * train_tokens / per_step))
 
 
+def warmup_for(cfg: TrainConfig, steps: float) -> int:
+    """The warmup of a run of `steps` steps: warmup_steps, but at most half the run.
+
+    A warmup as long as the run (a short max_steps, or a budget that allows fewer steps than
+    expected) would leave no room for the cosine, and the LR would never decay.
+    """
+    return min(cfg.warmup_steps, int(steps * MAX_WARMUP_SHARE))
+
+
 def lr_at(step: int, cfg: TrainConfig, steps: float) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
 
     A pure function of the step and the run's length, so a resumed run continues the exact
-    schedule. Under a time budget `steps` is steps_on_course(...).
+    schedule. Under a time budget `steps` is steps_on_course(...). The warmup is warmup_for().
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = warmup_for(cfg, steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if step >= steps:
         return min_lr
-    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, steps - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
@@ -520,6 +531,7 @@ class Trainer:
         # Until the first vote comes back, the checkpoint's time (the same on every rank).
         agreed = D.Agreed(False, self.elapsed_before)
         stop_vote = D.StopVote(start=agreed)
+        warned_warmup = False
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:
@@ -528,6 +540,12 @@ class Trainer:
                 # a vote between ranks lags a step, which only shifts the estimate by one step.
                 on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget)
                 lr = lr_at(step - 1, cfg, on_course)
+                if main and not warned_warmup and warmup_for(cfg, on_course) < cfg.warmup_steps:
+                    warned_warmup = True
+                    log.warning("warmup_steps=%d is more than half of the run's %d steps: "
+                                "warming up for %d steps, so the LR can decay",
+                                cfg.warmup_steps, math.ceil(on_course),
+                                warmup_for(cfg, on_course))
                 loss, grad_norm, data_s = self._optimizer_step(lr)
                 for m in (meter, run_meter):
                     m.add(self._tokens_per_step(), data_s)

@@ -109,6 +109,33 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
     assert all(a >= b for a, b in zip(decay, decay[1:]))
 
 
+def test_a_warmup_as_long_as_the_run_is_cut_to_half_of_it_so_the_lr_still_decays() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=50, min_lr_ratio=0.1, max_steps=20)
+    lrs = [lr_at(s, cfg, 20) for s in range(21)]
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3])  # 10 warmup steps, not 50
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 9
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[19] < 0.15 and lrs[20] == pytest.approx(0.1)
+    # A warmup within half the run is the configured one.
+    assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=10), 20) == pytest.approx(0.1)
+
+
+def test_a_warmup_longer_than_the_budget_allows_still_ends_at_min_lr_and_says_so(
+    dataset: TokenDataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = ListTracker()
+    cfg = config(max_steps=100_000, warmup_steps=100_000, max_time_s=1.5,
+                 quantization_report=False)
+    with caplog.at_level("WARNING", logger="lmcore.train"):
+        result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert result.stopped_by_time
+    lrs = [m["lr"] for _, m in sorted(tracker.metrics().items()) if "lr" in m]
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    assert max(lrs) > 0.9 * cfg.lr  # warmed up to the peak ...
+    assert lrs[-1] - min_lr < 0.05 * (cfg.lr - min_lr)  # ... and decayed with the time
+    assert "warmup_steps=100000" in caplog.text
+
+
 def test_a_time_budget_shortens_the_schedule_only_when_it_would_end_the_run_first() -> None:
     # 20 of 100 steps in 6 s of a 60 s budget: on course for all 100 (200 would fit).
     assert steps_on_course(100, 20, 6.0, 60.0) == 100
