@@ -639,6 +639,8 @@ class Engine:
         self, request: EngineRequest, model: Transformer, tokenizer: TextCodec | None
     ) -> list[int]:
         """The prompt ids that fit this model's window; ValueError/ContextLengthError if bad."""
+        if not isinstance(request.params, SamplingParams):  # its checks are the sampler's guard
+            raise ValueError(f"params must be SamplingParams, got {type(request.params).__name__}")
         if request.truncate not in ("error", "left"):
             raise ValueError(f"truncate must be 'error' or 'left', got {request.truncate!r}")
         if request.params.stop and tokenizer is None:

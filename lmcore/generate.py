@@ -62,8 +62,18 @@ class SamplingParams:
     eos: bool = True  # finish at the end-of-text token
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        # Types first: a wrong one (top_k=2.5) would otherwise fail later, in the sampler, for
+        # every request sharing the batch. Bools are not numbers here.
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) and not (name == "seed" and value is None):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.eos, bool):
+            raise ValueError(f"eos must be True or False, got {self.eos!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
@@ -72,10 +82,16 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a sequence of strings, got {self.stop!r}")
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} non-empty strings")
-        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop", tuple(stop))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import types
 
 import pytest
 import torch
@@ -271,6 +272,20 @@ def test_bad_requests_fail_alone_with_a_clear_error(model):
     assert good.result(0).token_ids == alone(model, [1, 2, 3], SAMPLED).token_ids
     assert truncated.result(0).prompt_tokens == 120
     assert engine.stats.failed == 4
+
+
+def test_params_that_are_not_sampling_params_fail_at_submit_and_not_the_batch(model, run_ahead):
+    # Duck-typed params skip SamplingParams' checks; top_k=2.5 used to fail the sampling of
+    # every request in the batch.
+    bad_params = types.SimpleNamespace(**{**dataclasses.asdict(SAMPLED), "top_k": 2.5})
+    engine = Engine(model, max_batch=2, run_ahead=run_ahead)
+    good = engine.submit(EngineRequest([1, 2, 3], SAMPLED))
+    bad = engine.submit(EngineRequest([4, 5, 6], bad_params))
+    assert bad.done()
+    with pytest.raises(ValueError, match="SamplingParams"):
+        bad.result(0)
+    run_until_idle(engine)
+    assert good.result(0).token_ids == alone(model, [1, 2, 3], SAMPLED).token_ids
 
 
 @pytest.mark.parametrize("failure", ["window-shrunk-by-a-swap", "prefill-raises"])

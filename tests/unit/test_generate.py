@@ -370,6 +370,18 @@ def test_left_truncation_keeps_the_end_of_the_prompt(model: Transformer) -> None
         ("top_k", {"top_k": -2}),
         ("top_p", {"top_p": 0.0}),
         ("stop", {"stop": ("a", "b", "c", "d", "e")}),
+        # Wrong types, which used to pass and fail a whole sampling batch later on.
+        ("max_new_tokens", {"max_new_tokens": True}),
+        ("temperature", {"temperature": "1"}),
+        ("temperature", {"temperature": True}),
+        ("top_k", {"top_k": 2.5}),
+        ("top_k", {"top_k": True}),
+        ("top_p", {"top_p": "0.5"}),
+        ("seed", {"seed": 1.5}),
+        ("seed", {"seed": False}),
+        ("stop", {"stop": ("a", 3)}),
+        ("stop", {"stop": 3}),
+        ("eos", {"eos": "no"}),
     ],
 )
 def test_bad_sampling_params_name_the_field(field: str, kwargs: dict) -> None:
