@@ -18,8 +18,10 @@ def _announce_left_queue(stream_key: str, job_id: str) -> str:
             f"'job', {job_id})")
 
 
-# KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id.
+# KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id, job ttl_s.
 # -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
+# The record's TTL restarts at the claim: a job that waited in the queue for most of it must
+# not expire while it runs (its result would have nowhere to go).
 CLAIM = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{'missing'}} end
@@ -33,6 +35,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
 return {{'claimed', tostring(attempts), redis.call('HGET', KEYS[1], 'cancel_requested') or ''}}
 """
 

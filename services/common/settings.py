@@ -94,6 +94,12 @@ class Settings(BaseSettings):
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"job_time_limit_s ({self.job_time_limit_s})"
             )
+        # The record's TTL restarts when a worker claims the job; it must outlive the run.
+        if self.job_ttl_s <= self.job_time_limit_s:
+            raise ValueError(
+                f"job_ttl_s ({self.job_ttl_s}) must exceed job_time_limit_s "
+                f"({self.job_time_limit_s})"
+            )
         return self
 
     @property

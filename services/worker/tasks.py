@@ -44,7 +44,8 @@ def _claim(runtime: WorkerRuntime, job_id: str, owner: str) -> str:
     while True:
         reply = runtime.claim(
             keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
-            args=[owner, repr(time.time()), int(settings.lease_ttl_s * 1000), job_id],
+            args=[owner, repr(time.time()), int(settings.lease_ttl_s * 1000), job_id,
+                  settings.job_ttl_s],
         )
         kind = reply[0]
         if kind == "missing":

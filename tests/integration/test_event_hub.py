@@ -275,7 +275,7 @@ async def claim(redis: Redis, job_id: str) -> None:
     """What a worker does on taking the job: the real CLAIM script, which announces it."""
     script = redis.register_script(scripts.CLAIM)
     reply = await script(keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
-                         args=["test-worker", "0", 60_000, job_id])  # fmt: skip
+                         args=["test-worker", "0", 60_000, job_id, 3600])  # fmt: skip
     assert reply[0] == "claimed"
 
 

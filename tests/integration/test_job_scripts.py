@@ -82,3 +82,17 @@ def test_live_workers_are_found_without_scanning_and_dead_ones_are_forgotten(
 
     assert [w["nodename"] for w in asyncio.run(from_the_api())] == ["alive"]
     assert "cmdstat_scan" not in client.info("commandstats")
+
+
+def test_claiming_a_job_restarts_its_records_ttl(client: redis.Redis) -> None:
+    # A job that waited in the queue for most of LLM_JOB_TTL_S must not expire while it runs.
+    from services.common.jobs import JobRecord, JobRequest
+
+    claim = client.register_script(scripts.CLAIM)
+    record = JobRecord.new("waited-long", JobRequest(prompt="a"))
+    client.hset(keys.job(record.id), mapping=record.to_hash())
+    client.expire(keys.job(record.id), 5)  # almost out
+    reply = claim(keys=[keys.job(record.id), keys.lease(record.id), keys.LEFT_QUEUE],
+                  args=["w1", "0", LEASE_MS, record.id, 3600])  # fmt: skip
+    assert reply[0] == "claimed"
+    assert client.ttl(keys.job(record.id)) > 3000

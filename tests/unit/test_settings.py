@@ -55,6 +55,11 @@ def test_visibility_timeout_must_exceed_the_job_time_limit() -> None:
         Settings(visibility_timeout_s=60, job_time_limit_s=60)
 
 
+def test_a_job_record_must_outlive_the_job_time_limit() -> None:
+    with pytest.raises(ValidationError, match="job_ttl_s"):
+        Settings(job_ttl_s=300, job_time_limit_s=600)
+
+
 def test_a_non_numeric_bound_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_MAX_BATCH", "many")
     with pytest.raises(ValidationError, match="max_batch"):
