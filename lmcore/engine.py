@@ -54,6 +54,7 @@ from lmcore.generate import (
     prefill,
     sample_token_ids,
     sample_tokens,
+    sampling_vocab,
 )
 
 if TYPE_CHECKING:
@@ -491,11 +492,11 @@ class Engine:
         device = self._model.device
         try:
             rows = host_to_device([run.slot - queued.first for run in stepped], device)
-            tokens = sample_token_ids(queued.logits.index_select(0, rows),
+            tokens = sample_token_ids(queued.logits[:, : self._vocab].index_select(0, rows),
                                       [run.state.params for run in stepped],
                                       [run.state.draws for run in stepped])  # fmt: skip
             slots = host_to_device([run.slot for run in stepped], device)
-            in_vocab = clamp_ids(tokens, self._model.config.vocab_size)
+            in_vocab = clamp_ids(tokens, self._vocab)
             self._step_tokens.index_copy_(0, slots, in_vocab[:, None])
         except Exception as exc:
             log.exception("sampling failed; failing its %d requests", len(stepped))
@@ -574,7 +575,7 @@ class Engine:
     def _take_tokens(self, runs: list[_Running], logits: torch.Tensor) -> None:
         """Sample one token per run from its row of logits (rows in the order of runs)."""
         try:
-            tokens = sample_tokens(logits, [run.state.params for run in runs],
+            tokens = sample_tokens(logits[:, : self._vocab], [run.state.params for run in runs],
                                    [run.state.draws for run in runs])  # fmt: skip
         except Exception as exc:
             log.exception("sampling failed; failing its %d requests", len(runs))
@@ -585,7 +586,7 @@ class Engine:
             self._take_token(run, token)
 
     def _take_token(self, run: _Running, token: int) -> None:
-        if token >= self._model.config.vocab_size:  # flagged by the sampler
+        if token >= self._vocab:  # flagged by the sampler
             self._release(run, error=NonFiniteLogitsError(
                 f"the model's logits were NaN or infinite at generated token "
                 f"{len(run.state.token_ids)}; the request failed, the others in its batch go on"))
@@ -710,6 +711,9 @@ class Engine:
             step_fn = torch.compile(step_fn, mode="reduce-overhead")
         self._model, self._tokenizer, self._metadata = model, tokenizer, metadata
         self._cache, self._step_fn = cache, step_fn
+        # Sampling sees logits[:, :vocab]: ids the tokenizer decodes; a sampled id at or past
+        # vocab flags non-finite logits.
+        self._vocab = sampling_vocab(model, tokenizer)
         run_ahead = self._run_ahead_arg
         self._run_ahead = model.device.type == "cuda" if run_ahead is None else run_ahead
         # Running ahead, each step reads its tokens from here, where the last step's sampling

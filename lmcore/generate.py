@@ -36,7 +36,8 @@ class NonFiniteLogitsError(ArithmeticError):
 
 
 class TextCodec(Protocol):
-    """What generation needs from a tokenizer."""
+    """What generation needs from a tokenizer. One that also has `vocab_size` (how many ids it
+    decodes) is never handed an id at or past it (`sampling_vocab`)."""
 
     eos_id: int
 
@@ -462,6 +463,15 @@ def prefill(
     return logits[:, 0, : model.config.vocab_size]
 
 
+def sampling_vocab(model: Transformer, codec: TextCodec | None) -> int:
+    """How many ids sampling may pick: the model's vocabulary, cut to the tokenizer's when that
+    is smaller (a model may have more ids than its tokenizer, which cannot decode the rest).
+    Sampling from logits[:, :n] costs nothing more, where masking the rest would."""
+    vocab = model.config.vocab_size
+    codec_vocab = getattr(codec, "vocab_size", None)
+    return vocab if codec_vocab is None else min(vocab, codec_vocab)
+
+
 def _as_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
@@ -509,7 +519,8 @@ def generate_ids(
         front = max(len(p) for p in fitted)  # the highest position the next step writes
     else:
         logits = _recompute_last_logits(model, states)
-    vocab = model.config.vocab_size  # a sampled id at or past it flags non-finite logits
+    # Only ids the codec can decode are sampled; one at or past vocab flags non-finite logits.
+    vocab = sampling_vocab(model, codec)
     all_greedy = all(sp.temperature == 0.0 for sp in plist)
     # Greedy cached decoding on a GPU runs one step ahead: the next step is queued before this
     # step's tokens reach the host, so the GPU works while Python handles them. When every row
@@ -533,6 +544,7 @@ def generate_ids(
         return out
 
     while True:
+        logits = logits[:, :vocab]  # a view
         if all_greedy:
             # One argmax and one device-to-host copy for the batch rather than one per row.
             # The host gets the ids with non-finite rows flagged; the next step, the argmax.

@@ -189,6 +189,22 @@ def test_on_token_deltas_concatenate_to_the_final_text(text_setup, run_ahead):
     assert handles[1].result(0).finish_reason == "stop"  # held-back stop prefixes exercised
 
 
+def test_a_model_with_more_ids_than_its_tokenizer_samples_only_decodable_ones(
+    text_setup, run_ahead
+):
+    _, tok = text_setup
+    model = context_sensitive_model(0, vocab_size=512)
+    assert model.config.vocab_size > tok.vocab_size
+    params = SamplingParams(max_new_tokens=40, temperature=2.0, seed=0, eos=False)
+    engine = Engine(model, tok, max_batch=2, run_ahead=run_ahead)
+    handles = [engine.submit(EngineRequest(prompt=p, params=params)) for p in ("héllo", "the")]
+    run_until_idle(engine)
+    for handle, prompt in zip(handles, ("héllo", "the")):
+        got = handle.result(0)
+        assert max(got.token_ids) < tok.vocab_size
+        assert got.token_ids == generate(model, tok, [prompt], params)[0].token_ids
+
+
 def seed_ending_inside_a_character(model, tok, prompt: str, tokens: int) -> int:
     """A seed whose first `tokens` sampled tokens end inside a UTF-8 character."""
     for seed in range(1000):

@@ -311,6 +311,25 @@ def test_padded_vocab_ids_are_never_sampled(model: Transformer) -> None:
     assert max(out[0].token_ids) < model.config.vocab_size
 
 
+class SmallVocabCodec(ByteCodec):
+    """ByteCodec that says how many ids it can decode: 257, fewer than the model's 300."""
+
+    vocab_size = 257
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_new_tokens=24, temperature=2.0,
+                                                           seed=0, eos=False)],
+                         ids=["greedy", "sampled"])  # fmt: skip
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled(
+    model: Transformer, params: SamplingParams
+) -> None:
+    codec = SmallVocabCodec()
+    assert model.config.vocab_size > codec.vocab_size
+    outs = generate_ids(model, RAGGED * 3, params, codec=codec)
+    outs += generate(model, codec, ["hello", "x"], params)
+    assert max(max(g.token_ids) for g in outs) < codec.vocab_size
+
+
 def test_compiled_decode_step_has_no_graph_breaks(model: Transformer) -> None:
     cache = KVCache.for_model(model, 2, 32)
     with torch.inference_mode():
