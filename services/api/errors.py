@@ -1,4 +1,4 @@
-"""Exception handlers: Redis unreachable is 503 with Retry-After; bad input is 422.
+"""Exception handlers: Redis unreachable or refusing is 503 with Retry-After; bad input is 422.
 
 Handlers only translate exceptions into responses; recovery is the Redis client's reconnect.
 """
@@ -14,8 +14,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -62,5 +61,6 @@ async def _http_error(request: Request, exc: HTTPException) -> Any:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
-    for exc_type in (RedisConnectionError, RedisTimeoutError):
-        app.add_exception_handler(exc_type, _redis_down)
+    # Unreachable, and also reachable but refusing (out of memory, a replica turned read-only
+    # in a failover, loading its data): each passes, so each is a 503 the client retries.
+    app.add_exception_handler(RedisError, _redis_down)

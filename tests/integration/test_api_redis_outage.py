@@ -61,3 +61,20 @@ def test_redis_down_is_503_with_retry_after_and_the_api_recovers_by_itself(stack
     assert after.status_code == 202
     assert client.get(f"/jobs/{job_id}").json()["status"] == "queued"
     assert api.alive and api.proc is not None and api.proc.pid == pid  # never restarted
+
+
+def test_a_redis_that_refuses_writes_is_503_with_retry_after_not_a_500(stack: Any) -> None:
+    # Out of memory under noeviction (or a replica that turned read-only in a failover): Redis
+    # answers with an error instead of dropping the connection, and it passes the same way.
+    redis, api = stack
+    client = httpx.Client(base_url=api.url, timeout=10)
+    admin = redis.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")
+    try:
+        full = client.post("/jobs", json={"prompt": "hello"})
+    finally:
+        admin.config_set("maxmemory", "0")
+    assert full.status_code == 503, full.text
+    assert int(full.headers["Retry-After"]) > 0
+    assert client.post("/jobs", json={"prompt": "hello"}).status_code == 202
