@@ -46,6 +46,7 @@ from lmcore.generate import (
     SequenceState,
     TextCodec,
     Truncate,
+    check_prompt_ids,
     clamp_ids,
     decode_step,
     HostCopy,
@@ -656,10 +657,7 @@ class Engine:
             if not ids:
                 raise ValueError("empty prompt: a request needs at least one prompt token "
                                  "(use the eos token to start)")
-        vocab = model.config.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        check_prompt_ids(ids, model.config.vocab_size)
         return fit_prompt(ids, request.params, self._window(model), request.truncate)
 
     # -- completion and counters -----------------------------------------------------------------

@@ -405,6 +405,14 @@ class SequenceState:
         return delta
 
 
+def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int) -> None:
+    """ValueError naming the first id outside [0, vocab_size): the embedding table has padding
+    rows past vocab_size, and an id beyond the table is an IndexError deep in the model."""
+    bad = next((i for i in prompt_ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 def fit_prompt(
     prompt_ids: Sequence[int], params: SamplingParams, block_size: int, truncate: Truncate
 ) -> list[int]:
@@ -502,6 +510,8 @@ def generate_ids(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("each prompt needs at least one token (use the eos token to start)")
+    for prompt in prompts:
+        check_prompt_ids(prompt, model.config.vocab_size)
     plist = _as_list(params, len(prompts))
     block = model.config.block_size
     fitted = [fit_prompt(p, sp, block, truncate) for p, sp in zip(prompts, plist)]

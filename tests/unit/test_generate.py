@@ -371,6 +371,17 @@ def test_prompt_beyond_the_context_window_is_a_clear_error(model: Transformer) -
         generate_ids(model, [[1]], SamplingParams(max_new_tokens=block))
 
 
+@pytest.mark.parametrize("bad_id", [-1, 300, 305, 600], ids=["negative", "vocab", "padding",
+                                                               "past-the-table"])  # fmt: skip
+def test_a_prompt_id_outside_the_vocabulary_is_a_clear_error(
+    model: Transformer, bad_id: int
+) -> None:
+    # 300 ids in an embedding table of 320: ids in the padding used to pass unnoticed.
+    assert model.config.vocab_size == 300 and model.config.padded_vocab_size > 305
+    with pytest.raises(ValueError, match=rf"prompt token id {bad_id} is outside the vocabulary"):
+        generate_ids(model, [[1, 2], [3, bad_id, 4]], GREEDY)
+
+
 def test_left_truncation_keeps_the_end_of_the_prompt(model: Transformer) -> None:
     block = model.config.block_size
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
