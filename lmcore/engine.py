@@ -136,6 +136,7 @@ class EngineHandle:
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[EngineHandle], None]] = []
         self._cancel_requested = False
+        self._prompt_tokens = 0  # as prepared at submit (a text prompt encoded, then fitted)
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -334,7 +335,7 @@ class Engine:
             model, tokenizer = self._model, self._tokenizer
         try:
             # Checked now so a bad request fails at once instead of after a wait for a slot.
-            self._prepare(request, model, tokenizer)
+            handle._prompt_tokens = len(self._prepare(request, model, tokenizer))
         except Exception as exc:
             self._fail(handle, exc)
             return handle
@@ -670,8 +671,7 @@ class Engine:
                 self._bump("cancelled")
 
     def _cancel_unstarted(self, handle: EngineHandle) -> None:
-        prompt_tokens = len(handle.request.prompt_ids)
-        self._complete(handle, Generation("", [], "cancelled", prompt_tokens))
+        self._complete(handle, Generation("", [], "cancelled", handle._prompt_tokens))
 
     def _fail(self, handle: EngineHandle, error: BaseException) -> None:
         self._forget(handle)

@@ -137,6 +137,20 @@ def test_cancelling_a_waiting_request_finishes_it_before_it_runs(model, run_ahea
     assert engine.cancel("no-such-request") is False
 
 
+def test_a_text_request_cancelled_while_queued_reports_its_prompt_tokens(text_setup):
+    model, tok = text_setup
+    engine = Engine(model, tok, max_batch=1)
+    running = engine.submit(EngineRequest(prompt="the quick", params=GREEDY))
+    queued = engine.submit(EngineRequest(prompt="héllo wörld", params=GREEDY))
+    never_started = engine.submit(EngineRequest(prompt="the lazy dog", params=GREEDY))
+    engine.step()
+    queued.cancel()
+    engine.stop(drain=False)  # cancels the running request and the one still queued
+    assert running.result(0).prompt_tokens == len(tok.encode("the quick"))
+    assert queued.result(0).prompt_tokens == len(tok.encode("héllo wörld"))
+    assert never_started.result(0).prompt_tokens == len(tok.encode("the lazy dog"))
+
+
 def test_more_requests_than_slots_queue_and_all_finish(model, run_ahead):
     engine = Engine(model, max_batch=2, run_ahead=run_ahead)
     prompts = [[i + 1, i + 2] for i in range(5)]
