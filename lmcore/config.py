@@ -44,6 +44,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("dropout", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        for name in ("bias", "tie_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "false" from a hand-written file is truthy
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"

@@ -17,11 +17,20 @@ def test_vocab_is_padded_to_a_multiple_of_64() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n_layer", 0), ("n_head", -1), ("block_size", 0), ("dropout", 1.5), ("mlp", "relu")],
+    [("n_layer", 0), ("n_head", -1), ("block_size", 0), ("dropout", 1.5), ("mlp", "relu"),
+     # Wrong types: strings used to raise a bare TypeError, or pass as a truthy flag.
+     ("dropout", "0.1"), ("dropout", True), ("norm_eps", "1e-5"), ("norm_eps", None),
+     ("bias", "false"), ("bias", 0), ("tie_embeddings", "no"), ("tie_embeddings", 1),
+     ("n_layer", 2.0)],  # fmt: skip
 )
 def test_invalid_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**{field: value})
+
+
+def test_whole_numbers_are_accepted_where_a_float_is_expected() -> None:
+    cfg = ModelConfig(dropout=0, norm_eps=1)
+    assert (cfg.dropout, cfg.norm_eps) == (0, 1)
 
 
 def test_heads_must_divide_width() -> None:
