@@ -215,7 +215,7 @@ def _sample_rows(
     inputs = [[p.temperature, k - 1, p.top_p if p.top_p < 1.0 else float("inf"), u]
               for p, k, u in zip(params, ks, next_uniforms(draws).tolist())]  # fmt: skip
     row_inputs = host_to_device(inputs, device, torch.float64)
-    # A temperature under float32's range would round to 0; the smallest normal one is as greedy.
+    # One under float32's range would round to 0; its smallest normal number is as greedy.
     temperature = row_inputs[:, 0:1].float().clamp_(min=torch.finfo(torch.float32).tiny)
     x = logits.float().sub(_overflow_shift(row_max, temperature)).div_(temperature)
     if any(ks):
@@ -234,10 +234,9 @@ def _overflow_shift(row_max: torch.Tensor, temperature: torch.Tensor) -> torch.T
 
     A tiny temperature (1e-38 and below) divides the top logit past float32's range, or itself
     rounds to 0. Such rows subtract their max, so the top token divides 0 and the others fall
-    to -inf or near it: one-hot, the limit as the temperature goes to 0 (greedy; tied top tokens
-    share the mass). Every other row subtracts
-    0, which leaves its logits, and so its seeded tokens, exactly as they were. row_max: (S,),
-    temperature: (S, 1) float32, positive.
+    to -inf or near it: one-hot, the limit as the temperature goes to 0 (greedy; tied top
+    tokens share the mass). Every other row subtracts 0, which leaves its logits, and so its
+    seeded tokens, exactly as they were. row_max: (S,); temperature: (S, 1) float32, > 0.
     """
     top = row_max.float()[:, None]
     overflows = torch.isfinite(top) & ~torch.isfinite(top / temperature)
