@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -575,6 +576,33 @@ def latest_training_state(ckpt_dir: PathLike) -> Path | None:
 def list_training_states(ckpt_dir: PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
     return [p for _, p in _checkpoint_dirs(Path(ckpt_dir))]
+
+
+def read_training_extra(path: PathLike) -> dict[str, Any]:
+    """A checkpoint's `extra` (what the trainer recorded in it), without reading any tensor."""
+    return _read_json(Path(path) / STATE_FILE).get("extra") or {}
+
+
+def set_aside_training_states(ckpt_dir: PathLike, stamp: str) -> Path | None:
+    """Move every step-* dir of ckpt_dir (complete or not) into a new ckpt_dir/replaced-<stamp>*/.
+
+    For a run that starts over where another left checkpoints: those would otherwise stay the
+    newest, and pruning would remove the new run's first. Nothing is deleted; the dir name
+    does not look like a checkpoint, so resuming and pruning never see inside it. Returns the
+    new dir, or None when there was nothing to move.
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return None
+    old = sorted(p for p in root.iterdir() if p.name.startswith("step-") and p.is_dir())
+    if not old:
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f"replaced-{stamp}-", dir=root))
+    aside.chmod(0o755)  # mkdtemp makes it private; checkpoints are shared (other pods)
+    for p in old:
+        os.rename(p, aside / p.name)
+    _fsync_dir(root)
+    return aside
 
 
 def load_training_state(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import signal
@@ -25,10 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmcore import distributed as D
 from lmcore.checkpoint import (
+    CheckpointError,
     latest_training_state,
     load_training_state,
+    read_training_extra,
     save_model_dir,
     save_training_state,
+    set_aside_training_states,
 )
 from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
@@ -83,7 +87,10 @@ class TrainConfig:
     checkpoint_interval: int = 200  # steps; 0 = only at the end (and on SIGTERM)
     checkpoint_dir: str | None = "checkpoints"
     keep_checkpoints: int = 3
-    resume: bool = True  # carry on from the newest checkpoint in checkpoint_dir
+    # Carry on from the newest checkpoint in checkpoint_dir, which must have been trained on the
+    # same data and model config (else CheckpointMismatchError). False: start over, moving the
+    # checkpoints already there into checkpoint_dir/replaced-<time>/.
+    resume: bool = True
     model_dir: str | None = None  # final model dir; default <checkpoint_dir>/model
     peak_flops: float = H100_BF16_PEAK_FLOPS  # per device, for MFU (reported on CUDA only)
     progress: bool = True
@@ -288,6 +295,23 @@ class TrainResult:
     stopped_by_time: bool = False  # max_time_s ended the run before its steps did
 
 
+class CheckpointMismatchError(ConfigError):
+    """The newest checkpoint in checkpoint_dir was trained on other data or another model."""
+
+
+def data_identity(dataset: Any) -> dict[str, str | None]:
+    """What a run trains on: the token cache's key and text hash, the tokenizer's digest."""
+    meta = getattr(dataset, "meta", None)
+    meta = meta if isinstance(meta, dict) else {}
+    tok = getattr(dataset, "tokenizer", None)
+    return {
+        "cache_key": meta.get("cache_key"),
+        "content_hash": meta.get("content_hash"),
+        "tokenizer_sha256": (hashlib.sha256(tok.to_str().encode()).hexdigest()
+                             if tok is not None else None),
+    }
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGTERM: a checkpoint was saved at `step`; exit non-zero so the job is restarted."""
 
@@ -409,6 +433,7 @@ class Trainer:
     run_id: str | None
     history: dict[str, list[list[float]]]
     elapsed_before: float  # loop seconds of the runs this one resumed
+    data: dict[str, str | None]  # data_identity(dataset), recorded in every checkpoint
     _clock: float  # perf_counter() at which the loop would have started without interruptions
 
     def fit(self) -> TrainResult:
@@ -444,6 +469,7 @@ class Trainer:
         self.history = {"train_loss": [], "val_loss": []}
         self.run_id = None
         self.elapsed_before = 0.0
+        self.data = data_identity(self.dataset)
         start = self._resume()
         model: nn.Module = self.model
         if cfg.compile:
@@ -455,10 +481,31 @@ class Trainer:
         return start
 
     def _resume(self) -> int:
-        """Load the newest complete checkpoint, if any; every rank loads the one rank 0 chose."""
-        ckpt_dir = self.cfg.checkpoint_dir if self.cfg.resume else None
-        found = latest_training_state(ckpt_dir) if ckpt_dir and self.dist_env.is_main else None
-        chosen = D.broadcast_object(str(found) if found else None)
+        """Load the newest complete checkpoint, if any; every rank loads the one rank 0 chose.
+
+        Rank 0 refuses one trained on other data or another model config, and every rank
+        raises its reason. With resume=false it moves the checkpoints already there aside, so
+        they neither stay the newest nor crowd out this run's when old ones are pruned.
+        """
+        ckpt_dir, main = self.cfg.checkpoint_dir, self.dist_env.is_main
+        found, refusal, failure = None, None, None
+        try:
+            if ckpt_dir and main and self.cfg.resume:
+                found = latest_training_state(ckpt_dir)
+                refusal = self._mismatch(found) if found else None
+            elif ckpt_dir and main:
+                aside = set_aside_training_states(ckpt_dir, time.strftime("%Y%m%d-%H%M%S"))
+                if aside:
+                    log.warning("resume=false: moved the checkpoints in %s into %s",
+                                ckpt_dir, aside)
+        except (OSError, CheckpointError) as exc:  # every rank must hear it, not wait for rank 0
+            failure = f"checkpoint_dir {ckpt_dir}: {exc}"
+        chosen, refusal, failure = D.broadcast_object(
+            (str(found) if found else None, refusal, failure))
+        if failure:
+            raise RuntimeError(failure)
+        if refusal:
+            raise CheckpointMismatchError(refusal)
         if chosen is None:
             return 0
         if not Path(chosen).is_dir():
@@ -492,6 +539,27 @@ class Trainer:
         if self.dist_env.is_main:
             log.info("resumed from %s (step %d)", chosen, state.step)
         return state.step
+
+    def _mismatch(self, path: Path) -> str | None:
+        """Why the checkpoint at `path` is not this run's to carry on, or None when it is."""
+        extra = read_training_extra(path)
+        recorded = extra.get("data")
+        if isinstance(recorded, dict):
+            differs = [f"data {key} {_short(recorded.get(key))} (this run: {_short(value)})"
+                       for key, value in self.data.items() if recorded.get(key) != value]
+        else:
+            differs = ["it does not record the data it was trained on (an older checkpoint)"]
+        model = extra.get("model_config") or {}
+        differs += [f"model {key} {model.get(key)!r} (this run: {value!r})"
+                    for key, value in self.model_config.to_dict().items()
+                    if model.get(key) != value]
+        if not differs:
+            return None
+        return (f"will not resume {path}: {'; '.join(differs)}. Resuming would carry on another "
+                "run's weights and publish them as this run's model. To keep that run, give "
+                "this one a fresh train.checkpoint_dir; to start over in "
+                f"{self.cfg.checkpoint_dir}, set train.resume=false (its checkpoints are then "
+                "moved into a replaced-<time>/ dir there)")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -732,6 +800,7 @@ class Trainer:
                     "samplers": samplers,
                     "history": self.history,
                     "elapsed_s": self._elapsed(),
+                    "data": self.data,  # with model_config: what a resume must match
                     "schedule": {"total_steps": self.steps, "lr": self.cfg.lr,
                                  "warmup_steps": self.cfg.warmup_steps,
                                  "min_lr_ratio": self.cfg.min_lr_ratio},
@@ -822,6 +891,12 @@ class Trainer:
 
         return tqdm(total=self.steps, initial=start, unit="step", desc="train", file=sys.stderr,
                     dynamic_ncols=True)
+
+
+def _short(value: Any) -> str:
+    """A digest cut to 16 characters (a cache key's length) for messages."""
+    text = str(value)
+    return text[:16] if len(text) > 16 else text
 
 
 class _NoBar:

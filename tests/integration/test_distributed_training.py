@@ -309,6 +309,33 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(
     assert state["step"] == step and len(state["extra"]["samplers"]) == 2
 
 
+def test_every_rank_refuses_a_checkpoint_of_another_corpus_and_none_hangs(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Rank 0 inspects the checkpoint; its refusal reaches every rank, so all exit with it
+    instead of the others waiting at the next collective."""
+    _, data = corpus
+    other = prepare_corpus(write_corpus(tmp_path / "other.txt", lines=2000, seed=1),
+                           tmp_path / "cache", tokenizer=data.tokenizer, progress=False)
+    ckpt = tmp_path / "ckpt"
+    first = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER, "--dataset",
+             str(data.path), "--out", str(tmp_path / "first"), "--steps", "2",
+             "--checkpoint-dir", str(ckpt)]
+    finish(start(first, tmp_path / "first.log"), tmp_path / "first.log")
+
+    port = free_port()
+    again = [sys.executable, *HELPER, "--dataset", str(other.path), "--out",
+             str(tmp_path / "again"), "--steps", "4", "--checkpoint-dir", str(ckpt)]
+    procs = [start(again, tmp_path / f"rank{r}.log", **pod_env(r, port)) for r in (0, 1)]
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [1, 1], logs
+    for log in logs:
+        assert "CheckpointMismatchError: will not resume" in log, log[-2000:]
+        assert "data cache_key" in log and "train.resume=false" in log
+    assert latest_training_state(ckpt).name == "step-00000002"  # left as it was
+
+
 def test_pytorchjob_master_and_worker_pods_train_to_the_end(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:

@@ -34,13 +34,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset
     return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
 
 
-def trainer_cmd(text: Path, data: TokenDataset, ckpt: Path) -> list[str]:
+def trainer_cmd(text: Path, data: TokenDataset, ckpt: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "services.trainer", "model=tiny", "model.block_size=32",
             "data=text", f"data.source={text}", f"data.cache_dir={data.path.parent}",
             f"train.max_steps={STEPS}", "train.batch_size=2", "train.warmup_steps=10",
             "train.checkpoint_interval=5", "train.keep_checkpoints=2", "train.eval_interval=0",
             "train.eval_batches=2", "train.log_interval=50", "train.device=cpu",
-            "train.progress=false", f"train.checkpoint_dir={ckpt}", "tracking.enabled=false"]
+            "train.progress=false", f"train.checkpoint_dir={ckpt}", "tracking.enabled=false",
+            *extra]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -111,3 +112,36 @@ def test_sigterm_then_restart_matches_an_uninterrupted_run(
     for name in a:
         assert (a[name] == b[name]).all(), name
     assert latest_training_state(resumed_dir).name == f"step-{STEPS:08d}"
+
+
+def test_a_new_corpus_in_the_same_checkpoint_dir_is_refused_until_told_to_start_over(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """`checkpoint_dir: checkpoints/${model.name}` is shared by every run of a model: a run on
+    another corpus used to resume the old run's newest checkpoint, train 0 steps and publish
+    its weights with the new tokenizer. Now it stops with exit 2 and says what to do."""
+    text, data = corpus
+    ckpt = tmp_path / "ckpt"
+    short = ("train.max_steps=5", "train.quantization_report=false")
+    assert wait(start(trainer_cmd(text, data, ckpt, *short), tmp_path / "old.log")) == 0
+    old_model = load_file(ckpt / "model" / "model.safetensors")
+
+    other = write_corpus(tmp_path / "other.txt", lines=4000, seed=1)
+    refused_log = tmp_path / "refused.log"
+    assert wait(start(trainer_cmd(other, data, ckpt, *short), refused_log)) == 2
+    last = refused_log.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"error: will not resume {ckpt / 'step-00000005'}: data cache_key")
+    assert "train.checkpoint_dir" in last and "train.resume=false" in last
+    assert load_file(ckpt / "model" / "model.safetensors").keys() == old_model.keys()
+    assert (load_file(ckpt / "model" / "model.safetensors")["tok_emb.weight"]
+            == old_model["tok_emb.weight"]).all()  # nothing was published
+
+    fresh_log = tmp_path / "fresh.log"
+    fresh = trainer_cmd(other, data, ckpt, *short, "train.resume=false")
+    assert wait(start(fresh, fresh_log)) == 0, fresh_log.read_text()[-2000:]
+    assert "resumed from" not in fresh_log.read_text()
+    (aside,) = ckpt.glob("replaced-*")
+    assert (aside / "step-00000005" / "COMPLETE").is_file()  # kept, out of the way
+    assert latest_training_state(ckpt) == ckpt / "step-00000005"
+    assert not (load_file(ckpt / "model" / "model.safetensors")["tok_emb.weight"]
+                == old_model["tok_emb.weight"]).all()  # the new run's model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -375,6 +376,12 @@ def test_checkpoint_holds_run_id_sampler_and_rng_state(
     assert extra["samplers"][0]["batches_drawn"] == 4
     assert extra["schedule"]["total_steps"] == 4
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    # What it was trained on, so a resume can refuse another corpus, tokenizer or model.
+    assert extra["data"]["cache_key"] == dataset.meta["cache_key"]
+    assert extra["data"]["content_hash"] == dataset.meta["content_hash"]
+    assert extra["data"]["tokenizer_sha256"] == hashlib.sha256(
+        dataset.tokenizer.to_str().encode()).hexdigest()
+    assert extra["model_config"] == tiny(dataset).to_dict()
 
 
 # -- SIGTERM and resume -------------------------------------------------------------------------
@@ -440,6 +447,75 @@ def test_sigterm_handler_is_restored_after_fit(dataset: TokenDataset) -> None:
     before = signal.getsignal(signal.SIGTERM)
     Trainer(tiny(dataset), config(max_steps=1), dataset).fit()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.fixture(scope="module")
+def other_corpus(dataset: TokenDataset, tmp_path_factory: pytest.TempPathFactory) -> TokenDataset:
+    """Other text under the same tokenizer: the same model config fits it, nothing else."""
+    root = tmp_path_factory.mktemp("other-corpus")
+    corpus = write_corpus(root / "corpus.txt", lines=6000, seed=1)
+    return prepare_corpus(corpus, root / "cache", tokenizer=dataset.tokenizer, progress=False)
+
+
+def test_resume_refuses_a_checkpoint_of_another_corpus_and_says_how_to_go_on(
+    dataset: TokenDataset, other_corpus: TokenDataset, tmp_path: Path
+) -> None:
+    """The same model name (checkpoint_dir) with a new corpus used to resume the old run's
+    newest checkpoint, train 0 steps and publish its weights with the new tokenizer."""
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    tracker = ListTracker()
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny(other_corpus), config(tmp_path, max_steps=2), other_corpus, tracker).fit()
+    message = str(info.value)
+    assert "step-00000002" in message and "cache_key" in message
+    assert dataset.meta["cache_key"] in message and other_corpus.meta["cache_key"] in message
+    assert "tokenizer_sha256" not in message  # the same tokenizer: only what differs is named
+    assert "train.checkpoint_dir" in message and "train.resume=false" in message
+    assert tracker.calls == []  # refused before a run was started or anything published
+    assert latest_training_state(tmp_path / "ckpt").name == "step-00000002"
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    other = tiny(dataset).replace(dropout=0.1)  # same shapes: the weights would load
+    with pytest.raises(ConfigError, match=r"dropout 0\.0 \(this run: 0\.1\)"):
+        Trainer(other, config(tmp_path, max_steps=2), dataset).fit()
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_say_what_it_was_trained_on(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    state_file = latest_training_state(tmp_path / "ckpt") / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["extra"]["data"]  # as a checkpoint written before it was recorded
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="does not record the data"):
+        Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+
+
+def test_resume_false_moves_an_old_runs_checkpoints_aside(
+    dataset: TokenDataset, other_corpus: TokenDataset, tmp_path: Path
+) -> None:
+    """They used to stay: the old run's higher steps stayed "latest" and pruning removed the
+    new run's checkpoints first."""
+    old = config(tmp_path, max_steps=6, checkpoint_interval=2)
+    Trainer(tiny(dataset), old, dataset, ListTracker("run-old")).fit()
+    new = config(tmp_path, max_steps=4, checkpoint_interval=2, resume=False)
+    result = Trainer(tiny(other_corpus), new, other_corpus, ListTracker("run-new")).fit()
+    assert result.resumed_from is None and result.steps == 4
+    ckpt = tmp_path / "ckpt"
+    latest = latest_training_state(ckpt)
+    assert latest.name == "step-00000004"
+    assert json.loads((latest / "state.json").read_text())["extra"]["run_id"] == "run-new"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002", "step-00000004"]
+    (aside,) = ckpt.glob("replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "step-00000002", "step-00000004", "step-00000006"]
+    moved = json.loads((aside / "step-00000006" / "state.json").read_text())
+    assert moved["extra"]["run_id"] == "run-old"
 
 
 def test_resume_false_ignores_existing_checkpoints(dataset: TokenDataset, tmp_path: Path) -> None:
