@@ -89,8 +89,7 @@ async def measure(url: str, backlog: int, park: bool, seconds: float) -> dict[st
             record = JobRecord.new(job_id, JobRequest(prompt="Once"))
             pipe.hset(keys.job(job_id), mapping=record.to_hash())
         await pipe.execute()
-    await claim(keys=[keys.job(live), keys.lease(live), keys.LEFT_QUEUE],
-                args=["bench", "0", 60_000, live])  # fmt: skip
+    await claim(**scripts.claim_call(live, "bench", now=0, lease_ttl_s=60, ttl_s=3600))
 
     stop = asyncio.Event()
     received = [0]

@@ -122,6 +122,16 @@ return left
 """
 
 
+def claim_call(
+    job_id: str, owner: str, *, now: float, lease_ttl_s: float, ttl_s: int
+) -> dict[str, list]:
+    """CLAIM's keys and args for a worker taking job_id: `claim(**claim_call(...))`."""
+    return {
+        "keys": [keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
+        "args": [owner, repr(now), int(lease_ttl_s * 1000), job_id, ttl_s],
+    }
+
+
 def finish_args(
     owner: str,
     status: str,

@@ -17,7 +17,7 @@ from lmcore.engine import EngineRequest
 from lmcore.generate import SamplingParams
 from services.common import keys
 from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef, model_fields
-from services.common.scripts import finish_args
+from services.common.scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.runtime import WorkerRuntime
 from services.worker.streamer import ActiveJob, queue_chunks
@@ -42,11 +42,9 @@ def _claim(runtime: WorkerRuntime, job_id: str, owner: str) -> str:
     settings = runtime.settings
     give_up = time.monotonic() + settings.job_time_limit_s + settings.lease_ttl_s
     while True:
-        reply = runtime.claim(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
-            args=[owner, repr(time.time()), int(settings.lease_ttl_s * 1000), job_id,
-                  settings.job_ttl_s],
-        )
+        reply = runtime.claim(**claim_call(job_id, owner, now=time.time(),
+                                           lease_ttl_s=settings.lease_ttl_s,
+                                           ttl_s=settings.job_ttl_s))  # fmt: skip
         kind = reply[0]
         if kind == "missing":
             log.warning("job %s has no record (expired?); dropping it", job_id)

@@ -274,8 +274,8 @@ async def queue_job(redis: Redis, job_id: str) -> None:
 async def claim(redis: Redis, job_id: str) -> None:
     """What a worker does on taking the job: the real CLAIM script, which announces it."""
     script = redis.register_script(scripts.CLAIM)
-    reply = await script(keys=[keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
-                         args=["test-worker", "0", 60_000, job_id, 3600])  # fmt: skip
+    reply = await script(**scripts.claim_call(job_id, "test-worker", now=0, lease_ttl_s=60,
+                                              ttl_s=3600))  # fmt: skip
     assert reply[0] == "claimed"
 
 

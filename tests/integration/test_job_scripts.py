@@ -92,7 +92,6 @@ def test_claiming_a_job_restarts_its_records_ttl(client: redis.Redis) -> None:
     record = JobRecord.new("waited-long", JobRequest(prompt="a"))
     client.hset(keys.job(record.id), mapping=record.to_hash())
     client.expire(keys.job(record.id), 5)  # almost out
-    reply = claim(keys=[keys.job(record.id), keys.lease(record.id), keys.LEFT_QUEUE],
-                  args=["w1", "0", LEASE_MS, record.id, 3600])  # fmt: skip
+    reply = claim(**scripts.claim_call(record.id, "w1", now=0, lease_ttl_s=5, ttl_s=3600))
     assert reply[0] == "claimed"
     assert client.ttl(keys.job(record.id)) > 3000
