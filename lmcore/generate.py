@@ -215,9 +215,15 @@ def _sample_rows(
     inputs = [[p.temperature, k - 1, p.top_p if p.top_p < 1.0 else float("inf"), u]
               for p, k, u in zip(params, ks, next_uniforms(draws).tolist())]  # fmt: skip
     row_inputs = host_to_device(inputs, device, torch.float64)
-    # One under float32's range would round to 0; its smallest normal number is as greedy.
-    temperature = row_inputs[:, 0:1].float().clamp_(min=torch.finfo(torch.float32).tiny)
-    x = logits.float().sub(_overflow_shift(row_max, temperature)).div_(temperature)
+    temperature = row_inputs[:, 0:1].float()
+    x = logits.float()
+    if min(p.temperature for p in params) < OVERFLOW_SAFE_TEMPERATURE:
+        # Rare, and known on the host: only so small a temperature takes a sane logit past
+        # float32's range, so the usual step runs no extra kernels. One under that range would
+        # round to 0; its smallest normal number is as greedy.
+        temperature = temperature.clamp_(min=torch.finfo(torch.float32).tiny)
+        x = x.sub(_overflow_shift(row_max, temperature))
+    x = x / temperature
     if any(ks):
         x = x.masked_fill(x < _kth_largest(x, ks, row_inputs[:, 1:2]), float("-inf"))
     if any(p.top_p < 1.0 for p in params):
@@ -227,6 +233,11 @@ def _sample_rows(
     # with x in (0, total], the first cdf >= x never lands on a zero-probability token.
     cdf = torch.cumsum(torch.softmax(x, dim=-1, dtype=torch.float64), dim=-1)
     return torch.searchsorted(cdf, ((1.0 - row_inputs[:, 3]) * cdf[:, -1])[:, None])[:, 0]
+
+
+# Temperatures from here up divide a logit of up to 3e32 without overflow; smaller ones get
+# `_overflow_shift`.
+OVERFLOW_SAFE_TEMPERATURE = 1e-6
 
 
 def _overflow_shift(row_max: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
