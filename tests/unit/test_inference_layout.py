@@ -98,6 +98,36 @@ def test_tuning_times_many_row_products_and_keeps_column_major_only_where_they_s
             assert many["col"] <= layout.COL_MANY_ROWS_TOLERANCE * many["row"], choice
 
 
+def test_many_row_timing_uses_the_leading_rows_densely_in_the_weights_own_order() -> None:
+    weight = torch.randn(40, 8)
+    col = weight.t().contiguous().t()
+    part = layout.leading_rows(col, 16)
+    assert part.stride() == (1, 16) and _order(part) == "col"  # dense, not a strided view
+    assert torch.equal(part, weight[:16])
+    assert layout.leading_rows(weight, 16).data_ptr() == weight.data_ptr()  # row-major: a view
+    assert layout.leading_rows(col, 64).shape == (40, 8)  # fewer rows than asked: all of them
+
+
+def test_many_row_timing_sees_a_column_major_weight_as_serving_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The timed product gets a dense column-major weight, never the strided slice some
+    # kernels repack on every call (oneDNN: 535 ms against 1.1 ms on the whole weight).
+    seen: list[tuple[int, ...]] = []
+    real = layout.linear
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.append(weight.stride())
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(layout, "MANY_ROWS_OUT", 16)
+    monkeypatch.setattr(layout, "linear", recording)
+    module = nn.Linear(8, 40)
+    layout.apply_candidate(module, layout.Candidate("blas", "col"))
+    layout._time_many_rows([module])
+    assert seen and set(seen) == {(1, 16)}
+
+
 def test_candidates_cover_both_orders_of_every_gemm_kernel_and_the_column_major_bag() -> None:
     names = [c.name for c in layout.candidates()]
     assert {"blas-row", "blas-col", "bag-col"} <= set(names) and "bag-row" not in names
