@@ -39,14 +39,33 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return {{'claimed', tostring(attempts), redis.call('HGET', KEYS[1], 'cancel_requested') or ''}}
 """
 
-# KEYS: lease. ARGV: owner, lease_ttl_ms. -> 1 while we still own the job, else 0 (another
-# worker holds it). A lease that expired with no new holder (Redis was away longer than its TTL
-# and nobody claimed the job) is taken back: giving the job up then would leave it `running`
-# with no worker at all, since this worker's task is acked when it returns.
-RENEW = """
-local holder = redis.call('GET', KEYS[1])
+# A worker's writes to a job it runs: only while the job is `running` and the lease is its own
+# or nobody's (it expired while Redis was away). Otherwise another worker took the job over, or
+# finished it, and this one must write nothing more.
+_OURS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+"""
+
+# KEYS: job, events, lease. ARGV: owner, lease_ttl_ms. -> 1 while we still own the job, else 0.
+# A lease that expired with no new holder (Redis away longer than its TTL, nobody claimed the
+# job) is taken back: giving the job up then would leave it `running` with no worker at all,
+# since this worker's task is acked when it returns. (events is unused: the keys match STREAM's.)
+RENEW = f"""{_OURS}
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: job, events, lease. ARGV: owner, ttl_s, first_token_at ('' if not yet or already
+# recorded), then type, text, tokens of each chunk. Appends the chunks (and records the first
+# token's time) while the job is ours -> 1; else writes nothing -> 0.
+STREAM = f"""{_OURS}
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'first_token_at', ARGV[3]) end
+for i = 4, #ARGV, 3 do
+  redis.call('XADD', KEYS[2], '*', 'type', ARGV[i], 'text', ARGV[i + 1], 'tokens', ARGV[i + 2])
+end
+if #ARGV > 3 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 return 1
 """
 
@@ -130,6 +149,19 @@ def claim_call(
         "keys": [keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
         "args": [owner, repr(now), int(lease_ttl_s * 1000), job_id, ttl_s],
     }
+
+
+def job_keys(job_id: str) -> list[str]:
+    """KEYS of RENEW and STREAM: the job's record, events stream and lease."""
+    return [keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
+
+
+def stream_args(owner: str, ttl_s: int, chunks: list, first_token_at: float | None) -> list:
+    """STREAM's ARGV for chunks (objects with kind, text and tokens)."""
+    args: list = [owner, ttl_s, "" if first_token_at is None else repr(first_token_at)]
+    for chunk in chunks:
+        args += [chunk.kind, chunk.text, str(chunk.tokens)]
+    return args
 
 
 def finish_args(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from lmcore.engine import EngineHandle
-from services.common import keys
+from services.common import keys, scripts
 from services.worker.streaming import Chunk, TokenSink
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,11 @@ class ActiveJob:
         del self.unsent[:n]
 
 
-def queue_chunks(pipe: redis.client.Pipeline, job_id: str, chunks: list[Chunk], ttl_s: int) -> None:
-    for chunk in chunks:
-        pipe.xadd(keys.events(job_id), {
-            "type": chunk.kind, "text": chunk.text, "tokens": str(chunk.tokens),
-        })  # fmt: skip
-    if chunks:
-        pipe.expire(keys.events(job_id), ttl_s)
-
-
 class JobStreamer:
     def __init__(self, client: redis.Redis, renew: object, lease_ttl_s: float, ttl_s: int) -> None:
         self.redis = client
         self.renew = renew  # the RENEW script, registered on client
+        self.stream = client.register_script(scripts.STREAM)
         self.lease_ttl_s = lease_ttl_s
         self.ttl_s = ttl_s
         self._jobs: dict[str, ActiveJob] = {}
@@ -100,33 +92,36 @@ class JobStreamer:
             plan = []
             for job in jobs:
                 chunks = job.take()
-                queue_chunks(pipe, job.job_id, chunks, self.ttl_s)
                 first = job.sink.first_token_at
-                if first is not None and not job.first_token_recorded:
-                    pipe.hset(keys.job(job.job_id), "first_token_at", repr(first))
+                first = None if job.first_token_recorded else first
+                # Written only while the job is still ours: a worker that lost it (a long
+                # partition, the job redelivered and finished elsewhere) must not add to it.
+                if chunks or first is not None:
+                    self.stream(keys=scripts.job_keys(job.job_id), client=pipe,
+                                args=scripts.stream_args(job.owner, self.ttl_s, chunks, first))
                 pipe.hget(keys.job(job.job_id), "cancel_requested")
                 renew = now - job.last_renew > self.lease_ttl_s / 3
                 if renew:
                     self.renew(  # type: ignore[operator]
-                        keys=[keys.lease(job.job_id)],
+                        keys=scripts.job_keys(job.job_id),
                         args=[job.owner, int(self.lease_ttl_s * 1000)], client=pipe,
                     )  # fmt: skip
-                plan.append((job, len(chunks), first is not None, renew))
+                streamed = bool(chunks) or first is not None
+                plan.append((job, len(chunks), streamed, first is not None, renew))
             results = iter(pipe.execute())
-            for job, n_chunks, had_first, renewed in plan:
-                for _ in range(n_chunks + (1 if n_chunks else 0)):  # XADDs + EXPIRE
-                    next(results)
-                if had_first and not job.first_token_recorded:
-                    next(results)
-                    job.first_token_recorded = True
-                job.sent(n_chunks)
+            for job, n_chunks, streamed, had_first, renewed in plan:
+                ours = next(results) == 1 if streamed else True
                 cancel_flag = next(results)
                 if renewed:
                     job.last_renew = now
-                    if next(results) == 0:
-                        job.outcome = "lost"
-                        job.handle.cancel()
-                        continue
+                    ours = ours and next(results) == 1
+                if not ours:
+                    job.outcome = "lost"
+                    job.handle.cancel()
+                    continue
+                job.sent(n_chunks)
+                if had_first:
+                    job.first_token_recorded = True
                 if cancel_flag == "1":
                     job.handle.cancel()
                 elif now > job.deadline and job.outcome == "done":

@@ -17,10 +17,11 @@ from lmcore.engine import EngineRequest
 from lmcore.generate import SamplingParams
 from services.common import keys
 from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef, model_fields
+from services.common import scripts
 from services.common.scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.runtime import WorkerRuntime
-from services.worker.streamer import ActiveJob, queue_chunks
+from services.worker.streamer import ActiveJob
 from services.worker.streaming import TokenSink, streamed_text
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,10 @@ class JobExecution:
             try:
                 pipe = self.redis.pipeline(transaction=True)  # last chunks and result together
                 chunks = self.active.take() if self.active is not None else []
-                queue_chunks(pipe, self.job_id, chunks, self.ttl_s)
+                if chunks:  # written only if the job is still ours, as FINISH checks too
+                    self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,
+                                            args=scripts.stream_args(self.owner, self.ttl_s,
+                                                                     chunks, None))  # fmt: skip
                 self.rt.finish(
                     keys=[keys.job(self.job_id), keys.events(self.job_id),
                           keys.lease(self.job_id), keys.STATS],
@@ -171,4 +175,5 @@ class JobExecution:
                 time.sleep(1.0)
         if not written:
             log.info("job %s already had a result; this attempt's is dropped", self.job_id)
+            return "lost"
         return status.value
