@@ -9,10 +9,14 @@ On the CPU, products of a few rows (batch-1 and small-batch decode) read the int
 is, through FBGEMM's 8-bit embedding-bag kernel, instead of converting the whole matrix to the
 activation dtype first: a decode step is streaming weights from memory, and the conversion read
 1 byte, wrote 4 and read them back for every weight (3-7x slower at one row,
-bench/quantized_cpu.json). With bf16 or fp16 activations PyTorch's int8 weight-only GEMM
+bench/quantized_cpu.json). With bf16 activations PyTorch's int8 weight-only GEMM
 (`int8pack_product`) reads the bytes too, as one product for all rows, which the bag, reading
 the weight once per row, loses to at a few rows. lmcore.inference_layout measures up to how
 many rows each pays.
+
+fp16 tops out at 65504: a product of the raw int8 values (up to 127 times the weight over its
+scale) overflows ~516 x max|w_row| before the true output does, so fp16 products multiply by
+weights already scaled (in fp32, then rounded to fp16) instead of scaling afterwards.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ from torch import nn
 from lmcore.linear import bag_indices, linear, shared_weight_ids
 
 INT8_MAX = 127
-INT8PACK_DTYPES = (torch.bfloat16, torch.float16)  # the op has no fast fp32 path (5-100x slower)
+# The op has no fast fp32 path (5-100x slower), and fp16 would overflow: it sums the raw int8
+# values in the activation dtype, and fp16 scales handed to it instead lose precision (a scale
+# under 6e-5 is subnormal in fp16).
+INT8PACK_DTYPES = (torch.bfloat16,)
 # torch 2.13's CPU kernel crashed the process (SIGSEGV) on inner sizes that are not a multiple
 # of 8; only multiples of this are ever handed to it.
 INT8PACK_IN_MULTIPLE = 32
@@ -50,12 +57,14 @@ class Int8Linear(nn.Module):
     """y = (x @ W_int8^T) * scale + bias: int8 weights with one scale per output channel.
 
     Symmetric, round-to-nearest, scale = max|W_row| / 127. The int8 -> activation-dtype cast is
-    exact (|q| <= 127 fits bf16/fp16 mantissas), so the only error is the rounding of W.
+    exact (|q| <= 127 fits bf16/fp16 mantissas), so the only error is the rounding of W; fp16
+    products use the weight scaled to fp16 instead (see the module docstring), whose error is
+    that of an fp16 copy of W.
 
     bag_rows: CPU products of up to this many rows take the byte bag (`byte_bag_product`), which
     sums the same int8 values in fp32; 0 (the default) until lmcore.inference_layout measures it.
-    pack_rows: CPU products of more rows than that, up to this many, in bf16 or fp16, take
-    PyTorch's int8 weight-only GEMM (`int8pack_product`); 0 until measured.
+    pack_rows: CPU products of more rows than that, up to this many, in bf16, take PyTorch's
+    int8 weight-only GEMM (`int8pack_product`); 0 until measured.
     """
 
     bag_rows: int = 0
@@ -125,6 +134,9 @@ class Int8Linear(nn.Module):
             and not torch.compiler.is_compiling()  # the compiler fuses the conversion itself
         ):
             return self.dequant_blocks(x)
+        if x.dtype == torch.float16:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return linear(x, self.fp16_weight(), bias)
         # Scale the output, not the weight: one (out,) multiply instead of a full (out, in) one.
         # In fp32, as the byte bag does: a scale rounded to bf16 would add its own 0.4% error,
         # and inductor's CPU rewrite of a bf16 `mm * scale` into its int8 kernel fails to
@@ -143,11 +155,19 @@ class Int8Linear(nn.Module):
         scale = self.scale.float()
         for start in range(0, self.out_features, step):
             rows = slice(start, start + step)
+            if x.dtype == torch.float16:  # scaled first: the raw product would overflow
+                y[:, rows] = linear(flat, self.fp16_weight(rows), None)
+                continue
             block = linear(flat, self.weight[rows].to(x.dtype), None)
             torch.mul(block, scale[rows], out=y[:, rows])
         if self.bias is not None:
             y += self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def fp16_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """These rows of the weight dequantized to fp16, scaled in fp32 and rounded once: what
+        fp16 products multiply by, since the unscaled int8 values overflow fp16 sums."""
+        return (self.weight[rows].float() * self.scale[rows, None].float()).half()
 
     def packed_rows(self) -> torch.Tensor:
         """The weight as the byte bag reads it, made on first use and remade when the weight
@@ -274,7 +294,7 @@ def _int8pack_runs() -> bool:
 
 def int8pack_supported(activations: torch.dtype, in_features: int) -> bool:
     """`int8pack_product` may serve int8 linears of this input size with these activations
-    (bf16 or fp16, an inner size it is safe on, not switched off by LMCORE_INT8PACK=0)."""
+    (bf16, an inner size it is safe on, not switched off by LMCORE_INT8PACK=0)."""
     return (
         activations in INT8PACK_DTYPES
         and in_features % INT8PACK_IN_MULTIPLE == 0
@@ -284,9 +304,11 @@ def int8pack_supported(activations: torch.dtype, in_features: int) -> bool:
 
 
 def int8pack_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
-    """layer(x) for bf16/fp16 x on the CPU through torch._weight_int8pack_mm: the int8 weight
+    """layer(x) for bf16 x on the CPU through torch._weight_int8pack_mm: the int8 weight
     read as it is, in one product for all rows. Given unit scales, so the fp32 scale applies
     after, as on every other path."""
+    if x.dtype not in INT8PACK_DTYPES:
+        raise ValueError(f"int8pack_product takes bf16 activations only, got {x.dtype}")
     if layer.in_features % INT8PACK_IN_MULTIPLE:
         raise ValueError(f"int8pack_product needs in_features a multiple of "
                          f"{INT8PACK_IN_MULTIPLE}, got {layer.in_features}")  # fmt: skip

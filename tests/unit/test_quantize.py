@@ -97,6 +97,30 @@ def test_a_product_converted_a_block_of_rows_at_a_time_agrees_with_the_whole_con
         torch.testing.assert_close(got, whole, rtol=tol, atol=tol)
 
 
+# (bag_rows, pack_rows): one row takes the bag and 16 would take int8pack, or both dequantize.
+@pytest.mark.parametrize("kernels", [(0, 0), (1, 16)], ids=["dequant", "bag_or_int8pack"])
+@pytest.mark.parametrize("out_features", [64, 1100], ids=["whole", "blocks"])
+def test_fp16_products_stay_finite_and_match_fp16_dequantized_weights(
+    monkeypatch: pytest.MonkeyPatch, out_features: int, kernels: tuple[int, int]
+) -> None:
+    in_features = 768
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_BLOCK_ELEMENTS", 256 * in_features)
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_MIN_BLOCK_ROWS", 256)  # 1100 rows: 5 blocks
+    torch.manual_seed(8)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    nn.init.normal_(linear.weight, std=0.02)
+    layer = Int8Linear.from_linear(linear).half()
+    layer.bag_rows, layer.pack_rows = kernels
+    # Inputs of 3 along the signs of row 0: its output (~37) is far inside fp16's range, but
+    # the raw int8 sum (output / scale, ~3 x 40 x 768) is not.
+    x = (torch.sign(layer.weight[0].float()) * 3).repeat(16, 1).half()
+    want = F.linear(x.float(), layer.dequantize().half().float(), layer.bias.float()).half()
+    for rows in (1, 16):
+        got = layer(x[:rows])
+        assert got.dtype == torch.float16 and bool(torch.isfinite(got).all()), rows
+        torch.testing.assert_close(got, want[:rows], rtol=2e-3, atol=2e-3)
+
+
 def test_a_large_cpu_weight_is_never_converted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lmcore.quantize.DEQUANT_BLOCK_ELEMENTS", 10 * 64)  # 10 rows of 64
     monkeypatch.setattr("lmcore.quantize.DEQUANT_MIN_BLOCK_ROWS", 4)
@@ -307,11 +331,12 @@ needs_int8pack = pytest.mark.skipif(
 )
 
 
-def test_int8pack_is_offered_for_half_activations_on_safe_inner_sizes_unless_switched_off(
+def test_int8pack_is_offered_for_bf16_activations_on_safe_inner_sizes_unless_switched_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Never fp32 (no fast path), never an inner size the op crashed this torch on.
-    assert not int8pack_supported(torch.float32, 64)
+    # Never fp32 (no fast path) or fp16 (its raw int8 sums overflow), never an inner size the
+    # op crashed this torch on.
+    assert not int8pack_supported(torch.float32, 64) and not int8pack_supported(torch.float16, 64)
     assert not int8pack_supported(torch.bfloat16, 72) and not int8pack_supported(torch.float16, 33)
     monkeypatch.setenv("LMCORE_INT8PACK", "0")
     assert not int8pack_supported(torch.bfloat16, 64)
@@ -326,11 +351,9 @@ def test_int8pack_is_offered_for_half_activations_on_safe_inner_sizes_unless_swi
 
 @needs_byte_bag
 @needs_int8pack
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_products_beyond_bag_rows_take_int8pack_up_to_pack_rows_and_agree(
-    dtype: torch.dtype,
-) -> None:
+def test_bf16_products_beyond_bag_rows_take_int8pack_up_to_pack_rows_and_agree() -> None:
     torch.manual_seed(5)
+    dtype = torch.bfloat16
     layer = Int8Linear.from_linear(Linear(64, 40, bias=True)).to(dtype)
     layer.bag_rows, layer.pack_rows = 1, 4
     for rows in range(1, 7):
@@ -342,7 +365,8 @@ def test_products_beyond_bag_rows_take_int8pack_up_to_pack_rows_and_agree(
         torch.testing.assert_close(got, layer.dequant_product(x), rtol=0.01, atol=0.01)
         assert got.dtype == dtype and got.shape == (rows, 40)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        layer.float()(torch.randn(3, 64))  # fp32 activations never take it, whatever pack_rows
+        layer.half()(torch.randn(3, 64).half())  # nor fp16 nor fp32, whatever pack_rows
+        layer.float()(torch.randn(3, 64))
     assert INT8PACK_OP not in {e.key for e in prof.key_averages()}
 
 
