@@ -173,7 +173,9 @@ class Int8Linear(nn.Module):
         """The weight as the byte bag reads it, made on first use and remade when the weight
         changes: one row per input channel (a row of W^T), each the q + 128 bytes followed by
         the row's fp32 scale 1 and offset -128, so that every value reads back exactly as q.
-        It costs one more byte per weight beside `weight` (and 8 per input channel)."""
+        It costs one more byte per weight beside `weight` (and 8 per input channel). An
+        inference tensor's in-place change is invisible here: call `drop_packed_rows` after
+        one (load_state_dict does)."""
         weight = self.weight
         # Inference tensors keep no version counter; their storage is the key alone.
         version = None if weight.is_inference() else weight._version
@@ -193,6 +195,12 @@ class Int8Linear(nn.Module):
         """Free the packed copy: a layer whose products never take the byte bag needs none."""
         self.__dict__.pop("_packed", None)
         self.__dict__.pop("_packed_key", None)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # The load copies into the same storage, and an inference tensor (a model loaded under
+        # inference_mode) has no version counter, so the packed copy's key cannot see it.
+        self.drop_packed_rows()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

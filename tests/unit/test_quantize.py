@@ -395,6 +395,19 @@ def test_the_byte_bag_follows_a_new_weight() -> None:
 
 
 @needs_byte_bag
+def test_the_byte_bag_follows_a_new_weight_loaded_under_inference_mode() -> None:
+    torch.manual_seed(4)
+    with torch.inference_mode():  # inference tensors: no version counter to see the load by
+        layer, other = (Int8Linear.from_linear(Linear(32, 24)) for _ in range(2))
+        layer.bag_rows = 1
+        x = torch.randn(1, 32)
+        layer(x)  # packs the first weight
+        layer.load_state_dict(other.state_dict())
+        assert layer.weight.is_inference()
+        torch.testing.assert_close(layer(x), other.dequant_product(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_byte_bag
 def test_greedy_generation_is_unchanged_when_int8_layers_take_the_byte_bag(
     trained: Transformer,
 ) -> None:
