@@ -810,6 +810,8 @@ class Engine:
             with torch.inference_mode():
                 self._loop()
         except BaseException as exc:  # waiters must never hang on a dead thread
+            with self._lock:
+                self._closed = True  # first: a submit from now on is refused, not stranded
             with self._step_lock:
                 self._fail_all(exc)
             raise
@@ -828,10 +830,13 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as exc:  # an engine bug: fail the requests it touched, keep serving
+            except Exception as exc:  # fail the requests it touched, keep serving
+                # (an engine bug, or the device out of memory mid-step). Waiting requests and a
+                # pending swap were not in the step: they stay, and try again on the next one.
                 log.exception("engine step failed")
                 with self._step_lock:
-                    self._fail_all(exc)
+                    for run in self._running():
+                        self._release(run, error=exc)
 
     def _has_work_locked(self) -> bool:
         return bool(

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -39,10 +41,19 @@ def make_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def _shut_this_worker_down() -> None:
+    """SIGTERM to this process: Celery's warm shutdown, then the orchestrator starts a new one."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class WorkerRuntime:
-    def __init__(self, settings: Settings, nodename: str) -> None:
+    def __init__(
+        self, settings: Settings, nodename: str,
+        on_engine_death: Callable[[], None] = _shut_this_worker_down,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.nodename = nodename
+        self.on_engine_death = on_engine_death
         self.redis = make_redis(settings)
         self.claim = self.redis.register_script(scripts.CLAIM)
         self.renew = self.redis.register_script(scripts.RENEW)
@@ -108,10 +119,7 @@ class WorkerRuntime:
             self.engine.stop(drain=True, timeout=timeout_s)
         self.streamer.stop()
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(keys.worker(self.nodename))
-            pipe.zrem(keys.WORKERS, self.nodename)
-            pipe.execute()
+            self._forget_heartbeat()
         except redis.RedisError:
             pass
         self.redis.close()
@@ -164,12 +172,32 @@ class WorkerRuntime:
 
     def _heartbeat_loop(self) -> None:
         while True:
+            engine = self.engine
+            if engine is not None and not engine.is_running and not self._stop.is_set():
+                self._engine_died()
+                return
             try:
                 self.heartbeat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             if self._stop.wait(self.settings.heartbeat_s):
                 return
+
+    def _engine_died(self) -> None:
+        """The engine thread ended on its own: this worker can run no job. Stop beating, so
+        /readyz and the probe stop counting it at once, and shut the process down."""
+        log.critical("the engine thread stopped; this worker takes no more jobs and shuts down")
+        try:
+            self._forget_heartbeat()
+        except redis.RedisError:
+            pass
+        self.on_engine_death()
+
+    def _forget_heartbeat(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.worker(self.nodename))
+        pipe.zrem(keys.WORKERS, self.nodename)
+        pipe.execute()
 
     # -- hot swap -------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import uuid
 
 import redis
 
-from lmcore.engine import EngineRequest
+from lmcore.engine import EngineRequest, EngineStoppedError
 from lmcore.generate import SamplingParams
 from services.common import keys
 from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef, model_fields
@@ -83,10 +83,15 @@ class JobExecution:
         engine, streamer = self.rt.engine, self.rt.streamer
         assert engine is not None and streamer is not None
         submitted = time.monotonic()
-        handle = engine.submit(EngineRequest(
-            prompt=record.request.prompt, params=params, request_id=self.job_id,
-            on_token=sink.on_token, truncate=record.request.truncate,
-        ))  # fmt: skip
+        try:
+            handle = engine.submit(EngineRequest(
+                prompt=record.request.prompt, params=params, request_id=self.job_id,
+                on_token=sink.on_token, truncate=record.request.truncate,
+            ))  # fmt: skip
+        except EngineStoppedError as exc:  # the engine thread died: this worker shuts down
+            return self._finish(record, JobStatus.failed, text=already,
+                                error=f"the worker's engine stopped ({exc}); submit it again")
+
         self.active = ActiveJob(self.job_id, self.owner, handle, sink,
                                 deadline=submitted + self.rt.settings.job_time_limit_s)
         streamer.add(self.active)

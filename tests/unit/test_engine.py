@@ -362,6 +362,35 @@ def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(m
     assert after.result(0).token_ids == alone(model, [1, 2], GREEDY).token_ids
 
 
+def test_a_step_that_fails_outside_its_requests_leaves_waiting_ones_and_a_swap_alone(
+    model, other_model
+):
+    # A failure the step's per-request guards do not catch (a device allocation, out of memory
+    # during a hot swap) fails the requests in that step, not the queue or the pending swap.
+    engine = Engine(model, max_batch=2)
+    real_step, calls, queued = engine.step, {"n": 0}, threading.Event()
+
+    def first_step_fails() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            queued.wait(10)  # the requests and the swap below are waiting by now
+            raise RuntimeError("out of memory (simulated)")
+        return real_step()
+
+    engine.step = first_step_fails  # what the engine thread calls
+    engine.start()
+    try:
+        waiting = [engine.submit(EngineRequest([2, 3], GREEDY)) for _ in range(3)]
+        assert engine.swap_model(other_model, wait=False) is False  # pending
+        queued.set()
+        expected = alone(other_model, [2, 3], GREEDY).token_ids
+        assert [h.result(30).token_ids for h in waiting] == [expected] * 3
+        assert engine.stats.swaps == 1
+    finally:
+        engine.stop()
+    assert calls["n"] > 1
+
+
 def test_a_raising_token_callback_fails_only_its_request(model, run_ahead):
     def broken(token_id: int, delta: str) -> None:
         raise KeyError("consumer bug")

@@ -1,0 +1,68 @@
+"""A worker whose engine thread dies: it stops counting as ready, asks to be shut down, and a
+job it is handed meanwhile ends `failed` instead of staying `running` with no one on it.
+
+A real Redis and the worker runtime in this process (no Celery): the engine thread is killed by
+a BaseException from a token callback, the one way out of its loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcore.engine import EngineRequest
+from lmcore.generate import SamplingParams
+from services.common import keys
+from services.common.jobs import JobRecord, JobRequest
+from services.common.settings import Settings
+from services.worker.healthcheck import fresh_workers
+from services.worker.runtime import WorkerRuntime
+from services.worker.tasks import run_job
+from tests.helpers.redis_server import RedisServer, redis_server
+from tests.helpers.services import make_model_dir, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_server(tmp_path / "redis", appendonly=False) as srv:
+        yield srv
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the kill
+def test_a_worker_whose_engine_died_stops_beating_and_fails_new_jobs_cleanly(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    settings = Settings(redis_url=server.url, model_uri=str(make_model_dir(tmp_path / "model")),
+                        heartbeat_s=0.1, compile_decode="false")  # fmt: skip
+    asked_to_shut_down = threading.Event()
+    runtime = WorkerRuntime(settings, "w1", on_engine_death=asked_to_shut_down.set)
+    runtime.start()
+    client = server.client()
+    try:
+        wait_until(lambda: fresh_workers(client), message="first heartbeat")
+
+        def escape(token_id: int, delta: str) -> Any:
+            raise SystemExit("a BaseException out of a step")
+
+        assert runtime.engine is not None
+        runtime.engine.submit(EngineRequest([1], SamplingParams(max_new_tokens=3),
+                                            on_token=escape))  # fmt: skip
+        assert asked_to_shut_down.wait(10)
+        assert fresh_workers(client) == []  # /readyz and the probe stop counting it at once
+
+        job_id = uuid.uuid4().hex
+        record = JobRecord.new(job_id, JobRequest(prompt="hello", max_new_tokens=4))
+        client.hset(keys.job(job_id), mapping=record.to_hash())
+        assert run_job(runtime, job_id) == "failed"
+        assert client.hget(keys.job(job_id), "status") == "failed"
+        assert "engine stopped" in client.hget(keys.job(job_id), "error")
+        assert [f["type"] for _, f in client.xrange(keys.events(job_id))] == ["done"]
+    finally:
+        runtime.stop(timeout_s=5)
