@@ -26,7 +26,7 @@ from torch import nn
 from lmcore.config import ConfigError, ModelConfig
 from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
-from lmcore.quantize import quantize_as_loaded
+from lmcore.quantize import Int8Linear, TiedInt8Embedding, quantize_as_loaded
 from lmcore.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -306,6 +306,11 @@ def save_model_dir(
     module = unwrap_model(model)
     if not isinstance(module, Transformer):
         raise TypeError(f"save_model_dir needs an lmcore Transformer, got {type(module).__name__}")
+    # Its int8 tensors and scales fit no model config.json can describe: the dir would not load.
+    if any(isinstance(m, (Int8Linear, TiedInt8Embedding)) for m in module.modules()):
+        raise ValueError("save_model_dir writes full-precision models only, and this one is "
+                         "quantized: save the model before quantize_int8 and load it with "
+                         "quantized=True")  # fmt: skip
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     dtype_name = str(_floating_dtype(module)).removeprefix("torch.")

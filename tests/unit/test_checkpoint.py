@@ -220,6 +220,15 @@ def test_failed_save_leaves_the_previous_dir_intact(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_a_quantized_model_is_refused_and_the_existing_dir_kept(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    save_model_dir(target, tiny_model(), metadata={"v": 1})
+    with pytest.raises(ValueError, match="quantized"):
+        save_model_dir(target, quantize_int8(tiny_model()), metadata={"v": 2})
+    assert load_model_dir(target).metadata == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
