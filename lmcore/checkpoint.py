@@ -488,12 +488,41 @@ def _join_optimizer_state(
             raise CheckpointError(f"unexpected optimizer tensor {name}")
     for idx, values in meta["state_scalars"].items():
         state.setdefault(int(idx), {}).update(values)
+    _check_optimizer_state(optimizer, current, groups, state)
     for group, live in zip(groups, current):
         for key, value in group.items():
             # JSON turns tuples (AdamW betas) into lists; give them back their type.
             if isinstance(live.get(key), tuple) and isinstance(value, list):
                 group[key] = tuple(value)
     return {"state": state, "param_groups": groups}
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    current: list[dict[str, Any]],
+    groups: list[dict[str, Any]],
+    state: dict[int, dict[str, Any]],
+) -> None:
+    """Refuse optimizer state that does not fit the parameters: load_state_dict takes any shape
+    and casts any dtype, so a wrong one would fail only at the first step after resume."""
+    params: dict[int, torch.Tensor] = {}
+    for g, (saved, ids, live) in enumerate(zip(groups, current, optimizer.param_groups)):
+        if len(saved.get("params", ())) != len(ids["params"]):
+            raise CheckpointError(f"optimizer param group {g} has {len(ids['params'])} "
+                                  f"parameters, checkpoint has {len(saved.get('params', ()))}")
+        params.update(zip(ids["params"], live["params"]))
+    for idx, values in state.items():
+        if idx not in params:
+            raise CheckpointError(f"{OPTIMIZER_FILE}: state for parameter {idx}, which the "
+                                  f"optimizer does not have")  # fmt: skip
+        param = params[idx]
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue  # scalars (a step count) have no parameter's shape
+            if value.shape != param.shape or value.dtype != param.dtype:
+                raise CheckpointError(
+                    f"{OPTIMIZER_FILE}: state.{idx}.{key} is {value.dtype} "
+                    f"{tuple(value.shape)}, its parameter {param.dtype} {tuple(param.shape)}")
 
 
 def _checkpoint_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:

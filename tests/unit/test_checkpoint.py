@@ -446,6 +446,29 @@ def test_training_state_for_a_different_model_is_refused(tmp_path: Path) -> None
         load_training_state(tmp_path, model=other)
 
 
+@pytest.mark.parametrize("defect", ["shape", "dtype", "parameter"])
+def test_optimizer_state_that_does_not_fit_the_parameters_is_refused(
+    tmp_path: Path, defect: str
+) -> None:
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 1)
+    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    tensors = load_file(path / "optimizer.safetensors")
+    name = {"shape": "state.0.exp_avg", "dtype": "state.1.exp_avg_sq",
+            "parameter": "state.99.exp_avg"}[defect]  # fmt: skip
+    if defect == "shape":
+        tensors[name] = torch.zeros(3)
+    elif defect == "dtype":
+        tensors[name] = tensors[name].double()
+    else:
+        tensors[name] = tensors["state.0.exp_avg"].clone()
+    save_file(tensors, path / "optimizer.safetensors")
+    resumed = tiny_model()
+    with pytest.raises(CheckpointError, match=name.split(".")[1]):
+        load_training_state(path, model=resumed, optimizer=make_optimizer(resumed))
+
+
 @pytest.mark.gpu
 def test_fused_adamw_state_on_cuda_round_trips_exactly(tmp_path: Path) -> None:
     # Same gradients set by hand (no backward, whose CUDA kernels may be nondeterministic).
