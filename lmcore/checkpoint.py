@@ -169,6 +169,14 @@ def _identity(path: Path) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _dir_identity(path: Path) -> tuple[int, ...] | None:
+    """`_identity` of a dir, None while it is gone (a republish moves the old one aside first)."""
+    try:
+        return _identity(path)
+    except FileNotFoundError:
+        return None
+
+
 # -- safe file IO -------------------------------------------------------------------------------
 
 
@@ -400,6 +408,27 @@ def load_model_dir(
     covers the same linears.
     """
     root = _model_dir(path)
+    # Config, tokenizer and weights are read one after another: a dir republished (renamed
+    # over) meanwhile would pair one model's config and tokenizer with another's weights, so
+    # a read that saw the dir change is dropped and made again, once.
+    for _ in range(2):
+        seen = _dir_identity(root)
+        got = _read_model_dir(root, device, dtype, quantized)
+        if _dir_identity(root) == seen:
+            break
+        got = None  # not held while the next read builds its model
+    else:
+        raise CheckpointError(f"{root}: republished twice while it was being read; load it again")
+    model, tokenizer, config, metadata = got
+    # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
+    choices = use_inference_layout(model, reuse=layout)
+    return LoadedModel(model, tokenizer, config, metadata, root, choices)
+
+
+def _read_model_dir(
+    root: Path, device: str | torch.device, dtype: torch.dtype | None, quantized: bool
+) -> tuple[Transformer, Tokenizer | None, ModelConfig, dict[str, Any]]:
+    """`load_model_dir`'s reads: the model (in eval()), tokenizer, config and metadata."""
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
     tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
     # Built on the device, in the dtype it serves in, without a random init: every tensor from
@@ -412,9 +441,7 @@ def load_model_dir(
     loaded = quantize_as_loaded(model, device=device) if quantized else None
     _load_model_file(model, root / MODEL_FILE, stored_dtype=saved_dtype, loaded=loaded)
     model.to(device).eval()  # what is not quantized (norms, the position table) follows
-    # A loaded model serves; training resumes from trainer checkpoints, elsewhere.
-    choices = use_inference_layout(model, reuse=layout)
-    return LoadedModel(model, tokenizer, config, metadata, root, choices)
+    return model, tokenizer, config, metadata
 
 
 def _read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:

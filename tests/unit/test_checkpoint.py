@@ -229,6 +229,50 @@ def test_a_quantized_model_is_refused_and_the_existing_dir_kept(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_a_dir_republished_while_it_is_read_is_read_again_whole(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmcore.checkpoint as checkpoint
+
+    target = tmp_path / "live"
+    other_tokenizer = Tokenizer.train(["zzz yyy xxx qqq " * 50], vocab_size=300)
+    second = tiny_model(seed=1)
+    save_model_dir(target, tiny_model(seed=0), tokenizer, {"v": "A"})
+    read_tokenizer = checkpoint._read_tokenizer
+    reads: list[Path] = []
+
+    def republish_after_the_first_read(path: Path, config: object) -> Tokenizer | None:
+        got = read_tokenizer(path, config)  # type: ignore[arg-type]
+        reads.append(path)
+        if len(reads) == 1:  # B renamed over A between A's tokenizer and A's weights
+            save_model_dir(target, second, other_tokenizer, {"v": "B"})
+        return got
+
+    monkeypatch.setattr(checkpoint, "_read_tokenizer", republish_after_the_first_read)
+    loaded = load_model_dir(target)
+    assert len(reads) == 2 and loaded.metadata == {"v": "B"}
+    assert loaded.tokenizer is not None and loaded.tokenizer.to_str() == other_tokenizer.to_str()
+    torch.testing.assert_close(loaded.model.tok_emb.weight, second.tok_emb.weight, atol=0, rtol=0)
+
+
+def test_a_dir_republished_during_every_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmcore.checkpoint as checkpoint
+
+    target = tmp_path / "live"
+    save_model_dir(target, tiny_model())
+    read_tokenizer = checkpoint._read_tokenizer
+
+    def republish(path: Path, config: object) -> Tokenizer | None:
+        save_model_dir(target, tiny_model())
+        return read_tokenizer(path, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "_read_tokenizer", republish)
+    with pytest.raises(CheckpointError, match="republished"):
+        load_model_dir(target)
+
+
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
