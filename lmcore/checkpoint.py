@@ -350,7 +350,7 @@ def _read_model_config(path: Path) -> tuple[ModelConfig, torch.dtype, dict[str, 
     if unknown:
         raise CheckpointError(f"{path}: unknown field(s): {', '.join(unknown)}")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):  # true == 1 in Python
         raise CheckpointError(
             f"{path}: format_version {version!r} not supported (this lmcore reads {FORMAT_VERSION})"
         )
@@ -361,13 +361,68 @@ def _read_model_config(path: Path) -> tuple[ModelConfig, torch.dtype, dict[str, 
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad model config: {exc}") from exc
     dtype_name = raw.get("dtype", "float32")
-    if dtype_name not in _FLOAT_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _FLOAT_DTYPES:
         raise CheckpointError(f"{path}: dtype must be one of {sorted(_FLOAT_DTYPES)}, "
                               f"got {dtype_name!r}")
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object")
     return config, _FLOAT_DTYPES[dtype_name], metadata
+
+
+def _check_config_fits_file(
+    config_path: Path, model_path: Path, config: ModelConfig, dtype: torch.dtype
+) -> None:
+    """Refuse a config.json that does not describe the tensors of model.safetensors before the
+    model is allocated: a wrong vocab_size or n_layer would build a model of that size first
+    (vocab_size 2**40: 281 TB). The fields the header shows are named; everything else is
+    compared with the model built on the meta device, which allocates nothing."""
+    with _opened_safetensors(model_path) as f:
+        # get_tensor maps without reading: checking shapes and dtypes touches no data.
+        found = {name: f.get_tensor(name) for name in f.keys()}
+        for field_name, value, makes, holds in _fields_shown(config, dtype, found):
+            if makes != holds:
+                raise CheckpointError(f"{config_path}: {field_name} {value!r} makes {makes}, but "
+                                      f"{model_path.name} has {holds}")  # fmt: skip
+        meta = Transformer.uninitialized(config, device="meta", dtype=dtype)
+        _check_tensors(found, _expected_tensors(meta), model_path)
+
+
+def _fields_shown(
+    config: ModelConfig, dtype: torch.dtype, found: Mapping[str, torch.Tensor]
+) -> list[tuple[str, Any, str, str]]:
+    """(field, its value, what it makes, what the file has) for each config field a model
+    file's tensor names and shapes show."""
+
+    def tensor(name: str, present: bool) -> str:
+        return f"{'a' if present else 'no'} {name}"
+
+    layers = {int(m.group(1)) for n in found if (m := re.match(r"blocks\.(\d+)\.", n))}
+    head, gate, bias = "head.weight", "blocks.0.mlp.gate.weight", "blocks.0.attn.qkv.bias"
+    tied = config.tie_embeddings
+    shown = [
+        ("n_layer", config.n_layer, f"{config.n_layer} blocks",
+         f"{max(layers) + 1 if layers else 0} blocks"),
+        ("tie_embeddings", tied, tensor(head, not tied), tensor(head, head in found)),
+    ]  # fmt: skip
+    if 0 in layers:
+        shown += [
+            ("mlp", config.mlp, tensor(gate, config.mlp == "swiglu"), tensor(gate, gate in found)),
+            ("bias", config.bias, tensor(bias, config.bias), tensor(bias, bias in found)),
+        ]
+    emb, pos = found.get("tok_emb.weight"), found.get("pos_emb.weight")
+    if emb is not None and emb.dim() == 2:
+        shown += [
+            ("vocab_size", config.vocab_size, f"{config.padded_vocab_size} embedding rows",
+             f"{emb.shape[0]} embedding rows"),
+            ("n_embd", config.n_embd, f"width {config.n_embd}", f"width {emb.shape[1]}"),
+            ("dtype", str(dtype).removeprefix("torch."), f"{dtype} tensors",
+             f"{emb.dtype} tensors"),
+        ]  # fmt: skip
+    if pos is not None and pos.dim() == 2:
+        shown.append(("block_size", config.block_size, f"{config.block_size} positions",
+                      f"{pos.shape[0]} positions"))  # fmt: skip
+    return shown
 
 
 def _model_dir(path: PathLike) -> Path:
@@ -431,6 +486,7 @@ def _read_model_dir(
     """`load_model_dir`'s reads: the model (in eval()), tokenizer, config and metadata."""
     config, saved_dtype, metadata = _read_model_config(root / CONFIG_FILE)
     tokenizer = _read_tokenizer(root / TOKENIZER_FILE, config)
+    _check_config_fits_file(root / CONFIG_FILE, root / MODEL_FILE, config, saved_dtype)
     # Built on the device, in the dtype it serves in, without a random init: every tensor from
     # the file replaces it, cast as it is copied, so no second full copy in the saved dtype.
     # int8: each linear is quantized as soon as its tensors are in, so the full-precision

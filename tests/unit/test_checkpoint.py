@@ -149,7 +149,8 @@ def test_an_int8_load_for_another_device_stages_the_float_model_on_the_host(
         return built[-1]
 
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        on_device = sum(p.numel() for p in built[0].parameters() if p.device.type == "meta")
+        # The last model built is the one loaded (config.json is checked on one built before).
+        on_device = sum(p.numel() for p in built[-1].parameters() if p.device.type == "meta")
         assert weight.device.type == "meta"
         assert on_device <= weight.numel() + weight.shape[0]  # this weight and its bias at most
         quantized.append(weight.shape)
@@ -359,6 +360,35 @@ def test_mismatched_tensor_is_refused_naming_it(tmp_path: Path, defect: str, wor
     with pytest.raises(CheckpointError) as err:
         load_model_dir(tmp_path)
     assert name in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"vocab_size": 2**40}, "vocab_size"), ({"block_size": 2**33}, "block_size"),
+     ({"n_layer": 3000}, "n_layer"), ({"n_embd": 128}, "n_embd"),
+     ({"dtype": "bfloat16"}, "dtype"), ({"dtype": ["float32"]}, "dtype"),
+     ({"format_version": True}, "format_version"), ({"mlp": "gelu"}, "mlp 'gelu'"),
+     ({"bias": True}, "bias True"), ({"tie_embeddings": False}, "tie_embeddings False")],
+)  # fmt: skip
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_any_allocation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict[str, object], field: str
+) -> None:
+    save_model_dir(tmp_path, tiny_model())
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value in change.items():
+        (config if key in config else config["model"])[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    built_on: list[str] = []
+    build = Transformer.uninitialized
+
+    def record(cfg: object, **kwargs: object) -> Transformer:
+        built_on.append(str(kwargs.get("device", "cpu")))
+        return build(cfg, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Transformer, "uninitialized", record)
+    with pytest.raises(CheckpointError, match=field):
+        load_model_dir(tmp_path)
+    assert set(built_on) <= {"meta"}
 
 
 @pytest.mark.parametrize("section", ["model", "top"])
