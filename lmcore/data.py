@@ -275,12 +275,37 @@ def _tokenize(
 
 
 def _try_load(path: Path) -> TokenDataset | None:
+    """The complete cache at `path`, or None where there is none or it is damaged in any way,
+    so that it is rebuilt: HF tokenizers raises a bare Exception for a torn tokenizer.json, and
+    a meta.json of the wrong shape a TypeError."""
     if not (path / META_FILE).is_file():
         return None
     try:
         return dataclasses.replace(TokenDataset.load(path), reused=True)
-    except (OSError, ValueError, KeyError):
+    except Exception:
         return None
+
+
+def _fsync_dir_and_files(path: Path) -> None:
+    """fsync each file in `path`, then `path`: renamed into place before its data reached the
+    disk, a cache could survive a power loss complete-looking but empty or torn."""
+    for p in path.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def prepare_corpus(
@@ -363,10 +388,12 @@ def prepare_corpus(
         tokens[n - n_val:].tofile(tmp / "val.bin")
         tokenizer.save(tmp / TOKENIZER_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _fsync_dir_and_files(tmp)
         if final.exists() and _try_load(final) is None:
             shutil.rmtree(final, ignore_errors=True)  # a damaged cache from some older mishap
         try:
             os.replace(tmp, final)
+            _fsync_dir(out)
         except OSError:
             # Another process renamed its (identical) build into place first: use that one.
             if (hit := _try_load(final)) is not None:

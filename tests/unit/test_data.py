@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -238,6 +239,47 @@ def test_damaged_cache_dir_is_rebuilt_not_reused(corpus_dir: Path, tmp_path: Pat
     again = _prepare(corpus_dir, tmp_path / "cache")
     assert not again.reused and again.path == first.path
     assert len(again.train) == first.meta["train_tokens"]
+
+
+@pytest.mark.parametrize("damage", ["tokenizer", "meta"])
+def test_a_cache_with_a_torn_tokenizer_or_meta_is_rebuilt(
+    corpus_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    if damage == "tokenizer":  # HF tokenizers raises a bare Exception on this
+        torn = first.path / "tokenizer.json"
+        torn.write_text(torn.read_text()[:100])
+    else:
+        (first.path / "meta.json").write_text("[1, 2]")
+    again = _prepare(corpus_dir, tmp_path / "cache")
+    assert not again.reused and again.path == first.path
+    assert again.tokenizer.to_str() == first.tokenizer.to_str() and again.meta == first.meta
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_cache_files_reach_the_disk_before_the_dir_is_renamed_into_place(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, Path]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recorded_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", Path(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    ds = _prepare(corpus_dir, tmp_path / "cache")
+    published = [i for i, (kind, p) in enumerate(events)
+                 if kind == "replace" and p.name.startswith(f".{ds.path.name}.tmp-")]  # fmt: skip
+    assert len(published) == 1
+    tmp = events[published[0]][1]
+    synced = {p.name for kind, p in events[: published[0]] if kind == "fsync" and p.parent == tmp}
+    assert synced == {"train.bin", "val.bin", "meta.json", "tokenizer.json"}
 
 
 def test_token_dataset_load_opens_a_prepared_dir(corpus_dir: Path, tmp_path: Path) -> None:
