@@ -555,16 +555,31 @@ class MlflowTracker:
             run_uri = f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
             return ModelVersionInfo(None, None, self.run_id, run_uri)
         step("register the model", lambda: _ensure_registered_model(self.client, register_name))
+        registered_from = f"models:/{model_id}"  # a logged model made by this call alone
+        attempts = 0
 
         def create_version() -> Any:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the server may have created it and the answer been lost
+                found = _versions_from(self.client, register_name, self.run_id, registered_from)
+                if found:
+                    return found[0]
             # A local (sqlite) registry resolves the models:/ source through the process-wide
             # tracking URI, so point it at this tracker's store for the call.
             with _mlflow_uris(self.tracking_uri):
                 return self.client.create_model_version(
-                    register_name, source=f"models:/{model_id}", run_id=self.run_id,
+                    register_name, source=registered_from, run_id=self.run_id,
                     model_id=model_id)  # fmt: skip
 
         mv = step("create a model version", create_version)
+        # MLflow's HTTP client also retries a POST within one call, so a lost answer there leaves
+        # a second version of the same source: keep the first, delete the rest.
+        versions = step("check the new version", lambda: _versions_from(
+            self.client, register_name, self.run_id, registered_from))
+        if versions:
+            mv = versions[0]
+            _delete_duplicates(self.client, versions[1:])
         version = str(mv.version)
         if alias:
             step("set the alias", lambda: self.client.set_registered_model_alias(
@@ -635,6 +650,24 @@ def _ensure_registered_model(client: Any, name: str) -> None:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _versions_from(client: Any, name: str, run_id: str | None, source: str) -> list[Any]:
+    """The versions of model `name` registered from `source` by `run_id`, oldest first."""
+    found = client.search_model_versions(f"run_id = '{run_id}'")
+    mine = [v for v in found if v.name == name and v.source == source]
+    return sorted(mine, key=lambda v: int(v.version))
+
+
+def _delete_duplicates(client: Any, duplicates: Sequence[Any]) -> None:
+    for mv in duplicates:
+        try:
+            client.delete_model_version(mv.name, mv.version)
+            log.warning("deleted %s version %s: a duplicate left by a retried registration",
+                        mv.name, mv.version)  # fmt: skip
+        except Exception as exc:
+            log.warning("could not delete duplicate %s version %s: %s", mv.name, mv.version,
+                        _one_line(exc))  # fmt: skip
 
 
 # -- registry -------------------------------------------------------------------------------------

@@ -6,10 +6,15 @@ same port and backend) all go through MLflow's own client and server.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +36,7 @@ from lmcore.tracking import (
     promote,
     resolve_model_uri,
 )
-from tests.helpers.mlflow_server import MlflowServer, running_server
+from tests.helpers.mlflow_server import MlflowServer, free_port, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -294,6 +299,72 @@ def test_a_local_sqlite_store_keeps_artifacts_beside_its_database(
     assert (resolved.path / "model.safetensors").is_file() and resolved.version == info.version
     assert list(workdir.iterdir()) == []
     assert (tmp_path / "store" / "mlruns").is_dir()
+
+
+class _LosesFirstCreateReply(http.server.BaseHTTPRequestHandler):
+    """Forwards to the server, but answers its first model-version create with a 503 after the
+    server has done it: a reply lost on the way back, as through a restarting proxy."""
+
+    upstream = ""
+    lost: list[bytes] = []
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "content-length")}  # fmt: skip
+        request = urllib.request.Request(
+            self.upstream + self.path, data=self.rfile.read(length) if length else None,
+            method=self.command, headers=headers,
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                code, body = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            code, body = exc.code, exc.read()
+        if self.path.endswith("/model-versions/create") and not self.lost:
+            self.lost.append(body)
+            code, body = 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "proxy"}'
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def lossy_proxy(server: str) -> Iterator[tuple[str, list[bytes]]]:
+    handler = type("Handler", (_LosesFirstCreateReply,), {"upstream": server, "lost": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_port}", handler.lost
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.mark.parametrize("retried_by", ["mlflow", "tracker"])
+def test_a_retried_registration_whose_reply_was_lost_leaves_one_version(
+    server: str, lossy_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retried_by: str
+) -> None:
+    if retried_by == "tracker":  # no retries inside MLflow's client: the tracker's own retry
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    proxy_uri, lost = lossy_proxy
+    name = f"llm-lost-reply-{retried_by}"
+    tracker = MlflowTracker(proxy_uri, retry_s=0.5)
+    tracker.start_run("lost-reply")
+    info = tracker.log_model_dir(make_model_dir(tmp_path / "model"), name)
+    tracker.end_run()
+    assert lost, "the proxy never dropped a reply"
+    versions = client(server).search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == ["1"]
+    assert info.version == "1"
+    assert current_version(name, "candidate", server).version == "1"
 
 
 # -- outages --------------------------------------------------------------------------------------
