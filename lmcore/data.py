@@ -286,6 +286,12 @@ def _try_load(path: Path) -> TokenDataset | None:
         return None
 
 
+def _from_source(dataset: TokenDataset, source: str) -> TokenDataset:
+    """A cache hit as `source` asked for it: the key hashes the text, not where it came from,
+    so the cache's meta.json names whichever source built it first."""
+    return dataclasses.replace(dataset, meta={**dataset.meta, "source": source})
+
+
 def _fsync_dir_and_files(path: Path) -> None:
     """fsync each file in `path`, then `path`: renamed into place before its data reached the
     disk, a cache could survive a power loss complete-looking but empty or torn."""
@@ -346,7 +352,7 @@ def prepare_corpus(
     out = Path(out_dir)
     final = out / cache_key
     if (hit := _try_load(final)) is not None:
-        return hit
+        return _from_source(hit, source_name)
 
     if tokenizer is None:
         if progress:
@@ -397,7 +403,7 @@ def prepare_corpus(
         except OSError:
             # Another process renamed its (identical) build into place first: use that one.
             if (hit := _try_load(final)) is not None:
-                return hit
+                return _from_source(hit, source_name)
             raise
     finally:
         if tmp.exists():

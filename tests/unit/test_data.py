@@ -197,6 +197,15 @@ def test_second_prepare_reuses_the_cache_without_tokenizing(
     assert np.array_equal(second.train, first.train) and second.meta == first.meta
 
 
+def test_a_reused_cache_reports_the_callers_source(corpus_dir: Path, tmp_path: Path) -> None:
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    pattern = str(corpus_dir / "*.txt")  # the same files, named another way: the same cache
+    second = prepare_corpus(pattern, tmp_path / "cache", vocab_size=300, progress=False)
+    assert second.reused and second.path == first.path
+    assert first.meta["source"] == str(corpus_dir) and second.meta["source"] == pattern
+    assert {**second.meta, "source": str(corpus_dir)} == first.meta
+
+
 def test_changed_text_or_settings_get_their_own_cache(corpus_dir: Path, tmp_path: Path) -> None:
     base = _prepare(corpus_dir, tmp_path / "cache")
     other_vocab = _prepare(corpus_dir, tmp_path / "cache", vocab_size=280)
