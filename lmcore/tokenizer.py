@@ -6,6 +6,7 @@ Must not normalise or drop anything: decode(encode(s)) == s for every Unicode st
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +37,37 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def _check_exact_round_trip(spec: dict) -> None:
+    """Refuse a tokenizer.json outside the family `Tokenizer.train` makes, whose decode(encode(s))
+    may differ from s: a normalizer (NFKC turns "ﬁ" into "fi"), a pre-tokenizer or decoder other
+    than byte-level, a prefix space, added tokens that strip the whitespace next to them, or a
+    BPE that drops or marks pieces. GPT-2's own file (a byte-level post-processor, empty
+    subword affixes) is of the family."""
+
+    def part(name: str) -> dict:
+        return spec.get(name) or {}
+
+    pre, model = part("pre_tokenizer"), part("model")
+    problems = {
+        "a normalizer": spec.get("normalizer") is not None,
+        "a pre-tokenizer other than ByteLevel": pre.get("type") != "ByteLevel",
+        "a prefix space": bool(pre.get("add_prefix_space")),
+        "a decoder other than ByteLevel": part("decoder").get("type") != "ByteLevel",
+        "a post-processor other than ByteLevel":
+            part("post_processor").get("type", "ByteLevel") != "ByteLevel",
+        "a model other than BPE": model.get("type") != "BPE",
+        "BPE dropout": bool(model.get("dropout")),
+        "subword prefixes or suffixes": bool(model.get("continuing_subword_prefix")
+                                             or model.get("end_of_word_suffix")),
+        "added tokens that strip whitespace": any(
+            t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or ()),
+    }
+    found = [name for name, present in problems.items() if present]
+    if found:
+        raise ValueError(f"tokenizer has {', '.join(found)}: lmcore needs the byte-level BPE "
+                         "family Tokenizer.train makes, whose decode(encode(s)) is s")
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with one special token, `<|endoftext|>` (eos).
 
@@ -50,10 +82,12 @@ class Tokenizer:
         if eos_id is None:
             raise ValueError(f"tokenizer has no {EOS_TOKEN} token")
         self.eos_id: int = eos_id
+        spec = hf.to_str()
+        _check_exact_round_trip(json.loads(spec))
         # Two engines over one vocabulary instead of toggling a flag per call, so encode stays
         # thread-safe (the serving engine and the API encode from different threads).
         self._hf_special = hf
-        self._hf_plain = HFTokenizer.from_str(hf.to_str())
+        self._hf_plain = HFTokenizer.from_str(spec)
         self._hf_plain.encode_special_tokens = True
         self._token_bytes = self._build_token_bytes(hf)
 

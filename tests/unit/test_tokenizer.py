@@ -170,6 +170,47 @@ def test_loading_a_tokenizer_without_eos_is_rejected() -> None:
         Tokenizer.from_str(hf.to_str())
 
 
+def _edited(tok: Tokenizer, edit: str) -> str:
+    spec = json.loads(tok.to_str())
+    if edit == "normalizer":
+        spec["normalizer"] = {"type": "NFKC"}
+    elif edit == "pre-tokenizer":
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+    elif edit == "prefix space":
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif edit == "decoder":
+        spec["decoder"] = None
+    elif edit == "dropout":
+        spec["model"]["dropout"] = 0.1
+    elif edit == "strip":
+        spec["added_tokens"][0]["lstrip"] = True
+    elif edit == "gpt2":  # how GPT-2's own tokenizer.json differs, none of it lossy
+        spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True,
+                                  "trim_offsets": False, "use_regex": True}  # fmt: skip
+        spec["model"]["continuing_subword_prefix"] = spec["model"]["end_of_word_suffix"] = ""
+    return json.dumps(spec)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [("normalizer", "a normalizer"), ("pre-tokenizer", "pre-tokenizer other than ByteLevel"),
+     ("prefix space", "a prefix space"), ("decoder", "decoder other than ByteLevel"),
+     ("dropout", "BPE dropout"), ("strip", "strip whitespace")],
+)  # fmt: skip
+def test_a_tokenizer_file_that_alters_text_is_refused_naming_why(
+    tok: Tokenizer, edit: str, words: str
+) -> None:
+    with pytest.raises(ValueError, match=words):
+        Tokenizer.from_str(_edited(tok, edit))
+
+
+def test_a_gpt2_shaped_tokenizer_file_is_accepted_and_round_trips(tok: Tokenizer) -> None:
+    gpt2 = Tokenizer.from_str(_edited(tok, "gpt2"))
+    for text in TRICKY + CORPUS:
+        assert gpt2.decode(gpt2.encode(text)) == text
+        assert gpt2.encode(text) == tok.encode(text)
+
+
 # -- streaming decode ----------------------------------------------------------------------------
 
 
