@@ -15,8 +15,8 @@ keeps.
 
 bf16 and fp16 weights are laid out the same way (the bag sums them in fp32 and rounds once), and
 int8 linears (lmcore.quantize.Int8Linear) are measured for how many rows their byte bag beats
-converting the whole weight first, and, with bf16 or fp16 activations, for how many more rows
-PyTorch's int8 weight-only GEMM does.
+converting the whole weight first, and, with bf16 activations, for how many more rows
+PyTorch's int8 weight-only GEMM does (it would overflow fp16: lmcore.quantize).
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def _tune_int8(
     layers: list[nn.Module], passes: int, activations: torch.dtype
 ) -> list[ShapeChoice]:
     """For each int8 shape: the most rows (of INT8_BAG_ROWS) up to which the byte bag beats the
-    next kernel at every count, then (bf16/fp16 activations, where `int8pack_supported`) the
+    next kernel at every count, then (bf16 activations, where `int8pack_supported`) the
     most rows up to which the int8 weight-only GEMM beats converting the weight (to the
     `activations` dtype); 0 (never the bag) where the kernel is missing."""
     groups = _shape_groups(layers)
