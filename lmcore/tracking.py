@@ -40,6 +40,8 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_BATCH = 100
 PIP_REQUIREMENTS = ["torch", "numpy", "tokenizers", "safetensors", "pandas"]
 _CACHE_STAMP = ".llm-source.json"
+# A cache download dir nothing has written to for this long was left by a crashed process.
+ABANDONED_AFTER_S = 3600.0
 
 
 class TrackingError(RuntimeError):
@@ -842,6 +844,7 @@ def _download_cached(
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_abandoned(target.parent)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -854,11 +857,13 @@ def _download_cached(
         if find_model_dir(got) is None:
             raise ModelNotFoundError(f"{uri} holds no model dir (no {MODEL_CONFIG_FILE})")
         (got / _CACHE_STAMP).write_text(json.dumps(stamp, sort_keys=True))
-        _publish(got, target)
+        _publish(got, target, stamp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     found = _cached_model_dir(target, stamp)
-    assert found is not None, f"cache entry {target} vanished"
+    if found is None:  # another process published a different stamp meanwhile
+        raise TrackingError(f"cache entry {target} for {uri} was replaced while downloading; "
+                            "the registry changed under it, try again")  # fmt: skip
     return found
 
 
@@ -872,16 +877,31 @@ def _cached_model_dir(target: Path, stamp: dict[str, Any]) -> Path | None:
     return find_model_dir(target)
 
 
-def _publish(src: Path, target: Path) -> None:
-    """Move a finished download into place; a stale entry is swapped out, a racing one kept."""
-    stale = target.parent / f".{target.name}.stale-{secrets.token_hex(4)}"
-    if target.exists():
-        try:
+def _publish(src: Path, target: Path, stamp: dict[str, Any]) -> None:
+    """Move a finished download into place. An entry with the same stamp is another process's
+    finished download, perhaps being loaded now: it is kept and `src` left to the caller to
+    discard. An entry with another stamp is stale and swapped out."""
+    import fcntl
+
+    # Publishers take turns, so none can swap out an entry another has just checked or placed.
+    with (target.parent / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _cached_model_dir(target, stamp) is not None:
+            return
+        stale = target.parent / f".{target.name}.stale-{secrets.token_hex(4)}"
+        if target.exists():
             target.rename(stale)
-        except OSError:
-            pass
-    try:
         src.rename(target)
-    except OSError:
-        pass  # another process published the same version first; theirs is as good
     shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sweep_abandoned(parent: Path) -> None:
+    """Remove download and stale dirs left by crashed processes; one written to within
+    ABANDONED_AFTER_S (a download in progress) is kept."""
+    for leftover in [*parent.glob(".*.tmp-*"), *parent.glob(".*.stale-*")]:
+        try:
+            newest = max(p.lstat().st_mtime for p in [leftover, *leftover.rglob("*")])
+        except OSError:  # removed meanwhile
+            continue
+        if time.time() - newest > ABANDONED_AFTER_S:
+            shutil.rmtree(leftover, ignore_errors=True)
