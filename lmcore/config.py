@@ -6,6 +6,7 @@ Pure data and validation; it must not touch torch so configs load anywhere (API,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,8 +61,8 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ConfigError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):  # inf zeroes every norm
+            raise ConfigError(f"norm_eps must be positive and finite, got {self.norm_eps!r}")
 
     @property
     def padded_vocab_size(self) -> int:

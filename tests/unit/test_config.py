@@ -21,7 +21,7 @@ def test_vocab_is_padded_to_a_multiple_of_64() -> None:
      # Wrong types: strings used to raise a bare TypeError, or pass as a truthy flag.
      ("dropout", "0.1"), ("dropout", True), ("norm_eps", "1e-5"), ("norm_eps", None),
      ("bias", "false"), ("bias", 0), ("tie_embeddings", "no"), ("tie_embeddings", 1),
-     ("n_layer", 2.0)],  # fmt: skip
+     ("n_layer", 2.0), ("norm_eps", float("inf")), ("norm_eps", float("nan"))],  # fmt: skip
 )
 def test_invalid_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
