@@ -5,10 +5,18 @@ Defaults work on a laptop; it must not open connections or import anything heavy
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# What torch.device accepts for the devices the worker serves on, matched without importing
+# torch: the API reads these settings too and must stay light.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Redis takes whole milliseconds (a lease under 1 ms becomes PX 0, which it refuses) and the
+# streamer renews at a third of the TTL from flushes 20 ms apart: a second leaves ~15 flushes.
+MIN_LEASE_TTL_S = 1.0
 
 
 class Settings(BaseSettings):
@@ -38,7 +46,7 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(86_400, ge=60)
     job_time_limit_s: float = Field(600.0, gt=0)  # hard limit of one job's generation
     visibility_timeout_s: int = Field(3_600, ge=1)  # redelivery of unacked jobs after this
-    lease_ttl_s: float = Field(10.0, gt=0)  # a running job's owner renews this; expiry = dead
+    lease_ttl_s: float = 10.0  # a running job's owner renews this; expiry = dead
 
     # Worker.
     max_batch: int = Field(8, ge=1)
@@ -63,6 +71,21 @@ class Settings(BaseSettings):
         value = {"true": "auto", "false": "fp32"}.get(str(value).lower(), str(value).lower())
         if value not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError("mixed_precision must be auto, bf16, fp16, fp32, true or false")
+        return value
+
+    @field_validator("lease_ttl_s")
+    @classmethod
+    def _check_lease(cls, value: float) -> float:
+        if not value >= MIN_LEASE_TTL_S:  # NaN too
+            raise ValueError(f"LLM_LEASE_TTL_S must be at least {MIN_LEASE_TTL_S:g} s, got {value}")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _check_device(cls, value: object) -> object:
+        value = str(value).strip().lower()
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"LLM_DEVICE must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
         return value
 
     @field_validator("compile_decode", mode="before")

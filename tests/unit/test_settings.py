@@ -82,3 +82,40 @@ def test_an_unknown_compile_setting_names_the_variable(monkeypatch: pytest.Monke
     monkeypatch.setenv("LLM_COMPILE_DECODE", "sometimes")
     with pytest.raises(ValidationError, match="compile_decode"):
         Settings()
+
+
+@pytest.mark.parametrize("value", ["0.0004", "0.5", "nan", "-1"])
+def test_a_lease_shorter_than_a_second_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # 0.0004 s would become PX 0, which Redis rejects, and no job could ever be claimed.
+    monkeypatch.setenv("LLM_LEASE_TTL_S", value)
+    with pytest.raises(ValidationError, match="LLM_LEASE_TTL_S must be at least 1 s"):
+        Settings()
+
+
+def test_a_one_second_lease_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_LEASE_TTL_S", "1")
+    assert Settings().lease_ttl_s == 1.0
+
+
+# Ids spell the value out: a bare "gpu" id would read as conftest's `gpu` marker and skip.
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "cuda1", "tpu", ""],
+                         ids=lambda v: f"LLM_DEVICE={v!r}")
+def test_an_unknown_device_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("LLM_DEVICE", value)
+    with pytest.raises(ValidationError, match="LLM_DEVICE must be auto, cpu, cuda"):
+        Settings()
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps", " CUDA:1 "])
+def test_devices_torch_accepts_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    import torch
+
+    monkeypatch.setenv("LLM_DEVICE", value)
+    device = Settings().device
+    assert device == value.strip().lower()
+    if device != "auto":
+        torch.device(device)  # the worker's pick_device passes it straight to torch
