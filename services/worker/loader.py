@@ -13,17 +13,35 @@ from pathlib import Path
 
 import torch
 
-from lmcore.checkpoint import load_model_dir
+from lmcore.checkpoint import CheckpointError, load_model_dir
+from lmcore.config import ConfigError
 from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.linear import gemm_library
 from lmcore.model import Transformer
 from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
+from lmcore.tracking import TrackingError, resolve_model_uri  # imports mlflow only when used
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+class FatalLoadError(ValueError):
+    """The settings or the model dir must change before this worker can load: no retry helps."""
+
+
+def cannot_fix_itself(uri: str, exc: BaseException) -> bool:
+    """Whether loading `uri` failed for good (a bad path, model dir or setting), rather than for
+    now (MLflow unreachable, no version under the alias yet)."""
+    if isinstance(exc, CheckpointError) and "load it again" in str(exc):
+        return False  # the dir was republished while being read: the next read sees one model
+    if isinstance(exc, FatalLoadError | CheckpointError | ConfigError):
+        return True
+    # Only models:/ and runs:/ ask MLflow, whose registry can change; anything else is a local
+    # path that exists or not.
+    return isinstance(exc, TrackingError) and not uri.startswith(("models:/", "runs:/"))
 
 
 @dataclass
@@ -42,7 +60,14 @@ class ServingModel:
 def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise FatalLoadError(f"LLM_DEVICE={setting}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FatalLoadError(f"LLM_DEVICE={setting}: MPS is not available on this machine")
+    return device
 
 
 def load_serving_model(
@@ -53,13 +78,11 @@ def load_serving_model(
     `layout`: the serving model's linear layout, reused when the new model has the same linears
     (a hot swap then measures nothing while the engine runs).
     """
-    from lmcore.tracking import resolve_model_uri  # mlflow is imported only for registry URIs
-
     resolved = resolve_model_uri(
         uri, cache_dir=settings.model_cache_dir, tracking_uri=settings.mlflow_tracking_uri
     )
     if not settings.kv_cache:
-        raise ValueError(
+        raise FatalLoadError(
             "LLM_KV_CACHE=false: the serving engine always decodes from its static KV cache "
             "(use `lmctl generate --no-kv-cache` to compare against full recompute)"
         )
@@ -69,7 +92,7 @@ def load_serving_model(
     loaded = load_model_dir(resolved.path, device=device, dtype=inference_dtype(precision),
                             quantized=settings.quantized, layout=layout)  # fmt: skip
     if loaded.tokenizer is None:
-        raise ValueError(f"{resolved.path} has no tokenizer.json; the worker needs one")
+        raise FatalLoadError(f"{resolved.path} has no tokenizer.json; the worker needs one")
     meta = loaded.metadata
     ref = ModelRef(
         name=resolved.name or meta.get("name") or resolved.path.name,

@@ -24,7 +24,12 @@ from lmcore.engine import Engine, EngineRequest
 from lmcore.generate import SamplingParams
 from services.common import keys, scripts
 from services.common.settings import Settings
-from services.worker.loader import ALIAS_URI, ServingModel, load_serving_model
+from services.worker.loader import (
+    ALIAS_URI,
+    ServingModel,
+    cannot_fix_itself,
+    load_serving_model,
+)
 from services.worker.streamer import JobStreamer
 
 log = logging.getLogger(__name__)
@@ -135,6 +140,11 @@ class WorkerRuntime:
             try:
                 return load_serving_model(uri, self.settings)
             except Exception as exc:  # MLflow not up yet, no version registered yet, ...
+                if cannot_fix_itself(uri, exc):
+                    log.critical("cannot load model %s: %s; retrying cannot fix this, the worker "
+                                 "exits", uri, exc)  # fmt: skip
+                    # SystemExit: Celery logs and ignores an exception from its startup signal.
+                    raise SystemExit(f"cannot load model {uri}: {exc}") from exc
                 log.error("cannot load model %s: %s; retrying in %.0f s", uri, exc, delay)
                 if self._stop.wait(delay):
                     raise

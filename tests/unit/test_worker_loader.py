@@ -8,15 +8,21 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lmcore.checkpoint import save_model_dir
-from lmcore.config import preset
+from lmcore.checkpoint import CheckpointError, save_model_dir
+from lmcore.config import ConfigError, preset
 from lmcore.inference_layout import ShapeChoice
 from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear
 from lmcore.tokenizer import Tokenizer
+from lmcore.tracking import ModelNotFoundError, TrackingError
 from services.common.settings import Settings
-from services.worker.loader import load_serving_model
+from services.worker.loader import (
+    FatalLoadError,
+    cannot_fix_itself,
+    load_serving_model,
+    pick_device,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -85,3 +91,37 @@ def test_a_model_with_the_same_linears_keeps_the_serving_models_layout(
     assert swapped.layout == stamped
     kernels = {m.one_row_kernel for m in swapped.model.modules() if isinstance(m, Linear)}
     assert kernels == {"blas"}
+
+
+def test_a_device_this_machine_lacks_is_a_load_error_that_cannot_fix_itself() -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last, on any machine
+    with pytest.raises(FatalLoadError, match=f"LLM_DEVICE={missing}") as caught:
+        pick_device(missing)
+    assert cannot_fix_itself("models:/llm@production", caught.value)
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+REGISTRY = "models:/llm@production"
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "fatal"),
+    [
+        ("/models/llm", ModelNotFoundError("model path /models/llm does not exist"), True),
+        ("/models/llm", TrackingError("unsupported model URI 's3://b/m'"), True),
+        ("/models/llm", CheckpointError("model.safetensors: bad header"), True),
+        (REGISTRY, CheckpointError("model.safetensors: bad header"), True),
+        (REGISTRY, ConfigError("n_head must divide n_embd"), True),
+        (REGISTRY, FatalLoadError("LLM_KV_CACHE=false"), True),
+        (REGISTRY, ModelNotFoundError("models:/llm@production not found"), False),
+        (REGISTRY, TrackingError("MLflow at http://mlflow unreachable"), False),
+        ("runs:/abc/model", TrackingError("MLflow at http://mlflow unreachable"), False),
+        ("/models/llm", CheckpointError("republished twice while read; load it again"), False),
+        (REGISTRY, OSError("connection reset"), False),
+    ],
+    ids=repr,
+)
+def test_only_load_errors_that_cannot_fix_themselves_stop_the_worker(
+    uri: str, error: Exception, fatal: bool
+) -> None:
+    assert cannot_fix_itself(uri, error) is fatal
