@@ -42,16 +42,29 @@ def signature() -> Any:
 
 
 def rows_from_input(model_input: Any) -> list[dict[str, Any]]:
-    """Accept a DataFrame, a list of prompts or of row dicts, a dict of columns, or one string."""
+    """Accept a DataFrame, a list of prompts or of row dicts, a dict of columns (a single value
+    applies to every prompt), or one string."""
     if hasattr(model_input, "to_dict"):  # pandas DataFrame
         return list(model_input.to_dict(orient="records"))
     if isinstance(model_input, str):
         return [{"prompt": model_input}]
     if isinstance(model_input, dict):
-        columns = {k: v if isinstance(v, list) else [v] for k, v in model_input.items()}
+        columns = {k: _column(v) for k, v in model_input.items()}
         n = len(columns.get("prompt", []))
+        # One value (a scalar or a one-item list) applies to every prompt.
+        columns = {k: v * n if len(v) == 1 else v for k, v in columns.items()}
+        uneven = sorted(k for k, v in columns.items() if len(v) != n)
+        if uneven:
+            raise ValueError(f"column(s) {', '.join(uneven)} need one value or one per prompt "
+                             f"({n})")  # fmt: skip
         return [{k: v[i] for k, v in columns.items()} for i in range(n)]
     return [row if isinstance(row, dict) else {"prompt": row} for row in model_input]
+
+
+def _column(value: Any) -> list[Any]:
+    if isinstance(value, list | tuple) or getattr(value, "ndim", 0) == 1:  # numpy arrays too
+        return list(value)
+    return [value]
 
 
 def sampling_params(row: dict[str, Any]) -> SamplingParams:
