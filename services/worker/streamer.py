@@ -60,7 +60,8 @@ class JobStreamer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # never started: the runtime's start() failed early
+            self._thread.join(timeout=5)
 
     def add(self, job: ActiveJob) -> None:
         with self._lock:

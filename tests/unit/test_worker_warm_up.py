@@ -39,3 +39,12 @@ def test_a_warm_up_that_fails_reports_it_instead_of_raising() -> None:
         assert engine.stats.failed == 1
     finally:
         engine.stop()
+
+
+def test_a_runtime_whose_start_never_ran_stops_cleanly() -> None:
+    # Celery calls stop at shutdown even when the model never loaded (start raised early).
+    from services.common.settings import Settings
+
+    runtime = WorkerRuntime(Settings(redis_url="redis://127.0.0.1:1"), "never-started")
+    runtime.stop(timeout_s=1)  # raised "cannot join thread before it is started"
+    assert runtime.engine is None
