@@ -23,6 +23,7 @@ from typing import Any
 import typer
 
 from services.common.redis_binary import find_redis_server
+from services.common.settings import Settings
 
 MODEL_NAME = "llm"
 ALIAS = "production"
@@ -46,7 +47,8 @@ class StackConfig:
     model_uri: str | None = None
     mlflow: bool = True  # with a local model_uri the stack can run without MLflow
     train_overrides: list[str] = field(default_factory=lambda: ["model=small", "train=cpu"])
-    max_batch: int = 8
+    # None: the worker's own settings (LLM_MAX_BATCH, LLM_WORKER_CONCURRENCY) decide.
+    max_batch: int | None = None
     worker_concurrency: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     show_training: bool = True  # echo the trainer's progress bar as well as logging it
@@ -93,13 +95,15 @@ class Stack:
                              "(stop it with `lmctl stack down`)")  # fmt: skip
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         cfg = self.config
+        settings = Settings()  # a bad LLM_* value fails here, not in a worker's log
+        max_batch = cfg.max_batch or settings.max_batch
         try:
             redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
             mlflow_url = None
             if cfg.mlflow:
                 mlflow_url = self._start_mlflow(_free_port(cfg.host, cfg.mlflow_port))
             model_uri = cfg.model_uri or self._ensure_model(mlflow_url)
-            env = self._service_env(redis_url, model_uri, mlflow_url)
+            env = self._service_env(redis_url, model_uri, mlflow_url, max_batch)
             self._spawn("worker", self._worker_cmd(), env)
             api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
             self._spawn("api", self._api_cmd(api_url), env)
@@ -172,25 +176,29 @@ class Stack:
             print(f"promoted {MODEL_NAME} version {trained.version} to @{ALIAS}")
         return f"models:/{MODEL_NAME}@{ALIAS}"
 
-    def _service_env(self, redis_url: str, model_uri: str, mlflow_url: str | None) -> dict:
+    def _service_env(
+        self, redis_url: str, model_uri: str, mlflow_url: str | None, max_batch: int
+    ) -> dict[str, str]:
         env = {
             **os.environ,
             "PYTHONPATH": _pythonpath(),
             "LLM_REDIS_URL": redis_url,
             "LLM_MODEL_URI": model_uri,
-            "LLM_MAX_BATCH": str(self.config.max_batch),
+            "LLM_MAX_BATCH": str(max_batch),
             "LLM_MODEL_CACHE_DIR": str(self.root / "models"),
-            **self.config.extra_env,
         }
+        if self.config.worker_concurrency:
+            env["LLM_WORKER_CONCURRENCY"] = str(self.config.worker_concurrency)
         if mlflow_url:
             env["MLFLOW_TRACKING_URI"] = mlflow_url
-        return env
+        return {**env, **self.config.extra_env}
 
     def _worker_cmd(self) -> list[str]:
-        concurrency = self.config.worker_concurrency or 2 * self.config.max_batch
+        # No --concurrency: the worker's settings give it (LLM_WORKER_CONCURRENCY, else
+        # 2 x LLM_MAX_BATCH), as documented.
         return [
             sys.executable, "-m", "celery", "-A", "services.worker.celery_app:app", "worker",
-            "--pool", "threads", "--concurrency", str(concurrency), "-n", "stack@%h",
+            "--pool", "threads", "-n", "stack@%h",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
 
@@ -412,7 +420,8 @@ def up_command(
     model_uri: str = typer.Option(None, help="Serve this URI or model dir instead of "
                                   "models:/llm@production (no training)."),  # fmt: skip
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Skip MLflow (needs --model-uri)."),
-    max_batch: int = typer.Option(8, help="Jobs the worker's engine decodes together."),
+    max_batch: int = typer.Option(None, help="Jobs the worker's engine decodes together "
+                                  "(default: LLM_MAX_BATCH, else 8)."),  # fmt: skip
     train: list[str] = typer.Option(None, help="Trainer overrides when a model must be trained "
                                     "(default: model=small train=cpu)."),  # fmt: skip
 ) -> None:

@@ -7,13 +7,16 @@ promoting a model) runs in test_worker_hot_swap.py, which builds on it.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from typer.testing import CliRunner
 
+from services.common import keys
 from services.stack import Stack, StackConfig, StackError, StackState, stack_app
 from tests.helpers.services import make_model_dir, wait_until
 
@@ -60,3 +63,23 @@ def test_detached_stack_serves_jobs_and_down_stops_every_process(tmp_path: Path)
     assert all_dead(state)
     assert not (root / "state.json").exists()
     assert (root / "redis" / "appendonlydir").is_dir()  # AOF on, data under the stack's folder
+
+
+def test_stack_takes_max_batch_and_concurrency_from_llm_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLM_MAX_BATCH", "3")
+    monkeypatch.setenv("LLM_WORKER_CONCURRENCY", "5")
+    model_dir = make_model_dir(tmp_path / "model")
+    config = StackConfig(root=tmp_path / ".stack", model_uri=str(model_dir), mlflow=False,
+                         api_port=0, redis_port=0)  # fmt: skip
+    stack = Stack(config)
+    state = stack.up(detach=True, echo=False)
+    try:
+        client = redis.Redis.from_url(state.redis_url, decode_responses=True)
+        beat = json.loads(client.get(keys.worker(f"stack@{socket.gethostname()}")) or "{}")
+        client.close()
+        assert beat["max_batch"] == 3
+        assert "concurrency: 5 (thread)" in Path(state.logs["worker"]).read_text()
+    finally:
+        stack.down()
