@@ -1,21 +1,25 @@
 """The local stack as plain processes: Redis (AOF), MLflow, a trained + promoted model, worker, API.
 
 `lmctl stack up [--detach]` / `lmctl stack down`, and `Stack(...).up(detach=True)` / `.down()` for
-scripts; state (pids, URLs, ports) lives in `.stack/state.json`. It only starts and stops the
-processes it launched, by pid.
+scripts; state (pids, URLs, ports) lives in `.stack/state.json`, written as each process starts.
+It only stops the processes it launched: a pid counts only while its start time still matches.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,8 @@ MODEL_NAME = "llm"
 ALIAS = "production"
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
-ORDER = ("redis", "mlflow", "worker", "api")  # started in this order, stopped in reverse
+# Started in this order, stopped in reverse; the trainer runs (to completion) only when needed.
+ORDER = ("redis", "mlflow", "trainer", "worker", "api")
 
 
 class StackError(RuntimeError):
@@ -56,19 +61,31 @@ class StackConfig:
 
 @dataclass
 class StackState:
-    """What `up` wrote to <root>/state.json: enough for `down`, the demo and curl."""
+    """What `up` wrote to <root>/state.json: enough for `down`, the demo and curl.
 
-    api_url: str
-    redis_url: str
-    mlflow_url: str | None
-    model_uri: str
-    pids: dict[str, int]
-    logs: dict[str, str]
+    Rewritten after each process starts, so `down` finds them even if `up` dies half way; the
+    URLs are empty and `ready` false until then.
+    """
+
     root: str
     started_at: float
+    api_url: str = ""
+    redis_url: str = ""
+    mlflow_url: str | None = None
+    model_uri: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    # /proc/PID/stat's start time of each pid: a pid whose process has since changed is not ours.
+    start_ticks: dict[str, int | None] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def running(self) -> dict[str, int]:
+        """The recorded processes that are still the ones the stack started."""
+        return {name: pid for name, pid in self.pids.items()
+                if _is_ours(pid, self.start_ticks.get(name))}  # fmt: skip
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:
@@ -88,41 +105,64 @@ class Stack:
     # -- up ---------------------------------------------------------------------------------
 
     def up(self, detach: bool = False, echo: bool = True) -> StackState:
-        """Start everything and wait until the API is ready; detach=False blocks until Ctrl-C."""
+        """Start everything and wait until the API is ready; detach=False blocks until Ctrl-C.
+
+        Holds <root>/lock meanwhile, so a second `up` on the same root fails instead of starting
+        a second Redis on the same files; SIGTERM and SIGHUP stop it the way Ctrl-C does.
+        """
+        with self._locked(), _signals_interrupt():
+            state = self._start()
+            if echo:
+                print(banner(state, detach, os.environ.get("LLM_API_KEYS")))
+            if not detach:
+                self._block()
+            return state
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "lock").open("a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                raise StackError(f"`stack up` (pid {holder}) is already running from "
+                                 f"{self.root}; stop it first (Ctrl-C or `lmctl stack down`)"
+                                 ) from None  # fmt: skip
+            lock.truncate(0)  # "a+" writes at the end whatever the position
+            lock.write(str(os.getpid()))
+            lock.flush()
+            yield  # closing the file releases the lock
+
+    def _start(self) -> StackState:
         old = StackState.load(self.root)
-        if old is not None and any(_alive(pid) for pid in old.pids.values()):
+        if old is not None and old.running():
             raise StackError(f"a stack is already running from {self.root} "
                              "(stop it with `lmctl stack down`)")  # fmt: skip
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         cfg = self.config
         settings = Settings()  # a bad LLM_* value fails here, not in a worker's log
         max_batch = cfg.max_batch or settings.max_batch
+        self.state = state = StackState(root=str(self.root), started_at=time.time())
         try:
-            redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
-            mlflow_url = None
+            state.redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
             if cfg.mlflow:
-                mlflow_url = self._start_mlflow(_free_port(cfg.host, cfg.mlflow_port))
-            model_uri = cfg.model_uri or self._ensure_model(mlflow_url)
-            env = self._service_env(redis_url, model_uri, mlflow_url, max_batch)
+                state.mlflow_url = self._start_mlflow(_free_port(cfg.host, cfg.mlflow_port))
+            state.model_uri = cfg.model_uri or self._ensure_model(state.mlflow_url)
+            env = self._service_env(state.redis_url, state.model_uri, state.mlflow_url, max_batch)
             self._spawn("worker", self._worker_cmd(), env)
-            api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
-            self._spawn("api", self._api_cmd(api_url), env)
-            self.state = StackState(
-                api_url=api_url, redis_url=redis_url, mlflow_url=mlflow_url, model_uri=model_uri,
-                pids={name: p.pid for name, p in self.procs.items()},
-                logs={name: str(self._log(name)) for name in self.procs},
-                root=str(self.root), started_at=time.time(),
-            )  # fmt: skip
+            state.api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
+            self._spawn("api", self._api_cmd(state.api_url), env)
+            self._wait_http(f"{state.api_url}/readyz", "api")
+            state.ready = True
             self._write_state()
-            self._wait_http(f"{api_url}/readyz", "api")
         except BaseException:
             self._stop_procs()
+            self.state = None
+            (self.root / "state.json").unlink(missing_ok=True)
             raise
-        if echo:
-            print(banner(self.state, detach, os.environ.get("LLM_API_KEYS")))
-        if not detach:
-            self._block()
-        return self.state
+        return state
 
     def _start_redis(self, port: int) -> str:
         data = self.root / "redis"
@@ -165,8 +205,7 @@ class Stack:
             env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "PYTHONPATH": _pythonpath()}
             overrides = [f"train.checkpoint_dir={self.root / 'checkpoints'}",
                          *self.config.train_overrides]  # fmt: skip
-            code = _run_teed([sys.executable, "-m", "services.trainer", *overrides], env,
-                             self._log("trainer"), echo=self.config.show_training)  # fmt: skip
+            code = self._train([sys.executable, "-m", "services.trainer", *overrides], env)
             if code != 0:
                 raise StackError(f"training failed (exit {code}); see {self._log('trainer')}")
             trained = current_version(MODEL_NAME, "candidate", mlflow_url)
@@ -214,15 +253,43 @@ class Stack:
     def _log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str], piped: bool = False
+    ) -> subprocess.Popen[bytes]:
         with self._log(name).open("ab") as log:
-            # Own session: survives this process when detached, and Ctrl-C reaches only us.
-            self.procs[name] = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+            # Own session: survives this process when detached, Ctrl-C reaches only us, and
+            # `down` stops its whole process group (mlflow's uvicorn, say) at once.
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE if piped else log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
+        self.procs[name] = proc
+        assert self.state is not None
+        self.state.pids[name] = proc.pid
+        self.state.start_ticks[name] = _start_ticks(proc.pid)
+        self.state.logs[name] = str(self._log(name))
+        self._write_state()  # now, so that `down` finds it even if this process dies next
+        return proc
+
+    def _train(self, cmd: list[str], env: dict[str, str]) -> int:
+        """Run the trainer to completion, copying its output to its log and, with
+        show_training, to stderr. While it runs it is in state.json like the services."""
+        proc = self._spawn("trainer", cmd, env, piped=True)
+        assert proc.stdout is not None and self.state is not None
+        with proc.stdout, self._log("trainer").open("ab") as log:
+            # read1 returns what is there, so tqdm's carriage-return updates show as they happen.
+            while chunk := proc.stdout.read1(4096):
+                log.write(chunk)
+                if self.config.show_training:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.buffer.flush()
+        code = proc.wait()
+        del self.procs["trainer"], self.state.pids["trainer"], self.state.start_ticks["trainer"]
+        self._write_state()
+        return code
 
     def _wait(self, ready: Any, name: str) -> None:
+        """Poll ready() until true; fail at once if any child exits, naming its log."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready():
             proc = self.procs[name]
@@ -257,24 +324,26 @@ class Stack:
         finally:
             self.down()
 
-    def _stop_procs(self) -> None:
+    def _stop_procs(self) -> bool:
+        stopped = False
         for name in reversed(ORDER):
             proc = self.procs.pop(name, None)
             if proc is not None:
+                stopped |= proc.poll() is None
                 _terminate(proc.pid, proc)
+        return stopped
 
     # -- down -------------------------------------------------------------------------------
 
     def down(self) -> bool:
         """Stop every process this stack (or a detached one from the same root) started."""
-        self._stop_procs()
+        stopped = self._stop_procs()
         state = self.state or StackState.load(self.root)
-        stopped = False
         if state is not None:
+            running = state.running()
             for name in reversed(ORDER):
-                pid = state.pids.get(name)
-                if pid is not None and _alive(pid):
-                    _terminate(pid)
+                if name in running:
+                    _terminate(running[name])
                     stopped = True
             (self.root / "state.json").unlink(missing_ok=True)
         self.state = None
@@ -310,18 +379,30 @@ def banner(state: StackState, detached: bool, api_keys: str | None = None) -> st
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def _run_teed(cmd: list[str], env: dict[str, str], log_path: Path, echo: bool) -> int:
-    """Run cmd to completion, copying its output to log_path and, with echo, to stderr."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        # read1 returns what is there, so tqdm's carriage-return updates show as they happen.
-        while chunk := proc.stdout.read1(4096):
-            log.write(chunk)
-            if echo:
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-        return proc.wait()
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, so they take Ctrl-C's cleanup path.
+
+    Only the first one raises: a repeat must not cut that cleanup short. Signal handlers can
+    only be set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _pythonpath() -> str:
@@ -371,6 +452,33 @@ def _redis_ping(host: str, port: int) -> bool:
         return False
 
 
+PROC = Path("/proc")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None if there is no such process."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and parentheses
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When pid started, in clock ticks after boot (field 22); None without /proc."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _is_ours(pid: int, start_ticks: int | None) -> bool:
+    """pid is running and is still the process that started at start_ticks."""
+    if not PROC.is_dir():  # no /proc (macOS): the pid alone has to do
+        return _alive(pid)
+    fields = _stat(pid)
+    return (fields is not None and fields[0] not in "ZX" and start_ticks is not None
+            and int(fields[19]) == start_ticks)  # fmt: skip
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -385,23 +493,54 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _terminate(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGTERM (warm shutdown for the worker, AOF flush for Redis), SIGKILL after a timeout."""
+def _group_alive(pgid: int) -> bool:
+    """Any process of the group is still running. Zombies do not count: orphans re-parented to
+    an init that never reaps them would otherwise keep the group alive forever."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pgid, 0)
     except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(pid) if proc is None else proc.poll() is None:
-        if time.monotonic() > deadline:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
-        time.sleep(0.1)
+        return False
+    except PermissionError:
+        return True
+    if not PROC.is_dir():
+        return True
+    for entry in PROC.iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] not in "ZX":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _terminate(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM pid's process group (warm shutdown for the worker, AOF flush for Redis), SIGKILL
+    after a timeout. Each child leads its own session, so its group is it and its children."""
+    _signal_group(pid, signal.SIGTERM)
+    if not _group_gone(pid, proc, STOP_TIMEOUT_S):
+        _signal_group(pid, signal.SIGKILL)
+        _group_gone(pid, proc, 5.0)
     if proc is not None:
         proc.wait()
+
+
+def _group_gone(pgid: int, proc: subprocess.Popen[bytes] | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None:
+            proc.poll()  # reap our own child as it exits
+        else:
+            _alive(pgid)  # reaps it if it is our child after all
+        if not _group_alive(pgid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 # -- `lmctl stack` ----------------------------------------------------------------------------
@@ -437,6 +576,10 @@ def up_command(
     except StackError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:  # while starting (once up, Ctrl-C stops it and returns)
+        how = f" ({exc})" if str(exc) else ""
+        typer.echo(f"error: interrupted{how}; stopped what had started", err=True)
+        raise typer.Exit(130) from None
 
 
 @stack_app.command("down")
@@ -455,7 +598,9 @@ def status_command(root: Path = typer.Option(Path(".stack"), help="The stack's f
     if state is None:
         typer.echo("no stack state found")
         raise typer.Exit(1)
+    running = state.running()
     typer.echo(json.dumps({
         "api_url": state.api_url, "mlflow_url": state.mlflow_url, "redis_url": state.redis_url,
-        "alive": {name: _alive(pid) for name, pid in state.pids.items()},
+        "ready": state.ready,
+        "alive": {name: name in running for name in state.pids},
     }, indent=2))  # fmt: skip

@@ -1,13 +1,19 @@
 """`lmctl stack` / services.stack.Stack: every process up as plain processes, then all down.
 
 Real processes on free ports under a tmp folder. The first-start path (MLflow, training and
-promoting a model) runs in test_worker_hot_swap.py, which builds on it.
+promoting a model) runs in test_worker_hot_swap.py, which builds on it. A stand-in redis-server
+that never answers (a shell holding a child) keeps `stack up` starting for as long as a test needs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +22,14 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+import services.stack as stack_module
 from services.common import keys
 from services.stack import Stack, StackConfig, StackError, StackState, stack_app
-from tests.helpers.services import make_model_dir, wait_until
+from tests.helpers.services import REPO, make_model_dir, wait_until
 
 pytestmark = pytest.mark.integration
+
+LMCTL = [sys.executable, "-c", "import sys; from services.cli import main; sys.exit(main())"]
 
 
 def run_job(api_url: str) -> dict[str, Any]:
@@ -33,10 +42,56 @@ def run_job(api_url: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def all_dead(state: StackState) -> bool:
-    from services.stack import _alive
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
-    return not any(_alive(pid) for pid in state.pids.values())
+
+def group_alive(pgid: int) -> bool:
+    """A live (not zombie) process is left in the group: orphans' zombies are never reaped here."""
+    for entry in Path("/proc").iterdir():
+        stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat and int(stat[2]) == pgid and stat[0] not in "ZX":
+            return True
+    return False
+
+
+def all_dead(state: StackState) -> bool:
+    return not any(group_alive(pid) for pid in state.pids.values())
+
+
+def lmctl(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([*LMCTL, *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # fmt: skip
+
+
+@pytest.fixture
+def hanging_redis(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """(env for `stack up`, file of pids): a redis-server that never answers PING, with a child."""
+    pids = tmp_path / "fake-redis.pids"
+    script = tmp_path / "fake-redis-server"
+    script.write_text(f'#!/bin/sh\necho $$ >> "{pids}"\nsleep 300 &\nwait\n')
+    script.chmod(0o755)
+    env = {**os.environ, "LLM_REDIS_SERVER": str(script), "PYTHONPATH": str(REPO)}
+    yield env, pids
+    for pid in pids.read_text().split() if pids.exists() else ():  # whatever the code left
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def up_args(root: Path) -> list[str]:
+    return ["stack", "up", "--root", str(root), "--no-mlflow", "--model-uri", str(root / "m"),
+            "--redis-port", "0", "--api-port", "0"]  # fmt: skip
+
+
+def first_pid(pids: Path) -> int:
+    return wait_until(lambda: pids.exists() and int(pids.read_text().split()[0]), 30,
+                      message="fake redis-server started")  # fmt: skip
 
 
 def test_detached_stack_serves_jobs_and_down_stops_every_process(tmp_path: Path) -> None:
@@ -83,3 +138,103 @@ def test_stack_takes_max_batch_and_concurrency_from_llm_settings(
         assert "concurrency: 5 (thread)" in Path(state.logs["worker"]).read_text()
     finally:
         stack.down()
+
+
+def test_failed_up_stops_the_children_of_what_it_started_too(
+    tmp_path: Path, hanging_redis: tuple[dict[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, pids = hanging_redis
+    monkeypatch.setenv("LLM_REDIS_SERVER", env["LLM_REDIS_SERVER"])
+    monkeypatch.setattr(stack_module, "START_TIMEOUT_S", 1.0)
+    root = tmp_path / ".stack"
+
+    with pytest.raises(StackError, match="redis not ready"):
+        Stack(root=root, model_uri="/m", mlflow=False, redis_port=0).up(detach=True, echo=False)
+    assert not group_alive(first_pid(pids))  # the server's own child (its `sleep`) as well
+    assert not (root / "state.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stack_up_stopped_by_a_signal_stops_what_it_started(
+    tmp_path: Path, hanging_redis: tuple[dict[str, str], Path], sig: signal.Signals
+) -> None:
+    env, pids = hanging_redis
+    root = tmp_path / ".stack"
+    up = lmctl(*up_args(root), env=env)
+    redis_pid = first_pid(pids)
+
+    up.send_signal(sig)
+    _, err = up.communicate(timeout=60)
+
+    assert up.returncode != 0
+    assert "Traceback" not in err and err.strip().startswith("error:")
+    assert not group_alive(redis_pid)  # the server and the child it started
+    assert not (root / "state.json").exists()
+
+
+def test_down_stops_a_starting_stack_whose_up_was_killed(
+    tmp_path: Path, hanging_redis: tuple[dict[str, str], Path]
+) -> None:
+    env, pids = hanging_redis
+    root = tmp_path / ".stack"
+    up = lmctl(*up_args(root), env=env)
+    redis_pid = first_pid(pids)
+    up.kill()  # no cleanup at all: only state.json can tell `down` what is running
+    up.wait()
+
+    down = lmctl("stack", "down", "--root", str(root), env=env)
+    out, _ = down.communicate(timeout=60)
+
+    assert "stack stopped" in out
+    assert not group_alive(redis_pid)
+    assert not (root / "state.json").exists()
+
+
+def test_second_stack_up_on_one_root_fails_while_the_first_starts(
+    tmp_path: Path, hanging_redis: tuple[dict[str, str], Path]
+) -> None:
+    env, pids = hanging_redis
+    root = tmp_path / ".stack"
+    first = lmctl(*up_args(root), env=env)
+    try:
+        first_pid(pids)
+        second = lmctl(*up_args(root), env=env)
+        try:
+            _, err = second.communicate(timeout=30)
+        finally:
+            second.kill()
+        assert second.returncode == 1
+        assert len(err.strip().splitlines()) == 1 and f"pid {first.pid}" in err
+        assert len(pids.read_text().split()) == 1  # one redis-server on the root's data
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("recorded", ["no start time", "another start time"])
+def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(
+    tmp_path: Path, recorded: str
+) -> None:
+    root = tmp_path / ".stack"
+    root.mkdir()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        stat = proc_stat(other.pid)
+        assert stat is not None
+        state: dict[str, Any] = {
+            "api_url": "http://127.0.0.1:1", "redis_url": "redis://127.0.0.1:1/0",
+            "mlflow_url": None, "model_uri": "/m", "pids": {"api": other.pid}, "logs": {},
+            "root": str(root), "started_at": 0.0,
+        }  # fmt: skip
+        if recorded == "another start time":
+            state["start_ticks"] = {"api": int(stat[19]) - 1}
+        (root / "state.json").write_text(json.dumps(state))
+
+        down = lmctl("stack", "down", "--root", str(root))
+        out, _ = down.communicate(timeout=60)
+
+        assert "no running stack found" in out
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
