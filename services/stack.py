@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 
-from services.common.redis_binary import find_redis_server
+from lmcore.tracking import TrackingError
+from services.common.redis_binary import RedisNotFoundError, find_redis_server
 from services.common.settings import Settings
 
 MODEL_NAME = "llm"
@@ -110,13 +112,16 @@ class Stack:
         Holds <root>/lock meanwhile, so a second `up` on the same root fails instead of starting
         a second Redis on the same files; SIGTERM and SIGHUP stop it the way Ctrl-C does.
         """
-        with self._locked(), _signals_interrupt():
-            state = self._start()
-            if echo:
-                print(banner(state, detach, os.environ.get("LLM_API_KEYS")))
-            if not detach:
-                self._block()
-            return state
+        try:
+            with self._locked(), _signals_interrupt():
+                state = self._start()
+                if echo:
+                    print(banner(state, detach, os.environ.get("LLM_API_KEYS")))
+                if not detach:
+                    self._block()
+                return state
+        except (RedisNotFoundError, OSError, TrackingError, ValidationError) as exc:
+            raise StackError(" ".join(str(exc).split()) or type(exc).__name__) from exc
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -238,3 +238,14 @@ def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(
     finally:
         other.kill()
         other.wait()
+
+
+def test_stack_up_reports_a_missing_redis_binary_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "LLM_REDIS_SERVER": str(tmp_path / "no-such-redis-server")}
+    root = tmp_path / ".stack"
+    up = lmctl(*up_args(root), env=env)
+    _, err = up.communicate(timeout=60)
+
+    assert up.returncode == 1
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not (root / "state.json").exists()
