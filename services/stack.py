@@ -159,7 +159,10 @@ class Stack:
             self._spawn("worker", self._worker_cmd(), env)
             state.api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
             self._spawn("api", self._api_cmd(state.api_url), env)
-            self._wait_http(f"{state.api_url}/readyz", "api")
+            self._wait_http(f"{state.api_url}/healthz", "api")
+            # The API answers; readiness now waits on a worker's heartbeat, so a failure from
+            # here on (a model it cannot load, say) is the worker's: its log says why.
+            self._wait_http(f"{state.api_url}/readyz", "worker")
             state.ready = True
             self._write_state()
         except BaseException:

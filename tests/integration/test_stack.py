@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import services.stack as stack_module
 from services.common import keys
 from services.stack import Stack, StackConfig, StackError, StackState, stack_app
-from tests.helpers.services import REPO, make_model_dir, wait_until
+from tests.helpers.services import REPO, free_port, make_model_dir, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -138,6 +138,22 @@ def test_stack_takes_max_batch_and_concurrency_from_llm_settings(
         assert "concurrency: 5 (thread)" in Path(state.logs["worker"]).read_text()
     finally:
         stack.down()
+
+
+def test_up_names_the_worker_log_when_no_worker_becomes_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack_module, "START_TIMEOUT_S", 10.0)
+    root = tmp_path / ".stack"
+    # A registry that does not answer (yet): the worker keeps retrying and never beats.
+    no_mlflow = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    stack = Stack(root=root, model_uri="models:/llm@production", mlflow=False, api_port=0,
+                  redis_port=0, extra_env=no_mlflow)  # fmt: skip
+
+    with pytest.raises(StackError, match=r"worker .*worker\.log"):
+        stack.up(detach=True, echo=False)
+    assert not stack.procs
+    assert not (root / "state.json").exists()
 
 
 def test_failed_up_stops_the_children_of_what_it_started_too(
