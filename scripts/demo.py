@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from services.stack import Stack, StackConfig, StackState, banner
+from lmcore.tracking import TrackingError
+from services.common.settings import Settings
+from services.stack import Stack, StackConfig, StackError, StackState, banner
 
 PROMPTS = ("ROMEO:", "First Citizen:\nWe are accounted poor citizens,")
 
@@ -28,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=Path(".stack"),
                         help="where the stack keeps its data, logs and state")
     parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--model-uri", help="serve this model dir instead of training one "
+                        "(the stack then runs without MLflow)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -56,6 +60,7 @@ def stream_job(client: httpx.Client, prompt: str, max_new_tokens: int, seed: int
     print(prompt, end="", flush=True)
     record: dict = {}
     with client.stream("GET", f"/jobs/{job['id']}/events", timeout=120) as response:
+        response.raise_for_status()
         for event, data in sse_events(response):
             if event == "token":
                 print(json.loads(data)["text"], end="", flush=True)
@@ -73,21 +78,37 @@ def show_record(record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (StackError, TrackingError, httpx.HTTPError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    stack = Stack(StackConfig(root=args.root, train_overrides=["model=small", "train=cpu"]))
+    stack = Stack(StackConfig(root=args.root, train_overrides=["model=small", "train=cpu"],
+                              model_uri=args.model_uri, mlflow=args.model_uri is None))
     state: StackState = stack.up(detach=True, echo=False)
     try:
-        print(banner(state, detached=True))
-        with httpx.Client(base_url=state.api_url, timeout=30) as client:
+        keys = Settings().api_keys  # as the API reads LLM_API_KEYS; it accepts any of them
+        print(banner(state, detached=True, api_keys=",".join(keys)))
+        headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        with httpx.Client(base_url=state.api_url, timeout=30, headers=headers) as client:
             for seed, prompt in enumerate(PROMPTS, start=1):
                 record = stream_job(client, prompt, args.max_new_tokens, seed)
             show_record(record)
             seed_style = client.post(
                 "/generate_text", json={"prompt": "JULIET:", "num_of_token_generated": 30}
             )
+            seed_style.raise_for_status()
             print("== the seed's endpoint: POST /generate_text")
             print(json.dumps(seed_style.json(), indent=2))
-        print(f"\nMLflow UI (runs, metrics, the registered model `llm`): {state.mlflow_url}")
+        if state.mlflow_url:
+            print(f"\nMLflow UI (runs, metrics, the registered model `llm`): {state.mlflow_url}")
         print(f"demo finished in {time.monotonic() - started:.0f} s")
     finally:
         if args.keep:

@@ -7,6 +7,7 @@ that never answers (a shell holding a child) keeps `stack up` starting for as lo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -265,3 +266,36 @@ def test_stack_up_reports_a_missing_redis_binary_in_one_line(tmp_path: Path) -> 
     assert up.returncode == 1
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert not (root / "state.json").exists()
+
+
+def demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scripts.demo", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("cause", ["a stack starting on the root", "no redis-server"])
+def test_demo_reports_errors_in_one_line(tmp_path: Path, cause: str) -> None:
+    root = tmp_path / ".stack"
+    root.mkdir()
+    # Either way no redis-server can start, so a demo that ignored the lock stops at once.
+    env = {**os.environ, "LLM_REDIS_SERVER": str(tmp_path / "no-such-redis-server")}
+    with (root / "lock").open("a+") as lock:
+        if cause == "a stack starting on the root":
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        result = demo("--root", str(root), env=env)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_sends_the_first_api_key_when_keys_are_configured(tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path / "model")
+    env = {**os.environ, "LLM_API_KEYS": "first-key,second-key", "PYTHONPATH": str(REPO)}
+    result = demo("--root", str(tmp_path / ".stack"), "--model-uri", str(model_dir),
+                  "--max-new-tokens", "4", env=env)  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"status": "succeeded"' in result.stdout
