@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmcore.config import ConfigError, ModelConfig
+from lmcore.durable import fsync_dir, fsync_file
 from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear, TiedInt8Embedding, quantize_as_loaded
@@ -223,24 +224,6 @@ def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[st
         return {name: f.get_tensor(name).to(device) for name in f.keys()}
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
     try:
         text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True)
@@ -269,14 +252,14 @@ def _publish_dir(tmp: Path, target: Path) -> None:
     but it never finds a partial one.
     """
     for p in tmp.iterdir():
-        _fsync_file(p)
-    _fsync_dir(tmp)
+        fsync_file(p)
+    fsync_dir(tmp)
     old = None
     if target.exists():
         old = _temp_sibling(target, "old")
         os.rename(target, old)
     os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -718,7 +701,7 @@ def set_aside_training_states(ckpt_dir: PathLike, stamp: str) -> Path | None:
     aside.chmod(0o755)  # mkdtemp makes it private; checkpoints are shared (other pods)
     for p in old:
         os.rename(p, aside / p.name)
-    _fsync_dir(root)
+    fsync_dir(root)
     return aside
 
 

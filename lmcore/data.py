@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmcore.durable import fsync_dir, fsync_files_and_dir
 from lmcore.tokenizer import TOKENIZER_FILE, Tokenizer
 
 DEFAULT_SOURCE = "shakespeare"
@@ -292,28 +293,6 @@ def _from_source(dataset: TokenDataset, source: str) -> TokenDataset:
     return dataclasses.replace(dataset, meta={**dataset.meta, "source": source})
 
 
-def _fsync_dir_and_files(path: Path) -> None:
-    """fsync each file in `path`, then `path`: renamed into place before its data reached the
-    disk, a cache could survive a power loss complete-looking but empty or torn."""
-    for p in path.iterdir():
-        with p.open("rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def prepare_corpus(
     source: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
@@ -394,12 +373,12 @@ def prepare_corpus(
         tokens[n - n_val:].tofile(tmp / "val.bin")
         tokenizer.save(tmp / TOKENIZER_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _fsync_dir_and_files(tmp)
+        fsync_files_and_dir(tmp)
         if final.exists() and _try_load(final) is None:
             shutil.rmtree(final, ignore_errors=True)  # a damaged cache from some older mishap
         try:
             os.replace(tmp, final)
-            _fsync_dir(out)
+            fsync_dir(out)
         except OSError:
             # Another process renamed its (identical) build into place first: use that one.
             if (hit := _try_load(final)) is not None:
