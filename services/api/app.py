@@ -6,6 +6,8 @@ not load a model or generate text.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +25,8 @@ from services.api.routers import compat, jobs, ops
 from services.api.store import JobStore
 from services.common.celery_config import make_celery
 from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def make_redis(settings: Settings) -> Redis:
@@ -77,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    if not settings.api_keys:  # say so: an empty key Secret opens the job endpoints too
+        log.warning("LLM_API_KEYS is empty: the job endpoints take requests without a key")
     # Builds task messages only (JSON); the store pushes them, so Celery opens no connection.
     app.state.celery = make_celery(settings, main="llm-api")
     app.state.metrics = HttpMetrics()

@@ -106,7 +106,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip())
+            keys = tuple(k.strip() for k in value.split(",") if k.strip())
+            # Only an empty value means "no keys": one of separators and blanks is a mistake
+            # (a Secret written wrong), and taking it as "no keys" would open the API.
+            if value.strip() and not keys:
+                raise ValueError(f"LLM_API_KEYS holds no key ({value!r}); unset it or leave it "
+                                 "empty to run without keys")  # fmt: skip
+            return keys
         return value
 
     @model_validator(mode="after")

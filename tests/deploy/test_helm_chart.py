@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -350,6 +351,28 @@ def test_worker_runs_celery_threads_ready_on_heartbeat_and_drains_on_stop(
     # Downloaded models go to their own writable volume (the root filesystem is read-only).
     cache = env_of(worker)["LLM_MODEL_CACHE_DIR"]["value"]
     assert cache in [m["mountPath"] for m in worker["volumeMounts"]]
+
+
+OLD_SECRETS = ("apiKeys.keys={key-aaaaaaaa}", "redis.auth.password=pw-aaaaaaaaaaaa")
+
+
+@pytest.mark.parametrize(
+    "changed", ["apiKeys.keys={key-bbbbbbbb}", "redis.auth.password=pw-bbbbbbbb"]
+)
+def test_a_changed_secret_rolls_the_pods_that_read_it_at_start(
+    render: Callable[..., Rendered], changed: str
+) -> None:
+    # Keys and the Redis password reach the containers as env at start (and Redis's own
+    # --requirepass): pods that keep running would keep the old ones, and a later partial
+    # roll would pair a new client password with the old server one.
+    before = render(sets=OLD_SECRETS)
+    after = render(sets=(*OLD_SECRETS, changed))
+    for kind, name in (("Deployment", "api"), ("Deployment", "worker"), ("StatefulSet", "redis")):
+        annotations = [
+            r.get(kind, component(name))["spec"]["template"]["metadata"]["annotations"]
+            for r in (before, after)
+        ]
+        assert annotations[0]["checksum/secrets"] != annotations[1]["checksum/secrets"], name
 
 
 def test_keda_scales_the_worker_on_the_redis_queue(shapes: dict[str, Rendered]) -> None:

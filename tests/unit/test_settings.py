@@ -50,6 +50,21 @@ def test_api_keys_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) ->
     assert Settings().api_keys == ("key-a", "key-b")
 
 
+@pytest.mark.parametrize("value", [",", " , ", " ,, "])
+def test_api_keys_of_separators_alone_are_refused_not_taken_as_no_keys(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # A Secret written wrong would otherwise switch authentication off without a word.
+    monkeypatch.setenv("LLM_API_KEYS", value)
+    with pytest.raises(ValidationError, match="LLM_API_KEYS holds no key"):
+        Settings()
+
+
+def test_an_empty_api_keys_value_means_no_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_API_KEYS", "")  # compose's ${LLM_API_KEYS:-}
+    assert Settings().api_keys == ()
+
+
 def test_visibility_timeout_must_exceed_the_job_time_limit() -> None:
     with pytest.raises(ValidationError, match="visibility_timeout_s"):
         Settings(visibility_timeout_s=60, job_time_limit_s=60)
