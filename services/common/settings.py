@@ -6,7 +6,8 @@ Defaults work on a laptop; it must not open connections or import anything heavy
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
 
     redis_url: str = "redis://localhost:6379/0"
+    # Put into redis_url URL-encoded, so it may hold any character ('/', '#', '@', '%', ...):
+    # written into the URL by hand, such a password broke the URL or named another host.
+    redis_password: str | None = None
     # The API's Redis connections: a burst over this many commands in flight waits for a free one
     # (up to redis_pool_timeout_s, then 503) instead of failing at once.
     redis_max_connections: int = Field(100, ge=2)
@@ -102,6 +106,14 @@ class Settings(BaseSettings):
             return device_type == "cuda"
         return self.compile_decode == "true"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _password_into_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("redis_password"):
+            url = data.get("redis_url") or cls.model_fields["redis_url"].default
+            data = {**data, "redis_url": with_password(url, data["redis_password"])}
+        return data
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -138,3 +150,12 @@ class Settings(BaseSettings):
     @property
     def heartbeat_ttl_s(self) -> int:
         return max(2, int(3 * self.heartbeat_s))
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` URL-encoded in place of any password it had (its user kept)."""
+    parts = urlsplit(url)
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))

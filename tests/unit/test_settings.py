@@ -65,6 +65,21 @@ def test_an_empty_api_keys_value_means_no_keys(monkeypatch: pytest.MonkeyPatch) 
     assert Settings().api_keys == ()
 
 
+@pytest.mark.parametrize("password", ["plain", "p@ss/w0rd", "a#b:c", "x%41y", "ü ber"])
+def test_a_redis_password_of_any_characters_reaches_every_client_intact(
+    monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    import redis
+    from kombu.utils.url import url_to_parts
+
+    monkeypatch.setenv("LLM_REDIS_URL", "redis://llm-redis.llm.svc:6380/2")
+    monkeypatch.setenv("LLM_REDIS_PASSWORD", password)
+    url = Settings().redis_url
+    for parsed in (redis.connection.parse_url(url), url_to_parts(url)._asdict()):
+        assert parsed["password"] == password  # redis-py (API, worker) and kombu (Celery)
+        assert parsed.get("host", parsed.get("hostname")) == "llm-redis.llm.svc"
+
+
 def test_visibility_timeout_must_exceed_the_job_time_limit() -> None:
     with pytest.raises(ValidationError, match="visibility_timeout_s"):
         Settings(visibility_timeout_s=60, job_time_limit_s=60)

@@ -112,13 +112,14 @@ imagePullSecrets:
 {{/* Env vars giving a container LLM_REDIS_URL (password only ever read from a Secret). */}}
 {{- define "llm.redis.env" -}}
 {{- if .Values.redis.enabled }}
-- name: REDIS_PASSWORD
+# The settings put the password into the URL encoded, so it may hold any character.
+- name: LLM_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "llm.redis.secretName" . }}
       key: {{ .Values.redis.auth.existingSecretPasswordKey }}
 - name: LLM_REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/%d" (include "llm.redis.host" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
+  value: {{ printf "redis://%s:%d/%d" (include "llm.redis.host" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
 {{- else }}
 - name: LLM_REDIS_URL
   valueFrom:
