@@ -412,7 +412,31 @@ def test_keda_reads_an_external_redis_from_its_url(render) -> None:
     assert meta["address"] == "redis.data.svc.cluster.local:6379"
     assert meta["databaseIndex"] == "1"
     secret = rendered.get("Secret", component("worker-keda-redis"))
-    assert secret["stringData"]["redis-password"] == "external-password"
+    assert secret["stringData"] == {"redis-password": "external-password"}
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "user", "password"),
+    [("app:s3cret", "app", "s3cret"), ("admin", "admin", ""), (":pw", None, "pw")],
+)
+def test_keda_gets_an_external_redis_user_and_password_as_the_url_means_them(
+    render: Callable[..., Rendered], userinfo: str, user: str | None, password: str
+) -> None:
+    # "admin@" is a user name, not a password; "user:password" gives both.
+    rendered = render(sets=("redis.enabled=false", "worker.keda.enabled=true",
+                            f"redis.external.url=redis://{userinfo}@ext-redis:6380/2"))  # fmt: skip
+    secret = rendered.get("Secret", component("worker-keda-redis"))["stringData"]
+    assert secret["redis-password"] == password and secret.get("redis-username") == user
+    auth = rendered.get("TriggerAuthentication", component("worker-redis"))["spec"]
+    assert ("username" in [r["parameter"] for r in auth["secretTargetRef"]]) == (user is not None)
+
+
+def test_keda_refuses_an_external_redis_password_it_cannot_decode(
+    render: Callable[..., Rendered],
+) -> None:
+    with pytest.raises(RenderError, match="%-escape"):
+        render(sets=("redis.enabled=false", "worker.keda.enabled=true",
+                     "redis.external.url=redis://:p%40ss@ext-redis:6380/2"))  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)
