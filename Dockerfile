@@ -173,7 +173,7 @@ RUN touch README.md && pip install --no-build-isolation --no-deps -e . && rm -rf
 ENV PYTHONPATH=/app HOME=/tmp
 WORKDIR /workspace
 USER ${APP_UID}:${APP_UID}
-CMD ["torchrun", "--nproc-per-node=gpu", "-m", "services.trainer", "train=gpu", "train.checkpoint_dir=/checkpoints", "tracking.register_name=llm"]
+CMD ["torchrun", "--nproc-per-node=gpu", "-m", "services.trainer", "train=gpu", "train.checkpoint_dir=/checkpoints/${model.name}", "tracking.register_name=llm"]
 
 FROM train-deps-cpu AS trainer-cpu
 ARG APP_UID
@@ -182,7 +182,7 @@ RUN touch README.md && pip install --no-build-isolation --no-deps -e . && rm -rf
 ENV PYTHONPATH=/app HOME=/tmp
 WORKDIR /workspace
 USER ${APP_UID}:${APP_UID}
-CMD ["torchrun", "--nproc-per-node=1", "-m", "services.trainer", "train=cpu", "train.checkpoint_dir=/checkpoints", "tracking.register_name=llm"]
+CMD ["torchrun", "--nproc-per-node=1", "-m", "services.trainer", "train=cpu", "train.checkpoint_dir=/checkpoints/${model.name}", "tracking.register_name=llm"]
 
 # ---------------------------------------------------------------------------------------------
 # MLflow tracking server: the release the images' clients are pinned to, plus the Postgres driver.

@@ -219,7 +219,8 @@ def test_pytorchjob_runs_torchrun_on_master_and_workers(
         assert "tracking.register_name=llm" in argv
         ckpt = next(a for a in argv if a.startswith("train.checkpoint_dir="))
         mount = next(m for m in c["volumeMounts"] if m["name"] == "checkpoints")
-        assert ckpt == f"train.checkpoint_dir={mount['mountPath']}"
+        # A folder per model on the shared volume: a resume refuses another model's checkpoints.
+        assert ckpt == f"train.checkpoint_dir={mount['mountPath']}/${{model.name}}"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == nproc
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
 
