@@ -54,10 +54,11 @@ class DistEnv:
         rank = _int(env, "RANK", 0)
         local_rank = _int(env, "LOCAL_RANK", 0)
         local_world = _int(env, "LOCAL_WORLD_SIZE", 1)
-        per_node = _int(env, "PET_NPROC_PER_NODE", 1) if "PET_NPROC_PER_NODE" in env else 1
         # A pod's RANK/WORLD_SIZE count pods; with several processes per pod only torchrun
-        # (which reads the PET_* variables) can hand out the per-process ranks.
-        if per_node > 1 and not under_torchrun:
+        # (which reads the PET_* variables) can hand out the per-process ranks. torchrun has
+        # read PET_NPROC_PER_NODE itself, which may also be auto, gpu or cpu.
+        per_node = env.get("PET_NPROC_PER_NODE", "1").strip()
+        if not under_torchrun and per_node not in ("1", "auto", "cpu", "gpu"):
             raise DistributedEnvError(
                 f"PET_NPROC_PER_NODE={per_node}: start the trainer under torchrun "
                 "(torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT)"

@@ -542,6 +542,18 @@ def test_torchrun_child_environment_wins() -> None:
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
 
 
+@pytest.mark.parametrize("nproc", ["auto", "gpu", "cpu"])
+@pytest.mark.parametrize("torchrun", [True, False], ids=["under-torchrun", "one-process-pod"])
+def test_a_named_process_count_per_pod_is_left_to_torchrun(nproc: str, torchrun: bool) -> None:
+    # The operator and torchrun take nprocPerNode as auto, gpu or cpu too: torchrun has read it,
+    # and a pod without torchrun runs one process whatever it says.
+    environ = {"MASTER_ADDR": "m", "MASTER_PORT": "1", "WORLD_SIZE": "2", "RANK": "1",
+               "PET_NPROC_PER_NODE": nproc}  # fmt: skip
+    if torchrun:
+        environ |= {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    assert DistEnv.from_env(environ).rank == 1
+
+
 def test_several_processes_per_pod_need_torchrun() -> None:
     with pytest.raises(DistributedEnvError, match="PET_NPROC_PER_NODE"):
         DistEnv.from_env({"MASTER_ADDR": "m", "MASTER_PORT": "1", "WORLD_SIZE": "2",
