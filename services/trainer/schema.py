@@ -133,6 +133,12 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     Uses Hydra's compose API rather than @hydra.main, so errors reach the caller (one line on
     stderr, no Hydra traceback) and no outputs/ directory is created.
     """
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise ConfigError(f"{key}: not used here (the trainer composes its config with "
+                              "Hydra's compose API, which writes no outputs/ and configures no "
+                              "logging), so it would change nothing")  # fmt: skip
     directory = config_dir()
     if not (directory / f"{config_name}.yaml").is_file():
         raise ConfigError(f"no {config_name}.yaml in {directory} (set LLM_CONFIG_DIR)")

@@ -232,7 +232,9 @@ def test_train_passes_hydra_overrides_to_the_trainer(capsys) -> None:
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("model=nope", "model"), ("model=1", "model=small"), ("train.device=gpu0", "train.device")],
+    [("model=nope", "model"), ("model=1", "model=small"), ("train.device=gpu0", "train.device"),
+     ("hydra.run.dir=/tmp/x", "hydra.run.dir"),
+     ("hydra/job_logging=disabled", "hydra/job_logging")],
 )
 def test_train_with_a_bad_override_exits_with_the_trainers_config_error(
     capsys, override: str, named: str
