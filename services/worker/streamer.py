@@ -93,11 +93,11 @@ class JobStreamer:
             plan = []
             for job in jobs:
                 chunks = job.take()
-                first = job.sink.first_token_at
-                first = None if job.first_token_recorded else first
+                first = None if job.first_token_recorded else job.sink.first_token_at
+                streamed = bool(chunks) or first is not None
                 # Written only while the job is still ours: a worker that lost it (a long
                 # partition, the job redelivered and finished elsewhere) must not add to it.
-                if chunks or first is not None:
+                if streamed:
                     self.stream(keys=scripts.job_keys(job.job_id), client=pipe,
                                 args=scripts.stream_args(job.owner, self.ttl_s, chunks, first))
                 pipe.hget(keys.job(job.job_id), "cancel_requested")
@@ -107,7 +107,6 @@ class JobStreamer:
                         keys=scripts.job_keys(job.job_id),
                         args=[job.owner, int(self.lease_ttl_s * 1000)], client=pipe,
                     )  # fmt: skip
-                streamed = bool(chunks) or first is not None
                 plan.append((job, len(chunks), streamed, first is not None, renew))
             results = iter(pipe.execute())
             for job, n_chunks, streamed, had_first, renewed in plan:
