@@ -616,6 +616,9 @@ class MlflowTracker:
         # Created here so the logged model lands in the run's experiment, not the default one.
         logged = step("create the logged model", lambda: self.client.create_logged_model(
             run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=self.run_id))
+        # Linked here, not by Model.log: its link is an insert that fails (UNIQUE) when repeated,
+        # so a retried upload whose first attempt got that far could never succeed.
+        step("link the model to the run", lambda: self._link_output(logged.model_id))
 
         def upload() -> None:
             with _mlflow_uris(self.tracking_uri), warnings.catch_warnings():
@@ -624,7 +627,7 @@ class MlflowTracker:
                     artifact_path=None,
                     flavor=mlflow.pyfunc,
                     name=MODEL_ARTIFACT,
-                    run_id=self.run_id,
+                    run_id=None,  # no second link (see above); the logged model names the run
                     model_id=logged.model_id,  # a retry re-uploads into the same logged model
                     # "Model from code": MLflow runs this file to load; nothing is pickled.
                     python_model=mlflow_pyfunc.__file__,
@@ -636,6 +639,22 @@ class MlflowTracker:
 
         step("upload the model", upload)
         return str(logged.model_id)
+
+    def _link_output(self, model_id: str) -> None:
+        """Record the logged model as the run's output, once, even if a reply is lost."""
+        from mlflow.entities import LoggedModelOutput
+
+        def linked() -> bool:
+            outputs = self.client.get_run(self.run_id).outputs
+            return any(o.model_id == model_id for o in (outputs.model_outputs if outputs else []))
+
+        if linked():
+            return
+        try:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)])
+        except Exception:
+            if not linked():  # else the server did it and its answer was lost
+                raise
 
 
 def _run_tag(key: str, value: str) -> Any:

@@ -6,6 +6,7 @@ same port and backend) all go through MLflow's own client and server.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import subprocess
 import sys
@@ -301,11 +302,13 @@ def test_a_local_sqlite_store_keeps_artifacts_beside_its_database(
     assert (tmp_path / "store" / "mlruns").is_dir()
 
 
-class _LosesFirstCreateReply(http.server.BaseHTTPRequestHandler):
-    """Forwards to the server, but answers its first model-version create with a 503 after the
-    server has done it: a reply lost on the way back, as through a restarting proxy."""
+class _LosesFirstReply(http.server.BaseHTTPRequestHandler):
+    """Forwards to the server, but answers the first request to a path ending in `lose` with a
+    503 after the server has done it: a reply lost on the way back, as through a restarting
+    proxy."""
 
     upstream = ""
+    lose = ""
     lost: list[bytes] = []
 
     def _forward(self) -> None:
@@ -321,7 +324,7 @@ class _LosesFirstCreateReply(http.server.BaseHTTPRequestHandler):
                 code, body = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             code, body = exc.code, exc.read()
-        if self.path.endswith("/model-versions/create") and not self.lost:
+        if self.path.endswith(self.lose) and not self.lost:
             self.lost.append(body)
             code, body = 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "proxy"}'
         self.send_response(code)
@@ -336,9 +339,9 @@ class _LosesFirstCreateReply(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def lossy_proxy(server: str) -> Iterator[tuple[str, list[bytes]]]:
-    handler = type("Handler", (_LosesFirstCreateReply,), {"upstream": server, "lost": []})
+@contextlib.contextmanager
+def _lossy_proxy(server: str, lose: str) -> Iterator[tuple[str, list[bytes]]]:
+    handler = type("Handler", (_LosesFirstReply,), {"upstream": server, "lose": lose, "lost": []})
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -346,6 +349,12 @@ def lossy_proxy(server: str) -> Iterator[tuple[str, list[bytes]]]:
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.fixture
+def lossy_proxy(server: str) -> Iterator[tuple[str, list[bytes]]]:
+    with _lossy_proxy(server, "/model-versions/create") as proxy:
+        yield proxy
 
 
 @pytest.mark.parametrize("retried_by", ["mlflow", "tracker"])
@@ -365,6 +374,28 @@ def test_a_retried_registration_whose_reply_was_lost_leaves_one_version(
     assert [v.version for v in versions] == ["1"]
     assert info.version == "1"
     assert current_version(name, "candidate", server).version == "1"
+
+
+@pytest.mark.parametrize("retried_by", ["mlflow", "tracker"])
+@pytest.mark.parametrize("lose", ["/runs/outputs", "/MLmodel"])
+def test_an_upload_whose_reply_was_lost_is_retried_to_one_registered_model(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retried_by: str, lose: str
+) -> None:
+    """The run's link to its model, or a file of the model, reaches the server but not its
+    answer: the retry must finish the upload, not fail on what the first attempt did."""
+    if retried_by == "tracker":
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    name = f"llm-lost-upload-{retried_by}-{lose.strip('/').replace('/', '-')}"
+    with _lossy_proxy(server, lose) as (proxy_uri, lost):
+        tracker = MlflowTracker(proxy_uri, retry_s=0.5)
+        tracker.start_run("lost-upload")
+        info = tracker.log_model_dir(make_model_dir(tmp_path / "model"), name)
+        tracker.end_run()
+        assert lost, f"the proxy never dropped a reply to {lose}"
+    outputs = client(server).get_run(info.run_id).outputs.model_outputs
+    assert len(outputs) == 1
+    resolved = resolve_model_uri(f"models:/{name}@candidate", tmp_path / "cache", server)
+    assert (resolved.path / "model.safetensors").is_file() and resolved.version == "1"
 
 
 # -- outages --------------------------------------------------------------------------------------
