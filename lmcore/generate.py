@@ -362,8 +362,7 @@ class SequenceState:
             return self._flush()
         self.token_ids.append(token_id)
         if self.codec is not None:
-            searched = len(self._text)
-            self._decode(token_id)
+            searched = self._decode(token_id)
             if self._cut_at_stop(searched):
                 self.finish_reason = "stop"
                 return self._flush()
@@ -376,12 +375,17 @@ class SequenceState:
         self.finish_reason = "cancelled"
         return self._flush()
 
-    def _decode(self, token_id: int) -> None:
+    def _decode(self, token_id: int) -> int:
+        """Add the token's text; return where the text changed, from where stops are searched."""
         if self._decoder is not None:
+            changed = len(self._text)
             self._text += self._decoder.feed(token_id)
-        else:
-            assert self.codec is not None
-            self._text = self.codec.decode(self.token_ids)
+            return changed
+        assert self.codec is not None
+        previous, self._text = self._text, self.codec.decode(self.token_ids)
+        # Decoded again from all ids, the text does not just grow: a trailing U+FFFD becomes the
+        # character its next bytes complete, and a stop string may begin in that character.
+        return _first_difference(previous, self._text)
 
     def result(self) -> Generation:
         assert self.finish_reason is not None
@@ -402,7 +406,12 @@ class SequenceState:
 
     def _flush(self, final: bool = True) -> str:
         if final and self._decoder is not None and self.finish_reason != "stop":
+            # The flush turns a dangling partial character into U+FFFD, which may complete a
+            # stop string: cut there too (a cancelled request stays cancelled).
+            searched = len(self._text)
             self._text += self._decoder.flush()
+            if self._cut_at_stop(searched) and self.finish_reason != "cancelled":
+                self.finish_reason = "stop"
         end = len(self._text)
         if not final:
             # Hold back a half-decoded UTF-8 character and anything that may start a stop string.
@@ -413,6 +422,13 @@ class SequenceState:
         delta = self._text[self._streamed : end]
         self._streamed = end
         return delta
+
+
+def _first_difference(old: str, new: str) -> int:
+    """The first index where `new` differs from `old` (len(old) when `new` only extends it)."""
+    if new.startswith(old):
+        return len(old)
+    return next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), len(new))
 
 
 def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int) -> None:

@@ -29,6 +29,7 @@ from lmcore.generate import (
 from lmcore import generate as generate_module
 from lmcore import model as model_module
 from lmcore.model import Transformer
+from lmcore.tokenizer import IncrementalDecoder
 from tests.helpers.models import context_sensitive_model
 
 pytestmark = pytest.mark.unit
@@ -465,6 +466,50 @@ def test_streamed_deltas_hold_back_half_utf8_characters() -> None:
     assert "\ufffd" not in "".join(deltas)
     deltas.append(state.cancel())
     assert "".join(deltas) == "né🙂"
+
+
+@pytest.mark.parametrize("stop, text", [("€", "xa"), ("a€", "x")])
+def test_a_stop_string_in_a_character_completed_by_a_later_token_stops_when_re_decoding(
+    stop: str, text: str
+) -> None:
+    # ByteCodec has no stream decoder, so the text is decoded again each step: the "€" replaces
+    # the U+FFFD its first bytes decoded to, in place, rather than extending the text.
+    state = SequenceState([1], SamplingParams(max_new_tokens=50, stop=(stop,)), codec=ByteCodec())
+    streamed = ""
+    for b in "xa€bcd".encode():
+        streamed += state.add_token(b)
+        if state.finished:
+            break
+    assert (state.finish_reason, state.text, streamed) == ("stop", text, text)
+
+
+class StreamingByteCodec(ByteCodec):
+    """ByteCodec with the tokenizer's stream decoder (it holds back partial characters)."""
+
+    vocab_size = 256
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id])
+
+    def stream_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("end, reason", [("length", "stop"), ("eos", "stop"),
+                                         ("cancel", "cancelled")])  # fmt: skip
+def test_a_stop_string_completed_by_the_decoders_final_flush_cuts_the_text(
+    end: str, reason: str
+) -> None:
+    # "€"'s lead byte left dangling decodes to U+FFFD only when the decoder is flushed; followed
+    # by "b" it would have been fed as U+FFFD and stopped there.
+    params = SamplingParams(max_new_tokens=2 if end == "length" else 50, stop=("\ufffd",))
+    state = SequenceState([1], params, codec=StreamingByteCodec())
+    streamed = state.add_token(ord("a")) + state.add_token("€".encode()[0])
+    if end == "eos":
+        streamed += state.add_token(StreamingByteCodec.eos_id)
+    elif end == "cancel":
+        streamed += state.cancel()
+    assert (state.finish_reason, state.text, streamed) == (reason, "a", "a")
 
 
 def test_text_generation_with_a_codec(model: Transformer) -> None:
