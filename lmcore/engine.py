@@ -86,8 +86,10 @@ class EngineRequest:
     A text prompt is checked at submit and encoded again at admission with the tokenizer of the
     model that runs it (a request queued across a model swap uses the new vocabulary); "" starts
     from the end-of-text token, as in `generate.generate`.
-    `on_token(token_id, text_delta)` is called for every sampled token; the deltas concatenate to
-    the final text (a cancellation may add one last delta with token id FLUSH_TOKEN_ID).
+    `on_token(token_id, text_delta)` is called for every token of the result's token_ids; the
+    deltas concatenate to the final text. Text released as the request ends without a token of
+    its own (an eos, which is not output, or a cancellation) comes as one last delta with token
+    id FLUSH_TOKEN_ID.
     """
 
     prompt_ids: Sequence[int] = ()
@@ -593,6 +595,7 @@ class Engine:
                 f"the model's logits were NaN or infinite at generated token "
                 f"{len(run.state.token_ids)}; the request failed, the others in its batch go on"))
             return
+        before = len(run.state.token_ids)
         try:
             delta = run.state.add_token(token)
         except Exception as exc:
@@ -601,7 +604,10 @@ class Engine:
         if run.handle.first_token_at is None:
             run.handle.first_token_at = time.monotonic()
         self._bump("tokens_generated")
-        if not self._emit(run, token, delta):
+        # An eos that ends the request is not part of its output, only the text it releases.
+        produced = len(run.state.token_ids) > before
+        if (produced or delta) and not self._emit(run, token if produced else FLUSH_TOKEN_ID,
+                                                  delta):
             return
         if run.state.finished:
             self._release(run, run.state.result())

@@ -34,8 +34,8 @@ class ActiveJob:
     last_renew: float = field(default_factory=time.monotonic)
     outcome: str = "done"  # "done" | "timeout" | "lost" (another worker owns the job now)
 
-    def take(self) -> list[Chunk]:
-        self.unsent += self.sink.take()
+    def take(self, final: bool = False) -> list[Chunk]:
+        self.unsent += self.sink.take(final)
         return list(self.unsent)
 
     def sent(self, n: int) -> None:

@@ -1,7 +1,9 @@
 """Collects a job's token deltas from the engine thread and hands them out as stream chunks.
 
 A redelivered job regenerates the text it already streamed (same seed): those characters are not
-sent twice, and if the new text diverges a `reset` chunk replaces what clients hold. No Redis here.
+sent twice, and if the new text diverges, or ends shorter, a `reset` chunk replaces what clients
+hold. Token counts add up: a `reset` carries the tokens of its text, each `token` chunk the tokens
+since, so at the end the client's count is the job's completion_tokens. No Redis here.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ class Chunk:
 
 
 class TokenSink:
-    def __init__(self, already_streamed: str = "") -> None:
+    def __init__(self, already_streamed: str = "", already_tokens: int = 0) -> None:
         self._lock = threading.Lock()
         self._text = ""
         self._tokens = 0
-        self._tokens_taken = 0
         self._stream = already_streamed  # what clients have been sent (since the last reset)
+        self._reported = already_tokens  # the tokens that text is counted as
         self.first_token_at: float | None = None  # Unix time
 
     def on_token(self, token_id: int, delta: str) -> None:
@@ -38,30 +40,36 @@ class TokenSink:
                 if self.first_token_at is None:
                     self.first_token_at = time.time()
 
-    def take(self) -> list[Chunk]:
-        """What to append to the stream now (task thread)."""
+    def take(self, final: bool = False) -> list[Chunk]:
+        """What to append to the stream now (task thread). `final`: the job has ended, so
+        clients must end up holding exactly its text, with every token counted."""
         with self._lock:
-            text, tokens = self._text, self._tokens - self._tokens_taken
-            self._tokens_taken = self._tokens
+            text, tokens = self._text, self._tokens
         sent = self._stream
-        if text.startswith(sent):
-            if len(text) == len(sent):
-                return []
-            self._stream = text
-            return [Chunk("token", text[len(sent):], tokens)]
-        if sent.startswith(text):
-            return []  # still regenerating what clients already have
-        self._stream = text
-        return [Chunk("reset", text, tokens)]
+        if text.startswith(sent) and (len(text) > len(sent) or (final and tokens > self._reported)):
+            # Tokens that added no text yet (half a character, a possible stop) count here.
+            chunk = Chunk("token", text[len(sent):], max(tokens - self._reported, 0))
+        elif text != sent and (final or not sent.startswith(text)):
+            chunk = Chunk("reset", text, tokens)
+        else:
+            return []  # nothing new, or still regenerating what clients already have
+        self._stream, self._reported = text, tokens
+        return [chunk]
 
 
-def streamed_text(entries: list[tuple[str, dict[str, str]]]) -> str:
-    """The text a client holds after reading these stream entries."""
-    text = ""
+def streamed(entries: list[tuple[str, dict[str, str]]]) -> tuple[str, int]:
+    """The text a client holds after reading these stream entries, and its token count."""
+    text, tokens = "", 0
     for _, fields in entries:
         kind = fields.get("type")
         if kind == "token":
             text += fields.get("text", "")
+            tokens += int(fields.get("tokens") or 0)
         elif kind == "reset":
-            text = fields.get("text", "")
-    return text
+            text, tokens = fields.get("text", ""), int(fields.get("tokens") or 0)
+    return text, tokens
+
+
+def streamed_text(entries: list[tuple[str, dict[str, str]]]) -> str:
+    """The text a client holds after reading these stream entries."""
+    return streamed(entries)[0]

@@ -22,7 +22,7 @@ from services.common.scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.runtime import WorkerRuntime
 from services.worker.streamer import ActiveJob
-from services.worker.streaming import TokenSink, streamed_text
+from services.worker.streaming import TokenSink, streamed
 
 log = logging.getLogger(__name__)
 LEASE_WAIT_S = 0.5
@@ -70,16 +70,16 @@ class JobExecution:
 
     def run(self) -> str:
         record = JobRecord.from_hash(self.redis.hgetall(keys.job(self.job_id)))
-        already = ""
+        already, already_tokens = "", 0
         if record.attempts > 1:  # a redelivery: clients may hold part of the text
-            already = streamed_text(self.redis.xrange(keys.events(self.job_id)))
+            already, already_tokens = streamed(self.redis.xrange(keys.events(self.job_id)))
         if record.cancel_requested:
             return self._finish(record, JobStatus.cancelled, text=already, reason="cancelled")
         try:
             params = SamplingParams(**record.request.sampling_kwargs())
         except ValueError as exc:
             return self._finish(record, JobStatus.failed, error=f"invalid request: {exc}")
-        sink = TokenSink(already)
+        sink = TokenSink(already, already_tokens)
         engine, streamer = self.rt.engine, self.rt.streamer
         assert engine is not None and streamer is not None
         submitted = time.monotonic()
@@ -159,7 +159,9 @@ class JobExecution:
         while True:
             try:
                 pipe = self.redis.pipeline(transaction=True)  # last chunks and result together
-                chunks = self.active.take() if self.active is not None else []
+                # A job that ended ends its stream holding its text (a failed one has none).
+                final = status is not JobStatus.failed
+                chunks = self.active.take(final) if self.active is not None else []
                 if chunks:  # written only if the job is still ours, as FINISH checks too
                     self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,
                                             args=scripts.stream_args(self.owner, self.ttl_s,

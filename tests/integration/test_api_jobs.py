@@ -152,6 +152,34 @@ def test_events_stream_tokens_then_done_and_they_add_up_to_the_text(client: Any)
     assert streamed == client.get(f"/jobs/{job_id}").json()["result"]["text"]
 
 
+def test_event_token_counts_add_up_to_completion_tokens(client: Any) -> None:
+    """Tokens that add no text yet (half a character) and an ending eos are counted right."""
+    bodies = [{"prompt": "日本語 😀", "max_new_tokens": 120, "seed": s, "temperature": 2.0,
+               "eos": False} for s in range(2)]  # fmt: skip
+    bodies.append({"prompt": "All:", "max_new_tokens": 100, "seed": 6, "temperature": 2.0})
+    reasons = []
+    for job_id in [submit(client, body) for body in bodies]:
+        with client.stream("GET", f"/jobs/{job_id}/events") as resp:
+            events = read_sse(resp)
+        result = events[-1]["data"]["result"]
+        assert sum(e["data"]["tokens"] for e in events[:-1]) == result["completion_tokens"]
+        reasons.append(result["finish_reason"])
+    assert "eos" in reasons  # the seeds were picked for it: one ends early with an eos
+
+
+def test_the_done_event_survives_readers_that_split_lines_at_unicode_separators(
+    client: Any,
+) -> None:
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines (httpx's iter_lines):
+    the `done` event's JSON must escape them, as the token events' does."""
+    prompt = "First Citizen:\u2028All:\u2029Speak\u0085!"
+    job_id = submit(client, {"prompt": prompt, "max_new_tokens": 4, "seed": 1})
+    with client.stream("GET", f"/jobs/{job_id}/events") as resp:
+        events = read_sse(resp)
+    assert events[-1]["event"] == "done"
+    assert events[-1]["data"]["request"]["prompt"] == prompt
+
+
 def test_reconnecting_with_last_event_id_resumes_without_loss(client: Any) -> None:
     job_id = submit(client, {"prompt": "All:", "max_new_tokens": 300, "seed": 5, "eos": False})
     # Read a few events live, then drop the connection mid-stream.

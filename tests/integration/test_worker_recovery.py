@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from services.common import keys
-from services.worker.streaming import TokenSink, streamed_text
+from services.worker.streaming import streamed, streamed_text
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.services import (
     REPO,
@@ -150,6 +150,41 @@ def test_a_redelivered_message_for_a_final_job_returns_at_once(stack: Any, clien
     celery.close()
 
 
+def test_a_redelivered_job_ending_shorter_than_its_stream_resets_clients_to_its_result(
+    stack: Any, client: Any
+) -> None:
+    """A first attempt streamed more than the second makes (here: the same seed, fewer tokens,
+    as a hot-swapped model's earlier eos would): at `done` clients hold the result's text."""
+    from services.common.celery_config import make_celery
+    from services.common.jobs import JobRecord, JobRequest
+    from services.common.settings import Settings
+
+    body = {"prompt": "First Citizen:", "max_new_tokens": 40, "seed": 21, "eos": False}
+    longer = expected_text(stack, {**body, "max_new_tokens": 120})
+    redis = stack["redis"].client()
+    job_id = "redelivered-shorter"
+    record = JobRecord.new(job_id, JobRequest(**body)).to_hash()
+    record.update(status="running", attempts="1", worker="gone@host:0")  # its worker died
+    redis.hset(keys.job(job_id), mapping=record)
+    for i in range(0, len(longer), 16):  # what that worker streamed before it died
+        redis.xadd(keys.events(job_id), {"type": "token", "text": longer[i:i + 16], "tokens": "4"})
+    celery = make_celery(Settings(redis_url=stack["redis"].url))
+    celery.send_task(keys.TASK_NAME, args=[job_id], task_id=job_id, queue=keys.QUEUE)
+    final = wait_final(client, job_id)
+    celery.close()
+
+    assert final["status"] == "succeeded" and final["attempts"] == 2
+    result = final["result"]
+    assert result["text"] == expected_text(stack, body)
+    assert longer.startswith(result["text"]) and len(result["text"]) < len(longer)
+    with client.stream("GET", f"/jobs/{job_id}/events") as resp:
+        events = read_sse(resp)
+    assert events[-2]["event"] == "reset"
+    held = streamed([(e["id"], {"type": e["event"], **{k: str(v) for k, v in e["data"].items()}})
+                     for e in events[:-1]])  # fmt: skip
+    assert held == (result["text"], result["completion_tokens"])
+
+
 def test_jobs_queued_across_a_redis_restart_all_complete(stack: Any, client: Any) -> None:
     bodies = [{"prompt": f"Citizen {i}:", "max_new_tokens": 100, "seed": i, "eos": False}
               for i in range(16)]  # fmt: skip
@@ -180,16 +215,3 @@ def test_sigterm_lets_the_running_job_finish_before_the_worker_exits(
     assert final["status"] == "succeeded" and final["attempts"] == 1
     assert final["result"]["completion_tokens"] == 300
     assert not stack["redis"].client().exists(keys.worker(worker.nodename))  # heartbeat gone
-
-
-def test_token_sink_skips_text_clients_already_have_and_resets_on_divergence() -> None:
-    sink = TokenSink(already_streamed="Hello wor")
-    for token, delta in enumerate(["Hel", "lo", " wor"]):
-        sink.on_token(token, delta)
-    assert sink.take() == []  # regenerating what was streamed before the redelivery
-    sink.on_token(3, "ld")
-    assert [(c.kind, c.text) for c in sink.take()] == [("token", "ld")]
-
-    diverged = TokenSink(already_streamed="Hello")
-    diverged.on_token(0, "Help")
-    assert [(c.kind, c.text) for c in diverged.take()] == [("reset", "Help")]

@@ -651,3 +651,22 @@ def test_a_long_prompt_does_not_pad_the_short_ones_in_a_shared_prefill(model):
     assert prefill_batches == [(2, 3), (1, 40)]
     for handle, prompt in zip(handles, prompts):
         assert handle.result(0).token_ids == alone(model, prompt, GREEDY).token_ids
+
+
+def test_on_token_reports_the_result_tokens_not_the_eos_that_ends_it(text_setup, run_ahead):
+    """A streaming client counts on_token's tokens: the eos is not output, so not one of them."""
+    model, tok = text_setup
+    eos_ended = (SamplingParams(max_new_tokens=40, temperature=2.0, seed=seed)
+                 for seed in range(500))  # fmt: skip
+    params = next(p for p in eos_ended
+                  if generate(model, tok, ["dog"], p)[0].finish_reason == "eos")  # fmt: skip
+    engine = Engine(model, tok, max_batch=1, run_ahead=run_ahead)
+    seen: list[tuple[int, str]] = []
+    handle = engine.submit(EngineRequest(prompt="dog", params=params,
+                                         on_token=lambda t, d: seen.append((t, d))))
+    run_until_idle(engine)
+    result = handle.result(0)
+    assert result.finish_reason == "eos"
+    assert [t for t, _ in seen if t != FLUSH_TOKEN_ID] == result.token_ids
+    assert tok.eos_id not in [t for t, _ in seen]
+    assert "".join(d for _, d in seen) == result.text

@@ -116,8 +116,9 @@ def build_router(settings: Settings) -> APIRouter:
             **NOT_FOUND,
             200: {
                 "description": "Server-Sent Events: `token` {text, tokens}, rarely `reset` "
-                "{text} (drop what you have), then one `done` with the job record. "
-                "Send Last-Event-ID to resume after an event.",
+                "{text, tokens} (replace what you have), then one `done` with the job record. "
+                "The last reset's tokens plus the tokens since are the result's "
+                "completion_tokens. Send Last-Event-ID to resume after an event.",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
         },
@@ -188,13 +189,12 @@ async def _event(store: JobStore, job_id: str, entry_id: str, fields: dict) -> S
     kind = fields.get("type", "token")
     if kind == "done":
         record = await store.get(job_id)
+        # json.dumps escapes U+2028, U+2029 and U+0085, which line readers split lines at.
         data = (
-            JobView.from_record(record).model_dump_json()
+            json.dumps(JobView.from_record(record).model_dump(mode="json"))
             if record
             else json.dumps({"id": job_id, "status": fields.get("status")})
         )
         return ServerSentEvent(data=data, event="done", id=entry_id)
-    payload = {"text": fields.get("text", "")}
-    if kind == "token":
-        payload["tokens"] = int(fields.get("tokens", 0))
+    payload = {"text": fields.get("text", ""), "tokens": int(fields.get("tokens") or 0)}
     return ServerSentEvent(data=json.dumps(payload), event=kind, id=entry_id)
