@@ -58,14 +58,28 @@ return 1
 """
 
 # KEYS: job, events, lease. ARGV: owner, ttl_s, first_token_at ('' if not yet or already
-# recorded), then type, text, tokens of each chunk. Appends the chunks (and records the first
-# token's time) while the job is ours -> 1; else writes nothing -> 0.
+# recorded), the index of the first chunk (counted per owner from 0), then type, text, tokens of
+# each chunk. Appends the chunks (and records the first token's time) while the job is ours -> 1;
+# else writes nothing -> 0. A chunk whose index this owner already wrote is skipped: a call
+# whose reply was lost is sent again (by redis-py's retry, or the next flush), and clients must
+# not get its text twice.
 STREAM = f"""{_OURS}
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'first_token_at', ARGV[3]) end
-for i = 4, #ARGV, 3 do
-  redis.call('XADD', KEYS[2], '*', 'type', ARGV[i], 'text', ARGV[i + 1], 'tokens', ARGV[i + 2])
+local written = 0
+if redis.call('HGET', KEYS[1], 'stream_owner') == ARGV[1] then
+  written = tonumber(redis.call('HGET', KEYS[1], 'stream_chunks'))
 end
-if #ARGV > 3 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+local index = tonumber(ARGV[4])
+for i = 5, #ARGV, 3 do
+  if index >= written then
+    redis.call('XADD', KEYS[2], '*', 'type', ARGV[i], 'text', ARGV[i + 1], 'tokens', ARGV[i + 2])
+  end
+  index = index + 1
+end
+if index > written then
+  redis.call('HSET', KEYS[1], 'stream_owner', ARGV[1], 'stream_chunks', index)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 return 1
 """
 
@@ -156,9 +170,13 @@ def job_keys(job_id: str) -> list[str]:
     return [keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
 
 
-def stream_args(owner: str, ttl_s: int, chunks: list, first_token_at: float | None) -> list:
-    """STREAM's ARGV for chunks (objects with kind, text and tokens)."""
-    args: list = [owner, ttl_s, "" if first_token_at is None else repr(first_token_at)]
+def stream_args(
+    owner: str, ttl_s: int, chunks: list, first_token_at: float | None, first_index: int = 0
+) -> list:
+    """STREAM's ARGV for chunks (objects with kind, text and tokens), the first of which is
+    the owner's chunk number `first_index` (0 for its first)."""
+    args: list = [owner, ttl_s, "" if first_token_at is None else repr(first_token_at),
+                  first_index]
     for chunk in chunks:
         args += [chunk.kind, chunk.text, str(chunk.tokens)]
     return args

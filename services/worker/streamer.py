@@ -30,6 +30,7 @@ class ActiveJob:
     sink: TokenSink
     deadline: float  # time.monotonic() after which the job is cancelled as timed out
     unsent: list[Chunk] = field(default_factory=list)  # taken from the sink, not yet in Redis
+    sent_chunks: int = 0  # chunks in Redis: the index STREAM gets for unsent[0]
     first_token_recorded: bool = False
     last_renew: float = field(default_factory=time.monotonic)
     outcome: str = "done"  # "done" | "timeout" | "lost" (another worker owns the job now)
@@ -40,6 +41,7 @@ class ActiveJob:
 
     def sent(self, n: int) -> None:
         del self.unsent[:n]
+        self.sent_chunks += n
 
 
 class JobStreamer:
@@ -99,7 +101,8 @@ class JobStreamer:
                 # partition, the job redelivered and finished elsewhere) must not add to it.
                 if streamed:
                     self.stream(keys=scripts.job_keys(job.job_id), client=pipe,
-                                args=scripts.stream_args(job.owner, self.ttl_s, chunks, first))
+                                args=scripts.stream_args(job.owner, self.ttl_s, chunks, first,
+                                                         job.sent_chunks))
                 pipe.hget(keys.job(job.job_id), "cancel_requested")
                 renew = now - job.last_renew > self.lease_ttl_s / 3
                 if renew:

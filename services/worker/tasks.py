@@ -164,8 +164,9 @@ class JobExecution:
                 chunks = self.active.take(final) if self.active is not None else []
                 if chunks:  # written only if the job is still ours, as FINISH checks too
                     self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,
-                                            args=scripts.stream_args(self.owner, self.ttl_s,
-                                                                     chunks, None))  # fmt: skip
+                                            args=scripts.stream_args(
+                                                self.owner, self.ttl_s, chunks, None,
+                                                self.active.sent_chunks))  # fmt: skip
                 self.rt.finish(
                     keys=[keys.job(self.job_id), keys.events(self.job_id),
                           keys.lease(self.job_id), keys.STATS],
