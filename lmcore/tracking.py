@@ -838,7 +838,9 @@ def _run_model_location(client: Any, run: Any, sub: str) -> str:
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or os.environ.get("LLM_MODEL_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+    # The variable the worker's settings read too (LLM_MODEL_CACHE_DIR): one cache per machine.
+    root = cache_dir or os.environ.get("LLM_MODEL_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return Path(root).expanduser()
 
 
 def _slug(server: str) -> str:

@@ -139,7 +139,7 @@ def generate(
     echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the text."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE_DIR"),
     kv_cache: bool = typer.Option(
         True, "--kv-cache/--no-kv-cache",
         help="Decode from the static KV cache (the seed's kv_cache).",

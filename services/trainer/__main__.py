@@ -21,7 +21,8 @@ Train the language model with the config in config/ (Hydra overrides), e.g.
   -h, --help  this help
 
 Groups: model=tiny|small|gpt2-124m  data=shakespeare|text  train=cpu|gpu  serve=default.
-Exit codes: 0 done, 2 bad config or corpus, 143 stopped by SIGTERM (checkpoint saved), 1 other.
+Exit codes: 0 done, 2 bad config, corpus or launch environment, 143 stopped by SIGTERM
+(checkpoint saved), 130 interrupted by Ctrl-C (no checkpoint), 1 other.
 """
 
 EXIT_CONFIG = 2

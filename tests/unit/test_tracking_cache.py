@@ -113,3 +113,14 @@ def test_downloads_abandoned_by_crashed_workers_are_swept_and_live_ones_kept(
     download(source, tmp_path / "cache")
     assert not crashed.exists() and not stale.exists()
     assert live.exists()
+
+
+def test_the_cache_dir_comes_from_the_variable_the_worker_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.common.settings import Settings
+
+    monkeypatch.setenv("LLM_MODEL_CACHE_DIR", str(tmp_path / "models"))
+    assert Settings().model_cache_dir == str(tmp_path / "models")
+    assert tracking._cache_root(None) == tmp_path / "models"
+    assert tracking._cache_root(tmp_path / "given") == tmp_path / "given"
