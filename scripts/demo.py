@@ -64,6 +64,8 @@ def stream_job(client: httpx.Client, prompt: str, max_new_tokens: int, seed: int
         for event, data in sse_events(response):
             if event == "token":
                 print(json.loads(data)["text"], end="", flush=True)
+            elif event == "reset":  # a redelivered job's text replaces what was printed
+                print(f"\n[reset]\n{prompt}{json.loads(data)['text']}", end="", flush=True)
             elif event == "done":
                 record = json.loads(data)
                 break
