@@ -134,3 +134,219 @@ def test_claiming_a_job_restarts_its_records_ttl(client: redis.Redis) -> None:
     reply = claim(**scripts.claim_call(record.id, "w1", now=0, lease_ttl_s=5, ttl_s=3600))
     assert reply[0] == "claimed"
     assert client.ttl(keys.job(record.id)) > 3000
+
+
+def written(client: redis.Redis, job_id: str) -> dict:
+    """Everything the job's scripts may write: its record, events and lease, their TTLs, the
+    shared stats hash and the left-queue stream. Equal before and after: the call wrote nothing."""
+    return {
+        "record": client.hgetall(keys.job(job_id)),
+        "record_ttl": client.ttl(keys.job(job_id)),
+        "events": client.xrange(keys.events(job_id)),
+        "events_ttl": client.ttl(keys.events(job_id)),
+        "lease": client.get(keys.lease(job_id)),
+        "stats": client.hgetall(keys.STATS),
+        "left_queue": client.xrange(keys.LEFT_QUEUE),
+    }
+
+
+def finish_call(job_id: str, owner: str, status: str = "succeeded") -> dict[str, list]:
+    """FINISH's keys and args as the worker builds them, for a job of 3 tokens."""
+    from services.common.stats import finish_increments
+
+    counters, sums = finish_increments(status, 3, 2.0, 0.5)
+    fields = {"finished_at": "100.0", "text": "abc", "completion_tokens": "3"}
+    return {
+        "keys": [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.STATS],
+        "args": scripts.finish_args(owner, status, 60, fields, counters, sums),
+    }
+
+
+def cancel_call(job_id: str, now: float = 50.0) -> dict[str, list]:
+    """CANCEL's keys and args as the API's JobStore.cancel builds them."""
+    return {
+        "keys": [keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE],
+        "args": [repr(now), 60, job_id],
+    }
+
+
+def test_a_job_leased_to_a_live_worker_is_not_claimed_again(client: redis.Redis) -> None:
+    # The task redelivered while its first worker still runs it (and renews the lease): the second
+    # worker must leave the job alone, not run it a second time beside the first.
+    claim = client.register_script(scripts.CLAIM)
+    running_job(client, "held")
+    client.hset(keys.job("held"), mapping={"worker": "w2", "attempts": "1", "started_at": "1.0"})
+    client.set(keys.lease("held"), "w2", px=LEASE_MS)
+    before = written(client, "held")
+    reply = claim(**scripts.claim_call("held", "w1", now=9, lease_ttl_s=60, ttl_s=3600))
+    assert reply == ["leased", "w2"]
+    assert written(client, "held") == before  # status, worker, attempts, lease: all w2's
+    assert 0 < client.pttl(keys.lease("held")) <= LEASE_MS  # not renewed for w1 either
+
+
+def test_a_job_whose_lease_expired_is_taken_over(client: redis.Redis) -> None:
+    # Its worker died: the next one claims the job as a new attempt, keeps its start time, and
+    # does not announce again a job that left the queue long ago.
+    claim = client.register_script(scripts.CLAIM)
+    running_job(client, "orphaned")
+    first = {"worker": "w1", "attempts": "1", "started_at": "1.0"}
+    client.hset(keys.job("orphaned"), mapping=first)
+    announced = client.xrange(keys.LEFT_QUEUE)
+    reply = claim(**scripts.claim_call("orphaned", "w2", now=9, lease_ttl_s=5, ttl_s=3600))
+    assert reply == ["claimed", "2", ""]
+    job = client.hgetall(keys.job("orphaned"))
+    assert (job["status"], job["worker"], job["started_at"]) == ("running", "w2", "1.0")
+    assert client.get(keys.lease("orphaned")) == "w2"
+    assert client.xrange(keys.LEFT_QUEUE) == announced
+
+
+def test_a_duplicate_delivery_is_run_by_the_first_claimant_only(client: redis.Redis) -> None:
+    # Two workers get the same queued job (a redelivery while the first is alive): one claim wins,
+    # the other is told who holds it, and only the winner's result is recorded.
+    from services.common.jobs import JobRecord, JobRequest
+
+    claim = client.register_script(scripts.CLAIM)
+    finish = client.register_script(scripts.FINISH)
+    record = JobRecord.new("twice-delivered", JobRequest(prompt="a"))
+    client.delete(*scripts.job_keys(record.id))
+    client.hset(keys.job(record.id), mapping=record.to_hash())
+    announced = client.xlen(keys.LEFT_QUEUE)
+
+    first = claim(**scripts.claim_call(record.id, "w1", now=1, lease_ttl_s=5, ttl_s=3600))
+    second = claim(**scripts.claim_call(record.id, "w2", now=2, lease_ttl_s=5, ttl_s=3600))
+    assert first == ["claimed", "1", ""]
+    assert second == ["leased", "w1"]
+    job = client.hgetall(keys.job(record.id))
+    assert {k: job[k] for k in ("status", "worker", "attempts", "started_at")} == {
+        "status": "running", "worker": "w1", "attempts": "1", "started_at": "1"}  # fmt: skip
+    assert client.get(keys.lease(record.id)) == "w1"
+    assert client.xlen(keys.LEFT_QUEUE) == announced + 1  # it left the queue once
+
+    stats = client.hgetall(keys.STATS)
+    assert finish(**finish_call(record.id, "w2", status="failed")) == 0  # the loser's result
+    assert client.hget(keys.job(record.id), "status") == "running"
+    assert client.xlen(keys.events(record.id)) == 0
+    assert client.hgetall(keys.STATS) == stats
+    assert finish(**finish_call(record.id, "w1")) == 1  # the winner's
+    assert client.hget(keys.job(record.id), "status") == "succeeded"
+    done = [f for _, f in client.xrange(keys.events(record.id))]
+    assert done == [{"type": "done", "status": "succeeded"}]
+
+
+def test_a_worker_that_lost_the_lease_records_no_result(client: redis.Redis) -> None:
+    # w1 stalled past its lease and w2 took the job over: w1's late result must not overwrite
+    # the job, end its stream or count in the stats while w2 still runs it.
+    finish = client.register_script(scripts.FINISH)
+    running_job(client, "taken-over")
+    client.hset(keys.job("taken-over"), "worker", "w2")
+    client.set(keys.lease("taken-over"), "w2", px=LEASE_MS)
+    client.xadd(keys.events("taken-over"), {"type": "token", "text": "Hi", "tokens": "1"})
+    before = written(client, "taken-over")
+    assert finish(**finish_call("taken-over", "w1")) == 0
+    after = written(client, "taken-over")
+    assert after["record"]["status"] == "running"
+    assert after["events"] == before["events"]  # no `done`
+    assert after["stats"] == before["stats"]
+    assert after == before
+    assert finish(**finish_call("taken-over", "w2")) == 1  # the holder still can
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_a_job_already_final_is_not_finished_again(client: redis.Redis, status: str) -> None:
+    # A redelivered task, or a late worker, finishing a job that has its result (and no lease
+    # any more): the first result stands and is counted once.
+    finish = client.register_script(scripts.FINISH)
+    job_id = f"final-{status}"
+    running_job(client, job_id, status=status)
+    client.xadd(keys.events(job_id), {"type": "done", "status": status})
+    before = written(client, job_id)
+    for owner in ("w1", ""):
+        assert finish(**finish_call(job_id, owner, status="failed")) == 0
+        assert finish(**finish_call(job_id, owner, status="succeeded")) == 0
+    after = written(client, job_id)
+    assert after["record"]["status"] == status
+    assert len(after["events"]) == 1
+    assert after["stats"] == before["stats"]
+    assert after == before
+
+
+def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
+    # The same worker's FINISH retried after a lost reply (or its task redelivered after the job
+    # ended): the second call finds the job final and its lease gone, and writes nothing.
+    finish = client.register_script(scripts.FINISH)
+    running_job(client, "retried")
+    client.set(keys.lease("retried"), "w1", px=LEASE_MS)
+    stats = client.hgetall(keys.STATS)
+    assert finish(**finish_call("retried", "w1")) == 1
+    assert client.get(keys.lease("retried")) is None
+    once = written(client, "retried")
+    assert int(once["stats"].get("jobs:succeeded", 0)) == int(stats.get("jobs:succeeded", 0)) + 1
+    assert finish(**finish_call("retried", "w1", status="failed")) == 0
+    assert written(client, "retried") == once
+    assert [f["type"] for _, f in client.xrange(keys.events("retried"))] == ["done"]
+
+
+def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
+    from services.common.jobs import JobRecord, JobRequest
+
+    cancel = client.register_script(scripts.CANCEL)
+    claim = client.register_script(scripts.CLAIM)
+    record = JobRecord.new("cancel-queued", JobRequest(prompt="a"))
+    client.delete(*scripts.job_keys(record.id))
+    client.hset(keys.job(record.id), mapping=record.to_hash())
+    before = written(client, record.id)
+
+    assert cancel(**cancel_call(record.id, now=50.0)) == "cancelled"
+    after = written(client, record.id)
+    job = after["record"]
+    ended = {"status": "cancelled", "finished_at": "50.0", "finish_reason": "cancelled"}
+    assert {k: job[k] for k in ended} == ended
+    assert (job["text"], job["completion_tokens"]) == ("", "0")
+    assert [f for _, f in after["events"]] == [{"type": "done", "status": "cancelled"}]
+    assert 0 < after["events_ttl"] <= 60
+    cancelled = int(before["stats"].get("jobs:cancelled", 0)) + 1
+    assert after["stats"] == {**before["stats"], "jobs:cancelled": str(cancelled)}
+    assert after["left_queue"][:-1] == before["left_queue"]  # announced once, as it leaves
+    assert after["left_queue"][-1][1] == {"job": record.id}
+    assert after["lease"] is None
+
+    # The worker that gets the task later finds the job final and leaves it be.
+    reply = claim(**scripts.claim_call(record.id, "w1", now=60, lease_ttl_s=5, ttl_s=3600))
+    assert reply == ["cancelled"]
+    assert written(client, record.id) == after
+
+
+def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -> None:
+    # Only the worker can end a job it runs (it stops between decode steps and finishes it as
+    # cancelled): the API only raises the flag.
+    cancel = client.register_script(scripts.CANCEL)
+    running_job(client, "cancel-running")
+    client.set(keys.lease("cancel-running"), "w1", px=LEASE_MS)
+    before = written(client, "cancel-running")
+    assert "cancel_requested" not in before["record"]
+    assert cancel(**cancel_call("cancel-running")) == "running"
+    after = written(client, "cancel-running")
+    assert after["record"] == {**before["record"], "cancel_requested": "1"}
+    assert {**after, "record": None} == {**before, "record": None}  # no `done`, no stats, lease
+    assert cancel(**cancel_call("cancel-running")) == "running"  # asking again is harmless
+    assert written(client, "cancel-running") == after
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_cancelling_a_finished_job_changes_nothing(client: redis.Redis, status: str) -> None:
+    cancel = client.register_script(scripts.CANCEL)
+    job_id = f"cancel-{status}"
+    running_job(client, job_id, status=status)
+    client.xadd(keys.events(job_id), {"type": "done", "status": status})
+    before = written(client, job_id)
+    assert cancel(**cancel_call(job_id)) == status
+    assert written(client, job_id) == before
+
+
+def test_cancelling_an_unknown_job_creates_nothing(client: redis.Redis) -> None:
+    cancel = client.register_script(scripts.CANCEL)
+    client.delete(*scripts.job_keys("never-was"))
+    before = written(client, "never-was")
+    assert cancel(**cancel_call("never-was")) == "missing"
+    assert written(client, "never-was") == before
+    assert client.exists(keys.job("never-was"), keys.events("never-was")) == 0
