@@ -73,12 +73,14 @@ def test_sigterm_then_restart_matches_an_uninterrupted_run(
 ) -> None:
     """Tolerance: none. On CPU in fp32 the resumed run replays the same arithmetic (weights,
     AdamW moments, sampler stream, RNG and the step-derived learning rate all come back), so
-    its final weights are bit-identical to the uninterrupted run's."""
+    its final weights are bit-identical to the uninterrupted run's. Dropout is on, so that
+    holds only if the RNG state comes back too (a fresh process starts from the seed's)."""
     text, data = corpus
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight = start(trainer_cmd(text, data, straight_dir), tmp_path / "straight.log")
+    dropout = "model.dropout=0.1"
+    straight = start(trainer_cmd(text, data, straight_dir, dropout), tmp_path / "straight.log")
     killed_log = tmp_path / "killed.log"
-    killed = start(trainer_cmd(text, data, resumed_dir), killed_log)
+    killed = start(trainer_cmd(text, data, resumed_dir, dropout), killed_log)
 
     wait_for(lambda: latest_training_state(resumed_dir) is not None or killed.poll() is not None,
              TIMEOUT_S, "the first checkpoint")
@@ -102,7 +104,7 @@ def test_sigterm_then_restart_matches_an_uninterrupted_run(
     assert latest_training_state(resumed_dir) == stopped
 
     restart_log = tmp_path / "restart.log"
-    assert wait(start(trainer_cmd(text, data, resumed_dir), restart_log)) == 0
+    assert wait(start(trainer_cmd(text, data, resumed_dir, dropout), restart_log)) == 0
     assert f"resumed from {stopped} (step {stopped_at})" in restart_log.read_text()
     assert wait(straight) == 0, (tmp_path / "straight.log").read_text()[-2000:]
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -274,35 +275,92 @@ def test_a_dir_republished_during_every_read_is_refused(
         load_model_dir(target)
 
 
+class _Payload:
+    """Pickles as a call of Path.touch(marker): the marker exists afterwards only if something
+    unpickled it, whatever the route (pickle.Unpickler, torch.serialization, a copy of either)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def write_booby_trapped_pickle(path: Path, kind: str, marker: Path) -> None:
+    """`zip`: what torch.save writes (a zip holding data.pkl); `raw`: a bare protocol-2 pickle
+    (the PROTO opcode 0x80 first), as torch.save's legacy format and pickle.dump write."""
+    if kind == "zip":
+        torch.save(_Payload(marker), path)
+        assert path.read_bytes()[:2] == b"PK"
+    else:
+        path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+        assert path.read_bytes()[:1] == b"\x80"
+
+
+@pytest.mark.parametrize("kind", ["zip", "raw"])
+def test_the_booby_trapped_pickle_goes_off_when_unpickled(tmp_path: Path, kind: str) -> None:
+    # The tests below rely on its marker: it must appear when the file is unpickled.
+    marker = tmp_path / "UNPICKLED"
+    write_booby_trapped_pickle(tmp_path / "model.pt", kind, marker)
+    assert not marker.exists()
+    if kind == "zip":
+        torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        pickle.loads((tmp_path / "model.pt").read_bytes())
+    assert marker.exists()
+
+
 @pytest.fixture
-def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("unpickling was attempted")
+def unpickle_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Calls of the usual unpickling entry points, recorded, so a loader that tried one and
+    swallowed the error still shows. The payload's marker catches every route that runs the
+    pickle; this also catches torch.load's weights_only unpickler, which refuses the payload."""
+    calls: list[str] = []
 
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
+    def refusing(name: str) -> Callable[..., None]:
+        def refuse(*args: object, **kwargs: object) -> None:
+            calls.append(name)
+            raise AssertionError(f"{name} was called")
+
+        return refuse
+
+    monkeypatch.setattr(torch, "load", refusing("torch.load"))
+    monkeypatch.setattr(torch.serialization, "load", refusing("torch.serialization.load"))
+    monkeypatch.setattr(pickle, "load", refusing("pickle.load"))
+    monkeypatch.setattr(pickle, "loads", refusing("pickle.loads"))
+    monkeypatch.setattr(pickle, "Unpickler", refusing("pickle.Unpickler"))
+    return calls
 
 
+@pytest.mark.parametrize("kind", ["zip", "raw"])
 def test_pickle_in_place_of_safetensors_is_refused_without_unpickling(
-    tmp_path: Path, no_unpickling: None
+    tmp_path: Path, kind: str, unpickle_calls: list[str]
 ) -> None:
-    model = tiny_model()
-    save_model_dir(tmp_path, model)
-    torch.save(model.state_dict(), tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
-        load_model_dir(tmp_path)
+    marker = tmp_path / "UNPICKLED"
+    save_model_dir(tmp_path / "m", tiny_model())
+    write_booby_trapped_pickle(tmp_path / "m" / "model.safetensors", kind, marker)
+    with pytest.raises(CheckpointError, match="not a safetensors file.*refusing to unpickle"):
+        load_model_dir(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not a safetensors file.*refusing to unpickle"):
+        load_model_dir(tmp_path / "m" / "model.safetensors")
+    assert not marker.exists(), "the loader unpickled the file"
+    assert unpickle_calls == []
 
 
-def test_dir_with_only_a_pt_file_is_refused_naming_it(tmp_path: Path, no_unpickling: None) -> None:
-    model = tiny_model()
-    save_model_dir(tmp_path, model)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "model.pt")
+@pytest.mark.parametrize("kind", ["zip", "raw"])
+def test_dir_with_only_a_pt_file_is_refused_naming_it(
+    tmp_path: Path, kind: str, unpickle_calls: list[str]
+) -> None:
+    marker = tmp_path / "UNPICKLED"
+    save_model_dir(tmp_path / "m", tiny_model())
+    (tmp_path / "m" / "model.safetensors").unlink()
+    write_booby_trapped_pickle(tmp_path / "m" / "model.pt", kind, marker)
     with pytest.raises(CheckpointError, match=r"model\.pt.*never unpickles"):
-        load_model_dir(tmp_path)
+        load_model_dir(tmp_path / "m")
     with pytest.raises(CheckpointError, match="pickles"):
-        load_model_dir(tmp_path / "model.pt")
+        load_model_dir(tmp_path / "m" / "model.pt")
+    assert not marker.exists(), "the loader unpickled the file"
+    assert unpickle_calls == []
 
 
 def test_a_model_file_replaced_while_it_is_read_is_refused(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from lmcore import train as train_module
 from lmcore.checkpoint import latest_training_state, load_model_dir
 from lmcore.config import ConfigError, preset
 from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
@@ -364,12 +366,28 @@ def test_the_int8_report_can_be_switched_off(dataset: TokenDataset, tmp_path: Pa
 
 
 def test_checkpoint_holds_run_id_sampler_and_rng_state(
-    dataset: TokenDataset, tmp_path: Path
+    dataset: TokenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Trainer(tiny(dataset), config(tmp_path, max_steps=4, checkpoint_interval=2), dataset,
+    rng_at_save: dict[int, torch.Tensor] = {}
+    save = train_module.save_training_state
+
+    def save_noting_the_rng(ckpt_dir: Any, step: int, **kwargs: Any) -> Path:
+        rng_at_save[step] = torch.get_rng_state()
+        return save(ckpt_dir, step, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_training_state", save_noting_the_rng)
+    # Dropout on, so the RNG state moves from one checkpoint to the next.
+    Trainer(tiny(dataset).replace(dropout=0.1),
+            config(tmp_path, max_steps=4, checkpoint_interval=2), dataset,
             ListTracker("run-ck")).fit()
     latest = latest_training_state(tmp_path / "ckpt")
     assert latest is not None and latest.name == "step-00000004"
+    assert sorted(rng_at_save) == [2, 4]
+    assert not torch.equal(rng_at_save[2], rng_at_save[4])
+    for step, want in rng_at_save.items():
+        rngs = load_file(tmp_path / "ckpt" / f"step-{step:08d}" / "extra_tensors.safetensors")
+        assert rngs.keys() == {"rng.cpu.0"}  # one rank, no CUDA
+        assert torch.equal(rngs["rng.cpu.0"], want), f"step {step}: not the RNG state at save"
     state = json.loads((latest / "state.json").read_text())
     extra = state["extra"]
     assert extra["run_id"] == "run-ck" and extra["world_size"] == 1
@@ -381,7 +399,7 @@ def test_checkpoint_holds_run_id_sampler_and_rng_state(
     assert extra["data"]["content_hash"] == dataset.meta["content_hash"]
     assert extra["data"]["tokenizer_sha256"] == hashlib.sha256(
         dataset.tokenizer.to_str().encode()).hexdigest()
-    assert extra["model_config"] == tiny(dataset).to_dict()
+    assert extra["model_config"] == tiny(dataset).replace(dropout=0.1).to_dict()
 
 
 # -- SIGTERM and resume -------------------------------------------------------------------------
@@ -390,7 +408,9 @@ def test_checkpoint_holds_run_id_sampler_and_rng_state(
 def test_sigterm_saves_and_a_restart_ends_with_the_same_weights(
     dataset: TokenDataset, tmp_path: Path
 ) -> None:
-    straight = Trainer(tiny(dataset), config(tmp_path / "a", max_steps=8), dataset)
+    # Dropout on: bit-identical weights then need the RNG state back as well as the rest.
+    model_config = tiny(dataset).replace(dropout=0.1)
+    straight = Trainer(model_config, config(tmp_path / "a", max_steps=8), dataset)
     straight.fit()
 
     tracker = ListTracker("run-resumed")
@@ -402,13 +422,13 @@ def test_sigterm_saves_and_a_restart_ends_with_the_same_weights(
     tracker.on_metrics = kill_at_step_3
     cfg = config(tmp_path / "b", max_steps=8)
     with pytest.raises(TrainingInterrupted) as info:
-        Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+        Trainer(model_config, cfg, dataset, tracker).fit()
     assert info.value.step == 3 and info.value.exit_code == INTERRUPTED_EXIT_CODE
     assert ("end_run", "KILLED") in tracker.calls
     assert latest_training_state(tmp_path / "b" / "ckpt").name == "step-00000003"
 
     tracker.on_metrics = None
-    resumed = Trainer(tiny(dataset), cfg, dataset, tracker)
+    resumed = Trainer(model_config, cfg, dataset, tracker)
     result = resumed.fit()
     assert result.resumed_from == 3 and result.steps == 8
     assert ("start_run", "run-resumed") in tracker.calls  # the same run carries on
