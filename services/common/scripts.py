@@ -86,13 +86,18 @@ return 1
 # KEYS: job, events, lease, stats.
 # ARGV: owner, status, ttl_s, n, field1, value1, ..., m, counter1, incr1, ..., k, fcounter1, fincr1
 # Sets the final fields and appends the `done` event once: a second finish (a redelivered task,
-# a lost lease) changes nothing and returns 0.
+# a lost lease) changes nothing and returns 0, but the same owner's retry (its reply was lost)
+# learns with 1 that its result is the one recorded.
 FINISH = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st or {_FINAL} then return 0 end
+if not st then return 0 end
+if {_FINAL} then
+  if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'finished_by') == ARGV[1] then return 1 end
+  return 0
+end
 local holder = redis.call('GET', KEYS[3])
 if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_by', ARGV[1])
 local i = 4
 local n = tonumber(ARGV[i])
 for j = 1, n do redis.call('HSET', KEYS[1], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end

@@ -271,8 +271,9 @@ def test_a_job_already_final_is_not_finished_again(client: redis.Redis, status: 
 
 
 def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
-    # The same worker's FINISH retried after a lost reply (or its task redelivered after the job
-    # ended): the second call finds the job final and its lease gone, and writes nothing.
+    # The same worker's FINISH retried after a lost reply, or its task redelivered (a new owner)
+    # after the job ended: the second call finds the job final and writes nothing. Only the
+    # owner that recorded the result is told it did (1), so it does not report its job lost.
     finish = client.register_script(scripts.FINISH)
     running_job(client, "retried")
     client.set(keys.lease("retried"), "w1", px=LEASE_MS)
@@ -281,7 +282,9 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
     assert client.get(keys.lease("retried")) is None
     once = written(client, "retried")
     assert int(once["stats"].get("jobs:succeeded", 0)) == int(stats.get("jobs:succeeded", 0)) + 1
-    assert finish(**finish_call("retried", "w1", status="failed")) == 0
+    assert finish(**finish_call("retried", "w1", status="failed")) == 1
+    assert finish(**finish_call("retried", "w2", status="failed")) == 0
+    assert finish(**finish_call("retried", "", status="failed")) == 0
     assert written(client, "retried") == once
     assert [f["type"] for _, f in client.xrange(keys.events("retried"))] == ["done"]
 
