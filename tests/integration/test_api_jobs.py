@@ -77,15 +77,18 @@ def reference(stack: Any) -> Any:
     return load_model_dir(stack["model_dir"])
 
 
-def expected(reference: Any, requests: list[dict[str, Any]]) -> list[str]:
+def generate_reference(reference: Any, requests: list[dict[str, Any]]) -> list[Any]:
     from lmcore.generate import SamplingParams, generate
 
     params = [
         SamplingParams(**{k: tuple(v) if k == "stop" else v for k, v in r.items() if k != "prompt"})
         for r in requests
     ]
-    gens = generate(reference.model, reference.tokenizer, [r["prompt"] for r in requests], params)
-    return [g.text for g in gens]
+    return generate(reference.model, reference.tokenizer, [r["prompt"] for r in requests], params)
+
+
+def expected(reference: Any, requests: list[dict[str, Any]]) -> list[str]:
+    return [g.text for g in generate_reference(reference, requests)]
 
 
 def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> str:
@@ -425,17 +428,54 @@ def test_unknown_job_is_404_everywhere(client: Any) -> None:
 # -- the seed's endpoints -------------------------------------------------------------------------
 
 
-def test_seed_generate_text_answers_like_the_seed(client: Any) -> None:
-    resp = client.post("/generate_text", json={"prompt": "All:", "num_of_token_generated": 12})
-    bare = client.post("/generate_text_without_prompt", json={"num_of_token_generated": 5})
+def job_ids(stack: Any) -> set[str]:
+    """The ids of every job record in Redis (not their events or lease keys)."""
+    redis = stack["redis"].client()
+    return {k.split(":")[2] for k in redis.scan_iter("llm:job:*", count=1000) if k.count(":") == 2}
 
+
+def seed_call(client: httpx.Client, stack: Any, path: str, body: dict[str, Any]) -> Any:
+    """POST to a seed endpoint; its response and the one job record it submitted."""
+    before = job_ids(stack)
+    resp = client.post(path, json=body)
     assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert body["prompt"] == "All:" and body["num_of_token_generated"] == 12
-    assert body["generated_text"].startswith("All:") and len(body["generated_text"]) > 4
-    assert bare.status_code == 200
-    assert bare.json()["generated_text"].startswith("First Citizen:")
-    assert set(bare.json()) == {"generated_text", "num_of_token_generated"}
+    new = job_ids(stack) - before
+    assert len(new) == 1, new
+    return resp.json(), client.get(f"/jobs/{new.pop()}").json()
+
+
+def test_seed_generate_text_answers_like_the_seed(
+    client: Any, stack: Any, reference: Any
+) -> None:
+    """The prompt followed by exactly num_of_token_generated tokens the model samples for it at
+    temperature 1 (no top-k/top-p, no eos), as the seed did; the API picks the seed."""
+    for path, prompt, tokens in [
+        ("/generate_text", "All:", 12),
+        ("/generate_text_without_prompt", "First Citizen:", 5),
+    ]:
+        body = {"num_of_token_generated": tokens}
+        if path == "/generate_text":
+            body["prompt"] = prompt
+        answer, job = seed_call(client, stack, path, body)
+
+        assert job["status"] == "succeeded", job
+        seed = job["request"]["seed"]
+        assert isinstance(seed, int)
+        want = {"prompt": prompt, "max_new_tokens": tokens, "temperature": 1.0, "top_k": 0,
+                "top_p": 1.0, "seed": seed, "eos": False}  # fmt: skip
+        (gen,) = generate_reference(reference, [want])
+        assert len(gen.token_ids) == tokens and gen.finish_reason == "length"
+        assert job["request"]["prompt"] == prompt
+        assert job["request"]["max_new_tokens"] == tokens
+        assert job["result"]["completion_tokens"] == tokens
+        assert job["result"]["text"] == gen.text
+        assert answer["generated_text"] == prompt + gen.text
+        if path == "/generate_text":
+            assert answer == {"generated_text": prompt + gen.text, "prompt": prompt,
+                              "num_of_token_generated": tokens}  # fmt: skip
+        else:
+            assert answer == {"generated_text": prompt + gen.text,
+                              "num_of_token_generated": tokens}  # fmt: skip
 
 
 def test_seed_endpoint_timeout_is_504_with_a_job_to_poll(client: Any) -> None:
@@ -500,28 +540,65 @@ def test_api_task_message_is_the_one_celery_send_task_pushes(stack: Any) -> None
 # -- operations -----------------------------------------------------------------------------------
 
 
-def test_readyz_and_metrics_report_the_worker_and_finished_jobs(client: Any) -> None:
-    ready = client.get("/readyz")
-    metrics = client.get("/metrics").text
+def metric_values(client: httpx.Client) -> dict[str, float]:
+    """Every sample of /metrics by its name and labels, as Prometheus prints them."""
+    text = client.get("/metrics").text
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^([a-z_]+(?:\{.*\})?) (\S+)$", text, re.M)
+    }
 
+
+def all_jobs_final(stack: Any) -> bool:
+    redis = stack["redis"].client()
+    return all(redis.hget(f"llm:job:{j}", "status") in FINAL for j in job_ids(stack))
+
+
+def test_readyz_and_metrics_report_the_worker_and_finished_jobs(
+    client: Any, stack: Any
+) -> None:
+    """The job counters grow by exactly what the jobs run here add: each finished job is
+    counted once, with its tokens; latency histograms count the succeeded ones."""
+    ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["workers"] == 1
     assert ready.json()["model"]["version"] == "1"
 
-    def value(pattern: str) -> float:
-        match = re.search(rf"^{pattern} ([0-9.e+]+)$", metrics, re.M)
-        assert match, pattern
-        return float(match.group(1))
+    # Jobs of earlier tests (some are never waited for) must not finish during this one.
+    wait_until(lambda: all_jobs_final(stack), 60, 0.05, "every earlier job final")
+    before = metric_values(client)
 
-    assert value(r'llm_jobs_total\{status="succeeded"\}') >= 100
-    assert value(r'llm_jobs_total\{status="cancelled"\}') >= CONCURRENCY + 1
-    assert value("llm_tokens_generated_total") >= 1600
-    assert value("llm_job_latency_seconds_count") >= 100
-    assert value(r'llm_time_to_first_token_seconds_bucket\{le="\+Inf"\}') >= 100
-    assert value("llm_queue_depth") == 0
-    assert value(
-        r'llm_http_requests_total\{method="POST",route="/jobs",status="202"\}'
-    ) >= 100
-    assert value(r'llm_http_requests_total\{method="POST",route="/jobs",status="422"\}') >= 1
+    succeeded = [submit(client, {"prompt": "All:", "max_new_tokens": 5, "seed": 70 + i,
+                                 "eos": False}) for i in range(3)]  # fmt: skip
+    cancelled = submit(client, {"prompt": "All:", "max_new_tokens": MAX_NEW, "seed": 80,
+                                "eos": False})  # fmt: skip
+    assert client.post("/jobs", json={"max_new_tokens": 0}).status_code == 422
+    wait_until(lambda: status_of(client, cancelled) == "running", 30, 0.02, "the long job runs")
+    assert client.post(f"/jobs/{cancelled}/cancel").status_code in (200, 202)
+    jobs = [wait_final(client, j) for j in succeeded]
+    stopped = wait_final(client, cancelled)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3
+    assert stopped["status"] == "cancelled"
+    tokens = sum(j["result"]["completion_tokens"] for j in [*jobs, stopped])
+    assert tokens == 15 + stopped["result"]["completion_tokens"]
+    after = metric_values(client)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('llm_jobs_total{status="succeeded"}') == 3
+    assert delta('llm_jobs_total{status="cancelled"}') == 1
+    assert delta('llm_jobs_total{status="failed"}') == 0
+    assert delta("llm_tokens_generated_total") == tokens
+    assert delta("llm_job_latency_seconds_count") == 3
+    assert delta('llm_job_latency_seconds_bucket{le="+Inf"}') == 3
+    assert delta("llm_time_to_first_token_seconds_count") == 3
+    assert delta('llm_time_to_first_token_seconds_bucket{le="+Inf"}') == 3
+    assert delta("llm_job_latency_seconds_sum") > 0
+    assert after["llm_queue_depth"] == 0 and after["llm_workers"] == 1
+    assert delta('llm_http_requests_total{method="POST",route="/jobs",status="202"}') == 4
+    assert delta('llm_http_requests_total{method="POST",route="/jobs",status="422"}') == 1
+    cancels = 'llm_http_requests_total{method="POST",route="/jobs/{job_id}/cancel",status="%s"}'
+    assert delta(cancels % 200) + delta(cancels % 202) == 1
 
 
 # -- the OpenAPI contract -------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.api.app import make_redis
@@ -19,6 +21,14 @@ pytestmark = pytest.mark.integration
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with redis_server(tmp_path_factory.mktemp("redis"), appendonly=False) as srv:
         yield srv
+
+
+async def blocked_clients(admin: Any, n: int, timeout_s: float = 10.0) -> None:
+    """Wait until Redis reports exactly n clients blocked (in BLPOP and the like)."""
+    deadline = time.monotonic() + timeout_s
+    while (blocked := (await admin.info("clients"))["blocked_clients"]) != n:
+        assert time.monotonic() < deadline, f"{blocked} blocked clients, not {n}"
+        await asyncio.sleep(0.01)
 
 
 def hold_a_connection(redis: Any, i: int) -> Any:
@@ -43,13 +53,17 @@ def test_a_command_that_gets_no_connection_in_time_fails_as_a_redis_error(server
     async def test() -> None:
         settings = Settings(redis_url=server.url, redis_max_connections=2, redis_pool_timeout_s=0.1)
         redis = make_redis(settings)
+        admin = aioredis.Redis.from_url(server.url)  # its own connections, outside that pool
         try:
-            held = [asyncio.create_task(redis.blpop(["pool-held"], timeout=1)) for _ in range(2)]
-            await asyncio.sleep(0.05)
+            held = [asyncio.create_task(redis.blpop(["pool-held"], timeout=5)) for _ in range(2)]
+            # Both pool connections are taken once Redis has both BLPOPs blocked.
+            await blocked_clients(admin, 2)
             with pytest.raises(RedisError):  # the API turns it into 503 + Retry-After
                 await redis.ping()
-            await asyncio.gather(*held)
+            await admin.rpush("pool-held", "a", "b")  # release them
+            assert sorted(v for _, v in await asyncio.gather(*held)) == ["a", "b"]
         finally:
             await redis.aclose()
+            await admin.aclose()
 
     asyncio.run(test())

@@ -71,13 +71,21 @@ async def collect(sub: Any, n: int, timeout_s: float = 10.0) -> list[str]:
     return texts
 
 
+async def reader_blocked(admin: Redis, timeout_s: float = 5.0) -> None:
+    """Wait until Redis has a client blocked (the hub's reader in its XREAD BLOCK). INFO needs
+    no CLIENT command, so admin may be a client that the ACL denies CLIENT to."""
+    async with asyncio.timeout(timeout_s):
+        while (await admin.info("clients"))["blocked_clients"] < 1:
+            await asyncio.sleep(0.01)
+
+
 async def a_late_stream_gets_its_backlog_and_live_events_at_once(
     hub: EventHub, writer: Redis
 ) -> None:
     """With the reader blocked (30 s) on an idle stream, a new one is served within 5 s."""
     await add(writer, "late", "backlog")
     async with hub.subscribe("idle"):
-        await asyncio.sleep(0.2)  # the reader is now blocked on the idle stream
+        await reader_blocked(writer)  # the reader is now blocked on the idle stream
         async with hub.subscribe("late") as late:
             assert await collect(late, 1, timeout_s=5) == ["backlog"]
             await add(writer, "late", "live")
@@ -159,7 +167,7 @@ def test_a_subscription_behind_a_pending_read_misses_nothing_when_the_wake_comes
         ids = [await add(writer, "behind", t) for t in ("a", "b", "c")]
         async with hub_on(server, block_ms=5000) as hub:
             async with hub.subscribe("behind", ids[-1]) as live:
-                await asyncio.sleep(0.2)  # the reader blocks from "c" on
+                await reader_blocked(writer)  # the reader blocks from "c" on
 
                 async def late_wake(sub: Any) -> None:
                     return None
@@ -195,7 +203,9 @@ def test_a_redis_outage_ends_subscriptions_and_the_hub_serves_again_after(
     async def test() -> None:
         async with hub_on(srv) as hub:
             async with hub.subscribe("outage") as sub:
-                await asyncio.sleep(0.2)  # the reader is blocked in its XREAD
+                admin = Redis.from_url(srv.url)
+                await reader_blocked(admin)  # the reader is blocked in its XREAD
+                await admin.aclose()
                 await asyncio.to_thread(srv.stop)
                 with pytest.raises(RedisError):
                     await sub.next(10)
@@ -305,7 +315,7 @@ def test_a_queued_jobs_stream_is_parked_until_a_worker_claims_the_job(server: Re
         async with hub_with_queued_job(server, "parked", check_parked_s=600) as (hub, writer):
             async with hub.subscribe("parked") as sub:
                 assert hub.parked_streams == 1
-                await asyncio.sleep(0.2)  # the reader blocks on LEFT_QUEUE alone
+                await reader_blocked(writer)  # the reader blocks on LEFT_QUEUE alone
                 await claim(writer, "parked")
                 await eventually(lambda: hub.parked_streams == 0)
                 await add(writer, "parked", "first")
@@ -441,6 +451,24 @@ async def hget_and_script_calls(redis: Redis) -> tuple[int, int]:
     return tuple(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "evalsha"))
 
 
+SLACK_S = 0.1
+
+
+async def times_of_calls(
+    count: Callable[[], Coroutine[Any, Any, int]], n: int, timeout_s: float = 20.0
+) -> list[float]:
+    """The monotonic times at which count() grew, one per call, until it has grown n times
+    (two calls between two polls share a time). Fails after timeout_s."""
+    start = await count()
+    times: list[float] = []
+    async with asyncio.timeout(timeout_s):
+        while len(times) < n:
+            await asyncio.sleep(0.005)
+            now = await count()
+            times += [time.monotonic()] * (now - start - len(times))
+    return times
+
+
 @contextlib.asynccontextmanager
 async def sse_clients(
     server: RedisServer, job_ids: list[str], *, claimed: bool = False, check_parked_s: float = 2.0
@@ -482,7 +510,8 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
     server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The API's SSE generator on a running job that is quiet: each quiet check doubles the wait
-    (0.2 s doubling to 0.8 s here), so 2 s hold 3 status reads rather than 10."""
+    (0.2 s doubling to 0.8 s here), so its status reads come 0.4, 0.8, 0.8 s apart rather than
+    every 0.2 s."""
     from services.api.routers import jobs
 
     monkeypatch.setattr(jobs, "WAIT_S", 0.2)
@@ -490,10 +519,12 @@ def test_an_idle_event_stream_checks_its_job_less_and_less_often(
 
     async def test() -> None:
         async with sse_clients(server, ["quiet-running"], claimed=True) as (_, writer, [reader]):
-            before = await hget_calls(writer)
-            await asyncio.sleep(2.0)
-            checks = await hget_calls(writer) - before
-            assert 2 <= checks <= 4, checks
+            # Only lower bounds: a slow machine stretches the gaps, never shortens them. SLACK:
+            # how much later a poll may see one check than the next poll sees the next one.
+            times = await times_of_calls(lambda: hget_calls(writer), 4)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert all(gap >= want - SLACK_S for gap, want in zip(gaps, [0.4, 0.8, 0.8])), gaps
+            assert times[-1] - times[0] >= 2.0 - SLACK_S, gaps  # not 0.6 s, as without doubling
             await store_done(writer, "quiet-running")
             assert (await reader).event == "done"  # still a live stream after its checks
 
@@ -553,10 +584,19 @@ def test_streams_of_queued_jobs_leave_checking_their_jobs_to_the_hub(
             await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
             assert hub.parked_streams == 50
             hgets, scripts_run = await hget_and_script_calls(writer)
-            await asyncio.sleep(1.5)
+
+            async def script_calls() -> int:
+                return (await hget_and_script_calls(writer))[1]
+
+            # The hub's checks, at least 0.3 s apart: 0.9 s at least, in which each generator
+            # would have made 9 quiet checks of its own if it did not leave them to the hub.
+            times = await times_of_calls(script_calls, 4)
             hgets_after, scripts_after = await hget_and_script_calls(writer)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert all(gap >= 0.3 - SLACK_S for gap in gaps), gaps
+            assert times[-1] - times[0] >= 0.9 - SLACK_S, gaps
             checks = scripts_after - scripts_run
-            assert 3 <= checks <= 6  # the hub's, every 0.3 s
+            assert checks >= 4
             # Redis counts a script's commands too: every HGET was the hub's, one per job.
             assert hgets_after - hgets == 50 * checks
             assert not any(reader.done() for reader in readers)
