@@ -184,22 +184,30 @@ def lr_at(step: int, cfg: TrainConfig, steps: float) -> float:
     warmup = warmup_for(cfg, steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    if step >= steps:
+    # Steps run 0 .. steps-1: the last one takes min_lr. The cosine starts at the peak, which
+    # the warmup's last step has taken already, so then it starts one step down the cosine.
+    first, last = (warmup - 1 if warmup else 0), steps - 1
+    if step >= last:
         return min_lr
-    progress = (step - warmup) / max(1, steps - warmup)
+    progress = (step - first) / max(1, last - first)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def steps_on_course(steps: int, done: int, elapsed_s: float, budget_s: float | None) -> float:
+def steps_on_course(
+    steps: int, done: int, elapsed_s: float, budget_s: float | None,
+    pace: tuple[float, float] | None = None,
+) -> float:
     """The run's length in steps: `steps`, or fewer where the time budget will end it first.
 
-    At the pace so far (done steps in elapsed_s), the budget allows done * budget / elapsed
-    steps. While that is more than `steps` the schedule is the step count's alone (the same on
+    At the pace measured so far (`pace`: that many steps in that many seconds; by default the
+    `done` steps in `elapsed_s`), the budget's remaining seconds allow that many more steps.
+    While the total is more than `steps` the schedule is the step count's alone (the same on
     every run); only a run that is running out of time has its decay brought forward.
     """
-    if not budget_s or done <= 0 or elapsed_s <= 0:
+    measured_steps, measured_s = pace if pace is not None else (done, elapsed_s)
+    if not budget_s or measured_steps <= 0 or measured_s <= 0:
         return float(steps)
-    return min(float(steps), done * budget_s / elapsed_s)
+    return min(float(steps), done + (budget_s - elapsed_s) * measured_steps / measured_s)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -469,6 +477,10 @@ class Trainer:
         self.history = {"train_loss": [], "val_loss": []}
         self.run_id = None
         self.elapsed_before = 0.0
+        # The time budget's pace: (steps, seconds) measured in earlier sessions, and where this
+        # session's measurement starts (after its first step).
+        self.pace_before: tuple[float, float] = (0, 0.0)
+        self._pace_from: tuple[int, float] | None = None
         self.data = data_identity(self.dataset)
         start = self._resume()
         model: nn.Module = self.model
@@ -520,6 +532,9 @@ class Trainer:
         self.run_id = extra.get("run_id")
         self.history = extra.get("history") or self.history
         self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+        pace = extra.get("pace")
+        if isinstance(pace, list) and len(pace) == 2:
+            self.pace_before = (float(pace[0]), float(pace[1]))
         rank, world = self.dist_env.rank, self.dist_env.world_size
         if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
             self.sampler.load_state_dict(extra["samplers"][rank])
@@ -603,10 +618,14 @@ class Trainer:
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:
-                    run_meter.reset()  # the first step pays for compilation and warm-up
+                    # The first step pays for compilation and warm-up: left out of the meter,
+                    # and of the pace that tells how many steps the time budget allows.
+                    run_meter.reset()
+                    self._pace_from = (step - 1, agreed.elapsed_s)
                 # From the agreed time (the same on every rank), so every rank takes the same lr;
                 # a vote between ranks lags a step, which only shifts the estimate by one step.
-                on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget)
+                on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget,
+                                            self._measured_pace(step - 1, agreed.elapsed_s))
                 lr = lr_at(step - 1, cfg, on_course)
                 if main and not warned_warmup and warmup_for(cfg, on_course) < cfg.warmup_steps:
                     warned_warmup = True
@@ -777,6 +796,14 @@ class Trainer:
 
     # -- checkpoints and the final model --------------------------------------------------------
 
+    def _measured_pace(self, done: int, elapsed_s: float) -> tuple[float, float]:
+        """(steps, seconds) of training measured so far, each session's first step left out."""
+        steps, seconds = self.pace_before
+        if self._pace_from is not None:
+            steps += done - self._pace_from[0]
+            seconds += elapsed_s - self._pace_from[1]
+        return steps, seconds
+
     def _save_checkpoint(self, step: int) -> Path | None:
         """Every rank hands over its sampler and RNG state; rank 0 writes; all wait for it."""
         if not self.cfg.checkpoint_dir:
@@ -800,6 +827,7 @@ class Trainer:
                     "samplers": samplers,
                     "history": self.history,
                     "elapsed_s": self._elapsed(),
+                    "pace": list(self._measured_pace(step, self._elapsed())),
                     "data": self.data,  # with model_config: what a resume must match
                     "schedule": {"total_steps": self.steps, "lr": self.cfg.lr,
                                  "warmup_steps": self.cfg.warmup_steps,

@@ -106,10 +106,21 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
     assert [lr_at(s, cfg, 110) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     assert lr_at(9, cfg, 110) == pytest.approx(1.0)  # the last warmup step reaches the peak
-    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half way down the cosine
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(10, cfg, 110) < 1.0  # and only that one
+    assert lr_at(59, cfg, 110) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(109, cfg, 110) == pytest.approx(0.1)  # the last step of 110 takes min_lr
     decay = [lr_at(s, cfg, 110) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in zip(decay, decay[1:99]))
+
+
+def test_without_warmup_the_first_step_takes_the_peak_and_the_last_min_lr() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_steps=4)
+    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([1.0, 0.775, 0.325, 0.1])
+
+
+def test_a_short_run_decays_to_min_lr_on_its_last_step() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, max_steps=4)
+    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
 
 
 def test_a_warmup_as_long_as_the_run_is_cut_to_half_of_it_so_the_lr_still_decays() -> None:
@@ -118,7 +129,7 @@ def test_a_warmup_as_long_as_the_run_is_cut_to_half_of_it_so_the_lr_still_decays
     assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3])  # 10 warmup steps, not 50
     assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 9
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lrs[19] < 0.15 and lrs[20] == pytest.approx(0.1)
+    assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
     # A warmup within half the run is the configured one.
     assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=10), 20) == pytest.approx(0.1)
 
@@ -146,9 +157,38 @@ def test_a_time_budget_shortens_the_schedule_only_when_it_would_end_the_run_firs
     # 20 steps in 24 s of 60: the budget allows 50, so the cosine is fitted to 50 steps.
     assert steps_on_course(100, 20, 24.0, 60.0) == pytest.approx(50.0)
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100, max_time_s=60)
-    assert lr_at(30, cfg, 50.0) == pytest.approx(0.55)  # half way down the fitted cosine
-    assert lr_at(50, cfg, 50.0) == pytest.approx(0.1)
+    assert lr_at(29, cfg, 50.0) == pytest.approx(0.55)  # half way down the fitted cosine
+    assert lr_at(49, cfg, 50.0) == pytest.approx(0.1)
     assert steps_on_course(100, 0, 0.0, 60.0) == 100  # nothing measured yet
+
+
+def test_the_budget_pace_leaves_out_a_slow_first_step() -> None:
+    # A first step of 20 s (compilation), then 100 steps of 0.1 s: the 30 s left of a 60 s
+    # budget allow 300 more steps (401 in all), not the 202 that a pace with it would say.
+    assert steps_on_course(1000, 101, 30.0, 60.0) == pytest.approx(202.0)
+    assert steps_on_course(1000, 101, 30.0, 60.0, pace=(100, 10.0)) == pytest.approx(401.0)
+    assert steps_on_course(1000, 1, 20.0, 60.0, pace=(0, 0.0)) == 1000  # nothing measured
+
+
+def test_a_slow_first_step_does_not_bring_the_budgets_decay_forward(
+    dataset: TokenDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first step as slow as a compiling one: the pace counting it would say the budget
+    allows two steps, and the LR would fall to half its peak at step 2."""
+    optimizer_step, calls = Trainer._optimizer_step, []
+
+    def slow_first(self: Trainer, lr: float) -> Any:
+        calls.append(lr)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return optimizer_step(self, lr)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", slow_first)
+    cfg = config(max_steps=100_000, warmup_steps=0, max_time_s=2.0, quantization_report=False)
+    result = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
+    assert result.stopped_by_time and len(calls) > 10
+    assert calls[0] == pytest.approx(cfg.lr) and calls[1] == pytest.approx(cfg.lr)
+    assert calls[len(calls) // 4] > 0.8 * cfg.lr  # still near the top a quarter of the way in
 
 
 def test_lr_is_stepped_per_optimizer_step_not_per_micro_batch(
