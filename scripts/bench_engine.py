@@ -42,6 +42,7 @@ from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import use_inference_layout  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402
+from scripts.bench_meta import provenance  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "engine_cpu.json"
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    / results["engine"]["tokens_per_s"]},  # fmt: skip
         "checks": {"same_tokens_every_way": same},
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "command": "python scripts/bench_engine.py" + (" --quick" if args.quick else ""),
+                 **provenance(__file__, argv),
                  "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                  "threads": 1, "wall_s": round(time.perf_counter() - started, 1),
                  "timing": "median of interleaved reps after one warm-up run each; the engine "

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_events.py`
 
 import redis as sync_redis  # noqa: E402
 
+from scripts.bench_meta import provenance  # noqa: E402
 from services.api.app import make_redis, make_stream_reader  # noqa: E402
 from services.api.events import EventHub  # noqa: E402
 from services.api.routers.jobs import _stream  # noqa: E402
@@ -41,7 +42,6 @@ from services.common.jobs import JobRecord, JobRequest  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from tests.helpers.redis_server import redis_server  # noqa: E402  (a real Redis, free port)
 
-COMMAND = "python scripts/bench_events.py"
 DEFAULT_OUT = ROOT / "bench" / "events_cpu.json"
 CHUNK_EVERY_S = 0.02  # the worker's streamer flushes every 20 ms
 CONNECT_BATCH = 250
@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.backlogs, args.seconds = [0, 50], 1.0
     rows = asyncio.run(run(args.backlogs, args.seconds))
     report = {
-        "command": COMMAND if argv is None and args.out == DEFAULT_OUT else
-        " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
+        **provenance(__file__, argv),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},

@@ -42,6 +42,7 @@ from lmcore.linear import (  # noqa: E402
     onednn_supported,
 )
 from scripts.bench_lmcore import cpu_model  # noqa: E402
+from scripts.bench_meta import provenance  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "linear_cpu.json"
 # (out_features, in_features) of the bench model (n_embd 384, GELU MLP, 8192 vocab) and gpt2-124m.
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = {"gemm": gemm_rows(args.quick), "matvec": matvec_rows(args.quick)}
     report["meta"] = {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python scripts/bench_linear.py" + (" --quick" if args.quick else ""),
+        **provenance(__file__, argv),
         "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": 1, "dtype": "float32", "wall_s": round(time.perf_counter() - started, 1),
         "blas": "MKL" if torch.backends.mkl.is_available() else "default",

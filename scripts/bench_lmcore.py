@@ -36,8 +36,8 @@ from lmcore.generate import SamplingParams, generate_ids  # noqa: E402
 from lmcore.inference_layout import use_inference_layout  # noqa: E402
 from lmcore.linear import gemm_library  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
+from scripts.bench_meta import provenance  # noqa: E402
 
-COMMAND = "python scripts/bench_lmcore.py"
 DEFAULT_OUT = ROOT / "bench" / "lmcore_cpu.json"
 TARGETS = {"lmcore_vs_hf_b1": 1.5, "cache_vs_nocache_b1": 3.0, "train_lmcore_vs_hf": 1.2}
 
@@ -441,7 +441,7 @@ def _color(impl: str) -> str:
             "transformers-bf16": "tab:red"}[impl]
 
 
-def run(s: BenchSettings, quick: bool) -> dict[str, Any]:
+def run(s: BenchSettings, quick: bool, argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     params = {name: count_params(m) for name, m in fresh_models(s).items()}
     info = meta(s, quick, params)
@@ -476,7 +476,7 @@ def run(s: BenchSettings, quick: bool) -> dict[str, Any]:
         "checks": checks,
         "train": train,
         "kv_cache": kv,
-        "command": COMMAND + (" --quick" if quick else ""),
+        **provenance(__file__, argv),
     }
 
 
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--quick needs --out (keeps the committed bench/ results untouched)")
     out = args.out or DEFAULT_OUT
     started = time.perf_counter()
-    result = run(QUICK if args.quick else FULL, args.quick)
+    result = run(QUICK if args.quick else FULL, args.quick, argv)
     result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

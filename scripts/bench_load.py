@@ -42,6 +42,7 @@ from lmcore.checkpoint import CONFIG_FILE, MODEL_FILE, save_model_dir  # noqa: E
 from lmcore.config import ModelConfig, preset  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402
+from scripts.bench_meta import provenance  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "load_cpu.json"
 WAYS = ("lmcore", "plain")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": ratios(rows),
         "checks": {"same_logits_both_ways": checks},
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "command": "python scripts/bench_load.py" + (" --quick" if args.quick else ""),
+                 **provenance(__file__, argv),
                  "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                  "threads": 1, "wall_s": round(time.perf_counter() - started, 1),
                  "measure": "median of interleaved fresh-process loads; memory from "

@@ -60,6 +60,7 @@ from lmcore.quantize import (  # noqa: E402
 )
 from scripts import bench_lmcore  # noqa: E402
 from scripts.bench_lmcore import cpu_model, interleaved, medians, timed  # noqa: E402
+from scripts.bench_meta import provenance  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "quantized_cpu.json"
 
@@ -248,8 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dequant_blocks": blocked,
         "layouts": layouts,
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "command": "python scripts/bench_quantized.py"
-                            + (" --quick" if args.quick else ""),
+                 **provenance(__file__, argv),
                  "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                  "threads": 1, "wall_s": round(time.perf_counter() - started, 1),
                  "timing": "median of interleaved reps after one warm-up run each; decode "

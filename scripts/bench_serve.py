@@ -30,9 +30,9 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_serve.py`
 
 import httpx  # noqa: E402
 
+from scripts.bench_meta import provenance  # noqa: E402
 from services.stack import Stack, StackConfig  # noqa: E402
 
-COMMAND = "python scripts/bench_serve.py"
 DEFAULT_OUT = ROOT / "bench" / "serve_cpu.json"
 TARGETS = {"batched_vs_single_tokens_per_s": 4.0, "queue_overhead_p50_ms": 15.0}
 SOLO_JOBS = 16  # sequential jobs after the burst: overhead with nothing else in flight
@@ -195,7 +195,8 @@ def summarize(results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "engine_ms": ms(engine),
         "queue_overhead_ms": {**ms(overhead), "mean": round(statistics.mean(overhead) * 1000, 2)},
         # The overhead's four parts, which add up to it job by job.
-        "queue_overhead_phases_p50_ms": {k: round(pct(v, 0.5) * 1000, 2) for k, v in phases.items()},
+        "queue_overhead_phases_p50_ms": {k: round(pct(v, 0.5) * 1000, 2)
+                                         for k, v in phases.items()},
     }
 
 
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report = {
-        "command": COMMAND + (" " + " ".join(argv) if argv else ""),
+        **provenance(__file__, argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,

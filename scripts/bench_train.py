@@ -23,6 +23,11 @@ from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python scripts/bench_train.py`
+    sys.path.insert(0, str(REPO))
+
+from scripts.bench_meta import provenance  # noqa: E402
+
 SYNTHETIC_TOKENS = 4_000_000
 
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "bench" / f"train_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": "python scripts/bench_train.py " + " ".join(argv if argv else sys.argv[1:]),
+        **provenance(__file__, argv),
         "device": args.device,
         "model": args.model,
         "block_size": args.block_size or _model_block(args.model),

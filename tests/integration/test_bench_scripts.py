@@ -34,6 +34,10 @@ def run_script(script: str, mode: str, out: Path) -> dict:
 def run_quick(script: str, out: Path) -> dict:
     report = run_script(script, "--quick", out)
     assert out.with_suffix(".png").is_file()
+    # The report says how to make it again: the command as run, and the switches it ran under.
+    made = report if "command" in report else report["meta"]
+    assert made["command"] == f"python scripts/{script} --quick --out {out}", made["command"]
+    assert {"LMCORE_ONEDNN_LINEAR", "LMCORE_INT8PACK", "OMP_NUM_THREADS"} <= set(made["env"])
     return report
 
 
