@@ -96,10 +96,15 @@ def build_hf(s: BenchSettings) -> torch.nn.Module:
 
     hf_logging.set_verbosity_error()  # config notices about unused GPT-2 defaults
 
+    # GPT-2's default activation, "gelu_new", is the tanh GELU written out in five ops;
+    # "gelu_pytorch_tanh" is the same function as one fused op, F.gelu(approximate="tanh"), as
+    # lmcore's GELU MLP computes it. Both decode and training use it: the peer gets the faster
+    # spelling of the same function.
     config = GPT2Config(
         vocab_size=s.vocab_size, n_positions=s.block_size, n_embd=s.n_embd,
         n_layer=s.n_layer, n_head=s.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa",
+        activation_function="gelu_pytorch_tanh",
     )
     torch.manual_seed(s.seed)
     model = GPT2LMHeadModel(config)
@@ -257,8 +262,10 @@ def train_stepper(
 
     def step() -> None:
         # HF shifts labels inside the loss; lmcore takes targets as given. Same matmul work.
+        # use_cache=False: left on, GPT-2 builds a KV cache (DynamicCache) in training too.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss if hf else model(x, x)[1]
+            loss = (model(input_ids=x, labels=x, use_cache=False).loss if hf
+                    else model(x, x)[1])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -384,6 +391,8 @@ def meta(s: BenchSettings, quick: bool, params: dict[str, int]) -> dict[str, Any
         "torch_threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu",
         "quick": quick, "settings": asdict(s), "params": params,
         "hf_attn_implementation": "sdpa", "hf_cache": "DynamicCache (generate's default)",
+        "hf_activation": "gelu_pytorch_tanh (fused tanh GELU, the function of lmcore's GELU MLP)",
+        "hf_train_use_cache": False,
         "lmcore_cpu_linear": gemm_library(),
         "lmcore_decode_layout": "use_inference_layout, as load_model_dir: per weight shape, "
                                 "the order and one-row kernel measured fastest (see "
