@@ -624,13 +624,29 @@ def generate_ids(
 
 
 def _recompute_last_logits(model: Transformer, states: list[SequenceState]) -> torch.Tensor:
-    rows = []
-    for state in states:
-        seq = (state.prompt_ids + state.token_ids) if not state.finished else state.prompt_ids
-        idx = torch.tensor([seq], dtype=torch.long, device=model.device)
-        logits, _ = model(idx)
-        rows.append(logits[0, -1, : model.config.vocab_size])
-    return torch.stack(rows)
+    """(B, vocab): each live row's next-token logits from its whole sequence, without a cache.
+
+    Rows of one length run as one batch (no padding, so a row's logits are what it gets alone)
+    and the head projects only each row's last position (`logits_at`). A finished row's logits
+    are never read: it gets zeros and costs nothing.
+    """
+    vocab = model.config.vocab_size
+    by_length: dict[int, list[int]] = {}
+    for row, state in enumerate(states):
+        if not state.finished:
+            by_length.setdefault(len(state.prompt_ids) + len(state.token_ids), []).append(row)
+    out: torch.Tensor | None = None
+    for length, rows in by_length.items():
+        idx = torch.tensor([states[r].prompt_ids + states[r].token_ids for r in rows],
+                           dtype=torch.long, device=model.device)  # fmt: skip
+        last = torch.full((len(rows),), length - 1, dtype=torch.long, device=model.device)
+        logits = model(idx, logits_at=last)[0][:, 0, :vocab]
+        if out is None:
+            out = logits.new_zeros((len(states), vocab))
+        out[rows] = logits
+    if out is None:  # every row finished: nothing reads these
+        out = torch.zeros((len(states), vocab), device=model.device)
+    return out
 
 
 def generate(

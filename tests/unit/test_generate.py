@@ -98,6 +98,41 @@ def test_cached_decode_matches_full_recompute_for_a_ragged_batch(model: Transfor
     assert [g.token_ids for g in cached] == [g.token_ids for g in uncached]
 
 
+def test_the_no_cache_reference_gives_each_row_of_a_ragged_batch_its_logits_alone(
+    model: Transformer,
+) -> None:
+    # Two rows of one length (run as one batch), two of others; only the last position's
+    # logits are projected. Each row's must be the full forward's last row for it alone, to
+    # fp32 rounding (a one-row head product may take another kernel than a T-row one).
+    prompts = [RAGGED[0], [9, 8, 7, 6, 5, 4, 3], RAGGED[1], RAGGED[2]]
+    states = [SequenceState(p, GREEDY) for p in prompts]
+    with torch.inference_mode():
+        got = generate_module._recompute_last_logits(model, states)
+        assert got.shape == (len(prompts), model.config.vocab_size)
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(got[row], _full_recompute_logits(model, prompt))
+        states[1].add_token(5)
+        states[1].finish_reason = "length"  # a finished row's logits are never read
+        again = generate_module._recompute_last_logits(model, states)
+    torch.testing.assert_close(again[[0, 2, 3]], got[[0, 2, 3]])
+    assert not again[1].any()
+
+
+def test_the_no_cache_reference_generates_for_each_ragged_row_what_it_does_alone(
+    model: Transformer,
+) -> None:
+    # Rows finish at different steps and two share a length; ids must match each row alone.
+    prompts = [RAGGED[0], [9, 8, 7, 6, 5, 4, 3], RAGGED[1], RAGGED[2]]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0, eos=False)
+              for n in (24, 9, 17, 4)]  # fmt: skip
+    batch = generate_ids(model, prompts, params, use_cache=False)
+    alone = [generate_ids(model, [p], sp, use_cache=False)[0] for p, sp in zip(prompts, params)]
+    cached = generate_ids(model, prompts, params)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    assert [g.token_ids for g in batch] == [g.token_ids for g in cached]
+    assert [len(g.token_ids) for g in batch] == [24, 9, 17, 4]
+
+
 def test_each_ragged_row_generates_what_its_prompt_generates_alone(model: Transformer) -> None:
     batch = generate_ids(model, RAGGED, GREEDY)
     alone = [generate_ids(model, [p], GREEDY)[0] for p in RAGGED]
