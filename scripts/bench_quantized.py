@@ -14,8 +14,11 @@ in the same run, each built the way the worker builds it:
 - `int8_bf16`: bf16 activations with int8 weights (`load_model_dir(dtype=bf16, quantized=True)`),
   where int8 layers may also take PyTorch's int8 weight-only GEMM, and its peer
   `int8_bf16_nopack`, laid out with that GEMM switched off (LMCORE_INT8PACK=0).
-Also per form: weight bytes (`model_size_bytes`), the layout chosen, and how many greedy tokens
-agree with fp32 (random weights make near-ties, so this is a rate, not an identity).
+Also per form: the bytes its weights hold resident while it serves (`resident_weight_bytes`:
+`model_size_bytes`, reported alone as `weight_bytes`, plus `packed_bytes`, the copies int8
+layers keep packed for the byte bag, counted after the timed runs), the layout chosen, and how
+many greedy tokens agree with fp32 (random weights make near-ties, so this is a rate, not an
+identity).
 
 `dequant_blocks`: the product every int8 layer falls back to beyond the rows its byte bag and
 int8pack serve (a prefill, a large batch): the whole weight converted, then one GEMM, against
@@ -106,6 +109,11 @@ def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, An
     for name, recipe in recipes.items():
         forms[name] = recipe(copy.deepcopy(base)).eval()
     return forms, layouts
+
+
+def packed_bytes(model: Transformer) -> int:
+    """Bytes of the byte bag's packed copies (Int8Linear.packed_nbytes), outside parameters()."""
+    return sum(getattr(m, "packed_nbytes", 0) for m in model.modules())
 
 
 def without_int8pack(build: Callable[[], Transformer]) -> Transformer:
@@ -238,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         rows = measure(forms, w, shape.vocab_size)
         blocked = dequant_blocks(args.quick, w.reps)
+    weight = {name: model_size_bytes(m) for name, m in forms.items()}
+    packed = {name: packed_bytes(m) for name, m in forms.items()}  # made by now, if ever
+    resident = {name: weight[name] + packed[name] for name in forms}
     report = {
         "workload": asdict(w),
         "model": {"n_layer": shape.n_layer, "n_embd": shape.n_embd, "vocab_size": shape.vocab_size,
@@ -245,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "ratios": ratios(rows, "tokens_per_s"),
         "ratios_cpu_time": ratios(rows, "tokens_per_cpu_s"),
-        "weight_bytes": {name: model_size_bytes(m) for name, m in forms.items()},
+        "weight_bytes": weight,
+        "packed_bytes": packed,
+        "resident_weight_bytes": resident,
+        "resident_vs_fp32": {name: round(b / resident["fp32"], 3) for name, b in resident.items()},
         "dequant_blocks": blocked,
         "layouts": layouts,
         "meta": {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -88,9 +88,11 @@ def test_bench_quantized_quick_run_times_every_form_and_shrinks_the_weights(
         (f, b) for f in forms for b in report["workload"]["batches"]
     }
     assert all(r["tokens_per_s"] > 0 for r in report["results"])
-    size = report["weight_bytes"]
+    size, packed = report["weight_bytes"], report["packed_bytes"]
     assert size["bf16"] == size["fp32"] // 2
     assert size["int8"] < 0.3 * size["fp32"] < size["int8_fp32_head"]  # the tied head in int8
+    assert packed["fp32"] == packed["bf16"] == 0
+    assert report["resident_weight_bytes"] == {k: size[k] + packed[k] for k in size}
     dtypes = {name: {c["dtype"] for c in lay["choices"]} for name, lay in report["layouts"].items()}
     assert dtypes["bf16"] == {"bfloat16"} and dtypes["bf16_before"] == {"float32"}
     assert dtypes["int8"] == {"int8"} and dtypes["int8_fp32_head"] == {"float32", "int8"}
