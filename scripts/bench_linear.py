@@ -52,17 +52,23 @@ TOKENS = 1024  # rows of a training GEMM: batch 4 x 256, as bench_lmcore's train
 CACHE_BYTES = 96 * 2**20  # more than any last-level cache here: weights stream from memory
 
 
-def per_call(fn: Callable[[], Any], reps: int, rounds: int = 5) -> float:
-    """Median seconds per call over `rounds` timed rounds of `reps` calls (after a warm-up)."""
-    for _ in range(max(2, reps // 5)):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
+def per_call(fns: dict[str, Callable[[], Any]], reps: int, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each fn over `rounds` rounds (after a warm-up of each): every
+    round times `reps` calls of each fn in turn, each round starting one fn later than the last,
+    so that a machine's drift falls on every fn alike and none always runs first."""
+    for fn in fns.values():
+        for _ in range(max(2, reps // 5)):
             fn()
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(reps):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / reps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def gemm_rows(quick: bool) -> list[dict[str, Any]]:
@@ -79,7 +85,8 @@ def gemm_rows(quick: bool) -> list[dict[str, Any]]:
         }
         for name, (blas, onednn) in products.items():
             reps = 3 if quick else 10
-            t_blas, t_onednn = per_call(blas, reps), per_call(onednn, reps)
+            t = per_call({"blas": blas, "onednn": onednn}, reps)
+            t_blas, t_onednn = t["blas"], t["onednn"]
             rows.append({"shape": [out_f, in_f], "tokens": tokens, "product": name,
                          "blas_gflops": flops / t_blas / 1e9,
                          "onednn_gflops": flops / t_onednn / 1e9,
@@ -99,13 +106,19 @@ def matvec_rows(quick: bool) -> list[dict[str, Any]]:
             return lambda: [fn(x, w, None) for w in weights]
 
         reps = 2 if quick else 20
-        result = {"shape": [out_f, in_f], "copies": copies}
+        result: dict[str, Any] = {"shape": [out_f, in_f], "copies": copies}
+        ways = {}
         for name, weights in (("row_major", row_major), ("column_major", col_major)):
-            result[f"onednn_{name}_us"] = per_call(run(weights, onednn_linear), reps) / copies * 1e6
-            result[f"blas_{name}_us"] = per_call(run(weights, F.linear), reps) / copies * 1e6
-        result["bag_column_major_us"] = per_call(run(col_major, bag_linear), reps) / copies * 1e6
+            ways[f"onednn_{name}"] = run(weights, onednn_linear)
+            ways[f"blas_{name}"] = run(weights, F.linear)
+        ways["bag_column_major"] = run(col_major, bag_linear)
         # Not a candidate: reading the weights with no product at all, the bound of them all.
-        read_us = per_call(lambda: [w.sum() for w in row_major], reps) / copies * 1e6
+        ways["read"] = lambda: [w.sum() for w in row_major]
+        seconds = per_call(ways, reps)
+        for name in ways:
+            if name != "read":
+                result[f"{name}_us"] = seconds[name] / copies * 1e6
+        read_us = seconds["read"] / copies * 1e6
         result["read_gb_per_s"] = out_f * in_f * 4 / read_us / 1e3
         result["column_vs_row_onednn"] = (result["onednn_row_major_us"]
                                           / result["onednn_column_major_us"])  # fmt: skip
@@ -165,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         report = {"gemm": gemm_rows(args.quick), "matvec": matvec_rows(args.quick)}
     report["meta"] = {
+        "timing": "median of 5 rounds, each timing every way of a row in turn (the first way "
+                  "rotating), after a warm-up of each",
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **provenance(__file__, argv),
         "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
