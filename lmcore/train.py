@@ -481,6 +481,10 @@ class Trainer:
         # session's measurement starts (after its first step).
         self.pace_before: tuple[float, float] = (0, 0.0)
         self._pace_from: tuple[int, float] | None = None
+        # The LR schedule's axis. An epochs run's length is a token budget: a resume with another
+        # batch or world size (tokens per step) goes on along the first session's steps, by tokens.
+        self.schedule_steps, self.schedule_tokens_per_step = self.steps, self._tokens_per_step()
+        self.start_step, self.tokens_before = 0, 0
         self.data = data_identity(self.dataset)
         start = self._resume()
         model: nn.Module = self.model
@@ -535,6 +539,7 @@ class Trainer:
         pace = extra.get("pace")
         if isinstance(pace, list) and len(pace) == 2:
             self.pace_before = (float(pace[0]), float(pace[1]))
+        self._resume_schedule(state.step, extra)
         rank, world = self.dist_env.rank, self.dist_env.world_size
         if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
             self.sampler.load_state_dict(extra["samplers"][rank])
@@ -554,6 +559,41 @@ class Trainer:
         if self.dist_env.is_main:
             log.info("resumed from %s (step %d)", chosen, state.step)
         return state.step
+
+    def _resume_schedule(self, step: int, extra: dict[str, Any]) -> None:
+        """Carry on the checkpoint's token count and, for an epochs run, its LR schedule."""
+        before = extra.get("train_config") or {}
+        old_tokens_per_step = (  # recorded since the schedule kept it; else from the old config
+            int(before.get("batch_size", self.cfg.batch_size))
+            * int(before.get("grad_accum_steps", self.cfg.grad_accum_steps))
+            * int(extra.get("world_size") or self.dist_env.world_size)
+            * self.model_config.block_size
+        )
+        schedule = extra.get("schedule") or {}
+        self.start_step = step
+        self.tokens_before = int(extra.get("tokens_seen", step * old_tokens_per_step))
+        if self.cfg.epochs is None:
+            return  # max_steps: the schedule is in steps, whatever a step holds
+        self.schedule_tokens_per_step = int(schedule.get("tokens_per_step", old_tokens_per_step))
+        self.schedule_steps = int(schedule.get("total_steps", self.steps))
+        budget = self.schedule_steps * self.schedule_tokens_per_step
+        if self._tokens_per_step() != self.schedule_tokens_per_step:
+            left = max(0, budget - self.tokens_before)
+            self.steps = step + math.ceil(left / self._tokens_per_step())
+            if self.dist_env.is_main:
+                log.warning("resuming with %d tokens per step (schedule: %d): %d steps left for "
+                            "the run's %d tokens", self._tokens_per_step(),
+                            self.schedule_tokens_per_step, self.steps - step, budget)
+
+    def _tokens_at(self, steps_done: float) -> float:
+        return self.tokens_before + (steps_done - self.start_step) * self._tokens_per_step()
+
+    def _schedule_position(self, steps_done: float) -> float:
+        """Where `steps_done` steps of this run sit on the LR schedule's axis (its own steps,
+        but for an epochs run resumed with another tokens per step: the first session's)."""
+        if self.cfg.epochs is None or self._tokens_per_step() == self.schedule_tokens_per_step:
+            return steps_done
+        return self._tokens_at(steps_done) / self.schedule_tokens_per_step
 
     def _mismatch(self, path: Path) -> str | None:
         """Why the checkpoint at `path` is not this run's to carry on, or None when it is."""
@@ -626,7 +666,8 @@ class Trainer:
                 # a vote between ranks lags a step, which only shifts the estimate by one step.
                 on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget,
                                             self._measured_pace(step - 1, agreed.elapsed_s))
-                lr = lr_at(step - 1, cfg, on_course)
+                lr = lr_at(self._schedule_position(step - 1), cfg,
+                           self._schedule_position(on_course))
                 if main and not warned_warmup and warmup_for(cfg, on_course) < cfg.warmup_steps:
                     warned_warmup = True
                     log.warning("warmup_steps=%d is more than half of the run's %d steps: "
@@ -829,7 +870,10 @@ class Trainer:
                     "elapsed_s": self._elapsed(),
                     "pace": list(self._measured_pace(step, self._elapsed())),
                     "data": self.data,  # with model_config: what a resume must match
-                    "schedule": {"total_steps": self.steps, "lr": self.cfg.lr,
+                    "tokens_seen": int(self._tokens_at(step)),
+                    "schedule": {"total_steps": self.schedule_steps,
+                                 "tokens_per_step": self.schedule_tokens_per_step,
+                                 "lr": self.cfg.lr,
                                  "warmup_steps": self.cfg.warmup_steps,
                                  "min_lr_ratio": self.cfg.min_lr_ratio},
                     "train_config": self.cfg.to_dict(),
@@ -857,7 +901,7 @@ class Trainer:
             "step": step,
             "val_loss": val_loss,
             "run_id": self.run_id,
-            "tokens_seen": step * self._tokens_per_step(),
+            "tokens_seen": int(self._tokens_at(step)),
             "ended_by": ended_by,  # "steps", or "time" (max_time_s)
             "train_time_s": round(self._elapsed(), 1),
             "config": self.run_params or {"train": self.cfg.to_dict()},

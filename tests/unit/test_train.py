@@ -207,6 +207,35 @@ def test_epochs_set_the_number_of_steps() -> None:
     assert total_steps(cfg, 10_000, 50, world_size=2) == 19
 
 
+def test_an_epochs_run_resumed_with_bigger_steps_keeps_its_token_budget_and_lr_curve(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """Resumed with twice the tokens per step (a batch or world size doubled), the run trains
+    the tokens its epochs left and each step takes the LR of the tokens it has reached."""
+    import shutil
+
+    twelve_steps = 12 * 4 * BLOCK / len(dataset.train)
+    common = dict(max_steps=None, epochs=twelve_steps, checkpoint_interval=4,
+                  keep_checkpoints=10, quantization_report=False)  # fmt: skip
+    straight = ListTracker()
+    whole = Trainer(tiny(dataset), config(tmp_path / "a", **common), dataset, straight).fit()
+    assert whole.steps == 12
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "ckpt" / "step-00000004",
+                    tmp_path / "b" / "ckpt" / "step-00000004")  # fmt: skip
+
+    resumed = ListTracker()
+    cfg = config(tmp_path / "b", batch_size=8, **common)
+    result = Trainer(tiny(dataset), cfg, dataset, resumed).fit()
+
+    assert result.steps == 8  # 4 steps of 4 windows, then 4 of 8: the 48 windows of 12 steps
+    lrs, straight_lrs = ({s: m["lr"] for s, m in t.metrics().items() if "lr" in m}
+                         for t in (resumed, straight))  # fmt: skip
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([straight_lrs[s] for s in (5, 7, 9, 11)])
+    metadata = json.loads((tmp_path / "b" / "ckpt" / "model" / "config.json").read_text())
+    assert metadata.get("metadata", metadata)["tokens_seen"] == 48 * BLOCK
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [({"max_steps": 10, "epochs": 1.0}, "epochs"), ({"lr": -1.0}, "lr"),
