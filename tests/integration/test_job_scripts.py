@@ -23,8 +23,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
         yield server.client()
 
 
-def running_job(client: redis.Redis, job_id: str, status: str = "running") -> list[str]:
-    """A job record in `status`; returns the keys RENEW and STREAM take."""
+def job_in(client: redis.Redis, job_id: str, status: str = "running") -> list[str]:
+    """A fresh job record in `status`; returns the keys RENEW and STREAM take."""
     from services.common.jobs import JobRecord, JobRequest
 
     record = JobRecord.new(job_id, JobRequest(prompt="a"))
@@ -37,7 +37,7 @@ def test_a_lease_that_expired_unclaimed_is_taken_back_not_given_up(client: redis
     # Redis away longer than the lease TTL: the key is gone when the worker renews, and nobody
     # else holds the job. Answering "lost" there left the job running forever with no worker.
     renew = client.register_script(scripts.RENEW)
-    job_keys = running_job(client, "expired-job")
+    job_keys = job_in(client, "expired-job")
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 1
     assert client.get(keys.lease("expired-job")) == "w1"
     assert 0 < client.pttl(keys.lease("expired-job")) <= LEASE_MS
@@ -45,7 +45,7 @@ def test_a_lease_that_expired_unclaimed_is_taken_back_not_given_up(client: redis
 
 def test_a_lease_held_by_another_worker_is_lost(client: redis.Redis) -> None:
     renew = client.register_script(scripts.RENEW)
-    job_keys = running_job(client, "claimed-job")
+    job_keys = job_in(client, "claimed-job")
     client.set(keys.lease("claimed-job"), "w2", px=LEASE_MS)
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 0
     assert client.get(keys.lease("claimed-job")) == "w2"  # untouched
@@ -55,14 +55,14 @@ def test_the_lease_of_a_job_finished_elsewhere_is_not_taken_back(client: redis.R
     # Another worker ran the redelivered job to the end (and dropped the lease): the first one,
     # back from a partition, must learn it lost the job rather than carry on writing to it.
     renew = client.register_script(scripts.RENEW)
-    job_keys = running_job(client, "finished-elsewhere", status="succeeded")
+    job_keys = job_in(client, "finished-elsewhere", status="succeeded")
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 0
     assert client.get(keys.lease("finished-elsewhere")) is None
 
 
 def test_renewing_ones_own_lease_extends_it(client: redis.Redis) -> None:
     renew = client.register_script(scripts.RENEW)
-    job_keys = running_job(client, "own-job")
+    job_keys = job_in(client, "own-job")
     client.set(keys.lease("own-job"), "w1", px=100)
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 1
     assert client.pttl(keys.lease("own-job")) > 100
@@ -73,16 +73,16 @@ def test_chunks_are_written_only_while_the_job_is_ours(client: redis.Redis) -> N
 
     stream = client.register_script(scripts.STREAM)
     chunks = [Chunk("token", "Hel", 1), Chunk("token", "lo", 1)]
-    ours = running_job(client, "ours")
+    ours = job_in(client, "ours")
     client.set(keys.lease("ours"), "w1", px=LEASE_MS)
     assert stream(keys=ours, args=scripts.stream_args("w1", 60, chunks, 12.5)) == 1
     assert [f["text"] for _, f in client.xrange(keys.events("ours"))] == ["Hel", "lo"]
     assert client.hget(keys.job("ours"), "first_token_at") == "12.5"
     assert 0 < client.ttl(keys.events("ours")) <= 60
 
-    taken = running_job(client, "taken")
+    taken = job_in(client, "taken")
     client.set(keys.lease("taken"), "w2", px=LEASE_MS)
-    done = running_job(client, "done", status="succeeded")
+    done = job_in(client, "done", status="succeeded")
     for job_keys in (taken, done):
         assert stream(keys=job_keys, args=scripts.stream_args("w1", 60, chunks, 12.5)) == 0
         assert client.xlen(job_keys[1]) == 0
@@ -174,7 +174,7 @@ def test_a_job_leased_to_a_live_worker_is_not_claimed_again(client: redis.Redis)
     # The task redelivered while its first worker still runs it (and renews the lease): the second
     # worker must leave the job alone, not run it a second time beside the first.
     claim = client.register_script(scripts.CLAIM)
-    running_job(client, "held")
+    job_in(client, "held")
     client.hset(keys.job("held"), mapping={"worker": "w2", "attempts": "1", "started_at": "1.0"})
     client.set(keys.lease("held"), "w2", px=LEASE_MS)
     before = written(client, "held")
@@ -188,7 +188,7 @@ def test_a_job_whose_lease_expired_is_taken_over(client: redis.Redis) -> None:
     # Its worker died: the next one claims the job as a new attempt, keeps its start time, and
     # does not announce again a job that left the queue long ago.
     claim = client.register_script(scripts.CLAIM)
-    running_job(client, "orphaned")
+    job_in(client, "orphaned")
     first = {"worker": "w1", "attempts": "1", "started_at": "1.0"}
     client.hset(keys.job("orphaned"), mapping=first)
     announced = client.xrange(keys.LEFT_QUEUE)
@@ -203,33 +203,30 @@ def test_a_job_whose_lease_expired_is_taken_over(client: redis.Redis) -> None:
 def test_a_duplicate_delivery_is_run_by_the_first_claimant_only(client: redis.Redis) -> None:
     # Two workers get the same queued job (a redelivery while the first is alive): one claim wins,
     # the other is told who holds it, and only the winner's result is recorded.
-    from services.common.jobs import JobRecord, JobRequest
-
     claim = client.register_script(scripts.CLAIM)
     finish = client.register_script(scripts.FINISH)
-    record = JobRecord.new("twice-delivered", JobRequest(prompt="a"))
-    client.delete(*scripts.job_keys(record.id))
-    client.hset(keys.job(record.id), mapping=record.to_hash())
+    job_id = "twice-delivered"
+    job_in(client, job_id, status="queued")
     announced = client.xlen(keys.LEFT_QUEUE)
 
-    first = claim(**scripts.claim_call(record.id, "w1", now=1, lease_ttl_s=5, ttl_s=3600))
-    second = claim(**scripts.claim_call(record.id, "w2", now=2, lease_ttl_s=5, ttl_s=3600))
+    first = claim(**scripts.claim_call(job_id, "w1", now=1, lease_ttl_s=5, ttl_s=3600))
+    second = claim(**scripts.claim_call(job_id, "w2", now=2, lease_ttl_s=5, ttl_s=3600))
     assert first == ["claimed", "1", ""]
     assert second == ["leased", "w1"]
-    job = client.hgetall(keys.job(record.id))
+    job = client.hgetall(keys.job(job_id))
     assert {k: job[k] for k in ("status", "worker", "attempts", "started_at")} == {
         "status": "running", "worker": "w1", "attempts": "1", "started_at": "1"}  # fmt: skip
-    assert client.get(keys.lease(record.id)) == "w1"
+    assert client.get(keys.lease(job_id)) == "w1"
     assert client.xlen(keys.LEFT_QUEUE) == announced + 1  # it left the queue once
 
     stats = client.hgetall(keys.STATS)
-    assert finish(**finish_call(record.id, "w2", status="failed")) == 0  # the loser's result
-    assert client.hget(keys.job(record.id), "status") == "running"
-    assert client.xlen(keys.events(record.id)) == 0
+    assert finish(**finish_call(job_id, "w2", status="failed")) == 0  # the loser's result
+    assert client.hget(keys.job(job_id), "status") == "running"
+    assert client.xlen(keys.events(job_id)) == 0
     assert client.hgetall(keys.STATS) == stats
-    assert finish(**finish_call(record.id, "w1")) == 1  # the winner's
-    assert client.hget(keys.job(record.id), "status") == "succeeded"
-    done = [f for _, f in client.xrange(keys.events(record.id))]
+    assert finish(**finish_call(job_id, "w1")) == 1  # the winner's
+    assert client.hget(keys.job(job_id), "status") == "succeeded"
+    done = [f for _, f in client.xrange(keys.events(job_id))]
     assert done == [{"type": "done", "status": "succeeded"}]
 
 
@@ -237,7 +234,7 @@ def test_a_worker_that_lost_the_lease_records_no_result(client: redis.Redis) -> 
     # w1 stalled past its lease and w2 took the job over: w1's late result must not overwrite
     # the job, end its stream or count in the stats while w2 still runs it.
     finish = client.register_script(scripts.FINISH)
-    running_job(client, "taken-over")
+    job_in(client, "taken-over")
     client.hset(keys.job("taken-over"), "worker", "w2")
     client.set(keys.lease("taken-over"), "w2", px=LEASE_MS)
     client.xadd(keys.events("taken-over"), {"type": "token", "text": "Hi", "tokens": "1"})
@@ -257,7 +254,7 @@ def test_a_job_already_final_is_not_finished_again(client: redis.Redis, status: 
     # any more): the first result stands and is counted once.
     finish = client.register_script(scripts.FINISH)
     job_id = f"final-{status}"
-    running_job(client, job_id, status=status)
+    job_in(client, job_id, status=status)
     client.xadd(keys.events(job_id), {"type": "done", "status": status})
     before = written(client, job_id)
     for owner in ("w1", ""):
@@ -275,7 +272,7 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
     # after the job ended: the second call finds the job final and writes nothing. Only the
     # owner that recorded the result is told it did (1), so it does not report its job lost.
     finish = client.register_script(scripts.FINISH)
-    running_job(client, "retried")
+    job_in(client, "retried")
     client.set(keys.lease("retried"), "w1", px=LEASE_MS)
     stats = client.hgetall(keys.STATS)
     assert finish(**finish_call("retried", "w1")) == 1
@@ -290,17 +287,14 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
 
 
 def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
-    from services.common.jobs import JobRecord, JobRequest
-
     cancel = client.register_script(scripts.CANCEL)
     claim = client.register_script(scripts.CLAIM)
-    record = JobRecord.new("cancel-queued", JobRequest(prompt="a"))
-    client.delete(*scripts.job_keys(record.id))
-    client.hset(keys.job(record.id), mapping=record.to_hash())
-    before = written(client, record.id)
+    job_id = "cancel-queued"
+    job_in(client, job_id, status="queued")
+    before = written(client, job_id)
 
-    assert cancel(**cancel_call(record.id, now=50.0)) == "cancelled"
-    after = written(client, record.id)
+    assert cancel(**cancel_call(job_id, now=50.0)) == "cancelled"
+    after = written(client, job_id)
     job = after["record"]
     ended = {"status": "cancelled", "finished_at": "50.0", "finish_reason": "cancelled"}
     assert {k: job[k] for k in ended} == ended
@@ -310,20 +304,20 @@ def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
     cancelled = int(before["stats"].get("jobs:cancelled", 0)) + 1
     assert after["stats"] == {**before["stats"], "jobs:cancelled": str(cancelled)}
     assert after["left_queue"][:-1] == before["left_queue"]  # announced once, as it leaves
-    assert after["left_queue"][-1][1] == {"job": record.id}
+    assert after["left_queue"][-1][1] == {"job": job_id}
     assert after["lease"] is None
 
     # The worker that gets the task later finds the job final and leaves it be.
-    reply = claim(**scripts.claim_call(record.id, "w1", now=60, lease_ttl_s=5, ttl_s=3600))
+    reply = claim(**scripts.claim_call(job_id, "w1", now=60, lease_ttl_s=5, ttl_s=3600))
     assert reply == ["cancelled"]
-    assert written(client, record.id) == after
+    assert written(client, job_id) == after
 
 
 def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -> None:
     # Only the worker can end a job it runs (it stops between decode steps and finishes it as
     # cancelled): the API only raises the flag.
     cancel = client.register_script(scripts.CANCEL)
-    running_job(client, "cancel-running")
+    job_in(client, "cancel-running")
     client.set(keys.lease("cancel-running"), "w1", px=LEASE_MS)
     before = written(client, "cancel-running")
     assert "cancel_requested" not in before["record"]
@@ -339,7 +333,7 @@ def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -
 def test_cancelling_a_finished_job_changes_nothing(client: redis.Redis, status: str) -> None:
     cancel = client.register_script(scripts.CANCEL)
     job_id = f"cancel-{status}"
-    running_job(client, job_id, status=status)
+    job_in(client, job_id, status=status)
     client.xadd(keys.events(job_id), {"type": "done", "status": status})
     before = written(client, job_id)
     assert cancel(**cancel_call(job_id)) == status
