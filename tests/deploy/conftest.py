@@ -1,10 +1,12 @@
 """Fixtures for the deploy tests: helm and kubectl from .tools/bin, charts rendered once a session.
 
 Nothing here needs a cluster or a Docker engine; a missing tool skips the tests that need it.
+TOOLS_DIR (as for scripts/install_tools.sh) points at another tools folder, e.g. a shared cache.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llm"
 SCHEMAS = REPO.parent / "shared" / "schemas"
-TOOLS_BIN = REPO / ".tools" / "bin"
+TOOLS_BIN = Path(os.environ.get("TOOLS_DIR") or REPO / ".tools") / "bin"
 INSTALL_TOOLS = REPO / "scripts" / "install_tools.sh"
 VENV_BIN = Path(sys.executable).parent
 
