@@ -29,6 +29,7 @@ from tests.deploy.conftest import (
 pytestmark = pytest.mark.deploy
 
 MANIFEST = REPO / "manifests" / "pytorchjob.yaml"
+NAMESPACE_MANIFEST = REPO / "manifests" / "namespace.yaml"
 TRAINING_VALUES = CHART / "ci" / "training-values.yaml"
 
 
@@ -294,13 +295,21 @@ def test_manifest_pods_are_admitted_to_mlflow_by_the_chart_network_policy(render
 def test_manifest_builtin_objects_pass_kubernetes_validate_strict(kube_version: str) -> None:
     objects = manifest_objects()
     kinds = [o["kind"] for o in objects]
-    assert kinds == ["Namespace", "PersistentVolumeClaim", "PyTorchJob"], "apply order"
+    assert kinds == ["PersistentVolumeClaim", "PyTorchJob"], "apply order"
     for obj in objects:
         if obj["kind"] == "PyTorchJob":
             continue  # the SDK and CRD checks above
         kubernetes_validate.validate(obj, kube_version, strict=True)
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == NAMESPACE
+        assert obj["metadata"]["namespace"] == NAMESPACE
+    (namespace,) = [o for o in yaml.safe_load_all(NAMESPACE_MANIFEST.read_text()) if o]
+    kubernetes_validate.validate(namespace, kube_version, strict=True)
+    assert (namespace["kind"], namespace["metadata"]["name"]) == ("Namespace", NAMESPACE)
+
+
+def test_deleting_the_job_manifest_keeps_the_namespace() -> None:
+    # `kubectl delete -f manifests/pytorchjob.yaml` (to run a finished job again) deletes every
+    # object the file lists: a Namespace there would take Redis, MLflow and the checkpoints along.
+    assert "Namespace" not in [o["kind"] for o in manifest_objects()]
 
 
 def test_manifest_pod_hardening() -> None:
