@@ -286,6 +286,27 @@ def test_api_keys_come_from_a_secret(shapes: dict[str, Rendered]) -> None:
     assert ref["valueFrom"]["secretKeyRef"]["name"] == "llm-api-keys"
 
 
+def test_a_public_ingress_needs_api_keys(render: Callable[..., Rendered]) -> None:
+    # LLM_API_KEYS empty means an open API: behind an ingress anyone could submit jobs.
+    with pytest.raises(RenderError, match="api.ingress.enabled without API keys"):
+        render(sets=("api.ingress.enabled=true",))
+    for ok in (
+        ("apiKeys.existingSecret=llm-api-keys",),
+        ("apiKeys.keys={key-aaaaaaaa}",),
+        ("settings.extraEnv[0].name=LLM_API_KEYS", "settings.extraEnv[0].value=key-aaaaaaaa"),
+        ("api.ingress.allowAnonymous=true",),
+    ):
+        assert render(sets=("api.ingress.enabled=true", *ok)).of_kind("Ingress"), ok
+
+
+def test_the_gpu_shape_serves_its_ingress_with_api_keys(shapes: dict[str, Rendered]) -> None:
+    rendered = shapes["gpu-values"]
+    assert rendered.of_kind("Ingress")
+    for name in ("api", "worker"):
+        env = env_of(container(rendered, "Deployment", component(name)))
+        assert env["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "LLM_API_KEYS"
+
+
 # --- worker
 
 

@@ -243,4 +243,16 @@ imagePullSecrets:
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.trackingUri) }}
 {{- fail "mlflow.enabled is false: set mlflow.external.trackingUri" }}
 {{- end }}
+{{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
+{{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the API gets LLM_API_KEYS: from the chart's Secret, an existing one, or extraEnv. */}}
+{{- define "llm.apiKeysConfigured" -}}
+{{- $found := or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+{{- range .Values.settings.extraEnv }}
+{{- if eq .name "LLM_API_KEYS" }}{{ $found = true }}{{ end }}
+{{- end }}
+{{- if $found }}true{{ end }}
 {{- end }}
