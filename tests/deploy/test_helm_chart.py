@@ -374,6 +374,31 @@ def test_worker_runs_celery_threads_ready_on_heartbeat_and_drains_on_stop(
     assert cache in [m["mountPath"] for m in worker["volumeMounts"]]
 
 
+@pytest.mark.parametrize("shape", ["defaults", "cpu-values", "gpu-values"])
+def test_worker_torch_threads_follow_the_cpu_limit_not_the_node(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    # torch sizes its thread pool from the node's cores: 2 CPUs of quota on a 64-core node
+    # would run 64 threads and spend the quota being throttled.
+    worker = container(shapes[shape], "Deployment", component("worker"))
+    assert env_of(worker)["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "worker",
+        "resource": "limits.cpu",
+        "divisor": "1",
+    }
+
+
+def test_worker_without_a_cpu_limit_leaves_torch_threads_alone(render) -> None:
+    # Without a limit, limits.cpu reads as the node's allocatable CPUs: no better than torch's own.
+    worker = container(
+        render(sets=("worker.resources.limits.cpu=null",)), "Deployment", component("worker")
+    )
+    assert "OMP_NUM_THREADS" not in env_of(worker)
+    own = ("settings.extraEnv[0].name=OMP_NUM_THREADS", "settings.extraEnv[0].value=3")
+    env = env_of(container(render(sets=own), "Deployment", component("worker")))
+    assert "valueFrom" not in env["OMP_NUM_THREADS"]  # the user's own setting, not a duplicate
+
+
 OLD_SECRETS = ("apiKeys.keys={key-aaaaaaaa}", "redis.auth.password=pw-aaaaaaaaaaaa")
 
 

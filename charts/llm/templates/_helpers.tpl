@@ -177,6 +177,14 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* "true" when settings.extraEnv sets the variable: (dict "root" $ "name" "OMP_NUM_THREADS"). */}}
+{{- define "llm.extraEnvHas" -}}
+{{- $name := .name }}
+{{- range .root.Values.settings.extraEnv }}
+{{- if eq .name $name }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Hydra config files shipped in the chart (files/config is a link to the repository's config/). */}}
 {{- define "llm.hydraConfig.files" -}}
 {{- range $path, $_ := .Files.Glob "files/config/**.yaml" }}
@@ -250,9 +258,5 @@ imagePullSecrets:
 
 {{/* "true" when the API gets LLM_API_KEYS: from the chart's Secret, an existing one, or extraEnv. */}}
 {{- define "llm.apiKeysConfigured" -}}
-{{- $found := or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
-{{- range .Values.settings.extraEnv }}
-{{- if eq .name "LLM_API_KEYS" }}{{ $found = true }}{{ end }}
-{{- end }}
-{{- if $found }}true{{ end }}
+{{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret (include "llm.extraEnvHas" (dict "root" . "name" "LLM_API_KEYS")) }}true{{ end }}
 {{- end }}
