@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,7 @@ BAD_VALUES = {
     "container running as root": "containerSecurityContext.runAsNonRoot=false",
     "bad storage size": "redis.persistence.size=lots",
     "resources without limits": "api.resources.limits=null",
+    "redis maxmemory Redis cannot parse": "redis.maxmemory=lots",
 }
 
 
@@ -543,6 +545,29 @@ def test_redis_is_a_statefulset_with_aof_a_pvc_and_a_password(shapes: dict[str, 
     assert sts["spec"]["serviceName"] in rendered.names("Service")
     secret = rendered.get("Secret", component("redis"))
     assert base64.b64decode(secret["data"]["redis-password"]).decode() == "ci-redis-password"
+
+
+_REDIS_UNITS = {"": 1, "k": 1000, "kb": 1024, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+_K8S_UNITS = {"Mi": 2**20, "Gi": 2**30, "M": 10**6, "G": 10**9}
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "external-values"])
+def test_redis_refuses_writes_below_its_memory_limit_and_never_evicts(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    # Without maxmemory Redis grows into the container limit and is OOM-killed; with an
+    # evicting policy it would drop Celery messages. noeviction refuses writes (the API: 503).
+    sts = shapes[shape].get("StatefulSet", component("redis"))
+    redis = containers(sts["spec"]["template"]["spec"])[0]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = args[args.index("--maxmemory") + 1].lower()
+    number, unit = re.fullmatch(r"(\d+)([a-z]*)", maxmemory).groups()
+    cap = int(number) * _REDIS_UNITS[unit]
+    limit = redis["resources"]["limits"]["memory"]
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", limit).groups()
+    # Room for the AOF rewrite's fork (copy-on-write) and client buffers above the data.
+    assert 0.5 <= cap / (int(number) * _K8S_UNITS[unit]) <= 0.8
 
 
 def test_generated_redis_password_is_long_and_url_safe(shapes: dict[str, Rendered]) -> None:
