@@ -21,6 +21,7 @@ from tests.deploy.conftest import (
     RELEASE,
     REPO,
     Rendered,
+    RenderError,
     containers,
     env_of,
     schema_path,
@@ -202,7 +203,9 @@ def test_pytorchjob_runs_torchrun_on_master_and_workers(
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
     assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] >= 1
     run_policy = spec["runPolicy"]
-    assert run_policy["backoffLimit"] >= 0 and run_policy["ttlSecondsAfterFinished"] > 0
+    assert run_policy["backoffLimit"] >= 0
+    # Kept until deleted: after a TTL the next `helm upgrade` would recreate it and train again.
+    assert "ttlSecondsAfterFinished" not in run_policy
     assert run_policy["cleanPodPolicy"] in ("None", "All", "Running")
     nproc = spec["nprocPerNode"]
     for replica in ("Master", "Worker"):
@@ -250,6 +253,32 @@ def _claim(job: dict) -> str:
     return next(v for v in volumes if v["name"] == "checkpoints")["persistentVolumeClaim"][
         "claimName"
     ]
+
+
+def test_a_new_training_run_is_a_new_run_id(render) -> None:
+    # The operator never reruns a finished PyTorchJob nor applies spec changes to one: only a
+    # new name makes `helm upgrade` start a run.
+    (first,) = render(sets=("training.enabled=true", "training.runId=1")).of_kind("PyTorchJob")
+    (second,) = render(sets=("training.enabled=true", "training.runId=2")).of_kind("PyTorchJob")
+    assert first["metadata"]["name"] == f"{RELEASE}-train-1"
+    assert second["metadata"]["name"] == f"{RELEASE}-train-2"
+    (named,) = render(
+        sets=("training.enabled=true", "training.name=pretrain", "training.runId=2024-06-01")
+    ).of_kind("PyTorchJob")
+    assert named["metadata"]["name"] == "pretrain-2024-06-01"
+    # Both runs resume from one checkpoint claim.
+    assert _claim(first) == _claim(second)
+    # A TTL stays possible (kubectl-managed jobs), and renders when set.
+    (ttl,) = render(
+        sets=("training.enabled=true", "training.runPolicy.ttlSecondsAfterFinished=3600")
+    ).of_kind("PyTorchJob")
+    assert ttl["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_a_run_id_too_long_for_the_pod_names_is_refused(render) -> None:
+    too_long = ("training.enabled=true", "training.name=" + "a" * 40, "training.runId=run-2-retry")
+    with pytest.raises(RenderError, match="over 50 characters"):
+        render(sets=too_long)
 
 
 def test_manifest_runs_the_same_job_as_the_chart(chart_jobs: dict[str, dict]) -> None:

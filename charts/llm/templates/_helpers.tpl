@@ -230,8 +230,14 @@ imagePullSecrets:
 
 {{/* ---------------------------------------------------------------- training */}}
 
+{{/* The PyTorchJob's name: training.name (or "<fullname>-train"), then "-<runId>" if set. */}}
 {{- define "llm.training.name" -}}
-{{- .Values.training.name | default (include "llm.componentName" (dict "root" . "component" "train")) }}
+{{- $name := .Values.training.name | default (include "llm.componentName" (dict "root" . "component" "train")) }}
+{{- $runId := .Values.training.runId | toString }}
+{{- if $runId }}
+{{- $name = printf "%s-%s" $name $runId }}
+{{- end }}
+{{- $name }}
 {{- end }}
 
 {{- define "llm.training.claimName" -}}
@@ -250,6 +256,9 @@ imagePullSecrets:
 {{- end }}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.trackingUri) }}
 {{- fail "mlflow.enabled is false: set mlflow.external.trackingUri" }}
+{{- end }}
+{{- if and .Values.training.enabled (gt (len (include "llm.training.name" .)) 50) }}
+{{- fail (printf "the PyTorchJob name %q is over 50 characters: its pods and Services (<name>-worker-<n>) must fit 63; shorten training.name or training.runId" (include "llm.training.name" .)) }}
 {{- end }}
 {{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
 {{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
