@@ -240,6 +240,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_lag.set_yscale("log")
     for ax in (ax_api, ax_redis, ax_lag):
         ax.set_xscale("symlog", linthresh=100)
+        ax.set_xlim(-10, 1.5 * max(xs))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
