@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from tests.deploy.conftest import (
     RELEASE,
     REPO,
     SHAPES,
+    VENV_BIN,
     Rendered,
     RenderError,
     containers,
@@ -58,7 +60,7 @@ def container(rendered: Rendered, kind: str, name: str, container_name: str | No
     spec = rendered.get(kind, name)["spec"]["template"]["spec"]
     found = containers(spec)
     if container_name is None:
-        return found[0]
+        return spec["containers"][0]  # the main container, not an init container
     return next(c for c in found if c["name"] == container_name)
 
 
@@ -618,7 +620,7 @@ def test_mlflow_keeps_sqlite_and_artifacts_on_its_pvc(shapes: dict[str, Rendered
     deployment = rendered.get("Deployment", component("mlflow"))
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
-    server = containers(pod)[0]
+    server = pod["containers"][0]
     assert env_of(server)["MLFLOW_BACKEND_STORE_URI"]["value"] == "sqlite:////mlflow/mlflow.db"
     assert "--artifacts-destination=/mlflow/artifacts" in server["args"]
     assert {"name": "data", "mountPath": "/mlflow"} in server["volumeMounts"]
@@ -626,6 +628,71 @@ def test_mlflow_keeps_sqlite_and_artifacts_on_its_pvc(shapes: dict[str, Rendered
         "claimName"
     ]
     assert claim in rendered.names("PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize("shape", ["defaults", "training-values"])
+def test_mlflow_upgrades_its_database_schema_before_the_server_starts(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    # A newer MLflow image refuses to serve an out-of-date schema ("Detected out-of-date
+    # database schema ... run 'mlflow db upgrade'") and would crash-loop after an image bump.
+    pod = shapes[shape].get("Deployment", component("mlflow"))["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    assert init["command"] == ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
+    for field in ("image", "env", "volumeMounts", "securityContext", "resources"):
+        assert init[field] == server[field], field
+    # A long migration or first start is not cut short by the liveness probe.
+    startup = server["startupProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+def _run_mlflow_command(argv: list[str], env: dict[str, str]) -> None:
+    """A container's argv run here: $(VAR) expanded as the kubelet does, mlflow from the venv."""
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in argv]
+    mlflow = VENV_BIN / "mlflow"
+    if not mlflow.is_file():
+        pytest.skip("mlflow is not installed in this environment")
+    proc = subprocess.run([str(mlflow), *expanded[1:]], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from MLflow's own migrations
+def test_mlflow_db_upgrade_creates_a_new_database_and_migrates_an_old_one(
+    shapes: dict[str, Rendered], tmp_path: Path
+) -> None:
+    pytest.importorskip("mlflow")
+    import sqlalchemy
+    from alembic import command
+    from mlflow.store.db import utils as db_utils
+
+    pod = shapes["defaults"].get("Deployment", component("mlflow"))["spec"]["template"]["spec"]
+    argv = pod["initContainers"][0]["command"]
+    head = db_utils._get_latest_schema_revision()
+
+    def revision(url: str) -> str:
+        with sqlalchemy.create_engine(url).connect() as conn:
+            return conn.execute(sqlalchemy.text("select version_num from alembic_version")).scalar()
+
+    # First install: no database yet; the init container creates it (as the server would).
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    _run_mlflow_command(argv, {"MLFLOW_BACKEND_STORE_URI": fresh, "HOME": str(tmp_path)})
+    assert revision(fresh) == head
+    # An image bump: a database a few migrations behind is brought to the new head.
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    older = [r.revision for r in db_utils.ScriptDirectory.from_config(
+        db_utils._get_alembic_config(old)).walk_revisions()][3]  # fmt: skip
+    engine = sqlalchemy.create_engine(old)
+    db_utils.InitialBase.metadata.create_all(engine)
+    config = db_utils._get_alembic_config(old)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, older)
+    assert revision(old) == older != head
+    _run_mlflow_command(argv, {"MLFLOW_BACKEND_STORE_URI": old, "HOME": str(tmp_path)})
+    assert revision(old) == head
 
 
 def test_mlflow_uses_an_external_postgres_from_a_secret(shapes: dict[str, Rendered]) -> None:
