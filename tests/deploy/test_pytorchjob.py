@@ -255,6 +255,26 @@ def _claim(job: dict) -> str:
     ]
 
 
+def test_trainer_gets_extra_env_like_the_api_and_workers(render) -> None:
+    # An MLflow behind auth, S3 artifacts or a private CA need env in the trainer too.
+    token = ("training.extraEnv[0].name=MLFLOW_TRACKING_TOKEN",
+             "training.extraEnv[0].valueFrom.secretKeyRef.name=mlflow-token",
+             "training.extraEnv[0].valueFrom.secretKeyRef.key=token",
+             "training.extraEnv[1].name=REQUESTS_CA_BUNDLE",
+             "training.extraEnv[1].value=/etc/ssl/certs/ca.pem")  # fmt: skip
+    (job,) = render(sets=("training.enabled=true", *token)).of_kind("PyTorchJob")
+    for replica in ("Master", "Worker"):
+        env = env_of(_replica_container(job, replica))
+        assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "mlflow-token",
+            "key": "token",
+        }
+        assert env["REQUESTS_CA_BUNDLE"]["value"] == "/etc/ssl/certs/ca.pem"
+        assert env["MLFLOW_TRACKING_URI"]["value"] == f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000"
+    with pytest.raises(RenderError, match="schema"):
+        render(sets=("training.enabled=true", "training.extraEnv[0].value=no-name"))
+
+
 def test_a_new_training_run_is_a_new_run_id(render) -> None:
     # The operator never reruns a finished PyTorchJob nor applies spec changes to one: only a
     # new name makes `helm upgrade` start a run.
