@@ -275,6 +275,17 @@ def test_trainer_gets_extra_env_like_the_api_and_workers(render) -> None:
         render(sets=("training.enabled=true", "training.extraEnv[0].value=no-name"))
 
 
+def test_trainer_can_join_the_group_that_owns_an_nfs_checkpoint_share(render) -> None:
+    # NFS-backed ReadWriteMany volumes ignore fsGroup: the share's gid must be the process's.
+    (job,) = render(
+        sets=("training.enabled=true", "training.supplementalGroups={10001,2000}")
+    ).of_kind("PyTorchJob")
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        context = replica["template"]["spec"]["securityContext"]
+        assert context["supplementalGroups"] == [10001, 2000]
+        assert context["runAsUser"] == 10001 and context["fsGroup"] == 10001
+
+
 def test_a_new_training_run_is_a_new_run_id(render) -> None:
     # The operator never reruns a finished PyTorchJob nor applies spec changes to one: only a
     # new name makes `helm upgrade` start a run.
