@@ -177,6 +177,21 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/*
+checksum/secrets of a pod: a hash of the values that define the Secrets it reads at start, so a
+changed key or password rolls it. Not a hash of the rendered secrets.yaml: a generated Redis
+password is random in every render (the cluster's copy is kept by lookup, which helm template
+and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ "apiKeys" bool)
+*/}}
+{{- define "llm.secretsChecksum" -}}
+{{- $v := .root.Values }}
+{{- $inputs := dict "redis" (dict "enabled" $v.redis.enabled "auth" $v.redis.auth "external" $v.redis.external) }}
+{{- if .apiKeys }}
+{{- $_ := set $inputs "apiKeys" $v.apiKeys }}
+{{- end }}
+{{- toJson $inputs | sha256sum }}
+{{- end }}
+
 {{/* "true" when settings.extraEnv sets the variable: (dict "root" $ "name" "OMP_NUM_THREADS"). */}}
 {{- define "llm.extraEnvHas" -}}
 {{- $name := .name }}
