@@ -277,6 +277,17 @@ def test_api_ingress_hpa_and_pdb_target_the_api(shapes: dict[str, Rendered]) -> 
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
+def test_api_disruption_budget_never_blocks_a_node_drain(render) -> None:
+    # minAvailable: 1 with one replica forbids every eviction: `kubectl drain` hangs on it.
+    for sets in ((), ("api.replicaCount=1",)):
+        pdb = render(sets=sets).get("PodDisruptionBudget", component("api"))["spec"]
+        assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb, sets
+    with pytest.raises(RenderError, match="minAvailable"):
+        render(sets=("api.replicaCount=1", "api.podDisruptionBudget.minAvailable=1"))
+    pdb = render(sets=("api.replicaCount=3", "api.podDisruptionBudget.minAvailable=2"))
+    assert pdb.get("PodDisruptionBudget", component("api"))["spec"]["minAvailable"] == 2
+
+
 def test_api_keys_come_from_a_secret(shapes: dict[str, Rendered]) -> None:
     rendered = shapes["cpu-values"]
     secret = rendered.get("Secret", component("api-keys"))

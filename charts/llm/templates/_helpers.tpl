@@ -275,6 +275,13 @@ and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ 
 {{- if and .Values.training.enabled (gt (len (include "llm.training.name" .)) 50) }}
 {{- fail (printf "the PyTorchJob name %q is over 50 characters: its pods and Services (<name>-worker-<n>) must fit 63; shorten training.name or training.runId" (include "llm.training.name" .)) }}
 {{- end }}
+{{- $pdb := .Values.api.podDisruptionBudget }}
+{{- if and $pdb.enabled (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "string" $pdb.minAvailable)) }}
+{{- $replicas := ternary .Values.api.autoscaling.minReplicas .Values.api.replicaCount .Values.api.autoscaling.enabled }}
+{{- if ge (int $pdb.minAvailable) (int $replicas) }}
+{{- fail (printf "api.podDisruptionBudget.minAvailable (%d) must be below the API's replicas (%d): otherwise no API pod may ever be evicted and node drains hang; use maxUnavailable" (int $pdb.minAvailable) (int $replicas)) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
 {{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
 {{- end }}
