@@ -63,6 +63,14 @@ def test_profiles_cpu_and_gpu_exist(skaffold: dict) -> None:
     assert not any("gpu" in a["docker"]["target"] for a in build["artifacts"])
 
 
+@pytest.mark.parametrize("profile", ["gpu", "train"], ids=lambda p: f"profile-{p}")
+def test_remote_cluster_profiles_let_skaffold_push_the_images(skaffold: dict, profile: str) -> None:
+    # GPU clusters are remote: `push: false` kept the images on the laptop, and every pod was
+    # ErrImagePull. Unset, skaffold pushes for remote contexts and loads into local ones.
+    build, _ = configs(skaffold)[profile]
+    assert build.get("local", {}).get("push") is not False
+
+
 def test_every_artifact_builds_a_dockerfile_target(skaffold: dict) -> None:
     stages = parse_dockerfile(REPO / "Dockerfile").stages
     for name, (build, _) in configs(skaffold).items():
@@ -108,7 +116,8 @@ def test_helm_release_renders_with_the_built_images(
         m = _TEMPLATE.fullmatch(template)
         assert m, f"{key}: {template}"
         assert m[2] in built, f"{key} uses {m[2]}, which this profile does not build"
-        value = f"registry.test/{built[m[2]]}" if m[1] == "REPO" else "dev-1234"
+        # skaffold --default-repo=localhost:5000 (a local registry) gives host:port/image.
+        value = f"localhost:5000/{built[m[2]]}" if m[1] == "REPO" else "dev-1234"
         fake[key] = value
         sets.append(f"{key}={value}")
     sets += [f"{k}={v}" for k, v in release.get("setValues", {}).items()]
