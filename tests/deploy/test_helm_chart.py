@@ -144,6 +144,7 @@ BAD_VALUES = {
     "bad storage size": "redis.persistence.size=lots",
     "resources without limits": "api.resources.limits=null",
     "redis maxmemory Redis cannot parse": "redis.maxmemory=lots",
+    "GPUs a worker's single engine leaves idle": "worker.gpu.enabled=true,worker.gpu.count=2",
 }
 
 
