@@ -278,6 +278,22 @@ def test_api_ingress_hpa_and_pdb_target_the_api(shapes: dict[str, Rendered]) -> 
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("tag", "image"),
+    [
+        ("1.2.3", "llm-api:1.2.3"),
+        (f"@{DIGEST}", f"llm-api@{DIGEST}"),  # a bare digest: no ':' before the '@'
+        (f"1.2.3@{DIGEST}", f"llm-api:1.2.3@{DIGEST}"),
+    ],
+)
+def test_image_tags_and_digests_make_valid_references(render, tag: str, image: str) -> None:
+    rendered = render(sets=(f"images.api.tag={tag}",))
+    assert container(rendered, "Deployment", component("api"))["image"] == image
+
+
 def test_api_disruption_budget_never_blocks_a_node_drain(render) -> None:
     # minAvailable: 1 with one replica forbids every eviction: `kubectl drain` hangs on it.
     for sets in ((), ("api.replicaCount=1",)):

@@ -61,14 +61,16 @@ app.kubernetes.io/part-of: {{ include "llm.name" .root }}
 {{- end }}
 {{- end }}
 
-{{/* An image reference: (dict "root" $ "image" .Values.images.api). */}}
+{{/* An image reference: (dict "root" $ "image" .Values.images.api). A tag may be "1.2",
+"1.2@sha256:..." or a bare digest "@sha256:..." (joined without the ':'). */}}
 {{- define "llm.image" -}}
 {{- $registry := .image.registry | default .root.Values.imageRegistry -}}
 {{- $tag := .image.tag | default .root.Chart.AppVersion | toString -}}
+{{- $ref := printf "%s%s%s" .image.repository (ternary "" ":" (hasPrefix "@" $tag)) $tag -}}
 {{- if $registry -}}
-{{- printf "%s/%s:%s" $registry .image.repository $tag -}}
+{{- printf "%s/%s" $registry $ref -}}
 {{- else -}}
-{{- printf "%s:%s" .image.repository $tag -}}
+{{- $ref -}}
 {{- end -}}
 {{- end }}
 
