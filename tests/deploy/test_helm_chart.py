@@ -662,6 +662,12 @@ def test_mlflow_uri_points_at_the_in_cluster_mlflow_service(
     server = container(rendered, "Deployment", component("mlflow"))
     allowed = env_of(server)["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
     assert f"{svc['metadata']['name']}.{NAMESPACE}.svc:*" in allowed
+    # Every name a client may use for the Service (a notebook in another namespace writes
+    # http://llm-mlflow.llm:5000), with and without the port.
+    name = svc["metadata"]["name"]
+    for host in (name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc",
+                 f"{name}.{NAMESPACE}.svc.cluster.local"):  # fmt: skip
+        assert {host, f"{host}:*"} <= set(allowed), host
 
 
 def test_mlflow_keeps_sqlite_and_artifacts_on_its_pvc(shapes: dict[str, Rendered]) -> None:
