@@ -257,6 +257,20 @@ def test_api_readiness_does_not_hang_on_workers_or_redis(
     ]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_api_drains_before_it_stops(shapes: dict[str, Rendered], shape: str) -> None:
+    # Without a preStop pause a terminating pod is still in the Service's endpoints (and the
+    # ingress controller's upstreams) for a moment after SIGTERM: requests get connection
+    # refused. uvicorn must then finish open requests before the kubelet's SIGKILL.
+    pod = shapes[shape].get("Deployment", component("api"))["spec"]["template"]["spec"]
+    api = pod["containers"][0]
+    command = api["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and 5 <= int(command[1]) <= 10
+    args = api["args"]
+    graceful = int(args[args.index("--timeout-graceful-shutdown") + 1])
+    assert 0 < int(command[1]) + graceful < pod["terminationGracePeriodSeconds"]
+
+
 def test_api_ingress_hpa_and_pdb_target_the_api(shapes: dict[str, Rendered]) -> None:
     rendered = shapes["gpu-values"]  # ingress, HPA and PDB all on
     name = component("api")
