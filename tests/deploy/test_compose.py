@@ -5,6 +5,7 @@ waiting for a healthy Redis, GPU and training profiles)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -115,6 +116,24 @@ def test_gpu_worker_is_a_profile_with_a_gpu_reservation(compose: dict) -> None:
     assert gpu["environment"]["LLM_DEVICE"] == "cuda"
     assert compose["services"]["worker"]["environment"]["LLM_DEVICE"] == "cpu"
     assert "profiles" not in compose["services"]["worker"]
+
+
+@pytest.mark.parametrize(("env", "cpu_workers"), [({}, 1), ({"LLM_CPU_WORKERS": "0"}, 0)])
+def test_the_gpu_worker_can_replace_the_cpu_worker(
+    docker_compose: str, env: dict[str, str], cpu_workers: int
+) -> None:
+    # Both workers consume llm:jobs: with --profile gpu the CPU worker took half the jobs and ran
+    # them many times slower. `docker compose up` alone still runs one CPU worker.
+    proc = subprocess.run(
+        [docker_compose, "--project-directory", str(REPO), "-f", str(COMPOSE), "--profile", "gpu",
+         "config"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if k != "LLM_CPU_WORKERS"}, **env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert services["worker"].get("scale", 1) == cpu_workers
+    assert services["worker-gpu"].get("scale", 1) == 1
 
 
 def test_trainer_is_a_one_shot_profile_that_registers_a_model(compose: dict) -> None:
