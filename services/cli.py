@@ -206,7 +206,8 @@ def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
 
 
 def load_job_template(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, Any]:
-    """The PyTorchJob document of manifests/pytorchjob.yaml, or a built-in minimal one."""
+    """The PyTorchJob document of manifests/pytorchjob.yaml, or its built-in copy (an installed
+    lmctl has no checkout)."""
     import yaml
 
     if path.is_file():
@@ -218,11 +219,12 @@ def load_job_template(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, Any]:
 
 
 def load_job_claims(path: Path = PYTORCHJOB_MANIFEST) -> dict[str, dict[str, Any]]:
-    """The PersistentVolumeClaims manifests/pytorchjob.yaml defines beside its job, by name."""
+    """The PersistentVolumeClaims manifests/pytorchjob.yaml defines beside its job, by name (the
+    built-in copy without a checkout)."""
     import yaml
 
     if not path.is_file():
-        return {}
+        return _default_job_claims()
     return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(path.read_text())
             if isinstance(doc, dict) and doc.get("kind") == "PersistentVolumeClaim"}  # fmt: skip
 
@@ -262,26 +264,95 @@ def ensure_claims(core_api: Any, job: dict[str, Any], namespace: str,
     return created
 
 
+# The built-in copy of manifests/pytorchjob.yaml, for an installed lmctl without a checkout:
+# the same labels (the chart's MLflow NetworkPolicy admits only app.kubernetes.io/component
+# trainer pods of instance llm), checkpoint claim, volumes, securityContext and GPU placement.
+# tests/unit/test_cli.py keeps the two identical.
+DEFAULT_CHECKPOINT_CLAIM = "llm-train-checkpoints"
+_TRAINER_LABELS = {
+    "app.kubernetes.io/name": "llm",
+    "app.kubernetes.io/instance": "llm",
+    "app.kubernetes.io/component": "trainer",
+}
+
+
+def _default_job_claims() -> dict[str, dict[str, Any]]:
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": DEFAULT_CHECKPOINT_CLAIM, "namespace": DEFAULT_NAMESPACE,
+                     "labels": dict(_TRAINER_LABELS)},  # fmt: skip
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}},
+    }
+    return {DEFAULT_CHECKPOINT_CLAIM: claim}
+
+
 def _default_job_template() -> dict[str, Any]:
     container = {
         "name": CONTAINER_NAME,
         "image": DEFAULT_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": "/workspace",
         "command": ["torchrun"],
-        "args": ["--nproc-per-node=1", "-m", "services.trainer", "model=small", "train=gpu"],
-        "env": [{"name": "MLFLOW_TRACKING_URI", "value": DEFAULT_CLUSTER_MLFLOW}],
-        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "args": ["--nproc-per-node=1", "-m", "services.trainer", "model=small", "train=gpu",
+                 "train.checkpoint_dir=/checkpoints/${model.name}",
+                 "tracking.register_name=llm"],  # fmt: skip
+        "env": [
+            {"name": "MLFLOW_TRACKING_URI", "value": DEFAULT_CLUSTER_MLFLOW},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "resources": {
+            "requests": {"cpu": "4", "memory": "16Gi"},
+            "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"},
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},  # fmt: skip
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "checkpoints", "mountPath": "/checkpoints"},
+            {"name": "workspace", "mountPath": "/workspace"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
     }
-    replica = {"replicas": 1, "restartPolicy": "OnFailure",
-               "template": {"spec": {"containers": [container]}}}  # fmt: skip
-    return {
+    pod_spec = {
+        "automountServiceAccountToken": False,
+        "runtimeClassName": "nvidia",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+            {"name": "checkpoints",
+             "persistentVolumeClaim": {"claimName": DEFAULT_CHECKPOINT_CLAIM}},  # fmt: skip
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        ],
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    replica = {
+        "replicas": 1,
+        "restartPolicy": "OnFailure",
+        "template": {"metadata": {"labels": dict(_TRAINER_LABELS)}, "spec": pod_spec},
+    }
+    # The JSON round trip gives Master and Worker their own copies.
+    return json.loads(json.dumps({
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": DEFAULT_JOB_NAME, "namespace": DEFAULT_NAMESPACE},
+        "metadata": {"name": DEFAULT_JOB_NAME, "namespace": DEFAULT_NAMESPACE,
+                     "labels": dict(_TRAINER_LABELS)},  # fmt: skip
         "spec": {
             "nprocPerNode": "1",
-            "pytorchReplicaSpecs": {"Master": replica, "Worker": json.loads(json.dumps(replica))},
+            "runPolicy": {"backoffLimit": 3, "cleanPodPolicy": "Running"},
+            "pytorchReplicaSpecs": {"Master": replica, "Worker": replica},
         },
-    }
+    }))  # fmt: skip
 
 
 def _container(replica: dict[str, Any]) -> dict[str, Any]:

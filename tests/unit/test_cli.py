@@ -103,6 +103,27 @@ def test_dry_run_follows_the_manifest_conventions(capsys) -> None:
     assert [v["name"] for v in got["volumes"]] == [v["name"] for v in want["volumes"]]
 
 
+def test_the_built_in_job_is_the_manifest(tmp_path: Path) -> None:
+    # An installed lmctl (no checkout) falls back to its built-in job: it must carry what the
+    # manifest does, or its pods miss the labels the chart's MLflow NetworkPolicy admits, the
+    # checkpoint claim and the non-root securityContext.
+    manifest = REPO / "manifests" / "pytorchjob.yaml"
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    [expected_job] = [d for d in docs if d["kind"] == "PyTorchJob"]
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    expected_claims = {d["metadata"]["name"]: d for d in claims}
+    missing = tmp_path / "no-checkout" / "pytorchjob.yaml"
+    assert cli.load_job_template(missing) == cli.load_job_template(manifest) == expected_job
+    assert cli.load_job_claims(missing) == cli.load_job_claims(manifest) == expected_claims
+    # Master and Worker are separate copies (an edit to one must not change the other).
+    job = cli.load_job_template(missing)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"] is not replicas["Worker"]
+    # And a job built from it mounts the claim it would create.
+    built = cli.build_pytorchjob(["model=tiny"], template=job)
+    assert cli.claims_of(built) == list(expected_claims)
+
+
 def test_zero_workers_leaves_only_the_master(capsys) -> None:
     job = dry_run(capsys, "--workers", "0")
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
