@@ -41,6 +41,7 @@ def test_docker_compose_config_validates_the_file(docker_compose: str) -> None:
     services = run_compose(docker_compose, COMPOSE, "config", "--services")
     assert set(services.stdout.split()) == {
         "redis",
+        "mlflow-migrate",
         "mlflow",
         "api",
         "worker",
@@ -87,6 +88,19 @@ def test_mlflow_serves_sqlite_and_artifacts_from_a_volume(compose: dict) -> None
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
     allowed = mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert "mlflow:5000" in allowed  # the Host header other containers send
+
+
+def test_mlflow_starts_after_its_database_is_brought_to_its_schema(compose: dict) -> None:
+    services = compose["services"]
+    migrate, mlflow = services["mlflow-migrate"], services["mlflow"]
+    assert migrate["image"] == mlflow["image"]  # the MLflow version the server runs
+    assert migrate["command"] == ["mlflow", "db", "upgrade", "sqlite:////mlflow/mlflow.db"]
+    assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in mlflow["command"]
+    assert migrate["volumes"] == mlflow["volumes"]
+    assert "restart" not in migrate  # a one-shot job
+    assert mlflow["depends_on"]["mlflow-migrate"] == {
+        "condition": "service_completed_successfully"
+    }
 
 
 def test_api_listens_on_8000_and_waits_for_a_healthy_redis(compose: dict) -> None:
