@@ -151,9 +151,10 @@ def tunable_linears(model: nn.Module) -> list[Linear]:
 
 
 def int8_linears(model: nn.Module) -> list[Int8Linear]:
-    """Int8Linear modules on the CPU, in model order."""
+    """Int8Linear modules on the CPU, in model order (by their scales: a layer that keeps its
+    packed copy alone has no `weight`)."""
     return [m for m in model.modules()
-            if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"]  # fmt: skip
+            if isinstance(m, Int8Linear) and m.scale.device.type == "cpu"]  # fmt: skip
 
 
 def apply_candidate(module: Linear, candidate: Candidate) -> None:
@@ -235,7 +236,9 @@ def _reusable(families: list[Family], reuse: Sequence[ShapeChoice]) -> bool:
     return wanted == given and all(c.chosen in _choice_names(c.dtype) for c in reuse)
 
 
-def _apply_reused(families: list[Family], reuse: Sequence[ShapeChoice]) -> None:
+def _apply_reused(
+    families: list[Family], reuse: Sequence[ShapeChoice], activations: torch.dtype
+) -> None:
     by_key = {(c.dtype, c.shape): c for c in reuse}
     for dtype, linears in families:
         for shape, members in _shape_groups(linears).items():
@@ -243,10 +246,10 @@ def _apply_reused(families: list[Family], reuse: Sequence[ShapeChoice]) -> None:
             for i in members:
                 if dtype != "int8":
                     apply_candidate(linears[i], _candidate(choice.chosen))
-                elif choice.bag_rows:
-                    linears[i].packed_rows()  # now, not in the first request's step (~2 ms/M)
                 linears[i].bag_rows = choice.bag_rows
                 linears[i].pack_rows = choice.pack_rows if dtype == "int8" else 0
+                if dtype == "int8":
+                    linears[i].settle_copies(activations)  # packed now, not at a request
 
 
 def _candidate(name: str) -> Candidate:
@@ -277,7 +280,7 @@ def use_inference_layout(
     """
     families = _families(model)
     if reuse and _reusable(families, reuse):
-        _apply_reused(families, reuse)
+        _apply_reused(families, reuse, _activation_dtype(model))
         return list(reuse)
     choices: list[ShapeChoice] = []
     for dtype, linears in families:
@@ -389,6 +392,8 @@ def _tune_int8(
     most rows up to which the int8 weight-only GEMM beats converting the weight (to the
     `activations` dtype); 0 (never the bag) where the kernel is missing."""
     groups = _shape_groups(layers)
+    for layer in layers:  # timed from the int8 weight (a layout measured again had released it)
+        layer.drop_packed_rows()
     if not byte_bag_supported():
         for layer in layers:
             layer.bag_rows = layer.pack_rows = 0
@@ -414,8 +419,7 @@ def _tune_int8(
         pack_rows = pack_won.get(shape, 0)
         for i in members:
             layers[i].bag_rows, layers[i].pack_rows = won[shape], pack_rows
-            if not won[shape]:
-                layers[i].drop_packed_rows()  # timing the bag packed it: one byte per weight
+            layers[i].settle_copies(activations)  # one copy where only the bag reads bytes
         at_one_row = rows_micros[shape].get("1", {})
         micros = {("bytebag" if k == "bag" else k): v for k, v in at_one_row.items()}
         chosen = "bytebag" if won[shape] else ("int8pack" if pack_rows else "dequant")

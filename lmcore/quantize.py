@@ -14,6 +14,12 @@ bench/quantized_cpu.json). With bf16 activations PyTorch's int8 weight-only GEMM
 the weight once per row, loses to at a few rows. lmcore.inference_layout measures up to how
 many rows each pays.
 
+A layer that serves its few-row products from the bag and none from int8pack, in an fp32
+model, keeps ONE copy of its weights: the packed one (`Int8Linear.settle_copies`, called by
+the layout). Its other products read W^T's columns from it a block at a time (`float_rows`),
+and the tied lookup gathers columns of it: a served int8 model then holds about a quarter of
+its fp32 bytes, where the int8 weight beside the packed copy made it half.
+
 fp16 tops out at 65504: a product of the raw int8 values (up to 127 times the weight over its
 scale) overflows ~516 x max|w_row| before the true output does, so fp16 products multiply by
 weights already scaled (in fp32, then rounded to fp16) instead of scaling afterwards.
@@ -51,6 +57,19 @@ QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
 DEQUANT_BLOCK_ELEMENTS = 1 << 20
 DEQUANT_MIN_BLOCK_ROWS = 512
 PACK_BLOCK_ROWS = 256  # the byte bag's packed copy is written this many weight rows at a time
+# A layer that keeps its packed copy alone hands GEMMs W^T's columns as they lie there
+# (column-major blocks), since transposing them back cost ~0.7 ms per million weights (as much
+# as the product of 17 rows). fp32 and bf16 GEMMs of at least this many rows gave the same
+# bits on either order (they repack both into the same panels); fewer fp32 rows (GEMV paths)
+# and fp16 did not, so those get row-major blocks, and the layout keeps the packed copy alone
+# only where the bag serves every product of fewer rows (torch 2.13, Zen 4).
+ANY_ORDER_MIN_ROWS = 4
+ANY_ORDER_DTYPES = (torch.float32, torch.bfloat16)
+# ...and only for these activations: reading the columns costs a byte pass before the
+# conversion, which fp32 products of 17+ rows paid 0-12% for (gpt2-124m's shapes, Zen 4), but
+# bf16's conversion is compute-bound, so the pass added in full (+11-20% at 64 rows, +30-45%
+# at 17), and fp16 needs row-major blocks.
+PACKED_ALONE_ACTIVATIONS = (torch.float32,)
 
 
 class Int8Linear(nn.Module):
@@ -65,10 +84,14 @@ class Int8Linear(nn.Module):
     sums the same int8 values in fp32; 0 (the default) until lmcore.inference_layout measures it.
     pack_rows: CPU products of more rows than that, up to this many, in bf16, take PyTorch's
     int8 weight-only GEMM (`int8pack_product`); 0 until measured.
+    packed_only: the layout found that only the byte bag reads the (out, in) int8 weight's
+    bytes as they are (`settle_copies`): `weight` is released (None) and every product reads
+    the packed copy, which `packed_rows()` keeps alone again after a new weight is loaded.
     """
 
     bag_rows: int = 0
     pack_rows: int = 0
+    packed_only: bool = False
 
     def __init__(
         self,
@@ -105,7 +128,35 @@ class Int8Linear(nn.Module):
         return out
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+        return self.float_rows(slice(None), self.scale.dtype) * self.scale[:, None]
+
+    def float_rows(
+        self, rows: slice, dtype: torch.dtype, any_order: bool = False
+    ) -> torch.Tensor:
+        """W[rows] (the int8 values q) in `dtype`, row-major: from `weight`, or, where the layer
+        keeps its packed copy alone, from W^T's columns there; `any_order`: column-major from
+        the packed copy as it lies (see ANY_ORDER_MIN_ROWS)."""
+        weight = self.weight
+        if weight is not None:
+            return weight[rows].to(dtype)
+        cols = self._packed[:, : self.out_features][:, rows]  # q ^ 0x80, one row per channel
+        # Flip the sign bits back in a byte pass: converting the uint8 and subtracting 128 ran
+        # 2-3x slower on these strided runs (and the subtraction in bf16 slower still).
+        q = (cols ^ 0x80).view(torch.int8)
+        return q.to(dtype).t() if any_order else q.t().contiguous().to(dtype)
+
+    def _any_order(self, x: torch.Tensor) -> bool:
+        """Whether a GEMM of x gives the same bits on a column-major weight (ANY_ORDER_MIN_ROWS)."""
+        rows = x.numel() // self.in_features
+        return x.dtype in ANY_ORDER_DTYPES and rows >= ANY_ORDER_MIN_ROWS
+
+    def int8_weight(self) -> torch.Tensor:
+        """The (out, in) int8 weight: `weight`, or rebuilt from the packed copy (a full-size
+        transposing copy: for the state dict and other rare readers, never a product)."""
+        if self.weight is not None:
+            return self.weight
+        cols = self._packed[:, : self.out_features]
+        return (cols ^ 0x80).view(torch.int8).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -141,7 +192,9 @@ class Int8Linear(nn.Module):
         # In fp32, as the byte bag does: a scale rounded to bf16 would add its own 0.4% error,
         # and inductor's CPU rewrite of a bf16 `mm * scale` into its int8 kernel fails to
         # compile (torch 2.13: "AssertionError: <class 'torch._inductor.ir.Pointwise'>").
-        y = linear(x, self.weight.to(x.dtype), None).float() * self.scale.float()
+        compiling = torch.compiler.is_compiling()  # the compiler picks its own order
+        weight = self.float_rows(slice(None), x.dtype, not compiling and self._any_order(x))
+        y = linear(x, weight, None).float() * self.scale.float()
         y = y + self.bias.float() if self.bias is not None else y
         return y.to(x.dtype)
 
@@ -153,12 +206,13 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         y = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         scale = self.scale.float()
+        any_order = self._any_order(x)
         for start in range(0, self.out_features, step):
             rows = slice(start, start + step)
             if x.dtype == torch.float16:  # scaled first: the raw product would overflow
                 y[:, rows] = linear(flat, self.fp16_weight(rows), None)
                 continue
-            block = linear(flat, self.weight[rows].to(x.dtype), None)
+            block = linear(flat, self.float_rows(rows, x.dtype, any_order), None)
             torch.mul(block, scale[rows], out=y[:, rows])
         if self.bias is not None:
             y += self.bias.float()
@@ -167,44 +221,100 @@ class Int8Linear(nn.Module):
     def fp16_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         """These rows of the weight dequantized to fp16, scaled in fp32 and rounded once: what
         fp16 products multiply by, since the unscaled int8 values overflow fp16 sums."""
-        return (self.weight[rows].float() * self.scale[rows, None].float()).half()
+        return (self.float_rows(rows, torch.float32) * self.scale[rows, None].float()).half()
 
     def packed_rows(self) -> torch.Tensor:
         """The weight as the byte bag reads it, made on first use and remade when the weight
         changes: one row per input channel (a row of W^T), each the q + 128 bytes followed by
         the row's fp32 scale 1 and offset -128, so that every value reads back exactly as q.
-        It costs one more byte per weight beside `weight` (and 8 per input channel). An
+        It costs one more byte per weight beside `weight` (and 8 per input channel), unless
+        the layer is `packed_only`: then `weight` is released once the copy is made. An
         inference tensor's in-place change is invisible here: call `drop_packed_rows` after
         one (load_state_dict does)."""
         weight = self.weight
-        # Inference tensors keep no version counter; their storage is the key alone.
-        version = None if weight.is_inference() else weight._version
-        key = (weight.data_ptr(), version, weight.device)
+        if weight is None:  # released: the packed copy is the weights
+            return self._packed
+        key = _storage_key(weight)
         if getattr(self, "_packed_key", None) != key:
             with torch.inference_mode(False):  # an ordinary tensor, whatever mode asks first
                 self._packed, self._packed_key = _pack_for_byte_bag(weight), key
+        if self.packed_only:
+            self.weight = None  # one copy: every product reads the packed one
         return self._packed
+
+    def settle_copies(self, activations: torch.dtype) -> None:
+        """Keep the copies of the weights that this layer's products read, once the layout has
+        set bag_rows and pack_rows for these activations: the int8 weight alone where no
+        product takes the byte bag; the packed copy alone where the bag serves every product
+        of fewer than ANY_ORDER_MIN_ROWS rows (those would need the weight transposed back),
+        int8pack (which reads the (out, in) int8 weight) none, and the activations are in
+        PACKED_ALONE_ACTIVATIONS, on the CPU; else both."""
+        if not self.bag_rows:
+            self.drop_packed_rows()  # timing the bag packed it: one byte per weight
+            return
+        self.packed_only = (
+            self.bag_rows >= ANY_ORDER_MIN_ROWS - 1
+            and self.pack_rows <= self.bag_rows
+            and activations in PACKED_ALONE_ACTIVATIONS
+            and self.scale.device.type == "cpu"
+        )
+        if not self.packed_only:
+            self._restore_weight()
+        self.packed_rows()  # made now, not in the first request's step (~2 ms/M weights)
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes the byte bag's packed copy holds now (0 when none is made)."""
+        """Bytes the byte bag's packed copy holds now (0 when none is made); where the layer
+        keeps it alone (`weight` None), model_size_bytes counts them as the layer's weights."""
         packed = self.__dict__.get("_packed")
         return 0 if packed is None else packed.nbytes
 
     def drop_packed_rows(self) -> None:
-        """Free the packed copy: a layer whose products never take the byte bag needs none."""
+        """Free the packed copy: a layer whose products never take the byte bag needs none.
+        A layer that kept it alone gets its int8 weight back first."""
+        self.packed_only = False
+        self._restore_weight()
         self.__dict__.pop("_packed", None)
         self.__dict__.pop("_packed_key", None)
 
+    def _restore_weight(self) -> None:
+        """`weight` again, rebuilt from the packed copy where it was released."""
+        if self.weight is None:
+            self.weight = self.int8_weight()
+            self._packed_key = _storage_key(self.weight)  # the packed copy holds its values
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # The load copies into the same storage, and an inference tensor (a model loaded under
-        # inference_mode) has no version counter, so the packed copy's key cannot see it.
+        # inference_mode) has no version counter, so the packed copy's key cannot see it. A
+        # packed_only layer loads into its weight rebuilt, and keeps the new packed copy alone
+        # once the bag makes it.
+        packed_only = self.packed_only
         self.drop_packed_rows()
+        self.packed_only = packed_only
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        if self.weight is None:  # released: the state dict holds it all the same, in place
+            destination[prefix + "weight"] = self.int8_weight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        if self.weight is None:  # the packed copy is the weights: it moves with the layer
+            self._packed = fn(self._packed)
+            if self._packed.device.type != "cpu":  # the byte bag is CPU-only: the plain weight
+                self.drop_packed_rows()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.scale.dtype}")
+
+
+def _storage_key(weight: torch.Tensor) -> tuple[Any, ...]:
+    """What `Int8Linear.packed_rows` tells a changed weight by. Inference tensors keep no
+    version counter; their storage is the key alone."""
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.device)
 
 
 def dequant_block_rows(in_features: int) -> int:
@@ -226,12 +336,22 @@ class TiedInt8Embedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The int8 table (the head's weight), for code that asks an embedding for its device."""
-        return self.head.weight
+        """The int8 table (the head's weight), for code that asks an embedding for its device;
+        where the head keeps its packed copy alone, that copy (W^T's bytes, one row per
+        channel): rebuilding the table here would copy it on every `Transformer.device`."""
+        head = self.head
+        return head.weight if head.weight is not None else head.packed_rows()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self.head
-        return F.embedding(idx, head.weight).float() * head.scale[idx].float().unsqueeze(-1)
+        if head.weight is not None:
+            rows = F.embedding(idx, head.weight).float()
+        else:  # each token's row of W is a column of the packed copy: gather those
+            cols = head.packed_rows().index_select(1, idx.reshape(-1))
+            # Row-major, as the lookup was: a norm reduces a strided row in another order.
+            q = (cols ^ 0x80).view(torch.int8).t().contiguous()
+            rows = q.view(*idx.shape, head.in_features).float()
+        return rows * head.scale[idx].float().unsqueeze(-1)
 
     def extra_repr(self) -> str:
         return f"{self.head.out_features}, {self.head.in_features}, int8, tied to the head"
@@ -322,7 +442,7 @@ def int8pack_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
                          f"{INT8PACK_IN_MULTIPLE}, got {layer.in_features}")  # fmt: skip
     flat = x.reshape(-1, layer.in_features).contiguous()  # the kernel takes plain rows only
     ones = torch.ones(layer.out_features, dtype=x.dtype)
-    y = torch._weight_int8pack_mm(flat, layer.weight, ones).float() * layer.scale.float()
+    y = torch._weight_int8pack_mm(flat, layer.int8_weight(), ones).float() * layer.scale.float()
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
@@ -475,7 +595,10 @@ def dynamic_int8(model: nn.Module, *, skip: Sequence[str] = ()) -> nn.Module:
 
 
 def _packed_bytes(module: nn.Module) -> int:
-    """Weights that dynamic-quantized modules keep in packed params, outside parameters()."""
+    """Weights that dynamic-quantized modules keep in packed params, and an Int8Linear that
+    keeps its packed copy alone keeps there, outside parameters() and buffers()."""
+    if isinstance(module, Int8Linear):
+        return module.packed_nbytes if module.weight is None else 0
     weight_bias = getattr(module, "_weight_bias", None)
     # The quantized Linear and its packed-params child both expose _weight_bias: count the child.
     if weight_bias is None or any(hasattr(c, "_weight_bias") for c in module.children()):
@@ -493,7 +616,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of parameters + buffers (a tied tensor counted once) + packed int8 weights."""
+    """Bytes of parameters + buffers (a tied tensor counted once) + packed int8 weights
+    (an Int8Linear's packed copy only where it replaced the weight: beside the weight it is a
+    second copy, `Int8Linear.packed_nbytes`)."""
     seen: set[int] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:

@@ -99,7 +99,7 @@ def load_plainly(path: Path, form: str) -> Transformer:
 
 def child(way: str, path: Path, form: str) -> dict[str, Any]:
     from lmcore.checkpoint import load_model_dir
-    from lmcore.quantize import model_size_bytes
+    from lmcore.quantize import Int8Linear, model_size_bytes
 
     torch.set_num_threads(1)
     before = _status_mb("VmRSS")
@@ -111,7 +111,9 @@ def child(way: str, path: Path, form: str) -> dict[str, Any]:
         model = load_plainly(path, form)
     load_s = time.perf_counter() - started
     peak, after = _status_mb("VmHWM"), _status_mb("VmRSS")
-    packed = sum(getattr(m, "packed_nbytes", 0) for m in model.modules())
+    # Packed copies beside an int8 weight; one that replaced it is in model_size_bytes.
+    packed = sum(m.packed_nbytes for m in model.modules()
+                 if isinstance(m, Int8Linear) and m.weight is not None)  # fmt: skip
     with torch.inference_mode():
         probe = torch.arange(1, 9)[None] % model.config.vocab_size
         logits = model(probe)[0][0, -1, :PROBE_LOGITS].float().tolist()

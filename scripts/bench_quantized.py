@@ -15,8 +15,9 @@ in the same run, each built the way the worker builds it:
   where int8 layers may also take PyTorch's int8 weight-only GEMM, and its peer
   `int8_bf16_nopack`, laid out with that GEMM switched off (LMCORE_INT8PACK=0).
 Also per form: the bytes its weights hold resident while it serves (`resident_weight_bytes`:
-`model_size_bytes`, reported alone as `weight_bytes`, plus `packed_bytes`, the copies int8
-layers keep packed for the byte bag, counted after the timed runs), the layout chosen, and how
+`model_size_bytes`, reported alone as `weight_bytes`, which counts an int8 layer's packed copy
+where it replaced the int8 weight, plus `packed_bytes`, the packed copies int8 layers keep for
+the byte bag beside their int8 weight, counted after the timed runs), the layout chosen, and how
 many greedy tokens agree with fp32 (random weights make near-ties, so this is a rate, not an
 identity).
 
@@ -112,8 +113,10 @@ def build_forms(base: Transformer) -> tuple[dict[str, Transformer], dict[str, An
 
 
 def packed_bytes(model: Transformer) -> int:
-    """Bytes of the byte bag's packed copies (Int8Linear.packed_nbytes), outside parameters()."""
-    return sum(getattr(m, "packed_nbytes", 0) for m in model.modules())
+    """Bytes of the byte bag's packed copies kept beside an int8 weight (Int8Linear.packed_nbytes):
+    a copy that replaced the weight is the layer's weights, in model_size_bytes already."""
+    return sum(m.packed_nbytes for m in model.modules()
+               if isinstance(m, Int8Linear) and m.weight is not None)  # fmt: skip
 
 
 def without_int8pack(build: Callable[[], Transformer]) -> Transformer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,13 @@ from lmcore.config import preset
 from lmcore.generate import decode_step
 from lmcore.linear import Linear, onednn_enabled
 from lmcore.model import Transformer
-from lmcore.quantize import Int8Linear, byte_bag_supported, int8pack_supported, quantize_int8
+from lmcore.quantize import (
+    Int8Linear,
+    byte_bag_supported,
+    int8pack_supported,
+    model_size_bytes,
+    quantize_int8,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -535,7 +542,55 @@ def test_int8_layers_keep_the_packed_copy_only_where_the_bag_serves(
     model = quantize_int8(Transformer(preset("tiny")).eval())
     layout.use_inference_layout(model, passes=1)
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    # Timing the bag packs every layer; a layer that never takes it must not keep the bytes.
+    # Timing the bag packs every layer; a layer that never takes it must not keep the bytes,
+    # and one whose few rows all take it keeps them alone (fp32 activations: no int8pack).
     assert all((m.packed_nbytes > 0) == (m.bag_rows > 0) for m in layers)
+    assert all((m.weight is None) == (m.bag_rows >= 3) for m in layers)
     if bag == "slower everywhere":
         assert all(m.bag_rows == 0 for m in layers)
+
+
+def _resident_bytes(model: nn.Module) -> int:
+    """What a served model holds: model_size_bytes (which counts a packed copy that replaced
+    its weight) plus the packed copies kept beside an int8 weight."""
+    beside = sum(m.packed_nbytes for m in layout.int8_linears(model) if m.weight is not None)
+    return model_size_bytes(model) + beside
+
+
+def _int8_choices(model: nn.Module, bag_rows: int, pack_rows: int) -> list[layout.ShapeChoice]:
+    groups = layout._shape_groups(layout.int8_linears(model))
+    return [layout.ShapeChoice(shape, len(members), "bytebag", {}, bag_rows, dtype="int8",
+                               pack_rows=pack_rows) for shape, members in groups.items()]
+
+
+@pytest.mark.skipif(not byte_bag_supported(), reason="this torch build has no FBGEMM byte bag")
+@pytest.mark.parametrize("bag_rows, pack_rows, dtype", [
+    (4, 0, torch.float32), (1, 0, torch.float32), (4, 16, torch.float32), (4, 0, torch.bfloat16)
+], ids=["bag_alone", "bag_one_row", "bag_and_int8pack", "bf16"])  # fmt: skip
+def test_a_laid_out_int8_model_holds_one_copy_of_its_weights_where_only_the_bag_reads_bytes(
+    bag_rows: int, pack_rows: int, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(14)
+    fp32 = Transformer(preset("tiny")).eval()
+    model = quantize_int8(copy.deepcopy(fp32).to(dtype))
+    kept = copy.deepcopy(model)
+    choices = _int8_choices(model, bag_rows, pack_rows)
+    assert layout.use_inference_layout(model, reuse=choices) == choices
+    layers = layout.int8_linears(model)
+    one_byte = sum(m.out_features * m.in_features for m in layers)
+    tails = sum(8 * m.in_features for m in layers)  # each packed row's scale and offset
+    rest = model_size_bytes(kept) - one_byte  # scales, norms, the position table
+    # One byte per weight where the bag alone reads bytes from 3 rows down, in fp32; a layer
+    # whose 2-3 row products convert its weight, that int8pack serves, or whose conversions
+    # are bf16 (slower from the packed copy) keeps both copies.
+    alone = bag_rows >= 3 and pack_rows <= bag_rows and dtype == torch.float32
+    assert all((m.weight is None) == alone and m.packed_nbytes > 0 for m in layers)
+    assert _resident_bytes(model) == rest + one_byte * (1 if alone else 2) + tails
+    if alone:  # tiny's packed tails and position table weigh more than gpt2-124m's (0.26x)
+        assert _resident_bytes(model) < 0.33 * model_size_bytes(fp32)
+    # The same logits as the model before its layout, given the same kernels.
+    for plain, served in zip(layout.int8_linears(kept), layers):
+        plain.bag_rows, plain.pack_rows = served.bag_rows, served.pack_rows
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(_cached_logits(model, idx), _cached_logits(kept, idx))

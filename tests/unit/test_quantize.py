@@ -325,6 +325,104 @@ def test_int8_products_of_up_to_bag_rows_take_the_byte_bag_and_agree(dtype: torc
         assert got.dtype == dtype and got.shape == (rows, 40)
 
 
+def _laid_out_alone(layer: Int8Linear, bag_rows: int) -> Int8Linear:
+    """An untouched copy of `layer` taking the same kernels; `layer` itself is laid out as the
+    layout lays out a layer that only the byte bag reads as bytes: its packed copy alone."""
+    kept = copy.deepcopy(layer)
+    layer.bag_rows = kept.bag_rows = bag_rows
+    released = weakref.ref(layer.weight)
+    layer.settle_copies(torch.float32)  # laid out for fp32; a later cast serves others from it
+    assert layer.weight is None and layer.packed_only and layer.packed_nbytes > 0
+    assert released() is None  # the int8 weight's storage is freed, not kept elsewhere
+    return kept
+
+
+@needs_byte_bag
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("out_features, in_features", [(40, 96), (1100, 96), (97, 33)],
+                         ids=["whole", "blocks", "odd"])  # fmt: skip
+def test_a_layer_keeping_only_its_packed_copy_gives_the_same_bits_on_every_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, out_features: int, in_features: int
+) -> None:
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_BLOCK_ELEMENTS", 256 * in_features)
+    monkeypatch.setattr("lmcore.quantize.DEQUANT_MIN_BLOCK_ROWS", 256)  # 1100 rows: 5 blocks
+    torch.manual_seed(9)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    nn.init.normal_(linear.weight, std=0.02)
+    layer = Int8Linear.from_linear(linear).to(dtype)
+    kept = _laid_out_alone(layer, bag_rows=3)
+    # The bag (1-3 rows), then the conversion, whole or in blocks, plain or (fp16) scaled:
+    # column-major blocks from 4 rows on (fp32, bf16), which every GEMM here read alike.
+    shapes = [(rows, in_features) for rows in [*range(1, 41), 64, 256]] + [(2, 9, in_features)]
+    for shape in shapes:
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            got, want = layer(x), kept(x)
+        assert got.dtype == dtype and torch.equal(got, want), shape
+        assert layer.weight is None, shape  # no product brings the weight back
+    for rows in (1, 2, 17):  # fewer rows than ANY_ORDER_MIN_ROWS get row-major blocks
+        x = torch.randn(rows, in_features).to(dtype)
+        assert torch.equal(layer.dequant_product(x), kept.dequant_product(x)), rows
+        for block in (7, 256, 2000):  # ragged blocks, one block
+            got, want = layer.dequant_blocks(x, block), kept.dequant_blocks(x, block)
+            assert torch.equal(got, want), (rows, block)
+    assert torch.equal(layer.dequantize(), kept.dequantize())
+    assert torch.equal(layer.fp16_weight(slice(3, 30)), kept.fp16_weight(slice(3, 30)))
+    assert torch.equal(layer.int8_weight(), kept.weight)
+
+
+@needs_byte_bag
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_model_keeping_only_packed_copies_gives_the_same_logits_lookups_and_tokens(
+    trained: Transformer, dtype: torch.dtype
+) -> None:
+    kept = quantize_int8(copy.deepcopy(trained).to(dtype))
+    served = copy.deepcopy(kept)
+    for plain, alone in zip(kept.modules(), served.modules()):
+        if isinstance(alone, Int8Linear):
+            plain.bag_rows = alone.bag_rows = 3  # decode steps of two rows take the bag
+            alone.settle_copies(torch.float32)  # laid out in fp32, then cast (as above)
+    assert served.head.weight is None and served.device.type == "cpu"
+    idx = torch.stack([pattern_tokens(40), pattern_tokens(43)[3:]])
+    with torch.no_grad():
+        rows = served.tok_emb(idx)  # the tied lookup, gathered from the head's packed copy
+        assert rows.is_contiguous() and torch.equal(rows, kept.tok_emb(idx))
+        assert torch.equal(served(idx)[0], kept(idx)[0])  # 80 rows: the conversion
+    prompts = [pattern_tokens(10).tolist(), pattern_tokens(17)[3:].tolist()]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, eos=False)
+    want = generate_ids(kept, prompts, params)
+    got = generate_ids(served, prompts, params)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert all(m.weight is None for m in served.modules() if isinstance(m, Int8Linear))
+
+
+@needs_byte_bag
+def test_a_layer_keeping_only_its_packed_copy_still_saves_loads_and_moves_its_weight() -> None:
+    torch.manual_seed(10)
+    layer, other = (Int8Linear.from_linear(Linear(32, 24, bias=True)) for _ in range(2))
+    want = layer.state_dict()
+    kept = _laid_out_alone(layer, bag_rows=3)
+    got = layer.state_dict()  # the weight rebuilt, in its place among the keys
+    assert list(got) == list(want) == ["weight", "scale", "bias"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # A new weight loads into the weight rebuilt; the bag packs it and keeps that copy alone.
+    layer.load_state_dict(other.state_dict())
+    other.bag_rows = 3
+    for rows in (5, 1):  # the conversion from the loaded weight, then the bag
+        x = torch.randn(rows, 32)
+        with torch.no_grad():
+            assert torch.equal(layer(x), other(x)), rows
+    assert layer.weight is None and layer.packed_only
+    # Dropping the packed copy gives the weight back; so does a move off the CPU.
+    layer.drop_packed_rows()
+    assert torch.equal(layer.weight, other.weight) and layer.packed_nbytes == 0
+    kept.settle_copies(torch.float32)
+    moved = copy.deepcopy(kept).to("meta")
+    assert moved.weight.is_meta and moved.weight.shape == (24, 32) and moved.packed_nbytes == 0
+    cast = kept.to(torch.bfloat16)  # on the CPU the packed copy stays the only one
+    assert cast.weight is None and cast.scale.dtype == torch.bfloat16
+
+
 INT8PACK_OP = "aten::_weight_int8pack_mm"
 needs_int8pack = pytest.mark.skipif(
     not int8pack_supported(torch.bfloat16, 64), reason="this torch has no CPU int8 weight GEMM"
@@ -442,9 +540,14 @@ def test_greedy_bf16_generation_is_unchanged_when_int8_layers_take_int8pack(
     assert [g.token_ids for g in packed] == [g.token_ids for g in dequant]
 
 
-def test_a_compiled_bf16_int8_layer_gives_the_eager_result() -> None:
+@pytest.mark.parametrize("copies", ["weight", "packed alone"])
+def test_a_compiled_bf16_int8_layer_gives_the_eager_result(copies: str) -> None:
     torch.manual_seed(6)
     layer = Int8Linear.from_linear(Linear(64, 96))
+    if copies == "packed alone":
+        if not byte_bag_supported():
+            pytest.skip("this torch build has no FBGEMM 8-bit embedding bag")
+        _laid_out_alone(layer, bag_rows=3)
     x = torch.randn(2, 1, 64, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
     with torch.inference_mode():
