@@ -15,10 +15,11 @@ the weight once per row, loses to at a few rows. lmcore.inference_layout measure
 many rows each pays.
 
 A layer that serves its few-row products from the bag and none from int8pack, in an fp32
-model, keeps ONE copy of its weights: the packed one (`Int8Linear.settle_copies`, called by
-the layout). Its other products read W^T's columns from it a block at a time (`float_rows`),
-and the tied lookup gathers columns of it: a served int8 model then holds about a quarter of
-its fp32 bytes, where the int8 weight beside the packed copy made it half.
+model whose GEMMs oneDNN runs, keeps ONE copy of its weights: the packed one
+(`Int8Linear.settle_copies`, called by the layout). Its other products read W^T's columns
+from it a block at a time (`float_rows`), and the tied lookup gathers columns of it: a served
+int8 model then holds about a quarter of its fp32 bytes, where the int8 weight beside the
+packed copy made it half.
 
 fp16 tops out at 65504: a product of the raw int8 values (up to 127 times the weight over its
 scale) overflows ~516 x max|w_row| before the true output does, so fp16 products multiply by
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcore.linear import bag_indices, linear, shared_weight_ids
+from lmcore.linear import bag_indices, linear, onednn_enabled, shared_weight_ids
 
 INT8_MAX = 127
 # The op has no fast fp32 path (5-100x slower), and fp16 would overflow: it sums the raw int8
@@ -57,19 +58,17 @@ QUANTIZE_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 temporaries per block
 DEQUANT_BLOCK_ELEMENTS = 1 << 20
 DEQUANT_MIN_BLOCK_ROWS = 512
 PACK_BLOCK_ROWS = 256  # the byte bag's packed copy is written this many weight rows at a time
-# A layer that keeps its packed copy alone hands GEMMs W^T's columns as they lie there
-# (column-major blocks), since transposing them back cost ~0.7 ms per million weights (as much
-# as the product of 17 rows). fp32 and bf16 GEMMs of at least this many rows gave the same
-# bits on either order (they repack both into the same panels); fewer fp32 rows (GEMV paths)
-# and fp16 did not, so those get row-major blocks, and the layout keeps the packed copy alone
-# only where the bag serves every product of fewer rows (torch 2.13, Zen 4).
-ANY_ORDER_MIN_ROWS = 4
-ANY_ORDER_DTYPES = (torch.float32, torch.bfloat16)
-# ...and only for these activations: reading the columns costs a byte pass before the
-# conversion, which fp32 products of 17+ rows paid 0-12% for (gpt2-124m's shapes, Zen 4), but
-# bf16's conversion is compute-bound, so the pass added in full (+11-20% at 64 rows, +30-45%
-# at 17), and fp16 needs row-major blocks.
-PACKED_ALONE_ACTIVATIONS = (torch.float32,)
+# A layer that keeps its packed copy alone hands the GEMMs of fp32 products W^T's columns as
+# they lie there (column-major blocks): transposing them back cost ~0.7 ms per million weights,
+# as much as a 17-row product. oneDNN (lmcore.linear's fp32 GEMM where onednn_enabled())
+# gave the same bits on either order from 2 rows on, over gpt2-124m's and other shapes, down
+# to blocks of 1-7 output rows; the BLAS did not for 1-3 rows or for 7-row blocks, fp16 did
+# not at all (torch 2.13, Zen 4). So only fp32 models whose GEMMs oneDNN runs keep the packed
+# copy alone (`packed_alone_serves`); other products of such a layer (1 row without the bag,
+# a model cast after its layout) get row-major blocks, the same bits at the transposing cost.
+# Nor bf16 models: reading the columns costs a byte pass before the conversion, which fp32
+# products of 17+ rows paid 0-12% for (gpt2-124m's shapes), but bf16's conversion is
+# compute-bound and the pass added in full (+11-20% at 64 rows, +30-45% at 17).
 
 
 class Int8Linear(nn.Module):
@@ -135,7 +134,7 @@ class Int8Linear(nn.Module):
     ) -> torch.Tensor:
         """W[rows] (the int8 values q) in `dtype`, row-major: from `weight`, or, where the layer
         keeps its packed copy alone, from W^T's columns there; `any_order`: column-major from
-        the packed copy as it lies (see ANY_ORDER_MIN_ROWS)."""
+        the packed copy as it lies (see the comment above the class)."""
         weight = self.weight
         if weight is not None:
             return weight[rows].to(dtype)
@@ -143,20 +142,19 @@ class Int8Linear(nn.Module):
         # Flip the sign bits back in a byte pass: converting the uint8 and subtracting 128 ran
         # 2-3x slower on these strided runs (and the subtraction in bf16 slower still).
         q = (cols ^ 0x80).view(torch.int8)
-        return q.to(dtype).t() if any_order else q.t().contiguous().to(dtype)
+        return q.to(dtype).t() if any_order else _transposed(q).to(dtype)
 
     def _any_order(self, x: torch.Tensor) -> bool:
-        """Whether a GEMM of x gives the same bits on a column-major weight (ANY_ORDER_MIN_ROWS)."""
+        """Whether the GEMM of x is oneDNN's of 2+ rows: the same bits on either weight order."""
         rows = x.numel() // self.in_features
-        return x.dtype in ANY_ORDER_DTYPES and rows >= ANY_ORDER_MIN_ROWS
+        return rows >= 2 and not torch.is_autocast_enabled("cpu") and packed_alone_serves(x.dtype)
 
     def int8_weight(self) -> torch.Tensor:
         """The (out, in) int8 weight: `weight`, or rebuilt from the packed copy (a full-size
         transposing copy: for the state dict and other rare readers, never a product)."""
         if self.weight is not None:
             return self.weight
-        cols = self._packed[:, : self.out_features]
-        return (cols ^ 0x80).view(torch.int8).t().contiguous()
+        return _transposed((self._packed[:, : self.out_features] ^ 0x80).view(torch.int8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -245,17 +243,15 @@ class Int8Linear(nn.Module):
     def settle_copies(self, activations: torch.dtype) -> None:
         """Keep the copies of the weights that this layer's products read, once the layout has
         set bag_rows and pack_rows for these activations: the int8 weight alone where no
-        product takes the byte bag; the packed copy alone where the bag serves every product
-        of fewer than ANY_ORDER_MIN_ROWS rows (those would need the weight transposed back),
-        int8pack (which reads the (out, in) int8 weight) none, and the activations are in
-        PACKED_ALONE_ACTIVATIONS, on the CPU; else both."""
+        product takes the byte bag; the packed copy alone where int8pack (which reads the
+        (out, in) int8 weight) serves none and `packed_alone_serves` these activations, on the
+        CPU; else both."""
         if not self.bag_rows:
             self.drop_packed_rows()  # timing the bag packed it: one byte per weight
             return
         self.packed_only = (
-            self.bag_rows >= ANY_ORDER_MIN_ROWS - 1
+            packed_alone_serves(activations)
             and self.pack_rows <= self.bag_rows
-            and activations in PACKED_ALONE_ACTIVATIONS
             and self.scale.device.type == "cpu"
         )
         if not self.packed_only:
@@ -310,11 +306,23 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, dtype={self.scale.dtype}")
 
 
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """t.t() in fresh row-major storage: .contiguous() of a one-row result keeps strides (1, 1),
+    which a GEMM may read as transposed."""
+    return torch.empty(t.shape[::-1], dtype=t.dtype, device=t.device).copy_(t.t())
+
+
 def _storage_key(weight: torch.Tensor) -> tuple[Any, ...]:
     """What `Int8Linear.packed_rows` tells a changed weight by. Inference tensors keep no
     version counter; their storage is the key alone."""
     version = None if weight.is_inference() else weight._version
     return (weight.data_ptr(), version, weight.device)
+
+
+def packed_alone_serves(activations: torch.dtype) -> bool:
+    """A layer serving these activations may keep its packed copy alone: fp32 products whose
+    GEMMs oneDNN runs (see the comment above `Int8Linear`)."""
+    return activations == torch.float32 and onednn_enabled()
 
 
 def dequant_block_rows(in_features: int) -> int:

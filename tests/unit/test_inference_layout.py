@@ -24,6 +24,7 @@ from lmcore.quantize import (
     byte_bag_supported,
     int8pack_supported,
     model_size_bytes,
+    packed_alone_serves,
     quantize_int8,
 )
 
@@ -545,7 +546,8 @@ def test_int8_layers_keep_the_packed_copy_only_where_the_bag_serves(
     # Timing the bag packs every layer; a layer that never takes it must not keep the bytes,
     # and one whose few rows all take it keeps them alone (fp32 activations: no int8pack).
     assert all((m.packed_nbytes > 0) == (m.bag_rows > 0) for m in layers)
-    assert all((m.weight is None) == (m.bag_rows >= 3) for m in layers)
+    alone = packed_alone_serves(torch.float32)  # fp32 GEMMs on oneDNN (lmcore.quantize)
+    assert all((m.weight is None) == (alone and m.bag_rows > 0) for m in layers)
     if bag == "slower everywhere":
         assert all(m.bag_rows == 0 for m in layers)
 
@@ -580,10 +582,10 @@ def test_a_laid_out_int8_model_holds_one_copy_of_its_weights_where_only_the_bag_
     one_byte = sum(m.out_features * m.in_features for m in layers)
     tails = sum(8 * m.in_features for m in layers)  # each packed row's scale and offset
     rest = model_size_bytes(kept) - one_byte  # scales, norms, the position table
-    # One byte per weight where the bag alone reads bytes from 3 rows down, in fp32; a layer
-    # whose 2-3 row products convert its weight, that int8pack serves, or whose conversions
-    # are bf16 (slower from the packed copy) keeps both copies.
-    alone = bag_rows >= 3 and pack_rows <= bag_rows and dtype == torch.float32
+    # One byte per weight where only the bag reads bytes, in an fp32 model whose GEMMs oneDNN
+    # runs; a layer that int8pack serves, or whose conversions are bf16 (slower from the
+    # packed copy) or run on the BLAS (which reads column-major blocks differently), keeps both.
+    alone = pack_rows <= bag_rows and packed_alone_serves(dtype)
     assert all((m.weight is None) == alone and m.packed_nbytes > 0 for m in layers)
     assert _resident_bytes(model) == rest + one_byte * (1 if alone else 2) + tails
     if alone:  # tiny's packed tails and position table weigh more than gpt2-124m's (0.26x)

@@ -27,6 +27,7 @@ from lmcore.quantize import (
     int8pack_product,
     int8pack_supported,
     model_size_bytes,
+    packed_alone_serves,
     quantization_report,
     quantize_as_loaded,
     quantize_int8,
@@ -274,6 +275,10 @@ def test_greedy_generation_with_int8_and_kv_cache_matches_fp32(trained: Transfor
 needs_byte_bag = pytest.mark.skipif(
     not byte_bag_supported(), reason="this torch build has no FBGEMM 8-bit embedding bag"
 )
+needs_packed_alone = pytest.mark.skipif(
+    not byte_bag_supported() or not packed_alone_serves(torch.float32),
+    reason="no byte bag, or fp32 GEMMs run on the BLAS here: no layer keeps its packed copy alone",
+)
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
@@ -337,7 +342,7 @@ def _laid_out_alone(layer: Int8Linear, bag_rows: int) -> Int8Linear:
     return kept
 
 
-@needs_byte_bag
+@needs_packed_alone
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (1100, 96), (97, 33)],
                          ids=["whole", "blocks", "odd"])  # fmt: skip
@@ -350,9 +355,10 @@ def test_a_layer_keeping_only_its_packed_copy_gives_the_same_bits_on_every_path(
     linear = nn.Linear(in_features, out_features, bias=True)
     nn.init.normal_(linear.weight, std=0.02)
     layer = Int8Linear.from_linear(linear).to(dtype)
-    kept = _laid_out_alone(layer, bag_rows=3)
-    # The bag (1-3 rows), then the conversion, whole or in blocks, plain or (fp16) scaled:
-    # column-major blocks from 4 rows on (fp32, bf16), which every GEMM here read alike.
+    # One row takes the bag; fp32 products of more rows read column-major blocks through
+    # oneDNN, bf16 and fp16 ones (a model cast after its layout) row-major blocks.
+    kept = _laid_out_alone(layer, bag_rows=1)
+    # The bag, then the conversion, whole or in blocks, plain or (fp16) scaled.
     shapes = [(rows, in_features) for rows in [*range(1, 41), 64, 256]] + [(2, 9, in_features)]
     for shape in shapes:
         x = torch.randn(shape).to(dtype)
@@ -360,7 +366,7 @@ def test_a_layer_keeping_only_its_packed_copy_gives_the_same_bits_on_every_path(
             got, want = layer(x), kept(x)
         assert got.dtype == dtype and torch.equal(got, want), shape
         assert layer.weight is None, shape  # no product brings the weight back
-    for rows in (1, 2, 17):  # fewer rows than ANY_ORDER_MIN_ROWS get row-major blocks
+    for rows in (1, 2, 17):  # one row without the bag: row-major blocks
         x = torch.randn(rows, in_features).to(dtype)
         assert torch.equal(layer.dequant_product(x), kept.dequant_product(x)), rows
         for block in (7, 256, 2000):  # ragged blocks, one block
@@ -371,7 +377,7 @@ def test_a_layer_keeping_only_its_packed_copy_gives_the_same_bits_on_every_path(
     assert torch.equal(layer.int8_weight(), kept.weight)
 
 
-@needs_byte_bag
+@needs_packed_alone
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_model_keeping_only_packed_copies_gives_the_same_logits_lookups_and_tokens(
     trained: Transformer, dtype: torch.dtype
@@ -380,7 +386,7 @@ def test_a_model_keeping_only_packed_copies_gives_the_same_logits_lookups_and_to
     served = copy.deepcopy(kept)
     for plain, alone in zip(kept.modules(), served.modules()):
         if isinstance(alone, Int8Linear):
-            plain.bag_rows = alone.bag_rows = 3  # decode steps of two rows take the bag
+            plain.bag_rows = alone.bag_rows = 1
             alone.settle_copies(torch.float32)  # laid out in fp32, then cast (as above)
     assert served.head.weight is None and served.device.type == "cpu"
     idx = torch.stack([pattern_tokens(40), pattern_tokens(43)[3:]])
@@ -396,7 +402,7 @@ def test_a_model_keeping_only_packed_copies_gives_the_same_logits_lookups_and_to
     assert all(m.weight is None for m in served.modules() if isinstance(m, Int8Linear))
 
 
-@needs_byte_bag
+@needs_packed_alone
 def test_a_layer_keeping_only_its_packed_copy_still_saves_loads_and_moves_its_weight() -> None:
     torch.manual_seed(10)
     layer, other = (Int8Linear.from_linear(Linear(32, 24, bias=True)) for _ in range(2))
@@ -545,8 +551,8 @@ def test_a_compiled_bf16_int8_layer_gives_the_eager_result(copies: str) -> None:
     torch.manual_seed(6)
     layer = Int8Linear.from_linear(Linear(64, 96))
     if copies == "packed alone":
-        if not byte_bag_supported():
-            pytest.skip("this torch build has no FBGEMM 8-bit embedding bag")
+        if not byte_bag_supported() or not packed_alone_serves(torch.float32):
+            pytest.skip("no layer keeps its packed copy alone here")
         _laid_out_alone(layer, bag_rows=3)
     x = torch.randn(2, 1, 64, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
