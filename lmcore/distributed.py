@@ -184,6 +184,7 @@ class StopVote:
         self._start = start
         self._group: Any = None
         self._pending: tuple[torch.Tensor, Any] | None = None
+        self.lag = 1 if active() else 0  # calls between a vote and the call that returns it
         if active():
             # Its own CPU group (collective: every rank creates it), so votes never interleave
             # with the training's collectives, and never touch a GPU.

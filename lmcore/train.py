@@ -187,6 +187,8 @@ def lr_at(step: int, cfg: TrainConfig, steps: float) -> float:
     # Steps run 0 .. steps-1: the last one takes min_lr. The cosine starts at the peak, which
     # the warmup's last step has taken already, so then it starts one step down the cosine.
     first, last = (warmup - 1 if warmup else 0), steps - 1
+    if last <= first:
+        return cfg.lr  # a run of one step: the peak
     if step >= last:
         return min_lr
     progress = (step - first) / max(1, last - first)
@@ -484,7 +486,7 @@ class Trainer:
         # The LR schedule's axis. An epochs run's length is a token budget: a resume with another
         # batch or world size (tokens per step) goes on along the first session's steps, by tokens.
         self.schedule_steps, self.schedule_tokens_per_step = self.steps, self._tokens_per_step()
-        self.start_step, self.tokens_before = 0, 0
+        self.start_step, self.tokens_before, self._by_tokens = 0, 0, False
         self.data = data_identity(self.dataset)
         start = self._resume()
         model: nn.Module = self.model
@@ -577,7 +579,11 @@ class Trainer:
         self.schedule_tokens_per_step = int(schedule.get("tokens_per_step", old_tokens_per_step))
         self.schedule_steps = int(schedule.get("total_steps", self.steps))
         budget = self.schedule_steps * self.schedule_tokens_per_step
-        if self._tokens_per_step() != self.schedule_tokens_per_step:
+        # By tokens whenever any session's steps were not the schedule's size (this one's, or an
+        # earlier one's: a run back at its first size still has another's tokens behind it).
+        self._by_tokens = (self._tokens_per_step() != self.schedule_tokens_per_step
+                           or self.tokens_before != step * self.schedule_tokens_per_step)
+        if self._by_tokens:
             left = max(0, budget - self.tokens_before)
             self.steps = step + math.ceil(left / self._tokens_per_step())
             if self.dist_env.is_main:
@@ -591,7 +597,7 @@ class Trainer:
     def _schedule_position(self, steps_done: float) -> float:
         """Where `steps_done` steps of this run sit on the LR schedule's axis (its own steps,
         but for an epochs run resumed with another tokens per step: the first session's)."""
-        if self.cfg.epochs is None or self._tokens_per_step() == self.schedule_tokens_per_step:
+        if not self._by_tokens:
             return steps_done
         return self._tokens_at(steps_done) / self.schedule_tokens_per_step
 
@@ -658,14 +664,16 @@ class Trainer:
         try:
             for step in range(start + 1, self.steps + 1):
                 if step == start + 2:
-                    # The first step pays for compilation and warm-up: left out of the meter,
-                    # and of the pace that tells how many steps the time budget allows.
-                    run_meter.reset()
-                    self._pace_from = (step - 1, agreed.elapsed_s)
-                # From the agreed time (the same on every rank), so every rank takes the same lr;
-                # a vote between ranks lags a step, which only shifts the estimate by one step.
-                on_course = steps_on_course(self.steps, step - 1, agreed.elapsed_s, budget,
-                                            self._measured_pace(step - 1, agreed.elapsed_s))
+                    run_meter.reset()  # the first step pays for compilation and warm-up
+                # From the agreed time (the same on every rank), so every rank takes the same lr.
+                # It is the time at the end of step `done` (between ranks the vote lags a step).
+                done = max(start, step - 1 - stop_vote.lag)
+                if done == start + 1 and self._pace_from is None:
+                    # The pace that tells how many steps the budget allows leaves the session's
+                    # first step out too.
+                    self._pace_from = (done, agreed.elapsed_s)
+                on_course = steps_on_course(self.steps, done, agreed.elapsed_s, budget,
+                                            self._measured_pace(done, agreed.elapsed_s))
                 lr = lr_at(self._schedule_position(step - 1), cfg,
                            self._schedule_position(on_course))
                 if main and not warned_warmup and warmup_for(cfg, on_course) < cfg.warmup_steps:

@@ -124,12 +124,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-interval", type=int, default=0)
     p.add_argument("--eval-interval", type=int, default=0)
     p.add_argument("--mlflow-uri", default=None, help="also log to MLflow (lmcore.tracking)")
+    p.add_argument("--first-step-sleep", type=float, default=0.0,
+                   help="make the first optimizer step this much slower (as compiling one is)")
     return p.parse_args(argv)
+
+
+def slow_first_step(seconds: float) -> None:
+    """The first optimizer step of this process takes `seconds` longer, as a compiling one does."""
+    import time
+
+    step, slept = Trainer._optimizer_step, []
+
+    def slowed(self: Trainer, lr: float) -> Any:
+        if not slept:
+            slept.append(True)
+            time.sleep(seconds)
+        return step(self, lr)
+
+    Trainer._optimizer_step = slowed  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.first_step_sleep:
+        slow_first_step(args.first_step_sleep)
     dataset = TokenDataset.load(args.dataset)
     rank = DistEnv.from_env().rank
     args.out.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,25 @@ def test_a_resumed_budget_run_keeps_decaying_the_lr_on_both_ranks(
         assert torch.equal(w0[name], w1[name]), name
 
 
+def test_a_slow_first_step_does_not_cut_a_budgeted_schedule_on_two_ranks(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Between ranks the time vote lags a step: the budget's pace must still start after the
+    first step (3 s here, as compiling), or 6 s would look like 3 steps and the LR would fall to
+    min_lr at step 3, then climb back as the pace catches up."""
+    _, data = corpus
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *HELPER, "--dataset",
+           str(data.path), "--out", str(tmp_path / "out"), "--steps", "100000", "--warmup", "0",
+           "--max-time", "6", "--first-step-sleep", "3"]
+    log = tmp_path / "run.log"
+    finish(start(cmd, log), log)
+    lrs = [c["metrics"]["lr"] for c in calls(tmp_path / "out", 0)
+           if c["method"] == "log_metrics" and "lr" in c["metrics"]]
+    assert len(lrs) > 10, lrs
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs[:8]
+    assert lrs[2] > 0.9 * lrs[0], lrs[:8]  # still near the peak, not cut to min_lr
+
+
 def test_first_update_of_2_ranks_x_b_equals_1_rank_x_2b(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:

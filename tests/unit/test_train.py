@@ -236,6 +236,44 @@ def test_an_epochs_run_resumed_with_bigger_steps_keeps_its_token_budget_and_lr_c
     assert metadata.get("metadata", metadata)["tokens_seen"] == 48 * BLOCK
 
 
+def test_an_epochs_run_resumed_again_at_its_first_step_size_still_counts_by_tokens(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """4 steps of 4 windows, 2 of 8, then back to 4: the third session starts 32 windows in
+    (8 first-size steps), not at its step number 6, and stops at the run's 48 windows."""
+    import shutil
+
+    twelve_steps = 12 * 4 * BLOCK / len(dataset.train)
+    common = dict(max_steps=None, epochs=twelve_steps, keep_checkpoints=10,
+                  quantization_report=False)  # fmt: skip
+    straight = ListTracker()
+    Trainer(tiny(dataset), config(tmp_path / "a", checkpoint_interval=4, **common), dataset,
+            straight).fit()  # fmt: skip
+    for session in ("b", "c"):
+        (tmp_path / session / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "ckpt" / "step-00000004",
+                    tmp_path / "b" / "ckpt" / "step-00000004")  # fmt: skip
+    Trainer(tiny(dataset), config(tmp_path / "b", batch_size=8, checkpoint_interval=2, **common),
+            dataset, ListTracker()).fit()  # fmt: skip
+    shutil.copytree(tmp_path / "b" / "ckpt" / "step-00000006",
+                    tmp_path / "c" / "ckpt" / "step-00000006")  # fmt: skip
+
+    third = ListTracker()
+    result = Trainer(tiny(dataset), config(tmp_path / "c", checkpoint_interval=4, **common),
+                     dataset, third).fit()  # fmt: skip
+
+    assert result.steps == 10  # 32 windows by step 6, then 4 steps of 4
+    lrs, straight_lrs = ({s: m["lr"] for s, m in t.metrics().items() if "lr" in m}
+                         for t in (third, straight))  # fmt: skip
+    assert [lrs[s] for s in range(7, 11)] == pytest.approx([straight_lrs[s] for s in range(9, 13)])
+    metadata = json.loads((tmp_path / "c" / "ckpt" / "model" / "config.json").read_text())
+    assert metadata.get("metadata", metadata)["tokens_seen"] == 48 * BLOCK
+
+
+def test_a_run_of_one_step_trains_at_the_peak_lr() -> None:
+    assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_steps=1), 1) == 1.0
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [({"max_steps": 10, "epochs": 1.0}, "epochs"), ({"lr": -1.0}, "lr"),
