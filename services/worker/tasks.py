@@ -74,7 +74,8 @@ class JobExecution:
         if record.attempts > 1:  # a redelivery: clients may hold part of the text
             already, already_tokens = streamed(self.redis.xrange(keys.events(self.job_id)))
         if record.cancel_requested:
-            return self._finish(record, JobStatus.cancelled, text=already, reason="cancelled")
+            return self._finish(record, JobStatus.cancelled, text=already, tokens=already_tokens,
+                                reason="cancelled")
         try:
             params = SamplingParams(**record.request.sampling_kwargs())
         except ValueError as exc:
@@ -89,7 +90,7 @@ class JobExecution:
                 on_token=sink.on_token, truncate=record.request.truncate,
             ))  # fmt: skip
         except EngineStoppedError as exc:  # the engine thread died: this worker shuts down
-            return self._finish(record, JobStatus.failed, text=already,
+            return self._finish(record, JobStatus.failed, text=already, tokens=already_tokens,
                                 error=f"the worker's engine stopped ({exc}); submit it again")
 
         self.active = ActiveJob(self.job_id, self.owner, handle, sink,
@@ -105,6 +106,8 @@ class JobExecution:
         engine_s = (handle.finished_at or time.monotonic()) - submitted
         model = ModelRef.model_validate(handle.metadata) if handle.metadata else None
         first = sink.first_token_at
+        if first is None and handle.first_token_at is not None:  # an eos first: no token to see
+            first = time.time() - (time.monotonic() - handle.first_token_at)
         try:
             generation = handle.result(timeout=0)
         except Exception as exc:
@@ -159,8 +162,9 @@ class JobExecution:
         while True:
             try:
                 pipe = self.redis.pipeline(transaction=True)  # last chunks and result together
-                # A job that ended ends its stream holding its text (a failed one has none).
-                final = status is not JobStatus.failed
+                # A job that ended ends its stream holding the text it records (a failed job
+                # records none, but for a time limit: the text made until then).
+                final = status is not JobStatus.failed or bool(text) or tokens > 0
                 chunks = self.active.take(final) if self.active is not None else []
                 if chunks:  # written only if the job is still ours, as FINISH checks too
                     self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,

@@ -185,6 +185,32 @@ def test_a_redelivered_job_ending_shorter_than_its_stream_resets_clients_to_its_
     assert held == (result["text"], result["completion_tokens"])
 
 
+def test_a_redelivered_job_cancelled_before_it_restarts_records_what_clients_hold(
+    stack: Any, client: Any
+) -> None:
+    from services.common.celery_config import make_celery
+    from services.common.jobs import JobRecord, JobRequest
+    from services.common.settings import Settings
+
+    redis = stack["redis"].client()
+    job_id = "redelivered-cancelled"
+    record = JobRecord.new(job_id, JobRequest(prompt="All:", max_new_tokens=40)).to_hash()
+    record.update(status="running", attempts="1", worker="gone@host:0", cancel_requested="1")
+    redis.hset(keys.job(job_id), mapping=record)
+    for text in (" there,", " you"):  # what the dead worker streamed: 3 tokens
+        redis.xadd(keys.events(job_id), {"type": "token", "text": text,
+                                         "tokens": "2" if text == " there," else "1"})
+    celery = make_celery(Settings(redis_url=stack["redis"].url))
+    celery.send_task(keys.TASK_NAME, args=[job_id], task_id=job_id, queue=keys.QUEUE)
+    final = wait_final(client, job_id)
+    celery.close()
+
+    assert final["status"] == "cancelled" and final["attempts"] == 2
+    held = streamed(redis.xrange(keys.events(job_id)))
+    assert held == (" there, you", 3)
+    assert (final["result"]["text"], final["result"]["completion_tokens"]) == held
+
+
 def test_jobs_queued_across_a_redis_restart_all_complete(stack: Any, client: Any) -> None:
     bodies = [{"prompt": f"Citizen {i}:", "max_new_tokens": 100, "seed": i, "eos": False}
               for i in range(16)]  # fmt: skip
