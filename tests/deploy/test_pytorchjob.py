@@ -5,6 +5,7 @@ the manifest kept the same job as the chart's."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -304,6 +305,15 @@ def test_a_new_training_run_is_a_new_run_id(render) -> None:
         sets=("training.enabled=true", "training.runPolicy.ttlSecondsAfterFinished=3600")
     ).of_kind("PyTorchJob")
     assert ttl["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_a_numeric_run_id_from_a_values_file_names_the_job_as_written(
+    render, tmp_path: Path
+) -> None:
+    values = tmp_path / "run.yaml"
+    values.write_text("training:\n  enabled: true\n  runId: 20261129\n")
+    (job,) = render(values=(values,)).of_kind("PyTorchJob")
+    assert job["metadata"]["name"] == f"{RELEASE}-train-20261129"  # not 2.0261129e+07
 
 
 def test_a_run_id_too_long_for_the_pod_names_is_refused(render) -> None:

@@ -250,7 +250,10 @@ and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ 
 {{/* The PyTorchJob's name: training.name (or "<fullname>-train"), then "-<runId>" if set. */}}
 {{- define "llm.training.name" -}}
 {{- $name := .Values.training.name | default (include "llm.componentName" (dict "root" . "component" "train")) }}
-{{- $runId := .Values.training.runId | toString }}
+{{- $runId := .Values.training.runId | default "" }}
+{{- /* A number in a values file arrives as a float (20261129 would print as 2.0261129e+07). */}}
+{{- if kindIs "float64" $runId }}{{ $runId = int64 $runId }}{{ end }}
+{{- $runId = toString $runId }}
 {{- if $runId }}
 {{- $name = printf "%s-%s" $name $runId }}
 {{- end }}
