@@ -33,6 +33,12 @@ def job_in(client: redis.Redis, job_id: str, status: str = "running") -> list[st
     return scripts.job_keys(job_id)
 
 
+def final_job(client: redis.Redis, job_id: str, status: str) -> None:
+    """A job that has ended with `status`: its record and its `done` event."""
+    job_in(client, job_id, status=status)
+    client.xadd(keys.events(job_id), {"type": "done", "status": status})
+
+
 def test_a_lease_that_expired_unclaimed_is_taken_back_not_given_up(client: redis.Redis) -> None:
     # Redis away longer than the lease TTL: the key is gone when the worker renews, and nobody
     # else holds the job. Answering "lost" there left the job running forever with no worker.
@@ -254,8 +260,7 @@ def test_a_job_already_final_is_not_finished_again(client: redis.Redis, status: 
     # any more): the first result stands and is counted once.
     finish = client.register_script(scripts.FINISH)
     job_id = f"final-{status}"
-    job_in(client, job_id, status=status)
-    client.xadd(keys.events(job_id), {"type": "done", "status": status})
+    final_job(client, job_id, status)
     before = written(client, job_id)
     for owner in ("w1", ""):
         assert finish(**finish_call(job_id, owner, status="failed")) == 0
@@ -333,8 +338,7 @@ def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -
 def test_cancelling_a_finished_job_changes_nothing(client: redis.Redis, status: str) -> None:
     cancel = client.register_script(scripts.CANCEL)
     job_id = f"cancel-{status}"
-    job_in(client, job_id, status=status)
-    client.xadd(keys.events(job_id), {"type": "done", "status": status})
+    final_job(client, job_id, status)
     before = written(client, job_id)
     assert cancel(**cancel_call(job_id)) == status
     assert written(client, job_id) == before
