@@ -53,7 +53,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 async def _http_error(request: Request, exc: HTTPException) -> Any:
     # FastAPI answers 400 for a body that is not UTF-8 JSON; it is invalid input like any other.
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-        error = {"type": "json_invalid", "loc": ["body"], "msg": "body is not valid UTF-8 JSON"}
+        # Its causes: not UTF-8, not JSON, or a number past Python's 4,300-digit limit.
+        error = {"type": "json_invalid", "loc": ["body"],
+                 "msg": "body could not be read as JSON (not UTF-8, malformed, or a number of "
+                        "over 4,300 digits)"}  # fmt: skip
         return JSONResponse({"detail": [error]}, status_code=422)
     return await http_exception_handler(request, exc)
 

@@ -181,7 +181,7 @@ class Detail(BaseModel):
 
 
 class TimeoutDetail(BaseModel):
-    """The seed endpoints' timeout: the job goes on; poll its links."""
+    """A seed endpoint's timeout, or Redis lost while it waited: the job goes on; poll its links."""
 
     detail: str
     job_id: str

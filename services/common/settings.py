@@ -15,13 +15,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # What torch.device accepts for the devices the worker serves on, matched without importing
 # torch: the API reads these settings too and must stay light.
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")  # what an API key may hold
 # Redis takes whole milliseconds (a lease under 1 ms becomes PX 0, which it refuses) and the
 # streamer renews at a third of the TTL from flushes 20 ms apart: a second leaves ~15 flushes.
 MIN_LEASE_TTL_S = 1.0
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
+    # Errors name the field and the rule, never the value: API keys and the Redis password (in
+    # redis_url) are secrets, and these errors end up in logs.
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     redis_url: str = "redis://localhost:6379/0"
     # Put into redis_url URL-encoded, so it may hold any character ('/', '#', '@', '%', ...):
@@ -124,7 +129,16 @@ class Settings(BaseSettings):
             if value.strip() and not keys:
                 raise ValueError(f"LLM_API_KEYS holds no key ({value!r}); unset it or leave it "
                                  "empty to run without keys")  # fmt: skip
-            return keys
+            value = keys
+        for number, key in enumerate(value if isinstance(value, tuple | list) else (), 1):
+            # HTTP header values travel as bytes that servers read as latin-1, and clients send a
+            # non-ASCII key as UTF-8: such a key could never match. The key itself is not echoed.
+            if isinstance(key, str) and not PRINTABLE_ASCII.fullmatch(key):
+                raise ValueError(
+                    f"LLM_API_KEYS: key {number} holds a space, a control or a non-ASCII "
+                    "character, which a Bearer header cannot carry intact; use printable ASCII "
+                    "(e.g. `openssl rand -hex 32`)"
+                )
         return value
 
     @model_validator(mode="after")

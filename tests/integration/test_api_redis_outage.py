@@ -5,6 +5,8 @@ Real Redis (AOF) and a real uvicorn process; no worker is needed, so jobs simply
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -78,3 +80,37 @@ def test_a_redis_that_refuses_writes_is_503_with_retry_after_not_a_500(stack: An
     assert full.status_code == 503, full.text
     assert int(full.headers["Retry-After"]) > 0
     assert client.post("/jobs", json={"prompt": "hello"}).status_code == 202
+
+
+def test_redis_lost_while_a_seed_endpoint_waits_is_503_naming_the_queued_job(stack: Any) -> None:
+    # The job is saved before the wait; a bare "retry shortly" would have the client submit it
+    # again (the seed endpoints take no Idempotency-Key), and both would run.
+    redis, api = stack
+    admin = redis.client()
+    before = set(admin.scan_iter("llm:job:*"))
+    answer: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        with httpx.Client(base_url=api.url, timeout=30) as client:
+            answer["resp"] = client.post(
+                "/generate_text", json={"prompt": "hello", "num_of_token_generated": 2}
+            )
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    deadline = time.monotonic() + 15
+    while not set(admin.scan_iter("llm:job:*")) - before:  # the job is queued: it now waits
+        assert time.monotonic() < deadline, "the seed endpoint never queued its job"
+        time.sleep(0.02)
+    redis.stop()
+    try:
+        waiter.join(timeout=30)
+        resp = answer["resp"]
+    finally:
+        redis.start()
+    assert resp.status_code == 503, resp.text
+    assert int(resp.headers["Retry-After"]) > 0
+    body = resp.json()
+    record = httpx.get(f"{api.url}{body['links']['self']}", timeout=10)
+    assert record.status_code == 200 and record.json()["id"] == body["job_id"]
+    assert record.json()["status"] == "queued"  # it will still run: poll, do not resubmit

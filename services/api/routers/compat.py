@@ -1,6 +1,8 @@
 """The seed's synchronous endpoints, kept for its users: submit a job, wait, answer as before.
 
-On timeout the job goes on: 504 with its id and links, so the client can poll.
+On timeout the job goes on: 504 with its id and links, so the client can poll. Redis failing
+during the wait is a 503 that names the job too: it is saved and will run, and a client that
+resubmitted instead of polling would run it twice (these endpoints take no Idempotency-Key).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the per-app request model objects.
@@ -10,8 +12,10 @@ from typing import Annotated
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from services.api import deps
+from services.api.errors import RETRY_AFTER_S
 from services.api.events import EventHub
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import (
@@ -34,6 +38,14 @@ LOCS = {
 }
 
 
+def poll_instead(
+    job_id: str, detail: str, status_code: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An answer naming a job that exists and goes on, with the links to follow it."""
+    body = TimeoutDetail(detail=detail, job_id=job_id, links=JobLinks.for_job(job_id))
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
         tags=["seed compatibility"],
@@ -43,7 +55,11 @@ def build_router(settings: Settings) -> APIRouter:
             409: {"model": Detail, "description": "The job was cancelled."},
             413: {"model": Detail, "description": "Body over the size limit."},
             502: {"model": Detail, "description": "The job failed in the worker."},
-            503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
+            503: {
+                "model": Detail,
+                "description": "Redis unavailable; see Retry-After. When it failed after the job "
+                "was queued, the body also holds job_id and links: poll that job.",
+            },
             504: {"model": TimeoutDetail, "description": "Not done in time; poll the job."},
         },
     )
@@ -64,13 +80,14 @@ def build_router(settings: Settings) -> APIRouter:
         record, _ = await submit_job(
             req, store=store, celery=celery, limits=limits, settings=settings, locs=LOCS
         )
-        if not await hub.wait_done(record.id, timeout_s or settings.sync_timeout_s):
-            body = TimeoutDetail(
-                detail="generation still running; poll the job", job_id=record.id,
-                links=JobLinks.for_job(record.id),
-            )  # fmt: skip
-            return JSONResponse(body.model_dump(), status_code=504)
-        final = await store.get(record.id)
+        try:
+            done = await hub.wait_done(record.id, timeout_s or settings.sync_timeout_s)
+            final = await store.get(record.id) if done else None
+        except RedisError:
+            detail = "job store unavailable while waiting; the job is queued: poll it"
+            return poll_instead(record.id, detail, 503, {"Retry-After": str(RETRY_AFTER_S)})
+        if not done:
+            return poll_instead(record.id, "generation still running; poll the job", 504)
         if final is None:
             raise HTTPException(502, "the job expired before it could be read")
         if final.status == JobStatus.failed:
