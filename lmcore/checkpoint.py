@@ -192,16 +192,19 @@ def _sniff_safetensors(path: Path) -> None:
             head = f.read(9)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    # torch.save writes a zip (PK..); a raw pickle starts with the PROTO opcode 0x80.
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # A safetensors file is its JSON header's length (8 bytes, little-endian) and then the
+    # header. Those 8 bytes can start like a pickle (0x80 when the length is 128 mod 256) or a
+    # zip ("PK"), so the safetensors shape is tested first; the safetensors parser never unpickles.
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if 0 < header_len <= path.stat().st_size - 8 and head[8:9] == b"{":
+        return
+    # torch.save writes a zip (PK\x03\x04); a raw pickle starts with PROTO (0x80) and 2 to 5.
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
         raise CheckpointError(
             f"{path}: not a safetensors file (looks like a torch.save pickle); "
             "refusing to unpickle it, convert it to safetensors"
         )
-    size = path.stat().st_size
-    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
-    if not (0 < header_len <= size - 8) or head[8:9] != b"{":
-        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
+    raise CheckpointError(f"{path}: not a safetensors file (bad header)")
 
 
 @contextmanager

@@ -347,6 +347,34 @@ def test_pickle_in_place_of_safetensors_is_refused_without_unpickling(
     assert unpickle_calls == []
 
 
+def _header_length(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+@pytest.mark.parametrize(("residue", "modulus"), [(0x80, 256), (0x4B50, 65536)],
+                         ids=["starts-like-a-pickle", "starts-like-a-zip"])  # fmt: skip
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_or_zip_loads(
+    tmp_path: Path, residue: int, modulus: int
+) -> None:
+    # The first 8 bytes are the header's length: 128 mod 256 puts 0x80 (pickle's PROTO) first,
+    # 0x4B50 mod 65536 puts "PK" first. One file in 32 of those lmcore writes has the former.
+    model = tiny_model()
+    path = save_model_dir(tmp_path / "m", model) / "model.safetensors"
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={"pad": ""})
+    # Each metadata character adds one byte; safetensors then pads the header to a multiple of 8.
+    near = (residue - _header_length(path)) % modulus
+    for pad in range(max(near - 8, 0), near + 9):
+        save_file(tensors, path, metadata={"pad": "x" * pad})
+        if _header_length(path) % modulus == residue:
+            break
+    assert _header_length(path) % modulus == residue
+    assert path.read_bytes()[:1] == b"\x80" or path.read_bytes()[:2] == b"PK"
+    loaded = load_model_dir(tmp_path / "m").model
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("kind", ["zip", "raw"])
 def test_dir_with_only_a_pt_file_is_refused_naming_it(
     tmp_path: Path, kind: str, unpickle_calls: list[str]
