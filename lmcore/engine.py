@@ -47,6 +47,7 @@ from lmcore.generate import (
     TextCodec,
     Truncate,
     check_prompt_ids,
+    check_truncate,
     clamp_ids,
     decode_step,
     HostCopy,
@@ -650,8 +651,7 @@ class Engine:
         """The prompt ids that fit this model's window; ValueError/ContextLengthError if bad."""
         if not isinstance(request.params, SamplingParams):  # its checks are the sampler's guard
             raise ValueError(f"params must be SamplingParams, got {type(request.params).__name__}")
-        if request.truncate not in ("error", "left"):
-            raise ValueError(f"truncate must be 'error' or 'left', got {request.truncate!r}")
+        check_truncate(request.truncate)
         if request.params.stop and tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         if request.prompt is not None:

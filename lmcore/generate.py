@@ -150,10 +150,11 @@ def sample_token_ids(
 
 def flag_non_finite(tokens: torch.Tensor, row_max: torch.Tensor, vocab: int) -> torch.Tensor:
     """tokens (B,), but `vocab` (one past the last id) for each row whose logits hold NaN or
-    +inf, which their max (B,) shows: no real token, so the caller fails that request alone
-    (`NonFiniteLogitsError`) instead of generating from garbage. A step input must clamp such
-    ids (`clamp_ids`)."""
-    return torch.where(row_max < float("inf"), tokens, vocab)
+    +inf, or are -inf throughout, which their max (B,) shows: no real token, so the caller fails
+    that request alone (`NonFiniteLogitsError`) instead of generating from garbage (greedy would
+    take id 0 from an all -inf row; sampling finds nothing to draw). A step input must clamp
+    such ids (`clamp_ids`)."""
+    return torch.where(torch.isfinite(row_max), tokens, vocab)
 
 
 def clamp_ids(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -439,10 +440,18 @@ def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int) -> None:
         raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_truncate(truncate: object) -> None:
+    """ValueError naming `truncate` unless it is one of the two policies (a typo such as
+    "right" would otherwise act as "error", whose message then suggests the value meant)."""
+    if truncate not in ("error", "left"):
+        raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
+
+
 def fit_prompt(
     prompt_ids: Sequence[int], params: SamplingParams, block_size: int, truncate: Truncate
 ) -> list[int]:
     """The prompt that fits the window with room for max_new_tokens, or ContextLengthError."""
+    check_truncate(truncate)
     room = block_size - params.max_new_tokens
     if room < 1:
         raise ContextLengthError(

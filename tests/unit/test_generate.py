@@ -306,10 +306,11 @@ def test_rows_with_nan_or_infinite_logits_get_no_real_token() -> None:
     logits[1, 7] = float("nan")
     logits[2, 3] = float("inf")
     logits[3, :40] = float("-inf")  # masked ids are fine: only NaN and +inf poison a row
+    logits = torch.cat([logits, torch.full((1, 50), float("-inf"))])  # ...or nothing left at all
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5),
                    SamplingParams(temperature=1.0, top_p=0.9)):  # fmt: skip
-        tokens = sample_tokens(logits, [params] * 4, [Draws(s) for s in range(4)])
-        assert tokens[1] == tokens[2] == 50, params
+        tokens = sample_tokens(logits, [params] * 5, [Draws(s) for s in range(5)])
+        assert tokens[1] == tokens[2] == tokens[4] == 50, params
         assert 0 <= tokens[0] < 50 and 40 <= tokens[3] < 50, params
 
 
@@ -606,3 +607,11 @@ def test_cached_attention_on_cuda_avoids_the_backend_that_does_not_repeat_bit_fo
     ops = {event.name for event in prof.events()}
     assert "aten::_scaled_dot_product_efficient_attention" in ops, sorted(ops)
     assert not any("cudnn_attention" in name for name in ops), sorted(ops)
+
+
+@pytest.mark.parametrize("truncate", ["right", "Left", None])
+def test_an_unknown_truncate_policy_is_refused_naming_it_even_when_the_prompt_fits(
+    model: Transformer, truncate: object
+) -> None:
+    with pytest.raises(ValueError, match="truncate must be 'error' or 'left'"):
+        generate_ids(model, [[1, 2, 3]], GREEDY, truncate=truncate)  # type: ignore[arg-type]
