@@ -7,6 +7,7 @@ directory where a reader would take it for a complete one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from lmcore.inference_layout import ShapeChoice, use_inference_layout
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear, TiedInt8Embedding, quantize_as_loaded
 from lmcore.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -219,6 +222,23 @@ def _opened_safetensors(path: Path, *, sniffed: bool = False) -> Iterator[Any]:
         raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
     with reader:
         yield reader
+
+
+SCHEDULED = ("lr", "initial_lr")  # set by the trainer every step, whatever was saved
+
+
+def _keep_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]],
+                   root: Path) -> None:  # fmt: skip
+    """Put the optimizer's own settings back after load_state_dict, which replaces them with the
+    saved ones: the state (moments, step counts) is the checkpoint's, but weight decay, betas,
+    eps (and the fused flag, which depends on the device) are this run's, as configured."""
+    changed = set()
+    for group, own in zip(optimizer.param_groups, settings):
+        changed |= {k for k, v in own.items() if k not in SCHEDULED and group.get(k) != v}
+        group.update(own)
+    if changed:
+        log.warning("%s: resuming with this run's optimizer settings for %s, not the checkpoint's",
+                    root, ", ".join(sorted(changed)))  # fmt: skip
 
 
 def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -735,7 +755,9 @@ def load_training_state(
     _load_model_file(unwrap_model(model), root / MODEL_FILE)
     if optimizer is not None:
         opt_tensors = _read_safetensors(root / OPTIMIZER_FILE)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(_join_optimizer_state(optimizer, opt_tensors, meta["optimizer"]))
+        _keep_settings(optimizer, settings, root)
     if scaler is not None and meta.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])
     extra_tensors = _read_safetensors(root / EXTRA_TENSORS_FILE, map_location)

@@ -550,6 +550,29 @@ def test_resume_from_checkpoint_is_bit_identical_to_not_stopping(tmp_path: Path)
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{name} differs")
 
 
+def test_resume_keeps_the_optimizer_settings_of_this_run_and_the_state_of_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # load_state_dict alone would bring back the saved weight decay, betas and eps, so a
+    # resume told train.weight_decay=0 would silently go on decaying.
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 2)
+    save_training_state(tmp_path, 2, model=model, optimizer=opt)
+    resumed = tiny_model(seed=1)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-3, betas=(0.8, 0.99),
+                                    weight_decay=0.0, eps=1e-6)  # fmt: skip
+    with caplog.at_level("WARNING", logger="lmcore.checkpoint"):
+        load_training_state(tmp_path, model=resumed, optimizer=resumed_opt)
+    group = resumed_opt.param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["eps"]) == ((0.8, 0.99), 0.0, 1e-6)
+    assert "betas, eps, weight_decay" in caplog.text
+    for saved, loaded in zip(opt.param_groups[0]["params"], group["params"]):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(resumed_opt.state[loaded][key], opt.state[saved][key],
+                                       atol=0, rtol=0)  # fmt: skip
+
+
 def test_training_state_restores_scaler_and_loads_into_wrapped_model(tmp_path: Path) -> None:
     model = tiny_model()
     opt = make_optimizer(model)
