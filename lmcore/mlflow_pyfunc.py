@@ -7,6 +7,7 @@ MLflow executes this file to load the model, so nothing is pickled; importing it
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 from lmcore.generate import SamplingParams
@@ -67,16 +68,45 @@ def _column(value: Any) -> list[Any]:
     return [value]
 
 
+def _missing(value: Any) -> bool:
+    # pandas fills a gap in a column with NaN (or None in an object column).
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def whole_number(name: str, value: Any) -> int:
+    """value as an int, refusing a fraction: int(2.9) would quietly ask for 2 tokens, and
+    int(0.5) would turn top_k off. Integral floats are fine (pandas makes them from gaps)."""
+    try:
+        return operator.index(value)  # int and numpy integers
+    except TypeError:
+        pass
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
 def sampling_params(row: dict[str, Any]) -> SamplingParams:
     """A row's SamplingParams; missing or NaN cells (pandas fills gaps with NaN) use defaults."""
     given: dict[str, Any] = {}
     for name, cast in OPTIONAL_COLUMNS.items():
         value = row.get(name)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if _missing(value):
             continue
-        given[name] = cast(value)
+        given[name] = whole_number(name, value) if cast is int else cast(value)
     given.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     return SamplingParams(**given)
+
+
+def row_prompt(row: dict[str, Any], index: int) -> str:
+    """The row's prompt; a row without one is an error, not the text "nan" or "None"."""
+    prompt = row.get("prompt")
+    if _missing(prompt):
+        raise ValueError(f"row {index}: prompt is missing")
+    if not isinstance(prompt, str):
+        raise ValueError(f"row {index}: prompt must be a string, got {type(prompt).__name__}")
+    return prompt
 
 
 class LmPredictor:
@@ -97,7 +127,7 @@ class LmPredictor:
         from lmcore.generate import generate
 
         rows = rows_from_input(model_input)
-        prompts = [str(row.get("prompt") or "") for row in rows]
+        prompts = [row_prompt(row, i) for i, row in enumerate(rows)]
         params = [sampling_params(row) for row in rows]
         # truncate="left": a served model keeps the prompt's end rather than failing.
         outs = generate(self.loaded.model, self.loaded.tokenizer, prompts, params, truncate="left")

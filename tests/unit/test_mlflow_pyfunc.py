@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmcore.mlflow_pyfunc import rows_from_input, sampling_params
+from lmcore.mlflow_pyfunc import row_prompt, rows_from_input, sampling_params
 
 pytestmark = pytest.mark.unit
 
@@ -32,3 +32,29 @@ def test_a_single_prompt_dict_is_one_row() -> None:
 def test_a_column_neither_single_nor_one_per_prompt_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="seed need one value or one per prompt"):
         rows_from_input({"prompt": ["a", "b", "c"], "seed": [1, 2]})
+
+
+def test_a_row_without_a_prompt_is_an_error_naming_the_row_not_the_text_nan() -> None:
+    # A DataFrame built from rows where one lacks "prompt" holds NaN there.
+    rows = [{"prompt": "a"}, {"prompt": float("nan")}, {"prompt": None}, {"prompt": 3}]
+    assert row_prompt(rows[0], 0) == "a"
+    for index in (1, 2):
+        with pytest.raises(ValueError, match=f"row {index}: prompt is missing"):
+            row_prompt(rows[index], index)
+    with pytest.raises(ValueError, match="row 3: prompt must be a string, got int"):
+        row_prompt(rows[3], 3)
+
+
+@pytest.mark.parametrize(("name", "value"), [("max_new_tokens", 2.9), ("top_k", 0.5),
+                                             ("seed", 1.7), ("seed", "1.5")])  # fmt: skip
+def test_a_fraction_in_a_whole_number_column_is_refused_not_truncated(name: str,
+                                                                     value: object) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+        sampling_params({"prompt": "a", name: value})
+
+
+def test_whole_numbers_arrive_from_ints_numpy_integral_floats_and_digit_strings() -> None:
+    row = {"max_new_tokens": np.int64(5), "top_k": 3.0, "seed": "7", "temperature": np.float32(0.5)}
+    params = sampling_params(row)
+    assert (params.max_new_tokens, params.top_k, params.seed) == (5, 3, 7)
+    assert params.temperature == 0.5
