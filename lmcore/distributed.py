@@ -225,10 +225,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank."""
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (of `group`, default: all)."""
     if not active():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def patient_group(timeout_s: float) -> Any:
+    """A CPU (gloo) group whose collectives wait up to `timeout_s`, or None for one process.
+
+    For ranks that wait on another rank's long work (the first tokenization of a corpus), which
+    the default group's timeout, sized for training steps, would cut short. Collective: every
+    rank creates it at the same point, before that work starts, as creating it later would wait
+    within the default group's timeout too. It lives until destroy_process_group().
+    """
+    if not active():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

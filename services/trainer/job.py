@@ -54,7 +54,9 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
 def prepare_data(cfg: DictConfig, env: D.DistEnv, *, progress: bool) -> TokenDataset:
     """Local rank 0 tokenizes first; the others then open its cache (no duplicate work).
 
-    An error on the first rank reaches every rank, so none waits at a barrier forever.
+    The others wait for it on a group of their own, for up to data.prep_timeout_s: a big
+    corpus's first tokenization may take far longer than train.dist_timeout_s. An error on the
+    first rank reaches every rank, so none waits at a barrier forever.
     """
     kwargs = dict(
         vocab_size=cfg.model.vocab_size,
@@ -63,6 +65,7 @@ def prepare_data(cfg: DictConfig, env: D.DistEnv, *, progress: bool) -> TokenDat
     )
     source = cfg.data.source
     first = env.local_rank == 0
+    waiting = D.patient_group(cfg.data.prep_timeout_s)  # before the wait it bounds begins
     dataset, error = None, None
     if first:
         try:
@@ -70,7 +73,7 @@ def prepare_data(cfg: DictConfig, env: D.DistEnv, *, progress: bool) -> TokenDat
                                      **kwargs)
         except (CorpusError, OSError, ValueError) as exc:
             error = exc
-    errors = [e for e in D.gather_objects(None if error is None else str(error)) if e]
+    errors = [e for e in D.gather_objects(None if error is None else str(error), waiting) if e]
     if error is not None:
         raise _data_error(error) from error
     if errors:

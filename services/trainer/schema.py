@@ -49,6 +49,9 @@ class DataSchema:
     cache_dir: str = ".cache/data"
     train_ratio: float = 0.9
     val_ratio: float = 0.1
+    # How long the other ranks wait for the first tokenization of the corpus (one rank per node
+    # does it); train.dist_timeout_s, sized for training steps, does not bound that wait.
+    prep_timeout_s: float = 86400.0
 
 
 @dataclass
@@ -202,6 +205,8 @@ def check_data(cfg: DictConfig) -> None:
     if fields["train_ratio"] + fields["val_ratio"] > 1.0 + 1e-9:
         raise ConfigError("data.train_ratio + data.val_ratio must be <= 1, got "
                           f"{fields['train_ratio']} + {fields['val_ratio']}")
+    if not fields["prep_timeout_s"] > 0:
+        raise ConfigError(f"data.prep_timeout_s must be > 0, got {fields['prep_timeout_s']!r}")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -378,3 +378,59 @@ def test_pytorchjob_master_and_worker_pods_train_to_the_end(
     state = json.loads((ckpt / "step-00000006" / "state.json").read_text())
     assert state["extra"]["world_size"] == 2
     assert len(state["extra"]["samplers"]) == 2
+
+
+def _prepare_data_on_rank(rank: int, port: int, cfg: object, dist_timeout_s: float, out: Path,
+                          ready: object) -> None:
+    """One rank of a two-rank job on one node: the trainer's data step, then its verdict."""
+    from lmcore import distributed as D
+    from services.trainer.job import prepare_data
+
+    torch.set_num_threads(1)
+    environ = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ready.wait()  # both ranks rendezvous at once, well within the short timeout
+    with D.distributed("cpu", dist_timeout_s, environ) as (env, _device):
+        start_s = time.monotonic()
+        try:
+            data = prepare_data(cfg, env, progress=False)
+            verdict = {"train_tokens": len(data.train)}
+        except Exception as exc:
+            verdict = {"error": f"{type(exc).__name__}: {exc}"}
+        verdict["seconds"] = time.monotonic() - start_s
+    (out / f"rank{rank}.json").write_text(json.dumps(verdict))
+
+
+def _prepare_data_on_two_ranks(tmp_path: Path, overrides: list[str],
+                               dist_timeout_s: float) -> list[dict]:
+    from services.trainer import schema
+
+    cfg = schema.compose(["model=tiny", "data=text", f"data.cache_dir={tmp_path / 'cache'}",
+                          *overrides])
+    schema.validate(cfg)
+    ready = mp.get_context("spawn").Barrier(2)
+    mp.spawn(_prepare_data_on_rank, nprocs=2,
+             args=(free_port(), cfg, dist_timeout_s, tmp_path, ready))
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_other_ranks_wait_for_a_first_tokenization_longer_than_the_collective_timeout(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 waits for rank 0 to tokenize a new corpus; that wait used to be a collective
+    bound by train.dist_timeout_s, so a big corpus's first preparation failed the job (and a
+    PyTorchJob's restart did the same again). Here the preparation outlasts a 1.5 s timeout."""
+    text = write_corpus(tmp_path / "corpus.txt", lines=80_000)
+    timeout_s = 1.5
+    first, other = _prepare_data_on_two_ranks(tmp_path, [f"data.source={text}"], timeout_s)
+    assert "error" not in first and "error" not in other, (first, other)
+    assert first["seconds"] > 2 * timeout_s  # the premise: a preparation that outlasts it
+    assert other["seconds"] > 2 * timeout_s  # it waited
+    assert first["train_tokens"] == other["train_tokens"] > 0
+
+
+def test_a_corpus_error_on_the_preparing_rank_reaches_the_waiting_rank(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.txt"
+    first, other = _prepare_data_on_two_ranks(tmp_path, [f"data.source={missing}"], 30)
+    assert first["error"] == f"CorpusError: data.source: {missing}: no such file or directory"
+    assert other["error"] == f"CorpusError: {missing}: no such file or directory"

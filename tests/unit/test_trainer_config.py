@@ -75,6 +75,7 @@ def test_unknown_key_exits_non_zero_with_one_line_naming_it(tmp_path: Path) -> N
         (["train.epochs=2"], "train.epochs: set exactly one of max_steps and epochs"),
         (["data=text"], "data.source must be set"),
         (["data.val_ratio=0.5", "data.train_ratio=0.9"], "data.train_ratio + data.val_ratio"),
+        (["data.prep_timeout_s=0"], "data.prep_timeout_s must be > 0"),
         (["model.n_head=5"], "n_head"),
         (["trainn.lr=1"], "'trainn'"),
     ],
