@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmcore.config import ConfigError, ModelConfig
+from lmcore.tokenizer import MIN_VOCAB_SIZE
 from lmcore.train import TrainConfig
 
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations at runtime.
@@ -225,6 +226,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.device", "serve.device"):
         _check_device(key, OmegaConf.select(cfg, key))
     model_config(cfg)
+    if cfg.model.vocab_size < MIN_VOCAB_SIZE:  # the trainer trains a tokenizer of this size
+        raise ConfigError(f"model.vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens + "
+                          f"eos), got {cfg.model.vocab_size}")
     train_config(cfg)
     check_data(cfg)
 

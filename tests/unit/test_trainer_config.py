@@ -100,6 +100,19 @@ def test_missing_corpus_is_one_line_and_exit_code_2(
     assert err[-1] == f"error: data.source: {missing}: no such file or directory"
 
 
+def test_a_vocab_smaller_than_the_byte_alphabet_is_a_config_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to pass validation, read the corpus, then fail in Tokenizer.train (exit 1)."""
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
+    code = main(["model=tiny", "model.vocab_size=100", "data=text", f"data.source={corpus}",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.checkpoint_dir={tmp_path / 'ck'}",
+                 "tracking.enabled=false", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "error: model.vocab_size must be >= 257 (256 byte tokens + eos), got 100\n"
+
+
 def test_cfg_prints_the_composed_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--cfg", "model=tiny", "train.max_steps=50"]) == 0
     printed = OmegaConf.create(capsys.readouterr().out)
