@@ -164,9 +164,12 @@ def read_corpus(source: str | os.PathLike[str] | None = None) -> list[str]:
     """Documents of `source`: None or "shakespeare" (the default plays), a text file, a directory
     (its .txt/.text/.md/.markdown files, recursively, hidden ones skipped) or a glob. One document
     per file, sorted by path; Markdown files are stripped to plain text; blank files are skipped.
-    Newlines are normalised to "\\n" (universal newlines).
+    Newlines are normalised to "\\n" (universal newlines). A blank `source` is a CorpusError.
     """
     name = DEFAULT_SOURCE if source is None else os.fspath(source)
+    if not name.strip():  # Path("") is the current directory: every text file under it
+        raise CorpusError(f"{name!r}: blank source (give {DEFAULT_SOURCE!r}, a text file, a "
+                          "directory or a glob)")
     files = default_corpus_files() if name == DEFAULT_SOURCE else _source_files(name)
     docs: list[str] = []
     for f in files:

@@ -200,6 +200,9 @@ def train_config(cfg: DictConfig) -> TrainConfig:
 
 def check_data(cfg: DictConfig) -> None:
     fields = _fields(cfg, "data", DataSchema)
+    if not fields["source"].strip():  # Path("") is the current directory
+        raise ConfigError("data.source must not be blank (shakespeare, a text file, a directory "
+                          "or a glob)")
     for name in ("train_ratio", "val_ratio"):
         if not 0.0 < fields[name] <= 1.0:
             raise ConfigError(f"data.{name} must be in (0, 1], got {fields[name]!r}")

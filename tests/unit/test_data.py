@@ -140,6 +140,16 @@ def test_unreadable_sources_raise_one_line_corpus_error_naming_them(
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("source", ["", "  "])
+def test_a_blank_source_is_refused_not_read_as_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("private notes\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # Path("") is here
+    with pytest.raises(CorpusError, match="blank source"):
+        read_corpus(source)
+
+
 # -- prepared token files ------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from lmcore.config import PRESETS
+from lmcore.config import PRESETS, ConfigError
 from lmcore.data import prepare_corpus
 from lmcore.train import normalize_precision
 from services.trainer import schema
@@ -111,6 +111,14 @@ def test_a_vocab_smaller_than_the_byte_alphabet_is_a_config_error_before_any_wor
     err = capsys.readouterr().err
     assert code == 2
     assert err == "error: model.vocab_size must be >= 257 (256 byte tokens + eos), got 100\n"
+
+
+@pytest.mark.parametrize("source", ["", " "])
+def test_a_blank_data_source_is_a_config_error(source: str) -> None:
+    """`data.source=` used to mean every .txt/.md file under the current directory."""
+    cfg = schema.compose(["data=text", f"data.source={source}"])
+    with pytest.raises(ConfigError, match="data.source must not be blank"):
+        schema.validate(cfg)
 
 
 def test_cfg_prints_the_composed_config(capsys: pytest.CaptureFixture[str]) -> None:
