@@ -80,7 +80,21 @@ def prepare_data(cfg: DictConfig, env: D.DistEnv, *, progress: bool) -> TokenDat
         raise CorpusError(errors[0])
     if dataset is None:
         dataset = prepare_corpus(source, cfg.data.cache_dir, progress=False, **kwargs)
+    _check_fits(dataset, source, cfg.model.block_size)
     return dataset
+
+
+def _check_fits(dataset: TokenDataset, source: str, block_size: int) -> None:
+    """A training window takes block_size + 1 tokens and validation at least 2: a smaller
+    corpus is a corpus error (exit 2) before training, every rank alike (same counts)."""
+    train, val = len(dataset.train), len(dataset.val)
+    short = []
+    if train < block_size + 1:
+        short.append(f"{train} training token(s), need model.block_size + 1 = {block_size + 1}")
+    if val < 2:
+        short.append(f"{val} validation token(s), need 2 (raise data.val_ratio)")
+    if short:
+        raise CorpusError(f"data.source: {source}: corpus too small: {'; '.join(short)}")
 
 
 def _data_error(exc: Exception) -> Exception:

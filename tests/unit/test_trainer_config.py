@@ -121,6 +121,27 @@ def test_a_blank_data_source_is_a_config_error(source: str) -> None:
         schema.validate(cfg)
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ([], "training token(s), need model.block_size + 1 = 129"),
+    (["model.block_size=8", "data.val_ratio=0.01"], "1 validation token(s), need 2"),
+])
+def test_a_corpus_too_small_for_the_model_is_a_corpus_error_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], expected: str
+) -> None:
+    """It used to fail with exit 1 and a bare ValueError: a short training split when the
+    sampler was made, a 1-token validation split only after every step had run."""
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=5)
+    code = main(["model=tiny", "data=text", f"data.source={corpus}",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.checkpoint_dir={tmp_path / 'ck'}",
+                 "train.max_steps=2", "train.batch_size=2", "tracking.enabled=false",
+                 "train.progress=false", "train.quantization_report=false", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"error: data.source: {corpus}: corpus too small: "), err
+    assert expected in err[-1]
+    assert not (tmp_path / "ck").exists()  # nothing trained
+
+
 def test_cfg_prints_the_composed_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--cfg", "model=tiny", "train.max_steps=50"]) == 0
     printed = OmegaConf.create(capsys.readouterr().out)
