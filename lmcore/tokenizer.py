@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
@@ -20,6 +21,16 @@ EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 # 256 byte symbols + the eos token: the smallest vocabulary that can encode any input.
 MIN_VOCAB_SIZE = 257
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _as_text(text: str) -> str:
+    """`text` with each lone surrogate as U+FFFD, as a lossy UTF-8 decoder reads it. A Python
+    str may hold them (an undecodable argv byte, a JSON escape) but they are not text, and HF
+    tokenizers refuses them with a TypeError."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +85,8 @@ class Tokenizer:
     Special-token text: `encode(text)` treats a literal "<|endoftext|>" in `text` as plain
     characters (several ordinary tokens), so any text round-trips and user input can never
     inject an eos. `encode(text, allow_special=True)` maps it to `eos_id` instead.
-    `decode` skips nothing: the eos id decodes to "<|endoftext|>".
+    `decode` skips nothing: the eos id decodes to "<|endoftext|>". A lone surrogate (not
+    Unicode text, though a Python str may hold one) encodes as U+FFFD.
     """
 
     def __init__(self, hf: HFTokenizer) -> None:
@@ -176,13 +188,14 @@ class Tokenizer:
         return self._hf_special if allow_special else self._hf_plain
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        return self._engine(allow_special).encode(text, add_special_tokens=False).ids
+        return self._engine(allow_special).encode(_as_text(text), add_special_tokens=False).ids
 
     def encode_batch(
         self, texts: Sequence[str], *, allow_special: bool = False
     ) -> list[list[int]]:
         # Runs in parallel in Rust; same ids as encode() on each text.
-        encs = self._engine(allow_special).encode_batch(list(texts), add_special_tokens=False)
+        encs = self._engine(allow_special).encode_batch([_as_text(t) for t in texts],
+                                                        add_special_tokens=False)
         return [e.ids for e in encs]
 
     def decode(self, ids: Sequence[int]) -> str:

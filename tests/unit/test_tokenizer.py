@@ -100,6 +100,15 @@ def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
     ]
 
 
+def test_a_lone_surrogate_encodes_as_the_replacement_character(tok: Tokenizer) -> None:
+    """A str may hold lone surrogates (a non-UTF-8 argv byte arrives as one): HF tokenizers
+    raised TypeError on them, so `lmctl generate` with such a prompt ended in a traceback."""
+    text, expected = "caf\udce9 and \ud800 end", "caf\ufffd and \ufffd end"
+    assert tok.encode(text) == tok.encode(expected)
+    assert tok.decode(tok.encode(text)) == expected
+    assert tok.encode_batch([text, "plain"]) == [tok.encode(expected), tok.encode("plain")]
+
+
 def test_decode_accepts_numpy_arrays(tok: Tokenizer) -> None:
     import numpy as np
 
