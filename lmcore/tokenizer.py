@@ -53,7 +53,8 @@ def _check_exact_round_trip(spec: dict) -> None:
     may differ from s: a normalizer (NFKC turns "ﬁ" into "fi"), a pre-tokenizer or decoder other
     than byte-level, a prefix space, added tokens that strip the whitespace next to them, or a
     BPE that drops or marks pieces. GPT-2's own file (a byte-level post-processor, empty
-    subword affixes) is of the family."""
+    subword affixes) is of the family. An added token that does not decode to its own text is
+    refused when the byte table is built (`Tokenizer._build_token_bytes`)."""
 
     def part(name: str) -> dict:
         return spec.get(name) or {}
@@ -111,6 +112,13 @@ class Tokenizer:
         out: list[bytes] = []
         for i in range(hf.get_vocab_size(with_added_tokens=True)):
             if i in added:
+                # HF sends an added token's text through the ByteLevel decoder too, which reads
+                # a token made only of byte-alphabet characters ("é", "Ā") as those bytes.
+                decoded = hf.decode([i], skip_special_tokens=False)
+                if decoded != added[i]:
+                    raise ValueError(f"tokenizer has an added token that does not decode to its "
+                                     f"own text (token {i}: {added[i]!r} decodes to "
+                                     f"{decoded!r}), so decode(encode(s)) would not be s")
                 out.append(added[i].encode("utf-8"))
                 continue
             tok = hf.id_to_token(i)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers
+from tokenizers import AddedToken, models, pre_tokenizers
 
 from lmcore.tokenizer import EOS_TOKEN, IncrementalDecoder, Tokenizer
 
@@ -211,6 +211,38 @@ def test_a_tokenizer_file_that_alters_text_is_refused_naming_why(
 ) -> None:
     with pytest.raises(ValueError, match=words):
         Tokenizer.from_str(_edited(tok, edit))
+
+
+def _with_added(tok: Tokenizer, content: str, special: bool) -> str:
+    hf = HFTokenizer.from_str(tok.to_str())
+    hf.add_tokens([AddedToken(content, special=special, normalized=False)])
+    return hf.to_str()
+
+
+@pytest.mark.parametrize(("content", "special"), [("é", False), ("Ā", False), ("é", True)])
+def test_an_added_token_whose_text_does_not_decode_to_itself_is_refused(
+    tok: Tokenizer, content: str, special: bool
+) -> None:
+    """HF decodes added-token text through the ByteLevel decoder, which reads "é" as the byte
+    0xE9: such a tokenizer.json used to load, and decode(encode("x é y")) was "x \ufffd y"."""
+    with pytest.raises(ValueError, match=f"added token .*{content!r} decodes to"):
+        Tokenizer.from_str(_with_added(tok, content, special))
+
+
+@pytest.mark.parametrize(("content", "special"), [("  ", False), ("a\nb", False),
+                                                  ("<tag é>", False), ("<|im_start|>", True),
+                                                  ("<｜x｜>", True)])
+def test_added_tokens_that_decode_to_themselves_are_accepted_and_round_trip(
+    tok: Tokenizer, content: str, special: bool
+) -> None:
+    # The ByteLevel decoder maps a token's characters to bytes only where every one of them is
+    # in its byte alphabet; a space or a "｜" keeps the whole token as its own text.
+    added = Tokenizer.from_str(_with_added(tok, content, special))
+    text = f"x {content} y"
+    for allow in (False, True):
+        ids = added.encode(text, allow_special=allow)
+        assert added.decode(ids) == text
+        assert "".join(_stream(added, ids)[0]) + _stream(added, ids)[1] == text
 
 
 def test_a_gpt2_shaped_tokenizer_file_is_accepted_and_round_trips(tok: Tokenizer) -> None:
