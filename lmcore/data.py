@@ -15,8 +15,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,11 @@ MARKDOWN_SUFFIXES = (".md", ".markdown")
 META_FILE = "meta.json"
 # Bump when the cache layout or the tokenization recipe changes: old caches then miss.
 CACHE_FORMAT = 1
+# A build dir left by a process that died (SIGKILL, an evicted pod) is removed by the next
+# build: at once where its owner was a process of this host and pid namespace that is gone,
+# else once nothing in it has changed for this long (a live build writes its files and renames
+# the dir in far less; it is made only after the corpus is tokenized).
+STALE_BUILD_S = 3600.0
 
 
 class CorpusError(ValueError):
@@ -304,6 +311,62 @@ def _from_source(dataset: TokenDataset, source: str) -> TokenDataset:
     return dataclasses.replace(dataset, meta={**dataset.meta, "source": source})
 
 
+# .<cache_key>.tmp-<pid>.<pid namespace>.<host>-<mkdtemp's suffix>; builds made before the owner
+# was named have only the suffix.
+_BUILD_DIR = re.compile(r"\.[0-9a-f]{16}\.tmp-(?:(\d+)\.(\d+)\.(.+)-)?[a-z0-9_]+")
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (its inode), or 0 where /proc cannot tell (not Linux)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _make_build_dir(out: Path, cache_key: str) -> Path:
+    """A new hidden temp dir in `out` that names this process as its owner."""
+    owner = f"{os.getpid()}.{_pid_namespace()}.{socket.gethostname()}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{cache_key}.tmp-{owner}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared (other users, pods)
+    return tmp
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _untouched_s(path: Path) -> float:
+    """Seconds since anything in the build dir `path` last changed (0 if it is gone)."""
+    try:
+        newest = max([path.stat().st_mtime, *(f.stat().st_mtime for f in path.iterdir())])
+    except OSError:
+        return 0.0
+    return time.time() - newest
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Remove the build dirs in `out` that no process will finish (see STALE_BUILD_S); another
+    process's build in progress, on this host or another sharing `out`, is left alone."""
+    here = (str(_pid_namespace()), socket.gethostname())
+    try:
+        entries = [e for e in out.iterdir() if _BUILD_DIR.fullmatch(e.name) and e.is_dir()]
+    except OSError:
+        return
+    for entry in entries:
+        pid, namespace, host = _BUILD_DIR.fullmatch(entry.name).groups()
+        owner_gone = (pid is not None and (namespace, host) == here and here[0] != "0"
+                      and not _process_exists(int(pid)))
+        if owner_gone or _untouched_s(entry) > STALE_BUILD_S:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def prepare_corpus(
     source: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
@@ -324,7 +387,8 @@ def prepare_corpus(
     `vocab_size` unless `tokenizer` is given (then `vocab_size` is ignored). The cache key hashes
     the text and these settings. The cache dir is built under a temporary name and renamed into
     place whole, so an interrupted run leaves nothing that is reused, and concurrent callers
-    (every DDP rank) end up with the same files.
+    (every DDP rank) end up with the same files. A build whose process was killed is removed by
+    the next one that builds in `out_dir` (see STALE_BUILD_S).
     """
     _check_ratios(train_ratio, val_ratio)
     docs = read_corpus(source)
@@ -377,9 +441,9 @@ def prepare_corpus(
         "val_ratio": val_ratio,
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{cache_key}.tmp-"))
+    _remove_stale_builds(out)
+    tmp = _make_build_dir(out, cache_key)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared (other users, pods)
         tokens[:n_train].tofile(tmp / "train.bin")
         tokens[n - n_val:].tofile(tmp / "val.bin")
         tokenizer.save(tmp / TOKENIZER_FILE)

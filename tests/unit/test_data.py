@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +264,81 @@ def test_interrupted_prepare_leaves_nothing_that_is_reused(
     assert list(out.iterdir()) == []
     ds = _prepare(corpus_dir, out)
     assert not ds.reused
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _python(code: str, *args: str, **kw) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **kw)
+
+
+def _builds(out: Path) -> list[str]:
+    return sorted(e.name for e in out.iterdir() if ".tmp-" in e.name)
+
+
+KILLED_MID_WRITE = """
+import resource, signal, sys
+from lmcore.data import prepare_corpus
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; now the kernel kills
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))  # train.bin is larger
+prepare_corpus(sys.argv[1], sys.argv[2], vocab_size=300, progress=False)
+"""
+
+
+def test_a_build_killed_mid_write_is_removed_by_the_next_prepare(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A SIGKILLed or evicted preparation never reaches its cleanup; its hidden temp dir used
+    to stay in the cache dir for good."""
+    out = tmp_path / "cache"
+    proc = _python(KILLED_MID_WRITE, str(corpus_dir), str(out), stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGXFSZ, err
+    assert len(_builds(out)) == 1  # what it left behind
+    assert not _prepare(corpus_dir, out).reused
+    assert _builds(out) == []
+
+
+def test_builds_in_progress_are_left_alone(corpus_dir: Path, tmp_path: Path) -> None:
+    """Several processes may prepare the same corpus at once (every DDP rank, pods sharing
+    the cache dir): another live process's build, or a recent one from another host, stays."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    live = _python("import sys; from pathlib import Path; from lmcore.data import "
+                   "_make_build_dir; print(_make_build_dir(Path(sys.argv[1]), 16 * 'a'), "
+                   "flush=True); sys.stdin.read()", str(out),
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        made = Path(live.stdout.readline().strip())
+        assert made.parent == out and made.is_dir()
+        (out / f".{16 * 'b'}.tmp-1.2.another-host-x1y2z3ab").mkdir()
+        before = _builds(out)
+        _prepare(corpus_dir, out)
+        assert _builds(out) == before
+    finally:
+        live.communicate("", timeout=30)
+
+
+def test_a_build_untouched_for_a_day_is_removed_whoever_made_it(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A build from another host (its process cannot be checked from here) or from before
+    builds named their owner is stale once nothing in it has changed for STALE_BUILD_S (1 h)."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    old = time.time() - 24 * 3600
+    for name in (f".{16 * 'c'}.tmp-ab12cd34", f".{16 * 'd'}.tmp-7.8.another-host-ab12cd34"):
+        (out / name).mkdir()
+        (out / name / "train.bin").write_bytes(b"\0" * 64)
+        for path in (out / name / "train.bin", out / name):
+            os.utime(path, (old, old))
+    recent = f".{16 * 'e'}.tmp-ab12cd34"
+    (out / recent).mkdir()
+    _prepare(corpus_dir, out)
+    assert _builds(out) == [recent]
 
 
 def test_damaged_cache_dir_is_rebuilt_not_reused(corpus_dir: Path, tmp_path: Path) -> None:
