@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -43,6 +44,7 @@ from lmcore.quantize import quantization_report
 log = logging.getLogger(__name__)
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
+TRAIN_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what the trainer runs on
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries 128-255
 MAX_WARMUP_SHARE = 0.5  # the warmup takes at most this share of the run's steps
 
@@ -114,16 +116,22 @@ class TrainConfig:
         if self.max_steps is not None:
             _check("max_steps", self.max_steps, lambda v: isinstance(v, int) and v >= 0, ">= 0")
         if self.epochs is not None:
-            _check("epochs", self.epochs, lambda v: v > 0, "> 0")
+            _check("epochs", self.epochs, lambda v: 0 < v < math.inf, "> 0 and finite")
         if self.max_time_s is not None:
-            _check("max_time_s", self.max_time_s, lambda v: v > 0, "> 0 seconds (or null)")
-        _check("lr", self.lr, lambda v: v > 0, "> 0")
+            _check("max_time_s", self.max_time_s, lambda v: 0 < v < math.inf,
+                   "> 0 seconds and finite (or null)")
+        _check("lr", self.lr, lambda v: 0 < v < math.inf, "> 0 and finite")
         _check("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check("weight_decay", self.weight_decay, lambda v: 0 <= v < math.inf, ">= 0 and finite")
         _check("beta1", self.beta1, lambda v: 0 <= v < 1, "in [0, 1)")
         _check("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
-        _check("grad_clip", self.grad_clip, lambda v: v >= 0, ">= 0")
-        _check("peak_flops", self.peak_flops, lambda v: v > 0, "> 0")
+        _check("grad_clip", self.grad_clip, lambda v: 0 <= v < math.inf, ">= 0 and finite")
+        _check("peak_flops", self.peak_flops, lambda v: 0 < v < math.inf, "> 0 and finite")
+        # Every collective waits this long; 0 or less fails each one at once, deep in C++.
+        _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v < math.inf,
+               "> 0 seconds and finite")
+        _check("device", self.device, lambda v: TRAIN_DEVICE.fullmatch(v) is not None,
+               "auto, cpu, cuda or cuda:N")
         normalize_precision(self.mixed_precision)
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,6 +340,18 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"interrupted by SIGTERM at step {step}{where}")
         self.step = step
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The validation loss is NaN or infinite: the run fails unpublished (a registered model
+    would be promoted like any other), and no checkpoint of the diverged weights is written."""
+
+    def __init__(self, step: int, val_loss: float) -> None:
+        super().__init__(
+            f"training diverged: validation loss {val_loss} at step {step}; the model is not "
+            "published (lower train.lr, or set train.grad_clip, and resume or start over)"
+        )
+        self.step = step
 
 
 @contextlib.contextmanager
@@ -811,6 +831,8 @@ class Trainer:
             ppl = math.exp(min(val_loss, 50.0))
             self.tracker.log_metrics({"val_loss": val_loss, "val_perplexity": ppl}, step)
             log.info("step %d: val loss %.4f, perplexity %.2f", step, val_loss, ppl)
+        if not math.isfinite(val_loss):  # the same mean on every rank: all of them stop here
+            raise TrainingDiverged(step, val_loss)
         return val_loss
 
     def _log_train(

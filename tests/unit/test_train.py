@@ -24,6 +24,7 @@ from lmcore.train import (
     INTERRUPTED_EXIT_CODE,
     Trainer,
     TrainConfig,
+    TrainingDiverged,
     TrainingInterrupted,
     lr_at,
     make_optimizer,
@@ -278,11 +279,30 @@ def test_a_run_of_one_step_trains_at_the_peak_lr() -> None:
     ("changes", "field"),
     [({"max_steps": 10, "epochs": 1.0}, "epochs"), ({"lr": -1.0}, "lr"),
      ({"batch_size": 0}, "batch_size"), ({"mixed_precision": "fp8"}, "mixed_precision"),
-     ({"max_steps": None}, "epochs"), ({"max_time_s": 0}, "max_time_s")],
+     ({"max_steps": None}, "epochs"), ({"max_time_s": 0}, "max_time_s"),
+     ({"lr": math.inf}, "lr"), ({"epochs": math.inf, "max_steps": None}, "epochs"),
+     ({"dist_timeout_s": 0}, "dist_timeout_s"), ({"dist_timeout_s": -5.0}, "dist_timeout_s"),
+     ({"device": "meta"}, "device"), ({"grad_clip": math.inf}, "grad_clip")],
 )
 def test_bad_train_config_names_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**changes)
+
+
+def test_a_diverged_run_fails_unpublished_and_leaves_no_checkpoint_of_its_weights(
+    tmp_path: Path, dataset: TokenDataset
+) -> None:
+    # A huge lr turns the weights, then the validation loss, non-finite. Registered, the model
+    # would be promoted like any other; checkpointed, a resume would carry on from garbage.
+    tracker = ListTracker()
+    trainer = Trainer(tiny(dataset), config(tmp_path, lr=1e30, warmup_steps=0), dataset, tracker,
+                      register_name="llm")  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="validation loss nan at step 6"):
+        trainer.fit()
+    names = [name for name, _ in tracker.calls]
+    assert "log_model_dir" not in names and tracker.calls[-1] == ("end_run", "FAILED")
+    assert latest_training_state(tmp_path / "ckpt") is None
+    assert not (tmp_path / "ckpt" / "model").exists()
 
 
 def test_weight_decay_applies_to_matrices_only() -> None:
