@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmcore.config import ConfigError, ModelConfig
 from lmcore.tokenizer import MIN_VOCAB_SIZE
-from lmcore.train import TrainConfig
+from lmcore.train import TrainConfig, normalize_precision
 
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations at runtime.
 # Defaults mirror config/; the YAML files are what users read and override.
@@ -213,6 +213,19 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"data.prep_timeout_s must be > 0, got {fields['prep_timeout_s']!r}")
 
 
+def check_serve(cfg: DictConfig) -> None:
+    """The serve group is for reference (the services read LLM_* variables), but a value there
+    that they would refuse is refused here too, rather than written into a run's config."""
+    fields = _fields(cfg, "serve", ServeSchema)
+    for name in ("max_batch", "max_new_tokens"):
+        if not fields[name] >= 1:
+            raise ConfigError(f"serve.{name} must be >= 1, got {fields[name]!r}")
+    try:
+        normalize_precision(fields["mixed_precision"])
+    except ConfigError as exc:
+        raise ConfigError(f"serve.{exc}") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks beyond types: every key known and set, ranges, one of max_steps/epochs.
 
@@ -228,6 +241,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown config key '{unknown[0]}' (see config/README.md)")
     for key in ("train.device", "serve.device"):
         _check_device(key, OmegaConf.select(cfg, key))
+    check_serve(cfg)
     model_config(cfg)
     if cfg.model.vocab_size < MIN_VOCAB_SIZE:  # the trainer trains a tokenizer of this size
         raise ConfigError(f"model.vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens + "
