@@ -109,10 +109,14 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _client(tracking_uri: str | None = None) -> tuple[Any, str]:
+    """An MlflowClient for the URI; TrackingError if MLflow cannot use it (an unknown scheme)."""
     from mlflow import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    except Exception as exc:
+        raise TrackingError(f"cannot use tracking URI {uri!r}: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

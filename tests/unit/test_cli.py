@@ -279,3 +279,14 @@ def test_console_entry_point_runs_as_a_process() -> None:
                                capture_output=True, text=True, timeout=120).stdout  # fmt: skip
     for command in ("train", "generate", "promote", "submit-training"):
         assert command in help_text
+
+
+# -- expected failures stay one line ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["promote", "--version", "1"],
+                                     ["generate", "-m", "models:/llm@production", "hi"]])
+def test_a_tracking_uri_mlflow_cannot_use_is_a_one_line_error(capsys, command: list[str]) -> None:
+    code, out, err = lmctl(capsys, *command, "--tracking-uri", "bogus://x")
+    assert_one_line_error(code, err, "cannot use tracking URI 'bogus://x'")
+    assert out == ""
