@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import yaml
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -24,7 +25,7 @@ from lmcore.distributed import DistributedEnvError
 def is_config_error(exc: BaseException) -> bool:
     """A mistake in the config, the overrides, the corpus or the launch environment."""
     return isinstance(exc, (HydraException, OmegaConfBaseException, ConfigError, CorpusError,
-                            DistributedEnvError))
+                            DistributedEnvError, yaml.YAMLError))  # a config file that is not YAML
 
 
 def _full_key(exc: BaseException) -> str | None:
@@ -44,6 +45,8 @@ def one_line(exc: BaseException) -> str:
     key = _full_key(exc)
     if isinstance(exc, MissingConfigException):
         return _missing_option(str(exc))
+    if isinstance(exc, yaml.YAMLError):
+        return _yaml_error(exc)
     if isinstance(exc, OverrideParseException):
         return _first_line(str(exc)) + " (overrides look like key=value)"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
@@ -69,3 +72,12 @@ def _missing_option(text: str) -> str:
     options = [o for o in options if not o.startswith("base_")]
     choose = f"; choose {group}={' | '.join(options)}" if options else ""
     return f"no config '{what}'{choose}"
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem with the file and line it is at (its message spreads them over lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or _first_line(str(exc)) or type(exc).__name__
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML in {mark.name}, line {mark.line + 1}, column {mark.column + 1}: {problem}"

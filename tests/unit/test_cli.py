@@ -3,6 +3,7 @@ errors that are one line on stderr with a non-zero exit."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,22 @@ def test_a_tracking_uri_mlflow_cannot_use_is_a_one_line_error(capsys, command: l
     code, out, err = lmctl(capsys, *command, "--tracking-uri", "bogus://x")
     assert_one_line_error(code, err, "cannot use tracking URI 'bogus://x'")
     assert out == ""
+
+
+@pytest.fixture
+def config_dir_with_bad_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """LLM_CONFIG_DIR: a copy of config/ with model/broken.yaml, whose line 2 is not YAML."""
+    config = tmp_path / "config"
+    shutil.copytree(REPO / "config", config)
+    (config / "model" / "broken.yaml").write_text("name: tiny\nn_layer: 2\n  bad indent: 1\n")
+    monkeypatch.setenv("LLM_CONFIG_DIR", str(config))
+    return config / "model" / "broken.yaml"
+
+
+@pytest.mark.parametrize("command", [["train"], ["submit-training", "--dry-run"]])
+def test_a_config_file_that_is_not_yaml_is_a_config_error_naming_file_and_line(
+    capsys, config_dir_with_bad_yaml: Path, command: list[str]
+) -> None:
+    code, out, err = lmctl(capsys, *command, "model=broken")
+    assert code == 2 and out == ""
+    assert_one_line_error(code, err, f"invalid YAML in {config_dir_with_bad_yaml}, line 3,")
