@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +38,10 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 # Started in this order, stopped in reverse; the trainer runs (to completion) only when needed.
 ORDER = ("redis", "mlflow", "trainer", "worker", "api")
+# In every process the stack starts (their children inherit it): `down` knows a group whose
+# leader has died (MLflow's, leaving its uvicorn) as the stack's by its members carrying it.
+STACK_ID_ENV = "LMCTL_STACK_ID"
+MAX_PORT = 65535
 
 
 class StackError(RuntimeError):
@@ -80,6 +85,7 @@ class StackState:
     start_ticks: dict[str, int | None] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     ready: bool = False
+    stack_id: str = ""  # STACK_ID_ENV's value in this stack's processes ("": none recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -88,6 +94,13 @@ class StackState:
         """The recorded processes that are still the ones the stack started."""
         return {name: pid for name, pid in self.pids.items()
                 if _is_ours(pid, self.start_ticks.get(name))}  # fmt: skip
+
+    def left_behind(self) -> dict[str, int]:
+        """Recorded process groups whose leader is gone but whose members, the stack's by their
+        STACK_ID_ENV, still run (MLflow's uvicorn after its main process crashed)."""
+        return {name: pid for name, pid in self.pids.items()
+                if not _is_ours(pid, self.start_ticks.get(name))
+                and _group_has_stack_member(pid, self.stack_id)}  # fmt: skip
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:
@@ -149,7 +162,8 @@ class Stack:
         cfg = self.config
         settings = Settings()  # a bad LLM_* value fails here, not in a worker's log
         max_batch = cfg.max_batch or settings.max_batch
-        self.state = state = StackState(root=str(self.root), started_at=time.time())
+        self.state = state = StackState(root=str(self.root), started_at=time.time(),
+                                        stack_id=secrets.token_hex(8))  # fmt: skip
         try:
             state.redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
             if cfg.mlflow:
@@ -264,6 +278,8 @@ class Stack:
     def _spawn(
         self, name: str, cmd: list[str], env: dict[str, str], piped: bool = False
     ) -> subprocess.Popen[bytes]:
+        assert self.state is not None
+        env = {**env, STACK_ID_ENV: self.state.stack_id}
         with self._log(name).open("ab") as log:
             # Own session: survives this process when detached, Ctrl-C reaches only us, and
             # `down` stops its whole process group (mlflow's uvicorn, say) at once.
@@ -272,7 +288,6 @@ class Stack:
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.procs[name] = proc
-        assert self.state is not None
         self.state.pids[name] = proc.pid
         self.state.start_ticks[name] = _start_ticks(proc.pid)
         self.state.logs[name] = str(self._log(name))
@@ -348,7 +363,7 @@ class Stack:
         stopped = self._stop_procs()
         state = self.state or StackState.load(self.root)
         if state is not None:
-            running = state.running()
+            running = {**state.left_behind(), **state.running()}
             for name in reversed(ORDER):
                 if name in running:
                     _terminate(running[name])
@@ -431,16 +446,19 @@ def _port_free(host: str, port: int) -> bool:
 
 def _free_port(host: str, preferred: int) -> int:
     """The preferred port if free, else the next free one above it (0 = any free port)."""
+    if not 0 <= preferred <= MAX_PORT:
+        raise StackError(f"port {preferred} is out of range (0..{MAX_PORT}; 0 = any free port)")
     if preferred == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             return int(sock.getsockname()[1])
-    for port in range(preferred, preferred + 100):
+    last = min(preferred + 99, MAX_PORT)
+    for port in range(preferred, last + 1):
         if _port_free(host, port):
             if port != preferred:
                 print(f"port {preferred} is taken; using {port}")
             return port
-    raise StackError(f"no free port in {preferred}..{preferred + 99}")
+    raise StackError(f"no free port in {preferred}..{last}")
 
 
 def _http_ok(url: str) -> bool:
@@ -519,6 +537,25 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _group_has_stack_member(pgid: int, stack_id: str) -> bool:
+    """A live process of group pgid carries STACK_ID_ENV=stack_id: the group is the one the
+    stack started (a group id is not reused while any member lives), so all of it is ours."""
+    if not stack_id or not PROC.is_dir():
+        return False
+    marker = f"{STACK_ID_ENV}={stack_id}".encode()
+    for entry in PROC.iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if not fields or int(fields[2]) != pgid or fields[0] in "ZX":
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if marker in environ.split(b"\0"):
+            return True
+    return False
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
@@ -560,9 +597,12 @@ stack_app = typer.Typer(help="Run Redis, MLflow, a worker and the API locally as
 @stack_app.command("up")
 def up_command(
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once ready; stop with down."),
-    api_port: int = typer.Option(8000, help="API port (the next free one if taken)."),
-    mlflow_port: int = typer.Option(5000, help="MLflow port (the next free one if taken)."),
-    redis_port: int = typer.Option(6379, help="Redis port (the next free one if taken)."),
+    api_port: int = typer.Option(8000, min=0, max=MAX_PORT, help=f"API port (0-{MAX_PORT}; "
+                                 "the next free one if taken; 0: any free one)."),  # fmt: skip
+    mlflow_port: int = typer.Option(5000, min=0, max=MAX_PORT, help=f"MLflow port (0-{MAX_PORT}; "
+                                    "the next free one if taken; 0: any free one)."),  # fmt: skip
+    redis_port: int = typer.Option(6379, min=0, max=MAX_PORT, help=f"Redis port (0-{MAX_PORT}; "
+                                   "the next free one if taken; 0: any free one)."),  # fmt: skip
     root: Path = typer.Option(Path(".stack"), help="Data, logs and state.json."),
     model_uri: str = typer.Option(None, help="Serve this URI or model dir instead of "
                                   "models:/llm@production (no training)."),  # fmt: skip

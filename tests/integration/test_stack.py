@@ -60,6 +60,13 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def group_members(pgid: int) -> list[int]:
+    """The group's live (not zombie) processes."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
+            and (stat := proc_stat(int(e.name))) and int(stat[2]) == pgid
+            and stat[0] not in "ZX"]  # fmt: skip
+
+
 def all_dead(state: StackState) -> bool:
     return not any(group_alive(pid) for pid in state.pids.values())
 
@@ -205,6 +212,54 @@ def test_down_stops_a_starting_stack_whose_up_was_killed(
     assert "stack stopped" in out
     assert not group_alive(redis_pid)
     assert not (root / "state.json").exists()
+
+
+def test_down_stops_the_children_left_when_a_process_leader_died(
+    tmp_path: Path, hanging_redis: tuple[dict[str, str], Path]
+) -> None:
+    """MLflow's main process crashing leaves its uvicorn holding the port: `down` stops the
+    group by what its members carry, though the pid it recorded is gone."""
+    env, pids = hanging_redis
+    root = tmp_path / ".stack"
+    up = lmctl(*up_args(root), env=env)
+    redis_pid = first_pid(pids)  # a shell leading its group, with a `sleep` child
+    wait_until(lambda: len(group_members(redis_pid)) == 2, 30, message="the server's child")
+    up.kill()  # as a detached `up` has exited
+    up.wait()
+    os.kill(redis_pid, signal.SIGKILL)  # the leader crashes; its child runs on
+    wait_until(lambda: proc_stat(redis_pid) is None or proc_stat(redis_pid)[0] in "ZX", 30,
+               message="the leader gone")  # fmt: skip
+    assert group_alive(redis_pid)
+
+    down = lmctl("stack", "down", "--root", str(root), env=env)
+    out, _ = down.communicate(timeout=60)
+
+    assert "stack stopped" in out
+    assert not group_alive(redis_pid)
+    assert not (root / "state.json").exists()
+
+
+def test_down_leaves_a_group_whose_members_are_not_the_stacks_alone(tmp_path: Path) -> None:
+    root = tmp_path / ".stack"
+    root.mkdir()
+    # A group whose leader has exited, leaving a child, none of them started by a stack.
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 >/dev/null & echo $!"],
+                              start_new_session=True, stdout=subprocess.PIPE, text=True)
+    child = int(leader.communicate(timeout=30)[0])
+    try:
+        assert group_alive(leader.pid)
+        state = {"api_url": "", "redis_url": "", "mlflow_url": None, "model_uri": "/m",
+                 "pids": {"api": leader.pid}, "start_ticks": {"api": 1}, "logs": {},
+                 "root": str(root), "started_at": 0.0, "stack_id": "0123456789abcdef"}  # fmt: skip
+        (root / "state.json").write_text(json.dumps(state))
+
+        down = lmctl("stack", "down", "--root", str(root))
+        out, _ = down.communicate(timeout=60)
+
+        assert "no running stack found" in out
+        assert group_alive(leader.pid)
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_second_stack_up_on_one_root_fails_while_the_first_starts(

@@ -310,3 +310,18 @@ def test_a_config_file_that_is_not_yaml_is_a_config_error_naming_file_and_line(
     code, out, err = lmctl(capsys, *command, "model=broken")
     assert code == 2 and out == ""
     assert_one_line_error(code, err, f"invalid YAML in {config_dir_with_bad_yaml}, line 3,")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--api-port", "70000"), ("--redis-port", "-5"), ("--mlflow-port", "65536")],
+)
+def test_stack_up_refuses_a_port_out_of_range_in_one_line(
+    capsys, tmp_path: Path, option: str, value: str
+) -> None:
+    root = tmp_path / ".stack"
+    code, _, err = lmctl(capsys, "stack", "up", "--root", str(root), "--no-mlflow",
+                         "--model-uri", str(tmp_path / "m"), option, value)  # fmt: skip
+    assert code == 2
+    assert_one_line_error(code, err, option)
+    assert not root.exists()  # refused before anything started
