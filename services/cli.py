@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,13 +113,73 @@ def train(
 ) -> None:
     args = list(overrides or [])
     if nproc_per_node > 1:
-        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc_per_node}",
-               "-m", "services.trainer", *args]  # fmt: skip
-        raise typer.Exit(subprocess.call(cmd))
+        if not {"-h", "--help"} & set(args):
+            # Once here, not as a torchrun traceback around every rank's one line.
+            _validate_overrides([a for a in args if a != "--cfg"])
+        cmd = [sys.executable, "-c", _TORCHRUN, "--standalone",
+               f"--nproc-per-node={nproc_per_node}", "-m", "services.trainer", *args]  # fmt: skip
+        raise typer.Exit(_run_in_charge(cmd))
     from services.trainer.__main__ import main as trainer_main
 
     raise typer.Exit(trainer_main(args))
+
+
+# torchrun, exiting as the trainer does instead of with a traceback: 128 + the signal that
+# stopped it (after its ranks have stopped), or the first failed rank's exit code.
+_TORCHRUN = """\
+import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main()
+except SignalException as exc:
+    sys.exit(128 + int(exc.sigval))
+except ChildFailedError as exc:
+    code = exc.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code if code < 0 else 1)
+"""
+# What torchrun turns into a shutdown of its ranks (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
+_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _run_in_charge(cmd: list[str]) -> int:
+    """Run cmd (torchrun) until it exits, passing it the first SIGTERM, SIGINT, SIGHUP or
+    SIGQUIT; its exit code, 128 + N for death by signal N.
+
+    The child gets its own process group, so a terminal's Ctrl-C reaches it once, through us:
+    a second signal would cut short torchrun's wait for its ranks to checkpoint and exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _exit_code(subprocess.call(cmd))  # no handlers off the main thread
+    proc: subprocess.Popen[bytes] | None = None
+    received: list[int] = []
+    forwarded = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal forwarded
+        if received:
+            return
+        received.append(signum)
+        if proc is not None:
+            forwarded = True
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, process_group=0)
+        if received and not forwarded:  # it came before the child existed
+            forwarded = True
+            proc.send_signal(received[0])
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _exit_code(code)
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
 
 
 # -- generate -----------------------------------------------------------------------------------

@@ -312,6 +312,12 @@ def test_a_config_file_that_is_not_yaml_is_a_config_error_naming_file_and_line(
     assert_one_line_error(code, err, f"invalid YAML in {config_dir_with_bad_yaml}, line 3,")
 
 
+def test_a_bad_override_with_nproc_per_node_fails_in_one_line_before_torchrun(capsys) -> None:
+    code, _, err = lmctl(capsys, "train", "--nproc-per-node", "2", "model=tiny", "train.lrr=1")
+    assert code == 2
+    assert_one_line_error(code, err, "train.lrr")
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--api-port", "70000"), ("--redis-port", "-5"), ("--mlflow-port", "65536")],
