@@ -213,12 +213,13 @@ def generate(
     import torch
 
     from lmcore.checkpoint import CheckpointError, load_model_dir
-    from lmcore.generate import SamplingParams
+    from lmcore.generate import NonFiniteLogitsError, SamplingParams
     from lmcore.generate import generate as run_generate
     from lmcore.precision import inference_dtype, resolve_precision
     from lmcore.tracking import TrackingError, resolve_model_uri
 
-    expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError)
+    expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError,
+                NonFiniteLogitsError)  # fmt: skip
     with _fail_fast_mlflow(), _expected_errors(*expected):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
@@ -574,10 +575,16 @@ def _submit(sdk_job: Any, job: dict[str, Any], namespace: str, context: str | No
         raise CliError(f"no usable Kubernetes context ({_one_line(exc)}); "
                        "use --dry-run to print the job instead") from exc  # fmt: skip
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError  # the kubernetes client's transport
 
-    with _expected_errors(RuntimeError, TimeoutError, ValueError, OSError, ApiException):
-        created = ensure_claims(client.core_api, job, namespace, load_job_claims())
-        client.create_job(job=sdk_job, namespace=namespace)
+    try:
+        with _expected_errors(RuntimeError, TimeoutError, ValueError, OSError, ApiException):
+            created = ensure_claims(client.core_api, job, namespace, load_job_claims())
+            client.create_job(job=sdk_job, namespace=namespace)
+    except HTTPError as exc:  # MaxRetryError and the like: no OSError
+        reason = getattr(exc, "reason", None) or exc
+        raise CliError(f"cannot reach the Kubernetes API server ({_one_line(reason)}); "
+                       "use --dry-run to print the job instead") from exc  # fmt: skip
     return created
 
 

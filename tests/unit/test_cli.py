@@ -4,6 +4,7 @@ errors that are one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -285,12 +286,44 @@ def test_console_entry_point_runs_as_a_process() -> None:
 # -- expected failures stay one line ------------------------------------------------------------
 
 
+def test_generate_from_a_model_whose_logits_go_non_finite_is_a_one_line_error(
+    capsys, tmp_path: Path
+) -> None:
+    # What a run diverged to inf registers: every weight NaN, so the first logits are too.
+    tokenizer = Tokenizer.train(["the quick brown fox jumps over the lazy dog. " * 40], 300)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, n_layer=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    nan_dir = save_model_dir(tmp_path / "nan", model, tokenizer)
+    code, out, err = lmctl(capsys, "generate", "--model", str(nan_dir), "-n", "4", "hi")
+    assert_one_line_error(code, err, "NaN")
+    assert out == ""
+
+
 @pytest.mark.parametrize("command", [["promote", "--version", "1"],
                                      ["generate", "-m", "models:/llm@production", "hi"]])
 def test_a_tracking_uri_mlflow_cannot_use_is_a_one_line_error(capsys, command: list[str]) -> None:
     code, out, err = lmctl(capsys, *command, "--tracking-uri", "bogus://x")
     assert_one_line_error(code, err, "cannot use tracking URI 'bogus://x'")
     assert out == ""
+
+
+def test_submitting_to_an_unreachable_cluster_is_a_one_line_error(capsys, tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{port}",
+                                                  "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "abc"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+    }))  # fmt: skip
+    code, out, err = lmctl(capsys, "submit-training", "model=tiny", "--kubeconfig", str(kubeconfig))
+    assert_one_line_error(code, err, "cannot reach the Kubernetes API server")
+    assert "--dry-run" in err and "submitted" not in out
 
 
 @pytest.fixture
