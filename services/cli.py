@@ -209,11 +209,17 @@ def generate(
     mixed_precision: str = typer.Option(
         "auto", "--mixed-precision", help="auto | bf16 | fp16 | fp32 (auto: fp32 on CPU)."
     ),
+    truncate: str = typer.Option(
+        "error", "--truncate", help="error | left (drop the prompt's oldest tokens to fit)."
+    ),
 ) -> None:
+    sampling = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "top_k": top_k, "top_p": top_p, "seed": seed, "truncate": truncate}  # fmt: skip
+    _check_as_the_api_would(sampling)
     import torch
 
     from lmcore.checkpoint import CheckpointError, load_model_dir
-    from lmcore.generate import NonFiniteLogitsError, SamplingParams
+    from lmcore.generate import ContextLengthError, NonFiniteLogitsError, SamplingParams
     from lmcore.generate import generate as run_generate
     from lmcore.precision import inference_dtype, resolve_precision
     from lmcore.tracking import TrackingError, resolve_model_uri
@@ -232,8 +238,26 @@ def generate(
         loaded = load_model_dir(resolved.path, device=device, dtype=dtype, quantized=quantized)
         if loaded.tokenizer is None:
             raise CliError(f"{resolved.path} has no tokenizer.json; cannot generate text")
-        [out] = run_generate(loaded.model, loaded.tokenizer, [prompt], params, use_cache=kv_cache)
+        try:
+            [out] = run_generate(loaded.model, loaded.tokenizer, [prompt], params,
+                                 truncate=truncate, use_cache=kv_cache)  # fmt: skip
+        except ContextLengthError as exc:  # the library names its argument, not our option
+            raise CliError(str(exc).replace("truncate='left'", "--truncate left")) from exc
     typer.echo((prompt if echo else "") + out.text)
+
+
+def _check_as_the_api_would(sampling: dict[str, Any]) -> None:
+    """The API's bounds (services.common.jobs.JobRequest), so a seed or temperature lmctl takes
+    is one a job takes too, with the same text: seeds wrap mod 2**64, so -1 would repeat one."""
+    from pydantic import ValidationError
+
+    from services.common.jobs import JobRequest
+
+    try:
+        JobRequest(**sampling)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise CliError("; ".join(problems), EXIT_USAGE) from None
 
 
 # -- promote ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from lmcore.generate import SamplingParams, generate
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 from services import cli
+from services.common.jobs import MAX_SEED
 
 pytestmark = pytest.mark.unit
 
@@ -364,3 +365,41 @@ def test_stack_up_refuses_a_port_out_of_range_in_one_line(
     assert code == 2
     assert_one_line_error(code, err, option)
     assert not root.exists()  # refused before anything started
+
+
+# -- generate: the API's sampling bounds ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--seed", "-1", "seed"), ("--seed", str(2**64 - 1), "seed"),
+     ("--temperature", "50", "temperature"), ("--truncate", "right", "truncate")],
+)
+def test_generate_refuses_sampling_values_the_api_refuses(
+    capsys, model_dir: Path, option: str, value: str, named: str
+) -> None:
+    code, out, err = lmctl(capsys, "generate", "--model", str(model_dir), option, value, "hi")
+    assert code == 2 and out == ""
+    assert_one_line_error(code, err, f"{named}: ")
+
+
+def test_generate_accepts_the_apis_largest_seed(capsys, model_dir: Path) -> None:
+    code, out, err = lmctl(capsys, "generate", "--model", str(model_dir), "-n", "2",
+                           "--seed", str(MAX_SEED), "the")  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("the")
+
+
+def test_generate_truncates_a_long_prompt_on_the_left_when_asked(capsys, model_dir: Path) -> None:
+    loaded = load_model_dir(model_dir)
+    prompt = "the quick brown fox jumps over the lazy dog. " * 60
+    assert len(loaded.tokenizer.encode(prompt)) > loaded.model.config.block_size
+    code, _, err = lmctl(capsys, "generate", "--model", str(model_dir), "-n", "4", prompt)
+    assert_one_line_error(code, err, "--truncate left")
+
+    code, out, err = lmctl(capsys, "generate", "--model", str(model_dir), "-n", "4",
+                           "--temperature", "0", "--truncate", "left", "--no-echo", prompt)
+    assert code == 0, err
+    [expected] = generate(loaded.model, loaded.tokenizer, [prompt],
+                          SamplingParams(max_new_tokens=4, temperature=0), truncate="left")
+    assert out == expected.text + "\n"
