@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 600.0
+# The longest a collective may be told to wait: a timedelta of much more overflows (inf, 1e300),
+# and a year is longer than any wait that means something.
+MAX_TIMEOUT_S = 365 * 86400.0
 
 
 class DistributedEnvError(RuntimeError):

@@ -128,8 +128,8 @@ class TrainConfig:
         _check("grad_clip", self.grad_clip, lambda v: 0 <= v < math.inf, ">= 0 and finite")
         _check("peak_flops", self.peak_flops, lambda v: 0 < v < math.inf, "> 0 and finite")
         # Every collective waits this long; 0 or less fails each one at once, deep in C++.
-        _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v < math.inf,
-               "> 0 seconds and finite")
+        _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v <= D.MAX_TIMEOUT_S,
+               f"> 0 and at most {D.MAX_TIMEOUT_S:.0f} seconds (a year)")
         _check("device", self.device, lambda v: TRAIN_DEVICE.fullmatch(v) is not None,
                "auto, cpu, cuda or cuda:N")
         normalize_precision(self.mixed_precision)
@@ -343,13 +343,15 @@ class TrainingInterrupted(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The validation loss is NaN or infinite: the run fails unpublished (a registered model
-    would be promoted like any other), and no checkpoint of the diverged weights is written."""
+    """The validation loss or the weights turned NaN or infinite: the run fails unpublished (a
+    registered model would be promoted like any other), and no checkpoint of those weights is
+    written (a resume would carry on from them)."""
 
-    def __init__(self, step: int, val_loss: float) -> None:
+    def __init__(self, step: int, what: str) -> None:
         super().__init__(
-            f"training diverged: validation loss {val_loss} at step {step}; the model is not "
-            "published (lower train.lr, or set train.grad_clip, and resume or start over)"
+            f"training diverged: {what} at step {step}; the model is not published and these "
+            "weights are not checkpointed (lower train.lr or train.grad_clip, then resume from "
+            "the last checkpoint or start over)"
         )
         self.step = step
 
@@ -832,7 +834,7 @@ class Trainer:
             self.tracker.log_metrics({"val_loss": val_loss, "val_perplexity": ppl}, step)
             log.info("step %d: val loss %.4f, perplexity %.2f", step, val_loss, ppl)
         if not math.isfinite(val_loss):  # the same mean on every rank: all of them stop here
-            raise TrainingDiverged(step, val_loss)
+            raise TrainingDiverged(step, f"validation loss {val_loss}")
         return val_loss
 
     def _log_train(
@@ -879,6 +881,11 @@ class Trainer:
         """Every rank hands over its sampler and RNG state; rank 0 writes; all wait for it."""
         if not self.cfg.checkpoint_dir:
             return None
+        # Every rank holds the same weights, so all of them stop here together. Checkpoints
+        # come between evaluations too (or with none at all): the weights are checked themselves.
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
+        if not bool(finite.all()):
+            raise TrainingDiverged(step, "non-finite weights")
         samplers = D.gather_objects(self.sampler.state_dict())
         cpu_rngs = D.gather_objects(torch.get_rng_state())
         cuda_rngs = D.gather_objects(

@@ -12,10 +12,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# What torch.device accepts for the devices the worker serves on, matched without importing
-# torch: the API reads these settings too and must stay light.
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")  # what an API key may hold
+from services.common.serve_values import serve_device, serve_precision
+
+API_KEY_CHARACTERS = re.compile(r"[\x20-\x7e]+")  # printable ASCII and the space
 # Redis takes whole milliseconds (a lease under 1 ms becomes PX 0, which it refuses) and the
 # streamer renews at a third of the TTL from flushes 20 ms apart: a second leaves ~15 flushes.
 MIN_LEASE_TTL_S = 1.0
@@ -76,11 +75,7 @@ class Settings(BaseSettings):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _check_precision(cls, value: object) -> object:
-        # The seed's booleans: true = auto, false = fp32.
-        value = {"true": "auto", "false": "fp32"}.get(str(value).lower(), str(value).lower())
-        if value not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError("mixed_precision must be auto, bf16, fp16, fp32, true or false")
-        return value
+        return serve_precision(value)  # the seed's booleans too: true = auto, false = fp32
 
     @field_validator("lease_ttl_s")
     @classmethod
@@ -92,10 +87,7 @@ class Settings(BaseSettings):
     @field_validator("device", mode="before")
     @classmethod
     def _check_device(cls, value: object) -> object:
-        value = str(value).strip().lower()
-        if not DEVICE_PATTERN.fullmatch(value):
-            raise ValueError(f"LLM_DEVICE must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
-        return value
+        return serve_device(value, "LLM_DEVICE")
 
     @field_validator("compile_decode", mode="before")
     @classmethod
@@ -133,10 +125,10 @@ class Settings(BaseSettings):
         for number, key in enumerate(value if isinstance(value, tuple | list) else (), 1):
             # HTTP header values travel as bytes that servers read as latin-1, and clients send a
             # non-ASCII key as UTF-8: such a key could never match. The key itself is not echoed.
-            if isinstance(key, str) and not PRINTABLE_ASCII.fullmatch(key):
+            if isinstance(key, str) and not API_KEY_CHARACTERS.fullmatch(key):
                 raise ValueError(
-                    f"LLM_API_KEYS: key {number} holds a space, a control or a non-ASCII "
-                    "character, which a Bearer header cannot carry intact; use printable ASCII "
+                    f"LLM_API_KEYS: key {number} holds a control or a non-ASCII character, "
+                    "which would never match the key a client sends; use printable ASCII "
                     "(e.g. `openssl rand -hex 32`)"
                 )
         return value

@@ -18,8 +18,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmcore.config import ConfigError, ModelConfig
+from lmcore.distributed import MAX_TIMEOUT_S
 from lmcore.tokenizer import MIN_VOCAB_SIZE
-from lmcore.train import TrainConfig, normalize_precision
+from lmcore.train import TrainConfig
+from services.common.serve_values import serve_device, serve_precision
 
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations at runtime.
 # Defaults mirror config/; the YAML files are what users read and override.
@@ -209,8 +211,9 @@ def check_data(cfg: DictConfig) -> None:
     if fields["train_ratio"] + fields["val_ratio"] > 1.0 + 1e-9:
         raise ConfigError("data.train_ratio + data.val_ratio must be <= 1, got "
                           f"{fields['train_ratio']} + {fields['val_ratio']}")
-    if not fields["prep_timeout_s"] > 0:
-        raise ConfigError(f"data.prep_timeout_s must be > 0, got {fields['prep_timeout_s']!r}")
+    if not 0 < fields["prep_timeout_s"] <= MAX_TIMEOUT_S:
+        raise ConfigError(f"data.prep_timeout_s must be > 0 and at most {MAX_TIMEOUT_S:.0f} "
+                          f"seconds (a year), got {fields['prep_timeout_s']!r}")  # fmt: skip
 
 
 def check_serve(cfg: DictConfig) -> None:
@@ -221,9 +224,10 @@ def check_serve(cfg: DictConfig) -> None:
         if not fields[name] >= 1:
             raise ConfigError(f"serve.{name} must be >= 1, got {fields[name]!r}")
     try:
-        normalize_precision(fields["mixed_precision"])
-    except ConfigError as exc:
-        raise ConfigError(f"serve.{exc}") from None
+        serve_precision(fields["mixed_precision"], "serve.mixed_precision")
+        serve_device(fields["device"], "serve.device")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -239,9 +243,8 @@ def validate(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(RootConfig)})
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}' (see config/README.md)")
-    for key in ("train.device", "serve.device"):
-        _check_device(key, OmegaConf.select(cfg, key))
-    check_serve(cfg)
+    _check_device("train.device", OmegaConf.select(cfg, "train.device"))
+    check_serve(cfg)  # serve.device by the services' rule, which takes any case
     model_config(cfg)
     if cfg.model.vocab_size < MIN_VOCAB_SIZE:  # the trainer trains a tokenizer of this size
         raise ConfigError(f"model.vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens + "

@@ -60,21 +60,24 @@ def test_api_keys_of_separators_alone_are_refused_not_taken_as_no_keys(
         Settings()
 
 
-@pytest.mark.parametrize("value", ["ok-key,clé-secrète", "key with space", "tab\tkey"])
-def test_an_api_key_a_bearer_header_cannot_carry_is_refused_without_echoing_it(
+@pytest.mark.parametrize("value", ["ok-key,clé-secrète", "tab\tsecret"])
+def test_an_api_key_that_could_never_match_is_refused_without_echoing_it(
     monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     # Servers read header bytes as latin-1 and clients send UTF-8: "clé" could never match.
     monkeypatch.setenv("LLM_API_KEYS", value)
-    with pytest.raises(ValidationError, match="LLM_API_KEYS: key [12] holds") as caught:
+    with pytest.raises(ValidationError, match="LLM_API_KEYS: key [12] holds a control or a "
+                       "non-ASCII") as caught:  # fmt: skip
         Settings()
-    assert "secr" not in str(caught.value) and "space," in str(caught.value)
+    assert "secr" not in str(caught.value)
 
 
 def test_api_keys_given_as_a_list_are_checked_too() -> None:
     with pytest.raises(ValidationError, match="key 2 holds"):
         Settings(api_keys=("fine", "naïve"))
-    assert Settings(api_keys=("a-b_c.d~e+f/g=",)).api_keys == ("a-b_c.d~e+f/g=",)
+    # The Bearer scheme ends at the first space: a key may hold spaces of its own.
+    for key in ("a-b_c.d~e+f/g=", "key with space"):
+        assert Settings(api_keys=(key,)).api_keys == (key,)
 
 
 def test_an_empty_api_keys_value_means_no_keys(monkeypatch: pytest.MonkeyPatch) -> None:

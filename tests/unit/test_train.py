@@ -305,6 +305,21 @@ def test_a_diverged_run_fails_unpublished_and_leaves_no_checkpoint_of_its_weight
     assert not (tmp_path / "ckpt" / "model").exists()
 
 
+def test_checkpoints_between_evaluations_never_hold_diverged_weights(
+    tmp_path: Path, dataset: TokenDataset
+) -> None:
+    # No evaluation before the end: the interval checkpoints check the weights themselves.
+    cfg = config(tmp_path, lr=1e30, warmup_steps=0, eval_interval=0, checkpoint_interval=1)
+    trainer = Trainer(tiny(dataset), cfg, dataset, ListTracker())
+    with pytest.raises(TrainingDiverged, match="non-finite weights at step"):
+        trainer.fit()
+    kept = sorted((tmp_path / "ckpt").glob("step-*"))
+    assert 1 <= len(kept) < 6  # the finite ones before it diverged; it stopped before the end
+    for path in kept:
+        tensors = load_file(path / "model.safetensors")
+        assert all(t.isfinite().all() for t in tensors.values()), path
+
+
 def test_weight_decay_applies_to_matrices_only() -> None:
     model = Transformer(preset("tiny"))
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))

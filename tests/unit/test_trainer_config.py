@@ -76,12 +76,16 @@ def test_unknown_key_exits_non_zero_with_one_line_naming_it(tmp_path: Path) -> N
         (["data=text"], "data.source must be set"),
         (["data.val_ratio=0.5", "data.train_ratio=0.9"], "data.train_ratio + data.val_ratio"),
         (["data.prep_timeout_s=0"], "data.prep_timeout_s must be > 0"),
+        (["data.prep_timeout_s=inf"], "data.prep_timeout_s must be > 0 and at most 31536000"),
+        (["train.dist_timeout_s=1e300"], "train.dist_timeout_s must be > 0 and at most"),
         (["train.lr=1e400"], "train.lr must be > 0 and finite"),
-        (["train.dist_timeout_s=0"], "train.dist_timeout_s must be > 0 seconds"),
+        (["train.dist_timeout_s=0"], "train.dist_timeout_s must be > 0 and at most"),
         (["train.device=meta"], "train.device must be auto, cpu, cuda or cuda:N"),
         (["serve.max_batch=-1"], "serve.max_batch must be >= 1"),
         (["serve.max_new_tokens=0"], "serve.max_new_tokens must be >= 1"),
         (["serve.mixed_precision=foo"], "serve.mixed_precision must be auto"),
+        (["serve.mixed_precision=yes"], "serve.mixed_precision must be auto"),
+        (["serve.device=meta"], "serve.device must be auto, cpu, cuda, cuda:N or mps"),
         (["model.n_head=5"], "n_head"),
         (["trainn.lr=1"], "'trainn'"),
     ],
@@ -173,6 +177,11 @@ def test_training_length_by_steps_or_by_epochs() -> None:
 def test_seed_boolean_mixed_precision_is_accepted(value: str, expected: str) -> None:
     cfg = schema.compose([f"train.mixed_precision={value}"])
     assert normalize_precision(schema.train_config(cfg).mixed_precision) == expected
+
+
+@pytest.mark.parametrize("value", ["BF16", "true", "false", "Auto"])
+def test_serve_precisions_the_services_accept_are_accepted(value: str) -> None:
+    schema.validate(schema.compose([f"serve.mixed_precision={value}", "serve.device=CUDA:1"]))
 
 
 def test_the_keys_the_deployment_uses_compose() -> None:
