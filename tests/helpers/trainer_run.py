@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from lmcore.checkpoint import unwrap_model
 from lmcore.config import preset
-from lmcore.data import TokenDataset, WindowSampler
+from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
 from lmcore.distributed import DistEnv
 from lmcore.train import Trainer, TrainConfig
 
@@ -42,6 +42,12 @@ def write_corpus(path: Path, lines: int = 20_000, seed: int = 0) -> Path:
     )
     path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def tiny_corpus(root: Path, lines: int) -> tuple[Path, TokenDataset]:
+    """A corpus file under root and its token cache, with the tiny preset's vocabulary (512)."""
+    text = write_corpus(root / "corpus.txt", lines=lines)
+    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
 
 
 class RecordingTracker:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lmcore.checkpoint import latest_training_state
-from lmcore.data import TokenDataset, prepare_corpus
-from tests.helpers.trainer_run import write_corpus
+from lmcore.data import TokenDataset
+from tests.helpers.trainer_run import tiny_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,9 +27,7 @@ TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset]:
-    root = tmp_path_factory.mktemp("cli-train-corpus")
-    text = write_corpus(root / "corpus.txt", lines=4000)
-    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
+    return tiny_corpus(tmp_path_factory.mktemp("cli-train-corpus"), lines=4000)
 
 
 def run_processes(marker: str) -> list[int]:

@@ -24,7 +24,7 @@ from lmcore.config import preset
 from lmcore.data import TokenDataset, prepare_corpus
 from lmcore.distributed import DistEnv
 from lmcore.train import INTERRUPTED_EXIT_CODE, Trainer, TrainConfig
-from tests.helpers.trainer_run import write_corpus
+from tests.helpers.trainer_run import tiny_corpus, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,9 +37,7 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset]:
     """A corpus file and its token cache, built with the tiny preset's settings (vocab 512)."""
-    root = tmp_path_factory.mktemp("ddp-corpus")
-    text = write_corpus(root / "corpus.txt", lines=8000)
-    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
+    return tiny_corpus(tmp_path_factory.mktemp("ddp-corpus"), lines=8000)
 
 
 def free_port() -> int:

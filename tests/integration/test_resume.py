@@ -16,9 +16,9 @@ import pytest
 from safetensors.torch import load_file
 
 from lmcore.checkpoint import latest_training_state
-from lmcore.data import TokenDataset, prepare_corpus
+from lmcore.data import TokenDataset
 from lmcore.train import INTERRUPTED_EXIT_CODE
-from tests.helpers.trainer_run import write_corpus
+from tests.helpers.trainer_run import tiny_corpus, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,9 +29,7 @@ STEPS = 200
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenDataset]:
-    root = tmp_path_factory.mktemp("resume-corpus")
-    text = write_corpus(root / "corpus.txt", lines=8000)
-    return text, prepare_corpus(text, root / "cache", vocab_size=512, progress=False)
+    return tiny_corpus(tmp_path_factory.mktemp("resume-corpus"), lines=8000)
 
 
 def trainer_cmd(text: Path, data: TokenDataset, ckpt: Path, *extra: str) -> list[str]:
