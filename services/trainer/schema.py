@@ -243,23 +243,10 @@ def validate(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(RootConfig)})
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}' (see config/README.md)")
-    _check_device("train.device", OmegaConf.select(cfg, "train.device"))
-    check_serve(cfg)  # serve.device by the services' rule, which takes any case
+    check_serve(cfg)  # serve.device by the services' rule; train.device by TrainConfig's
     model_config(cfg)
     if cfg.model.vocab_size < MIN_VOCAB_SIZE:  # the trainer trains a tokenizer of this size
         raise ConfigError(f"model.vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens + "
                           f"eos), got {cfg.model.vocab_size}")
     train_config(cfg)
     check_data(cfg)
-
-
-def _check_device(key: str, value: Any) -> None:
-    """`auto` or a device torch knows (cpu, cuda, cuda:1, ...): a typo fails before any work."""
-    if value is None or value == "auto":
-        return
-    import torch
-
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"{key}: not a device: {value!r} (auto, cpu, cuda or cuda:N)") from exc
