@@ -116,6 +116,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() > 0
+        and x.shape[-1] == weight.shape[1]  # else F.linear names the mismatch; oneDNN can't
         and not torch.is_autocast_enabled("cpu")  # autocast wants F.linear to cast to bf16
         and not torch.compiler.is_compiling()  # inductor has its own oneDNN lowering
         and onednn_enabled()
@@ -179,8 +180,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.one_row_kernel == "onednn" or rows == 0 or torch.compiler.is_compiling():
-            return linear(x, self.weight, self.bias)  # the compiler lowers products its own way
+        if (
+            self.one_row_kernel == "onednn"
+            or rows == 0
+            or x.shape[-1] != self.in_features  # `linear` raises torch's own shape error
+            or torch.compiler.is_compiling()  # the compiler lowers products its own way
+        ):
+            return linear(x, self.weight, self.bias)
         if self.one_row_kernel == "blas" and rows == 1:
             return F.linear(x, self.weight, self.bias)
         # The bag has no autocast rule and wants x in the weight's dtype: `linear` has both.

@@ -157,12 +157,19 @@ class Int8Linear(nn.Module):
         return _transposed((self._packed[:, : self.out_features] ^ 0x80).view(torch.int8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the fast kernels below would read any width
+            raise RuntimeError(
+                f"Int8Linear({self.in_features} -> {self.out_features}) got an input of shape "
+                f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
+            )
         rows = x.numel() // self.in_features
         if (
             0 < rows <= max(self.bag_rows, self.pack_rows)
             and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()  # the compiler lowers products its own way
+            # Neither kernel has a backward: an input that wants its gradient takes the GEMM.
+            and not (x.requires_grad and torch.is_grad_enabled())
         ):
             if rows <= self.bag_rows:
                 return byte_bag_product(x, self)
@@ -403,12 +410,18 @@ def byte_bag_product(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     rows = x.numel() // layer.in_features
     indices, offsets = bag_indices(layer.in_features, rows, x.device)
     y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-        layer.packed_rows(), indices, offsets, False, 0, False, x.reshape(-1).float(), None, False
+        layer.packed_rows(), indices, offsets, False, 0, False, _flat_fp32(x), None, False
     )
     y = y * layer.scale.float()
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+
+
+def _flat_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x's values as one contiguous fp32 row: the op reads its weights as dense memory, so a
+    strided or expanded x (a view `.float()` keeps as it is) would be read wrongly."""
+    return x.float().contiguous().view(-1)
 
 
 @functools.cache

@@ -64,6 +64,15 @@ def test_strided_inputs_and_weights_give_the_same_product() -> None:
 
 
 @needs_onednn
+@pytest.mark.parametrize("kernel", ["onednn", "blas", "bag"])
+def test_an_input_of_the_wrong_width_gets_torchs_shape_error(kernel: str) -> None:
+    layer = lin.Linear(64, 96)
+    layer.one_row_kernel = kernel  # type: ignore[assignment]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        layer(torch.randn(2, 65))
+
+
+@needs_onednn
 def test_fp32_cpu_linear_runs_through_onednn_and_bf16_does_not() -> None:
     layer = lin.Linear(16, 8)
     x = torch.randn(4, 16)

@@ -330,6 +330,48 @@ def test_int8_products_of_up_to_bag_rows_take_the_byte_bag_and_agree(dtype: torc
         assert got.dtype == dtype and got.shape == (rows, 40)
 
 
+@needs_byte_bag
+def test_the_byte_bag_reads_strided_and_expanded_inputs_by_their_values() -> None:
+    torch.manual_seed(4)
+    layer = Int8Linear.from_linear(Linear(64, 96))
+    layer.bag_rows = 4
+    inputs = {
+        "strided": torch.randn(2, 128)[:, ::2],  # a view with stride 2, which .float() keeps
+        "one strided row": torch.randn(1, 128)[:, ::2],
+        "expanded": torch.full((1, 1), 0.5).expand(1, 64),  # stride 0: one float in storage
+    }
+    with torch.inference_mode():
+        for name, x in inputs.items():
+            torch.testing.assert_close(
+                byte_bag_product(x, layer), layer.dequant_product(x.contiguous()),
+                rtol=1e-5, atol=1e-5, msg=name,
+            )
+
+
+@pytest.mark.parametrize("bag_rows", [0, 4], ids=["gemm", "byte_bag"])
+@pytest.mark.parametrize("width", [63, 65])
+def test_int8_linear_refuses_an_input_of_the_wrong_width_on_every_path(
+    bag_rows: int, width: int
+) -> None:
+    layer = Int8Linear.from_linear(Linear(64, 96))
+    layer.bag_rows = bag_rows
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="last dimension must be 64"):
+        layer(torch.randn(1, width))
+
+
+@pytest.mark.parametrize("tokens", [3, 6], ids=["byte_bag_rows", "gemm_rows"])
+def test_int8_gradients_reach_the_layers_below_at_every_row_count(tokens: int) -> None:
+    torch.manual_seed(5)
+    model = quantize_int8(Transformer(preset("tiny")))
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.bag_rows = module.pack_rows = 4  # fewer rows than that took the byte bag
+    _, loss = model(pattern_tokens(tokens)[None], pattern_tokens(tokens + 1)[None, 1:])
+    loss.backward()
+    grad = model.pos_emb.weight.grad
+    assert grad is not None and grad[:tokens].abs().sum() > 0
+
+
 def _laid_out_alone(layer: Int8Linear, bag_rows: int) -> Int8Linear:
     """An untouched copy of `layer` taking the same kernels; `layer` itself is laid out as the
     layout lays out a layer that only the byte bag reads as bytes: its packed copy alone."""
