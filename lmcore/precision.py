@@ -38,6 +38,13 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
 
 
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 natively (compute capability 8.0, Ampere, or newer).
+    Not `torch.cuda.is_bf16_supported()`: it also counts emulation, so it says True on a V100
+    or T4, where bf16 runs slowly and fp16 with a GradScaler is the right choice."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(
     requested: PrecisionName | bool | None, device: torch.device | str
 ) -> Precision:
@@ -52,7 +59,7 @@ def resolve_precision(
         requested = "auto"
     if requested == "auto":
         if device.type == "cuda":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            requested = "bf16" if _cuda_has_bf16(device) else "fp16"
         else:
             requested = "fp32"
     if requested not in _DTYPES:
