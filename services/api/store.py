@@ -33,6 +33,8 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.ttl_s = settings.job_ttl_s
+        self._create = redis.register_script(scripts.CREATE)
+        self._release_idempotency = redis.register_script(scripts.RELEASE_IDEMPOTENCY)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._fresh_workers = redis.register_script(scripts.FRESH_WORKERS)
 
@@ -53,15 +55,17 @@ class JobStore:
         return await self.redis.xrange(keys.events(job_id), min=f"({after}")
 
     async def create(self, record: JobRecord, message: str, idempotency: str | None = None) -> None:
-        """Write the record and push its Celery message in one transaction: both or neither.
-        The Idempotency-Key binding claimed for it, if any, then lives as long as the record."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(record.id), mapping=record.to_hash())
-            pipe.expire(keys.job(record.id), self.ttl_s)
-            pipe.lpush(keys.QUEUE, message)
-            if idempotency is not None:
-                pipe.expire(keys.idempotency(idempotency), self.ttl_s)
-            await pipe.execute()
+        """Write the record and push its Celery message atomically: both or neither.
+        The Idempotency-Key binding claimed for it, if any, then lives as long as the record.
+
+        One script that does nothing when the record exists already, so redis-py's retry of a
+        call whose reply was lost (the API's client retries twice) changes nothing.
+        """
+        job_keys = [keys.job(record.id), keys.QUEUE]
+        if idempotency is not None:
+            job_keys.append(keys.idempotency(idempotency))
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        await self._create(keys=job_keys, args=[self.ttl_s, message, *fields])
 
     async def claim_idempotency(
         self, key: str, fingerprint: str, job_id: str
@@ -70,7 +74,8 @@ class JobStore:
 
         The binding lasts PENDING_IDEMPOTENCY_S until `create` extends it with its record: if
         the create fails and the release fails too (Redis away), a retry with the same key is
-        refused as in progress for that long, not for the record's whole TTL.
+        refused as in progress for that long, not for the record's whole TTL. A binding that
+        names job_id is this call's own: redis-py sent the SET again after losing its reply.
         """
         value = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
         if await self.redis.set(keys.idempotency(key), value, nx=True, ex=PENDING_IDEMPOTENCY_S):
@@ -79,10 +84,20 @@ class JobStore:
         if raw is None:  # expired between the two calls: try once more
             return await self.claim_idempotency(key, fingerprint, job_id)
         bound = json.loads(raw)
+        if bound["job_id"] == job_id:
+            return None
         return IdempotencyHit(bound["job_id"], bound["fingerprint"])
 
-    async def release_idempotency(self, key: str) -> None:
-        await self.redis.delete(keys.idempotency(key))
+    async def release_idempotency(self, key: str, job_id: str) -> bool:
+        """Free the key claimed for job_id unless that job's record exists (-> whether freed).
+
+        For a create that raised: a lost reply leaves it unknown whether the job was made, and a
+        job that was keeps its key, so the client's retry gets it instead of a second job.
+        """
+        freed = await self._release_idempotency(
+            keys=[keys.idempotency(key), keys.job(job_id)], args=[job_id]
+        )
+        return bool(freed)
 
     async def cancel(self, job_id: str) -> str:
         """Cancel atomically: 'missing', 'cancelled' (was queued), 'running' (flagged) or final."""

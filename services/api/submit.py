@@ -96,9 +96,11 @@ async def submit_job(
     try:
         await store.create(record, task_message(celery, job_id), idem_scope)
     except Exception:
+        # The create may have run with its reply lost: the key is freed only if no job exists,
+        # else the client's retry with it gets this job.
         if idem_scope is not None:
             with contextlib.suppress(Exception):
-                await store.release_idempotency(idem_scope)
+                await store.release_idempotency(idem_scope, job_id)
         raise
     return record, True
 

@@ -18,6 +18,36 @@ def _announce_left_queue(stream_key: str, job_id: str) -> str:
             f"'job', {job_id})")
 
 
+# KEYS: job, queue, then the Idempotency-Key binding if any. ARGV: ttl_s, Celery message, then
+# the record's fields and values. Writes the record and pushes its message, both or neither, and
+# gives the binding the record's TTL. A record that exists already means an earlier call did it
+# (its reply was lost and redis-py sent the call again): then nothing changes -> 0, else 1. A
+# retried MULTI used to write `queued` over a job a worker had claimed meanwhile and push a
+# second message, so the job ran twice and streamed its text twice.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+if KEYS[3] then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
+return 1
+"""
+
+# KEYS: the Idempotency-Key binding, the job it was claimed for. ARGV: that job's id.
+# Deletes the binding only while it names that job and the job has no record (-> 1, else 0):
+# after an error that leaves it unknown whether CREATE ran (a lost reply), a job that does exist
+# keeps its key, so the client's retry with it gets that job rather than a second one.
+RELEASE_IDEMPOTENCY = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local bound = redis.call('GET', KEYS[1])
+if not bound then return 0 end
+local ok, binding = pcall(cjson.decode, bound)
+if not ok or type(binding) ~= 'table' or binding['job_id'] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
 # KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id, job ttl_s.
 # -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
 # The record's TTL restarts at the claim: a job that waited in the queue for most of it must

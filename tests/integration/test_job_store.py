@@ -1,19 +1,33 @@
-"""services.api.store.JobStore against a real Redis: what a failed step leaves behind."""
+"""services.api.store.JobStore against a real Redis: what a failed step leaves behind.
+
+Lost replies are real: a TCP proxy (tests/helpers/lossy_proxy.py) lets Redis run a command and
+cuts the connection before its reply, and the API's own client (make_redis, with its Retry)
+sends it again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
+from fastapi import HTTPException
 from redis.asyncio import Redis
 
+from services.api.app import make_redis
+from services.api.model_limits import ModelLimitsCache
 from services.api.store import PENDING_IDEMPOTENCY_S, JobStore
-from services.common import keys
+from services.api.submit import submit_job
+from services.common import keys, scripts
+from services.common.celery_config import make_celery
 from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
+from tests.helpers.lossy_proxy import ReplyLosingProxy
 from tests.helpers.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.integration
@@ -60,3 +74,132 @@ def test_an_idempotency_key_lives_as_long_as_the_job_it_created(server: RedisSer
         assert hit is not None and hit.job_id == "job-made"
 
     with_store(server, test)
+
+
+# -- lost replies ---------------------------------------------------------------------------
+
+# The create's request carries the queue's name as one argument (RESP ends it with CRLF).
+CREATE_MARKER = keys.QUEUE.encode() + b"\r\n"
+
+
+@pytest.fixture
+def proxy(server: RedisServer) -> Iterator[ReplyLosingProxy]:
+    direct = server.client()
+    direct.delete(keys.QUEUE)
+    lossy = ReplyLosingProxy(server.port)
+    yield lossy
+    lossy.close()
+    assert not lossy.errors
+
+
+def through(proxy: ReplyLosingProxy, test: Any) -> None:
+    """Run test(store, submit) with the API's Redis client connected through the proxy."""
+
+    async def run() -> None:
+        settings = Settings(redis_url=proxy.url, job_ttl_s=JOB_TTL_S)
+        redis = make_redis(settings)
+        store = JobStore(redis, settings)
+        celery, limits = make_celery(settings), ModelLimitsCache()
+
+        async def submit(request: JobRequest, key: str) -> tuple[JobRecord, bool]:
+            return await submit_job(
+                request, store=store, celery=celery, limits=limits, settings=settings,
+                idempotency_key=key, principal="p",
+            )
+
+        try:
+            await test(store, submit)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_create_retried_after_lost_reply_keeps_claimed_record(
+    server: RedisServer, proxy: ReplyLosingProxy
+) -> None:
+    # Redis runs the create, its reply is lost, and an idle worker (waiting in BRPOP) takes the
+    # message and claims the job before redis-py sends the create again. The retry used to
+    # write `queued` over the running job and push a second message: the job ran twice.
+    direct = server.client()
+    claim = direct.register_script(scripts.CLAIM)
+    job_id = "lost-create-reply"
+
+    def worker_claims() -> None:
+        assert direct.rpop(keys.QUEUE) is not None
+        reply = claim(**scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
+                                           ttl_s=JOB_TTL_S))  # fmt: skip
+        assert reply[0] == "claimed"
+
+    proxy.lose(CREATE_MARKER, then=worker_claims)
+
+    async def test(store: JobStore, submit: Any) -> None:
+        await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), '{"message": 1}')
+
+    through(proxy, test)
+    assert proxy.cuts == 1
+    record = direct.hgetall(keys.job(job_id))
+    assert (record["status"], record["attempts"], record["worker"]) == ("running", "1", "w1")
+    assert direct.get(keys.lease(job_id)) == "w1"
+    assert direct.llen(keys.QUEUE) == 0  # no second message for it
+    assert 0 < direct.ttl(keys.job(job_id)) <= JOB_TTL_S
+
+
+def test_idempotency_key_kept_when_create_reply_lost(
+    server: RedisServer, proxy: ReplyLosingProxy
+) -> None:
+    # Every attempt's reply is lost (the client tries 3 times): the request fails, but the job
+    # exists and is queued, so the client's retry with the same key must get that job.
+    direct = server.client()
+    idem = keys.idempotency("p:lost-create")
+    proxy.lose(CREATE_MARKER, times=3)
+
+    async def test(store: JobStore, submit: Any) -> None:
+        request = JobRequest(prompt="a", seed=1)
+        with pytest.raises(sync_redis.ConnectionError):
+            await submit(request, "lost-create")
+        assert proxy.cuts == 3
+        bound = direct.get(idem)
+        assert bound is not None, "the key of a job that exists was released"
+        first = json.loads(bound)["job_id"]
+        assert direct.hget(keys.job(first), "status") == "queued"
+        again, created = await submit(request, "lost-create")
+        assert (again.id, created) == (first, False)
+
+    through(proxy, test)
+    assert direct.llen(keys.QUEUE) == 1  # one job, one message
+    assert direct.ttl(idem) > PENDING_IDEMPOTENCY_S
+
+
+def test_idempotency_key_released_when_create_failed_before_redis_ran_it(
+    server: RedisServer,
+) -> None:
+    # The other side of the release: no record, so the key is freed at once for a retry.
+    async def test(redis: Redis, store: JobStore) -> None:
+        assert await store.claim_idempotency("p:never", "digest", "job-never") is None
+        assert await store.release_idempotency("p:never", "job-other") is False  # not its key
+        assert await store.release_idempotency("p:never", "job-never") is True
+        assert not await redis.exists(keys.idempotency("p:never"))
+
+    with_store(server, test)
+
+
+def test_idempotency_set_reply_lost_is_not_409(
+    server: RedisServer, proxy: ReplyLosingProxy
+) -> None:
+    # The key's SET NX ran but its reply was lost: redis-py's second SET NX finds the key bound,
+    # to this very request. That used to answer "409 in progress" to it (and every retry, 30 s).
+    direct = server.client()
+    idem = keys.idempotency("p:lost-set")
+    proxy.lose(idem.encode())
+
+    async def test(store: JobStore, submit: Any) -> None:
+        try:
+            record, created = await submit(JobRequest(prompt="a"), "lost-set")
+        except HTTPException as exc:
+            pytest.fail(f"{exc.status_code}: {exc.detail}")
+        assert created and json.loads(direct.get(idem))["job_id"] == record.id
+
+    through(proxy, test)
+    assert proxy.cuts == 1
+    assert direct.llen(keys.QUEUE) == 1
