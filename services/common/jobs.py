@@ -107,6 +107,11 @@ class ModelRef(BaseModel):
     uri: str | None = None
 
 
+# The record's hash field naming its Idempotency-Key binding (llm:idem:...), if it has one: the
+# scripts that restart the record's TTL restart the binding's with it. Not part of JobRecord
+# (the API never shows it).
+IDEMPOTENCY_FIELD = "idempotency"
+
 # Hash fields that hold numbers; everything else is a string (request is JSON).
 _FLOATS = ("created_at", "started_at", "first_token_at", "finished_at", "engine_s")
 _INTS = ("completion_tokens", "prompt_tokens", "attempts")

@@ -7,6 +7,7 @@ beyond the transitions themselves.
 from __future__ import annotations
 
 from services.common import keys
+from services.common.jobs import IDEMPOTENCY_FIELD
 
 _FINAL = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
 
@@ -18,18 +19,39 @@ def _announce_left_queue(stream_key: str, job_id: str) -> str:
             f"'job', {job_id})")
 
 
+def _extend_idempotency(ttl: str) -> str:
+    """Lua giving the Idempotency-Key binding named in the record (KEYS[1]) the record's new TTL,
+    while the binding still names this job: it must not die before the job it answers for (a
+    retry with the same key would make a second job). It reads a key it is not handed, like
+    FRESH_WORKERS: fine on one Redis, not on a cluster."""
+    return f"""
+local idem = redis.call('HGET', KEYS[1], '{IDEMPOTENCY_FIELD}')
+if idem then
+  local bound = redis.call('GET', idem)
+  if bound then
+    local ok, binding = pcall(cjson.decode, bound)
+    if ok and type(binding) == 'table' and binding['job_id'] == redis.call('HGET', KEYS[1], 'id')
+    then redis.call('EXPIRE', idem, {ttl}) end
+  end
+end"""
+
+
 # KEYS: job, queue, then the Idempotency-Key binding if any. ARGV: ttl_s, Celery message, then
 # the record's fields and values. Writes the record and pushes its message, both or neither, and
-# gives the binding the record's TTL. A record that exists already means an earlier call did it
-# (its reply was lost and redis-py sent the call again): then nothing changes -> 0, else 1. A
-# retried MULTI used to write `queued` over a job a worker had claimed meanwhile and push a
-# second message, so the job ran twice and streamed its text twice.
-CREATE = """
+# gives the binding the record's TTL and its name to the record (CLAIM and FINISH, which restart
+# the record's TTL, restart the binding's too). A record that exists already means an earlier
+# call did it (its reply was lost and redis-py sent the call again): then nothing changes -> 0,
+# else 1. A retried MULTI used to write `queued` over a job a worker had claimed meanwhile and
+# push a second message, so the job ran twice and streamed its text twice.
+CREATE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
-if KEYS[3] then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
+if KEYS[3] then
+  redis.call('HSET', KEYS[1], '{IDEMPOTENCY_FIELD}', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+end
 return 1
 """
 
@@ -51,7 +73,8 @@ return 1
 # KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id, job ttl_s.
 # -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
 # The record's TTL restarts at the claim: a job that waited in the queue for most of it must
-# not expire while it runs (its result would have nowhere to go).
+# not expire while it runs (its result would have nowhere to go). Its Idempotency-Key binding's
+# restarts with it.
 CLAIM = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{'missing'}} end
@@ -66,6 +89,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+{_extend_idempotency("ARGV[5]")}
 return {{'claimed', tostring(attempts), redis.call('HGET', KEYS[1], 'cancel_requested') or ''}}
 """
 
@@ -117,7 +141,8 @@ return 1
 # ARGV: owner, status, ttl_s, n, field1, value1, ..., m, counter1, incr1, ..., k, fcounter1, fincr1
 # Sets the final fields and appends the `done` event once: a second finish (a redelivered task,
 # a lost lease) changes nothing and returns 0, but the same owner's retry (its reply was lost)
-# learns with 1 that its result is the one recorded.
+# learns with 1 that its result is the one recorded. The record's TTL restarts, and its
+# Idempotency-Key binding's with it.
 FINISH = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 0 end
@@ -140,6 +165,7 @@ for j = 1, n do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i + 2 * j - 1], ARGV[i 
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+{_extend_idempotency("ARGV[3]")}
 if holder == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """

@@ -76,6 +76,53 @@ def test_an_idempotency_key_lives_as_long_as_the_job_it_created(server: RedisSer
     with_store(server, test)
 
 
+def test_idempotency_binding_lives_as_long_as_its_record(server: RedisServer) -> None:
+    # The record's TTL restarts when a worker claims the job and when it finishes; the binding
+    # used to keep the TTL it got at create, so it died first (by the time the job waited in the
+    # queue and ran), and the same key and body then made a second job of a readable one.
+    async def test(redis: Redis, store: JobStore) -> None:
+        job_id, idem = "job-long-lived", keys.idempotency("p:long")
+        claim = redis.register_script(scripts.CLAIM)
+        finish = redis.register_script(scripts.FINISH)
+        assert await store.claim_idempotency("p:long", "digest", job_id) is None
+        await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}", "p:long")
+
+        async def age(by_s: int) -> None:  # as if by_s seconds went by
+            for key in (keys.job(job_id), idem):
+                await redis.expire(key, await redis.ttl(key) - by_s)
+
+        await age(JOB_TTL_S - 100)  # waited in the queue for most of the TTL
+        await claim(**scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
+                                         ttl_s=JOB_TTL_S))  # fmt: skip
+        assert await redis.ttl(keys.job(job_id)) > JOB_TTL_S - 5
+        assert await redis.ttl(idem) >= await redis.ttl(keys.job(job_id)) - 1
+
+        await age(JOB_TTL_S - 100)  # ran for most of it
+        await finish(
+            keys=[keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.STATS],
+            args=scripts.finish_args("w1", "succeeded", JOB_TTL_S, {}, {}, {}),
+        )
+        assert await redis.ttl(keys.job(job_id)) > JOB_TTL_S - 5
+        assert await redis.ttl(idem) >= await redis.ttl(keys.job(job_id)) - 1
+        hit = await store.claim_idempotency("p:long", "digest", "job-second")
+        assert hit is not None and hit.job_id == job_id
+
+    with_store(server, test)
+
+
+def test_a_binding_that_names_another_job_keeps_its_own_ttl(server: RedisServer) -> None:
+    # The key was bound again after the old binding expired: the old job's claim leaves it be.
+    async def test(redis: Redis, store: JobStore) -> None:
+        claim = redis.register_script(scripts.CLAIM)
+        await store.create(JobRecord.new("job-old", JobRequest(prompt="a")), "{}", "p:rebound")
+        await redis.set(keys.idempotency("p:rebound"),
+                        json.dumps({"fingerprint": "d", "job_id": "job-new"}), ex=50)
+        await claim(**scripts.claim_call("job-old", "w1", now=time.time(), lease_ttl_s=30,
+                                         ttl_s=JOB_TTL_S))  # fmt: skip
+        assert 0 < await redis.ttl(keys.idempotency("p:rebound")) <= 50
+
+    with_store(server, test)
+
 # -- lost replies ---------------------------------------------------------------------------
 
 # The create's request carries the queue's name as one argument (RESP ends it with CRLF).
