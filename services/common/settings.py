@@ -141,11 +141,18 @@ class Settings(BaseSettings):
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"job_time_limit_s ({self.job_time_limit_s})"
             )
-        # The record's TTL restarts when a worker claims the job; it must outlive the run.
-        if self.job_ttl_s <= self.job_time_limit_s:
+        # The record's TTL restarts when a worker claims the job. A worker that dies running it
+        # (SIGKILL, OOM) leaves its message unacked, and it is delivered again only after the
+        # visibility timeout: the record must still be there then, with one time limit to spare
+        # for that delivery to be taken. A shorter TTL let the record expire first: the client
+        # saw `running` then 404, and the redelivery found no record and dropped the job.
+        if self.job_ttl_s <= self.visibility_timeout_s + self.job_time_limit_s:
             raise ValueError(
-                f"job_ttl_s ({self.job_ttl_s}) must exceed job_time_limit_s "
-                f"({self.job_time_limit_s})"
+                f"job_ttl_s ({self.job_ttl_s}) must exceed visibility_timeout_s + "
+                f"job_time_limit_s ({self.visibility_timeout_s} + {self.job_time_limit_s:g}): "
+                "a job whose worker died is delivered again only after the visibility timeout, "
+                "and its record must outlive that (LLM_JOB_TTL_S, LLM_VISIBILITY_TIMEOUT_S, "
+                "LLM_JOB_TIME_LIMIT_S)"
             )
         return self
 

@@ -32,7 +32,7 @@ from tests.helpers.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.integration
 
-JOB_TTL_S = 3600
+JOB_TTL_S = 7200  # above LLM_VISIBILITY_TIMEOUT_S + LLM_JOB_TIME_LIMIT_S (3600 + 600)
 
 
 @pytest.fixture(scope="module")

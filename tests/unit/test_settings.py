@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from services.common.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.unit
 
@@ -34,13 +39,13 @@ def test_environment_variables_with_the_llm_prefix_are_read(
     monkeypatch.setenv("LLM_MAX_BATCH", "32")
     monkeypatch.setenv("LLM_MAX_NEW_TOKENS", "128")
     monkeypatch.setenv("LLM_DEVICE", "cuda:1")
-    monkeypatch.setenv("LLM_JOB_TTL_S", "3600")
+    monkeypatch.setenv("LLM_JOB_TTL_S", "7200")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
 
     s = Settings()
 
     assert (s.redis_url, s.max_batch, s.max_new_tokens) == ("redis://cache:6380/1", 32, 128)
-    assert (s.device, s.job_ttl_s) == ("cuda:1", 3600)
+    assert (s.device, s.job_ttl_s) == ("cuda:1", 7200)
     assert s.mlflow_tracking_uri == "http://mlflow:5000"  # MLflow's own variable, no prefix
     assert s.concurrency == 64  # two Celery threads per engine slot by default
 
@@ -108,6 +113,37 @@ def test_visibility_timeout_must_exceed_the_job_time_limit() -> None:
 def test_a_job_record_must_outlive_the_job_time_limit() -> None:
     with pytest.raises(ValidationError, match="job_ttl_s"):
         Settings(job_ttl_s=300, job_time_limit_s=600)
+
+
+@pytest.mark.parametrize(
+    ("ttl", "visibility", "limit"),
+    [(3600, 3600, 600), (4200, 3600, 600), (60, 70, 1), (100, 60, 40)],
+    ids=["ttl=visibility", "ttl=visibility+limit", "ttl<visibility", "ttl=sum, small"],
+)
+def test_settings_refuse_job_ttl_not_above_visibility_timeout(
+    ttl: int, visibility: int, limit: float
+) -> None:
+    # A worker that dies mid-job leaves its message unacked until the visibility timeout; a
+    # record that expired by then made the redelivery drop the job (no retry, never failed).
+    with pytest.raises(ValidationError) as caught:
+        Settings(job_ttl_s=ttl, visibility_timeout_s=visibility, job_time_limit_s=limit)
+    message = str(caught.value)
+    for name in ("job_ttl_s", "visibility_timeout_s", "job_time_limit_s"):
+        assert name in message
+
+
+def test_a_job_ttl_just_above_visibility_timeout_and_time_limit_is_accepted() -> None:
+    assert Settings(job_ttl_s=4201).job_ttl_s == 4201  # the defaults: 3600 + 600
+    assert Settings(job_ttl_s=101, visibility_timeout_s=60, job_time_limit_s=40).job_ttl_s == 101
+
+
+def test_the_shipped_job_ttls_pass_the_settings_rule() -> None:
+    # Settings' default, docker-compose's default and the chart's value.
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    chart = yaml.safe_load((REPO / "charts" / "llm" / "values.yaml").read_text())
+    ttl = compose["x-app-env"]["LLM_JOB_TTL_S"].split(":-")[1].rstrip("}")
+    for value in (Settings().job_ttl_s, ttl, chart["settings"]["jobTtlS"]):
+        Settings(job_ttl_s=value)
 
 
 def test_a_non_numeric_bound_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
