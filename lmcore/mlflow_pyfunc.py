@@ -7,7 +7,9 @@ MLflow executes this file to load the model, so nothing is pickled; importing it
 from __future__ import annotations
 
 import math
+import numbers
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 from lmcore.generate import SamplingParams
@@ -22,16 +24,21 @@ OPTIONAL_COLUMNS: dict[str, type] = {
     "top_p": float,
     "seed": int,
 }
+# MLflow inference `params` (predict(df, params={...}), "params" in a served request): the same
+# settings for every row that has no value of its own, and stop strings for all rows.
+PARAMS: dict[str, type] = {**OPTIONAL_COLUMNS, "stop": tuple}
 
 
 def signature() -> Any:
     """The pyfunc signature: a "prompt" string column (+ optional sampling columns) -> text.
 
     Input as a DataFrame, a list of row dicts or a dict of columns (a bare list of strings has
-    no column name, so MLflow's schema check rejects it).
+    no column name, so MLflow's schema check rejects it). `params` are declared too: MLflow drops
+    those of a model without a params schema (only a warning), and fills in a declared param's
+    default when a request leaves it out; the defaults are SamplingParams' own.
     """
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     # "any" for the sampling settings: pandas turns an int column with gaps into floats (NaN) and
     # MLflow will not cast int to double, so typed columns reject valid input either way;
@@ -39,7 +46,14 @@ def signature() -> Any:
     inputs = [ColSpec("string", "prompt")] + [
         ColSpec(AnyType(), name, required=False) for name in OPTIONAL_COLUMNS
     ]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("string")]))
+    defaults = SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    params = [
+        ParamSpec(name, "long" if cast is int else "double", getattr(defaults, name))
+        for name, cast in OPTIONAL_COLUMNS.items()
+    ] + [ParamSpec("stop", "string", list(defaults.stop), shape=(-1,))]  # a list of strings
+    return ModelSignature(
+        inputs=Schema(inputs), outputs=Schema([ColSpec("string")]), params=ParamSchema(params)
+    )
 
 
 def rows_from_input(model_input: Any) -> list[dict[str, Any]]:
@@ -69,33 +83,75 @@ def _column(value: Any) -> list[Any]:
 
 
 def _missing(value: Any) -> bool:
-    # pandas fills a gap in a column with NaN (or None in an object column).
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    # pandas fills a gap in a column with NaN (or None in an object column); numpy's float32
+    # columns hold NaN too.
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
 
 def whole_number(name: str, value: Any) -> int:
     """value as an int, refusing a fraction: int(2.9) would quietly ask for 2 tokens, and
-    int(0.5) would turn top_k off. Integral floats are fine (pandas makes them from gaps)."""
+    int(0.5) would turn top_k off. Integral floats are fine (pandas makes them from gaps), numpy's
+    float32 and float64 too."""
     try:
         return operator.index(value)  # int and numpy integers
     except TypeError:
         pass
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, numbers.Real) and float(value).is_integer():
         return int(value)
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         return int(value)
     raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
-def sampling_params(row: dict[str, Any]) -> SamplingParams:
-    """A row's SamplingParams; missing or NaN cells (pandas fills gaps with NaN) use defaults."""
+def _number(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _settings(values: Mapping[str, Any], names: Mapping[str, type]) -> dict[str, Any]:
+    """The settings in `values` among `names`, cast; missing or NaN ones are left out."""
     given: dict[str, Any] = {}
-    for name, cast in OPTIONAL_COLUMNS.items():
-        value = row.get(name)
+    for name, cast in names.items():
+        value = values.get(name)
         if _missing(value):
             continue
-        given[name] = whole_number(name, value) if cast is int else cast(value)
-    given.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if cast is int:
+            given[name] = whole_number(name, value)
+        elif cast is float:
+            given[name] = _number(name, value)
+        else:  # stop: one string or a list of them (a numpy array from a request too)
+            list_like = isinstance(value, list | tuple) or getattr(value, "ndim", 0) == 1
+            given[name] = tuple(value) if list_like else value
+    return given
+
+
+def params_settings(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """MLflow's inference `params` as settings for the rows without their own: an unknown name or
+    an invalid value is an error naming it (SamplingParams' own checks), even if no row uses it."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict, got {type(params).__name__}")
+    unknown = sorted(str(name) for name in params if name not in PARAMS)
+    if unknown:
+        raise ValueError(f"unknown param(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
+    try:
+        given = _settings(params, PARAMS)
+        SamplingParams(**{"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **given})
+    except ValueError as e:
+        raise ValueError(f"params: {e}") from None
+    return given
+
+
+def sampling_params(
+    row: dict[str, Any], defaults: Mapping[str, Any] | None = None
+) -> SamplingParams:
+    """A row's SamplingParams: its own cells win, then `defaults` (from params_settings), then
+    SamplingParams' defaults; missing or NaN cells (pandas fills gaps with NaN) have no value."""
+    given = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **(defaults or {})}
+    given.update(_settings(row, OPTIONAL_COLUMNS))
     return SamplingParams(**given)
 
 
@@ -123,20 +179,24 @@ class LmPredictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model_dir(model_dir, device=device)
 
-    def predict(self, model_input: Any) -> list[str]:
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
+        """Text for each prompt row; `params` (MLflow's) set what a row leaves out."""
         from lmcore.generate import generate
 
+        defaults = params_settings(params)
         rows = rows_from_input(model_input)
         prompts = [row_prompt(row, i) for i, row in enumerate(rows)]
-        params = [sampling_params(row) for row in rows]
+        settings = [sampling_params(row, defaults) for row in rows]
         # truncate="left": a served model keeps the prompt's end rather than failing.
-        outs = generate(self.loaded.model, self.loaded.tokenizer, prompts, params, truncate="left")
+        loaded = self.loaded
+        outs = generate(loaded.model, loaded.tokenizer, prompts, settings, truncate="left")
         return [g.text for g in outs]
 
 
 def _python_model() -> Any:
     """The mlflow.pyfunc.PythonModel subclass, built only when MLflow runs this file."""
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
     class LmPyfunc(mlflow.pyfunc.PythonModel):
         # The signature logged with the model validates inputs; this skips MLflow's second,
@@ -147,9 +207,15 @@ def _python_model() -> Any:
             self.predictor = LmPredictor()
             self.predictor.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
-        # No type hints: MLflow would infer a second schema from them at logging time.
+        # No type hints: MLflow would infer a second schema from them at logging time. MLflow has
+        # checked `params` against the signature's schema and filled in the defaults.
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            return self.predictor.predict(model_input)
+            try:
+                return self.predictor.predict(model_input, params)
+            except ValueError as e:
+                # Bad input: served, a plain error would reach the client as "unexpected error
+                # while evaluating the model", the field it names only in a stack trace.
+                raise MlflowException.invalid_parameter_value(str(e)) from e
 
     return LmPyfunc()
 
