@@ -143,6 +143,19 @@ def _is_not_found(exc: BaseException) -> bool:
     return _http_status(exc) == 404 or "not found" in str(exc).lower()
 
 
+def _is_not_active(exc: BaseException) -> bool:
+    # update_run on a deleted run: 400 "The run ... must be in the 'active' state."
+    return "'active' state" in str(exc)
+
+
+def _check_resumable(run: Any, tracking_uri: str) -> None:
+    """A deleted run (a UI clean-up of a killed one) cannot take records: not found, for a
+    resume, so the trainer starts a new run instead of failing every restart."""
+    if run.info.lifecycle_stage == "deleted":
+        raise ModelNotFoundError(f"cannot resume run {run.info.run_id}: it is deleted on "
+                                 f"{tracking_uri}")  # fmt: skip
+
+
 def _tracking_error(action: str, uri: str, exc: BaseException) -> TrackingError:
     if _is_transient(exc):
         return TrackingError(f"cannot {action}: MLflow at {uri} unreachable ({_one_line(exc)})")
@@ -299,6 +312,7 @@ class MlflowTracker:
         self._known_params: dict[str, str] = {}
         self._staging: Path | None = None  # copies of artifacts waiting to be posted
         self._client: Any = None
+        self._reopen = False  # the run was adopted while MLflow was down (start_run)
 
     @property
     def _tmp(self) -> Path:
@@ -324,34 +338,88 @@ class MlflowTracker:
     ) -> str:
         """Create a run in `experiment` (default: the constructor's), or resume `run_id`.
 
-        The argument order is lmcore.train's Tracker protocol. Returns the run id; raises
-        TrackingError when the server cannot be reached: better at step 0 than never.
+        The argument order is lmcore.train's Tracker protocol. Returns the run id. A new run
+        raises TrackingError when the server cannot be reached: better at step 0 than never. A
+        resumed run that is unknown or deleted raises ModelNotFoundError (the trainer then
+        starts a new one); one the server cannot be asked about is adopted as it is, and the
+        poster reopens it once the server answers.
         """
         if experiment:
             self.experiment = experiment
+        offline = False
         try:
             if run_id:
                 run = self.client.get_run(run_id)
+                _check_resumable(run, self.tracking_uri)
                 self.client.update_run(run_id, status="RUNNING")
                 self._known_params = dict(run.data.params)
             else:
                 experiment_id = self._experiment_id()
                 run = self.client.create_run(experiment_id, run_name=run_name)
+        except ModelNotFoundError:
+            raise
         except Exception as exc:
-            if run_id and _is_not_found(exc):
+            if run_id and (_is_not_found(exc) or _is_not_active(exc)):
                 raise ModelNotFoundError(
-                    f"cannot resume run {run_id}: not found on {self.tracking_uri}"
+                    f"cannot resume run {run_id}: not found or not active on "
+                    f"{self.tracking_uri} ({_one_line(exc)})"
                 ) from exc
-            raise _tracking_error("start the MLflow run", self.tracking_uri, exc) from exc
-        self.run_id = run.info.run_id
-        self._closing.clear()
-        self._thread = threading.Thread(target=self._post_loop, name="mlflow-poster", daemon=True)
+            if not (run_id and _is_transient(exc)):
+                raise _tracking_error("start the MLflow run", self.tracking_uri, exc) from exc
+            # A job resumed during an outage keeps its run: failing here would fail every
+            # restart until MLflow is back. The poster reopens the run when it can.
+            offline = True
+            self.last_error = _one_line(exc)
+            log.warning("MLflow at %s unreachable (%s): resuming run %s without it; its records "
+                        "are posted when it is back", self.tracking_uri,
+                        self.last_error, run_id)  # fmt: skip
+        self.run_id = run_id if offline else run.info.run_id
+        self._reopen = offline
+        self._closing = threading.Event()  # this run's poster's own: an old one never revives
+        self._thread = threading.Thread(target=self._post_loop, args=(self._closing,),
+                                        name="mlflow-poster", daemon=True)  # fmt: skip
         self._thread.start()
         if params:
             self.log_params(params)
         log.info("MLflow run %s (%s, experiment %r)", self.run_id, self.tracking_uri,
                  self.experiment)  # fmt: skip
         return self.run_id
+
+    def _reopen_run(self) -> None:
+        """Poster thread: reattach to a run adopted while MLflow was down (see start_run).
+
+        Queued params the run already holds are dropped, changed ones become `resumed.*` tags;
+        a run deleted meanwhile is replaced by a new one in the experiment.
+        """
+        from mlflow.entities import Param, RunTag
+
+        run_id = self.run_id
+        try:
+            run = self.client.get_run(run_id)
+            _check_resumable(run, self.tracking_uri)
+            self.client.update_run(run_id, status="RUNNING")
+            known = dict(run.data.params)
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            log.warning("cannot reopen MLflow run %s (%s); logging into a new run", run_id,
+                        _one_line(exc))  # fmt: skip
+            run = self.client.create_run(self._experiment_id())
+            self.run_id, known = run.info.run_id, {}
+        with self._outbox.cond:
+            kept: deque[tuple[Kind, Any]] = deque()
+            for kind, record in self._outbox.items:
+                if kind == "param" and isinstance(record, Param) and record.key in known:
+                    if known[record.key] == record.value:
+                        continue
+                    record = RunTag(_param_key(f"resumed.{record.key}"), record.value)
+                elif kind == "param" and isinstance(record, Param):
+                    known[record.key] = record.value
+                kept.append((kind, record))
+            self._outbox.items = kept
+            self._known_params = known
+            self._reopen = False
+        log.info("MLflow reachable again; run %s reopened", self.run_id)
 
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -411,17 +479,18 @@ class MlflowTracker:
         try:
             from mlflow.entities import Param, RunTag
 
-            records: list[Any] = []
-            for key, value in flatten_params(params).items():
-                old = self._known_params.get(key)
-                if old == value:
-                    continue
-                if old is None:
-                    records.append(Param(key, value))
-                    self._known_params[key] = value
-                else:  # MLflow params are immutable: keep the new value where it can go
-                    records.append(RunTag(_param_key(f"resumed.{key}"), value))
-            self._put("param", records)
+            with self._outbox.cond:  # the poster's reopen (start_run) rewrites these too
+                records: list[Any] = []
+                for key, value in flatten_params(params).items():
+                    old = self._known_params.get(key)
+                    if old == value:
+                        continue
+                    if old is None:
+                        records.append(Param(key, value))
+                        self._known_params[key] = value
+                    else:  # MLflow params are immutable: keep the new value where it can go
+                        records.append(RunTag(_param_key(f"resumed.{key}"), value))
+                self._put("param", records)
         except Exception as exc:  # logging must not stop training
             log.warning("could not queue params: %s", _one_line(exc))
 
@@ -484,23 +553,31 @@ class MlflowTracker:
 
     # -- the poster thread ----------------------------------------------------------------------
 
-    def _post_loop(self) -> None:
+    def _post_loop(self, closing: threading.Event) -> None:
         failures = 0
         box = self._outbox
         while True:
             with box.cond:
-                box.cond.wait_for(lambda: box.items or self._closing.is_set())
+                box.cond.wait_for(lambda: box.items or closing.is_set())
                 if not box.items:
                     return
-                batch = box.take()
+                reopen = self._reopen
+                batch = [] if reopen else box.take()
             try:
+                if reopen:
+                    self._reopen_run()  # rewrites the queued params; then post as usual
+                    continue
                 self._post(batch)
             except Exception as exc:
-                if _is_transient(exc) and not self._closing.is_set():
+                if _is_transient(exc) and not closing.is_set():
                     failures += 1
                     self._note_failure(exc, failures)
                     box.done(batch, retry=True)
-                    self._closing.wait(min(self.retry_s, 0.5 * 2 ** min(failures, 8)))
+                    closing.wait(min(self.retry_s, 0.5 * 2 ** min(failures, 8)))
+                    continue
+                if reopen:
+                    self._reopen = False  # posting will tell, record by record
+                    log.warning("cannot reopen MLflow run %s: %s", self.run_id, _one_line(exc))
                     continue
                 log.warning("MLflow refused %d %s record(s), dropped: %s", len(batch),
                             batch[0][0], _one_line(exc))  # fmt: skip

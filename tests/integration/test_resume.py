@@ -145,3 +145,47 @@ def test_a_new_corpus_in_the_same_checkpoint_dir_is_refused_until_told_to_start_
     assert latest_training_state(ckpt) == ckpt / "step-00000005"
     assert not (load_file(ckpt / "model" / "model.safetensors")["tok_emb.weight"]
                 == old_model["tok_emb.weight"]).all()  # the new run's model
+
+
+def tracked_cmd(text: Path, data: TokenDataset, ckpt: Path, store: Path, *extra: str) -> list[str]:
+    """A few steps, logged to a local MLflow store (no server needed)."""
+    cmd = trainer_cmd(text, data, ckpt, "train.checkpoint_interval=2",
+                      "train.quantization_report=false", f"tracking.uri=sqlite:///{store}",
+                      *extra)  # fmt: skip
+    cmd.remove("tracking.enabled=false")
+    cmd.remove("train.checkpoint_interval=5")
+    return cmd
+
+
+def mlflow_client(store: Path):  # noqa: ANN201
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_resuming_a_deleted_run_starts_a_new_run_instead_of_failing(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """The checkpoint names its MLflow run; deleting that run (a UI clean-up of a killed one)
+    made every restart exit 1, so the job used up its backoffLimit and lost its progress."""
+    text, data = corpus
+    ckpt, store = tmp_path / "ckpt", tmp_path / "mlflow.db"
+    no_registry = ("tracking.register_name=null",)
+    first_log = tmp_path / "first.log"
+    cmd = tracked_cmd(text, data, ckpt, store, "train.max_steps=2", *no_registry)
+    assert wait(start(cmd, first_log)) == 0, first_log.read_text()[-2000:]
+    client = mlflow_client(store)
+    (old_run,) = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id])
+    client.delete_run(old_run.info.run_id)
+
+    again_log = tmp_path / "again.log"
+    cmd = tracked_cmd(text, data, ckpt, store, "train.max_steps=4", *no_registry)
+    assert wait(start(cmd, again_log)) == 0, again_log.read_text()[-2000:]
+    log = again_log.read_text()
+    assert "resumed from" in log and "starting a new run" in log
+    runs = client.search_runs([old_run.info.experiment_id])
+    assert [r.info.run_id for r in runs] != [old_run.info.run_id]
+    (new_run,) = runs  # search_runs leaves deleted runs out
+    assert new_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(new_run.info.run_id, "train_loss")][-1] == 4

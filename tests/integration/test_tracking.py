@@ -438,3 +438,98 @@ def test_metrics_logged_while_the_server_is_down_are_posted_after_restart(
     assert client(server.uri).get_run(run_id).data.params["late.param"] == "1"
     tracker.end_run()
     assert client(server.uri).get_run(run_id).info.status == "FINISHED"
+
+
+class _Relay:
+    """A plain forwarding proxy in front of the module's server. stop() closes its port, which
+    is an outage for whoever talks through it (the server and its data stay); start() brings
+    it back on the same port."""
+
+    def __init__(self, upstream: str) -> None:
+        self.handler = type("Relay", (_LosesFirstReply,),
+                            {"upstream": upstream, "lose": "/never-lost", "lost": []})  # fmt: skip
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> _Relay:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@pytest.fixture
+def relay(server: str) -> Iterator[_Relay]:
+    proxy = _Relay(server).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def within(seconds: float, fn, *args):  # noqa: ANN001, ANN201
+    """fn(*args) in a thread, failing the test if it has not returned after `seconds` (an old
+    MLflow call retrying for minutes is left behind as a daemon thread)."""
+    out: list = []
+
+    def call() -> None:
+        try:
+            out.append(("ok", fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out.append(("raised", exc))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still running after {seconds} s"
+    kind, value = out[0]
+    if kind == "raised":
+        raise value
+    return value
+
+
+def test_resuming_while_the_server_is_down_keeps_the_run_and_posts_when_it_is_back(
+    server: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preempted job restarting during an outage used to fail start_run (TrackingError, not
+    the LookupError the trainer starts a new run on), so every restart exited 1."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    first = MlflowTracker(relay.uri, retry_s=0.5)
+    run_id = first.start_run("resume-offline", None, {"train": {"max_steps": 2, "lr": 0.1}})
+    first.log_metrics({"train_loss": 3.0}, 1)
+    first.end_run("KILLED")
+
+    relay.stop()
+    second = MlflowTracker(relay.uri, retry_s=0.5)
+    params = {"train": {"max_steps": 4, "lr": 0.1}, "world_size": 2}
+    assert within(10, second.start_run, "resume-offline", run_id, params) == run_id
+    second.log_metrics({"train_loss": 2.0}, 2)
+    assert not second.flush(1.0) and second.last_error
+    relay.start()
+    assert second.flush(30)
+    second.end_run()
+
+    run = client(server).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client(server).get_metric_history(run_id, "train_loss")]
+    assert steps == [1, 2]
+    assert run.data.params["train.max_steps"] == "2" and run.data.params["world_size"] == "2"
+    assert run.data.tags["resumed.train.max_steps"] == "4"
+    assert "resumed.train.lr" not in run.data.tags
+
+
+def test_resuming_a_deleted_run_is_not_found_so_a_new_run_starts(server: str) -> None:
+    """A run deleted in the UI (a clean-up of a killed run) cannot be resumed: the tracker says
+    not found (LookupError), which is what makes the trainer start a new run."""
+    first = MlflowTracker(server, retry_s=0.5)
+    run_id = first.start_run("resume-deleted")
+    first.end_run("KILLED")
+    client(server).delete_run(run_id)
+    with pytest.raises(ModelNotFoundError, match=f"cannot resume run {run_id}"):
+        within(30, MlflowTracker(server).start_run, "resume-deleted", run_id)
