@@ -904,18 +904,33 @@ def _resolve_run(uri: str, cache_dir: str | Path | None, tracking_uri: str | Non
 
 
 def _run_model_location(client: Any, run: Any, sub: str) -> str:
-    """In MLflow 3 `runs:/RUN/model` names the logged model `model` of that run; fall back to a
-    plain run artifact at that path (a model dir logged with log_artifact)."""
+    """In MLflow 3 `runs:/RUN/model` names the logged model `model` of that run (its newest
+    finished one); fall back to a plain run artifact at that path (a model dir logged with
+    log_artifact)."""
     name, _, rest = sub.partition("/")
-    page = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
-    )
-    for logged in page:
-        if logged.source_run_id == run.info.run_id:
-            return logged.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
-    if client.list_artifacts(run.info.run_id, sub):
+    run_id = run.info.run_id
+    # Filtered on the run, not the experiment: every training run logs a `model` there, and
+    # only a first page (100, newest first) came back, so older runs stopped resolving.
+    found: list[Any] = []
+    token = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], page_token=token,
+            filter_string=f"name = '{name}' AND source_run_id = '{run_id}'",
+        )  # fmt: skip
+        found += [m for m in page if m.source_run_id == run_id and m.name == name]
+        token = page.token
+        if not token:
+            break
+    # A publish that died after creating its logged model leaves a newer one still PENDING.
+    ready = [m for m in found if str(getattr(m.status, "value", m.status)) == "READY"]
+    if ready:
+        newest = max(ready, key=lambda m: m.creation_timestamp or 0)
+        return newest.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
+    if client.list_artifacts(run_id, sub):
         return f"{run.info.artifact_uri.rstrip('/')}/{sub}"
-    raise ModelNotFoundError(f"run {run.info.run_id} has no model or artifact {sub!r}")
+    unfinished = f" ({len(found)} logged model(s) named {name!r}, none finished)" if found else ""
+    raise ModelNotFoundError(f"run {run_id} has no model or artifact {sub!r}{unfinished}")
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:

@@ -533,3 +533,35 @@ def test_resuming_a_deleted_run_is_not_found_so_a_new_run_starts(server: str) ->
     client(server).delete_run(run_id)
     with pytest.raises(ModelNotFoundError, match=f"cannot resume run {run_id}"):
         within(30, MlflowTracker(server).start_run, "resume-deleted", run_id)
+
+
+def test_runs_uri_resolves_after_more_than_a_page_of_logged_models(
+    server: str, tmp_path: Path
+) -> None:
+    """Every training run logs a `model` into the same experiment; only the newest 100 came
+    back from the experiment-wide search, so an older run's runs:/RUN/model stopped resolving."""
+    tracker = MlflowTracker(server, retry_s=0.5)
+    run_id = tracker.start_run("page")
+    tracker.log_model_dir(make_model_dir(tmp_path / "model"), register_name=None)
+    tracker.end_run()
+    mlflow = client(server)
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    for _ in range(101):  # later runs' models, newest first in a search
+        mlflow.create_logged_model(experiment_id, name="model")
+    resolved = resolve_model_uri(f"runs:/{run_id}/model", tmp_path / "cache", server)
+    assert resolved.run_id == run_id
+    assert (resolved.path / "model.safetensors").read_bytes() == (
+        tmp_path / "model" / "model.safetensors").read_bytes()
+
+
+def test_runs_uri_skips_an_unfinished_newer_logged_model(server: str, registered, tmp_path):
+    """A later publish of the same run that died after creating its logged model (a resumed
+    job killed during its upload) leaves a newer PENDING model, which used to hide the good one."""
+    run_id = registered["run_id"]
+    mlflow = client(server)
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    pending = mlflow.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    assert str(pending.status) != "READY"
+    resolved = resolve_model_uri(f"runs:/{run_id}/model", tmp_path / "cache", server)
+    assert (resolved.path / "model.safetensors").read_bytes() == (
+        registered["model_dir"] / "model.safetensors").read_bytes()
