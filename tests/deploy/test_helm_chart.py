@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from services.common import keys
+from services.common.settings import Settings
 from tests.deploy.conftest import (
     CHART,
     CI_VALUES,
@@ -164,6 +165,52 @@ def test_values_schema_accepts_the_good_neighbours_of_bad_values(render) -> None
             "redis.auth.password=A-z0-9._~",
         )
     )
+
+
+def test_large_job_ttl_renders_as_plain_integer(render, tmp_path: Path) -> None:
+    # Numbers in a values file reach templates as floats, which `quote` printed as 1.2096e+06:
+    # Settings refuse that as an integer and every API and worker pod crash-looped.
+    values = tmp_path / "big-values.yaml"
+    values.write_text("settings:\n  jobTtlS: 1209600\n  maxNewTokens: 1000000\n"
+                      "  maxBatch: 1000000\n")  # fmt: skip
+    rendered = render(values=(values,))
+    for name in ("api", "worker"):
+        env = env_of(container(rendered, "Deployment", component(name)))
+        got = {key: env[key]["value"] for key in ("LLM_JOB_TTL_S", "LLM_MAX_NEW_TOKENS",
+                                                  "LLM_MAX_BATCH")}  # fmt: skip
+        assert got == {"LLM_JOB_TTL_S": "1209600", "LLM_MAX_NEW_TOKENS": "1000000",
+                       "LLM_MAX_BATCH": "1000000"}  # fmt: skip
+        settings = Settings(job_ttl_s=got["LLM_JOB_TTL_S"],
+                            max_new_tokens=got["LLM_MAX_NEW_TOKENS"],
+                            max_batch=got["LLM_MAX_BATCH"])  # fmt: skip
+        assert settings.job_ttl_s == 1209600
+    worker = container(rendered, "Deployment", component("worker"))
+    argv = worker["command"] + worker["args"]
+    assert argv[argv.index("--concurrency") + 1] == "2000000"  # 2 x maxBatch
+
+
+@pytest.mark.parametrize("ttl", [60, 300, 600, 3600, 4200])
+def test_schema_refuses_job_ttl_at_or_below_visibility_timeout_and_time_limit(
+    render, ttl: int
+) -> None:
+    # Settings refuse job_ttl_s <= visibility_timeout_s + job_time_limit_s (3600 + 600 unless
+    # extraEnv sets them): the chart said it refuses bad values at install time, and such pods
+    # crash-looped instead.
+    with pytest.raises(RenderError, match="jobTtlS"):
+        render(sets=(f"settings.jobTtlS={ttl}",))
+    render(sets=("settings.jobTtlS=4201",))
+    Settings(job_ttl_s=4201)
+
+
+def test_chart_refuses_job_ttl_below_the_timeouts_extra_env_sets(render) -> None:
+    sets = ("settings.jobTtlS=7000", "settings.extraEnv[0].name=LLM_VISIBILITY_TIMEOUT_S")
+    with pytest.raises(RenderError, match=r"jobTtlS \(7000\) must exceed .*7200 \+ 600"):
+        render(sets=(*sets, "settings.extraEnv[0].value=7200"))
+    with pytest.raises(RenderError, match=r"6000 \+ 1200"):
+        render(sets=(*sets, "settings.extraEnv[0].value=6000",
+                     "settings.extraEnv[1].name=LLM_JOB_TIME_LIMIT_S",
+                     "settings.extraEnv[1].value=1200"))  # fmt: skip
+    render(sets=(*sets, "settings.extraEnv[0].value=6000"))
 
 
 # --- every object

@@ -161,12 +161,14 @@ imagePullSecrets:
   value: {{ include "llm.mlflow.trackingUri" . | quote }}
 - name: LLM_MODEL_URI
   value: {{ .Values.settings.modelUri | quote }}
+{{- /* int64 first: a number in a values file arrives as a float, which quote prints as
+1.2096e+06 for 1209600, a value Settings refuse (every pod crash-looped). */}}
 - name: LLM_MAX_NEW_TOKENS
-  value: {{ .Values.settings.maxNewTokens | quote }}
+  value: {{ int64 .Values.settings.maxNewTokens | quote }}
 - name: LLM_JOB_TTL_S
-  value: {{ .Values.settings.jobTtlS | quote }}
+  value: {{ int64 .Values.settings.jobTtlS | quote }}
 - name: LLM_MAX_BATCH
-  value: {{ .Values.settings.maxBatch | quote }}
+  value: {{ int64 .Values.settings.maxBatch | quote }}
 {{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
 - name: LLM_API_KEYS
   valueFrom:
@@ -286,6 +288,17 @@ and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ 
 {{- if ge (int $pdb.minAvailable) (int $replicas) }}
 {{- fail (printf "api.podDisruptionBudget.minAvailable (%d) must be below the API's replicas (%d): otherwise no API pod may ever be evicted and node drains hang; use maxUnavailable" (int $pdb.minAvailable) (int $replicas)) }}
 {{- end }}
+{{- end }}
+{{- /* Settings' rule (services/common/settings.py); the schema's minimum covers the defaults,
+this the values settings.extraEnv may set. */}}
+{{- $visibility := 3600.0 }}
+{{- $timeLimit := 600.0 }}
+{{- range .Values.settings.extraEnv }}
+{{- if and (eq .name "LLM_VISIBILITY_TIMEOUT_S") (hasKey . "value") }}{{ $visibility = float64 .value }}{{ end }}
+{{- if and (eq .name "LLM_JOB_TIME_LIMIT_S") (hasKey . "value") }}{{ $timeLimit = float64 .value }}{{ end }}
+{{- end }}
+{{- if le (float64 .Values.settings.jobTtlS) (addf $visibility $timeLimit) }}
+{{- fail (printf "settings.jobTtlS (%d) must exceed LLM_VISIBILITY_TIMEOUT_S + LLM_JOB_TIME_LIMIT_S (%g + %g): a job whose worker died is delivered again only after the visibility timeout, and its record must outlive that" (int64 .Values.settings.jobTtlS) $visibility $timeLimit) }}
 {{- end }}
 {{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
 {{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
