@@ -171,6 +171,40 @@ def _local_artifact_root(tracking_uri: str) -> str | None:
     return (db.parent.resolve() / "mlruns").as_uri()
 
 
+# MLflow's client retries a refused connection for ~4 minutes by default (7 retries with backoff,
+# 120 s timeouts): every deadline of the tracker would be minutes late. One quick retry, a
+# bounded wait, and the tracker's own loops do the rest. Settings made by the user win.
+TRACKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+_http_lock = threading.Lock()
+_http_users = 0
+_http_added: dict[str, str] = {}
+
+
+@contextmanager
+def _bounded_http() -> Iterator[None]:
+    """TRACKER_HTTP_DEFAULTS in the environment (which MLflow reads per request) while any
+    tracker call is in flight; counted, so overlapping calls from two threads share it."""
+    global _http_users
+    with _http_lock:
+        if _http_users == 0:
+            _http_added.clear()
+            _http_added.update({k: v for k, v in TRACKER_HTTP_DEFAULTS.items()
+                                if k not in os.environ})  # fmt: skip
+            os.environ.update(_http_added)
+        _http_users += 1
+    try:
+        yield
+    finally:
+        with _http_lock:
+            _http_users -= 1
+            if _http_users == 0:
+                for key, value in _http_added.items():
+                    if os.environ.get(key) == value:  # not changed by anyone meanwhile
+                        os.environ.pop(key, None)
+                _http_added.clear()
+
+
 @contextmanager
 def _mlflow_uris(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking and registry URIs at `uri` for a fluent-API call.
@@ -232,7 +266,7 @@ class NullTracker:
         pass
 
 
-Kind = Literal["metric", "param", "artifact"]
+Kind = Literal["metric", "param", "artifact", "end"]  # "end": the run's final status
 
 
 def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -348,14 +382,15 @@ class MlflowTracker:
             self.experiment = experiment
         offline = False
         try:
-            if run_id:
-                run = self.client.get_run(run_id)
-                _check_resumable(run, self.tracking_uri)
-                self.client.update_run(run_id, status="RUNNING")
-                self._known_params = dict(run.data.params)
-            else:
-                experiment_id = self._experiment_id()
-                run = self.client.create_run(experiment_id, run_name=run_name)
+            with _bounded_http():
+                if run_id:
+                    run = self.client.get_run(run_id)
+                    _check_resumable(run, self.tracking_uri)
+                    self.client.update_run(run_id, status="RUNNING")
+                    self._known_params = dict(run.data.params)
+                else:
+                    experiment_id = self._experiment_id()
+                    run = self.client.create_run(experiment_id, run_name=run_name)
         except ModelNotFoundError:
             raise
         except Exception as exc:
@@ -439,24 +474,27 @@ class MlflowTracker:
         return str(found.experiment_id)
 
     def end_run(self, status: str = "FINISHED") -> None:
-        """Post everything queued (waiting up to flush_timeout_s), then close the run."""
+        """Close the run after everything queued before it, waiting at most flush_timeout_s.
+
+        The final status is posted by the poster thread like any record, so an outage costs
+        this call its flush timeout and no more (a SIGTERMed pod has a 30 s grace period).
+        """
         if self.run_id is None or self._thread is None:
             return
+        deadline = time.monotonic() + self.flush_timeout_s
+        self._outbox.put("end", [status])
         if not self.flush(self.flush_timeout_s):
-            log.warning("MLflow unreachable: %d tracking records not posted for run %s (%s)",
-                        len(self._outbox.items), self.run_id, self.last_error)  # fmt: skip
+            log.warning("MLflow unreachable: %d tracking records, the run's %s status included, "
+                        "not posted for run %s (%s)", self.pending, status, self.run_id,
+                        self.last_error or "no answer yet")  # fmt: skip
         if self._outbox.dropped:
             log.warning("%d oldest tracking records were dropped during a long MLflow outage",
                         self._outbox.dropped)  # fmt: skip
-        try:
-            self.client.set_terminated(self.run_id, status)
-        except Exception as exc:
-            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status,
-                        _one_line(exc))  # fmt: skip
         self._closing.set()
         with self._outbox.cond:
             self._outbox.cond.notify_all()
-        self._thread.join(timeout=5.0)
+        # A poster still inside a call is left to finish it alone (a daemon thread).
+        self._thread.join(timeout=max(0.5, deadline - time.monotonic()))
         self._thread = None
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
@@ -564,10 +602,11 @@ class MlflowTracker:
                 reopen = self._reopen
                 batch = [] if reopen else box.take()
             try:
-                if reopen:
-                    self._reopen_run()  # rewrites the queued params; then post as usual
-                    continue
-                self._post(batch)
+                with _bounded_http():
+                    if reopen:
+                        self._reopen_run()  # rewrites the queued params; then post as usual
+                        continue
+                    self._post(batch)
             except Exception as exc:
                 if _is_transient(exc) and not closing.is_set():
                     failures += 1
@@ -579,8 +618,13 @@ class MlflowTracker:
                     self._reopen = False  # posting will tell, record by record
                     log.warning("cannot reopen MLflow run %s: %s", self.run_id, _one_line(exc))
                     continue
-                log.warning("MLflow refused %d %s record(s), dropped: %s", len(batch),
-                            batch[0][0], _one_line(exc))  # fmt: skip
+                if batch[0][0] == "end":
+                    log.warning("could not mark MLflow run %s %s: %s", self.run_id, batch[0][1],
+                                _one_line(exc))  # fmt: skip
+                else:
+                    log.warning("MLflow %s %d %s record(s), dropped: %s",
+                                "unreachable," if _is_transient(exc) else "refused", len(batch),
+                                batch[0][0], _one_line(exc))  # fmt: skip
             if failures:
                 log.info("MLflow reachable again; posting queued records")
                 failures = 0
@@ -597,7 +641,9 @@ class MlflowTracker:
 
         kind = batch[0][0]
         records = [r for _, r in batch]
-        if kind == "metric":
+        if kind == "end":
+            self.client.set_terminated(self.run_id, records[0])
+        elif kind == "metric":
             self.client.log_batch(self.run_id, metrics=records)
         elif kind == "param":
             params = [r for r in records if isinstance(r, Param)]
@@ -632,6 +678,12 @@ class MlflowTracker:
         if not (source / MODEL_CONFIG_FILE).is_file():
             raise ModelNotFoundError(f"{source} is not a model dir (no {MODEL_CONFIG_FILE})")
         deadline = time.monotonic() + self.publish_timeout_s
+        with _bounded_http():  # one call cannot outlast the deadline by minutes
+            return self._log_model_dir(source, register_name, alias, deadline)
+
+    def _log_model_dir(
+        self, source: Path, register_name: str | None, alias: str | None, deadline: float
+    ) -> ModelVersionInfo:
         step = lambda action, fn: self._retrying(action, fn, deadline)  # noqa: E731
         model_id = self._log_pyfunc(source, step)
         if not register_name:

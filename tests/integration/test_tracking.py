@@ -7,6 +7,8 @@ same port and backend) all go through MLflow's own client and server.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import http.server
 import subprocess
 import sys
@@ -565,3 +567,32 @@ def test_runs_uri_skips_an_unfinished_newer_logged_model(server: str, registered
     resolved = resolve_model_uri(f"runs:/{run_id}/model", tmp_path / "cache", server)
     assert (resolved.path / "model.safetensors").read_bytes() == (
         registered["model_dir"] / "model.safetensors").read_bytes()
+
+
+MLFLOW_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_mlflow_retries(
+    server: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """end_run's final status used to be a synchronous call that MLflow's own HTTP retries
+    (the trainer's default settings) kept trying for ~4 minutes, far past flush_timeout_s and a
+    SIGTERMed pod's 30 s grace period."""
+    for key in MLFLOW_HTTP_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    tracker = MlflowTracker(relay.uri, retry_s=0.5, flush_timeout_s=2.0)
+    run_id = tracker.start_run("end-outage")
+    assert tracker.flush(30)
+    relay.stop()
+    tracker.log_metrics({"train_loss": 1.0}, 1)
+    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    started = time.monotonic()
+    within(15, tracker.end_run, "KILLED")
+    assert time.monotonic() - started < 5.0
+    # The metric and the run's status, and why: not "0 records (None)".
+    assert f"2 tracking records, the run's KILLED status included, not posted for run {run_id}" \
+        in caplog.text
+    assert "(None)" not in caplog.text
+    for key in MLFLOW_HTTP_SETTINGS:  # the tracker's bound is its calls' alone
+        assert key not in os.environ
+    assert client(server).get_run(run_id).info.status == "RUNNING"
