@@ -158,6 +158,13 @@ class Stack:
         if old is not None and old.running():
             raise StackError(f"a stack is already running from {self.root} "
                              "(stop it with `lmctl stack down`)")  # fmt: skip
+        # Groups whose leader died but whose members run on (MLflow's uvicorn holding its port):
+        # state.json is the only record of them, which this `up` would overwrite or delete.
+        left = old.left_behind() if old is not None else {}
+        if left:
+            groups = ", ".join(f"{name} (process group {pid})" for name, pid in left.items())
+            raise StackError(f"the stack started from {self.root} left processes running: "
+                             f"{groups}; stop them with `lmctl stack down` first")  # fmt: skip
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         cfg = self.config
         settings = Settings()  # a bad LLM_* value fails here, not in a worker's log
@@ -641,7 +648,8 @@ def down_command(root: Path = typer.Option(Path(".stack"), help="The stack's fol
 
 @stack_app.command("status")
 def status_command(root: Path = typer.Option(Path(".stack"), help="The stack's folder.")) -> None:
-    """Print the running stack's URLs and which of its processes are alive."""
+    """Print the running stack's URLs, which of its processes are alive, and the process groups
+    left running by a process that died (`lmctl stack down` stops them)."""
     state = StackState.load(root.resolve())
     if state is None:
         typer.echo("no stack state found")
@@ -651,4 +659,5 @@ def status_command(root: Path = typer.Option(Path(".stack"), help="The stack's f
         "api_url": state.api_url, "mlflow_url": state.mlflow_url, "redis_url": state.redis_url,
         "ready": state.ready,
         "alive": {name: name in running for name in state.pids},
+        "left_behind": state.left_behind(),
     }, indent=2))  # fmt: skip

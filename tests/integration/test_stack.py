@@ -262,6 +262,65 @@ def test_down_leaves_a_group_whose_members_are_not_the_stacks_alone(tmp_path: Pa
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.fixture
+def group_left_behind(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """(root, pgid): a stack's state.json whose MLflow leader has died, leaving a member of its
+    group (carrying the stack's id, as uvicorn does) still running."""
+    root = tmp_path / ".stack"
+    root.mkdir()
+    stack_id = "0123456789abcdef"
+    leader = subprocess.Popen(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+                              env={**os.environ, stack_module.STACK_ID_ENV: stack_id},
+                              start_new_session=True, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    child = int(leader.communicate(timeout=30)[0])  # the leader has exited; its child runs on
+    state = {"api_url": "", "redis_url": "", "mlflow_url": "http://127.0.0.1:1",
+             "model_uri": "/m", "pids": {"mlflow": leader.pid}, "start_ticks": {"mlflow": 1},
+             "logs": {}, "root": str(root), "started_at": 0.0, "stack_id": stack_id}  # fmt: skip
+    (root / "state.json").write_text(json.dumps(state))
+    try:
+        assert group_alive(leader.pid)
+        yield root, leader.pid
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_up_refuses_while_previous_stack_left_a_group_behind(
+    tmp_path: Path, group_left_behind: tuple[Path, int]
+) -> None:
+    # A new `up` used to go ahead: it overwrote (or, failing, deleted) the only record of the
+    # group, so `down` found nothing to stop while the orphan kept its port.
+    root, pgid = group_left_behind
+    # A redis that exits at once: an `up` that does not refuse fails fast instead.
+    env = {**os.environ, "LLM_REDIS_SERVER": "/bin/false", "PYTHONPATH": str(REPO)}
+
+    up = lmctl(*up_args(root), env=env)
+    _, err = up.communicate(timeout=60)
+
+    assert up.returncode == 1
+    assert "Traceback" not in err
+    assert "left processes running" in err and f"mlflow (process group {pgid})" in err
+    assert "`lmctl stack down`" in err
+    assert (root / "state.json").exists()
+    assert group_alive(pgid)
+
+    down = lmctl("stack", "down", "--root", str(root), env=env)
+    out, _ = down.communicate(timeout=60)
+    assert "stack stopped" in out
+    assert not group_alive(pgid)
+
+
+def test_status_reports_a_group_left_behind(group_left_behind: tuple[Path, int]) -> None:
+    root, pgid = group_left_behind
+    status = CliRunner().invoke(stack_app, ["status", "--root", str(root)])
+    assert status.exit_code == 0, status.output
+    report = json.loads(status.output)
+    assert report["alive"] == {"mlflow": False}
+    assert report["left_behind"] == {"mlflow": pgid}
+
 def test_second_stack_up_on_one_root_fails_while_the_first_starts(
     tmp_path: Path, hanging_redis: tuple[dict[str, str], Path]
 ) -> None:
