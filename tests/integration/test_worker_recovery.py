@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -223,6 +224,69 @@ def test_jobs_queued_across_a_redis_restart_all_complete(stack: Any, client: Any
     assert [f["status"] for f in finals] == ["succeeded"] * len(ids)
     assert all(f["result"]["completion_tokens"] == 100 for f in finals)
     assert all(done_events(stack, j) == 1 for j in ids)
+
+
+def test_a_worker_running_a_job_survives_redis_down_for_seconds(tmp_path: Any) -> None:
+    """Redis stopped mid-job for longer than redis-py's retries (~1 s), then started again on
+    its port: the worker reconnects (Celery 5.7 with kombu 5.7 exited: restoring or acking a
+    lost channel's message raised AttributeError), the job ends once with its whole text, its
+    message does not stay unacked (redelivered after the short visibility timeout, it finds the
+    job final), and a job sent afterwards runs. Own Redis and worker: the stack's are shared."""
+    from services.common.celery_config import make_celery
+    from services.common.jobs import JobRecord, JobRequest
+    from services.common.settings import Settings
+
+    redis_server = RedisServer(tmp_path / "redis", appendfsync="always")
+    redis_server.start()
+    env = service_env(
+        redis_server.url, make_model_dir(tmp_path / "model", block_size=1024),
+        LLM_MAX_NEW_TOKENS=1000, LLM_VISIBILITY_TIMEOUT_S=6, LLM_JOB_TIME_LIMIT_S=5,
+        LLM_LEASE_TTL_S=2,
+    )  # fmt: skip
+    worker = WorkerProcess("blip", env, tmp_path / "logs", concurrency=2)
+    celery = make_celery(Settings(redis_url=redis_server.url))
+
+    def send(job_id: str, request: JobRequest) -> None:
+        record = JobRecord.new(job_id, request).to_hash()
+        redis_server.client().hset(keys.job(job_id), mapping=record)
+        celery.send_task(keys.TASK_NAME, args=[job_id], task_id=job_id, queue=keys.QUEUE)
+
+    def final(job_id: str) -> dict[str, str]:
+        record = redis_server.client().hgetall(keys.job(job_id))
+        if not worker.alive:
+            raise AssertionError(f"the worker exited:\n{worker.log_tail()}")
+        return record if record.get("status") in FINAL else {}
+
+    try:
+        worker.start(redis_server.url)
+        redis = redis_server.client()
+        send("during", JobRequest(prompt="First Citizen:", max_new_tokens=300, eos=False, seed=5))
+        wait_until(lambda: redis.xlen(keys.events("during")) > 0, 30, message="first token")
+
+        redis_server.kill()  # down while the job runs, its message unacked (acks_late)
+        down_at = time.monotonic()
+        wait_until(lambda: "Connection to broker lost" in worker.log_path.read_text(), 10,
+                   message="the worker noticing")  # fmt: skip
+        time.sleep(max(0.0, down_at + 4.0 - time.monotonic()))  # the outage: 4 s of clock
+        redis_server.start()  # the same port, the same AOF
+        redis = redis_server.client()
+
+        during = wait_until(lambda: final("during"), 30, 0.1, "the running job final")
+        send("after", JobRequest(prompt="All:", max_new_tokens=8, seed=6))
+        after = wait_until(lambda: final("after"), 30, 0.1, "a job sent after the outage final")
+        wait_until(lambda: not redis.hlen("unacked") and not redis.llen(keys.QUEUE), 20, 0.1,
+                   "no message left unacked or queued")  # fmt: skip
+
+        assert worker.alive
+        assert during["status"] == "succeeded" and during["attempts"] == "1", during
+        assert during["completion_tokens"] == "300"
+        assert streamed(redis.xrange(keys.events("during"))) == (during["text"], 300)
+        assert sum(f["type"] == "done" for _, f in redis.xrange(keys.events("during"))) == 1
+        assert after["status"] == "succeeded", after
+    finally:
+        celery.close()
+        worker.stop()
+        redis_server.stop()
 
 
 def test_sigterm_lets_the_running_job_finish_before_the_worker_exits(
