@@ -40,6 +40,11 @@ class TokenSink:
                 if self.first_token_at is None:
                     self.first_token_at = time.time()
 
+    def held(self) -> tuple[str, int]:
+        """The text and token count this attempt has generated so far (task thread)."""
+        with self._lock:
+            return self._text, self._tokens
+
     def take(self, final: bool = False) -> list[Chunk]:
         """What to append to the stream now (task thread). `final`: the job has ended, so
         clients must end up holding exactly its text, with every token counted."""

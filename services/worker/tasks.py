@@ -110,10 +110,13 @@ class JobExecution:
             first = time.time() - (time.monotonic() - handle.first_token_at)
         try:
             generation = handle.result(timeout=0)
-        except Exception as exc:
+        except Exception as exc:  # non-finite logits, a failed step, the engine thread's death
             log.info("job %s failed in the engine: %s", self.job_id, exc)
-            return self._finish(record, JobStatus.failed, error=str(exc), first_token_at=first,
-                                engine_s=engine_s, model=model)  # fmt: skip
+            # Like a time limit: it records the text made until then, which clients hold.
+            text, tokens = sink.held()
+            return self._finish(record, JobStatus.failed, text=text, tokens=tokens,
+                                error=str(exc), first_token_at=first, engine_s=engine_s,
+                                model=model)  # fmt: skip
         status, error = JobStatus.succeeded, None
         if generation.finish_reason == "cancelled":
             status = JobStatus.cancelled
@@ -162,10 +165,9 @@ class JobExecution:
         while True:
             try:
                 pipe = self.redis.pipeline(transaction=True)  # last chunks and result together
-                # A job that ended ends its stream holding the text it records (a failed job
-                # records none, but for a time limit: the text made until then).
-                final = status is not JobStatus.failed or bool(text) or tokens > 0
-                chunks = self.active.take(final) if self.active is not None else []
+                # A job that ended ends its stream holding the text and tokens it records (a
+                # failed or timed-out one: what it made until then, which may be nothing).
+                chunks = self.active.take(final=True) if self.active is not None else []
                 if chunks:  # written only if the job is still ours, as FINISH checks too
                     self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,
                                             args=scripts.stream_args(

@@ -66,3 +66,45 @@ def test_a_worker_whose_engine_died_stops_beating_and_fails_new_jobs_cleanly(
         assert [f["type"] for _, f in client.xrange(keys.events(job_id))] == ["done"]
     finally:
         runtime.stop(timeout_s=5)
+
+
+def test_a_job_failing_mid_generation_ends_its_stream_holding_its_recorded_text(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A diverged checkpoint (NaN position embeddings from position 12 on) fails its job after
+    some tokens have streamed: the record keeps that partial text and its token count, as a
+    time limit's does, and a client reading the stream to `done` holds exactly that."""
+    import torch
+
+    from lmcore.checkpoint import save_model_dir
+    from lmcore.tokenizer import Tokenizer
+    from services.worker.streaming import streamed
+    from tests.helpers.models import context_sensitive_model
+    from tests.helpers.services import TOKENIZER_TEXT
+
+    tokenizer = Tokenizer.train([TOKENIZER_TEXT] * 4, vocab_size=320)
+    model = context_sensitive_model(0, vocab_size=tokenizer.vocab_size, block_size=128)
+    with torch.no_grad():
+        model.pos_emb.weight[12:] = float("nan")
+    model_dir = save_model_dir(tmp_path / "model", model, tokenizer,
+                               {"name": "diverged", "version": "1"})  # fmt: skip
+    settings = Settings(redis_url=server.url, model_uri=str(model_dir), compile_decode="false")
+    runtime = WorkerRuntime(settings, "w1", on_engine_death=lambda: None)
+    runtime.start()
+    client = server.client()
+    try:
+        job_id = uuid.uuid4().hex
+        request = JobRequest(prompt="All:", max_new_tokens=40, eos=False, seed=1)
+        client.hset(keys.job(job_id), mapping=JobRecord.new(job_id, request).to_hash())
+        assert run_job(runtime, job_id) == "failed"
+
+        record = client.hgetall(keys.job(job_id))
+        entries = client.xrange(keys.events(job_id))
+        assert "NaN or infinite" in record["error"]
+        prompt_tokens = len(tokenizer.encode("All:"))
+        assert int(record["completion_tokens"]) == 12 - prompt_tokens + 1  # then position 12
+        assert record["text"]
+        assert entries[-1][1]["type"] == "done"
+        assert streamed(entries[:-1]) == (record["text"], int(record["completion_tokens"]))
+    finally:
+        runtime.stop(timeout_s=5)
