@@ -52,6 +52,23 @@ class ModelNotFoundError(TrackingError, LookupError):
     """A model URI names nothing: unknown path, model, version, alias or run."""
 
 
+class InvalidModelUriError(TrackingError, ValueError):
+    """A models:/ or runs:/ URI that is malformed: no change in the registry can make it load."""
+
+
+@dataclass(frozen=True)
+class ModelUri:
+    """A parsed model URI (parse_model_uri): exactly one of its forms is filled in."""
+
+    uri: str  # as given, surrounding whitespace removed
+    name: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION
+    alias: str | None = None
+    version: str | None = None
+    model_id: str | None = None  # models:/m-... (an MLflow 3 logged model)
+    run_id: str | None = None  # runs:/RUN_ID[/PATH]
+    path: str | None = None  # the path inside the run (default: the logged model `model`)
+
+
 @dataclass(frozen=True)
 class ModelVersionInfo:
     name: str | None
@@ -873,16 +890,60 @@ def find_model_dir(root: Path) -> Path | None:
     return candidates[0].parent if candidates else None
 
 
+_ALIAS = re.compile(r"^[\w\-]+$")  # MLflow's own rule for alias names
+
+
+def parse_model_uri(uri: str) -> ModelUri | None:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/RUN_ID[/PATH]`
+    -> their parts; None for anything else (a path). One parser for the resolver and the
+    worker's alias watcher, so a URI that loads as an alias is watched as one. Extra slashes
+    around the reference are allowed (`models://llm@production/`); a URI no registry could
+    answer (no name, an empty alias, a version that is not a positive integer, no run id)
+    raises InvalidModelUriError.
+    """
+    text = str(uri).strip()
+    if text.startswith("runs:/"):
+        run_id, _, path = text.removeprefix("runs:/").strip("/").partition("/")
+        if not run_id:
+            raise InvalidModelUriError(f"{uri!r}: name a run (runs:/RUN_ID/{MODEL_ARTIFACT})")
+        return ModelUri(text, run_id=run_id, path=path or MODEL_ARTIFACT)
+    if not text.startswith("models:/"):
+        return None
+    ref = text.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, _, alias = ref.rpartition("@")
+        if not _ALIAS.match(alias):
+            raise InvalidModelUriError(f"{uri!r}: {alias!r} is not an alias (letters, digits, _ "
+                                       "and -: models:/NAME@ALIAS)")  # fmt: skip
+    elif "/" in ref:
+        name, _, version = ref.rpartition("/")
+        if not (version.isdigit() and int(version) > 0):
+            raise InvalidModelUriError(f"{uri!r}: a version is a positive integer "
+                                       "(models:/NAME/VERSION, or models:/NAME@ALIAS)")  # fmt: skip
+    elif ref.startswith("m-"):  # an MLflow 3 logged model id
+        return ModelUri(text, model_id=ref)
+    else:
+        raise InvalidModelUriError(f"{uri!r}: name a version or an alias "
+                                   f"(models:/{ref or 'NAME'}@production)")  # fmt: skip
+    if not name or "/" in name or ":" in name:
+        raise InvalidModelUriError(f"{uri!r}: {name!r} is not a model name "
+                                   "(models:/NAME@ALIAS or models:/NAME/VERSION)")  # fmt: skip
+    if "@" in ref:
+        return ModelUri(text, name=name, alias=alias)
+    return ModelUri(text, name=name, version=version)
+
+
 def resolve_model_uri(
     uri: str, cache_dir: str | Path | None = None, tracking_uri: str | None = None
 ) -> ResolvedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/RUN_ID/model`
     or a local path -> a local model dir (downloads are cached under `cache_dir`)."""
     uri = str(uri)
-    if uri.startswith("models:/"):
-        return _resolve_registry(uri, cache_dir, tracking_uri)
-    if uri.startswith("runs:/"):
-        return _resolve_run(uri, cache_dir, tracking_uri)
+    parsed = parse_model_uri(uri)  # InvalidModelUriError before any server is asked
+    if parsed is not None and parsed.run_id:
+        return _resolve_run(parsed, cache_dir, tracking_uri)
+    if parsed is not None:
+        return _resolve_registry(parsed, cache_dir, tracking_uri)
     if re.match(r"^[a-zA-Z][\w+.-]*:/", uri) and not uri.startswith("file:"):
         raise TrackingError(f"unsupported model URI {uri!r}: use models:/, runs:/ or a local path")
     local = Path(uri.removeprefix("file://")).expanduser()
@@ -895,21 +956,17 @@ def resolve_model_uri(
 
 
 def _resolve_registry(
-    uri: str, cache_dir: str | Path | None, tracking_uri: str | None
+    parsed: ModelUri, cache_dir: str | Path | None, tracking_uri: str | None
 ) -> ResolvedModel:
     client, server = _client(tracking_uri)
-    ref = uri.removeprefix("models:/").strip("/")
-    if "/" not in ref and "@" not in ref:
-        if ref.startswith("m-"):  # an MLflow 3 logged model id
-            return _resolve_logged_model(client, server, ref, uri, cache_dir)
-        raise TrackingError(f"{uri}: name a version or an alias (models:/{ref}@production)")
+    uri, name = parsed.uri, parsed.name
+    if parsed.model_id:
+        return _resolve_logged_model(client, server, parsed.model_id, uri, cache_dir)
     try:
-        if "@" in ref:
-            name, alias = ref.rsplit("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
+        if parsed.alias:
+            mv = client.get_model_version_by_alias(name, parsed.alias)
         else:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
+            mv = client.get_model_version(name, parsed.version)
         download_uri = client.get_model_version_download_uri(name, mv.version)
     except Exception as exc:
         if _is_not_found(exc) or _http_status(exc) == 400:
@@ -937,10 +994,11 @@ def _resolve_logged_model(
     return ResolvedModel(path, None, None, logged.source_run_id, uri)
 
 
-def _resolve_run(uri: str, cache_dir: str | Path | None, tracking_uri: str | None) -> ResolvedModel:
+def _resolve_run(
+    parsed: ModelUri, cache_dir: str | Path | None, tracking_uri: str | None
+) -> ResolvedModel:
     client, server = _client(tracking_uri)
-    run_id, _, sub = uri.removeprefix("runs:/").strip("/").partition("/")
-    sub = sub or MODEL_ARTIFACT
+    uri, run_id, sub = parsed.uri, parsed.run_id, parsed.path or MODEL_ARTIFACT
     try:
         run = client.get_run(run_id)
         source = _run_model_location(client, run, sub)

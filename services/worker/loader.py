@@ -20,7 +20,12 @@ from lmcore.linear import gemm_library
 from lmcore.model import Transformer
 from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import TrackingError, resolve_model_uri  # imports mlflow only when used
+from lmcore.tracking import (  # imports mlflow only when used
+    InvalidModelUriError,
+    TrackingError,
+    parse_model_uri,
+    resolve_model_uri,
+)
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
 
@@ -37,8 +42,8 @@ def cannot_fix_itself(uri: str, exc: BaseException) -> bool:
     now (MLflow unreachable, no version under the alias yet)."""
     if isinstance(exc, CheckpointError) and "load it again" in str(exc):
         return False  # the dir was republished while being read: the next read sees one model
-    if isinstance(exc, FatalLoadError | CheckpointError | ConfigError):
-        return True
+    if isinstance(exc, FatalLoadError | CheckpointError | ConfigError | InvalidModelUriError):
+        return True  # a malformed models:/ or runs:/ URI included: the registry cannot fix it
     # Only models:/ and runs:/ ask MLflow, whose registry can change; anything else is a local
     # path that exists or not.
     return isinstance(exc, TrackingError) and not uri.startswith(("models:/", "runs:/"))
@@ -78,6 +83,10 @@ def load_serving_model(
     `layout`: the serving model's linear layout, reused when the new model has the same linears
     (a hot swap then measures nothing while the engine runs).
     """
+    try:
+        parse_model_uri(uri)
+    except InvalidModelUriError as exc:
+        raise FatalLoadError(f"LLM_MODEL_URI={uri!r} is malformed: {exc}") from exc
     resolved = resolve_model_uri(
         uri, cache_dir=settings.model_cache_dir, tracking_uri=settings.mlflow_tracking_uri
     )

@@ -17,7 +17,7 @@ import torch
 from lmcore.tracking import MlflowTracker
 from services.common.settings import Settings
 from services.worker.runtime import WorkerRuntime
-from tests.helpers.mlflow_server import mlflow_server
+from tests.helpers.mlflow_server import free_port, mlflow_server
 from tests.helpers.redis_server import RedisServer, redis_server
 from tests.helpers.services import WorkerProcess, make_model_dir, service_env, wait_until
 
@@ -125,3 +125,19 @@ def test_a_celery_worker_given_a_missing_model_path_exits_saying_why(
     assert code != 0
     assert f"cannot load model {missing}" in log and "does not exist" in log, log
     assert "retrying in" not in log
+
+
+@pytest.mark.parametrize("uri", ["models:/llm", "models:/llm@", "models:/llm/v1", "runs:/",
+                                 "models:/a/b@production"])
+def test_malformed_registry_uris_stop_the_worker_with_the_reason(
+    server: RedisServer, tmp_path: Path, uri: str
+) -> None:
+    """No registry change can make these load, yet the worker retried them every 30 s forever
+    (never ready). MLflow is not even asked: the address is a closed port."""
+    settings = Settings(redis_url=server.url, model_uri=uri, device="cpu",
+                        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+                        model_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    exc = start_fails(settings, timeout_s=15)
+    assert isinstance(exc, SystemExit)
+    assert f"LLM_MODEL_URI={uri!r} is malformed" in str(exc)
+

@@ -15,7 +15,7 @@ from lmcore.linear import Linear
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import ModelNotFoundError, TrackingError
+from lmcore.tracking import InvalidModelUriError, ModelNotFoundError, TrackingError
 from services.common.settings import Settings
 from services.worker.loader import (
     FatalLoadError,
@@ -114,6 +114,7 @@ REGISTRY = "models:/llm@production"
         (REGISTRY, ConfigError("n_head must divide n_embd"), True),
         (REGISTRY, FatalLoadError("LLM_KV_CACHE=false"), True),
         (REGISTRY, ModelNotFoundError("models:/llm@production not found"), False),
+        ("models:/llm/v1", InvalidModelUriError("a version is a positive integer"), True),
         (REGISTRY, TrackingError("MLflow at http://mlflow unreachable"), False),
         ("runs:/abc/model", TrackingError("MLflow at http://mlflow unreachable"), False),
         ("/models/llm", CheckpointError("republished twice while read; load it again"), False),
