@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,39 @@ from services.common.jobs import ModelRef
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
-ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+@dataclass(frozen=True)
+class AliasMatch:
+    name: str
+    alias: str
+
+    def groupdict(self) -> dict[str, str]:
+        return {"name": self.name, "alias": self.alias}
+
+
+def alias_of(uri: str) -> AliasMatch | None:
+    """The registered model and alias `uri` names, as the resolver reads it (one parser: a
+    stricter pattern here once left the hot swap silently off for `models:/llm@production/`
+    and `models://llm@production`, which load as that alias); None if it names no alias."""
+    try:
+        parsed = parse_model_uri(uri)
+    except InvalidModelUriError:
+        return None
+    if parsed is None or parsed.alias is None or parsed.name is None:
+        return None
+    return AliasMatch(parsed.name, parsed.alias)
+
+
+class _AliasUri:
+    """`ALIAS_URI.match(uri)` (the runtime's call) by way of alias_of."""
+
+    @staticmethod
+    def match(uri: str) -> AliasMatch | None:
+        return alias_of(uri)
+
+
+ALIAS_URI = _AliasUri()
 
 
 class FatalLoadError(ValueError):

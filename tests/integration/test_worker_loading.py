@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcore.tracking import MlflowTracker
+from lmcore.tracking import MlflowTracker, current_version, promote
 from services.common.settings import Settings
 from services.worker.runtime import WorkerRuntime
 from tests.helpers.mlflow_server import free_port, mlflow_server
@@ -141,3 +141,34 @@ def test_malformed_registry_uris_stop_the_worker_with_the_reason(
     assert isinstance(exc, SystemExit)
     assert f"LLM_MODEL_URI={uri!r} is malformed" in str(exc)
 
+
+def test_every_alias_uri_the_resolver_accepts_starts_the_alias_watcher(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """`models:/llm@production/` and `models://llm@production` load as the alias; the watcher's
+    stricter pattern did not match them, so promotions were silently never picked up."""
+    with mlflow_server(tmp_path / "mlflow") as mlflow_uri:
+        tracker = MlflowTracker(mlflow_uri, retry_s=0.5)
+        tracker.start_run("worker-alias-forms")
+        for seed in (0, 1):
+            model_dir = make_model_dir(tmp_path / f"model{seed}", seed=seed)
+            tracker.log_model_dir(model_dir, "llm", alias="production")
+        tracker.end_run()
+        for uri in ("models:/llm@production", "models:/llm@production/",
+                    "models://llm@production"):
+            serving_now = current_version("llm", "production", mlflow_uri).version
+            settings = Settings(redis_url=server.url, model_uri=uri, device="cpu",
+                                mlflow_tracking_uri=mlflow_uri, compile_decode="false",
+                                model_cache_dir=str(tmp_path / "cache"), model_poll_s=0.2)
+            runtime = WorkerRuntime(settings, "w1")
+            thread, raised = start_in_thread(runtime)
+            try:
+                thread.join(60)
+                assert not raised and runtime.serving is not None
+                assert runtime.serving.ref.version == serving_now
+                moved_to = "1" if serving_now == "2" else "2"
+                promote("llm", moved_to, "production", mlflow_uri)
+                wait_until(lambda: runtime.serving.ref.version == moved_to, 30,
+                           message=f"{uri} to follow the alias to version {moved_to}")
+            finally:
+                end(runtime, thread)
