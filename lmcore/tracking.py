@@ -962,6 +962,7 @@ def _resolve_registry(
     uri, name = parsed.uri, parsed.name
     if parsed.model_id:
         return _resolve_logged_model(client, server, parsed.model_id, uri, cache_dir)
+    root = _cache_root(cache_dir)
     try:
         if parsed.alias:
             mv = client.get_model_version_by_alias(name, parsed.alias)
@@ -971,11 +972,65 @@ def _resolve_registry(
     except Exception as exc:
         if _is_not_found(exc) or _http_status(exc) == 400:
             raise ModelNotFoundError(f"{uri} not found on {server}: {_one_line(exc)}") from exc
-        raise _tracking_error(f"resolve {uri}", server, exc) from exc
+        error = _tracking_error(f"resolve {uri}", server, exc)
+        if _is_transient(exc):
+            cached = _registry_fallback(root, server, parsed, exc)
+            if cached is not None:
+                return cached
+        raise error from exc
     stamp = {"source": download_uri, "run_id": mv.run_id, "created": mv.creation_timestamp}
     key = (_slug(server), "registry", name, str(mv.version))
-    path = _download_cached(download_uri, server, _cache_root(cache_dir), key, stamp, uri)
+    path = _download_cached(download_uri, server, root, key, stamp, uri)
+    if parsed.alias:
+        _remember_alias(root.joinpath(*key[:-1]), parsed.alias, str(mv.version))
     return ResolvedModel(path, name, str(mv.version), mv.run_id, uri)
+
+
+def _alias_record(model_root: Path, alias: str) -> Path:
+    # Beside the model's version dirs; alias names are letters, digits, _ and - (_ALIAS).
+    return model_root / f"@{alias}.json"
+
+
+def _remember_alias(model_root: Path, alias: str, version: str) -> None:
+    """Record the version `alias` resolved to, for _registry_fallback (written by rename)."""
+    record = _alias_record(model_root, alias)
+    tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(json.dumps({"version": version, "resolved_at": time.time()}))
+        os.replace(tmp, record)
+    except OSError as exc:  # a cache that cannot take it only loses the outage fallback
+        log.warning("could not record %s -> version %s in the model cache: %s", alias, version,
+                    exc)  # fmt: skip
+        tmp.unlink(missing_ok=True)
+
+
+def _registry_fallback(
+    root: Path, server: str, parsed: ModelUri, exc: BaseException
+) -> ResolvedModel | None:
+    """While the registry is unreachable, the cached copy of a pinned version, or of the
+    version an alias last resolved to here; None if the cache has neither. Never for a
+    registry that answered "not found": only a transient error comes here."""
+    model_root = root.joinpath(_slug(server), "registry", str(parsed.name))
+    version = parsed.version
+    if parsed.alias:
+        try:
+            recorded = json.loads(_alias_record(model_root, parsed.alias).read_text())
+            version = str(recorded["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    target = model_root / str(version)
+    try:
+        stamp = json.loads((target / _CACHE_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    path = find_model_dir(target)
+    if path is None:
+        return None
+    as_of = ", the version it last resolved to here (it may have moved since)" if parsed.alias \
+        else ""
+    log.warning("the model registry at %s is unreachable (%s): serving %s from the cache as "
+                "version %s%s: %s", server, _one_line(exc), parsed.uri, version, as_of, path)
+    return ResolvedModel(path, parsed.name, str(version), stamp.get("run_id"), parsed.uri)
 
 
 def _resolve_logged_model(

@@ -596,3 +596,39 @@ def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_
     for key in MLFLOW_HTTP_SETTINGS:  # the tracker's bound is its calls' alone
         assert key not in os.environ
     assert client(server).get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_cached_version_loads_while_the_tracking_server_is_down(
+    server: str, relay: _Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker restarting during MLflow maintenance served nothing, although the model it
+    served a minute before was in its cache: even models:/NAME/1, which can never change."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = MlflowTracker(server, retry_s=0.5)
+    tracker.start_run("cache-outage")
+    tracker.log_model_dir(make_model_dir(tmp_path / "model"), "llm-outage", alias="candidate")
+    tracker.end_run()
+    cache = tmp_path / "cache"
+    by_alias = resolve_model_uri("models:/llm-outage@candidate", cache, relay.uri)
+    pinned = resolve_model_uri("models:/llm-outage/1", cache, relay.uri)
+
+    relay.stop()
+    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    again = resolve_model_uri("models:/llm-outage/1", cache, relay.uri)
+    assert (again.path, again.version, again.run_id) == (pinned.path, "1", pinned.run_id)
+    assert "unreachable" in caplog.text and "serving models:/llm-outage/1 from the cache" \
+        in caplog.text
+    caplog.clear()
+    again = resolve_model_uri("models:/llm-outage@candidate", cache, relay.uri)
+    assert (again.path, again.version) == (by_alias.path, "1")
+    assert "as version 1, the version it last resolved to here" in caplog.text
+    with pytest.raises(TrackingError, match="unreachable"):  # never downloaded here
+        resolve_model_uri("models:/llm-outage/2", cache, relay.uri)
+    with pytest.raises(TrackingError, match="unreachable"):  # never resolved here
+        resolve_model_uri("models:/llm-outage@production", cache, relay.uri)
+
+    relay.start()  # an answer of "not found" is never covered up by the cache
+    client(server).delete_registered_model_alias("llm-outage", "candidate")
+    with pytest.raises(ModelNotFoundError):
+        resolve_model_uri("models:/llm-outage@candidate", cache, relay.uri)
