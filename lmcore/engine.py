@@ -240,6 +240,7 @@ class _Swap:
     tokenizer: TextCodec | None
     metadata: dict[str, Any] | None
     events: list[threading.Event]
+    cache: KVCache | None = None  # allocated before admission paused for it
     error: BaseException | None = None
 
 
@@ -706,10 +707,14 @@ class Engine:
                              f"got {max_len}")
         return max_len
 
+    def _new_cache(self, model: Transformer) -> KVCache:
+        return KVCache.for_model(model, self.max_batch, self._window(model))
+
     def _install(
-        self, model: Transformer, tokenizer: TextCodec | None, metadata: dict[str, Any] | None
-    ) -> None:
-        cache = KVCache.for_model(model, self.max_batch, self._window(model))
+        self, model: Transformer, tokenizer: TextCodec | None, metadata: dict[str, Any] | None,
+        cache: KVCache | None = None,
+    ) -> None:  # fmt: skip
+        cache = self._new_cache(model) if cache is None else cache
         step_fn: StepFn = self._base_step_fn
         if self._compile:
             step_fn = torch.compile(step_fn, mode="reduce-overhead")
@@ -740,17 +745,23 @@ class Engine:
         and admits again (waiting requests run on the new model). Returns whether the swap is
         done: with the thread running and wait=True it blocks until then (or timeout); when
         stepped by hand it happens at once if nothing is active, else at a later step().
-        A swap that fails (e.g. out of memory for the new cache) leaves the old model serving
+        The new model's KV cache is allocated here, before admission pauses: a swap that cannot
+        have one (a bad max_len for the model, no memory for it beside the serving cache) raises
+        at once and never drains the batch. One that fails later leaves the old model serving
         and raises here when waited for.
         """
-        self._window(model)  # a bad max_len for this model fails here, not on the engine thread
+        with self._lock:
+            if self._closed:
+                raise EngineStoppedError("engine stopped: no model swaps")
+        cache = self._new_cache(model)  # on the caller's thread, while the engine serves
         event = threading.Event()
         with self._cond:
             if self._closed:
                 raise EngineStoppedError("engine stopped: no model swaps")
-            # A newer swap replaces a pending one; its waiters are released by the newer one.
+            # A newer swap replaces a pending one (its cache is dropped); its waiters are
+            # released by the newer one.
             events = self._pending_swap.events if self._pending_swap else []
-            swap = _Swap(model, tokenizer, metadata, [*events, event])
+            swap = _Swap(model, tokenizer, metadata, [*events, event], cache)
             self._pending_swap = swap
             self._cond.notify_all()
         if not self.is_running:
@@ -769,7 +780,7 @@ class Engine:
                 return
             self._pending_swap = None
         try:
-            self._install(swap.model, swap.tokenizer, swap.metadata)
+            self._install(swap.model, swap.tokenizer, swap.metadata, swap.cache)
             self._bump("swaps")
         except Exception as exc:
             log.exception("model swap failed; keeping the old model")

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -33,6 +34,32 @@ from services.worker.loader import (
 from services.worker.streamer import JobStreamer
 
 log = logging.getLogger(__name__)
+
+
+RETRY_REFUSED_MAX_S = 3600.0  # the longest wait before a version that may load later is tried
+
+
+@dataclass
+class RefusedVersion:
+    """A version the alias named that this worker could not load or swap in.
+
+    Not tried again until the alias moves, or, where the failure may pass (the registry away
+    mid-download, no memory beside the serving model), at `retry_at`, backing off each time.
+    """
+
+    version: str
+    error: str
+    at: float  # Unix time of the last try
+    tries: int = 1
+    retry_at: float | None = None  # time.monotonic(); None: only once the alias moves
+
+    def due(self) -> bool:
+        return self.retry_at is not None and time.monotonic() >= self.retry_at
+
+    def report(self) -> dict[str, Any]:
+        retry_in = None if self.retry_at is None else max(0.0, self.retry_at - time.monotonic())
+        return {"version": self.version, "error": self.error, "at": self.at,
+                "tries": self.tries, "retry_in_s": retry_in}  # fmt: skip
 
 
 def make_redis(settings: Settings) -> redis.Redis:
@@ -71,6 +98,7 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._swap_lock = threading.Lock()
+        self.refused: RefusedVersion | None = None  # the alias's version that failed to serve
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -165,6 +193,9 @@ class WorkerRuntime:
             "max_batch": engine.max_batch,
             "ts": time.time(),
         }
+        refused = self.refused
+        if refused is not None:  # the version its alias names, which this worker does not serve
+            payload["refused_model"] = refused.report()
         digest = serving.tokenizer_digest
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.worker(self.nodename), json.dumps(payload), ex=self.settings.heartbeat_ttl_s)
@@ -212,18 +243,57 @@ class WorkerRuntime:
     # -- hot swap -------------------------------------------------------------------------------
 
     def _watch_alias(self, name: str, alias: str) -> None:
-        from lmcore.tracking import current_version
-
         while not self._stop.wait(self.settings.model_poll_s):
             try:
-                info = current_version(name, alias, self.settings.mlflow_tracking_uri)
-                serving = self.serving
-                if info is not None and serving is not None and info.version != serving.ref.version:
-                    log.info("%s@%s moved %s -> %s", name, alias, serving.ref.version, info.version)
-                    uri = f"models:/{name}/{info.version}"
-                    self.swap_to(uri, alias_uri=self.settings.model_uri)
+                self.check_alias(name, alias)
             except Exception as exc:  # the registry being down must not stop serving
                 log.warning("model alias check failed: %s", exc)
+
+    def check_alias(self, name: str, alias: str) -> None:
+        """One poll: swap to the version `name@alias` names, unless it is the one serving or
+        one that already failed here (until the alias moves, or its retry is due)."""
+        from lmcore.tracking import current_version
+
+        info = current_version(name, alias, self.settings.mlflow_tracking_uri)
+        serving, refused = self.serving, self.refused
+        if info is None or serving is None:
+            return
+        if info.version == serving.ref.version:
+            self.refused = None  # the alias came back to what serves
+            return
+        if refused is not None and refused.version == info.version and not refused.due():
+            log.debug("%s@%s names version %s, which failed here (%s); serving %s", name,
+                      alias, info.version, refused.error, serving.ref.version)  # fmt: skip
+            return
+        log.info("%s@%s moved %s -> %s", name, alias, serving.ref.version, info.version)
+        uri = f"models:/{name}/{info.version}"
+        try:
+            self.swap_to(uri, alias_uri=self.settings.model_uri)
+        except Exception as exc:
+            self._refuse(name, alias, info.version, uri, exc)
+            return
+        self.refused = None
+
+    def _refuse(self, name: str, alias: str, version: str, uri: str, exc: Exception) -> None:
+        """Remember a version that failed to load or swap in, so that the next polls do not load
+        it again beside the serving model (and pause admission) only to fail the same way."""
+        before = self.refused
+        tries = before.tries + 1 if before is not None and before.version == version else 1
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        retry_at = None
+        if not cannot_fix_itself(uri, exc):  # may load later: back off, doubling each time
+            delay = min(self.settings.model_poll_s * 2 ** tries, RETRY_REFUSED_MAX_S)
+            retry_at = time.monotonic() + delay
+        self.refused = RefusedVersion(version, error, time.time(), tries, retry_at)
+        serving = self.serving
+        log.error("cannot serve %s@%s version %s (%s); serving version %s %s", name, alias,
+                  version, error, serving.ref.version if serving else None,
+                  "until the alias moves" if retry_at is None else
+                  f"and trying it again in {retry_at - time.monotonic():.0f} s")  # fmt: skip
+        try:
+            self.heartbeat()
+        except redis.RedisError:
+            pass
 
     def swap_to(self, uri: str, alias_uri: str | None = None) -> None:
         """Load `uri` beside the serving model, then switch the engine between steps."""

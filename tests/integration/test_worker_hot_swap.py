@@ -124,3 +124,68 @@ def _submit_while(url: str, promote_now: Any) -> list[dict[str, Any]]:
         stop.set()
         feeder.join()
     return [wait_until(lambda j=j: final(j), 60, message=f"job {j}") for j in ids]
+
+
+def test_a_version_that_failed_to_swap_is_not_retried_until_the_alias_moves(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A promoted version that cannot load (its config.json is corrupt) is tried once, not at
+    every alias poll beside the serving model; the heartbeat names it; the next promotion is
+    served. A real MLflow registry (SQLite), a real Redis, the worker runtime in this process."""
+    import json
+    import logging
+
+    from lmcore.tracking import MlflowTracker, promote
+    from services.common import keys
+    from services.common.settings import Settings
+    from services.worker.runtime import WorkerRuntime
+    from tests.helpers.redis_server import redis_server
+
+    (tmp_path / "mlflow").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "refused-version")
+    tracker.start_run()
+    broken = make_model_dir(tmp_path / "v2", seed=2)
+    (broken / "config.json").write_text("{not json")
+    versions = [tracker.log_model_dir(path, "llm", alias=None).version for path in (
+        make_model_dir(tmp_path / "v1", seed=1), broken, make_model_dir(tmp_path / "v3", seed=3))]
+    tracker.end_run()
+    assert versions == ["1", "2", "3"]
+    promote("llm", "1", "production", tracking_uri=uri)
+    caplog.set_level(logging.DEBUG, logger="services.worker.runtime")
+
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with redis_server(tmp_path / "redis", appendonly=False) as server:
+        settings = Settings(
+            redis_url=server.url, model_uri="models:/llm@production", mlflow_tracking_uri=uri,
+            model_cache_dir=str(tmp_path / "cache"), model_poll_s=0.1, heartbeat_s=0.2,
+            compile_decode="false",
+        )  # fmt: skip
+        runtime = WorkerRuntime(settings, "w1", on_engine_death=lambda: None)
+        runtime.start()
+        client = server.client()
+
+        def beat() -> dict[str, Any]:
+            return json.loads(client.get(keys.worker("w1")) or "{}")
+
+        try:
+            assert runtime.serving is not None and runtime.serving.ref.version == "1"
+            promote("llm", "2", "production", tracking_uri=uri)
+            # Tries (each logs the move) plus polls that passed it by: at least 8 polls.
+            wait_until(lambda: logged("moved 1 -> 2") + logged("names version 2, which failed")
+                       >= 8, 60, message="eight alias polls after the promotion")  # fmt: skip
+
+            assert logged("moved 1 -> 2") == 1  # loaded once, not at every poll
+            assert runtime.serving.ref.version == "1"
+            refused = wait_until(lambda: beat().get("refused_model"), 10, message="report")
+            assert refused["version"] == "2" and "config.json" in refused["error"]
+            assert refused["retry_in_s"] is None  # a corrupt model dir cannot fix itself
+
+            promote("llm", "3", "production", tracking_uri=uri)  # the alias moves on
+            wait_until(lambda: runtime.serving.ref.version == "3", 60, message="version 3")
+            wait_until(lambda: beat().get("model", {}).get("version") == "3"
+                       and "refused_model" not in beat(), 10, message="a clean heartbeat")
+        finally:
+            runtime.stop(timeout_s=5)

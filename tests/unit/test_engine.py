@@ -495,6 +495,45 @@ def test_swap_model_on_a_running_engine_blocks_until_switched(model, other_model
     assert engine.stop(timeout=WAIT_S)
 
 
+@contextlib.contextmanager
+def address_space_headroom(nbytes: int):
+    """Lower this process's RLIMIT_AS to what it maps now plus `nbytes`, so a larger allocation
+    fails for real (ENOMEM), whatever the machine's memory or overcommit policy."""
+    resource = pytest.importorskip("resource")
+    try:
+        with open("/proc/self/status") as status:
+            vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        pytest.skip("needs Linux's /proc/self/status")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm_kb * 1024 + nbytes
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the address-space limit is already lower")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_swap_that_cannot_allocate_its_cache_fails_at_once_without_pausing_admission(model):
+    # The new model's cache (8 GiB at 64 slots) does not fit beside the serving one: the swap
+    # must fail when asked for, not after the batch has drained for it.
+    engine = Engine(model, max_batch=64, metadata={"version": "1"})
+    running = engine.submit(EngineRequest([1, 2, 3], GREEDY))
+    engine.step()
+    big = context_sensitive_model(3, n_layer=8, block_size=16384)  # a 4 MiB position table
+    with address_space_headroom(1 << 30), pytest.raises(RuntimeError, match="memory"):
+        engine.swap_model(big, metadata={"version": "2"})
+    del big
+    after = engine.submit(EngineRequest([1, 2, 3], GREEDY))
+    engine.step()
+    assert after.started_at is not None and engine.active == 2  # admission never paused
+    run_until_idle(engine)
+    assert running.result(0).token_ids == after.result(0).token_ids
+    assert engine.metadata == {"version": "1"} and engine.stats.swaps == 0
+
+
 def test_swap_to_a_model_with_a_smaller_window_than_max_len_is_refused(model):
     engine = Engine(model, max_batch=1, max_len=128)
     small = context_sensitive_model(2, block_size=64)
