@@ -44,8 +44,24 @@ _CACHE_STAMP = ".llm-source.json"
 ABANDONED_AFTER_S = 3600.0
 
 
+# `scheme://user:password@host`: requests sends URL userinfo as basic auth, so a tracking URI
+# may carry credentials. Greedy up to the host, so a password holding '@' goes too.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][\w+.-]*://)[^/\s?#]*@")
+
+
+def redact_uri(text: str) -> str:
+    """`https://alice:s3cr3t@mlflow.example.com` -> `https://***@mlflow.example.com`, in a URI
+    or in any text holding URIs (an exception's message). For everything that is shown, logged
+    or stored (params, metadata, cache paths); connections use the URI whole."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
+
+
 class TrackingError(RuntimeError):
-    """The tracking server or registry refused or could not be reached; one readable line."""
+    """The tracking server or registry refused or could not be reached; one readable line
+    (credentials in the URIs it names are redacted)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact_uri(str(message)), *args)
 
 
 class ModelNotFoundError(TrackingError, LookupError):
@@ -137,7 +153,7 @@ def _client(tracking_uri: str | None = None) -> tuple[Any, str]:
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    text = redact_uri(" ".join(str(exc).split()))
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
@@ -423,7 +439,7 @@ class MlflowTracker:
             offline = True
             self.last_error = _one_line(exc)
             log.warning("MLflow at %s unreachable (%s): resuming run %s without it; its records "
-                        "are posted when it is back", self.tracking_uri,
+                        "are posted when it is back", redact_uri(self.tracking_uri),
                         self.last_error, run_id)  # fmt: skip
         self.run_id = run_id if offline else run.info.run_id
         self._reopen = offline
@@ -433,7 +449,7 @@ class MlflowTracker:
         self._thread.start()
         if params:
             self.log_params(params)
-        log.info("MLflow run %s (%s, experiment %r)", self.run_id, self.tracking_uri,
+        log.info("MLflow run %s (%s, experiment %r)", self.run_id, redact_uri(self.tracking_uri),
                  self.experiment)  # fmt: skip
         return self.run_id
 
@@ -1029,7 +1045,8 @@ def _registry_fallback(
     as_of = ", the version it last resolved to here (it may have moved since)" if parsed.alias \
         else ""
     log.warning("the model registry at %s is unreachable (%s): serving %s from the cache as "
-                "version %s%s: %s", server, _one_line(exc), parsed.uri, version, as_of, path)
+                "version %s%s: %s", redact_uri(server), _one_line(exc), parsed.uri, version, as_of,
+                path)  # fmt: skip
     return ResolvedModel(path, parsed.name, str(version), stamp.get("run_id"), parsed.uri)
 
 
@@ -1105,8 +1122,11 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
 
 
 def _slug(server: str) -> str:
-    # One cache subtree per tracking server: two servers can both have an llm/1.
-    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", server.split("://", 1)[-1]).strip("_")[:40]
+    # One cache subtree per tracking server: two servers can both have an llm/1. The readable
+    # part leaves credentials out (the path is logged); the hash of the whole URI keeps apart
+    # two users' entries.
+    host = _USERINFO.sub(r"\g<scheme>", server).split("://", 1)[-1]
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", host).strip("_")[:40]
     return f"{readable}-{hashlib.sha256(server.encode()).hexdigest()[:8]}"
 
 

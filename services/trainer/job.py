@@ -36,7 +36,7 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
         model_cfg = schema.model_config(cfg, vocab_size=dataset.tokenizer.vocab_size)
         if env.is_main and tracker is None:
             tracker = make_tracker(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = shareable_config(cfg)
         trainer = Trainer(
             model_cfg,
             train_cfg,
@@ -49,6 +49,19 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
             before_end_run=lambda result: log_artifacts(tracker, cfg, result),
         )
         return trainer.fit()
+
+
+def shareable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as logged and stored (run params, config.yaml, the model dir's
+    metadata, which every registry reader can download): tracking.uri without credentials."""
+    from lmcore.tracking import redact_uri  # mlflow stays unimported
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    tracking = resolved.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
+        tracking["uri"] = redact_uri(tracking["uri"])
+    return resolved
 
 
 def prepare_data(cfg: DictConfig, env: D.DistEnv, *, progress: bool) -> TokenDataset:
@@ -116,7 +129,7 @@ def log_artifacts(tracker: Tracker | None, cfg: DictConfig, result: TrainResult)
         return
     with tempfile.TemporaryDirectory(prefix="llm-artifacts-") as tmp:
         config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        config_path.write_text(OmegaConf.to_yaml(shareable_config(cfg)), encoding="utf-8")
         tracker.log_artifact(config_path)
         try:
             curve = plot_loss_curve(result.history, Path(tmp) / "loss_curve.png")

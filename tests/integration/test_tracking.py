@@ -632,3 +632,52 @@ def test_a_cached_version_loads_while_the_tracking_server_is_down(
     client(server).delete_registered_model_alias("llm-outage", "candidate")
     with pytest.raises(ModelNotFoundError):
         resolve_model_uri("models:/llm-outage@candidate", cache, relay.uri)
+
+
+def test_tracking_uri_credentials_never_reach_params_paths_or_messages(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests sends URL userinfo as basic auth, so `https://user:token@mlflow` works; the
+    token used to land in every run's params, config.yaml and model metadata (which any
+    registry reader can download), in the model cache's path the worker logs, and in errors."""
+    import json
+    import os as _os
+
+    from tests.helpers.trainer_run import tiny_corpus
+
+    secret = "s3cr3t-token"
+    with_creds = server.replace("http://", f"http://alice:{secret}@")
+    (tmp_path / "corpus").mkdir()
+    text, data = tiny_corpus(tmp_path / "corpus", lines=1500)
+    cmd = [sys.executable, "-m", "services.trainer", "model=tiny", "model.block_size=32",
+           "data=text", f"data.source={text}", f"data.cache_dir={data.path.parent}",
+           "train.max_steps=2", "train.batch_size=2", "train.eval_batches=2",
+           "train.device=cpu", "train.progress=false", "train.quantization_report=false",
+           f"train.checkpoint_dir={tmp_path / 'ckpt'}", "tracking.experiment=creds",
+           f"tracking.uri={with_creds}", "tracking.register_name=llm-creds"]  # fmt: skip
+    env = {**_os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "***@127.0.0.1" in done.stderr and secret not in done.stderr
+
+    mlflow = client(server)
+    version = mlflow.get_model_version("llm-creds", "1")
+    run = mlflow.get_run(version.run_id)
+    assert run.data.params["tracking.uri"] == server.replace("http://", "http://***@")
+    assert all(secret not in v for v in run.data.params.values())
+    config = Path(mlflow.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert secret not in config.read_text() and "***@127.0.0.1" in config.read_text()
+
+    resolved = resolve_model_uri("models:/llm-creds/1", tmp_path / "cache", with_creds)
+    assert secret not in str(resolved.path) and "alice" not in str(resolved.path)
+    metadata = json.loads((resolved.path / "config.json").read_text())
+    assert secret not in json.dumps(metadata) and "***@127.0.0.1" in json.dumps(metadata)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    closed = f"http://alice:{secret}@127.0.0.1:{free_port()}"
+    for call in (lambda: resolve_model_uri("models:/llm-creds/2", tmp_path / "c2", closed),
+                 lambda: MlflowTracker(closed).start_run("creds")):
+        with pytest.raises(TrackingError) as caught:
+            call()
+        assert secret not in str(caught.value) and "***@127.0.0.1" in str(caught.value)
