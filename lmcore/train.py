@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import re
@@ -47,6 +48,9 @@ H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 TRAIN_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what the trainer runs on
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries 128-255
 MAX_WARMUP_SHARE = 0.5  # the warmup takes at most this share of the run's steps
+# Beside a checkpoint, written once its model is registered: a rerun that trains no step does
+# not register it again.
+PUBLISHED_FILE = "published.json"
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -744,7 +748,8 @@ class Trainer:
         # Rank 0 publishes alone, and nobody waits for it: registration retries for up to the
         # tracker's publish_timeout_s, which a barrier (bound by dist_timeout_s) would not
         # outlast. Every collective of the run is behind us: the final eval and checkpoint.
-        model_dir, version = self._publish(step, val_loss, ended_by) if main else (None, None)
+        model_dir, version = (self._publish(step, val_loss, ended_by, trained=step > start)
+                              if main else (None, None))  # fmt: skip
         return TrainResult(
             model_dir=model_dir,
             final_val_loss=val_loss,
@@ -929,11 +934,23 @@ class Trainer:
             return Path(self.cfg.checkpoint_dir) / "model"
         return None
 
-    def _publish(self, step: int, val_loss: float, ended_by: str) -> tuple[Path | None, Any]:
-        """Rank 0: write the final model dir and hand it to the tracker (alias "candidate")."""
+    def _publish(
+        self, step: int, val_loss: float, ended_by: str, *, trained: bool = True
+    ) -> tuple[Path | None, Any]:
+        """Rank 0: write the final model dir and hand it to the tracker (alias "candidate").
+
+        A session that trained no step (the same command run again after it finished) does
+        not register its checkpoint's model a second time: a publish of this step and run that
+        succeeded is recorded beside the checkpoint (PUBLISHED_FILE) and returned instead.
+        """
         target = self._final_dir()
         if target is None:
             return None, None
+        published = None if trained else self._published_at(step)
+        if published is not None and _model_dir_holds(target, step, self.run_id):
+            log.info("step %d of run %s is already published (%s): nothing new to register",
+                     step, self.run_id, published.get("uri") or published.get("version"))
+            return target, published
         metadata = {
             "step": step,
             "val_loss": val_loss,
@@ -949,8 +966,42 @@ class Trainer:
             metadata["quantization"] = self._quantization_report(step)
         path = save_model_dir(target, self.model, getattr(self.dataset, "tokenizer", None),
                               metadata)
+        if published is not None:  # the model dir was missing: rewritten, not registered again
+            return path, published
         version = self.tracker.log_model_dir(path, self.register_name, alias="candidate")
+        self._record_published(step, version)
         return path, version
+
+    def _published_record(self, step: int) -> Path | None:
+        if not self.cfg.checkpoint_dir:
+            return None
+        return Path(self.cfg.checkpoint_dir) / f"step-{step:08d}" / PUBLISHED_FILE
+
+    def _published_at(self, step: int) -> dict[str, Any] | None:
+        """What a successful publish of this step's model by this run recorded, if any."""
+        record = self._published_record(step)
+        try:
+            found = json.loads(record.read_text()) if record is not None else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(found, dict) or found.get("step") != step:
+            return None
+        if found.get("run_id") != self.run_id or found.get("name") != self.register_name:
+            return None  # another run (the old one deleted) or registered model: publish
+        return found
+
+    def _record_published(self, step: int, version: Any) -> None:
+        record = self._published_record(step)
+        if record is None or version is None or not record.parent.is_dir():
+            return  # nothing registered (no tracker), or no checkpoint of this step
+        info = {"step": step, "run_id": self.run_id, "name": self.register_name,
+                "version": getattr(version, "version", None), "uri": getattr(version, "uri", None)}
+        tmp = record.with_name(f".{record.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(info), encoding="utf-8")
+            tmp.replace(record)
+        except OSError as exc:  # costs only a duplicate version if this command runs again
+            log.warning("could not record the publish in %s: %s", record, exc)
 
     def _quantization_report(self, step: int) -> dict[str, float] | None:
         """Rank 0: the final model's size and val loss in fp32 and int8, on fixed val windows."""
@@ -1000,6 +1051,15 @@ class Trainer:
 
         return tqdm(total=self.steps, initial=start, unit="step", desc="train", file=sys.stderr,
                     dynamic_ncols=True)
+
+
+def _model_dir_holds(path: Path, step: int, run_id: str | None) -> bool:
+    """Whether the model dir at `path` is this step's model of this run (its metadata says)."""
+    try:
+        metadata = json.loads((path / "config.json").read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return metadata.get("step") == step and metadata.get("run_id") == run_id
 
 
 def _short(value: Any) -> str:

@@ -189,3 +189,27 @@ def test_resuming_a_deleted_run_starts_a_new_run_instead_of_failing(
     (new_run,) = runs  # search_runs leaves deleted runs out
     assert new_run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(new_run.info.run_id, "train_loss")][-1] == 4
+
+
+def test_resuming_a_finished_and_published_run_registers_nothing_new(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """The same command run again (a Makefile or CI rerun) resumes the final checkpoint and
+    trains 0 steps; it used to upload the same weights again, register a new version and move
+    `candidate` to it."""
+    text, data = corpus
+    ckpt, store = tmp_path / "ckpt", tmp_path / "mlflow.db"
+    cmd = tracked_cmd(text, data, ckpt, store, "train.max_steps=2")
+    for attempt in ("first", "again"):
+        log = tmp_path / f"{attempt}.log"
+        assert wait(start(cmd, log)) == 0, log.read_text()[-2000:]
+    client = mlflow_client(store)
+    assert [str(v.version) for v in client.search_model_versions("name = 'llm'")] == ["1"]
+    assert str(client.get_model_version_by_alias("llm", "candidate").version) == "1"
+    assert "already published" in (tmp_path / "again.log").read_text()
+
+    # A publish that never finished left no record: the next run publishes.
+    (ckpt / "step-00000002" / "published.json").unlink()
+    log = tmp_path / "unrecorded.log"
+    assert wait(start(cmd, log)) == 0, log.read_text()[-2000:]
+    assert str(client.get_model_version_by_alias("llm", "candidate").version) == "2"
