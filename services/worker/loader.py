@@ -36,9 +36,6 @@ class AliasMatch:
     name: str
     alias: str
 
-    def groupdict(self) -> dict[str, str]:
-        return {"name": self.name, "alias": self.alias}
-
 
 def alias_of(uri: str) -> AliasMatch | None:
     """The registered model and alias `uri` names, as the resolver reads it (one parser: a
@@ -51,17 +48,6 @@ def alias_of(uri: str) -> AliasMatch | None:
     if parsed is None or parsed.alias is None or parsed.name is None:
         return None
     return AliasMatch(parsed.name, parsed.alias)
-
-
-class _AliasUri:
-    """`ALIAS_URI.match(uri)` (the runtime's call) by way of alias_of."""
-
-    @staticmethod
-    def match(uri: str) -> AliasMatch | None:
-        return alias_of(uri)
-
-
-ALIAS_URI = _AliasUri()
 
 
 class FatalLoadError(ValueError):

@@ -26,8 +26,8 @@ from lmcore.generate import SamplingParams
 from services.common import keys, scripts
 from services.common.settings import Settings
 from services.worker.loader import (
-    ALIAS_URI,
     ServingModel,
+    alias_of,
     cannot_fix_itself,
     load_serving_model,
 )
@@ -114,9 +114,9 @@ class WorkerRuntime:
             self.engine = self._start_engine(serving, compiled=False)
         self.streamer.start()
         self._spawn("heartbeat", self._heartbeat_loop)
-        match = ALIAS_URI.match(self.settings.model_uri)
-        if match:
-            self._spawn("model-watcher", lambda: self._watch_alias(**match.groupdict()))
+        alias = alias_of(self.settings.model_uri)
+        if alias:
+            self._spawn("model-watcher", lambda: self._watch_alias(alias.name, alias.alias))
 
     def _start_engine(self, serving: ServingModel, compiled: bool) -> Engine:
         engine = Engine(
