@@ -61,10 +61,11 @@ class TrainConfig:
     """How to train. Lengths: `max_steps` optimizer steps, or `epochs` passes over train tokens.
 
     `max_time_s` adds a wall-clock budget: the run ends normally (final eval, checkpoint, model
-    dir) after the first step past it. A run on course to finish its steps in time keeps the
-    step schedule exactly; one that is not has its cosine decay fitted to the steps the budget
-    allows at the pace so far, so the decay still ends on time. The budget counts the whole
-    loop, evaluations included, summed over resumes.
+    dir) after the first step past it; a resume whose budget is spent already trains no step.
+    A run on course to finish its steps in time keeps the step schedule exactly; one that is
+    not has its cosine decay fitted to the steps the budget allows at the pace so far, so the
+    decay still ends on time. The budget counts the whole loop, evaluations included, summed
+    over resumes.
 
     batch_size is windows per rank per micro-step; one optimizer step sees
     batch_size x grad_accum_steps x world_size windows of the model's block_size tokens.
@@ -687,8 +688,15 @@ class Trainer:
         agreed = D.Agreed(False, self.elapsed_before)
         stop_vote = D.StopVote(start=agreed)
         warned_warmup = False
+        # A budget the checkpoint has spent already (the same command run again after a time
+        # stop) trains no step; every rank loaded the same elapsed time, so all of them agree.
+        # Checked after each step below, it used to let such a run train one step more, which
+        # then published as a new model version at every rerun.
+        last = start if budget and agreed.elapsed_s >= budget else self.steps
+        if last == start < self.steps:
+            bar.total = start
         try:
-            for step in range(start + 1, self.steps + 1):
+            for step in range(start + 1, last + 1):
                 if step == start + 2:
                     run_meter.reset()  # the first step pays for compilation and warm-up
                 # From the agreed time (the same on every rank), so every rank takes the same lr.

@@ -597,12 +597,36 @@ def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_pu
     assert metadata["train_time_s"] >= 1.5
     assert math.isfinite(result.final_val_loss)
 
-    # The checkpoint carries the time spent: a resumed run counts it and stops after one step.
+    # The checkpoint carries the time spent: a resumed run counts it, and with its budget
+    # spent already trains no step.
     state = json.loads((latest_training_state(tmp_path / "ckpt") / "state.json").read_text())
     assert state["extra"]["elapsed_s"] >= 1.5
     resumed = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
-    assert resumed.resumed_from == result.steps and resumed.steps == result.steps + 1
+    assert resumed.resumed_from == result.steps and resumed.steps == result.steps
     assert resumed.stopped_by_time and resumed.elapsed_s >= state["extra"]["elapsed_s"]
+
+
+def test_rerunning_a_finished_time_budget_run_trains_no_step_and_registers_nothing_new(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """`train=cpu` sets max_time_s, so the default training command is a budget run. Run
+    again, it resumed the checkpoint whose budget was spent, trained one more step and
+    registered that step's model as a new version (moving `candidate`), at every rerun."""
+    cfg = config(tmp_path, max_steps=100_000, max_time_s=1.0, quantization_report=False)
+    first_tracker = ListTracker()
+    first = Trainer(tiny(dataset), cfg, dataset, first_tracker).fit()
+    assert first.stopped_by_time
+    assert [c for c, _ in first_tracker.calls].count("log_model_dir") == 1
+    for _ in range(2):
+        tracker = ListTracker()
+        again = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+        assert again.resumed_from == first.steps and again.steps == first.steps
+        assert again.stopped_by_time
+        names = [c for c, _ in tracker.calls]
+        assert "log_model_dir" not in names  # the published record answers for this step
+        assert not any("train_loss" in m for m in tracker.metrics().values())
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == [f"step-{first.steps:08d}"]
+    assert load_model_dir(tmp_path / "ckpt" / "model").metadata["step"] == first.steps
 
 
 def test_sigterm_handler_is_restored_after_fit(dataset: TokenDataset) -> None:
