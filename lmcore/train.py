@@ -590,7 +590,8 @@ class Trainer:
         return state.step
 
     def _resume_schedule(self, step: int, extra: dict[str, Any]) -> None:
-        """Carry on the checkpoint's token count and, for an epochs run, its LR schedule."""
+        """Carry on the checkpoint's token count and, for an epochs run, its LR schedule's axis
+        (the first session's tokens per step) with this run's epochs as the budget."""
         before = extra.get("train_config") or {}
         old_tokens_per_step = (  # recorded since the schedule kept it; else from the old config
             int(before.get("batch_size", self.cfg.batch_size))
@@ -604,7 +605,10 @@ class Trainer:
         if self.cfg.epochs is None:
             return  # max_steps: the schedule is in steps, whatever a step holds
         self.schedule_tokens_per_step = int(schedule.get("tokens_per_step", old_tokens_per_step))
-        self.schedule_steps = int(schedule.get("total_steps", self.steps))
+        # The budget is this run's epochs, in steps of the schedule's size: the checkpoint's
+        # total_steps would hold a resized run to the epochs it was started with.
+        self.schedule_steps = max(1, math.ceil(
+            self.cfg.epochs * len(self.dataset.train) / self.schedule_tokens_per_step))
         budget = self.schedule_steps * self.schedule_tokens_per_step
         # By tokens whenever any session's steps were not the schedule's size (this one's, or an
         # earlier one's: a run back at its first size still has another's tokens behind it).

@@ -432,3 +432,87 @@ def test_a_corpus_error_on_the_preparing_rank_reaches_the_waiting_rank(tmp_path:
     first, other = _prepare_data_on_two_ranks(tmp_path, [f"data.source={missing}"], 30)
     assert first["error"] == f"CorpusError: data.source: {missing}: no such file or directory"
     assert other["error"] == f"CorpusError: {missing}: no such file or directory"
+
+
+# -- resuming on another world size (mp.spawn ranks, or this process for one rank) --------------
+
+RESIZE_BLOCK = 32
+
+
+def _fit_on_rank(rank: int, world: int, port: int, data_dir: Path, changes: dict,
+                 out: Path) -> None:
+    """One rank of a `world`-rank run of the tiny model; writes what fit() returned."""
+    if world > 1:
+        torch.set_num_threads(1)  # a spawned rank; one process leaves this process's setting
+    data = TokenDataset.load(data_dir)
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=RESIZE_BLOCK)
+    settings = dict(batch_size=2, max_steps=None, epochs=None, lr=3e-3, warmup_steps=2,
+                    eval_interval=0, eval_batches=2, log_interval=1, checkpoint_interval=0,
+                    keep_checkpoints=10, device="cpu", progress=False,
+                    quantization_report=False, dist_timeout_s=60)  # fmt: skip
+    settings.update(changes)
+    tracker = _LrTracker()
+    env = DistEnv(rank=rank, world_size=world, master_port=port)
+    result = Trainer(model, TrainConfig(**settings), data, tracker, env=env).fit()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "steps": result.steps, "resumed_from": result.resumed_from,
+        "final_val_loss": result.final_val_loss, "lrs": tracker.lrs}))
+
+
+class _LrTracker:
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def start_run(self, experiment: str, run_id: str | None, params: dict) -> str:
+        return run_id or "resize-run"
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "lr" in metrics:
+            self.lrs[step] = metrics["lr"]
+
+    def log_artifact(self, path: object, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model_dir(self, model_dir: object, register_name: str | None,
+                      alias: str = "candidate") -> None:
+        return None
+
+    def end_run(self, status: str) -> None:
+        pass
+
+
+def fit_on(world: int, data: TokenDataset, out: Path, **changes: object) -> list[dict]:
+    """fit() on `world` ranks (real gloo processes when more than one); each rank's result."""
+    if world == 1:
+        _fit_on_rank(0, 1, 0, data.path, changes, out)
+    else:
+        mp.spawn(_fit_on_rank, args=(world, free_port(), data.path, changes, out), nprocs=world)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_an_epochs_run_resumed_with_more_epochs_and_another_world_size_trains_the_new_budget(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """An epochs run is a token budget in steps of its first session's size. Resumed with
+    another tokens per step, it used to take that budget from the checkpoint's total_steps,
+    so a new `epochs` was ignored: the run stopped at its old length (here: trained nothing)."""
+    _, data = corpus
+    ckpt = tmp_path / "ckpt"
+    first_step = 2 * 2 * RESIZE_BLOCK  # tokens per step: 2 ranks x 2 windows
+
+    def epochs_of(steps: int) -> float:  # just under `steps` first-size steps of tokens
+        return (steps * first_step - 1) / len(data.train)
+
+    (r0, r1) = fit_on(2, data, tmp_path / "first", epochs=epochs_of(6),
+                      checkpoint_dir=str(ckpt))  # fmt: skip
+    assert r0["steps"] == r1["steps"] == 6
+
+    # One rank, half the tokens per step, twice the epochs: the 6 steps left of the first
+    # session's size are 12 of this one's.
+    (again,) = fit_on(1, data, tmp_path / "again", epochs=epochs_of(12), checkpoint_dir=str(ckpt))
+    assert again["resumed_from"] == 6 and again["steps"] == 18
+    state = json.loads((ckpt / "step-00000018" / "state.json").read_text())["extra"]
+    assert state["tokens_seen"] == 12 * first_step
+    assert state["schedule"]["total_steps"] == 12  # a later resize keeps the new budget
+    assert again["lrs"]["18"] == pytest.approx(3e-3 * 0.1)  # the decay ends with the run
