@@ -506,9 +506,11 @@ class Trainer:
         self.history = {"train_loss": [], "val_loss": []}
         self.run_id = None
         self.elapsed_before = 0.0
-        # The time budget's pace: (steps, seconds) measured in earlier sessions, and where this
-        # session's measurement starts (after its first step).
+        # The time budget's pace: (steps, seconds) measured in earlier sessions and the setup
+        # they were measured on, and where this session's measurement starts (after its first
+        # step).
         self.pace_before: tuple[float, float] = (0, 0.0)
+        self.pace_before_setup = self._step_setup()
         self._pace_from: tuple[int, float] | None = None
         # The LR schedule's axis. An epochs run's length is a token budget: a resume with another
         # batch or world size (tokens per step) goes on along the first session's steps, by tokens.
@@ -565,9 +567,11 @@ class Trainer:
         self.run_id = extra.get("run_id")
         self.history = extra.get("history") or self.history
         self.elapsed_before = float(extra.get("elapsed_s", 0.0))
-        pace = extra.get("pace")
+        pace, setup = extra.get("pace"), extra.get("pace_setup")
         if isinstance(pace, list) and len(pace) == 2:
             self.pace_before = (float(pace[0]), float(pace[1]))
+            if isinstance(setup, dict):  # not recorded before: taken as this session's
+                self.pace_before_setup = setup
         self._resume_schedule(state.step, extra)
         rank, world = self.dist_env.rank, self.dist_env.world_size
         if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
@@ -886,13 +890,38 @@ class Trainer:
 
     # -- checkpoints and the final model --------------------------------------------------------
 
+    def _step_setup(self) -> dict[str, Any]:
+        """What the time of a step depends on (the model is the checkpoint's), saved with the
+        pace: steps timed on another setup say nothing about this one's."""
+        cfg = self.cfg
+        return {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+                "world_size": self.dist_env.world_size, "device": self.device.type,
+                "precision": self.precision.name, "compile": cfg.compile}
+
     def _measured_pace(self, done: int, elapsed_s: float) -> tuple[float, float]:
-        """(steps, seconds) of training measured so far, each session's first step left out."""
-        steps, seconds = self.pace_before
+        """(steps, seconds) the time budget's pace is taken from (`_pace_and_setup`)."""
+        return self._pace_and_setup(done, elapsed_s)[0]
+
+    def _pace_and_setup(
+        self, done: int, elapsed_s: float
+    ) -> tuple[tuple[float, float], dict[str, Any]]:
+        """(steps, seconds) of training measured so far, each session's first step left out,
+        and the setup (`_step_setup`) those steps ran on.
+
+        Earlier sessions' steps count only where they ran on this session's setup. Otherwise
+        (resized, say, from 4 ranks to 1 with 4x the accumulation) they stand in only until
+        this session has timed a step of its own: counted on, steps that took a quarter of the
+        time kept the LR high for most of the session and crammed the decay into its end.
+        """
+        own_steps, own_s = 0, 0.0
         if self._pace_from is not None:
-            steps += done - self._pace_from[0]
-            seconds += elapsed_s - self._pace_from[1]
-        return steps, seconds
+            own_steps, own_s = done - self._pace_from[0], elapsed_s - self._pace_from[1]
+        (steps, seconds), setup = self.pace_before, self._step_setup()
+        if self.pace_before_setup == setup:
+            return (steps + own_steps, seconds + own_s), setup
+        if own_steps > 0 and own_s > 0:
+            return (own_steps, own_s), setup
+        return self.pace_before, self.pace_before_setup
 
     def _save_checkpoint(self, step: int) -> Path | None:
         """Every rank hands over its sampler and RNG state; rank 0 writes; all wait for it."""
@@ -912,6 +941,7 @@ class Trainer:
         if self.dist_env.is_main:
             tensors = {f"rng.cpu.{r}": t for r, t in enumerate(cpu_rngs)}
             tensors.update({f"rng.cuda.{r}": t for r, t in enumerate(cuda_rngs) if t is not None})
+            pace, pace_setup = self._pace_and_setup(step, self._elapsed())
             path = save_training_state(
                 self.cfg.checkpoint_dir, step,
                 model=self.model, optimizer=self.optimizer,
@@ -922,7 +952,8 @@ class Trainer:
                     "samplers": samplers,
                     "history": self.history,
                     "elapsed_s": self._elapsed(),
-                    "pace": list(self._measured_pace(step, self._elapsed())),
+                    "pace": list(pace),
+                    "pace_setup": pace_setup,  # what the pace's steps ran on
                     "data": self.data,  # with model_config: what a resume must match
                     "tokens_seen": int(self._tokens_at(step)),
                     "schedule": {"total_steps": self.schedule_steps,

@@ -192,6 +192,45 @@ def test_a_slow_first_step_does_not_bring_the_budgets_decay_forward(
     assert calls[len(calls) // 4] > 0.8 * cfg.lr  # still near the top a quarter of the way in
 
 
+def test_a_budget_run_resumed_with_slower_steps_fits_its_decay_to_its_own_pace(
+    dataset: TokenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed with 4x the accumulation (a resize from 4 ranks to 1 keeping the global batch),
+    each step takes 4x as long. The budget's pace used to count the first session's fast steps
+    for good, so it expected far more steps than the budget allows: the LR stayed high and the
+    decay was crammed into the last steps. A clock that the steps alone advance (1/128 s per
+    micro-step, exact in binary) makes the steps and the LR the same on any machine."""
+    optimizer_step = Trainer._optimizer_step
+
+    def timed_step(self: Trainer, lr: float) -> Any:
+        out = optimizer_step(self, lr)
+        self.virtual_s = getattr(self, "virtual_s", 0.0) + self.cfg.grad_accum_steps / 128
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
+    monkeypatch.setattr(Trainer, "_elapsed",
+                        lambda self: self.elapsed_before + getattr(self, "virtual_s", 0.0))
+    common = dict(max_steps=100_000, warmup_steps=0, quantization_report=False)
+    first = Trainer(tiny(dataset), config(tmp_path, max_time_s=1.0, **common), dataset,
+                    ListTracker()).fit()  # fmt: skip
+    assert first.steps == 128  # 1 s of 1/128 s steps
+
+    tracker = ListTracker()
+    cfg = config(tmp_path, max_time_s=2.0, grad_accum_steps=4, **common)
+    resumed = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert resumed.steps == 160  # the second second holds 32 steps of 1/32 s
+    lrs = {s: m["lr"] for s, m in tracker.metrics().items() if "lr" in m}
+    # The session's first steps go by the old pace until it has timed one of its own; from
+    # then on the cosine is fitted to the 160 steps the budget allows.
+    assert lrs[129] > lrs[130] > lrs[131]
+    assert [lrs[s] for s in range(131, 161)] == pytest.approx(
+        [lr_at(s - 1, cfg, 160) for s in range(131, 161)])
+    assert lrs[160] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    state = json.loads((tmp_path / "ckpt" / "step-00000160" / "state.json").read_text())
+    assert state["extra"]["pace"] == [31, 31 / 32]  # this session's own steps after its first
+    assert state["extra"]["pace_setup"]["grad_accum_steps"] == 4
+
+
 def test_lr_is_stepped_per_optimizer_step_not_per_micro_batch(
     dataset: TokenDataset,
 ) -> None:
