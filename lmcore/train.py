@@ -517,6 +517,9 @@ class Trainer:
         self.schedule_steps, self.schedule_tokens_per_step = self.steps, self._tokens_per_step()
         self.start_step, self.tokens_before, self._by_tokens = 0, 0, False
         self.data = data_identity(self.dataset)
+        # The run's validation windows: eval_batches batches of `batch_size` windows from each
+        # of `streams` streams, the windows its first session's ranks drew (_val_share).
+        self.val_windows = {"streams": env.world_size, "batch_size": cfg.batch_size}
         start = self._resume()
         model: nn.Module = self.model
         if cfg.compile:
@@ -573,6 +576,9 @@ class Trainer:
             if isinstance(setup, dict):  # not recorded before: taken as this session's
                 self.pace_before_setup = setup
         self._resume_schedule(state.step, extra)
+        recorded = extra.get("val_windows")  # not recorded before: this session's, as then
+        if isinstance(recorded, dict):
+            self.val_windows = {k: int(recorded[k]) for k in ("streams", "batch_size")}
         rank, world = self.dist_env.rank, self.dist_env.world_size
         if extra.get("world_size") == world and len(extra.get("samplers", [])) == world:
             self.sampler.load_state_dict(extra["samplers"][rank])
@@ -828,27 +834,54 @@ class Trainer:
         return (cfg.batch_size * cfg.grad_accum_steps * self.dist_env.world_size
                 * self.model_config.block_size)
 
+    def _val_share(self, val: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's part of the run's validation windows, and how many windows there are.
+
+        The windows are those the run's first session evaluated: `eval_batches` batches of its
+        batch_size from each of its ranks' streams (seed, rank). Every session takes the same
+        ones, whatever its world size and batch size, and splits them evenly among its ranks;
+        they used to be each session's own ranks' draws, so a resized run's val_loss moved by
+        the change of windows alone. A session of the first one's world size and batch size
+        evaluates each rank's windows on that rank, as before.
+        """
+        streams, batch = self.val_windows["streams"], self.val_windows["batch_size"]
+        per_stream = self.cfg.eval_batches * batch
+        total = streams * per_stream
+        rank, world = self.dist_env.rank, self.dist_env.world_size
+        lo, hi = rank * total // world, (rank + 1) * total // world
+        none = torch.empty(0, block, dtype=torch.long)
+        xs, ys = [none], [none]
+        for stream in range(lo // per_stream, -(-hi // per_stream)):  # those holding [lo, hi)
+            sampler = WindowSampler(val, block, batch, seed=self.cfg.seed, rank=stream,
+                                    world_size=streams)
+            batches = [sampler.next_batch() for _ in range(self.cfg.eval_batches)]
+            first = stream * per_stream
+            part = slice(max(lo - first, 0), hi - first)
+            xs.append(torch.cat([x for x, _ in batches])[part])
+            ys.append(torch.cat([y for _, y in batches])[part])
+        return torch.cat(xs), torch.cat(ys), total
+
     @torch.no_grad()
     def _evaluate(self, step: int) -> float:
-        """Mean validation loss over eval_batches fixed windows per rank (the same every time)."""
+        """Mean validation loss over the run's fixed windows (_val_share), shared by the ranks."""
         val = self.dataset.val
         block = min(self.model_config.block_size, len(val) - 1)
         if block < 1:
             raise ValueError(f"validation split has {len(val)} token(s); need at least 2")
-        sampler = WindowSampler(val, block, self.cfg.batch_size, seed=self.cfg.seed,
-                                rank=self.dist_env.rank, world_size=self.dist_env.world_size)
+        xs, ys, windows = self._val_share(val, block)
         model = self.train_model  # the compiled module when compiling, never the DDP wrapper
         if isinstance(model, DistributedDataParallel):
             model = model.module
         model.eval()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval_batches):
-            x, y = (t.to(self.device) for t in sampler.next_batch())
+        for i in range(0, len(xs), self.cfg.batch_size):  # this session's batches fit memory
+            x, y = xs[i:i + self.cfg.batch_size], ys[i:i + self.cfg.batch_size]
             with self.precision.autocast():
-                _, loss = model(x, y)
-            total += loss.float()
+                _, loss = model(x.to(self.device), y.to(self.device))
+            total += loss.float() * len(x)  # every window has `block` tokens
         model.train()
-        val_loss = D.mean_across_ranks(total / self.cfg.eval_batches, self.device)
+        # Each rank's share of the mean over all windows; the shares add up to it.
+        val_loss = D.mean_across_ranks(total / windows, self.device) * self.dist_env.world_size
         self.history["val_loss"].append([step, val_loss])
         if self.dist_env.is_main:
             ppl = math.exp(min(val_loss, 50.0))
@@ -956,6 +989,7 @@ class Trainer:
                     "pace_setup": pace_setup,  # what the pace's steps ran on
                     "data": self.data,  # with model_config: what a resume must match
                     "tokens_seen": int(self._tokens_at(step)),
+                    "val_windows": self.val_windows,
                     "schedule": {"total_steps": self.schedule_steps,
                                  "tokens_per_step": self.schedule_tokens_per_step,
                                  "lr": self.cfg.lr,

@@ -516,3 +516,31 @@ def test_an_epochs_run_resumed_with_more_epochs_and_another_world_size_trains_th
     assert state["tokens_seen"] == 12 * first_step
     assert state["schedule"]["total_steps"] == 12  # a later resize keeps the new budget
     assert again["lrs"]["18"] == pytest.approx(3e-3 * 0.1)  # the decay ends with the run
+
+
+def test_val_loss_of_the_same_weights_is_the_same_for_any_world_size_and_batch_size(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Each rank used to draw eval_batches x batch_size windows of its own stream, so a run
+    resized (or given another batch size) was measured on other windows, and more or fewer of
+    them: its val_loss history moved by that alone. Resuming the finished run evaluates the
+    same step-4 weights again. Tolerance: 1e-5 relative, for sums taken in other batches."""
+    from lmcore.checkpoint import load_model_dir
+    from lmcore.data import WindowSampler
+
+    _, data = corpus
+    ckpt = str(tmp_path / "ckpt")
+    (first,) = fit_on(1, data, tmp_path / "first", max_steps=4, batch_size=4,
+                      checkpoint_dir=ckpt)  # fmt: skip
+    # A run on its first setup is measured as before: eval_batches of its batch_size windows.
+    model = load_model_dir(tmp_path / "ckpt" / "model").model
+    sampler = WindowSampler(data.val, RESIZE_BLOCK, 4, seed=0)
+    with torch.no_grad():
+        before = sum(float(model(*sampler.next_batch())[1]) for _ in range(2)) / 2
+    assert first["final_val_loss"] == pytest.approx(before, rel=1e-5)
+
+    two = fit_on(2, data, tmp_path / "two", max_steps=4, batch_size=3, checkpoint_dir=ckpt)
+    eight = fit_on(1, data, tmp_path / "eight", max_steps=4, batch_size=8, checkpoint_dir=ckpt)
+    for result in (*two, *eight):
+        assert result["resumed_from"] == 4 and result["steps"] == 4  # the same weights
+        assert result["final_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-5)
