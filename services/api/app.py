@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.api.errors import install_error_handlers
 from services.api.events import EventHub
@@ -29,9 +30,19 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# The API pool's read timeout. Its commands are all quick (the event hub's blocking XREAD has a
+# client of its own), so 2 s is far above any normal reply, even on a loaded machine.
+REDIS_SOCKET_TIMEOUT_S = 2.0
+
+
 def make_redis(settings: Settings) -> Redis:
-    # Short connect timeout and two quick retries: a restarted Redis is picked up on the next
-    # request (stale pooled connections are replaced), a dead one answers 503 in well under 1 s.
+    # Short timeouts, and two quick retries of a cut connection: a restarted Redis is picked up on
+    # the next request (stale pooled connections are replaced), a dead one answers 503 in well
+    # under 1 s. A Redis that stops answering without closing the connection (paused, a network
+    # partition) fails each command after REDIS_SOCKET_TIMEOUT_S, and that timeout is not retried:
+    # each retry reconnected into the hung server's listen backlog and waited again, and with a
+    # 10 s timeout one call took ~90 s before it answered 503 (far past a scrape's or an
+    # ingress's timeout).
     # A blocking pool: with redis-py's default pool the 101st command in flight fails at once
     # (MaxConnectionsError), so a burst of requests or of event-stream checks got 503s.
     pool = BlockingConnectionPool.from_url(
@@ -40,9 +51,12 @@ def make_redis(settings: Settings) -> Redis:
         timeout=settings.redis_pool_timeout_s,
         decode_responses=True,
         socket_connect_timeout=1.0,
-        socket_timeout=10.0,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
+        retry=Retry(
+            ExponentialBackoff(cap=0.25, base=0.05), retries=2,
+            supported_errors=(RedisConnectionError,),
+        ),
     )
     return Redis.from_pool(pool)
 
@@ -55,7 +69,8 @@ def make_stream_reader(settings: Settings) -> Redis:
         decode_responses=True,
         single_connection_client=True,
         socket_connect_timeout=1.0,
-        socket_timeout=10.0,  # above the hub's XREAD block
+        socket_timeout=10.0,  # above the hub's XREAD block (at most 2 s): a hung Redis ends
+        # the open streams after 10 s, and their clients' reconnects meet the pool's 2 s timeout
         retry=Retry(NoBackoff(), 0),
     )
 

@@ -5,6 +5,8 @@ Real Redis (AOF) and a real uvicorn process; no worker is needed, so jobs simply
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -114,3 +116,53 @@ def test_redis_lost_while_a_seed_endpoint_waits_is_503_naming_the_queued_job(sta
     record = httpx.get(f"{api.url}{body['links']['self']}", timeout=10)
     assert record.status_code == 200 and record.json()["id"] == body["job_id"]
     assert record.json()["status"] == "queued"  # it will still run: poll, do not resubmit
+
+
+ANSWER_WITHIN_S = 6.0  # a few seconds: a scrape (10 s) or an ingress (60 s) still gets it
+
+
+def timed(client: httpx.Client, method: str, path: str, **kwargs: Any) -> tuple[float, Any]:
+    start = time.monotonic()
+    resp = client.request(method, path, **kwargs)
+    return time.monotonic() - start, resp
+
+
+def test_metrics_and_job_endpoints_answer_within_seconds_when_redis_hangs(stack: Any) -> None:
+    # SIGSTOP: Redis keeps its sockets open and the kernel still accepts connections into its
+    # backlog, but nothing answers: a paused server or a network partition, no RST to notice.
+    # Each endpoint used to wait 30-91 s (10 s reads, each retry reconnecting and waiting again).
+    redis, api = stack
+    client = httpx.Client(base_url=api.url, timeout=3 * ANSWER_WITHIN_S)
+    job_id = client.post("/jobs", json={"prompt": "hello"}).json()["id"]
+    assert "llm_redis_up 1.0" in client.get("/metrics").text
+    assert redis._proc is not None
+    os.kill(redis._proc.pid, signal.SIGSTOP)
+    try:
+        answers = {
+            "/metrics": timed(client, "GET", "/metrics"),
+            "/readyz": timed(client, "GET", "/readyz"),
+            "POST /jobs": timed(client, "POST", "/jobs", json={"prompt": "hello"}),
+            "GET /jobs/{id}": timed(client, "GET", f"/jobs/{job_id}"),
+            "/healthz": timed(client, "GET", "/healthz"),
+        }
+    finally:
+        os.kill(redis._proc.pid, signal.SIGCONT)
+
+    for name, (took_s, resp) in answers.items():
+        assert took_s < ANSWER_WITHIN_S, (name, took_s)
+    took, metrics = answers["/metrics"]
+    assert metrics.status_code == 200 and "llm_redis_up 0.0" in metrics.text
+    assert "llm_http_requests_total" in metrics.text  # the in-process metrics are still scraped
+    for name in ("/readyz", "POST /jobs", "GET /jobs/{id}"):
+        resp = answers[name][1]
+        assert resp.status_code == 503, (name, resp.text)
+        assert int(resp.headers["Retry-After"]) > 0
+    assert answers["/readyz"][1].json()["redis"] is False
+    assert answers["/healthz"][1].status_code == 200
+
+    # Resumed: every endpoint works again at once, through the same API process.
+    assert "llm_redis_up 1.0" in client.get("/metrics").text
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    assert client.post("/jobs", json={"prompt": "hello again"}).status_code == 202
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["redis"] is True  # no worker here, as before

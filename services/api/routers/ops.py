@@ -5,6 +5,8 @@ No authentication here: probes and Prometheus must reach them.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,6 +18,12 @@ from services.api.events import EventHub
 from services.api.metrics import HttpMetrics, render
 from services.api.schemas import Health, Readiness
 from services.api.store import JobStore
+
+# How long /readyz and /metrics wait for all their Redis reads together. A Redis that hangs
+# (paused, partitioned) must not hold a probe or a scrape past its own timeout (Prometheus: 10 s
+# by default): they answer "redis unavailable" / llm_redis_up 0 instead, and a scrape keeps the
+# in-process HTTP metrics during the incident.
+REDIS_BUDGET_S = 2.0
 
 
 def build_router() -> APIRouter:
@@ -34,9 +42,10 @@ def build_router() -> APIRouter:
     async def readyz(store: JobStore = Depends(deps.get_store)) -> Readiness | JSONResponse:
         """Ready when Redis answers and at least one worker's heartbeat is fresh."""
         try:
-            await store.ping()
-            workers = await store.workers()
-        except RedisError:
+            async with asyncio.timeout(REDIS_BUDGET_S):
+                await store.ping()
+                workers = await store.workers()
+        except (RedisError, TimeoutError):
             body = Readiness(status="redis unavailable", redis=False, workers=0)
             return JSONResponse(
                 body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -65,10 +74,11 @@ def build_router() -> APIRouter:
         """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens, open
         event streams (and those waiting on queued jobs)."""
         try:
-            stats = await store.stats()
-            queue = await store.queue_depth()
-            workers = len(await store.workers())
-        except RedisError:
+            async with asyncio.timeout(REDIS_BUDGET_S):
+                stats = await store.stats()
+                queue = await store.queue_depth()
+                workers = len(await store.workers())
+        except (RedisError, TimeoutError):
             stats = queue = workers = None
         body = render(http, stats, queue, workers, hub.open_subscriptions, hub.parked_streams)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
