@@ -1,0 +1,67 @@
+"""Clients that leave, come back after the end, or are cut off by a shutdown, under a real API.
+
+Real Redis and a real uvicorn process over HTTP; no worker is needed, so jobs stay queued until
+they are cancelled (which also writes their stream's `done`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.services import ApiProcess, service_env, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("api-clients")
+    redis = RedisServer(root / "redis", appendonly=False)
+    redis.start()
+    api = ApiProcess("api", service_env(redis.url, root / "no-model"), root / "logs")
+    try:
+        api.start()
+        yield redis, api
+    finally:
+        api.stop()
+        redis.stop()
+
+
+def job_ids(admin: Any) -> set[str]:
+    return {k.split(":")[2] for k in admin.scan_iter("llm:job:*", count=1000) if k.count(":") == 2}
+
+
+def gauge(api: ApiProcess, name: str) -> float:
+    text = httpx.get(f"{api.url}/metrics", timeout=10).text
+    return float(re.search(rf"^{name} ([0-9.]+)$", text, re.M).group(1))
+
+
+def test_a_seed_endpoint_caller_that_disconnects_cancels_its_job(stack: Any) -> None:
+    # The caller learns the job's id only from the answer: once it is gone nobody can read the
+    # result, so a job left queued would run for nobody (and a retry loop multiplies them).
+    redis, api = stack
+    admin = redis.client()
+    before = job_ids(admin)
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    conn.request(
+        "POST", "/generate_text", json.dumps({"prompt": "hello", "num_of_token_generated": 5}),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    (job_id,) = wait_until(lambda: job_ids(admin) - before, 15, 0.02, "the seed call's job")
+    assert admin.hget(f"llm:job:{job_id}", "status") == "queued"  # the handler waits on it now
+
+    conn.close()  # the caller gives up (its own timeout, Ctrl-C) without an answer
+
+    wait_until(lambda: admin.hget(f"llm:job:{job_id}", "status") == "cancelled", 10, 0.05,
+               "the abandoned job cancelled")  # fmt: skip
+    record = httpx.get(f"{api.url}/jobs/{job_id}", timeout=10).json()
+    assert record["attempts"] == 0 and record["result"]["completion_tokens"] == 0  # never ran
+    # The handler stopped waiting too: it holds no subscription until LLM_SYNC_TIMEOUT_S.
+    wait_until(lambda: gauge(api, "llm_event_streams_open") == 0, 10, 0.05, "no wait held")
