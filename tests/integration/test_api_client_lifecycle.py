@@ -9,13 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.services import ApiProcess, service_env, wait_until
+from tests.helpers.services import ApiProcess, iter_sse, service_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +66,44 @@ def test_a_seed_endpoint_caller_that_disconnects_cancels_its_job(stack: Any) -> 
     assert record["attempts"] == 0 and record["result"]["completion_tokens"] == 0  # never ran
     # The handler stopped waiting too: it holds no subscription until LLM_SYNC_TIMEOUT_S.
     wait_until(lambda: gauge(api, "llm_event_streams_open") == 0, 10, 0.05, "no wait held")
+
+
+def read_events(api: ApiProcess, job_id: str, **headers: str) -> tuple[httpx.Response, list]:
+    with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", headers=headers,
+                      timeout=10) as resp:  # fmt: skip
+        resp.read()
+    return resp, list(iter_sse(resp.text.splitlines()))
+
+
+def test_resuming_after_done_is_204_at_once(stack: Any) -> None:
+    # A browser EventSource reconnects with Last-Event-ID whenever a response ends; 204 is the
+    # one answer that makes it stop. An empty 200 after a quiet wait had it loop every few
+    # seconds for as long as the job record lived.
+    _, api = stack
+    job_id = httpx.post(f"{api.url}/jobs", json={"prompt": "hello"}, timeout=10).json()["id"]
+    assert httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10).json()["status"] == "cancelled"
+    resp, events = read_events(api, job_id)
+    assert resp.status_code == 200 and [e["event"] for e in events] == ["done"]
+    done_id = events[-1]["id"]
+
+    for _ in range(2):  # every reconnect, not just the first
+        start = time.monotonic()
+        resp, _ = read_events(api, job_id, **{"Last-Event-ID": done_id})
+        assert resp.status_code == 204 and resp.content == b""
+        assert time.monotonic() - start < 1.0  # no quiet wait first
+    # A client that has not seen the `done` yet still gets it.
+    resp, events = read_events(api, job_id, **{"Last-Event-ID": "0-1"})
+    assert resp.status_code == 200 and [e["id"] for e in events] == [done_id]
+
+
+def test_metrics_count_the_event_streams_open_now(stack: Any) -> None:
+    # (It used to hold a stream open by resuming after `done`, which now answers 204 at once.)
+    _, api = stack
+    assert gauge(api, "llm_event_streams_open") == 0
+    job_id = httpx.post(f"{api.url}/jobs", json={"prompt": "hello"}, timeout=10).json()["id"]
+    with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", timeout=10) as resp:
+        assert resp.status_code == 200  # headers sent: the handler has subscribed
+        wait_until(lambda: gauge(api, "llm_event_streams_open") == 1, 10, 0.02, "one stream")
+        assert gauge(api, "llm_event_streams_parked") == 1  # its job is queued
+    wait_until(lambda: gauge(api, "llm_event_streams_open") == 0, 10, 0.02, "no open stream")
+    httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10)

@@ -216,25 +216,6 @@ def gauge(client: httpx.Client, name: str) -> float:
     return float(re.search(rf"^{name} ([0-9.]+)$", text, re.M).group(1))
 
 
-def test_metrics_count_the_event_streams_open_now(client: Any, stack: Any) -> None:
-    job_id = submit(client, {"prompt": "All:", "max_new_tokens": 4, "seed": 9, "eos": False})
-    with client.stream("GET", f"/jobs/{job_id}/events") as resp:
-        done_id = read_sse(resp)[-1]["id"]
-
-    def open_streams() -> float:
-        return gauge(client, "llm_event_streams_open")
-
-    assert open_streams() == 0
-    # Resumed after its final event, a stream waits a few seconds for more, then ends.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        resumed = pool.submit(lambda: httpx.get(
-            f"{stack['api'].url}/jobs/{job_id}/events", timeout=30,
-            headers={"Authorization": f"Bearer {KEY}", "Last-Event-ID": done_id}))  # fmt: skip
-        wait_until(lambda: open_streams() == 1, 10, 0.02, "one open event stream")
-        assert resumed.result(timeout=30).status_code == 200
-    wait_until(lambda: open_streams() == 0, 10, 0.02, "no open event stream")
-
-
 def _events(resp: httpx.Response) -> Any:
     from tests.helpers.services import iter_sse
 

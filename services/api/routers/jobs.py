@@ -26,11 +26,10 @@ from services.common.settings import Settings
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
 MAX_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
-# Without events for WAIT_S the stream checks whether its job is still alive (a resumed stream
-# past its `done` ends then); each quiet check doubles the wait up to MAX_WAIT_S. While the job is
-# queued its stream is parked and does not check at all: the event hub checks the queued jobs of
-# all its streams together, so a backlog of waiting clients costs no timer and no Redis read per
-# client.
+# Without events for WAIT_S the stream checks whether its job is still alive; each quiet check
+# doubles the wait up to MAX_WAIT_S. While the job is queued its stream is parked and does not
+# check at all: the event hub checks the queued jobs of all its streams together, so a backlog of
+# waiting clients costs no timer and no Redis read per client.
 WAIT_S = 2.0
 MAX_WAIT_S = 30.0
 COMMON = {
@@ -121,6 +120,10 @@ def build_router(settings: Settings) -> APIRouter:
                 "completion_tokens. Send Last-Event-ID to resume after an event.",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
+            204: {
+                "description": "The job is final and Last-Event-ID is at or past its last event: "
+                "nothing more will come (an EventSource stops reconnecting)."
+            },
         },
     )
     async def job_events(
@@ -134,8 +137,16 @@ def build_router(settings: Settings) -> APIRouter:
         """The job's tokens as they are generated; a late client gets them all from the start."""
         if last_event_id is not None:
             _check_event_id(last_event_id)
-        if await store.get(job_id) is None:
+        record = await store.get(job_id)
+        if record is None:
             raise HTTPException(404, f"no job {job_id}")
+        if (
+            last_event_id is not None and record.status.final
+            and not await store.events_after(job_id, last_event_id)
+        ):  # fmt: skip
+            # Resumed after the final event: SSE's "stop reconnecting". An empty 200 after a
+            # quiet wait had an EventSource reconnect every few seconds while the record lived.
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
         stream = _stream(store, hub, job_id, last_event_id or "0-0")
         return EventSourceResponse(stream, ping=15)
 
