@@ -60,6 +60,13 @@ class Subscription:
     cursor: str
     parked_keys: KeysView[str] | frozenset[str] = frozenset()  # the hub's, kept current by it
     inbox: asyncio.Queue[list[Entry] | RedisError | None] = field(default_factory=asyncio.Queue)
+    closing: bool = False  # set by close_soon: every wait ends at once
+
+    def close_soon(self) -> None:
+        """End the pending wait, and every later one, at once with [] (the server is stopping:
+        its reader ends the stream cleanly and the client resumes elsewhere)."""
+        self.closing = True
+        self.inbox.put_nowait(None)
 
     @property
     def parked(self) -> bool:
@@ -83,6 +90,8 @@ class Subscription:
             # send path, can): end now rather than wait on as a stream nobody reads.
             raise asyncio.CancelledError
         while True:
+            if self.closing:
+                return []
             try:
                 if no_timeout_while_parked and self.parked:
                     item = await self.inbox.get()  # no timer per parked client
@@ -91,7 +100,7 @@ class Subscription:
             except TimeoutError:
                 return []
             if item is None:
-                continue  # unparked: wait again, now with the timeout
+                continue  # unparked (wait again, now with the timeout) or closing
             if isinstance(item, RedisError):
                 raise item
             return item

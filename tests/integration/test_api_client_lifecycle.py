@@ -6,9 +6,11 @@ they are cancelled (which also writes their stream's `done`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import re
+import signal
 import time
 from typing import Any
 
@@ -107,3 +109,29 @@ def test_metrics_count_the_event_streams_open_now(stack: Any) -> None:
         assert gauge(api, "llm_event_streams_parked") == 1  # its job is queued
     wait_until(lambda: gauge(api, "llm_event_streams_open") == 0, 10, 0.02, "no open stream")
     httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10)
+
+
+def test_sigterm_ends_open_event_streams_cleanly(stack: Any, tmp_path: Any) -> None:
+    # A rolling update SIGTERMs the API with streams open: each must end with its terminating
+    # chunk, so the client sees the stream end and resumes with Last-Event-ID elsewhere. Cut
+    # mid-chunk, httpx (scripts/demo.py's stream_job) raised, and uvicorn logged an ERROR per
+    # stream.
+    redis, _ = stack
+    api = ApiProcess("api-stopping", service_env(redis.url, tmp_path / "no-model"), tmp_path)
+    api.start()
+    try:
+        job_id = httpx.post(f"{api.url}/jobs", json={"prompt": "hi"}, timeout=10).json()["id"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            def stream() -> bytes:
+                with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", timeout=30) as resp:
+                    return resp.read()  # raises RemoteProtocolError if the stream is cut
+
+            body = pool.submit(stream)
+            wait_until(lambda: gauge(api, "llm_event_streams_open") == 1, 10, 0.02, "a stream")
+            api.signal(signal.SIGTERM)
+            assert b"event: done" not in body.result(timeout=20)  # ended, not finished
+        api.wait(timeout_s=20)
+    finally:
+        api.stop()
+    assert "ASGI callable returned without completing response" not in api.log_tail(100_000)
+    httpx.post(f"{stack[1].url}/jobs/{job_id}/cancel", timeout=10)

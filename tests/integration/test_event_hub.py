@@ -539,6 +539,8 @@ class UndeliveredHub:
     @contextlib.asynccontextmanager
     async def subscribe(self, job_id: str, after: str = "0-0") -> AsyncIterator[Any]:
         class Quiet:
+            closing = False
+
             async def next(self, timeout_s: float, **_: Any) -> list:
                 return []
 

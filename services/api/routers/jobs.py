@@ -5,9 +5,12 @@ Handlers talk to Redis through JobStore (which also enqueues the Celery task); n
 
 # No `from __future__ import annotations`: FastAPI must see the per-app request model object.
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
+
+import anyio
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Response, status
@@ -16,7 +19,7 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.api import deps
-from services.api.events import EventHub
+from services.api.events import EventHub, Subscription
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import Detail, JobCreated, JobLinks, JobView, job_request_model
 from services.api.store import JobStore
@@ -32,6 +35,7 @@ MAX_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
 # waiting clients costs no timer and no Redis read per client.
 WAIT_S = 2.0
 MAX_WAIT_S = 30.0
+SHUTDOWN_GRACE_S = 1.0  # for a stream to end by itself once the server is stopping
 COMMON = {
     401: {"model": Detail, "description": "Missing or invalid API key."},
     503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
@@ -147,8 +151,13 @@ def build_router(settings: Settings) -> APIRouter:
             # Resumed after the final event: SSE's "stop reconnecting". An empty 200 after a
             # quiet wait had an EventSource reconnect every few seconds while the record lived.
             return Response(status_code=status.HTTP_204_NO_CONTENT)
-        stream = _stream(store, hub, job_id, last_event_id or "0-0")
-        return EventSourceResponse(stream, ping=15)
+        # A server shutdown (SIGTERM: a rolling update) ends the stream with its terminating
+        # chunk, so the client resumes with Last-Event-ID elsewhere; cut, it raised instead.
+        shutdown = anyio.Event()
+        stream = _stream(store, hub, job_id, last_event_id or "0-0", shutdown)
+        return EventSourceResponse(
+            stream, ping=15, shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S
+        )
 
     return router
 
@@ -163,15 +172,25 @@ def _check_event_id(event_id: str) -> None:
         }])  # fmt: skip
 
 
+async def _close_on(shutdown: anyio.Event, subscription: Subscription) -> None:
+    await shutdown.wait()
+    subscription.close_soon()
+
+
 async def _stream(
-    store: JobStore, hub: EventHub, job_id: str, after: str
+    store: JobStore, hub: EventHub, job_id: str, after: str, shutdown: anyio.Event | None = None
 ) -> AsyncIterator[ServerSentEvent]:
     sent = after  # the last entry id this client was sent
+    closer: asyncio.Future[None] | None = None
     try:
         async with hub.subscribe(job_id, after) as subscription:
+            if shutdown is not None:
+                closer = asyncio.ensure_future(_close_on(shutdown, subscription))
             wait_s = WAIT_S
             while True:
                 entries = await subscription.next(wait_s, no_timeout_while_parked=True)
+                if subscription.closing:
+                    return  # the server is stopping: end cleanly, the client resumes elsewhere
                 if not entries:
                     status = await store.status(job_id)
                     if status is None:
@@ -181,7 +200,7 @@ async def _stream(
                         # handed over yet: read them straight from the stream, then end.
                         entries = await store.events_after(job_id, sent)
                         if not entries:
-                            return  # resumed after its final event
+                            return  # resumed as it ended (a later resume is a 204)
                     else:
                         wait_s = min(2 * wait_s, MAX_WAIT_S)
                         continue
@@ -193,6 +212,15 @@ async def _stream(
                         return
     except RedisError:
         return  # the client reconnects with Last-Event-ID and misses nothing
+    finally:
+        if closer is not None:
+            closer.cancel()
+
+
+async def _close_on(shutdown: anyio.Event, subscription: Subscription) -> None:
+    """Close the subscription once the server is stopping (sse_starlette sets the event)."""
+    await shutdown.wait()
+    subscription.close_soon()
 
 
 async def _event(store: JobStore, job_id: str, entry_id: str, fields: dict) -> ServerSentEvent:
