@@ -379,11 +379,22 @@ def test_pytorchjob_master_and_worker_pods_train_to_the_end(
 
 
 def _prepare_data_on_rank(rank: int, port: int, cfg: object, dist_timeout_s: float, out: Path,
-                          ready: object) -> None:
-    """One rank of a two-rank job on one node: the trainer's data step, then its verdict."""
+                          ready: object, first_takes_s: float) -> None:
+    """One rank of a two-rank job on one node: the trainer's data step, then its verdict.
+    Rank 0's tokenization lasts at least `first_takes_s` (as a big corpus's would), so what
+    the test proves does not hang on how fast this machine tokenizes."""
     from lmcore import distributed as D
+    from services.trainer import job
     from services.trainer.job import prepare_data
 
+    if rank == 0 and first_takes_s:
+        def slow_prepare_corpus(*args: object, **kwargs: object) -> TokenDataset:
+            done_at = time.monotonic() + first_takes_s
+            dataset = prepare_corpus(*args, **kwargs)  # type: ignore[arg-type]
+            time.sleep(max(0.0, done_at - time.monotonic()))
+            return dataset
+
+        job.prepare_corpus = slow_prepare_corpus  # this spawned process's own module
     torch.set_num_threads(1)
     environ = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -399,8 +410,8 @@ def _prepare_data_on_rank(rank: int, port: int, cfg: object, dist_timeout_s: flo
     (out / f"rank{rank}.json").write_text(json.dumps(verdict))
 
 
-def _prepare_data_on_two_ranks(tmp_path: Path, overrides: list[str],
-                               dist_timeout_s: float) -> list[dict]:
+def _prepare_data_on_two_ranks(tmp_path: Path, overrides: list[str], dist_timeout_s: float,
+                               first_takes_s: float = 0.0) -> list[dict]:
     from services.trainer import schema
 
     cfg = schema.compose(["model=tiny", "data=text", f"data.cache_dir={tmp_path / 'cache'}",
@@ -408,7 +419,7 @@ def _prepare_data_on_two_ranks(tmp_path: Path, overrides: list[str],
     schema.validate(cfg)
     ready = mp.get_context("spawn").Barrier(2)
     mp.spawn(_prepare_data_on_rank, nprocs=2,
-             args=(free_port(), cfg, dist_timeout_s, tmp_path, ready))
+             args=(free_port(), cfg, dist_timeout_s, tmp_path, ready, first_takes_s))
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -417,10 +428,13 @@ def test_other_ranks_wait_for_a_first_tokenization_longer_than_the_collective_ti
 ) -> None:
     """Rank 1 waits for rank 0 to tokenize a new corpus; that wait used to be a collective
     bound by train.dist_timeout_s, so a big corpus's first preparation failed the job (and a
-    PyTorchJob's restart did the same again). Here the preparation outlasts a 1.5 s timeout."""
-    text = write_corpus(tmp_path / "corpus.txt", lines=80_000)
-    timeout_s = 1.5
-    first, other = _prepare_data_on_two_ranks(tmp_path, [f"data.source={text}"], timeout_s)
+    PyTorchJob's restart did the same again). Here the preparation outlasts a 3 s timeout
+    twice over (a timeout short enough to matter, long enough for a loaded CI machine to set
+    up its groups within it)."""
+    text = write_corpus(tmp_path / "corpus.txt", lines=4000)
+    timeout_s = 3.0
+    first, other = _prepare_data_on_two_ranks(tmp_path, [f"data.source={text}"], timeout_s,
+                                              first_takes_s=2 * timeout_s + 0.5)
     assert "error" not in first and "error" not in other, (first, other)
     assert first["seconds"] > 2 * timeout_s  # the premise: a preparation that outlasts it
     assert other["seconds"] > 2 * timeout_s  # it waited
