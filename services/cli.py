@@ -198,7 +198,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the text."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="LLM_MODEL_CACHE_DIR"),
     kv_cache: bool = typer.Option(
@@ -207,8 +207,10 @@ def generate(
     ),
     quantized: bool = typer.Option(False, "--quantized", help="int8 weight-only linear layers."),
     mixed_precision: str = typer.Option(
-        "auto", "--mixed-precision", help="auto | bf16 | fp16 | fp32 (auto: fp32 on CPU)."
-    ),
+        "auto", "--mixed-precision",
+        help="auto | bf16 | fp16 | fp32 (auto: fp32 on CPU), any case; the seed's true = auto, "
+        "false = fp32.",
+    ),  # fmt: skip
     truncate: str = typer.Option(
         "error", "--truncate", help="error | left (drop the prompt's oldest tokens to fit)."
     ),
@@ -216,6 +218,7 @@ def generate(
     sampling = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_k": top_k, "top_p": top_p, "seed": seed, "truncate": truncate}  # fmt: skip
     _check_as_the_api_would(sampling)
+    device, mixed_precision = _serve_values(device, mixed_precision)
     import torch
 
     from lmcore.checkpoint import CheckpointError, load_model_dir
@@ -229,11 +232,14 @@ def generate(
     with _fail_fast_mlflow(), _expected_errors(*expected):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
-        resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise CliError(f"--device {device}: no CUDA device here (use --device cpu or auto)")
+        elif device == "mps" and not torch.backends.mps.is_available():
+            raise CliError("--device mps: no MPS device here (use --device cpu or auto)")
+        # Only then the model (an MLflow download, maybe): a bad option fails before it.
+        resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
         dtype = inference_dtype(resolve_precision(mixed_precision, device))
         loaded = load_model_dir(resolved.path, device=device, dtype=dtype, quantized=quantized)
         if loaded.tokenizer is None:
@@ -244,6 +250,19 @@ def generate(
         except ContextLengthError as exc:  # the library names its argument, not our option
             raise CliError(str(exc).replace("truncate='left'", "--truncate left")) from exc
     typer.echo((prompt if echo else "") + out.text)
+
+
+def _serve_values(device: str, mixed_precision: str) -> tuple[str, str]:
+    """--device and --mixed-precision by the rules the worker's settings follow
+    (services.common.serve_values): any case, the seed's true / false precisions; a usage error
+    (exit 2) before any model is resolved."""
+    from services.common.serve_values import serve_device, serve_precision
+
+    try:
+        precision = serve_precision(mixed_precision, "--mixed-precision")
+        return serve_device(device, "--device"), precision
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _check_as_the_api_would(sampling: dict[str, Any]) -> None:

@@ -216,7 +216,30 @@ def test_generate_honours_the_seeds_inference_keys(capsys, model_dir: Path) -> N
     assert code == 0, err
     assert len(int8) > len("the\n")
     code, _, err = lmctl(capsys, "generate", "--mixed-precision", "fast", *base)
-    assert_one_line_error(code, err, "mixed_precision")
+    assert_one_line_error(code, err, "--mixed-precision")
+
+
+def test_generate_takes_the_seeds_precision_values_and_checks_them_before_loading(
+    capsys, model_dir: Path, tmp_path: Path
+) -> None:
+    """--mixed-precision takes what LLM_MIXED_PRECISION and serve.mixed_precision take: any case,
+    the seed's true (= auto) and false (= fp32); a bad --mixed-precision or --device is a usage
+    error (exit 2) before the model is resolved (an MLflow download, maybe)."""
+    base = ["--model", str(model_dir), "-n", "6", "--temperature", "0", "the"]
+    _, plain, _ = lmctl(capsys, "generate", "--mixed-precision", "fp32", *base)
+    for value in ("true", "False", "FP32", "Auto"):
+        code, out, err = lmctl(capsys, "generate", "--mixed-precision", value, *base)
+        assert code == 0, (value, err)
+        assert out == plain  # on CPU every one of them is fp32
+    code, out, err = lmctl(capsys, "generate", "--device", "CPU", *base)
+    assert code == 0 and out == plain, err
+
+    missing = ["--model", str(tmp_path / "missing"), "hi"]  # resolving it would fail (exit 1)
+    for option, value in (("--mixed-precision", "fast"), ("--device", "meta"),
+                          ("--device", "bogus")):  # fmt: skip
+        code, out, err = lmctl(capsys, "generate", option, value, *missing)
+        assert_one_line_error(code, err, option)
+        assert code == 2 and "does not exist" not in err and out == "", (option, value, err)
 
 
 def test_generate_from_an_unknown_path_fails_in_one_line(capsys, tmp_path: Path) -> None:
