@@ -58,6 +58,7 @@ class Subscription:
 
     key: str
     cursor: str
+    sync_wait: bool = False  # a seed endpoint waiting for `done` (EventHub.wait_done), not SSE
     parked_keys: KeysView[str] | frozenset[str] = frozenset()  # the hub's, kept current by it
     inbox: asyncio.Queue[list[Entry] | RedisError | None] = field(default_factory=asyncio.Queue)
     closing: bool = False  # set by close_soon: every wait ends at once
@@ -143,19 +144,28 @@ class EventHub:
 
     @property
     def open_subscriptions(self) -> int:
-        return sum(len(subs) for subs in self._by_key.values())
+        """Event streams (SSE) open; the seed endpoints' waits are `open_waits`."""
+        return sum(not sub.sync_wait for subs in self._by_key.values() for sub in subs)
+
+    @property
+    def open_waits(self) -> int:
+        """Seed endpoint requests waiting for their job's `done` (`wait_done`)."""
+        return sum(sub.sync_wait for subs in self._by_key.values() for sub in subs)
 
     @property
     def parked_streams(self) -> int:
         return len(self._parked)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str, after: str = "0-0") -> AsyncIterator[Subscription]:
+    async def subscribe(
+        self, job_id: str, after: str = "0-0", *, sync_wait: bool = False
+    ) -> AsyncIterator[Subscription]:
         """Entries of job_id's stream after id `after`, for as long as the context is open.
+        `sync_wait`: for wait_done (counted apart from the SSE streams).
 
         Raises RedisError when Redis cannot be asked whether the job is still queued.
         """
-        sub = Subscription(keys.events(job_id), after, self._parked.keys())
+        sub = Subscription(keys.events(job_id), after, sync_wait, self._parked.keys())
         first = sub.key not in self._by_key
         self._by_key.setdefault(sub.key, set()).add(sub)
         try:
@@ -181,7 +191,7 @@ class EventHub:
         Raises RedisError when Redis cannot be read (the API answers 503).
         """
         deadline = time.monotonic() + timeout_s
-        async with self.subscribe(job_id) as sub:
+        async with self.subscribe(job_id, sync_wait=True) as sub:
             while (left := deadline - time.monotonic()) > 0:
                 if any(fields.get("type") == "done" for _, fields in await sub.next(left)):
                     return True

@@ -74,10 +74,10 @@ class _Snapshot:
 
     def __init__(
         self, stats: dict[str, str] | None, queue: int | None, workers: int | None, streams: int,
-        parked: int,
+        parked: int, waits: int,
     ) -> None:  # fmt: skip
         self.stats, self.queue, self.workers = stats, queue, workers
-        self.streams, self.parked = streams, parked
+        self.streams, self.parked, self.waits = streams, parked, waits
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape.")
@@ -88,6 +88,13 @@ class _Snapshot:
         )
         open_streams.add_metric([], float(self.streams))
         yield open_streams
+        waits = GaugeMetricFamily(
+            "llm_sync_waits_open",
+            "Requests to the seed's synchronous endpoints (/generate_text...) this API process "
+            "holds while their job runs.",
+        )
+        waits.add_metric([], float(self.waits))
+        yield waits
         parked = GaugeMetricFamily(
             "llm_event_streams_parked",
             "Redis streams of queued jobs that this API process's event streams wait on "
@@ -129,7 +136,8 @@ def render(
     workers: int | None,
     streams: int = 0,
     parked: int = 0,
+    waits: int = 0,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats, queue, workers, streams, parked))
+    registry.register(_Snapshot(stats, queue, workers, streams, parked, waits))
     return generate_latest(metrics.registry) + generate_latest(registry)

@@ -67,7 +67,7 @@ def test_a_seed_endpoint_caller_that_disconnects_cancels_its_job(stack: Any) -> 
     record = httpx.get(f"{api.url}/jobs/{job_id}", timeout=10).json()
     assert record["attempts"] == 0 and record["result"]["completion_tokens"] == 0  # never ran
     # The handler stopped waiting too: it holds no subscription until LLM_SYNC_TIMEOUT_S.
-    wait_until(lambda: gauge(api, "llm_event_streams_open") == 0, 10, 0.05, "no wait held")
+    wait_until(lambda: gauge(api, "llm_sync_waits_open") == 0, 10, 0.05, "no wait held")
 
 
 def read_events(api: ApiProcess, job_id: str, **headers: str) -> tuple[httpx.Response, list]:
@@ -135,3 +135,30 @@ def test_sigterm_ends_open_event_streams_cleanly(stack: Any, tmp_path: Any) -> N
         api.stop()
     assert "ASGI callable returned without completing response" not in api.log_tail(100_000)
     httpx.post(f"{stack[1].url}/jobs/{job_id}/cancel", timeout=10)
+
+
+def test_metrics_separate_sse_streams_from_seed_endpoint_waits(stack: Any) -> None:
+    # A blocked /generate_text is no event stream: counted as one, a dashboard of SSE clients
+    # showed streams while none was connected.
+    redis, api = stack
+    admin = redis.client()
+    before = job_ids(admin)
+    seed_call = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    seed_call.request(
+        "POST", "/generate_text", json.dumps({"prompt": "hello", "num_of_token_generated": 5}),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        wait_until(lambda: gauge(api, "llm_sync_waits_open") == 1, 10, 0.02, "one seed wait")
+        assert gauge(api, "llm_event_streams_open") == 0
+        job_id = httpx.post(f"{api.url}/jobs", json={"prompt": "hi"}, timeout=10).json()["id"]
+        with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", timeout=10):
+            wait_until(lambda: gauge(api, "llm_event_streams_open") == 1, 10, 0.02, "a stream")
+            assert gauge(api, "llm_sync_waits_open") == 1
+        httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10)
+    finally:
+        seed_call.close()  # its job is cancelled (above)
+    wait_until(lambda: gauge(api, "llm_sync_waits_open") == 0, 10, 0.02, "the wait ended")
+    assert gauge(api, "llm_event_streams_open") == 0
+    (seed_job,) = job_ids(admin) - before - {job_id}
+    wait_until(lambda: admin.hget(f"llm:job:{seed_job}", "status") == "cancelled", 10, 0.05)

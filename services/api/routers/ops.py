@@ -72,7 +72,7 @@ def build_router() -> APIRouter:
         hub: EventHub = Depends(deps.get_events),
     ) -> Response:
         """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens, open
-        event streams (and those waiting on queued jobs)."""
+        event streams (and those waiting on queued jobs), seed endpoint requests waiting."""
         try:
             async with asyncio.timeout(REDIS_BUDGET_S):
                 stats = await store.stats()
@@ -80,7 +80,10 @@ def build_router() -> APIRouter:
                 workers = len(await store.workers())
         except (RedisError, TimeoutError):
             stats = queue = workers = None
-        body = render(http, stats, queue, workers, hub.open_subscriptions, hub.parked_streams)
+        body = render(
+            http, stats, queue, workers, hub.open_subscriptions, hub.parked_streams,
+            hub.open_waits,
+        )  # fmt: skip
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
