@@ -103,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = HttpMetrics()
     app.state.model_limits = ModelLimitsCache()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s
+    # Outermost: counts 413s, under the route they were sent to (the router's list, filled below).
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=app.router.routes)
     install_error_handlers(app)
     app.include_router(jobs.build_router(settings))
     app.include_router(compat.build_router(settings))

@@ -7,7 +7,7 @@ replica reports the same numbers. It must not block the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -16,6 +16,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.stats import STATUSES, cumulative_buckets
@@ -37,11 +38,18 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every response by its route template (not the raw path: ids would explode labels)."""
+    """Counts every response by its route template (not the raw path: ids would explode labels).
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    `routes` (the app's) label a response given before routing (a 413 from BodySizeLimit) with
+    the route its request was for; without them it would be "unmatched", like a 404.
+    """
+
+    def __init__(
+        self, app: ASGIApp, metrics: HttpMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,19 +62,37 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                route = _route(scope)
+                route = _route(scope, self.routes)
                 self.metrics.duration.labels(route).observe(time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(scope["method"], _route(scope), str(status)).inc()
+            route = _route(scope, self.routes)
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
 
 
-def _route(scope: Scope) -> str:
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+def _route(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    for route in _endpoints(routes):  # not routed (yet): the route it would have reached
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", None) or "unmatched"
+    return "unmatched"
+
+
+def _endpoints(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes with paths, inside included routers too: FastAPI wraps each router it
+    includes (`_IncludedRouter`, no path of its own; the app includes them without a prefix, so
+    their routes' paths are whole)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _endpoints(inner.routes)
+        else:
+            yield route
 
 
 class _Snapshot:
