@@ -45,8 +45,9 @@ ABANDONED_AFTER_S = 3600.0
 
 
 # `scheme://user:password@host`: requests sends URL userinfo as basic auth, so a tracking URI
-# may carry credentials. Greedy up to the host, so a password holding '@' goes too.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][\w+.-]*://)[^/\s?#]*@")
+# may carry credentials. Greedy up to the host, so a password holding '@' goes too. Not in a
+# model URI: `models://llm@production` names a model and its alias, never a user.
+_USERINFO = re.compile(r"(?P<scheme>\b(?!(?:models|runs)://)[A-Za-z][\w+.-]*://)[^/\s?#]*@")
 
 
 def redact_uri(text: str) -> str:
@@ -210,32 +211,17 @@ def _local_artifact_root(tracking_uri: str) -> str | None:
 TRACKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 _http_lock = threading.Lock()
-_http_users = 0
-_http_added: dict[str, str] = {}
 
 
-@contextmanager
-def _bounded_http() -> Iterator[None]:
-    """TRACKER_HTTP_DEFAULTS in the environment (which MLflow reads per request) while any
-    tracker call is in flight; counted, so overlapping calls from two threads share it."""
-    global _http_users
+def _bound_mlflow_http() -> None:
+    """Put TRACKER_HTTP_DEFAULTS in the environment (MLflow reads it per request) unless set.
+
+    Once, for good: setting and removing variables around each call raced with threads that
+    copy the environment (torch inductor, MLflow itself): a key listed, then gone, a KeyError.
+    """
     with _http_lock:
-        if _http_users == 0:
-            _http_added.clear()
-            _http_added.update({k: v for k, v in TRACKER_HTTP_DEFAULTS.items()
-                                if k not in os.environ})  # fmt: skip
-            os.environ.update(_http_added)
-        _http_users += 1
-    try:
-        yield
-    finally:
-        with _http_lock:
-            _http_users -= 1
-            if _http_users == 0:
-                for key, value in _http_added.items():
-                    if os.environ.get(key) == value:  # not changed by anyone meanwhile
-                        os.environ.pop(key, None)
-                _http_added.clear()
+        for key, value in TRACKER_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
 
 
 @contextmanager
@@ -390,6 +376,7 @@ class MlflowTracker:
     @property
     def client(self) -> Any:
         if self._client is None:
+            _bound_mlflow_http()  # before the first call: no call outlasts a deadline by minutes
             self._client, _ = _client(self.tracking_uri)
         return self._client
 
@@ -415,15 +402,14 @@ class MlflowTracker:
             self.experiment = experiment
         offline = False
         try:
-            with _bounded_http():
-                if run_id:
-                    run = self.client.get_run(run_id)
-                    _check_resumable(run, self.tracking_uri)
-                    self.client.update_run(run_id, status="RUNNING")
-                    self._known_params = dict(run.data.params)
-                else:
-                    experiment_id = self._experiment_id()
-                    run = self.client.create_run(experiment_id, run_name=run_name)
+            if run_id:
+                run = self.client.get_run(run_id)
+                _check_resumable(run, self.tracking_uri)
+                self.client.update_run(run_id, status="RUNNING")
+                self._known_params = dict(run.data.params)
+            else:
+                experiment_id = self._experiment_id()
+                run = self.client.create_run(experiment_id, run_name=run_name)
         except ModelNotFoundError:
             raise
         except Exception as exc:
@@ -635,11 +621,10 @@ class MlflowTracker:
                 reopen = self._reopen
                 batch = [] if reopen else box.take()
             try:
-                with _bounded_http():
-                    if reopen:
-                        self._reopen_run()  # rewrites the queued params; then post as usual
-                        continue
-                    self._post(batch)
+                if reopen:
+                    self._reopen_run()  # rewrites the queued params; then post as usual
+                    continue
+                self._post(batch)
             except Exception as exc:
                 if _is_transient(exc) and not closing.is_set():
                     failures += 1
@@ -711,12 +696,6 @@ class MlflowTracker:
         if not (source / MODEL_CONFIG_FILE).is_file():
             raise ModelNotFoundError(f"{source} is not a model dir (no {MODEL_CONFIG_FILE})")
         deadline = time.monotonic() + self.publish_timeout_s
-        with _bounded_http():  # one call cannot outlast the deadline by minutes
-            return self._log_model_dir(source, register_name, alias, deadline)
-
-    def _log_model_dir(
-        self, source: Path, register_name: str | None, alias: str | None, deadline: float
-    ) -> ModelVersionInfo:
         step = lambda action, fn: self._retrying(action, fn, deadline)  # noqa: E731
         model_id = self._log_pyfunc(source, step)
         if not register_name:

@@ -7,9 +7,9 @@ same port and backend) all go through MLflow's own client and server.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import logging
 import os
-import http.server
 import subprocess
 import sys
 import tempfile
@@ -30,8 +30,9 @@ from lmcore.generate import SamplingParams, generate
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 from lmcore.tracking import (
-    ModelNotFoundError,
+    TRACKER_HTTP_DEFAULTS,
     MlflowTracker,
+    ModelNotFoundError,
     NullTracker,
     TrackingError,
     current_version,
@@ -569,7 +570,7 @@ def test_runs_uri_skips_an_unfinished_newer_logged_model(server: str, registered
         registered["model_dir"] / "model.safetensors").read_bytes()
 
 
-MLFLOW_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+MLFLOW_HTTP_SETTINGS = tuple(TRACKER_HTTP_DEFAULTS)
 
 
 def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_mlflow_retries(
@@ -593,8 +594,8 @@ def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_
     assert f"2 tracking records, the run's KILLED status included, not posted for run {run_id}" \
         in caplog.text
     assert "(None)" not in caplog.text
-    for key in MLFLOW_HTTP_SETTINGS:  # the tracker's bound is its calls' alone
-        assert key not in os.environ
+    for key in MLFLOW_HTTP_SETTINGS:  # the bound the tracker set, left for the process
+        assert os.environ[key] == TRACKER_HTTP_DEFAULTS[key]
     assert client(server).get_run(run_id).info.status == "RUNNING"
 
 

@@ -1,4 +1,4 @@
-"""Pointing MLflow at a store for one call must not leak into the rest of the process."""
+"""Tracking URIs: scoped MLflow URIs, redacted credentials, the tracker's HTTP bounds."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lmcore.tracking import _mlflow_uris
+from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker, _mlflow_uris, redact_uri
 
 pytestmark = pytest.mark.unit
 
@@ -25,3 +25,38 @@ def test_scoped_mlflow_uris_leave_the_environment_as_they_found_it(
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///kept.db"
     assert mlflow.get_tracking_uri() != inside
+
+
+@pytest.mark.parametrize(
+    "text", ["models://llm@production", "models:/llm@production", "runs://abc123@x/model",
+             "error: models://llm@prod.uction not found on sqlite:///mlflow.db"],
+)
+def test_redact_uri_leaves_model_uris_alone(text: str) -> None:
+    assert redact_uri(text) == text  # `name@alias` is a model and its alias, not a user
+
+
+def test_redact_uri_hides_the_credentials_of_a_server_uri_beside_a_model_uri() -> None:
+    text = "models://llm@prod not found on https://alice:s3@cr3t@mlflow.example.com/x"
+    assert redact_uri(text) == "models://llm@prod not found on https://***@mlflow.example.com/x"
+
+
+def test_tracker_http_bounds_are_set_before_its_first_call_and_never_removed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    for key in TRACKER_HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.client.search_experiments()  # a real call through the tracker's client
+    tracker.start_run(run_name="bounds")
+    tracker.end_run()
+    # Left in place: removing them after each call raced with threads copying the environment.
+    assert {key: os.environ.get(key) for key in TRACKER_HTTP_DEFAULTS} == TRACKER_HTTP_DEFAULTS
+
+
+def test_the_users_own_mlflow_http_settings_win(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}").client.search_experiments()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == TRACKER_HTTP_DEFAULTS[
+        "MLFLOW_HTTP_REQUEST_TIMEOUT"]
