@@ -29,6 +29,15 @@ class IdempotencyHit:
 PENDING_IDEMPOTENCY_S = 30  # an Idempotency-Key bound before its job's record exists
 
 
+LAST_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
+
+
+def _is_last_entry_id(entry_id: str) -> bool:
+    """Whether `entry_id` is the largest id a Redis stream can hold (no entry comes after it)."""
+    parts = entry_id.split("-")
+    return len(parts) == 2 and all(int(part) == LAST_ENTRY_PART for part in parts)
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -52,6 +61,8 @@ class JobStore:
 
     async def events_after(self, job_id: str, after: str) -> list[tuple[str, dict[str, str]]]:
         """The entries of the job's stream after id `after`, oldest first."""
+        if _is_last_entry_id(after):
+            return []  # nothing follows it, and Redis refuses a range that starts past it
         return await self.redis.xrange(keys.events(job_id), min=f"({after}")
 
     async def create(self, record: JobRecord, message: str, idempotency: str | None = None) -> None:

@@ -22,13 +22,12 @@ from services.api import deps
 from services.api.events import EventHub, Subscription
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import Detail, JobCreated, JobLinks, JobView, job_request_model
-from services.api.store import JobStore
+from services.api.store import LAST_ENTRY_PART, JobStore
 from services.api.submit import parse_idempotency_key, submit_job
 from services.common.settings import Settings
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 EVENT_ID = r"^\d{1,20}-\d{1,20}$"
-MAX_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
 # Without events for WAIT_S the stream checks whether its job is still alive; each quiet check
 # doubles the wait up to MAX_WAIT_S. While the job is queued its stream is parked and does not
 # check at all: the event hub checks the queued jobs of all its streams together, so a backlog of
@@ -165,16 +164,11 @@ def build_router(settings: Settings) -> APIRouter:
 def _check_event_id(event_id: str) -> None:
     """422 for an id Redis would refuse (a part above 2**64 - 1): the hub reads every open
     stream in one XREAD, and one bad cursor there would end all of them."""
-    if any(int(part) > MAX_ENTRY_PART for part in event_id.split("-")):
+    if any(int(part) > LAST_ENTRY_PART for part in event_id.split("-")):
         raise RequestValidationError([{
             "type": "value_error", "loc": ("header", "Last-Event-ID"), "input": event_id,
-            "msg": f"not a stream entry id: each part is at most {MAX_ENTRY_PART}",
+            "msg": f"not a stream entry id: each part is at most {LAST_ENTRY_PART}",
         }])  # fmt: skip
-
-
-async def _close_on(shutdown: anyio.Event, subscription: Subscription) -> None:
-    await shutdown.wait()
-    subscription.close_soon()
 
 
 async def _stream(
