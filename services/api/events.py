@@ -154,7 +154,16 @@ class EventHub:
 
     @property
     def parked_streams(self) -> int:
+        """Redis streams left out of reads while their job is queued (any subscriber)."""
         return len(self._parked)
+
+    @property
+    def parked_event_streams(self) -> int:
+        """Parked Redis streams that an event stream (SSE) waits on, for /metrics: a seed
+        endpoint's wait on a queued job is parked too, but counted with `open_waits` alone."""
+        return sum(
+            any(not sub.sync_wait for sub in self._by_key.get(key, ())) for key in self._parked
+        )
 
     @contextlib.asynccontextmanager
     async def subscribe(

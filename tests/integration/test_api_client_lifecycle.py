@@ -156,10 +156,12 @@ def test_metrics_separate_sse_streams_from_seed_endpoint_waits(stack: Any) -> No
     try:
         wait_until(lambda: gauge(api, "llm_sync_waits_open") == 1, 10, 0.02, "one seed wait")
         assert gauge(api, "llm_event_streams_open") == 0
+        assert gauge(api, "llm_event_streams_parked") == 0  # nor a parked one (its job queued)
         job_id = httpx.post(f"{api.url}/jobs", json={"prompt": "hi"}, timeout=10).json()["id"]
         with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", timeout=10):
             wait_until(lambda: gauge(api, "llm_event_streams_open") == 1, 10, 0.02, "a stream")
             assert gauge(api, "llm_sync_waits_open") == 1
+            assert gauge(api, "llm_event_streams_parked") == 1
         httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10)
     finally:
         seed_call.close()  # its job is cancelled (above)

@@ -81,7 +81,7 @@ def build_router() -> APIRouter:
         except (RedisError, TimeoutError):
             stats = queue = workers = None
         body = render(
-            http, stats, queue, workers, hub.open_subscriptions, hub.parked_streams,
+            http, stats, queue, workers, hub.open_subscriptions, hub.parked_event_streams,
             hub.open_waits,
         )  # fmt: skip
         return Response(body, media_type=CONTENT_TYPE_LATEST)
