@@ -41,6 +41,7 @@ from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
 from lmcore.quantize import quantization_report
+from lmcore.tracking import ModelVersionInfo  # a dataclass; mlflow is imported only when used
 
 log = logging.getLogger(__name__)
 
@@ -1026,7 +1027,7 @@ class Trainer:
         published = None if trained else self._published_at(step)
         if published is not None and _model_dir_holds(target, step, self.run_id):
             log.info("step %d of run %s is already published (%s): nothing new to register",
-                     step, self.run_id, published.get("uri") or published.get("version"))
+                     step, self.run_id, published.uri or published.version)
             return target, published
         metadata = {
             "step": step,
@@ -1054,8 +1055,9 @@ class Trainer:
             return None
         return Path(self.cfg.checkpoint_dir) / f"step-{step:08d}" / PUBLISHED_FILE
 
-    def _published_at(self, step: int) -> dict[str, Any] | None:
-        """What a successful publish of this step's model by this run recorded, if any."""
+    def _published_at(self, step: int) -> ModelVersionInfo | None:
+        """What a successful publish of this step's model by this run recorded, if any, as the
+        tracker returned it then (the same TrainResult.model_version a first run gives)."""
         record = self._published_record(step)
         try:
             found = json.loads(record.read_text()) if record is not None else None
@@ -1065,7 +1067,8 @@ class Trainer:
             return None
         if found.get("run_id") != self.run_id or found.get("name") != self.register_name:
             return None  # another run (the old one deleted) or registered model: publish
-        return found
+        return ModelVersionInfo(found.get("name"), found.get("version"), self.run_id,
+                                found.get("uri") or "")  # fmt: skip
 
     def _record_published(self, step: int, version: Any) -> None:
         record = self._published_record(step)

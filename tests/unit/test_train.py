@@ -32,6 +32,7 @@ from lmcore.train import (
     total_steps,
 )
 from lmcore.model import Transformer
+from lmcore.tracking import ModelVersionInfo
 from tests.helpers.trainer_run import RecordingTracker, UnionSampler, write_corpus
 
 pytestmark = pytest.mark.unit
@@ -83,7 +84,9 @@ class ListTracker:
     def log_model_dir(self, model_dir: Any, register_name: str | None,
                       alias: str = "candidate") -> Any:
         self.calls.append(("log_model_dir", (str(model_dir), register_name, alias)))
-        return {"version": "1"}
+        started = [run for call, run in self.calls if call == "start_run"]
+        run_id = started[-1] or self.new_id if started else None
+        return ModelVersionInfo(register_name, "1", run_id, f"models:/{register_name}/1")
 
     def end_run(self, status: str) -> None:
         self.calls.append(("end_run", status))
@@ -492,7 +495,8 @@ def test_final_model_dir_carries_metadata_and_goes_to_the_tracker(
     assert loaded.tokenizer is not None
     assert ("log_model_dir", (str(result.model_dir), "llm-test", "candidate")) in tracker.calls
     assert tracker.calls[-1] == ("end_run", "FINISHED")
-    assert result.model_version == {"version": "1"}
+    want = ModelVersionInfo("llm-test", "1", "run-xyz", "models:/llm-test/1")
+    assert result.model_version == want
 
 
 def test_final_model_dir_reports_its_int8_size_and_val_loss_change(
@@ -663,6 +667,7 @@ def test_rerunning_a_finished_time_budget_run_trains_no_step_and_registers_nothi
         assert again.stopped_by_time
         names = [c for c, _ in tracker.calls]
         assert "log_model_dir" not in names  # the published record answers for this step
+        assert again.model_version == first.model_version  # what the first run returned
         assert not any("train_loss" in m for m in tracker.metrics().values())
     assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == [f"step-{first.steps:08d}"]
     assert load_model_dir(tmp_path / "ckpt" / "model").metadata["step"] == first.steps
