@@ -350,12 +350,14 @@ class MlflowTracker:
         retry_s: float = 30.0,
         max_pending: int = 200_000,
         flush_timeout_s: float = 120.0,
+        killed_flush_timeout_s: float = 10.0,
         publish_timeout_s: float = 900.0,
     ) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.retry_s = retry_s
         self.flush_timeout_s = flush_timeout_s
+        self.killed_flush_timeout_s = killed_flush_timeout_s
         self.publish_timeout_s = publish_timeout_s
         self.run_id: str | None = None
         self.last_error: str | None = None  # the latest posting failure, for logs and health
@@ -493,16 +495,21 @@ class MlflowTracker:
         return str(found.experiment_id)
 
     def end_run(self, status: str = "FINISHED") -> None:
-        """Close the run after everything queued before it, waiting at most flush_timeout_s.
+        """Close the run after everything queued before it, waiting at most flush_timeout_s,
+        and at most killed_flush_timeout_s for a KILLED run (the trainer's SIGTERM path: a pod's grace
+        period is 30 s by default, and the checkpoint was saved before this).
 
         The final status is posted by the poster thread like any record, so an outage costs
-        this call its flush timeout and no more (a SIGTERMed pod has a 30 s grace period).
+        this call its flush timeout and no more.
         """
         if self.run_id is None or self._thread is None:
             return
-        deadline = time.monotonic() + self.flush_timeout_s
+        wait_s = self.flush_timeout_s
+        if status == "KILLED":
+            wait_s = min(wait_s, self.killed_flush_timeout_s)
+        deadline = time.monotonic() + wait_s
         self._outbox.put("end", [status])
-        if not self.flush(self.flush_timeout_s):
+        if not self.flush(wait_s):
             log.warning("MLflow unreachable: %d tracking records, the run's %s status included, "
                         "not posted for run %s (%s)", self.pending, status, self.run_id,
                         self.last_error or "no answer yet")  # fmt: skip

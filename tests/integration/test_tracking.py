@@ -599,6 +599,24 @@ def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_
     assert client(server).get_run(run_id).info.status == "RUNNING"
 
 
+def test_a_killed_run_waits_its_own_short_flush_timeout_during_an_outage(
+    relay: _Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer ends a SIGTERMed run KILLED; waiting the 120 s flush timeout then outlasted a
+    pod's 30 s grace period (the checkpoint is saved before, so only the exit was lost)."""
+    tracker = MlflowTracker(relay.uri, retry_s=0.5, flush_timeout_s=120.0,
+                            killed_flush_timeout_s=1.0)  # fmt: skip
+    run_id = tracker.start_run("killed-outage")
+    assert tracker.flush(30)
+    relay.stop()
+    tracker.log_metrics({"train_loss": 1.0}, 1)
+    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    started = time.monotonic()
+    within(15, tracker.end_run, "KILLED")
+    assert time.monotonic() - started < 5.0
+    assert f"the run's KILLED status included, not posted for run {run_id}" in caplog.text
+
+
 def test_a_cached_version_loads_while_the_tracking_server_is_down(
     server: str, relay: _Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
