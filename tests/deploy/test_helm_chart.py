@@ -213,6 +213,28 @@ def test_chart_refuses_job_ttl_below_the_timeouts_extra_env_sets(render) -> None
     render(sets=(*sets, "settings.extraEnv[0].value=6000"))
 
 
+def test_chart_refuses_worker_grace_period_below_the_job_time_limit_extra_env_sets(render) -> None:
+    # A job taken just before SIGTERM may run for the whole time limit, then be recorded and
+    # acked: a SIGKILL at 900 s with a 1200 s limit left the record running until the
+    # visibility timeout, and the job ran again from the start.
+    sets = ("settings.jobTtlS=86400", "settings.extraEnv[0].name=LLM_JOB_TIME_LIMIT_S",
+            "settings.extraEnv[0].value=1200")  # fmt: skip
+    with pytest.raises(RenderError, match=r"worker.terminationGracePeriodSeconds \(900\) must be "
+                       r"at least LLM_JOB_TIME_LIMIT_S \+ 60 \(1200 \+ 60\).*1260 or more"):
+        render(sets=sets)
+    with pytest.raises(RenderError, match=r"terminationGracePeriodSeconds \(1259\)"):
+        render(sets=(*sets, "worker.terminationGracePeriodSeconds=1259"))
+    worker = render(sets=(*sets, "worker.terminationGracePeriodSeconds=1260"))
+    pod = worker.get("Deployment", component("worker"))["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 1260
+    # The default time limit (600 s) needs 660 s; without a worker there is nothing to check.
+    assert Settings().job_time_limit_s == 600
+    with pytest.raises(RenderError, match=r"\(659\) must be at least .*\(600 \+ 60\)"):
+        render(sets=("worker.terminationGracePeriodSeconds=659",))
+    render(sets=("worker.terminationGracePeriodSeconds=660",))
+    render(sets=("worker.enabled=false", "worker.terminationGracePeriodSeconds=60"))
+
+
 # --- every object
 
 

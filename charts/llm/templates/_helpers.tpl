@@ -300,6 +300,14 @@ this the values settings.extraEnv may set. */}}
 {{- if le (float64 .Values.settings.jobTtlS) (addf $visibility $timeLimit) }}
 {{- fail (printf "settings.jobTtlS (%d) must exceed LLM_VISIBILITY_TIMEOUT_S + LLM_JOB_TIME_LIMIT_S (%g + %g): a job whose worker died is delivered again only after the visibility timeout, and its record must outlive that" (int64 .Values.settings.jobTtlS) $visibility $timeLimit) }}
 {{- end }}
+{{- /* A job taken just before SIGTERM may run until its deadline (LLM_JOB_TIME_LIMIT_S after it
+was submitted); after that the worker still records it, acks it and joins its threads (up to
+30 s). A SIGKILL before then leaves the record running until the visibility timeout, and the
+job runs again from the start. */}}
+{{- $workerGrace := float64 .Values.worker.terminationGracePeriodSeconds }}
+{{- if and .Values.worker.enabled (lt $workerGrace (addf $timeLimit 60.0)) }}
+{{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be at least LLM_JOB_TIME_LIMIT_S + 60 (%g + 60): a running job may take the whole time limit after SIGTERM, and the worker then records and acks it; SIGKILL before that leaves it running until the visibility timeout and runs it again. Raise worker.terminationGracePeriodSeconds to %d or more, or lower LLM_JOB_TIME_LIMIT_S in settings.extraEnv" (int64 $workerGrace) $timeLimit (int64 (addf $timeLimit 60.0))) }}
+{{- end }}
 {{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
 {{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
 {{- end }}
