@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from services.common.settings import Settings
 from tests.deploy.conftest import REPO, schema_path
 from tests.deploy.entrypoints import parse_dockerfile
 
@@ -148,6 +150,27 @@ def test_the_gpu_worker_can_replace_the_cpu_worker(
     services = yaml.safe_load(proc.stdout)["services"]
     assert services["worker"].get("scale", 1) == cpu_workers
     assert services["worker-gpu"].get("scale", 1) == 1
+
+
+def _duration_s(value: str) -> float:
+    """A compose duration ("11m", "1m30s", "90s") in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def test_compose_worker_stop_grace_exceeds_the_job_time_limit(compose: dict) -> None:
+    # A job taken just before SIGTERM may run until its deadline (the time limit after it was
+    # submitted); then it is recorded, acked, and runtime.stop joins threads (up to 30 s). A
+    # SIGKILL at exactly the time limit left the record running and the job ran again later.
+    assert _duration_s("1m30s") == 90
+    default_limit = Settings.model_fields["job_time_limit_s"].default
+    for name in ("worker", "worker-gpu"):
+        service = compose["services"][name]
+        limit = service["environment"].get("LLM_JOB_TIME_LIMIT_S", default_limit)
+        grace = _duration_s(service["stop_grace_period"])
+        assert grace >= float(limit) + 60, (name, service["stop_grace_period"], limit)
 
 
 def test_trainer_is_a_one_shot_profile_that_registers_a_model(compose: dict) -> None:
