@@ -340,6 +340,25 @@ def test_api_drains_before_it_stops(shapes: dict[str, Rendered], shape: str) -> 
     assert 0 < int(command[1]) + graceful < pod["terminationGracePeriodSeconds"]
 
 
+def test_chart_refuses_an_api_prestop_that_leaves_no_time_to_drain(render) -> None:
+    # The kubelet kills the pod when the grace period ends, preStop included: grace 10 with a
+    # 30 s preStop rendered --timeout-graceful-shutdown "1" (a clamped -25), and uvicorn never
+    # got SIGTERM, so every open request and event stream was cut.
+    for grace, pre_stop in ((10, 30), (10, 5), (35, 30)):
+        with pytest.raises(
+            RenderError,
+            match=rf"api.terminationGracePeriodSeconds \({grace}\) must be at least "
+            rf"api.preStopSleepSeconds \+ 6 \({pre_stop} \+ 6\).*to {pre_stop + 6} or more",
+        ):
+            render(sets=(f"api.terminationGracePeriodSeconds={grace}",
+                         f"api.preStopSleepSeconds={pre_stop}"))  # fmt: skip
+    for grace, pre_stop, drain in ((36, 30, 1), (10, 0, 5), (30, 5, 20)):
+        rendered = render(sets=(f"api.terminationGracePeriodSeconds={grace}",
+                                f"api.preStopSleepSeconds={pre_stop}"))  # fmt: skip
+        args = container(rendered, "Deployment", component("api"))["args"]
+        assert args[args.index("--timeout-graceful-shutdown") + 1] == str(drain)
+
+
 def test_api_ingress_hpa_and_pdb_target_the_api(shapes: dict[str, Rendered]) -> None:
     rendered = shapes["gpu-values"]  # ingress, HPA and PDB all on
     name = component("api")

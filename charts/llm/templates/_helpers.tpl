@@ -308,6 +308,13 @@ job runs again from the start. */}}
 {{- if and .Values.worker.enabled (lt $workerGrace (addf $timeLimit 60.0)) }}
 {{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be at least LLM_JOB_TIME_LIMIT_S + 60 (%g + 60): a running job may take the whole time limit after SIGTERM, and the worker then records and acks it; SIGKILL before that leaves it running until the visibility timeout and runs it again. Raise worker.terminationGracePeriodSeconds to %d or more, or lower LLM_JOB_TIME_LIMIT_S in settings.extraEnv" (int64 $workerGrace) $timeLimit (int64 (addf $timeLimit 60.0))) }}
 {{- end }}
+{{- /* The kubelet kills the API at the end of its grace period, preStop included; uvicorn gets
+SIGTERM only after preStop and drains for what is left, less 5 s (api-deployment.yaml). */}}
+{{- $apiGrace := int .Values.api.terminationGracePeriodSeconds }}
+{{- $preStop := int .Values.api.preStopSleepSeconds }}
+{{- if lt (sub (sub $apiGrace $preStop) 5) 1 }}
+{{- fail (printf "api.terminationGracePeriodSeconds (%d) must be at least api.preStopSleepSeconds + 6 (%d + 6): the kubelet kills the pod when the grace period ends, preStop included, and uvicorn gets SIGTERM only after preStop, with the rest less 5 s to finish open requests; raise api.terminationGracePeriodSeconds to %d or more, or lower api.preStopSleepSeconds" $apiGrace $preStop (add $preStop 6)) }}
+{{- end }}
 {{- if and .Values.api.ingress.enabled (not .Values.api.ingress.allowAnonymous) (not (include "llm.apiKeysConfigured" .)) }}
 {{- fail "api.ingress.enabled without API keys would let anyone submit jobs: set apiKeys.existingSecret (key LLM_API_KEYS) or apiKeys.keys, or api.ingress.allowAnonymous=true if something else authenticates" }}
 {{- end }}
