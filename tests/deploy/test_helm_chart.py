@@ -952,6 +952,61 @@ def test_helm_test_hook_submits_a_job_and_polls_it(shapes: dict[str, Rendered]) 
     assert env["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == component("api-keys")
 
 
+def _last_env(container: dict, name: str) -> dict | None:
+    """The entry Kubernetes uses: the last of that name."""
+    found = [e for e in container.get("env") or [] if e["name"] == name]
+    return found[-1] if found else None
+
+
+def _notes(helm: str, *sets: str) -> str:
+    cmd = [helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
+EXTRA_ENV_KEYS = (
+    "settings.extraEnv[0].name=LLM_API_KEYS",
+    "settings.extraEnv[0].valueFrom.secretKeyRef.name=corp-keys",
+    "settings.extraEnv[0].valueFrom.secretKeyRef.key=keys",
+)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("api.ingress.enabled=true", *EXTRA_ENV_KEYS),
+        ("settings.extraEnv[0].name=LLM_API_KEYS", "settings.extraEnv[0].value=key-aaaaaaaa"),
+        ("apiKeys.keys={key-bbbbbbbb}", *EXTRA_ENV_KEYS),  # extraEnv's entry comes last: it wins
+        ("apiKeys.keys={key-bbbbbbbb}",),
+        ("apiKeys.existingSecret=llm-api-keys",),
+        (),
+    ],
+    ids=["extraEnv-secret", "extraEnv-value", "extraEnv-over-apiKeys", "apiKeys", "existing",
+         "none"],  # fmt: skip
+)
+def test_helm_test_pod_gets_the_api_keys_however_they_are_configured(
+    render, helm: str, sets: tuple[str, ...]
+) -> None:
+    # Keys from settings.extraEnv satisfied the ingress guard and reached the API, but the test
+    # pod POSTed /jobs without them (a 401 failed `helm test` on a healthy release) and NOTES
+    # printed curl commands without the Authorization header.
+    rendered = render(sets=sets)
+    api_keys = _last_env(container(rendered, "Deployment", component("api")), "LLM_API_KEYS")
+    (pod,) = [p for p in rendered.of_kind("Pod") if p["metadata"]["annotations"].get(
+        "helm.sh/hook") == "test"]  # fmt: skip
+    (submit,) = pod["spec"]["containers"]
+    assert _last_env(submit, "LLM_API_KEYS") == api_keys
+    notes = _notes(helm, *sets)
+    assert ("Authorization: Bearer $LLM_API_KEY" in notes) == (api_keys is not None)
+    if any(s.startswith("settings.extraEnv") for s in sets):
+        assert f"exec deploy/{component('api')} -c api -- printenv LLM_API_KEYS" in notes
+    elif api_keys is not None:
+        assert "get secret" in notes and "jsonpath='{.data.LLM_API_KEYS}'" in notes
+
+
 def test_notes_explain_how_to_reach_the_api_and_submit_a_job(helm: str) -> None:
     proc = subprocess.run(
         [

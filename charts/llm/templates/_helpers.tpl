@@ -320,6 +320,25 @@ SIGTERM only after preStop and drains for what is left, less 5 s (api-deployment
 {{- end }}
 {{- end }}
 
+{{/* The LLM_API_KEYS the API ends up with, for other pods (the helm test): settings.extraEnv's
+entries when it has one (they follow the chart's in llm.appEnv, and the last of a name wins),
+else the chart's or the existing Secret; nothing without keys. */}}
+{{- define "llm.apiKeysEnv" -}}
+{{- if include "llm.extraEnvHas" (dict "root" . "name" "LLM_API_KEYS") }}
+{{- range .Values.settings.extraEnv }}
+{{- if eq .name "LLM_API_KEYS" }}
+{{ list . | toYaml }}
+{{- end }}
+{{- end }}
+{{- else if or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+- name: LLM_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm.apiKeysSecretName" . }}
+      key: LLM_API_KEYS
+{{- end }}
+{{- end }}
+
 {{/* "true" when the API gets LLM_API_KEYS: from the chart's Secret, an existing one, or extraEnv. */}}
 {{- define "llm.apiKeysConfigured" -}}
 {{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret (include "llm.extraEnvHas" (dict "root" . "name" "LLM_API_KEYS")) }}true{{ end }}
