@@ -893,6 +893,15 @@ def find_model_dir(root: Path) -> Path | None:
 
 
 _ALIAS = re.compile(r"^[\w\-]+$")  # MLflow's own rule for alias names
+# Run ids (hex) and logged model ids (m-hex): they name directories of the model cache.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+_VERSION = re.compile(r"^[0-9]+$")  # a registry version; str.isdigit() also takes "²" and "١"
+
+
+def _bad_segment(segment: str) -> bool:
+    # Each name and path segment is a directory of the model cache: "..", "." or "" would put
+    # an entry (and the sweep and removal of stale ones) outside its place, or outside the cache.
+    return segment in ("", ".", "..")
 
 
 def parse_model_uri(uri: str) -> ModelUri | None:
@@ -901,13 +910,20 @@ def parse_model_uri(uri: str) -> ModelUri | None:
     worker's alias watcher, so a URI that loads as an alias is watched as one. Extra slashes
     around the reference are allowed (`models://llm@production/`); a URI no registry could
     answer (no name, an empty alias, a version that is not a positive integer, no run id)
-    raises InvalidModelUriError.
+    raises InvalidModelUriError, as does one that could lead outside the model cache (a name
+    or path segment `.`, `..` or empty, a run or model id not made of letters, digits, _, -).
     """
     text = str(uri).strip()
     if text.startswith("runs:/"):
         run_id, _, path = text.removeprefix("runs:/").strip("/").partition("/")
         if not run_id:
             raise InvalidModelUriError(f"{uri!r}: name a run (runs:/RUN_ID/{MODEL_ARTIFACT})")
+        if not _SAFE_ID.match(run_id):
+            raise InvalidModelUriError(f"{uri!r}: {run_id!r} is not a run id (letters, digits, "
+                                       "_ and -)")  # fmt: skip
+        if path and any(_bad_segment(part) for part in path.split("/")):
+            raise InvalidModelUriError(f"{uri!r}: an artifact path has no '.', '..' or empty "
+                                       f"segments (runs:/RUN_ID/{MODEL_ARTIFACT})")  # fmt: skip
         return ModelUri(text, run_id=run_id, path=path or MODEL_ARTIFACT)
     if not text.startswith("models:/"):
         return None
@@ -923,11 +939,14 @@ def parse_model_uri(uri: str) -> ModelUri | None:
             raise InvalidModelUriError(f"{uri!r}: a version is a positive integer "
                                        "(models:/NAME/VERSION, or models:/NAME@ALIAS)")  # fmt: skip
     elif ref.startswith("m-"):  # an MLflow 3 logged model id
+        if not _SAFE_ID.match(ref):
+            raise InvalidModelUriError(f"{uri!r}: {ref!r} is not a logged model id (m- then "
+                                       "letters, digits, _ and -)")  # fmt: skip
         return ModelUri(text, model_id=ref)
     else:
         raise InvalidModelUriError(f"{uri!r}: name a version or an alias "
                                    f"(models:/{ref or 'NAME'}@production)")  # fmt: skip
-    if not name or "/" in name or ":" in name:
+    if _bad_segment(name) or "/" in name or ":" in name or "\0" in name:
         raise InvalidModelUriError(f"{uri!r}: {name!r} is not a model name "
                                    "(models:/NAME@ALIAS or models:/NAME/VERSION)")  # fmt: skip
     if "@" in ref:
@@ -980,11 +999,15 @@ def _resolve_registry(
             if cached is not None:
                 return cached
         raise error from exc
+    if not _VERSION.match(str(mv.version)):  # a path segment of the cache: never "../.."
+        raise TrackingError(f"the registry at {redact_uri(server)} answered {uri} with "
+                            f"version {str(mv.version)!r}, which is not a version number: "
+                            "refused")  # fmt: skip
     stamp = {"source": download_uri, "run_id": mv.run_id, "created": mv.creation_timestamp}
     key = (_slug(server), "registry", name, str(mv.version))
     path = _download_cached(download_uri, server, root, key, stamp, uri)
     if parsed.alias:
-        _remember_alias(root.joinpath(*key[:-1]), parsed.alias, str(mv.version))
+        _remember_alias(_inside_cache(root, key[:-1], uri), parsed.alias, str(mv.version))
     return ResolvedModel(path, name, str(mv.version), mv.run_id, uri)
 
 
@@ -1020,7 +1043,13 @@ def _registry_fallback(
             version = str(recorded["version"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-    target = model_root / str(version)
+    if not _VERSION.match(str(version)):  # a record not written by _remember_alias
+        return None
+    try:
+        target = _inside_cache(root, (_slug(server), "registry", str(parsed.name), str(version)),
+                               parsed.uri)  # fmt: skip
+    except TrackingError:
+        return None
     try:
         stamp = json.loads((target / _CACHE_STAMP).read_text())
     except (OSError, ValueError):
@@ -1116,6 +1145,21 @@ def _slug(server: str) -> str:
     return f"{readable}-{hashlib.sha256(server.encode()).hexdigest()[:8]}"
 
 
+def _inside_cache(root: Path, key: Sequence[str], uri: str) -> Path:
+    """root/key, if each part of key is one plain name and it lies inside the cache root once
+    resolved (symlinks); TrackingError otherwise. Every path the cache creates, sweeps, renames
+    or removes is checked here first, whatever the parser and the registry's replies let
+    through."""
+    target = root.joinpath(*key)
+    base = root.resolve()
+    resolved = target.resolve()
+    odd = any(_bad_segment(part) or "/" in part or "\0" in part for part in key)
+    if odd or resolved == base or not resolved.is_relative_to(base):
+        raise TrackingError(f"cache entry {'/'.join(key)!r} for {uri} lies outside the model "
+                            f"cache {root} ({resolved}): refused")  # fmt: skip
+    return target
+
+
 def _download_cached(
     artifact_uri: str,
     server: str,
@@ -1124,8 +1168,9 @@ def _download_cached(
     stamp: dict[str, Any],
     uri: str,
 ) -> Path:
-    """Download once into root/key (atomic rename); reuse it while its stamp still matches."""
-    target = root.joinpath(*key)
+    """Download once into root/key (atomic rename); reuse it while its stamp still matches.
+    root/key must lie inside root (_inside_cache), checked before anything is touched."""
+    target = _inside_cache(root, key, uri)
     cached = _cached_model_dir(target, stamp)
     if cached is not None:
         return cached

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker, _mlflow_uris, redact_uri
+from lmcore.tracking import (
+    TRACKER_HTTP_DEFAULTS,
+    InvalidModelUriError,
+    MlflowTracker,
+    _mlflow_uris,
+    parse_model_uri,
+    redact_uri,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +67,32 @@ def test_the_users_own_mlflow_http_settings_win(monkeypatch: pytest.MonkeyPatch,
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == TRACKER_HTTP_DEFAULTS[
         "MLFLOW_HTTP_REQUEST_TIMEOUT"]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["models:/..@production", "models:/.@production", "models:/../1", "models://..//1",
+     "runs:/RUN/model/../../..", "runs:/RUN/../../victim", "runs:/RUN/./model",
+     "runs:/RUN/model//x", "runs:/../model", "runs:/./model", "runs:/RUN.x/model",
+     "models:/m-../", "models:/m-a.b"],
+)
+def test_parse_model_uri_refuses_dot_segments(uri: str) -> None:
+    # Names, run ids and artifact paths become directories of the model cache: `..` would put
+    # them (and the sweep and rmtree of stale entries) outside it. The worker stops on this.
+    with pytest.raises(InvalidModelUriError):
+        parse_model_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "parts"),
+    [("models:/my.model@production", ("my.model", "production", None)),
+     ("models:/llm..v2/3", ("llm..v2", None, "3")),
+     ("runs:/0123abcd_-ef/model/sub.dir/x", ("0123abcd_-ef", "model/sub.dir/x"))],
+)
+def test_names_and_paths_with_dots_inside_still_parse(uri: str, parts: tuple) -> None:
+    parsed = parse_model_uri(uri)
+    assert parsed is not None
+    if parsed.run_id:
+        assert (parsed.run_id, parsed.path) == parts
+    else:
+        assert (parsed.name, parsed.alias, parsed.version) == parts
