@@ -9,11 +9,18 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup demo test test-unit bench clean FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Setup runs again when the torch settings change, not only pyproject.toml: the file is
+# rewritten (so newer than .installed) only when its text differs.
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@printf '%s\n' '$(TORCH_VERSION) $(TORCH_PIP_ARGS)' | cmp -s - $@ || \
+		printf '%s\n' '$(TORCH_VERSION) $(TORCH_PIP_ARGS)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-spec
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -9,6 +9,10 @@ installs as pip chose. Used by `make setup`; stdlib only, it runs before anythin
     python scripts/install_torch.py 2.13.0              # install (or keep) torch 2.13.0
     python scripts/install_torch.py 2.13.0 --plan       # print the decision, install nothing
     TORCH_PIP_ARGS="--index-url URL" python scripts/install_torch.py 2.13.0   # your own source
+
+The TORCH_PIP_ARGS that installed torch are recorded in the environment (`.torch-pip-args`), so
+the same release asked for from another source is installed again from it (a CPU build
+replaced by a CUDA one), not kept because its version number matches.
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ def choose_source(report: dict[str, Any], gpu: bool) -> str:
     return "cpu-index" if cuda_packages(report) and not gpu else "default"
 
 
+def record_path() -> Path:
+    return Path(sys.prefix) / ".torch-pip-args"
+
+
+def recorded_pip_args(record: Path) -> str:
+    """The TORCH_PIP_ARGS torch was installed with here ("" for pip's own choice, or unknown)."""
+    try:
+        return record.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
 def pip(*args: str) -> list[str]:
     return [sys.executable, "-m", "pip", *args]
 
@@ -91,31 +107,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("version", help="the torch release to install, e.g. 2.13.0")
     parser.add_argument("--plan", action="store_true", help="print the decision, install nothing")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="where the source torch came from is recorded (default: in the "
+                        "environment)")  # fmt: skip
     args = parser.parse_args(argv)
     requirement = f"torch=={args.version}"
     extra = shlex.split(os.environ.get("TORCH_PIP_ARGS", ""))
+    record = args.record or record_path()
+    source_args = shlex.join(extra)
 
     current = installed_version()
+    reinstall: list[str] = []
     if current is not None and same_release(current, args.version):
-        print(f"install_torch: torch {current} is already installed")
-        return 0
+        if recorded_pip_args(record) == source_args:
+            print(f"install_torch: torch {current} is already installed")
+            return 0
+        # pip keeps an installed release that satisfies ==VERSION whatever the source asked for.
+        reinstall = ["--force-reinstall"]
     if extra:
-        command, why = pip("install", "-q", requirement, *extra), "TORCH_PIP_ARGS given"
+        command = pip("install", "-q", *reinstall, requirement, *extra)
+        why = "TORCH_PIP_ARGS given"
     else:
         report = dry_run_report(requirement)
         gpu = has_nvidia_gpu()
         source = choose_source(report, gpu)
         if source == "cpu-index":
             cuda = ", ".join(cuda_packages(report)[:3])
-            command = pip("install", "-q", requirement, "--index-url", CPU_INDEX)
+            command = pip("install", "-q", *reinstall, requirement, "--index-url", CPU_INDEX)
             why = f"no NVIDIA GPU here, and the default source brings a CUDA build ({cuda}, ...)"
         else:
-            command = pip("install", "-q", requirement)
+            command = pip("install", "-q", *reinstall, requirement)
             why = "NVIDIA GPU present" if gpu else "the default source has a CPU build"
+    if reinstall:
+        why += f"; torch {current} came from another source"
     print(f"install_torch: pip {' '.join(command[3:])}  ({why})")
     if args.plan:
         return 0
-    return subprocess.run(command).returncode
+    returncode = subprocess.run(command).returncode
+    if returncode == 0:
+        record.write_text(source_args + "\n", encoding="utf-8")
+    return returncode
 
 
 if __name__ == "__main__":

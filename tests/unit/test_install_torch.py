@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -114,3 +115,53 @@ def test_a_package_pip_cannot_find_is_a_message_and_a_non_zero_exit(tmp_path: Pa
     done = _run("0.0.3", "--plan", env=_only_source(tmp_path))
     assert done.returncode != 0
     assert "install_torch: pip cannot find torch==0.0.3" in done.stderr
+
+
+def test_torch_from_another_source_is_installed_again_though_its_release_matches(
+    tmp_path: Path,
+) -> None:
+    """`make test TORCH_PIP_ARGS="--index-url .../cu130"` on a venv holding the CPU build of the
+    same release said "already installed" and kept the CPU build."""
+    import torch
+
+    release = torch.__version__.split("+")[0]
+    record = tmp_path / "torch-pip-args"
+    record.write_text("\n")  # installed from pip's own choice
+    source = {"TORCH_PIP_ARGS": "--index-url https://example.invalid/cu130"}
+    done = _run(release, "--plan", "--record", str(record), env=source)
+    assert done.returncode == 0, done.stderr
+    assert "already installed" not in done.stdout
+    assert f"--force-reinstall torch=={release} --index-url https://example.invalid/cu130" in (
+        done.stdout
+    )
+    record.write_text("--index-url https://example.invalid/cu130\n")  # installed from there
+    kept = _run(release, "--plan", "--record", str(record), env=source)
+    assert "already installed" in kept.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_runs_again_when_the_torch_settings_change(tmp_path: Path) -> None:
+    """Setup used to depend on pyproject.toml alone: a new TORCH_VERSION or TORCH_PIP_ARGS was
+    silently ignored once .venv existed. The Makefile is the real one; the venv's python is a
+    stand-in that logs what setup asked of it (nothing is installed)."""
+    repo = SCRIPT.parents[1]
+    shutil.copy(repo / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    fake_python = tmp_path / ".venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'asked.log'}\n")
+    fake_python.chmod(0o755)
+
+    def setup_runs(*variables: str) -> bool:
+        log = tmp_path / "asked.log"
+        log.unlink(missing_ok=True)
+        done = subprocess.run(["make", "-s", "setup", f"PYTHON={sys.executable}", *variables],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return log.is_file() and "scripts/install_torch.py" in log.read_text()
+
+    assert setup_runs()
+    assert not setup_runs()  # nothing changed
+    assert setup_runs("TORCH_PIP_ARGS=--index-url https://example.invalid/cu130")
+    assert not setup_runs("TORCH_PIP_ARGS=--index-url https://example.invalid/cu130")
+    assert setup_runs("TORCH_VERSION=2.12.0")
