@@ -475,6 +475,7 @@ def _trainer_overrides(args: Sequence[str]) -> list[str]:
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    """Set `name` to a plain value, replacing its entry (a `valueFrom` one included)."""
     env = container.setdefault("env", [])
     for item in env:
         if item.get("name") == name:
@@ -519,8 +520,14 @@ def build_pytorchjob(
         container["args"] = list(args)
         if image:
             container["image"] = image
-        uri = tracking_uri or _env_value(container, "MLFLOW_TRACKING_URI") or DEFAULT_CLUSTER_MLFLOW
-        _set_env(container, "MLFLOW_TRACKING_URI", uri)
+        if tracking_uri:
+            _set_env(container, "MLFLOW_TRACKING_URI", _tracking_uri_without_credentials(
+                tracking_uri))  # fmt: skip
+        elif not _env_is_set(container, "MLFLOW_TRACKING_URI"):
+            _set_env(container, "MLFLOW_TRACKING_URI", DEFAULT_CLUSTER_MLFLOW)
+        # else the template's own entry stays as written: a plain value, or a valueFrom
+        # (secretKeyRef) that keeps credentials out of the job, which reading only `value`
+        # used to take for unset and replace with the default server.
         limits = container.get("resources", {}).get("limits", {})
         if "nvidia.com/gpu" in limits:  # one GPU per process
             limits["nvidia.com/gpu"] = str(nproc_per_node)
@@ -528,8 +535,46 @@ def build_pytorchjob(
     return job
 
 
-def _env_value(container: dict[str, Any], name: str) -> str | None:
-    return next((e.get("value") for e in container.get("env", []) if e.get("name") == name), None)
+def _env_is_set(container: dict[str, Any], name: str) -> bool:
+    """Whether the container sets `name`: a plain value, or a `valueFrom` (a Secret's key)."""
+    entry = next((e for e in container.get("env") or [] if e.get("name") == name), {})
+    return bool(entry.get("value") or entry.get("valueFrom"))
+
+
+_CREDENTIAL_ENV = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|API_?KEY", re.IGNORECASE)
+
+
+def _tracking_uri_without_credentials(uri: str) -> str:
+    """`uri`, refused if it carries credentials: they would be a plain env value in the job,
+    readable by anyone who may get pytorchjobs or pods, and printed by --dry-run."""
+    from lmcore.tracking import redact_uri
+
+    if redact_uri(uri) != uri:
+        raise CliError(
+            f"--tracking-uri {redact_uri(uri)} holds credentials, which would be written into the "
+            "PyTorchJob in plain text: give the URI without them and put "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in "
+            "the trainer's env from a Secret (valueFrom.secretKeyRef)", EXIT_USAGE)  # fmt: skip
+    return uri
+
+
+def _redacted_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the job to show (--dry-run): credentials in URIs become `***@`, and plain env
+    values of credential-like variables (_CREDENTIAL_ENV) `***`."""
+    from lmcore.tracking import redact_uri
+
+    def redact(node: Any) -> Any:
+        if isinstance(node, dict):
+            shown = {k: redact(v) for k, v in node.items()}
+            name = shown.get("name")  # an env entry: {"name": ..., "value": ...}
+            if isinstance(name, str) and shown.get("value") and _CREDENTIAL_ENV.search(name):
+                shown["value"] = "***"
+            return shown
+        if isinstance(node, list):
+            return [redact(v) for v in node]
+        return redact_uri(node) if isinstance(node, str) else node
+
+    return redact(job)
 
 
 def to_sdk_job(job: dict[str, Any]) -> Any:
@@ -587,14 +632,18 @@ def submit_training(
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise CliError(f"unknown option {bad[0]!r}", EXIT_USAGE)
+    if tracking_uri:
+        _tracking_uri_without_credentials(tracking_uri)  # before the slower override checks
     if validate:
         _validate_overrides(overrides)
     job = build_pytorchjob(overrides, image=image, workers=workers, nproc_per_node=nproc_per_node,
                            namespace=namespace, name=name, tracking_uri=tracking_uri)  # fmt: skip
     with _expected_errors(ValueError, ImportError):
         sdk_job = to_sdk_job(job)
-    if dry_run:
-        typer.echo(sdk_job_yaml(sdk_job), nl=False)
+    if dry_run:  # shown, never with credentials (the template's plain values included)
+        with _expected_errors(ValueError, ImportError):
+            shown = to_sdk_job(_redacted_job(job))
+        typer.echo(sdk_job_yaml(shown), nl=False)
         return
     namespace = job["metadata"]["namespace"]
     created = _submit(sdk_job, job, namespace, context, kubeconfig)

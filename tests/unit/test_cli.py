@@ -150,6 +150,84 @@ def test_submit_without_a_kube_context_is_one_line_error(capsys, tmp_path: Path)
     assert_one_line_error(code, err, "--dry-run")
 
 
+def template_with_tracking_env(entry: dict) -> dict:
+    """The job template with its MLFLOW_TRACKING_URI entry (Master and Worker) replaced."""
+    template = cli.load_job_template()
+    for replica in template["spec"]["pytorchReplicaSpecs"].values():
+        container = cli._container(replica)
+        env = [e for e in container.get("env") or [] if e.get("name") != "MLFLOW_TRACKING_URI"]
+        container["env"] = [*env, {"name": "MLFLOW_TRACKING_URI", **entry}]
+    return template
+
+
+def tracking_env(job: dict) -> dict[str, list[dict]]:
+    return {role: [e for e in replica["template"]["spec"]["containers"][0]["env"]
+                   if e["name"] == "MLFLOW_TRACKING_URI"]
+            for role, replica in job["spec"]["pytorchReplicaSpecs"].items()}  # fmt: skip
+
+
+def test_submit_training_keeps_tracking_uri_from_secret(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The way to keep MLflow credentials out of the manifest: the URI comes from a Secret.
+    # Reading only `value`, lmctl took it for unset and sent training to the default server.
+    from_secret = {"valueFrom": {"secretKeyRef": {"name": "mlflow-creds", "key": "uri"}}}
+    template = template_with_tracking_env(from_secret)
+    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(template))
+    job = dry_run(capsys, "model=tiny", "--workers", "2")
+    expected = [{"name": "MLFLOW_TRACKING_URI", **from_secret}]
+    assert tracking_env(job) == {"Master": expected, "Worker": expected}
+    # --tracking-uri still wins, as a plain value in every replica.
+    job = dry_run(capsys, "model=tiny", "--tracking-uri", "http://mlflow.other:5000")
+    plain = [{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.other:5000"}]
+    assert tracking_env(job) == {"Master": plain, "Worker": plain}
+    # A template that sets it nowhere, or to nothing, still gets the in-cluster server.
+    unset = template_with_tracking_env({"value": ""})
+    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(unset))
+    job = dry_run(capsys, "model=tiny")
+    default = [{"name": "MLFLOW_TRACKING_URI", "value": cli.DEFAULT_CLUSTER_MLFLOW}]
+    assert tracking_env(job) == {"Master": default, "Worker": default}
+
+
+def json_copy(obj: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_submit_training_refuses_credentials_in_tracking_uri(
+    capsys, monkeypatch: pytest.MonkeyPatch, dry: bool
+) -> None:
+    submitted: list[object] = []
+    monkeypatch.setattr(cli, "_submit", lambda *a, **k: submitted.append(a) or [])
+    code, out, err = lmctl(capsys, "submit-training", *(["--dry-run"] if dry else []),
+                           "model=tiny", "--tracking-uri",
+                           "https://alice:s3cr3t-token@mlflow.example.com")  # fmt: skip
+    assert code == 2
+    assert_one_line_error(code, err, "MLFLOW_TRACKING_TOKEN")
+    assert "MLFLOW_TRACKING_USERNAME" in err and "Secret" in err
+    assert "s3cr3t" not in out + err and "alice" not in out + err
+    assert out == "" and submitted == []
+    with pytest.raises(cli.CliError):
+        cli.build_pytorchjob(tracking_uri="https://alice:s3cr3t-token@mlflow.example.com")
+
+
+def test_dry_run_never_prints_credentials_a_template_holds(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = template_with_tracking_env({"value": "https://bob:hunter2@mlflow.example.com"})
+    for replica in template["spec"]["pytorchReplicaSpecs"].values():
+        cli._container(replica)["env"] += [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "pw-42"},
+                                           {"name": "MLFLOW_TRACKING_TOKEN", "value": "tok-42"}]
+    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(template))
+    code, out, err = lmctl(capsys, "submit-training", "--dry-run", "model=tiny")
+    assert code == 0, err
+    for secret in ("bob", "hunter2", "pw-42", "tok-42"):
+        assert secret not in out + err
+    assert "https://***@mlflow.example.com" in out
+
+
 class FakeCoreApi:
     """The two PersistentVolumeClaim calls of kubernetes' CoreV1Api, over a dict (no cluster
     here); reads of an absent claim raise the 404 the real client raises."""
