@@ -496,8 +496,8 @@ class MlflowTracker:
 
     def end_run(self, status: str = "FINISHED") -> None:
         """Close the run after everything queued before it, waiting at most flush_timeout_s,
-        and at most killed_flush_timeout_s for a KILLED run (the trainer's SIGTERM path: a pod's grace
-        period is 30 s by default, and the checkpoint was saved before this).
+        and at most killed_flush_timeout_s for a KILLED run (the trainer's SIGTERM path: a
+        pod's grace period is 30 s by default, and the checkpoint was saved before this).
 
         The final status is posted by the poster thread like any record, so an outage costs
         this call its flush timeout and no more.
