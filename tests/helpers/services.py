@@ -6,6 +6,7 @@ the tiny model dirs the services load (tokenizer trained on a short text, saved 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,6 +219,23 @@ class ApiProcess(_Process):
 
         wait_until(healthy, timeout_s, 0.1, f"{self.name} /healthz")
         return self
+
+
+@contextlib.contextmanager
+def api_without_workers(root: Path, **redis_options: Any) -> Iterator[tuple[Any, ApiProcess]]:
+    """A private Redis and an API process over it (no worker, no model: jobs stay queued),
+    both stopped afterwards."""
+    from tests.helpers.redis_server import RedisServer
+
+    redis = RedisServer(root / "redis", **redis_options)
+    redis.start()
+    api = ApiProcess("api", service_env(redis.url, root / "no-model"), root / "logs")
+    try:
+        api.start()
+        yield redis, api
+    finally:
+        api.stop()
+        redis.stop()
 
 
 def read_sse(response: httpx.Response) -> list[dict[str, Any]]:

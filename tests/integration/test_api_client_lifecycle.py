@@ -18,24 +18,21 @@ import httpx
 import pytest
 
 from services.api.routers.jobs import WAIT_S
-from tests.helpers.redis_server import RedisServer
-from tests.helpers.services import ApiProcess, iter_sse, service_env, wait_until
+from tests.helpers.services import (
+    ApiProcess,
+    api_without_workers,
+    iter_sse,
+    service_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("api-clients")
-    redis = RedisServer(root / "redis", appendonly=False)
-    redis.start()
-    api = ApiProcess("api", service_env(redis.url, root / "no-model"), root / "logs")
-    try:
-        api.start()
-        yield redis, api
-    finally:
-        api.stop()
-        redis.stop()
+    with api_without_workers(tmp_path_factory.mktemp("api-clients"), appendonly=False) as stack:
+        yield stack
 
 
 def job_ids(admin: Any) -> set[str]:

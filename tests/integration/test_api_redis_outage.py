@@ -14,24 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.redis_server import RedisServer
-from tests.helpers.services import ApiProcess, service_env
+from tests.helpers.services import api_without_workers
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("api-outage")
-    redis = RedisServer(root / "redis")
-    redis.start()
-    api = ApiProcess("api", service_env(redis.url, root / "no-model"), root / "logs")
-    try:
-        api.start()
-        yield redis, api
-    finally:
-        api.stop()
-        redis.stop()
+    with api_without_workers(tmp_path_factory.mktemp("api-outage")) as stack:
+        yield stack
 
 
 def test_redis_down_is_503_with_retry_after_and_the_api_recovers_by_itself(stack: Any) -> None:
