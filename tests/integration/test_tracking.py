@@ -573,6 +573,21 @@ def test_runs_uri_skips_an_unfinished_newer_logged_model(server: str, registered
 MLFLOW_HTTP_SETTINGS = tuple(TRACKER_HTTP_DEFAULTS)
 
 
+def _end_killed_during_an_outage(
+    tracker: MlflowTracker, relay: _Relay, caplog: pytest.LogCaptureFixture
+) -> tuple[str, float]:
+    """Start a run, post one metric, cut MLflow off, queue another, end the run KILLED (as the
+    trainer's SIGTERM path does); the run id and the seconds end_run took."""
+    run_id = tracker.start_run("end-outage")
+    assert tracker.flush(30)
+    relay.stop()
+    tracker.log_metrics({"train_loss": 1.0}, 1)
+    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    started = time.monotonic()
+    within(15, tracker.end_run, "KILLED")
+    return run_id, time.monotonic() - started
+
+
 def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_mlflow_retries(
     server: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -582,14 +597,8 @@ def test_end_run_during_an_outage_returns_within_its_flush_timeout_with_default_
     for key in MLFLOW_HTTP_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     tracker = MlflowTracker(relay.uri, retry_s=0.5, flush_timeout_s=2.0)
-    run_id = tracker.start_run("end-outage")
-    assert tracker.flush(30)
-    relay.stop()
-    tracker.log_metrics({"train_loss": 1.0}, 1)
-    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
-    started = time.monotonic()
-    within(15, tracker.end_run, "KILLED")
-    assert time.monotonic() - started < 5.0
+    run_id, seconds = _end_killed_during_an_outage(tracker, relay, caplog)
+    assert seconds < 5.0
     # The metric and the run's status, and why: not "0 records (None)".
     assert f"2 tracking records, the run's KILLED status included, not posted for run {run_id}" \
         in caplog.text
@@ -606,14 +615,8 @@ def test_a_killed_run_waits_its_own_short_flush_timeout_during_an_outage(
     pod's 30 s grace period (the checkpoint is saved before, so only the exit was lost)."""
     tracker = MlflowTracker(relay.uri, retry_s=0.5, flush_timeout_s=120.0,
                             killed_flush_timeout_s=1.0)  # fmt: skip
-    run_id = tracker.start_run("killed-outage")
-    assert tracker.flush(30)
-    relay.stop()
-    tracker.log_metrics({"train_loss": 1.0}, 1)
-    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
-    started = time.monotonic()
-    within(15, tracker.end_run, "KILLED")
-    assert time.monotonic() - started < 5.0
+    run_id, seconds = _end_killed_during_an_outage(tracker, relay, caplog)
+    assert seconds < 5.0
     assert f"the run's KILLED status included, not posted for run {run_id}" in caplog.text
 
 
