@@ -18,19 +18,33 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmcore.mlflow_client import (
+    _USERINFO,
+    MODEL_ARTIFACT,
+    MODEL_CONFIG_FILE,
+    InvalidModelUriError,
+    ModelNotFoundError,
+    TrackingError,
+    _client,
+    _http_status,
+    _is_not_found,
+    _is_transient,
+    _mlflow_uris,
+    _one_line,
+    _tracking_error,
+    default_tracking_uri,
+    redact_uri,
+)
+
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a local file when MLFLOW_TRACKING_URI is unset
 DEFAULT_EXPERIMENT = "llm"
 DEFAULT_MODEL_NAME = "llm"
-MODEL_ARTIFACT = "model"  # the pyfunc's name in its run: runs:/RUN_ID/model
-MODEL_CONFIG_FILE = "config.json"
 DEFAULT_CACHE_DIR = Path("~/.cache/llm-pipeline/models")
 # 500 is the smallest value limit among MLflow servers still deployed (newer allow 6000); the full
 # config is logged as an artifact too, so a truncated param loses nothing.
@@ -42,35 +56,6 @@ PIP_REQUIREMENTS = ["torch", "numpy", "tokenizers", "safetensors", "pandas"]
 _CACHE_STAMP = ".llm-source.json"
 # A cache download dir nothing has written to for this long was left by a crashed process.
 ABANDONED_AFTER_S = 3600.0
-
-
-# `scheme://user:password@host`: requests sends URL userinfo as basic auth, so a tracking URI
-# may carry credentials. Greedy up to the host, so a password holding '@' goes too. Not in a
-# model URI: `models://llm@production` names a model and its alias, never a user.
-_USERINFO = re.compile(r"(?P<scheme>\b(?!(?:models|runs)://)[A-Za-z][\w+.-]*://)[^/\s?#]*@")
-
-
-def redact_uri(text: str) -> str:
-    """`https://alice:s3cr3t@mlflow.example.com` -> `https://***@mlflow.example.com`, in a URI
-    or in any text holding URIs (an exception's message). For everything that is shown, logged
-    or stored (params, metadata, cache paths); connections use the URI whole."""
-    return _USERINFO.sub(r"\g<scheme>***@", str(text))
-
-
-class TrackingError(RuntimeError):
-    """The tracking server or registry refused or could not be reached; one readable line
-    (credentials in the URIs it names are redacted)."""
-
-    def __init__(self, message: object = "", *args: object) -> None:
-        super().__init__(redact_uri(str(message)), *args)
-
-
-class ModelNotFoundError(TrackingError, LookupError):
-    """A model URI names nothing: unknown path, model, version, alias or run."""
-
-
-class InvalidModelUriError(TrackingError, ValueError):
-    """A models:/ or runs:/ URI that is malformed: no change in the registry can make it load."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +86,6 @@ class ResolvedModel:
     version: str | None
     run_id: str | None
     uri: str
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 # -- params ---------------------------------------------------------------------------------------
@@ -142,41 +123,6 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 # -- mlflow plumbing ----------------------------------------------------------------------------
 
 
-def _client(tracking_uri: str | None = None) -> tuple[Any, str]:
-    """An MlflowClient for the URI; TrackingError if MLflow cannot use it (an unknown scheme)."""
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or default_tracking_uri()
-    try:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
-    except Exception as exc:
-        raise TrackingError(f"cannot use tracking URI {uri!r}: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = redact_uri(" ".join(str(exc).split()))
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _http_status(exc: BaseException) -> int | None:
-    from mlflow.exceptions import MlflowException
-
-    return exc.get_http_status_code() if isinstance(exc, MlflowException) else None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: unreachable, timeouts, 5xx, 429. A 4xx is the request's own fault."""
-    status = _http_status(exc)
-    if status is not None:
-        return not 400 <= status < 500 or status in (408, 429)
-    return isinstance(exc, OSError | TimeoutError)  # requests' errors derive from OSError
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    # A missing alias comes back as 400 INVALID_PARAMETER_VALUE "... alias x not found."
-    return _http_status(exc) == 404 or "not found" in str(exc).lower()
-
-
 def _is_not_active(exc: BaseException) -> bool:
     # update_run on a deleted run: 400 "The run ... must be in the 'active' state."
     return "'active' state" in str(exc)
@@ -188,12 +134,6 @@ def _check_resumable(run: Any, tracking_uri: str) -> None:
     if run.info.lifecycle_stage == "deleted":
         raise ModelNotFoundError(f"cannot resume run {run.info.run_id}: it is deleted on "
                                  f"{tracking_uri}")  # fmt: skip
-
-
-def _tracking_error(action: str, uri: str, exc: BaseException) -> TrackingError:
-    if _is_transient(exc):
-        return TrackingError(f"cannot {action}: MLflow at {uri} unreachable ({_one_line(exc)})")
-    return TrackingError(f"cannot {action}: {_one_line(exc)}")
 
 
 def _local_artifact_root(tracking_uri: str) -> str | None:
@@ -222,34 +162,6 @@ def _bound_mlflow_http() -> None:
     with _http_lock:
         for key, value in TRACKER_HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-
-
-@contextmanager
-def _mlflow_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking and registry URIs at `uri` for a fluent-API call.
-
-    Restores the previous *unset* state too, so a later MLFLOW_TRACKING_URI still wins.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_tracking = tracking_utils._tracking_uri
-    old_registry = registry_utils._registry_uri
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses): restore that too.
-    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri = old_tracking
-        registry_utils._registry_uri = old_registry
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # -- trackers -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from lmcore.tracking import TrackingError
+from lmcore.mlflow_client import TrackingError
 from services.common.settings import Settings
 from services.stack import Stack, StackConfig, StackError, StackState, banner
 

@@ -224,8 +224,9 @@ def generate(
     from lmcore.checkpoint import CheckpointError, load_model_dir
     from lmcore.generate import ContextLengthError, NonFiniteLogitsError, SamplingParams
     from lmcore.generate import generate as run_generate
+    from lmcore.mlflow_client import TrackingError
     from lmcore.precision import inference_dtype, resolve_precision
-    from lmcore.tracking import TrackingError, resolve_model_uri
+    from lmcore.tracking import resolve_model_uri
 
     expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError,
                 NonFiniteLogitsError)  # fmt: skip
@@ -290,8 +291,9 @@ def promote(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
 ) -> None:
     from lmcore import tracking
+    from lmcore.mlflow_client import TrackingError
 
-    with _fail_fast_mlflow(), _expected_errors(tracking.TrackingError):
+    with _fail_fast_mlflow(), _expected_errors(TrackingError):
         tracking.promote(name, version, alias, tracking_uri=tracking_uri)
     typer.echo(f"{name}@{alias} -> version {version}")
 
@@ -547,7 +549,7 @@ _CREDENTIAL_ENV = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|API_?KEY", re.IG
 def _tracking_uri_without_credentials(uri: str) -> str:
     """`uri`, refused if it carries credentials: they would be a plain env value in the job,
     readable by anyone who may get pytorchjobs or pods, and printed by --dry-run."""
-    from lmcore.tracking import redact_uri
+    from lmcore.mlflow_client import redact_uri
 
     if redact_uri(uri) != uri:
         raise CliError(
@@ -561,7 +563,7 @@ def _tracking_uri_without_credentials(uri: str) -> str:
 def _redacted_job(job: dict[str, Any]) -> dict[str, Any]:
     """A copy of the job to show (--dry-run): credentials in URIs become `***@`, and plain env
     values of credential-like variables (_CREDENTIAL_ENV) `***`."""
-    from lmcore.tracking import redact_uri
+    from lmcore.mlflow_client import redact_uri
 
     def redact(node: Any) -> Any:
         if isinstance(node, dict):

@@ -28,7 +28,7 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 
-from lmcore.tracking import TrackingError
+from lmcore.mlflow_client import TrackingError
 from services.common.redis_binary import RedisNotFoundError, find_redis_server
 from services.common.settings import Settings
 

@@ -54,7 +54,7 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
 def shareable_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as logged and stored (run params, config.yaml, the model dir's
     metadata, which every registry reader can download): tracking.uri without credentials."""
-    from lmcore.tracking import redact_uri  # mlflow stays unimported
+    from lmcore.mlflow_client import redact_uri  # mlflow stays unimported
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)

@@ -16,15 +16,11 @@ from lmcore.checkpoint import CheckpointError, load_model_dir
 from lmcore.config import ConfigError
 from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.linear import gemm_library
+from lmcore.mlflow_client import InvalidModelUriError, TrackingError  # mlflow only when used
 from lmcore.model import Transformer
 from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import (  # imports mlflow only when used
-    InvalidModelUriError,
-    TrackingError,
-    parse_model_uri,
-    resolve_model_uri,
-)
+from lmcore.tracking import parse_model_uri, resolve_model_uri
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
 

@@ -27,14 +27,13 @@ from lmcore import tracking
 from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate
+from lmcore.mlflow_client import ModelNotFoundError, TrackingError
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 from lmcore.tracking import (
     TRACKER_HTTP_DEFAULTS,
     MlflowTracker,
-    ModelNotFoundError,
     NullTracker,
-    TrackingError,
     current_version,
     flatten_params,
     promote,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from lmcore import tracking
-from lmcore.tracking import TrackingError
+from lmcore.mlflow_client import TrackingError
 
 pytestmark = pytest.mark.unit
 

@@ -6,14 +6,8 @@ import os
 
 import pytest
 
-from lmcore.tracking import (
-    TRACKER_HTTP_DEFAULTS,
-    InvalidModelUriError,
-    MlflowTracker,
-    _mlflow_uris,
-    parse_model_uri,
-    redact_uri,
-)
+from lmcore.mlflow_client import InvalidModelUriError, _mlflow_uris, redact_uri
+from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker, parse_model_uri
 
 pytestmark = pytest.mark.unit
 

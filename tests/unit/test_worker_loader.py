@@ -12,10 +12,10 @@ from lmcore.checkpoint import CheckpointError, save_model_dir
 from lmcore.config import ConfigError, preset
 from lmcore.inference_layout import ShapeChoice
 from lmcore.linear import Linear
+from lmcore.mlflow_client import InvalidModelUriError, ModelNotFoundError, TrackingError
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import InvalidModelUriError, ModelNotFoundError, TrackingError
 from services.common.settings import Settings
 from services.worker.loader import (
     FatalLoadError,
