@@ -41,7 +41,7 @@ from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
 from lmcore.quantize import quantization_report
-from lmcore.tracking import ModelVersionInfo  # a dataclass; mlflow is imported only when used
+from lmcore.registry import ModelVersionInfo  # a dataclass; mlflow is imported only when used
 
 log = logging.getLogger(__name__)
 

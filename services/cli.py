@@ -290,11 +290,11 @@ def promote(
     alias: str = typer.Option("production", "--alias"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
 ) -> None:
-    from lmcore import tracking
+    from lmcore import registry
     from lmcore.mlflow_client import TrackingError
 
     with _fail_fast_mlflow(), _expected_errors(TrackingError):
-        tracking.promote(name, version, alias, tracking_uri=tracking_uri)
+        registry.promote(name, version, alias, tracking_uri=tracking_uri)
     typer.echo(f"{name}@{alias} -> version {version}")
 
 

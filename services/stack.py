@@ -224,7 +224,7 @@ class Stack:
 
     def _ensure_model(self, mlflow_url: str | None) -> str:
         """models:/llm@production, after training and promoting a first version if needed."""
-        from lmcore.tracking import current_version, promote
+        from lmcore.registry import current_version, promote
 
         if mlflow_url is None:
             raise StackError("without MLflow the stack needs a model_uri (a local model dir)")

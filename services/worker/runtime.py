@@ -252,7 +252,7 @@ class WorkerRuntime:
     def check_alias(self, name: str, alias: str) -> None:
         """One poll: swap to the version `name@alias` names, unless it is the one serving or
         one that already failed here (until the alias moves, or its retry is due)."""
-        from lmcore.tracking import current_version
+        from lmcore.registry import current_version
 
         info = current_version(name, alias, self.settings.mlflow_tracking_uri)
         serving, refused = self.serving, self.refused

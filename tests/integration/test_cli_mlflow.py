@@ -11,8 +11,9 @@ from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate
 from lmcore.model import Transformer
+from lmcore.registry import current_version
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import MlflowTracker, current_version
+from lmcore.tracking import MlflowTracker
 from services import cli
 from tests.helpers.mlflow_server import mlflow_server
 

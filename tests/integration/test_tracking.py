@@ -29,14 +29,13 @@ from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate
 from lmcore.mlflow_client import ModelNotFoundError, TrackingError
 from lmcore.model import Transformer
+from lmcore.registry import current_version, promote
 from lmcore.tokenizer import Tokenizer
 from lmcore.tracking import (
     TRACKER_HTTP_DEFAULTS,
     MlflowTracker,
     NullTracker,
-    current_version,
     flatten_params,
-    promote,
     resolve_model_uri,
 )
 from tests.helpers.mlflow_server import MlflowServer, free_port, running_server

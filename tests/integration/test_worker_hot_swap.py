@@ -62,7 +62,8 @@ def test_promoting_a_new_version_under_load_fails_no_job_and_results_name_both(
 ) -> None:
     from lmcore.checkpoint import load_model_dir
     from lmcore.generate import SamplingParams, generate
-    from lmcore.tracking import MlflowTracker, promote, resolve_model_uri
+    from lmcore.registry import promote
+    from lmcore.tracking import MlflowTracker, resolve_model_uri
 
     state, tmp = stack
     uri = state.mlflow_url
@@ -135,7 +136,8 @@ def test_a_version_that_failed_to_swap_is_not_retried_until_the_alias_moves(
     import json
     import logging
 
-    from lmcore.tracking import MlflowTracker, promote
+    from lmcore.registry import promote
+    from lmcore.tracking import MlflowTracker
     from services.common import keys
     from services.common.settings import Settings
     from services.worker.runtime import WorkerRuntime

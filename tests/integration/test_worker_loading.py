@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcore.tracking import MlflowTracker, current_version, promote
+from lmcore.registry import current_version, promote
+from lmcore.tracking import MlflowTracker
 from services.common.settings import Settings
 from services.worker.runtime import WorkerRuntime
 from tests.helpers.mlflow_server import free_port, mlflow_server

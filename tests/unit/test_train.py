@@ -32,7 +32,7 @@ from lmcore.train import (
     total_steps,
 )
 from lmcore.model import Transformer
-from lmcore.tracking import ModelVersionInfo
+from lmcore.registry import ModelVersionInfo
 from tests.helpers.trainer_run import RecordingTracker, UnionSampler, write_corpus
 
 pytestmark = pytest.mark.unit
