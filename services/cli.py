@@ -225,8 +225,8 @@ def generate(
     from lmcore.generate import ContextLengthError, NonFiniteLogitsError, SamplingParams
     from lmcore.generate import generate as run_generate
     from lmcore.mlflow_client import TrackingError
+    from lmcore.model_uri import resolve_model_uri
     from lmcore.precision import inference_dtype, resolve_precision
-    from lmcore.tracking import resolve_model_uri
 
     expected = (ValueError, TrackingError, CheckpointError, OSError, RuntimeError,
                 NonFiniteLogitsError)  # fmt: skip

@@ -18,9 +18,9 @@ from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.linear import gemm_library
 from lmcore.mlflow_client import InvalidModelUriError, TrackingError  # mlflow only when used
 from lmcore.model import Transformer
+from lmcore.model_uri import parse_model_uri, resolve_model_uri
 from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
-from lmcore.tracking import parse_model_uri, resolve_model_uri
 from services.common.jobs import ModelRef
 from services.common.settings import Settings
 

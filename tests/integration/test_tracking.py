@@ -1,4 +1,5 @@
-"""lmcore.tracking against a real `mlflow server` (SQLite + local artifacts) on a free port.
+"""lmcore.tracking, lmcore.registry and lmcore.model_uri against a real `mlflow server`
+(SQLite + local artifacts) on a free port.
 
 No mocks: runs, registry, aliases, the pyfunc and an outage (server killed and restarted on the
 same port and backend) all go through MLflow's own client and server.
@@ -29,6 +30,7 @@ from lmcore.config import preset
 from lmcore.generate import SamplingParams, generate
 from lmcore.mlflow_client import ModelNotFoundError, TrackingError
 from lmcore.model import Transformer
+from lmcore.model_uri import resolve_model_uri
 from lmcore.registry import current_version, promote
 from lmcore.tokenizer import Tokenizer
 from lmcore.tracking import (
@@ -36,7 +38,6 @@ from lmcore.tracking import (
     MlflowTracker,
     NullTracker,
     flatten_params,
-    resolve_model_uri,
 )
 from tests.helpers.mlflow_server import MlflowServer, free_port, running_server
 
@@ -95,7 +96,7 @@ def test_flatten_params_joins_nested_keys_and_caps_long_values() -> None:
 
 
 def test_importing_tracking_and_pyfunc_does_not_import_mlflow() -> None:
-    code = ("import sys, lmcore.tracking, lmcore.mlflow_pyfunc; "
+    code = ("import sys, lmcore.tracking, lmcore.registry, lmcore.model_uri, lmcore.mlflow_pyfunc; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -634,7 +635,7 @@ def test_a_cached_version_loads_while_the_tracking_server_is_down(
     pinned = resolve_model_uri("models:/llm-outage/1", cache, relay.uri)
 
     relay.stop()
-    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    caplog.set_level(logging.WARNING, logger="lmcore.model_uri")
     again = resolve_model_uri("models:/llm-outage/1", cache, relay.uri)
     assert (again.path, again.version, again.run_id) == (pinned.path, "1", pinned.run_id)
     assert "unreachable" in caplog.text and "serving models:/llm-outage/1 from the cache" \

@@ -62,8 +62,9 @@ def test_promoting_a_new_version_under_load_fails_no_job_and_results_name_both(
 ) -> None:
     from lmcore.checkpoint import load_model_dir
     from lmcore.generate import SamplingParams, generate
+    from lmcore.model_uri import resolve_model_uri
     from lmcore.registry import promote
-    from lmcore.tracking import MlflowTracker, resolve_model_uri
+    from lmcore.tracking import MlflowTracker
 
     state, tmp = stack
     uri = state.mlflow_url

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lmcore import tracking
+from lmcore import model_uri
 from lmcore.mlflow_client import TrackingError
 
 pytestmark = pytest.mark.unit
@@ -37,7 +37,7 @@ def source(tmp_path: Path) -> Path:
 
 def download(source: Path, root: Path, stamp: dict[str, Any] = STAMP) -> Path:
     tracking_uri = f"sqlite:///{root.parent / 'unused.db'}"  # a local source never opens it
-    return tracking._download_cached(str(source), tracking_uri, root, KEY, stamp, "models:/llm/1")
+    return model_uri._download_cached(str(source), tracking_uri, root, KEY, stamp, "models:/llm/1")
 
 
 def publish_copy(source: Path, target: Path, stamp: dict[str, Any]) -> None:
@@ -45,7 +45,7 @@ def publish_copy(source: Path, target: Path, stamp: dict[str, Any]) -> None:
     target.mkdir(parents=True)
     for f in source.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
-    (target / tracking._CACHE_STAMP).write_text(json.dumps(stamp, sort_keys=True))
+    (target / model_uri._CACHE_STAMP).write_text(json.dumps(stamp, sort_keys=True))
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -90,13 +90,13 @@ def test_a_stale_entry_is_replaced_by_the_new_download(source: Path, tmp_path: P
 def test_an_entry_replaced_while_publishing_is_an_error_even_without_asserts(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = tracking._publish
+    real = model_uri._publish
 
     def then_another_version(src: Path, target: Path, *args: Any) -> None:
         real(src, target, *args)
-        (target / tracking._CACHE_STAMP).write_text(json.dumps({**STAMP, "created": 2}))
+        (target / model_uri._CACHE_STAMP).write_text(json.dumps({**STAMP, "created": 2}))
 
-    monkeypatch.setattr(tracking, "_publish", then_another_version)
+    monkeypatch.setattr(model_uri, "_publish", then_another_version)
     with pytest.raises(TrackingError, match="replaced while downloading"):
         download(source, tmp_path / "cache")
 
@@ -126,8 +126,8 @@ def test_the_cache_dir_comes_from_the_variable_the_worker_reads(
 
     monkeypatch.setenv("LLM_MODEL_CACHE_DIR", str(tmp_path / "models"))
     assert Settings().model_cache_dir == str(tmp_path / "models")
-    assert tracking._cache_root(None) == tmp_path / "models"
-    assert tracking._cache_root(tmp_path / "given") == tmp_path / "given"
+    assert model_uri._cache_root(None) == tmp_path / "models"
+    assert model_uri._cache_root(tmp_path / "given") == tmp_path / "given"
 
 
 def snapshot(path: Path) -> dict[str, bytes | None]:
@@ -192,8 +192,8 @@ def test_resolve_refuses_registry_version_that_escapes_the_cache(
     before = snapshot(victim)
     cache = tmp_path / "cache"
     with pytest.raises(TrackingError, match=r"version '\.\./\.\./\.\./\.\./victim'"):
-        tracking.resolve_model_uri("models:/llm@production", cache_dir=cache,
-                                   tracking_uri=hostile_registry)  # fmt: skip
+        model_uri.resolve_model_uri("models:/llm@production", cache_dir=cache,
+                                    tracking_uri=hostile_registry)  # fmt: skip
     assert snapshot(victim) == before  # not renamed away, replaced or deleted
     assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"source", "victim"}
     assert not [p for p in cache.rglob("*") if p.suffix == ".json"]  # no alias record either
@@ -211,8 +211,8 @@ def test_a_cache_key_that_leads_outside_the_cache_is_refused_before_anything_is_
     for key in [("server", "registry", "llm", "../../../../victim"), ("..", "victim"),
                 ("server", "..", "..", "elsewhere", "x"), ("server", "runs", "r", "..", "..")]:
         with pytest.raises(TrackingError, match="outside the model cache"):
-            tracking._download_cached(str(source), "sqlite:///unused.db", tmp_path / "cache", key,
-                                      STAMP, "models:/llm/1")  # fmt: skip
+            model_uri._download_cached(str(source), "sqlite:///unused.db", tmp_path / "cache", key,
+                                       STAMP, "models:/llm/1")  # fmt: skip
     assert (victim / ".victim.stale-dead").exists()
     (victim / ".victim.stale-dead").rmdir()
     assert snapshot(victim) == before

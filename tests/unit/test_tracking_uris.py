@@ -7,7 +7,8 @@ import os
 import pytest
 
 from lmcore.mlflow_client import InvalidModelUriError, _mlflow_uris, redact_uri
-from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker, parse_model_uri
+from lmcore.model_uri import parse_model_uri
+from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker
 
 pytestmark = pytest.mark.unit
 
