@@ -38,11 +38,11 @@ end"""
 
 # KEYS: job, queue, then the Idempotency-Key binding if any. ARGV: ttl_s, Celery message, then
 # the record's fields and values. Writes the record and pushes its message, both or neither, and
-# gives the binding the record's TTL and its name to the record (CLAIM and FINISH, which restart
-# the record's TTL, restart the binding's too). A record that exists already means an earlier
-# call did it (its reply was lost and redis-py sent the call again): then nothing changes -> 0,
-# else 1. A retried MULTI used to write `queued` over a job a worker had claimed meanwhile and
-# push a second message, so the job ran twice and streamed its text twice.
+# gives the binding the record's TTL and its name to the record (CLAIM, FINISH and CANCEL,
+# which restart the record's TTL, restart the binding's too). A record that exists already
+# means an earlier call did it (its reply was lost and redis-py sent the call again): then
+# nothing changes -> 0, else 1. A retried MULTI used to write `queued` over a job a worker had
+# claimed meanwhile and push a second message, so the job ran twice and streamed its text twice.
 CREATE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -173,6 +173,9 @@ return 1
 # KEYS: job, events, stats, left-queue stream. ARGV: now, ttl_s, job id.
 # queued -> cancelled now (the worker will find it final and skip it); running -> flag for the
 # worker to stop between decode steps. -> the status after the call, or 'missing'.
+# A cancelled queued job is final, like a finished one: its record's TTL restarts with its
+# stream's, and its binding's with them (a job that waited most of its TTL would otherwise
+# vanish moments after the cancel, leaving its stream and freeing its Idempotency-Key).
 CANCEL = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
@@ -180,7 +183,9 @@ if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
              'finish_reason', 'cancelled', 'text', '', 'completion_tokens', '0')
   redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', 'cancelled')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
+  {_extend_idempotency("ARGV[2]")}
   redis.call('HINCRBY', KEYS[3], 'jobs:cancelled', 1)
   {_announce_left_queue("KEYS[4]", "ARGV[3]")}
   return 'cancelled'

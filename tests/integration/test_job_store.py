@@ -110,6 +110,27 @@ def test_idempotency_binding_lives_as_long_as_its_record(server: RedisServer) ->
     with_store(server, test)
 
 
+def test_cancelling_a_job_that_waited_long_restarts_its_records_and_bindings_ttl(
+    server: RedisServer,
+) -> None:
+    # The cancel makes a queued job final and restarted its events stream's TTL only: a job
+    # that waited in the queue for most of its TTL then vanished moments later (GET answered
+    # 404, the stream lived on alone) and its Idempotency-Key made a second job.
+    async def test(redis: Redis, store: JobStore) -> None:
+        job_id, idem = "job-cancelled-late", keys.idempotency("p:cancelled-late")
+        assert await store.claim_idempotency("p:cancelled-late", "digest", job_id) is None
+        await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}",
+                           "p:cancelled-late")  # fmt: skip
+        for key in (keys.job(job_id), idem):  # as if it had waited all but 5 s of its TTL
+            await redis.expire(key, 5)
+        assert await store.cancel(job_id) == "cancelled"
+        assert await redis.ttl(keys.job(job_id)) > JOB_TTL_S - 5
+        assert await redis.ttl(idem) > JOB_TTL_S - 5
+        assert await redis.ttl(keys.events(job_id)) > JOB_TTL_S - 5
+
+    with_store(server, test)
+
+
 def test_a_binding_that_names_another_job_keeps_its_own_ttl(server: RedisServer) -> None:
     # The key was bound again after the old binding expired: the old job's claim leaves it be.
     async def test(redis: Redis, store: JobStore) -> None:
