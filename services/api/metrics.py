@@ -146,7 +146,11 @@ class _Snapshot:
             hist.add_metric([], cumulative_buckets(s, name), float(s.get(f"{name}:sum", 0.0)))
             yield hist
         if self.queue is not None:
-            depth = GaugeMetricFamily("llm_queue_depth", "Jobs waiting in the Celery queue.")
+            depth = GaugeMetricFamily(
+                "llm_queue_depth",
+                "Jobs queued: submitted, not yet claimed by a worker nor cancelled (the Celery "
+                "list's length also counts messages of jobs cancelled while queued).",
+            )
             depth.add_metric([], float(self.queue))
             yield depth
         if self.workers is not None:

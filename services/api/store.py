@@ -72,7 +72,7 @@ class JobStore:
         One script that does nothing when the record exists already, so redis-py's retry of a
         call whose reply was lost (the API's client retries twice) changes nothing.
         """
-        job_keys = [keys.job(record.id), keys.QUEUE]
+        job_keys = [keys.job(record.id), keys.QUEUE, keys.QUEUED]
         if idempotency is not None:
             job_keys.append(keys.idempotency(idempotency))
         fields = [item for pair in record.to_hash().items() for item in pair]
@@ -113,12 +113,23 @@ class JobStore:
     async def cancel(self, job_id: str) -> str:
         """Cancel atomically: 'missing', 'cancelled' (was queued), 'running' (flagged) or final."""
         return await self._cancel(
-            keys=[keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE],
+            keys=[keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE,
+                  keys.QUEUED],
             args=[repr(time.time()), self.ttl_s, job_id],
         )
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.llen(keys.QUEUE))
+        """Jobs `queued`: neither claimed nor cancelled yet. Not the Celery list's length, which
+        also counts the messages of jobs cancelled while queued until a worker pops them.
+
+        A job created longer than the job TTL ago is no longer counted: its record expired
+        unclaimed (no worker, or none for that long), so it will never run.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(keys.QUEUED, "-inf", f"({time.time() - self.ttl_s!r}")
+            pipe.zcard(keys.QUEUED)
+            _, depth = await pipe.execute()
+        return int(depth)
 
     async def workers(self) -> list[dict[str, Any]]:
         """Workers whose heartbeat key has not expired."""

@@ -18,6 +18,11 @@ WORKERS = f"{PREFIX}:workers"
 # queued jobs, which have nothing to say until then. Trimmed to about LEFT_QUEUE_MAXLEN entries.
 LEFT_QUEUE = f"{PREFIX}:jobs:left-queue"
 LEFT_QUEUE_MAXLEN = 10_000
+# The jobs that are `queued` (a sorted set of ids, scored by their records' created_at): the
+# create adds each, the claim and the cancel remove it as it leaves `queued`, and its reader
+# drops those older than the job TTL (their records expired unclaimed). The Celery list QUEUE is
+# no count of them: a job cancelled while queued keeps its message there until a worker pops it.
+QUEUED = f"{PREFIX}:jobs:queued"
 
 
 def job(job_id: str) -> str:

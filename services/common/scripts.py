@@ -36,8 +36,9 @@ if idem then
 end"""
 
 
-# KEYS: job, queue, then the Idempotency-Key binding if any. ARGV: ttl_s, Celery message, then
-# the record's fields and values. Writes the record and pushes its message, both or neither, and
+# KEYS: job, queue, queued set, then the Idempotency-Key binding if any. ARGV: ttl_s, Celery
+# message, then the record's fields and values (id and created_at among them). Writes the record,
+# pushes its message and adds the job to the queued set, all or nothing, and
 # gives the binding the record's TTL and its name to the record (CLAIM, FINISH and CANCEL,
 # which restart the record's TTL, restart the binding's too). A record that exists already
 # means an earlier call did it (its reply was lost and redis-py sent the call again): then
@@ -48,9 +49,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
-if KEYS[3] then
-  redis.call('HSET', KEYS[1], '{IDEMPOTENCY_FIELD}', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'),
+           redis.call('HGET', KEYS[1], 'id'))
+if KEYS[4] then
+  redis.call('HSET', KEYS[1], '{IDEMPOTENCY_FIELD}', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
 end
 return 1
 """
@@ -70,12 +73,14 @@ return 1
 """
 
 
-# KEYS: job, lease, left-queue stream. ARGV: owner, now, lease_ttl_ms, job id, job ttl_s.
+# KEYS: job, lease, left-queue stream, queued set. ARGV: owner, now, lease_ttl_ms, job id,
+# job ttl_s.
 # -> {'missing'} | {final status} | {'leased', holder} | {'claimed', attempts, cancel_requested}
 # The record's TTL restarts at the claim: a job that waited in the queue for most of it must
 # not expire while it runs (its result would have nowhere to go). Its Idempotency-Key binding's
-# restarts with it.
+# restarts with it. Whatever the record says, a worker took the job's message: it waits no more.
 CLAIM = f"""
+redis.call('ZREM', KEYS[4], ARGV[4])
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{'missing'}} end
 if {_FINAL} then return {{st}} end
@@ -170,7 +175,7 @@ if holder == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
-# KEYS: job, events, stats, left-queue stream. ARGV: now, ttl_s, job id.
+# KEYS: job, events, stats, left-queue stream, queued set. ARGV: now, ttl_s, job id.
 # queued -> cancelled now (the worker will find it final and skip it); running -> flag for the
 # worker to stop between decode steps. -> the status after the call, or 'missing'.
 # A cancelled queued job is final, like a finished one: its record's TTL restarts with its
@@ -188,6 +193,7 @@ if st == 'queued' then
   {_extend_idempotency("ARGV[2]")}
   redis.call('HINCRBY', KEYS[3], 'jobs:cancelled', 1)
   {_announce_left_queue("KEYS[4]", "ARGV[3]")}
+  redis.call('ZREM', KEYS[5], ARGV[3])
   return 'cancelled'
 end
 if st == 'running' then
@@ -226,7 +232,7 @@ def claim_call(
 ) -> dict[str, list]:
     """CLAIM's keys and args for a worker taking job_id: `claim(**claim_call(...))`."""
     return {
-        "keys": [keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE],
+        "keys": [keys.job(job_id), keys.lease(job_id), keys.LEFT_QUEUE, keys.QUEUED],
         "args": [owner, repr(now), int(lease_ttl_s * 1000), job_id, ttl_s],
     }
 

@@ -171,7 +171,8 @@ def finish_call(job_id: str, owner: str, status: str = "succeeded") -> dict[str,
 def cancel_call(job_id: str, now: float = 50.0) -> dict[str, list]:
     """CANCEL's keys and args as the API's JobStore.cancel builds them."""
     return {
-        "keys": [keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE],
+        "keys": [keys.job(job_id), keys.events(job_id), keys.STATS, keys.LEFT_QUEUE,
+                 keys.QUEUED],
         "args": [repr(now), 60, job_id],
     }
 

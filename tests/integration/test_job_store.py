@@ -144,6 +144,45 @@ def test_a_binding_that_names_another_job_keeps_its_own_ttl(server: RedisServer)
 
     with_store(server, test)
 
+
+def test_the_queue_depth_counts_only_jobs_neither_claimed_nor_cancelled(
+    server: RedisServer,
+) -> None:
+    # It read the Celery list's length, where a job cancelled while queued keeps its message
+    # until a worker pops it: dashboards showed a backlog of jobs that would never run.
+    async def test(redis: Redis, store: JobStore) -> None:
+        claim = redis.register_script(scripts.CLAIM)
+        before = await store.queue_depth()
+        for job_id in ("depth-waits", "depth-cancelled", "depth-claimed", "depth-gone"):
+            await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}")
+        assert await store.queue_depth() == before + 4
+        assert await store.cancel("depth-cancelled") == "cancelled"
+        await redis.delete(keys.job("depth-gone"))  # its record expired before any claim
+        for job_id, reply in (("depth-claimed", "claimed"), ("depth-gone", "missing")):
+            called = await claim(**scripts.claim_call(job_id, "w1", now=time.time(),
+                                                      lease_ttl_s=30, ttl_s=JOB_TTL_S))  # fmt: skip
+            assert called[0] == reply
+        assert await store.queue_depth() == before + 1
+
+    with_store(server, test)
+
+
+def test_a_job_whose_record_expired_while_queued_is_no_longer_counted(
+    server: RedisServer,
+) -> None:
+    # No worker claimed it for a whole TTL: its record is gone and it will never run, though
+    # nothing removed it from the queued jobs (no claim, no cancel).
+    async def test(redis: Redis, store: JobStore) -> None:
+        before = await store.queue_depth()
+        stale = JobRecord.new("depth-expired", JobRequest(prompt="a"))
+        stale.created_at = time.time() - JOB_TTL_S - 1  # submitted a TTL ago
+        await store.create(stale, "{}")
+        await redis.delete(keys.job(stale.id))  # as its TTL would have
+        await store.create(JobRecord.new("depth-fresh", JobRequest(prompt="a")), "{}")
+        assert await store.queue_depth() == before + 1
+
+    with_store(server, test)
+
 # -- lost replies ---------------------------------------------------------------------------
 
 # The create's request carries the queue's name as one argument (RESP ends it with CRLF).
