@@ -46,8 +46,19 @@ def _printable(value: Any) -> Any:
     return value
 
 
+def _raw_body(error: dict[str, Any]) -> dict[str, Any]:
+    # Without a JSON Content-Type FastAPI validates the body as raw bytes. Say that is the cause
+    # (curl -d sends a form type), and echo the bytes decoded leniently: the encoder's strict
+    # decode raised on a latin-1 body, a 500.
+    if not isinstance(error.get("input"), bytes):
+        return error
+    msg = "the body was not read as JSON: send it with Content-Type: application/json"
+    return {**error, "msg": msg, "input": error["input"].decode("utf-8", "replace")}
+
+
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": _printable(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = [_raw_body(error) for error in exc.errors()]
+    return JSONResponse({"detail": _printable(jsonable_encoder(errors))}, status_code=422)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Any:

@@ -374,6 +374,22 @@ def test_out_of_bounds_request_is_422_naming_the_field(
     assert any(loc[:2] == ["body", field] for loc in locs), locs
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("path", ["/jobs", "/generate_text"])
+def test_a_body_without_a_json_content_type_is_422_naming_the_body(
+    client: Any, path: str, content_type: str | None
+) -> None:
+    """`curl -d @file` sends a form type; a body in a legacy encoding (latin-1 here) was a 500."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"prompt": "caf\xe9", "num_of_token_generated": 1}'
+    resp = client.post(path, content=body, headers=headers)
+
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body"]
+    assert "Content-Type: application/json" in error["msg"]
+
+
 def test_a_last_event_id_redis_would_refuse_is_422_naming_the_header(client: Any) -> None:
     # The hub reads every open stream in one XREAD: such a cursor would have ended them all.
     job_id = submit(client, {"prompt": "a", "max_new_tokens": 4})
