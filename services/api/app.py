@@ -94,6 +94,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Queue text generation jobs, poll or stream them; workers run the model.",
         lifespan=lifespan,
+        # No redirect for a trailing slash: its Location is absolute, with the scheme uvicorn
+        # sees, so behind a TLS proxy `POST https://.../jobs/` went to http:// (clients dropped
+        # the key or resent the prompt in clear). No route has a slash form: it is a 404.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     if not settings.api_keys:  # say so: an empty key Secret opens the job endpoints too

@@ -390,6 +390,17 @@ def test_a_body_without_a_json_content_type_is_422_naming_the_body(
     assert "Content-Type: application/json" in error["msg"]
 
 
+def test_a_trailing_slash_is_404_not_a_redirect(client: Any) -> None:
+    """The redirect's Location was absolute with the scheme uvicorn saw: behind a TLS proxy it
+    sent clients to http://, where they dropped the key or resent the prompt in clear."""
+    job_id = submit(client, {"prompt": "a", "max_new_tokens": 1})
+    for method, path in [("POST", "/jobs/"), ("GET", f"/jobs/{job_id}/"),
+                         ("POST", f"/jobs/{job_id}/cancel/")]:  # fmt: skip
+        resp = client.request(method, path, json={"prompt": "a"})
+        assert resp.status_code == 404, (method, path, resp.status_code)
+        assert "Location" not in resp.headers
+
+
 def test_a_last_event_id_redis_would_refuse_is_422_naming_the_header(client: Any) -> None:
     # The hub reads every open stream in one XREAD: such a cursor would have ended them all.
     job_id = submit(client, {"prompt": "a", "max_new_tokens": 4})
