@@ -329,6 +329,14 @@ def test_job_endpoints_need_a_valid_bearer_key(stack: Any) -> None:
 
     assert missing.status_code == wrong.status_code == seed.status_code == 401
     assert missing.headers["WWW-Authenticate"] == "Bearer"
+    # The key is checked before the body is read: no parser error for a client without a key.
+    json_type = {"Content-Type": "application/json"}
+    for path in ("/jobs", "/generate_text"):
+        for headers in (json_type, {**json_type, "Authorization": "Bearer nope"}):
+            for body in (b'{"prompt": ', b'{"prompt": "\xff"}'):
+                resp = httpx.post(f"{url}{path}", content=body, headers=headers)
+                assert resp.status_code == 401, (path, headers, body, resp.text)
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert other_key.status_code == 404  # the second configured key works
     assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
 

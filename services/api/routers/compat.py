@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from services.api import deps
+from services.api import auth, deps
 from services.api.errors import RETRY_AFTER_S
 from services.api.events import EventHub
 from services.api.model_limits import ModelLimitsCache
@@ -89,7 +89,7 @@ async def cancel_abandoned(job_id: str, store: JobStore) -> JSONResponse:
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
         tags=["seed compatibility"],
-        dependencies=deps.auth_dependencies(settings),
+        dependencies=auth.openapi_security(settings), route_class=auth.KeyCheckedRoute,
         responses={
             401: {"model": Detail, "description": "Missing or invalid API key."},
             409: {"model": Detail, "description": "The job was cancelled."},

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from services.api import deps
+from services.api import auth, deps
 from services.api.events import EventHub, Subscription
 from services.api.model_limits import ModelLimitsCache
 from services.api.schemas import Detail, JobCreated, JobLinks, JobView, job_request_model
@@ -44,8 +44,8 @@ NOT_FOUND = {404: {"model": Detail, "description": "No such job (or it expired).
 
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
-        prefix="/jobs", tags=["jobs"], dependencies=deps.auth_dependencies(settings),
-        responses=COMMON,
+        prefix="/jobs", tags=["jobs"], responses=COMMON,
+        dependencies=auth.openapi_security(settings), route_class=auth.KeyCheckedRoute,
     )  # fmt: skip
     Request = job_request_model(settings)
 
