@@ -1,9 +1,10 @@
 """Collects a job's token deltas from the engine thread and hands them out as stream chunks.
 
 A redelivered job regenerates the text it already streamed (same seed): those characters are not
-sent twice, and if the new text diverges, or ends shorter, a `reset` chunk replaces what clients
-hold. Token counts add up: a `reset` carries the tokens of its text, each `token` chunk the tokens
-since, so at the end the client's count is the job's completion_tokens. No Redis here.
+sent twice, and if the new text diverges, ends shorter, or takes fewer tokens to reach what
+clients hold, a `reset` chunk replaces it. Token counts add up: a `reset` carries the tokens of
+its text, each `token` chunk the tokens since, so at the end the client's count is the job's
+completion_tokens. No Redis here.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ class TokenSink:
         clients must end up holding exactly its text, with every token counted."""
         with self._lock:
             text, tokens = self._text, self._tokens
-        sent = self._stream
-        if text.startswith(sent) and (len(text) > len(sent) or (final and tokens > self._reported)):
+        sent, reported = self._stream, self._reported  # what clients hold
+        if (text, tokens) == (sent, reported):
+            return []
+        # A token chunk only adds: a redelivery that reached clients' text in fewer tokens
+        # than they were told resets them instead, so their count is never left too high.
+        if text.startswith(sent) and tokens >= reported and (len(text) > len(sent) or final):
             # Tokens that added no text yet (half a character, a possible stop) count here.
-            chunk = Chunk("token", text[len(sent):], max(tokens - self._reported, 0))
-        elif text != sent and (final or not sent.startswith(text)):
+            chunk = Chunk("token", text[len(sent):], tokens - reported)
+        elif final or not sent.startswith(text):
             chunk = Chunk("reset", text, tokens)
         else:
-            return []  # nothing new, or still regenerating what clients already have
+            return []  # still regenerating what clients already have
         self._stream, self._reported = text, tokens
         return [chunk]
 

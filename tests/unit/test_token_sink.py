@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcore.engine import FLUSH_TOKEN_ID
 from services.worker.streaming import Chunk, TokenSink, streamed
@@ -76,6 +78,50 @@ def test_a_redelivered_job_counts_only_the_tokens_beyond_what_clients_hold() -> 
     chunks = sink.take(final=True)
     assert chunks == [Chunk("token", " you", 1)]
     assert held(chunks, "Hello", 2) == ("Hello you", 3)
+
+
+def test_a_redelivery_reaching_clients_text_in_fewer_tokens_corrects_their_count() -> None:
+    # The token chunk's count was floored at 0, so clients kept attempt 1's larger count; and
+    # a final text equal to theirs sent nothing, though its count differed.
+    # Attempt 1 streamed "ab" as 3 tokens (its 3rd: half a character), then died.
+    sink = TokenSink(already_streamed="ab", already_tokens=3)
+    for delta in ("ab", "c"):  # this attempt's kernels merged "a" and "b" into one token
+        sink.on_token(1, delta)
+    assert held(sink.take(final=True), "ab", 3) == ("abc", 2)
+    sink = TokenSink(already_streamed="ab", already_tokens=3)
+    for delta in ("a", "b"):
+        sink.on_token(1, delta)
+    assert held(sink.take(final=True), "ab", 3) == ("ab", 2)
+
+
+# One engine callback: a token (or a FLUSH, which adds text but no token), its text delta, and
+# whether the streamer takes the chunks after it.
+EVENT = st.tuples(st.sampled_from([1, 1, 1, FLUSH_TOKEN_ID]),
+                  st.sampled_from(["", "", "a", "b", "ab", "日"]), st.booleans())  # fmt: skip
+
+
+@settings(max_examples=1000, deadline=None)
+@given(attempts=st.lists(st.tuples(st.lists(EVENT, max_size=10), st.booleans()),
+                         min_size=1, max_size=3))  # fmt: skip
+def test_clients_end_holding_the_last_attempts_text_and_token_count(
+    attempts: list[tuple[list[tuple[int, str, bool]], bool]],
+) -> None:
+    """Each attempt but the last dies mid-job and is redelivered; an attempt regenerates what the
+    one before made first (same seed) or not (its kernels diverged). However they differ, the
+    stream's last reset plus the chunks since is the last attempt's text and token count."""
+    chunks: list[Chunk] = []  # the job's stream
+    made: list[tuple[int, str, bool]] = []
+    for number, (events, replays) in enumerate(attempts, start=1):
+        made = made + events if replays else events
+        sink = TokenSink(*held(chunks))  # what the worker reads back from the stream
+        for token_id, delta, take in made:
+            sink.on_token(token_id, delta)
+            if take:
+                chunks += sink.take()
+        if number == len(attempts):
+            chunks += sink.take(final=True)
+    tokens = sum(1 for token_id, _, _ in made if token_id != FLUSH_TOKEN_ID)
+    assert held(chunks) == ("".join(delta for _, delta, _ in made), tokens)
 
 
 def test_streamed_follows_resets_for_text_and_tokens() -> None:
