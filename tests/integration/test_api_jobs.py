@@ -663,3 +663,21 @@ def test_api_conforms_to_its_openapi_schema(open_api: ApiProcess, mode: str) -> 
         except Exception as exc:  # every operation runs; all failures are reported together
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_an_event_stream_with_events_conforms_to_its_openapi_schema(
+    open_api: ApiProcess, client: Any
+) -> None:
+    """Schemathesis checks each event of a stream against the declared schema; the generated
+    cases above only reach streams of unknown jobs (404s)."""
+    job_id = submit(client, {"prompt": "All:", "max_new_tokens": 3, "seed": 1, "eos": False})
+    wait_final(client, job_id)
+    schema = schemathesis.openapi.from_url(f"{open_api.url}/openapi.json")
+    case = schema["/jobs/{job_id}/events"]["GET"].Case(path_parameters={"job_id": job_id})
+
+    response = case.call(timeout=30)
+
+    assert response.status_code == 200
+    kinds = [line for line in response.text.splitlines() if line.startswith("event:")]
+    assert kinds[0] == "event: token" and kinds[-1] == "event: done", kinds
+    case.validate_response(response)

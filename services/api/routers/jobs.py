@@ -42,6 +42,38 @@ COMMON = {
 NOT_FOUND = {404: {"model": Detail, "description": "No such job (or it expired)."}}
 
 
+def _event_of(kinds: list[str], data: dict) -> dict:
+    """An event of these kinds whose data is JSON text matching `data`."""
+    return {"properties": {
+        "event": {"enum": kinds},
+        "data": {"contentMediaType": "application/json", "contentSchema": data},
+    }}  # fmt: skip
+
+
+TOKEN_DATA = {
+    "type": "object", "required": ["text", "tokens"],
+    "properties": {"text": {"type": "string"}, "tokens": {"type": "integer", "minimum": 0}},
+}  # fmt: skip
+# The record as GET /jobs/{id} shows it; only id and status if it expired as the stream ended.
+DONE_DATA = {"anyOf": [
+    {"$ref": "#/components/schemas/JobView"},
+    {"type": "object", "required": ["id", "status"], "additionalProperties": False,
+     "properties": {"id": {"type": "string"},
+                    "status": {"$ref": "#/components/schemas/JobStatus"}}},
+]}  # fmt: skip
+# One event, with its data by kind. In OpenAPI 3.1 (and for schemathesis) the `schema` of
+# text/event-stream describes each event; `{"type": "string"}` failed every event.
+EVENT = {
+    "type": "object", "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": EVENT_ID},
+        "event": {"enum": ["token", "reset", "done"]},
+        "data": {"type": "string"},
+    },
+    "oneOf": [_event_of(["token", "reset"], TOKEN_DATA), _event_of(["done"], DONE_DATA)],
+}  # fmt: skip
+
+
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
         prefix="/jobs", tags=["jobs"], responses=COMMON,
@@ -121,7 +153,7 @@ def build_router(settings: Settings) -> APIRouter:
                 "{text, tokens} (replace what you have), then one `done` with the job record. "
                 "The last reset's tokens plus the tokens since are the result's "
                 "completion_tokens. Send Last-Event-ID to resume after an event.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": EVENT}},
             },
             204: {
                 "description": "The job is final and Last-Event-ID is at or past its last event: "
