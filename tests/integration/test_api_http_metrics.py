@@ -45,3 +45,11 @@ def test_a_413_is_counted_under_its_route(api: ApiProcess) -> None:
     # A path no route serves is still "unmatched" (ids in raw paths would explode the labels).
     assert httpx.get(f"{api.url}/nowhere/123", timeout=10).status_code == 404
     assert requests_counted(api, "GET", "unmatched", 404) == 1.0
+
+
+def test_a_head_probe_answers_as_get_and_is_counted_under_its_route(api: ApiProcess) -> None:
+    # No worker here: /readyz is 503, and a HEAD probe must see that too, not a 405 or a 200.
+    head = httpx.head(f"{api.url}/readyz", timeout=10)
+    assert head.status_code == httpx.get(f"{api.url}/readyz", timeout=10).status_code == 503
+    assert head.headers["Retry-After"] and head.content == b""
+    assert requests_counted(api, "HEAD", "/readyz", 503) == 1.0

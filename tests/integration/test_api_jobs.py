@@ -617,6 +617,15 @@ def test_readyz_and_metrics_report_the_worker_and_finished_jobs(
     assert delta(cancels % 200) + delta(cancels % 202) == 1
 
 
+def test_probes_and_metrics_answer_head_as_get_without_a_body(client: Any) -> None:
+    """Load balancers and uptime checks probe with HEAD (RFC 9110: a GET resource takes it);
+    a 405 marked every replica down."""
+    for path in ("/healthz", "/readyz", "/metrics"):
+        head = client.head(path)
+        assert head.status_code == client.get(path).status_code == 200, path
+        assert head.content == b"", path
+
+
 # -- the OpenAPI contract -------------------------------------------------------------------------
 
 

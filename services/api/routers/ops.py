@@ -6,6 +6,8 @@ No authentication here: probes and Prometheus must reach them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
@@ -26,15 +28,29 @@ from services.api.store import JobStore
 REDIS_BUDGET_S = 2.0
 
 
+def _get_and_head(router: APIRouter, path: str, **kwargs: Any) -> Callable:
+    """Route GET and HEAD to the handler. HEAD answers as GET without the body (RFC 9110 9.1):
+    load balancers and uptime checks probe with it, and its 405 marked every replica down. It is
+    left out of the spec, where it would repeat GET (and clash with its operation id)."""
+
+    def register(endpoint: Callable) -> Callable:
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kwargs)
+        return endpoint
+
+    return register
+
+
 def build_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", response_model=Health)
+    @_get_and_head(router, "/healthz", response_model=Health)
     async def healthz() -> Health:
         """The process is alive (it checks nothing else)."""
         return Health(status="ok")
 
-    @router.get(
+    @_get_and_head(
+        router,
         "/readyz",
         response_model=Readiness,
         responses={503: {"model": Readiness, "description": "Not ready; see the fields."}},
@@ -61,7 +77,8 @@ def build_router() -> APIRouter:
             )
         return body
 
-    @router.get(
+    @_get_and_head(
+        router,
         "/metrics",
         response_class=Response,
         responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
