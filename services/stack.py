@@ -42,6 +42,20 @@ ORDER = ("redis", "mlflow", "trainer", "worker", "api")
 # leader has died (MLflow's, leaving its uvicorn) as the stack's by its members carrying it.
 STACK_ID_ENV = "LMCTL_STACK_ID"
 MAX_PORT = 65535
+# Redis allocates a stream's newest node at stream-node-max-bytes and keeps it: with the default
+# (4096) each job's events stream, a few small entries, held 4 KB for the job's whole TTL.
+# The chart (redis.streamNodeMaxBytes) and docker-compose.yml use the same.
+STREAM_NODE_MAX_BYTES = 512
+
+
+def redis_command(port: int, host: str, data: Path) -> list[str]:
+    """The stack's redis-server argv: AOF in `data`, no RDB snapshots, small stream nodes."""
+    return [
+        str(find_redis_server()), "--port", str(port), "--bind", host,
+        "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "", "--daemonize", "no", "--protected-mode", "no",
+        "--stream-node-max-bytes", str(STREAM_NODE_MAX_BYTES),
+    ]  # fmt: skip
 
 
 class StackError(RuntimeError):
@@ -196,12 +210,7 @@ class Stack:
     def _start_redis(self, port: int) -> str:
         data = self.root / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            str(find_redis_server()), "--port", str(port), "--bind", self.config.host,
-            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--daemonize", "no", "--protected-mode", "no",
-        ]  # fmt: skip
-        self._spawn("redis", cmd, dict(os.environ))
+        self._spawn("redis", redis_command(port, self.config.host, data), dict(os.environ))
         self._wait(lambda: _redis_ping(self.config.host, port), "redis")
         return f"redis://{self.config.host}:{port}/0"
 

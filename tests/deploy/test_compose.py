@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from services.common.settings import Settings
+from services.stack import STREAM_NODE_MAX_BYTES
 from tests.deploy.conftest import REPO, schema_path
 from tests.deploy.entrypoints import parse_dockerfile
 
@@ -79,6 +80,13 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose: dict) -> None:
         v.endswith(":/data") and v.split(":")[0] in compose["volumes"] for v in redis["volumes"]
     )
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_redis_keeps_each_jobs_events_stream_in_a_small_node(compose: dict) -> None:
+    # As the chart and `lmctl stack up`: with Redis's default (4096) each job's few-entry events
+    # stream held a 4 KB node for the job's whole TTL.
+    cmd = compose["services"]["redis"]["command"]
+    assert cmd[cmd.index("--stream-node-max-bytes") + 1] == str(STREAM_NODE_MAX_BYTES)
 
 
 def test_mlflow_serves_sqlite_and_artifacts_from_a_volume(compose: dict) -> None:

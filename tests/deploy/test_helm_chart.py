@@ -19,6 +19,7 @@ import yaml
 
 from services.common import keys
 from services.common.settings import Settings
+from services.stack import STREAM_NODE_MAX_BYTES
 from tests.deploy.conftest import (
     CHART,
     CI_VALUES,
@@ -145,6 +146,8 @@ BAD_VALUES = {
     "bad storage size": "redis.persistence.size=lots",
     "resources without limits": "api.resources.limits=null",
     "redis maxmemory Redis cannot parse": "redis.maxmemory=lots",
+    "negative stream node size": "redis.streamNodeMaxBytes=-1",
+    "stream node size with a unit": "redis.streamNodeMaxBytes=4kb",
     "GPUs a worker's single engine leaves idle": "worker.gpu.enabled=true,worker.gpu.count=2",
 }
 
@@ -721,6 +724,26 @@ def test_redis_refuses_writes_below_its_memory_limit_and_never_evicts(
     number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", limit).groups()
     # Room for the AOF rewrite's fork (copy-on-write) and client buffers above the data.
     assert 0.5 <= cap / (int(number) * _K8S_UNITS[unit]) <= 0.8
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "external-values"])
+def test_redis_keeps_each_jobs_events_stream_in_a_small_node(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    # Redis allocates a stream's newest node at stream-node-max-bytes and keeps it: with its
+    # default (4096) each job's few-entry events stream held 4 KB for the job's whole TTL.
+    # `lmctl stack up` and docker-compose.yml run Redis with the same size.
+    sts = shapes[shape].get("StatefulSet", component("redis"))
+    args = containers(sts["spec"]["template"]["spec"])[0]["args"]
+    assert args[args.index("--stream-node-max-bytes") + 1] == str(STREAM_NODE_MAX_BYTES)
+
+
+def test_a_large_stream_node_size_renders_as_plain_integer(render, tmp_path: Path) -> None:
+    values = tmp_path / "node-values.yaml"
+    values.write_text("redis:\n  streamNodeMaxBytes: 1048576\n")
+    sts = render(values=(values,)).get("StatefulSet", component("redis"))
+    args = containers(sts["spec"]["template"]["spec"])[0]["args"]
+    assert args[args.index("--stream-node-max-bytes") + 1] == "1048576"
 
 
 def test_generated_redis_password_is_long_and_url_safe(shapes: dict[str, Rendered]) -> None:
