@@ -637,8 +637,18 @@ def _prune(ckpt_dir: Path, keep: int | None, current: Path) -> None:
         return
     complete = _checkpoint_dirs(ckpt_dir)
     for _, p in complete[: max(0, len(complete) - keep)]:
-        if p != current:
-            shutil.rmtree(p, ignore_errors=True)
+        if p == current:
+            continue
+        # Out of view before any file goes: rmtree deletes in directory order, COMPLETE not
+        # first, so a kill midway left a dir listed as complete that did not load. A kill
+        # after the rename leaves an .old- leftover, which the next save sweeps (above).
+        doomed = _temp_sibling(p, "old")
+        try:
+            os.rename(p, doomed)
+        except OSError:
+            continue  # gone already (another pruner): nothing of it is left in view
+        fsync_dir(ckpt_dir)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_training_state(

@@ -621,6 +621,45 @@ def test_keep_prunes_oldest_checkpoints_and_stale_temp_dirs(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
 
 
+# A save whose prune of step 1 is killed right after the first file of it is deleted (the
+# kill comes inside shutil.rmtree, which deletes with os.unlink).
+_KILLED_WHILE_PRUNING = """
+import os, sys, torch
+from lmcore.checkpoint import save_training_state
+from lmcore.config import preset
+from lmcore.model import Transformer
+model = Transformer(preset("tiny", block_size=32))
+opt = torch.optim.AdamW(model.parameters())
+save_training_state(sys.argv[1], 1, model=model, optimizer=opt, keep=1)
+unlink = os.unlink
+def unlink_then_die(*args, **kwargs):
+    unlink(*args, **kwargs)
+    os._exit(137)
+os.unlink = unlink_then_die
+save_training_state(sys.argv[1], 2, model=model, optimizer=opt, keep=1)
+"""
+
+
+def test_a_kill_while_pruning_never_leaves_a_listed_checkpoint_that_does_not_load(
+    tmp_path: Path,
+) -> None:
+    """rmtree of an old checkpoint deletes COMPLETE whenever directory order says: a kill
+    midway left step 1 listed as complete without its other files, and it did not load."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_PRUNING, str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 137, killed.stderr
+    assert [p.name for p in list_training_states(tmp_path)] == ["step-00000002"]
+    for path in list_training_states(tmp_path):
+        assert load_training_state(path, model=tiny_model()).step == 2
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name.startswith("step-00000001.")]
+
+    model = tiny_model()
+    save_training_state(tmp_path, 3, model=model, optimizer=make_optimizer(model), keep=1)
+    assert not leftover.exists()  # swept by the next save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+
+
 def test_training_state_for_a_different_model_is_refused(tmp_path: Path) -> None:
     model = tiny_model()
     save_training_state(tmp_path, 1, model=model, optimizer=make_optimizer(model))
