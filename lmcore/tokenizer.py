@@ -80,6 +80,16 @@ def _check_exact_round_trip(spec: dict) -> None:
                          "family Tokenizer.train makes, whose decode(encode(s)) is s")
 
 
+def _check_eos_is_special(hf: HFTokenizer, eos_id: int) -> None:
+    """Refuse an eos that is not an added token marked special (HF's add_tokens makes one with
+    special=False): plain encode would then turn the text "<|endoftext|>" in user input into
+    the eos id, which only special tokens are kept from."""
+    added = hf.get_added_tokens_decoder().get(eos_id)
+    if added is None or not added.special:
+        raise ValueError(f"tokenizer's {EOS_TOKEN} (id {eos_id}) is not an added token marked "
+                         '"special": true in "added_tokens": user text could encode to eos')
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with one special token, `<|endoftext|>` (eos).
 
@@ -87,7 +97,9 @@ class Tokenizer:
     characters (several ordinary tokens), so any text round-trips and user input can never
     inject an eos. `encode(text, allow_special=True)` maps it to `eos_id` instead.
     `decode` skips nothing: the eos id decodes to "<|endoftext|>". A lone surrogate (not
-    Unicode text, though a Python str may hold one) encodes as U+FFFD.
+    Unicode text, though a Python str may hold one) encodes as U+FFFD. A tokenizer.json's
+    `truncation` and `padding` sections are ignored (`to_str` and `save` write them as null):
+    encode never cuts or pads.
     """
 
     def __init__(self, hf: HFTokenizer) -> None:
@@ -95,14 +107,23 @@ class Tokenizer:
         if eos_id is None:
             raise ValueError(f"tokenizer has no {EOS_TOKEN} token")
         self.eos_id: int = eos_id
-        spec = hf.to_str()
-        _check_exact_round_trip(json.loads(spec))
+        _check_eos_is_special(hf, eos_id)
+        spec = json.loads(hf.to_str())
+        _check_exact_round_trip(spec)
+        # `truncation` and `padding` (saved by HF tooling after enable_truncation/enable_padding)
+        # are dropped, not refused: they are encode options, not vocabulary, and HF would apply
+        # them silently, cutting each prompt's end or appending pad ids. lmcore sets lengths
+        # itself (ContextLengthError, or truncate="left", which keeps the end) and never pads,
+        # so dropping them changes no id lmcore means to make; refusing would make a working
+        # model dir unusable until its tokenizer.json is hand-edited.
+        spec["truncation"] = spec["padding"] = None
+        text = json.dumps(spec)
         # Two engines over one vocabulary instead of toggling a flag per call, so encode stays
         # thread-safe (the serving engine and the API encode from different threads).
-        self._hf_special = hf
-        self._hf_plain = HFTokenizer.from_str(spec)
+        self._hf_special = HFTokenizer.from_str(text)
+        self._hf_plain = HFTokenizer.from_str(text)
         self._hf_plain.encode_special_tokens = True
-        self._token_bytes = self._build_token_bytes(hf)
+        self._token_bytes = self._build_token_bytes(self._hf_special)
 
     @staticmethod
     def _build_token_bytes(hf: HFTokenizer) -> list[bytes]:

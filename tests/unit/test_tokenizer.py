@@ -193,6 +193,18 @@ def _edited(tok: Tokenizer, edit: str) -> str:
         spec["model"]["dropout"] = 0.1
     elif edit == "strip":
         spec["added_tokens"][0]["lstrip"] = True
+    elif edit == "truncation":  # as HF's enable_truncation(3) saves it
+        spec["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst",
+                              "stride": 0}  # fmt: skip
+    elif edit == "padding":  # as HF's enable_padding(length=16, pad_token=eos) saves it
+        spec["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right",
+                           "pad_to_multiple_of": None, "pad_id": tok.eos_id, "pad_type_id": 0,
+                           "pad_token": EOS_TOKEN}  # fmt: skip
+    elif edit == "eos not special":  # as HF's add_tokens makes it
+        [eos] = [t for t in spec["added_tokens"] if t["content"] == EOS_TOKEN]
+        eos["special"] = False
+    elif edit == "eos not added":  # only a piece of the BPE vocabulary
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != EOS_TOKEN]
     elif edit == "gpt2":  # how GPT-2's own tokenizer.json differs, none of it lossy
         spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True,
                                   "trim_offsets": False, "use_regex": True}  # fmt: skip
@@ -211,6 +223,35 @@ def test_a_tokenizer_file_that_alters_text_is_refused_naming_why(
 ) -> None:
     with pytest.raises(ValueError, match=words):
         Tokenizer.from_str(_edited(tok, edit))
+
+
+@pytest.mark.parametrize("edit", ["eos not special", "eos not added"])
+def test_a_tokenizer_file_whose_eos_is_not_special_is_refused_so_user_text_cannot_inject_it(
+    tok: Tokenizer, edit: str
+) -> None:
+    # Such a file used to load, and plain encode("hello<|endoftext|>") ended in eos_id.
+    with pytest.raises(ValueError, match='endoftext.* not an added token marked "special"'):
+        Tokenizer.from_str(_edited(tok, edit))
+
+
+def test_truncation_and_padding_in_a_tokenizer_file_are_dropped_so_encode_neither_cuts_nor_pads(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
+    """HF applies both inside encode: "the king speaks" came back from a max_length 3 file as
+    "the king", and each encoding was padded to 16 ids with eos."""
+    both = json.loads(_edited(tok, "truncation"))
+    both["padding"] = json.loads(_edited(tok, "padding"))["padding"]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(both), encoding="utf-8")
+    loaded = Tokenizer.load(path)
+    texts = [CORPUS[0], "a", f"x{EOS_TOKEN}"]
+    for text in texts:
+        assert loaded.encode(text) == tok.encode(text)
+        assert loaded.decode(loaded.encode(text)) == text
+        assert loaded.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
+    assert loaded.encode_batch(texts) == [tok.encode(t) for t in texts]
+    saved = json.loads(loaded.to_str())
+    assert saved["truncation"] is None and saved["padding"] is None
 
 
 def _with_added(tok: Tokenizer, content: str, special: bool) -> str:
