@@ -365,6 +365,45 @@ def test_a_cache_with_a_torn_tokenizer_or_meta_is_rebuilt(
     assert again.tokenizer.to_str() == first.tokenizer.to_str() and again.meta == first.meta
 
 
+@pytest.mark.parametrize("bad_id", ["vocab_size", 60000])
+def test_a_cache_with_ids_outside_the_vocabulary_is_refused_naming_the_file_and_rebuilt(
+    corpus_dir: Path, tmp_path: Path, bad_id: int | str
+) -> None:
+    """A same-size overwrite used to be reused: 60000 failed mid-training with an IndexError
+    naming no file, vocab_size (inside the padded embedding) trained silently."""
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    vocab, intact = first.tokenizer.vocab_size, np.array(first.train)
+    damaged = np.memmap(first.path / "train.bin", dtype=first.train.dtype, mode="r+")
+    damaged[10:20] = vocab if bad_id == "vocab_size" else bad_id
+    damaged.flush()
+    del damaged
+    with pytest.raises(ValueError, match="train.bin: token id .* outside the vocabulary"):
+        TokenDataset.load(first.path)
+    again = _prepare(corpus_dir, tmp_path / "cache")
+    assert not again.reused and int(again.train.max()) < vocab
+    assert np.array_equal(again.train, intact)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [({"dtype": None}, "dtype must be a string"), ({"dtype": "foo"}, "dtype 'foo'"),
+     ({"dtype": "float16"}, "dtype 'float16'"), ({"train_tokens": 12.0}, "train_tokens must be"),
+     ({"val_tokens": -1}, "val_tokens must be"), ({"vocab_size": None}, "vocab_size must be"),
+     ({"eos_id": True}, "eos_id must be")],
+)  # fmt: skip
+def test_token_dataset_load_refuses_a_bad_meta_field_with_value_error_naming_meta_json(
+    corpus_dir: Path, tmp_path: Path, edit: dict, words: str
+) -> None:
+    """These raised KeyError or TypeError, or (dtype float16) loaded every id as 0."""
+    first = _prepare(corpus_dir, tmp_path / "cache")
+    meta = {**first.meta, **edit}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    (first.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"meta.json: {words}"):
+        TokenDataset.load(first.path)
+    assert not _prepare(corpus_dir, tmp_path / "cache").reused
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
 def test_cache_files_reach_the_disk_before_the_dir_is_renamed_into_place(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
