@@ -172,12 +172,17 @@ class LmPredictor:
         self.loaded: Any = None
 
     def load(self, model_dir: str) -> None:
+        """Load the model dir; CheckpointError if it is broken or has no tokenizer.json (every
+        predict would fail), as the CLI and the worker refuse it."""
         import torch
 
-        from lmcore.checkpoint import load_model_dir
+        from lmcore.checkpoint import CheckpointError, load_model_dir
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.loaded = load_model_dir(model_dir, device=device)
+        loaded = load_model_dir(model_dir, device=device)
+        if loaded.tokenizer is None:
+            raise CheckpointError(f"{model_dir} has no tokenizer.json; the pyfunc needs one")
+        self.loaded = loaded
 
     def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
         """Text for each prompt row; `params` (MLflow's) set what a row leaves out."""

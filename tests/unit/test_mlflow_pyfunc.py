@@ -3,9 +3,12 @@ inference params set what the rows leave out."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from lmcore.checkpoint import CheckpointError
 from lmcore.generate import SamplingParams, generate
 from lmcore.mlflow_pyfunc import (
     LmPredictor,
@@ -26,6 +29,18 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> LmPredictor:
     predictor = LmPredictor()
     predictor.load(str(make_model_dir(tmp_path_factory.mktemp("pyfunc") / "model")))
     return predictor
+
+
+def test_a_model_dir_without_a_tokenizer_is_refused_at_load_not_at_every_predict(
+    tmp_path: Path,
+) -> None:
+    # It used to load, then every predict raised AttributeError (served: a 500 each request).
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "tokenizer.json").unlink()
+    predictor = LmPredictor()
+    with pytest.raises(CheckpointError, match="has no tokenizer.json"):
+        predictor.load(str(model_dir))
+    assert predictor.loaded is None
 
 
 def test_a_dict_of_columns_repeats_single_values_for_every_prompt() -> None:
