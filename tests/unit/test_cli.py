@@ -320,6 +320,19 @@ def test_generate_takes_the_seeds_precision_values_and_checks_them_before_loadin
         assert code == 2 and "does not exist" not in err and out == "", (option, value, err)
 
 
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors"])
+def test_generate_from_a_model_dirs_config_or_weights_file_uses_that_dir(
+    capsys, model_dir: Path, file: str
+) -> None:
+    """load_model_dir takes either file for its dir; lmctl said "DIR/config.json is not a model
+    dir (no config.json)"."""
+    base = ["-n", "6", "--temperature", "0", "the"]
+    _, from_dir, _ = lmctl(capsys, "generate", "--model", str(model_dir), *base)
+    code, out, err = lmctl(capsys, "generate", "--model", str(model_dir / file), *base)
+    assert code == 0, err
+    assert out == from_dir
+
+
 def test_generate_from_an_unknown_path_fails_in_one_line(capsys, tmp_path: Path) -> None:
     code, out, err = lmctl(capsys, "generate", "--model", str(tmp_path / "missing"), "hi")
     assert_one_line_error(code, err, "does not exist")
