@@ -6,8 +6,11 @@ Reads the launcher's environment and nothing else; it must not build models or k
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,10 @@ DEFAULT_TIMEOUT_S = 600.0
 # The longest a collective may be told to wait: a timedelta of much more overflows (inf, 1e300),
 # and a year is longer than any wait that means something.
 MAX_TIMEOUT_S = 365 * 86400.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# (this process, its parent) when this module was first imported: under torchrun, the parent is
+# the launcher (torchrun exports no pid of its own).
+_IMPORTED_IN = (os.getpid(), os.getppid())
 
 
 class DistributedEnvError(RuntimeError):
@@ -90,6 +97,33 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise DistributedEnvError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def stop_with_launcher(environ: Mapping[str, str] | None = None) -> None:
+    """Under torchrun on Linux, have the kernel SIGTERM this rank when its launcher dies.
+
+    torchrun SIGTERMs its ranks when it is stopped, but a SIGKILLed torchrun (kill -9, the OOM
+    killer) left them training and writing the checkpoint dir that a restarted job uses too.
+    They get the SIGTERM torchrun would have sent, and stop as they do on it. A launcher gone
+    already sends nothing, so then this raises instead. A no-op elsewhere.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    launcher = _launcher_pid()
+    if os.getppid() != launcher:  # adopted: the launcher died before the prctl
+        raise DistributedEnvError(f"the launcher (pid {launcher}) of this rank is gone; "
+                                  "not training on without it")  # fmt: skip
+
+
+def _launcher_pid() -> int:
+    """The process that started this one: the parent seen at import, or, in a child forked
+    after the import, the process that imported."""
+    pid, parent = _IMPORTED_IN
+    return parent if pid == os.getpid() else pid
+
+
 def resolve_device(requested: str, env: DistEnv) -> torch.device:
     """`auto`: this process's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
     if requested == "auto":
@@ -140,6 +174,7 @@ def distributed(
     environ: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[DistEnv, torch.device]]:
     """Set up this process's place in the job; the group is destroyed even when the body fails."""
+    stop_with_launcher(environ)
     env = DistEnv.from_env(environ)
     dev = resolve_device(device, env)
     init_process_group(env, dev, timeout_s)

@@ -475,6 +475,7 @@ class Trainer:
     _clock: float  # perf_counter() at which the loop would have started without interruptions
 
     def fit(self) -> TrainResult:
+        D.stop_with_launcher()
         env = self.env or D.DistEnv.from_env()
         device = D.resolve_device(self.cfg.device, env)
         owns_group = env.is_distributed and not D.active()

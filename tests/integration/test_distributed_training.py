@@ -326,6 +326,110 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(
     assert state["step"] == step and len(state["extra"]["samplers"]) == 2
 
 
+def live_children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat and int(stat[1]) == pid and stat[0] not in "ZX":
+            found.append(int(entry.name))
+    return found
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in "ZX"  # an orphan's zombie may never be reaped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_ranks_of_a_sigkilled_torchrun_checkpoint_and_exit(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """A SIGKILLed torchrun (kill -9, the OOM killer) tells its ranks nothing: they trained on
+    alone and kept writing the checkpoint dir that a restarted job shares. Now the kernel
+    SIGTERMs each rank when torchrun dies, and they stop as on any SIGTERM."""
+    _, data = corpus
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), *HELPER,
+           "--dataset", str(data.path), "--out", str(out), "--steps", "100000",
+           "--checkpoint-dir", str(ckpt), "--checkpoint-interval", "5"]
+    log = tmp_path / "torchrun.log"
+    torchrun = start(cmd, log)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while latest_training_state(ckpt) is None:  # both ranks are training
+            assert torchrun.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        ranks = live_children(torchrun.pid)
+        assert len(ranks) == 2, ranks
+        torchrun.kill()
+        torchrun.wait()
+
+        deadline = time.monotonic() + 30
+        while any(alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [r for r in ranks if alive(r)], "ranks still training 30 s after torchrun died"
+        stopped = latest_training_state(ckpt)
+        assert stopped is not None
+        assert f"interrupted by SIGTERM at step {int(stopped.name[5:])}, " in log.read_text()
+    finally:
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# A rank (started by LAUNCHER) that imports lmcore, then outlives its launcher before asking
+# for the parent-death signal, as a torchrun SIGKILLed at that moment leaves it.
+RANK_OUTLIVING_ITS_LAUNCHER = """
+import os, sys, time
+from lmcore.distributed import DistributedEnvError, stop_with_launcher
+launcher = os.getppid()
+print("imported", flush=True)
+while os.getppid() == launcher:
+    time.sleep(0.01)
+try:
+    stop_with_launcher({"TORCHELASTIC_RUN_ID": "test"})
+except DistributedEnvError as exc:
+    print(exc, flush=True)
+    sys.exit(3)
+print("trains on", flush=True)
+"""
+LAUNCHER = """
+import subprocess, sys, time
+out = open(sys.argv[1], "w")
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[2]], stdout=out, stderr=out)
+while "imported" not in open(sys.argv[1]).read() and rank.poll() is None:
+    time.sleep(0.01)
+"""  # then it exits without waiting for the rank
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_whose_launcher_died_before_it_asked_for_sigterm_refuses_to_train(
+    tmp_path: Path,
+) -> None:
+    """The kernel sends the parent-death signal only for a parent alive when it was asked for:
+    a rank adopted already would train on alone, so it stops with a launch error instead."""
+    out = tmp_path / "rank.out"
+    subprocess.run([sys.executable, "-c", LAUNCHER, str(out), RANK_OUTLIVING_ITS_LAUNCHER],
+                   env=child_env(), check=True, timeout=TIMEOUT_S)
+    deadline = time.monotonic() + 60
+    while len(out.read_text().splitlines()) < 2 and time.monotonic() < deadline:  # its verdict
+        time.sleep(0.05)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "imported"
+    assert lines[1:] and lines[1].startswith("the launcher (pid ") and "is gone" in lines[1], lines
+
+
 def test_every_rank_refuses_a_checkpoint_of_another_corpus_and_none_hangs(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:
