@@ -29,19 +29,26 @@ import typer
 from pydantic import ValidationError
 
 from lmcore.mlflow_client import TrackingError
+from services.common.processes import (
+    MAX_PORT,
+    free_port,
+    group_carries_env,
+    is_ours,
+    start_ticks,
+    terminate_group,
+)
 from services.common.redis_binary import RedisNotFoundError, find_redis_server
 from services.common.settings import Settings
 
 MODEL_NAME = "llm"
 ALIAS = "production"
 START_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0  # SIGTERM (warm shutdown for the worker, AOF flush for Redis), then SIGKILL
 # Started in this order, stopped in reverse; the trainer runs (to completion) only when needed.
 ORDER = ("redis", "mlflow", "trainer", "worker", "api")
 # In every process the stack starts (their children inherit it): `down` knows a group whose
 # leader has died (MLflow's, leaving its uvicorn) as the stack's by its members carrying it.
 STACK_ID_ENV = "LMCTL_STACK_ID"
-MAX_PORT = 65535
 # Redis allocates a stream's newest node at stream-node-max-bytes and keeps it: with the default
 # (4096) each job's events stream, a few small entries, held 4 KB for the job's whole TTL.
 # The chart (redis.streamNodeMaxBytes) and docker-compose.yml use the same.
@@ -107,14 +114,15 @@ class StackState:
     def running(self) -> dict[str, int]:
         """The recorded processes that are still the ones the stack started."""
         return {name: pid for name, pid in self.pids.items()
-                if _is_ours(pid, self.start_ticks.get(name))}  # fmt: skip
+                if is_ours(pid, self.start_ticks.get(name))}  # fmt: skip
 
     def left_behind(self) -> dict[str, int]:
         """Recorded process groups whose leader is gone but whose members, the stack's by their
-        STACK_ID_ENV, still run (MLflow's uvicorn after its main process crashed)."""
+        STACK_ID_ENV, still run (MLflow's uvicorn after its main process crashed): the group
+        is the one the stack started, so all of it is the stack's."""
         return {name: pid for name, pid in self.pids.items()
-                if not _is_ours(pid, self.start_ticks.get(name))
-                and _group_has_stack_member(pid, self.stack_id)}  # fmt: skip
+                if not is_ours(pid, self.start_ticks.get(name))
+                and group_carries_env(pid, STACK_ID_ENV, self.stack_id)}  # fmt: skip
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:
@@ -186,13 +194,13 @@ class Stack:
         self.state = state = StackState(root=str(self.root), started_at=time.time(),
                                         stack_id=secrets.token_hex(8))  # fmt: skip
         try:
-            state.redis_url = self._start_redis(_free_port(cfg.host, cfg.redis_port))
+            state.redis_url = self._start_redis(self._port(cfg.redis_port))
             if cfg.mlflow:
-                state.mlflow_url = self._start_mlflow(_free_port(cfg.host, cfg.mlflow_port))
+                state.mlflow_url = self._start_mlflow(self._port(cfg.mlflow_port))
             state.model_uri = cfg.model_uri or self._ensure_model(state.mlflow_url)
             env = self._service_env(state.redis_url, state.model_uri, state.mlflow_url, max_batch)
             self._spawn("worker", self._worker_cmd(), env)
-            state.api_url = f"http://{cfg.host}:{_free_port(cfg.host, cfg.api_port)}"
+            state.api_url = f"http://{cfg.host}:{self._port(cfg.api_port)}"
             self._spawn("api", self._api_cmd(state.api_url), env)
             self._wait_http(f"{state.api_url}/healthz", "api")
             # The API answers; readiness now waits on a worker's heartbeat, so a failure from
@@ -206,6 +214,16 @@ class Stack:
             (self.root / "state.json").unlink(missing_ok=True)
             raise
         return state
+
+    def _port(self, preferred: int) -> int:
+        """The preferred port if free, else the next free one above it (0 = any free port)."""
+        try:
+            port = free_port(self.config.host, preferred)
+        except ValueError as exc:
+            raise StackError(str(exc)) from None
+        if preferred and port != preferred:
+            print(f"port {preferred} is taken; using {port}")
+        return port
 
     def _start_redis(self, port: int) -> str:
         data = self.root / "redis"
@@ -305,7 +323,7 @@ class Stack:
             )  # fmt: skip
         self.procs[name] = proc
         self.state.pids[name] = proc.pid
-        self.state.start_ticks[name] = _start_ticks(proc.pid)
+        self.state.start_ticks[name] = start_ticks(proc.pid)
         self.state.logs[name] = str(self._log(name))
         self._write_state()  # now, so that `down` finds it even if this process dies next
         return proc
@@ -369,7 +387,7 @@ class Stack:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 stopped |= proc.poll() is None
-                _terminate(proc.pid, proc)
+                terminate_group(proc.pid, STOP_TIMEOUT_S, proc)
         return stopped
 
     # -- down -------------------------------------------------------------------------------
@@ -382,7 +400,7 @@ class Stack:
             running = {**state.left_behind(), **state.running()}
             for name in reversed(ORDER):
                 if name in running:
-                    _terminate(running[name])
+                    terminate_group(running[name], STOP_TIMEOUT_S)
                     stopped = True
             (self.root / "state.json").unlink(missing_ok=True)
         self.state = None
@@ -450,33 +468,6 @@ def _pythonpath() -> str:
     return f"{repo}{os.pathsep}{current}" if current else repo
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str, preferred: int) -> int:
-    """The preferred port if free, else the next free one above it (0 = any free port)."""
-    if not 0 <= preferred <= MAX_PORT:
-        raise StackError(f"port {preferred} is out of range (0..{MAX_PORT}; 0 = any free port)")
-    if preferred == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            return int(sock.getsockname()[1])
-    last = min(preferred + 99, MAX_PORT)
-    for port in range(preferred, last + 1):
-        if _port_free(host, port):
-            if port != preferred:
-                print(f"port {preferred} is taken; using {port}")
-            return port
-    raise StackError(f"no free port in {preferred}..{last}")
-
-
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -492,116 +483,6 @@ def _redis_ping(host: str, port: int) -> bool:
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
-
-
-PROC = Path("/proc")
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat from field 3 (state) on; None if there is no such process."""
-    try:
-        text = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and parentheses
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When pid started, in clock ticks after boot (field 22); None without /proc."""
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def _is_ours(pid: int, start_ticks: int | None) -> bool:
-    """pid is running and is still the process that started at start_ticks."""
-    if not PROC.is_dir():  # no /proc (macOS): the pid alone has to do
-        return _alive(pid)
-    fields = _stat(pid)
-    return (fields is not None and fields[0] not in "ZX" and start_ticks is not None
-            and int(fields[19]) == start_ticks)  # fmt: skip
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any process of the group is still running. Zombies do not count: orphans re-parented to
-    an init that never reaps them would otherwise keep the group alive forever."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not PROC.is_dir():
-        return True
-    for entry in PROC.iterdir():
-        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if fields and int(fields[2]) == pgid and fields[0] not in "ZX":
-            return True
-    return False
-
-
-def _group_has_stack_member(pgid: int, stack_id: str) -> bool:
-    """A live process of group pgid carries STACK_ID_ENV=stack_id: the group is the one the
-    stack started (a group id is not reused while any member lives), so all of it is ours."""
-    if not stack_id or not PROC.is_dir():
-        return False
-    marker = f"{STACK_ID_ENV}={stack_id}".encode()
-    for entry in PROC.iterdir():
-        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if not fields or int(fields[2]) != pgid or fields[0] in "ZX":
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        if marker in environ.split(b"\0"):
-            return True
-    return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _terminate(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGTERM pid's process group (warm shutdown for the worker, AOF flush for Redis), SIGKILL
-    after a timeout. Each child leads its own session, so its group is it and its children."""
-    _signal_group(pid, signal.SIGTERM)
-    if not _group_gone(pid, proc, STOP_TIMEOUT_S):
-        _signal_group(pid, signal.SIGKILL)
-        _group_gone(pid, proc, 5.0)
-    if proc is not None:
-        proc.wait()
-
-
-def _group_gone(pgid: int, proc: subprocess.Popen[bytes] | None, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None:
-            proc.poll()  # reap our own child as it exits
-        else:
-            _alive(pgid)  # reaps it if it is our child after all
-        if not _group_alive(pgid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
 
 
 # -- `lmctl stack` ----------------------------------------------------------------------------
