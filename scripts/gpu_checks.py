@@ -36,11 +36,11 @@ from lmcore.cache import KVCache  # noqa: E402
 from lmcore.config import preset  # noqa: E402
 from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill  # noqa: E402
 from lmcore.model import Transformer  # noqa: E402
+from lmcore.train import H100_BF16_PEAK_FLOPS  # noqa: E402
 from scripts.bench_lmcore import cpu_model  # noqa: E402 - torch and lmcore only, as here
 
 COMMAND = "python scripts/gpu_checks.py"
 DEFAULT_OUT = ROOT / "bench" / "lmcore_gpu.json"
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 dense tensor-core peak (no sparsity)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class CheckSettings:
     prompt_len: int = 32
     decode_tokens: int = 256
     decode_reps: int = 3  # the first rep compiles and records the CUDA graph
-    peak_flops: float = H100_BF16_DENSE_FLOPS
+    peak_flops: float = H100_BF16_PEAK_FLOPS
     mfu_target: float = 0.40
     decode_target_tps: float = 1000.0
     engine_batch: int = 32  # sampled requests decoding together in the batched-engine check

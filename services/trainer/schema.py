@@ -18,9 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmcore.config import ConfigError, ModelConfig
-from lmcore.distributed import MAX_TIMEOUT_S
+from lmcore.distributed import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from lmcore.tokenizer import MIN_VOCAB_SIZE
-from lmcore.train import TrainConfig
+from lmcore.train import H100_BF16_PEAK_FLOPS, TrainConfig
 from services.common.serve_values import serve_device, serve_precision
 
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations at runtime.
@@ -59,7 +59,7 @@ class DataSchema:
 
 @dataclass
 class TrainSchema:
-    """lmcore.train.TrainConfig, field for field."""
+    """lmcore.train.TrainConfig, field for field (tests/unit/test_trainer_config.py checks)."""
 
     batch_size: int = 16
     grad_accum_steps: int = 1
@@ -86,9 +86,9 @@ class TrainSchema:
     keep_checkpoints: int = 3
     resume: bool = True
     model_dir: Optional[str] = None
-    peak_flops: float = 989e12
+    peak_flops: float = H100_BF16_PEAK_FLOPS
     progress: bool = True
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
     quantization_report: bool = True
 
 

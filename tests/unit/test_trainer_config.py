@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -13,9 +14,9 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from lmcore.config import PRESETS, ConfigError
+from lmcore.config import PRESETS, ConfigError, ModelConfig
 from lmcore.data import prepare_corpus
-from lmcore.train import normalize_precision
+from lmcore.train import TrainConfig, normalize_precision
 from services.trainer import schema
 from services.trainer.__main__ import main
 from tests.helpers.trainer_run import write_corpus
@@ -36,6 +37,32 @@ def test_model_group_files_are_the_lmcore_presets() -> None:
         cfg = schema.compose([f"model={name}"])
         assert cfg.model.name == name
         assert schema.model_config(cfg) == preset
+
+
+# Fields the schema has and lmcore's dataclass has not, each with why.
+MODEL_SCHEMA_ONLY = {"name": "the preset's name (config/model/<name>.yaml); model_config drops it"}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, a default_factory called, so two classes compare by value."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory
+        out[f.name] = f.default if factory is dataclasses.MISSING else factory()
+    return out
+
+
+def test_train_schema_mirrors_train_config() -> None:
+    """A TrainConfig field missing from TrainSchema is refused as an unknown key by Hydra/lmctl;
+    one only in the schema fails TrainConfig.from_dict; a differing default silently changes
+    what a key left out means."""
+    assert _defaults(schema.TrainSchema) == _defaults(TrainConfig)
+
+
+def test_model_schema_mirrors_model_config() -> None:
+    model = {k: v for k, v in _defaults(schema.ModelSchema).items() if k not in MODEL_SCHEMA_ONLY}
+    assert model == _defaults(ModelConfig)
+    assert set(MODEL_SCHEMA_ONLY) <= set(_defaults(schema.ModelSchema))
 
 
 def test_every_seed_key_has_a_documented_home() -> None:
