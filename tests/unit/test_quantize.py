@@ -17,6 +17,7 @@ from lmcore.cache import KVCache
 from lmcore.generate import SamplingParams, decode_step, generate_ids, prefill
 from lmcore.linear import Linear
 from lmcore.model import Transformer
+from lmcore.quant_report import quantization_report
 from lmcore.quantize import (
     PACK_BLOCK_ROWS,
     Int8Linear,
@@ -28,7 +29,6 @@ from lmcore.quantize import (
     int8pack_supported,
     model_size_bytes,
     packed_alone_serves,
-    quantization_report,
     quantize_as_loaded,
     quantize_int8,
     quantize_per_channel,
