@@ -3,10 +3,14 @@ errors that are one line on stderr with a non-zero exit."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 from services import cli
 from services.common.jobs import MAX_SEED
+from services.trainer import pytorchjob
 
 pytestmark = pytest.mark.unit
 
@@ -116,15 +121,16 @@ def test_the_built_in_job_is_the_manifest(tmp_path: Path) -> None:
     claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     expected_claims = {d["metadata"]["name"]: d for d in claims}
     missing = tmp_path / "no-checkout" / "pytorchjob.yaml"
-    assert cli.load_job_template(missing) == cli.load_job_template(manifest) == expected_job
-    assert cli.load_job_claims(missing) == cli.load_job_claims(manifest) == expected_claims
+    load_job, load_claims = pytorchjob.load_job_template, pytorchjob.load_job_claims
+    assert load_job(missing) == load_job(manifest) == expected_job
+    assert load_claims(missing) == load_claims(manifest) == expected_claims
     # Master and Worker are separate copies (an edit to one must not change the other).
-    job = cli.load_job_template(missing)
+    job = pytorchjob.load_job_template(missing)
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"] is not replicas["Worker"]
     # And a job built from it mounts the claim it would create.
-    built = cli.build_pytorchjob(["model=tiny"], template=job)
-    assert cli.claims_of(built) == list(expected_claims)
+    built = pytorchjob.build_pytorchjob(["model=tiny"], template=job)
+    assert pytorchjob.claims_of(built) == list(expected_claims)
 
 
 def test_zero_workers_leaves_only_the_master(capsys) -> None:
@@ -133,7 +139,8 @@ def test_zero_workers_leaves_only_the_master(capsys) -> None:
 
 
 def test_later_overrides_replace_the_same_key() -> None:
-    merged = cli.merge_overrides(["model=small", "train=gpu", "+x.y=1"], ["model=tiny", "~x.y"])
+    base, extra = ["model=small", "train=gpu", "+x.y=1"], ["model=tiny", "~x.y"]
+    merged = pytorchjob.merge_overrides(base, extra)
     assert merged == ["train=gpu", "model=tiny", "~x.y"]
 
 
@@ -152,9 +159,9 @@ def test_submit_without_a_kube_context_is_one_line_error(capsys, tmp_path: Path)
 
 def template_with_tracking_env(entry: dict) -> dict:
     """The job template with its MLFLOW_TRACKING_URI entry (Master and Worker) replaced."""
-    template = cli.load_job_template()
+    template = pytorchjob.load_job_template()
     for replica in template["spec"]["pytorchReplicaSpecs"].values():
-        container = cli._container(replica)
+        container = pytorchjob._container(replica)
         env = [e for e in container.get("env") or [] if e.get("name") != "MLFLOW_TRACKING_URI"]
         container["env"] = [*env, {"name": "MLFLOW_TRACKING_URI", **entry}]
     return template
@@ -173,7 +180,7 @@ def test_submit_training_keeps_tracking_uri_from_secret(
     # Reading only `value`, lmctl took it for unset and sent training to the default server.
     from_secret = {"valueFrom": {"secretKeyRef": {"name": "mlflow-creds", "key": "uri"}}}
     template = template_with_tracking_env(from_secret)
-    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(template))
+    monkeypatch.setattr(pytorchjob, "load_job_template", lambda *a, **k: json_copy(template))
     job = dry_run(capsys, "model=tiny", "--workers", "2")
     expected = [{"name": "MLFLOW_TRACKING_URI", **from_secret}]
     assert tracking_env(job) == {"Master": expected, "Worker": expected}
@@ -183,15 +190,13 @@ def test_submit_training_keeps_tracking_uri_from_secret(
     assert tracking_env(job) == {"Master": plain, "Worker": plain}
     # A template that sets it nowhere, or to nothing, still gets the in-cluster server.
     unset = template_with_tracking_env({"value": ""})
-    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(unset))
+    monkeypatch.setattr(pytorchjob, "load_job_template", lambda *a, **k: json_copy(unset))
     job = dry_run(capsys, "model=tiny")
-    default = [{"name": "MLFLOW_TRACKING_URI", "value": cli.DEFAULT_CLUSTER_MLFLOW}]
+    default = [{"name": "MLFLOW_TRACKING_URI", "value": pytorchjob.DEFAULT_CLUSTER_MLFLOW}]
     assert tracking_env(job) == {"Master": default, "Worker": default}
 
 
 def json_copy(obj: dict) -> dict:
-    import json
-
     return json.loads(json.dumps(obj))
 
 
@@ -209,8 +214,8 @@ def test_submit_training_refuses_credentials_in_tracking_uri(
     assert "MLFLOW_TRACKING_USERNAME" in err and "Secret" in err
     assert "s3cr3t" not in out + err and "alice" not in out + err
     assert out == "" and submitted == []
-    with pytest.raises(cli.CliError):
-        cli.build_pytorchjob(tracking_uri="https://alice:s3cr3t-token@mlflow.example.com")
+    with pytest.raises(pytorchjob.JobSpecError):
+        pytorchjob.build_pytorchjob(tracking_uri="https://alice:s3cr3t-token@mlflow.example.com")
 
 
 def test_dry_run_never_prints_credentials_a_template_holds(
@@ -218,9 +223,11 @@ def test_dry_run_never_prints_credentials_a_template_holds(
 ) -> None:
     template = template_with_tracking_env({"value": "https://bob:hunter2@mlflow.example.com"})
     for replica in template["spec"]["pytorchReplicaSpecs"].values():
-        cli._container(replica)["env"] += [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "pw-42"},
-                                           {"name": "MLFLOW_TRACKING_TOKEN", "value": "tok-42"}]
-    monkeypatch.setattr(cli, "load_job_template", lambda *a, **k: json_copy(template))
+        pytorchjob._container(replica)["env"] += [
+            {"name": "MLFLOW_TRACKING_PASSWORD", "value": "pw-42"},
+            {"name": "MLFLOW_TRACKING_TOKEN", "value": "tok-42"},
+        ]
+    monkeypatch.setattr(pytorchjob, "load_job_template", lambda *a, **k: json_copy(template))
     code, out, err = lmctl(capsys, "submit-training", "--dry-run", "model=tiny")
     assert code == 0, err
     for secret in ("bob", "hunter2", "pw-42", "tok-42"):
@@ -249,24 +256,84 @@ class FakeCoreApi:
 
 
 def test_submitting_creates_the_checkpoint_claim_the_job_mounts_once() -> None:
-    job = cli.build_pytorchjob(["model=tiny"], namespace="team-a")
-    (claim,) = cli.claims_of(job)
-    known = cli.load_job_claims()
+    job = pytorchjob.build_pytorchjob(["model=tiny"], namespace="team-a")
+    (claim,) = pytorchjob.claims_of(job)
+    known = pytorchjob.load_job_claims()
     assert claim in known, "the manifest defines the claim its job mounts"
     api = FakeCoreApi(existing=set())
-    assert cli.ensure_claims(api, job, "team-a", known) == [claim]
+    assert pytorchjob.ensure_claims(api, job, "team-a", known) == [claim]
     ((namespace, body),) = api.created
     assert namespace == "team-a" and body["metadata"]["namespace"] == "team-a"
     assert body["spec"]["accessModes"] == ["ReadWriteMany"]  # Master and Worker share it
     assert known[claim]["metadata"]["namespace"] == "llm"  # the manifest's copy is untouched
     # A second submission finds it and creates nothing.
-    assert cli.ensure_claims(api, job, "team-a", known) == []
+    assert pytorchjob.ensure_claims(api, job, "team-a", known) == []
 
 
-def test_a_mounted_claim_nobody_defines_is_a_one_line_error() -> None:
-    job = cli.build_pytorchjob(["model=tiny"])
-    with pytest.raises(cli.CliError, match="does not exist"):
-        cli.ensure_claims(FakeCoreApi(existing=set()), job, "llm", known={})
+def test_a_mounted_claim_nobody_defines_is_refused_before_any_is_created() -> None:
+    job = pytorchjob.build_pytorchjob(["model=tiny"])
+    api = FakeCoreApi(existing=set())
+    with pytest.raises(pytorchjob.JobSpecError, match="does not exist"):
+        pytorchjob.ensure_claims(api, job, "llm", known={})
+    assert api.created == []
+
+
+@pytest.fixture
+def api_server_without_claims() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP Kubernetes API server that has nothing (404 to every request); its URL and the
+    requests it got."""
+    seen: list[str] = []
+
+    class NotFound(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _not_found(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            data = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "NotFound", "code": 404}).encode()  # fmt: skip
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _not_found
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_submitting_a_job_that_mounts_a_claim_nobody_defines_is_a_one_line_error(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    api_server_without_claims: tuple[str, list[str]],
+) -> None:
+    url, seen = api_server_without_claims
+    template = pytorchjob.load_job_template()
+    for replica in template["spec"]["pytorchReplicaSpecs"].values():
+        for volume in replica["template"]["spec"]["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                volume["persistentVolumeClaim"]["claimName"] = "nobody-defines-it"
+    monkeypatch.setattr(pytorchjob, "load_job_template", lambda *a, **k: json_copy(template))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "empty",
+        "clusters": [{"name": "empty", "cluster": {"server": url}}],
+        "users": [{"name": "u", "user": {"token": "abc"}}],
+        "contexts": [{"name": "empty", "context": {"cluster": "empty", "user": "u"}}],
+    }))  # fmt: skip
+    code, out, err = lmctl(capsys, "submit-training", "model=tiny", "--kubeconfig", str(kubeconfig))
+    assert (code, out) == (1, "")
+    assert err == ("error: the job mounts PersistentVolumeClaim llm/nobody-defines-it, which does "
+                   "not exist; create it first\n")  # fmt: skip
+    assert seen == ["GET /api/v1/namespaces/llm/persistentvolumeclaims/nobody-defines-it"]
 
 
 # -- generate -------------------------------------------------------------------------------------
