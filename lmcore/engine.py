@@ -39,25 +39,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcore.cache import KVCache
+from lmcore.device import host_to_device, tolist_after_queueing
 from lmcore.generate import (
     Generation,
     NonFiniteLogitsError,
-    SamplingParams,
     SequenceState,
     TextCodec,
     Truncate,
     check_prompt_ids,
     check_truncate,
-    clamp_ids,
     decode_step,
-    HostCopy,
     fit_prompt,
-    host_to_device,
     prefill,
-    sample_token_ids,
-    sample_tokens,
     sampling_vocab,
 )
+from lmcore.sampling import SamplingParams, clamp_ids, sample_token_ids, sample_tokens
 
 if TYPE_CHECKING:
     from lmcore.model import Transformer
@@ -511,9 +507,8 @@ class Engine:
             return
         for run in stepped:
             run.token_on_device = True
-        copy = HostCopy(tokens)
-        self._queued = self._queue_step()
-        for run, token in zip(stepped, copy.tolist()):
+        host_tokens, self._queued = tolist_after_queueing(tokens, self._queue_step)
+        for run, token in zip(stepped, host_tokens):
             if self._slots[run.slot] is run:  # not failed by the queued step
                 self._take_token(run, token)
 

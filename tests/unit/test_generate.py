@@ -16,18 +16,16 @@ from lmcore.generate import (
     NonFiniteLogitsError,
     SamplingParams,
     SequenceState,
-    _kth_largest,
     decode_step,
     generate,
     generate_ids,
-    nucleus,
     prefill,
-    sample_token,
-    sample_tokens,
     stop_prefix_start,
 )
 from lmcore import generate as generate_module
 from lmcore import model as model_module
+from lmcore import sampling as sampling_module
+from lmcore.sampling import _kth_largest, nucleus, sample_token, sample_tokens
 from lmcore.model import Transformer
 from lmcore.tokenizer import IncrementalDecoder
 from tests.helpers.models import context_sensitive_model
@@ -232,7 +230,7 @@ def test_the_gpus_torch_filters_pick_what_the_cpus_numpy_filters_pick(
     # CPU uses NumPy. Taking the torch path on the CPU checks its logic without a GPU.
     trials = list(mixed_filter_trials(300))
     with_numpy = [sample_tokens(x, MIXED_FILTERS, [Draws(s) for s in seeds]) for x, seeds in trials]
-    monkeypatch.setattr(generate_module, "NUMPY_FILTER_DEVICES", frozenset())
+    monkeypatch.setattr(sampling_module, "NUMPY_FILTER_DEVICES", frozenset())
     with_torch = [sample_tokens(x, MIXED_FILTERS, [Draws(s) for s in seeds]) for x, seeds in trials]
     assert with_torch == with_numpy
 
@@ -284,7 +282,7 @@ def test_a_tiny_positive_temperature_samples_the_top_token(
     # Dividing logits by such a temperature overflows float32 (or the temperature rounds to 0);
     # the limit of the distribution is one-hot on the top token, which is what greedy picks.
     if not numpy_filters:
-        monkeypatch.setattr(generate_module, "NUMPY_FILTER_DEVICES", frozenset())
+        monkeypatch.setattr(sampling_module, "NUMPY_FILTER_DEVICES", frozenset())
     torch.manual_seed(0)
     logits = torch.randn(4, 512) * 50
     params = [SamplingParams(temperature=temperature), SamplingParams(temperature=0.0),

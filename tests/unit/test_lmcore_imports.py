@@ -47,3 +47,22 @@ def test_importing_every_module_loads_no_service_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # torch itself may pull tqdm in; everything else must stay out.
     assert set(filter(None, out.stdout.strip().split(","))) <= {"tqdm"}
+
+
+def test_sampling_loads_no_model_cache_or_generation_loop() -> None:
+    # Sampling is pure per-step math over logits: changing it must not drag in the decode loop.
+    code = (
+        "import sys, lmcore.sampling\n"
+        "print(','.join(m for m in ('lmcore.model', 'lmcore.cache', 'lmcore.generate', "
+        "'lmcore.engine') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_the_readme_quick_start_imports_sampling_params_from_generate() -> None:
+    # README.md's "Library quick start": `from lmcore.generate import SamplingParams, generate_ids`.
+    from lmcore.generate import SamplingParams, generate_ids
+    from lmcore.sampling import SamplingParams as sampling_params
+
+    assert SamplingParams is sampling_params and callable(generate_ids)
