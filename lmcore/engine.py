@@ -19,9 +19,8 @@ Sampling goes through `generate.SequenceState`, so a request produces exactly wh
 whatever else shares the batch.
 
 Threads: `submit`, `cancel`, `swap_model`, `stop` and `EngineHandle` are safe from any thread.
-`on_token` and done callbacks run on the engine thread (or the thread calling `step`): keep them
-quick and do not call step/stop/swap_model from them. An on_token that raises fails its own
-request only; a done callback that raises is logged.
+`on_token` runs on the engine thread (or the thread calling `step`): keep it quick and do not
+call step/stop/swap_model from it. An on_token that raises fails its own request only.
 """
 
 from __future__ import annotations
@@ -133,7 +132,6 @@ class EngineHandle:
         self._done = threading.Event()
         self._generation: Generation | None = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[EngineHandle], None]] = []
         self._cancel_requested = False
         self._prompt_tokens = 0  # as prepared at submit (a text prompt encoded, then fitted)
 
@@ -160,14 +158,6 @@ class EngineHandle:
     def cancel(self) -> bool:
         return self._engine.cancel(self.request_id)
 
-    def add_done_callback(self, fn: Callable[[EngineHandle], None]) -> None:
-        """Call fn(handle) when done (at once, on this thread, if already done)."""
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
     def _complete(
         self, generation: Generation | None = None, error: BaseException | None = None
     ) -> bool:
@@ -177,12 +167,6 @@ class EngineHandle:
             self._generation, self._error = generation, error
             self.finished_at = time.monotonic()
             self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:  # a consumer's bug must not stop the engine
-                log.exception("done callback of request %s failed", self.request_id)
         return True
 
     def __repr__(self) -> str:
@@ -681,9 +665,9 @@ class Engine:
             self._bump("failed")
 
     def _forget(self, handle: EngineHandle) -> None:
-        """Drop a finishing request's id, before its done callbacks run: one that resubmits
-        the id (a redelivered job) is then accepted. A live request keeps its entry when a bad
-        request under the same id fails at submit."""
+        """Drop a finishing request's id, before its handle completes: one that resubmits the id
+        (a redelivered job) is then accepted. A live request keeps its entry when a bad request
+        under the same id fails at submit."""
         with self._lock:
             if self._live.get(handle.request_id) is handle:
                 del self._live[handle.request_id]

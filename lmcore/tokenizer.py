@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -268,10 +268,6 @@ class IncrementalDecoder:
             raise ValueError(f"token id out of range [0, {self._tokenizer.vocab_size}): "
                              f"{token_id}")
         return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)), final=False)
-
-    def feed_many(self, ids: Iterable[int]) -> Iterator[str]:
-        for i in ids:
-            yield self.feed(i)
 
     def flush(self) -> str:
         """End of stream: emit what is left (a dangling partial character becomes U+FFFD)."""
