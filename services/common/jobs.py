@@ -20,7 +20,7 @@ from pydantic import (
     StringConstraints,
 )
 
-MAX_STOP_STRINGS = 4  # lmcore.generate.MAX_STOP_STRINGS (not imported: it pulls in torch)
+MAX_STOP_STRINGS = 4  # lmcore.sampling.MAX_STOP_STRINGS (not imported: it pulls in torch)
 MAX_SEED = 2**53 - 1  # exact in every JSON parser (JavaScript numbers included)
 
 
