@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -54,6 +55,7 @@ MAX_PARAM_VALUE_CHARS = 500
 MAX_KEY_CHARS = 250
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_BATCH = 100
+CANCEL_POLL_S = 0.1  # how often a flush looks at `cancel` (an Event cannot wake a Condition)
 PIP_REQUIREMENTS = ["torch", "numpy", "tokenizers", "safetensors", "pandas"]
 
 
@@ -221,6 +223,9 @@ class MlflowTracker:
 
     Metrics, params and artifacts are queued and posted in batches; while the server is down
     the thread retries (backing off to `retry_s`) and keeps their original timestamps.
+
+    `cancel` is set when the process must stop (the trainer's SIGTERM flag): a registration
+    then gives up its retries, and a flush waits at most killed_flush_timeout_s more.
     """
 
     def __init__(
@@ -233,6 +238,7 @@ class MlflowTracker:
         flush_timeout_s: float = 120.0,
         killed_flush_timeout_s: float = 10.0,
         publish_timeout_s: float = 900.0,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
@@ -240,6 +246,7 @@ class MlflowTracker:
         self.flush_timeout_s = flush_timeout_s
         self.killed_flush_timeout_s = killed_flush_timeout_s
         self.publish_timeout_s = publish_timeout_s
+        self.cancel = cancel if cancel is not None else threading.Event()
         self.run_id: str | None = None
         self.last_error: str | None = None  # the latest posting failure, for logs and health
         self._outbox = _Outbox(max_pending)
@@ -377,8 +384,9 @@ class MlflowTracker:
 
     def end_run(self, status: str = "FINISHED") -> None:
         """Close the run after everything queued before it, waiting at most flush_timeout_s,
-        and at most killed_flush_timeout_s for a KILLED run (the trainer's SIGTERM path: a
-        pod's grace period is 30 s by default, and the checkpoint was saved before this).
+        and at most killed_flush_timeout_s for a KILLED run or once `cancel` is set (the
+        trainer's SIGTERM path: a pod's grace period is 30 s by default, and the checkpoint was
+        saved before this).
 
         The final status is posted by the poster thread like any record, so an outage costs
         this call its flush timeout and no more.
@@ -388,7 +396,6 @@ class MlflowTracker:
         wait_s = self.flush_timeout_s
         if status == "KILLED":
             wait_s = min(wait_s, self.killed_flush_timeout_s)
-        deadline = time.monotonic() + wait_s
         self._outbox.put("end", [status])
         if not self.flush(wait_s):
             log.warning("MLflow unreachable: %d tracking records, the run's %s status included, "
@@ -400,17 +407,29 @@ class MlflowTracker:
         self._closing.set()
         with self._outbox.cond:
             self._outbox.cond.notify_all()
-        # A poster still inside a call is left to finish it alone (a daemon thread).
-        self._thread.join(timeout=max(0.5, deadline - time.monotonic()))
+        # The flush has waited already: the poster is idle, or inside a call that it is left
+        # to finish alone (a daemon thread).
+        self._thread.join(timeout=0.5)
         self._thread = None
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued record is posted; False if `timeout_s` passed first."""
+        """Wait until every queued record is posted; False if `timeout_s` passed first, or
+        killed_flush_timeout_s after `cancel` was set."""
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+        cancelled = False
         with self._outbox.cond:
-            return self._outbox.cond.wait_for(lambda: self._outbox.empty, timeout=timeout_s)
+            while not self._outbox.empty:
+                if not cancelled and self.cancel.is_set():
+                    cancelled = True
+                    deadline = min(deadline, time.monotonic() + self.killed_flush_timeout_s)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._outbox.cond.wait(min(left, CANCEL_POLL_S))
+        return True
 
     @property
     def pending(self) -> int:
@@ -576,7 +595,8 @@ class MlflowTracker:
         """Log the model dir as the run's pyfunc `model`, register a version, point `alias` at it.
 
         Synchronous: each step is retried while the server is unreachable, for up to
-        publish_timeout_s; then TrackingError (the model dir itself is already on disk).
+        publish_timeout_s or until `cancel` is set; then TrackingError (the model dir itself
+        is already on disk).
         """
         if self.run_id is None:
             raise TrackingError("log_model_dir needs a started run")
@@ -627,13 +647,15 @@ class MlflowTracker:
     def _retrying(self, action: str, fn: Any, deadline: float) -> Any:
         delay = 0.5
         while True:
+            if self.cancel.is_set():
+                raise TrackingError(f"cannot {action}: the process is stopping (cancelled)")
             try:
                 return fn()
             except Exception as exc:
                 if not _is_transient(exc) or time.monotonic() + delay > deadline:
                     raise _tracking_error(action, self.tracking_uri, exc) from exc
                 log.warning("cannot %s yet, retrying in %.0f s: %s", action, delay, _one_line(exc))
-            time.sleep(delay)
+            self.cancel.wait(delay)
             delay = min(delay * 2, self.retry_s)
 
     def _log_pyfunc(self, model_dir: Path, step: Any) -> str:

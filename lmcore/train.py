@@ -363,9 +363,10 @@ class TrainingDiverged(RuntimeError):
 
 
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[threading.Event]:
-    """An event set by SIGTERM while the body runs (the old handler is restored after)."""
-    event = threading.Event()
+def _sigterm_flag(event: threading.Event | None = None) -> Iterator[threading.Event]:
+    """`event` (default: a new one), set by SIGTERM while the body runs (the old handler is
+    restored after)."""
+    event = event if event is not None else threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield event  # signals only reach the main thread
         return
@@ -424,6 +425,11 @@ class Trainer:
     environment unless one already exists (then the caller owns it). Rank 0 alone talks to the
     tracker and writes checkpoints and the model dir; other ranks wait at barriers for each
     checkpoint, but not for the final model dir and its registration: they return first.
+
+    `stop` is the event SIGTERM sets during fit() (default: a new one per fit); setting it
+    stops the run too. Give the same event to a tracker that waits on a server
+    (MlflowTracker's `cancel`), so that a SIGTERM during the final registration ends its
+    retries: the run then stops as on any SIGTERM, with the model saved but not registered.
     """
 
     def __init__(
@@ -439,6 +445,7 @@ class Trainer:
         sampler_factory: SamplerFactory = window_sampler,
         env: D.DistEnv | None = None,
         before_end_run: Callable[[TrainResult], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         tok = getattr(dataset, "tokenizer", None)
         if tok is not None and tok.vocab_size > model_config.vocab_size:
@@ -457,6 +464,7 @@ class Trainer:
         self.env = env
         # Rank 0, after a successful run and before the tracker's run ends (e.g. more artifacts).
         self.before_end_run = before_end_run
+        self.stop = stop
 
     # The fit() pieces below share state through attributes set in _setup().
     model: Transformer
@@ -481,7 +489,7 @@ class Trainer:
         owns_group = env.is_distributed and not D.active()
         D.init_process_group(env, device, self.cfg.dist_timeout_s)
         try:
-            with _sigterm_flag() as stop:
+            with _sigterm_flag(self.stop) as stop:
                 return self._fit(env, device, stop)
         finally:
             if owns_group:
@@ -772,7 +780,7 @@ class Trainer:
         # Rank 0 publishes alone, and nobody waits for it: registration retries for up to the
         # tracker's publish_timeout_s, which a barrier (bound by dist_timeout_s) would not
         # outlast. Every collective of the run is behind us: the final eval and checkpoint.
-        model_dir, version = (self._publish(step, val_loss, ended_by, trained=step > start)
+        model_dir, version = (self._publish(step, val_loss, ended_by, stop, trained=step > start)
                               if main else (None, None))  # fmt: skip
         return TrainResult(
             model_dir=model_dir,
@@ -1014,7 +1022,8 @@ class Trainer:
         return None
 
     def _publish(
-        self, step: int, val_loss: float, ended_by: str, *, trained: bool = True
+        self, step: int, val_loss: float, ended_by: str, stop: threading.Event, *,
+        trained: bool = True,
     ) -> tuple[Path | None, Any]:
         """Rank 0: write the final model dir and hand it to the tracker (alias "candidate").
 
@@ -1047,14 +1056,36 @@ class Trainer:
                               metadata)
         if published is not None:  # the model dir was missing: rewritten, not registered again
             return path, published
-        version = self.tracker.log_model_dir(path, self.register_name, alias="candidate")
+        version = self._register(path, step, stop)
         self._record_published(step, version)
         return path, version
 
-    def _published_record(self, step: int) -> Path | None:
+    def _register(self, path: Path, step: int, stop: threading.Event) -> Any:
+        """The tracker's log_model_dir, unless SIGTERM comes first or ends its retries: then
+        TrainingInterrupted (exit 143 within the pod's grace period, not after the retries)."""
+        if not stop.is_set():
+            try:
+                return self.tracker.log_model_dir(path, self.register_name, alias="candidate")
+            except Exception:
+                if not stop.is_set():
+                    raise
+        checkpoint = self._checkpoint_at(step)
+        if checkpoint is None:
+            later = "a rerun trains again (no checkpoint_dir)"
+        else:  # no PUBLISHED_FILE: the rerun registers it
+            later = (f"run the same command again to register it (it resumes {checkpoint}, "
+                     "trains no step and publishes)")
+        log.warning("SIGTERM: the model in %s is saved but not registered; %s", path, later)
+        raise TrainingInterrupted(step, checkpoint)
+
+    def _checkpoint_at(self, step: int) -> Path | None:
         if not self.cfg.checkpoint_dir:
             return None
-        return Path(self.cfg.checkpoint_dir) / f"step-{step:08d}" / PUBLISHED_FILE
+        return Path(self.cfg.checkpoint_dir) / f"step-{step:08d}"
+
+    def _published_record(self, step: int) -> Path | None:
+        checkpoint = self._checkpoint_at(step)
+        return checkpoint / PUBLISHED_FILE if checkpoint is not None else None
 
     def _published_at(self, step: int) -> ModelVersionInfo | None:
         """What a successful publish of this step's model by this run recorded, if any, as the

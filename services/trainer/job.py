@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
     """Train as configured. Under torchrun or in a PyTorchJob every process calls this.
 
     `tracker` replaces the one built from cfg.tracking (tests pass a recording tracker); it is
-    only ever called on rank 0.
+    only ever called on rank 0. The trainer's SIGTERM flag is the built tracker's cancel too, so
+    a SIGTERM ends the final registration's retries.
     """
     cfg = schema.as_dictconfig(cfg)
     schema.validate(cfg)
@@ -34,8 +36,9 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
         _configure_logging(env)
         dataset = prepare_data(cfg, env, progress=train_cfg.progress)
         model_cfg = schema.model_config(cfg, vocab_size=dataset.tokenizer.vocab_size)
+        stop = threading.Event()
         if env.is_main and tracker is None:
-            tracker = make_tracker(cfg)
+            tracker = make_tracker(cfg, stop)
         resolved = shareable_config(cfg)
         trainer = Trainer(
             model_cfg,
@@ -47,6 +50,7 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
             run_params=resolved,
             env=env,
             before_end_run=lambda result: log_artifacts(tracker, cfg, result),
+            stop=stop,
         )
         return trainer.fit()
 
@@ -114,13 +118,14 @@ def _data_error(exc: Exception) -> Exception:
     return CorpusError(f"data.source: {exc}") if isinstance(exc, CorpusError) else exc
 
 
-def make_tracker(cfg: DictConfig) -> Tracker | None:
-    """MLflow at tracking.uri (mlflow imported lazily by lmcore.tracking), or none."""
+def make_tracker(cfg: DictConfig, cancel: threading.Event | None = None) -> Tracker | None:
+    """MLflow at tracking.uri (mlflow imported lazily by lmcore.tracking), or none; `cancel`
+    ends its waits (MlflowTracker)."""
     if not cfg.tracking.enabled:
         return None
     from lmcore.tracking import MlflowTracker
 
-    return MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+    return MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cancel=cancel)
 
 
 def log_artifacts(tracker: Tracker | None, cfg: DictConfig, result: TrainResult) -> None:

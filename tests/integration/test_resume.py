@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lmcore.checkpoint import latest_training_state
 from lmcore.data import TokenDataset
 from lmcore.train import INTERRUPTED_EXIT_CODE
+from tests.helpers.mlflow_server import running_server
 from tests.helpers.trainer_run import tiny_corpus, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -213,3 +214,64 @@ def test_resuming_a_finished_and_published_run_registers_nothing_new(
     log = tmp_path / "unrecorded.log"
     assert wait(start(cmd, log)) == 0, log.read_text()[-2000:]
     assert str(client.get_model_version_by_alias("llm", "candidate").version) == "2"
+
+
+# A pod's default grace period is 30 s; the KILLED status may take killed_flush_timeout_s (10 s).
+SIGTERM_EXIT_BOUND_S = 20
+
+
+def test_a_sigterm_during_the_registration_retries_exits_143_in_time_and_a_rerun_publishes(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """With MLflow down at the end of a run, the registration retries for up to 15 minutes and
+    a SIGTERM was only noted: the pod was SIGKILLed at the end of its grace period. Now the
+    SIGTERM ends the retries and the trainer exits 143 at once, the model saved but not
+    registered; run again with MLflow back, it resumes the final checkpoint and registers it."""
+    text, data = corpus
+    ckpt = tmp_path / "ckpt"
+    with running_server(tmp_path / "mlflow") as server:
+        cmd = trainer_cmd(text, data, ckpt, "train.max_steps=40",
+                          "train.quantization_report=false", f"tracking.uri={server.uri}")
+        cmd.remove("tracking.enabled=false")
+        log = tmp_path / "first.log"
+        first = start(cmd, log)
+        try:
+            wait_for(lambda: "MLflow run " in log.read_text() or first.poll() is not None,
+                     TIMEOUT_S, "the MLflow run")
+            server.kill()  # down for the rest of the run: the registration retries
+            retrying = "cannot read the run yet, retrying"  # the registration's first step
+            wait_for(lambda: retrying in log.read_text() or first.poll() is not None,
+                     TIMEOUT_S, "a registration retry")
+            assert first.poll() is None, log.read_text()[-3000:]
+            first.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            try:
+                code = first.wait(timeout=SIGTERM_EXIT_BOUND_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {SIGTERM_EXIT_BOUND_S} s after SIGTERM:\n"
+                            + log.read_text()[-2000:])
+            took = time.monotonic() - t0
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        text_log = log.read_text()
+        assert code == INTERRUPTED_EXIT_CODE, text_log[-3000:]
+        final = ckpt / "step-00000040"
+        assert text_log.strip().splitlines()[-1] == (
+            f"error: interrupted by SIGTERM at step 40, checkpoint {final}"), f"{took:.1f} s"
+        assert "saved but not registered; run the same command again" in text_log
+        assert not (final / "published.json").exists()
+
+        server.start()
+        again = tmp_path / "again.log"
+        assert wait(start(cmd, again)) == 0, again.read_text()[-3000:]
+        assert f"resumed from {final} (step 40)" in again.read_text()
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        (version,) = client.search_model_versions("name = 'llm'")
+        assert str(client.get_model_version_by_alias("llm", "candidate").version) == "1"
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED"
+        assert f"MLflow run {version.run_id} " in text_log  # the first session's run

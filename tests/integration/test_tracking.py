@@ -619,6 +619,34 @@ def test_a_killed_run_waits_its_own_short_flush_timeout_during_an_outage(
     assert f"the run's KILLED status included, not posted for run {run_id}" in caplog.text
 
 
+def test_a_cancel_during_a_finished_runs_flush_cuts_it_to_the_killed_timeout(
+    relay: _Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer's last flush (end_run FINISHED) waits up to 120 s for an unreachable
+    server; a SIGTERM then was only noted, and the pod was SIGKILLed after its 30 s grace
+    period. The trainer's SIGTERM flag is the tracker's cancel: once it is set, the flush
+    waits killed_flush_timeout_s at most."""
+    cancel = threading.Event()
+    tracker = MlflowTracker(relay.uri, retry_s=0.5, flush_timeout_s=120.0,
+                            killed_flush_timeout_s=1.0, cancel=cancel)  # fmt: skip
+    run_id = tracker.start_run("end-outage")
+    assert tracker.flush(30)
+    relay.stop()
+    tracker.log_metrics({"train_loss": 1.0}, 1)
+    caplog.set_level(logging.WARNING, logger="lmcore.tracking")
+    ending = threading.Thread(target=tracker.end_run, args=("FINISHED",), daemon=True)
+    ending.start()
+    deadline = time.monotonic() + 15
+    while tracker.pending < 2 and time.monotonic() < deadline:  # the status is queued too
+        time.sleep(0.01)
+    cancel.set()  # the SIGTERM
+    started = time.monotonic()
+    ending.join(15)
+    assert not ending.is_alive(), "end_run still waiting 15 s after the cancel"
+    assert time.monotonic() - started < 5.0
+    assert f"the run's FINISHED status included, not posted for run {run_id}" in caplog.text
+
+
 def test_a_cached_version_loads_while_the_tracking_server_is_down(
     server: str, relay: _Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

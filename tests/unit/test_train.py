@@ -621,6 +621,38 @@ def test_sigterm_saves_and_a_restart_ends_with_the_same_weights(
         torch.testing.assert_close(weights(resumed)[name], value, atol=0, rtol=0)
 
 
+def test_a_sigterm_after_the_last_step_skips_the_registration_and_a_rerun_registers(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """A SIGTERM after the loop's last stop vote (here: during the final evaluation) was only
+    noted: the registration ran anyway, and with MLflow down retried for 15 minutes past a
+    pod's grace period. Now the run stops as on any SIGTERM, its model saved but not
+    registered; the same command run again registers it without training."""
+    tracker = ListTracker()
+
+    def sigterm_at_the_final_eval(step: int, metrics: dict[str, float]) -> None:
+        if "val_loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    tracker.on_metrics = sigterm_at_the_final_eval
+    cfg = config(tmp_path, max_steps=4, quantization_report=False)
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    final = tmp_path / "ckpt" / "step-00000004"
+    assert info.value.step == 4 and info.value.checkpoint == final
+    assert "log_model_dir" not in [c for c, _ in tracker.calls]
+    assert tracker.calls[-1] == ("end_run", "KILLED")
+    assert load_model_dir(tmp_path / "ckpt" / "model").metadata["step"] == 4
+    assert not (final / "published.json").exists()
+
+    tracker.on_metrics = None
+    again = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert again.resumed_from == 4 and again.steps == 4
+    assert [c for c, _ in tracker.calls].count("log_model_dir") == 1
+    assert tracker.calls[-1] == ("end_run", "FINISHED")
+    assert (final / "published.json").exists()
+
+
 def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_published(
     dataset: TokenDataset, tmp_path: Path
 ) -> None:
