@@ -646,13 +646,3 @@ def model_size_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total + sum(_packed_bytes(m) for m in model.modules())
-
-
-# TODO(remove when train.py imports lmcore.quant_report)
-def __getattr__(name: str) -> Any:
-    # Lazily: lmcore.quant_report imports this module, so a top-level import would be circular.
-    if name == "quantization_report":
-        from lmcore.quant_report import quantization_report
-
-        return quantization_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,7 +40,7 @@ from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
-from lmcore.quantize import quantization_report
+from lmcore.quant_report import quantization_report
 from lmcore.registry import ModelVersionInfo  # a dataclass; mlflow is imported only when used
 
 log = logging.getLogger(__name__)
