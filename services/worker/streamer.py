@@ -16,7 +16,7 @@ import redis
 
 from lmcore.engine import EngineHandle
 from services.common import keys, scripts
-from services.worker.streaming import Chunk, TokenSink
+from services.worker.token_sink import Chunk, TokenSink
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.02

@@ -22,7 +22,7 @@ from services.common.scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.runtime import WorkerRuntime
 from services.worker.streamer import ActiveJob
-from services.worker.streaming import TokenSink, streamed
+from services.worker.token_sink import TokenSink, streamed
 
 log = logging.getLogger(__name__)
 LEASE_WAIT_S = 0.5

@@ -75,7 +75,7 @@ def test_renewing_ones_own_lease_extends_it(client: redis.Redis) -> None:
 
 
 def test_chunks_are_written_only_while_the_job_is_ours(client: redis.Redis) -> None:
-    from services.worker.streaming import Chunk
+    from services.worker.token_sink import Chunk
 
     stream = client.register_script(scripts.STREAM)
     chunks = [Chunk("token", "Hel", 1), Chunk("token", "lo", 1)]

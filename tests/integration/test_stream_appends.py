@@ -21,7 +21,7 @@ from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
 from services.worker.runtime import make_redis
 from services.worker.streamer import ActiveJob, JobStreamer
-from services.worker.streaming import Chunk, TokenSink, streamed_text
+from services.worker.token_sink import Chunk, TokenSink, streamed_text
 from tests.helpers.redis_server import RedisServer, redis_server
 from tests.helpers.services import free_port, wait_until
 

@@ -78,7 +78,7 @@ def test_a_job_failing_mid_generation_ends_its_stream_holding_its_recorded_text(
 
     from lmcore.checkpoint import save_model_dir
     from lmcore.tokenizer import Tokenizer
-    from services.worker.streaming import streamed
+    from services.worker.token_sink import streamed
     from tests.helpers.models import context_sensitive_model
     from tests.helpers.services import TOKENIZER_TEXT
 

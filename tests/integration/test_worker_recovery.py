@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from services.common import keys
-from services.worker.streaming import streamed, streamed_text
+from services.worker.token_sink import streamed, streamed_text
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.services import (
     REPO,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcore.engine import FLUSH_TOKEN_ID
-from services.worker.streaming import Chunk, TokenSink, streamed
+from services.worker.token_sink import Chunk, TokenSink, streamed
 
 pytestmark = pytest.mark.unit
 
