@@ -25,13 +25,13 @@ from lmcore.engine import Engine, EngineRequest
 from lmcore.generate import SamplingParams
 from services.common import keys, scripts
 from services.common.settings import Settings
+from services.worker.job_supervisor import JobStreamer
 from services.worker.loader import (
     ServingModel,
     alias_of,
     cannot_fix_itself,
     load_serving_model,
 )
-from services.worker.streamer import JobStreamer
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef,
 from services.common import scripts
 from services.common.scripts import claim_call, finish_args
 from services.common.stats import finish_increments
+from services.worker.job_supervisor import ActiveJob
 from services.worker.runtime import WorkerRuntime
-from services.worker.streamer import ActiveJob
 from services.worker.token_sink import TokenSink, streamed
 
 log = logging.getLogger(__name__)

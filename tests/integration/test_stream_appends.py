@@ -19,8 +19,8 @@ import redis
 from services.common import keys, scripts
 from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
+from services.worker.job_supervisor import ActiveJob, JobStreamer
 from services.worker.runtime import make_redis
-from services.worker.streamer import ActiveJob, JobStreamer
 from services.worker.token_sink import Chunk, TokenSink, streamed_text
 from tests.helpers.redis_server import RedisServer, redis_server
 from tests.helpers.services import free_port, wait_until
