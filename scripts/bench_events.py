@@ -43,7 +43,7 @@ from services.api.app import make_redis, make_stream_reader  # noqa: E402
 from services.api.events import EventHub  # noqa: E402
 from services.api.routers.jobs import _stream  # noqa: E402
 from services.api.store import JobStore  # noqa: E402
-from services.common import keys, scripts  # noqa: E402
+from services.common import keys, lua_scripts  # noqa: E402
 from services.common.jobs import JobRecord, JobRequest  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from tests.helpers.redis_server import redis_server  # noqa: E402  (a real Redis, free port)
@@ -119,7 +119,7 @@ async def measure(
     hub = EventHub(redis, make_stream_reader(settings), park_queued=park)
     store = JobStore(redis, settings)
     stats = sync_redis.Redis.from_url(url, decode_responses=True)
-    claim = redis.register_script(scripts.CLAIM)
+    claim = redis.register_script(lua_scripts.CLAIM)
     run_id = f"{'parked' if park else 'read'}-{backlog}-r{rnd}"
     queued = [f"{run_id}-q{i}" for i in range(backlog)]
     live = f"{run_id}-live"
@@ -128,7 +128,7 @@ async def measure(
             record = JobRecord.new(job_id, JobRequest(prompt="Once"))
             pipe.hset(keys.job(job_id), mapping=record.to_hash())
         await pipe.execute()
-    await claim(**scripts.claim_call(live, "bench", now=0, lease_ttl_s=60, ttl_s=3600))
+    await claim(**lua_scripts.claim_call(live, "bench", now=0, lease_ttl_s=60, ttl_s=3600))
 
     stop = asyncio.Event()
     received: list[float] = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 
 Entry = tuple[str, dict[str, str]]
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class EventHub:
         self._count = count
         self._park_queued = park_queued
         self._check_parked_s = check_parked_s
-        self._not_queued = redis.register_script(scripts.NOT_QUEUED)
+        self._not_queued = redis.register_script(lua_scripts.NOT_QUEUED)
         self._by_key: dict[str, set[Subscription]] = {}
         self._cursors: dict[str, str] = {}  # streams read every round -> earliest cursor
         self._parked: dict[str, str] = {}  # streams of queued jobs, left out of reads -> job id

@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.jobs import JobRecord, JobStatus
 from services.common.settings import Settings
 
@@ -42,10 +42,10 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.ttl_s = settings.job_ttl_s
-        self._create = redis.register_script(scripts.CREATE)
-        self._release_idempotency = redis.register_script(scripts.RELEASE_IDEMPOTENCY)
-        self._cancel = redis.register_script(scripts.CANCEL)
-        self._fresh_workers = redis.register_script(scripts.FRESH_WORKERS)
+        self._create = redis.register_script(lua_scripts.CREATE)
+        self._release_idempotency = redis.register_script(lua_scripts.RELEASE_IDEMPOTENCY)
+        self._cancel = redis.register_script(lua_scripts.CANCEL)
+        self._fresh_workers = redis.register_script(lua_scripts.FRESH_WORKERS)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

@@ -13,13 +13,13 @@ import sys
 
 import redis
 
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.settings import Settings
 
 
 def fresh_workers(client: redis.Redis, host: str | None = None) -> list[dict]:
     """The heartbeats of live workers (on `host`, if given)."""
-    fresh = client.register_script(scripts.FRESH_WORKERS)
+    fresh = client.register_script(lua_scripts.FRESH_WORKERS)
     beats = [json.loads(raw) for raw in fresh(keys=[keys.WORKERS], args=[keys.worker("")])]
     return [beat for beat in beats if host is None or beat.get("host") == host]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from lmcore.engine import EngineHandle
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.worker.token_sink import Chunk, TokenSink
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class JobStreamer:
     def __init__(self, client: redis.Redis, renew: object, lease_ttl_s: float, ttl_s: int) -> None:
         self.redis = client
         self.renew = renew  # the RENEW script, registered on client
-        self.stream = client.register_script(scripts.STREAM)
+        self.stream = client.register_script(lua_scripts.STREAM)
         self.lease_ttl_s = lease_ttl_s
         self.ttl_s = ttl_s
         self._jobs: dict[str, ActiveJob] = {}
@@ -100,14 +100,14 @@ class JobStreamer:
                 # Written only while the job is still ours: a worker that lost it (a long
                 # partition, the job redelivered and finished elsewhere) must not add to it.
                 if streamed:
-                    self.stream(keys=scripts.job_keys(job.job_id), client=pipe,
-                                args=scripts.stream_args(job.owner, self.ttl_s, chunks, first,
-                                                         job.sent_chunks))
+                    self.stream(keys=lua_scripts.job_keys(job.job_id), client=pipe,
+                                args=lua_scripts.stream_args(job.owner, self.ttl_s, chunks, first,
+                                                             job.sent_chunks))
                 pipe.hget(keys.job(job.job_id), "cancel_requested")
                 renew = now - job.last_renew > self.lease_ttl_s / 3
                 if renew:
                     self.renew(  # type: ignore[operator]
-                        keys=scripts.job_keys(job.job_id),
+                        keys=lua_scripts.job_keys(job.job_id),
                         args=[job.owner, int(self.lease_ttl_s * 1000)], client=pipe,
                     )  # fmt: skip
                 plan.append((job, len(chunks), streamed, first is not None, renew))

@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 from lmcore.engine import Engine, EngineRequest
 from lmcore.generate import SamplingParams
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.settings import Settings
 from services.worker.job_supervisor import JobStreamer
 from services.worker.loader import (
@@ -87,9 +87,9 @@ class WorkerRuntime:
         self.nodename = nodename
         self.on_engine_death = on_engine_death
         self.redis = make_redis(settings)
-        self.claim = self.redis.register_script(scripts.CLAIM)
-        self.renew = self.redis.register_script(scripts.RENEW)
-        self.finish = self.redis.register_script(scripts.FINISH)
+        self.claim = self.redis.register_script(lua_scripts.CLAIM)
+        self.renew = self.redis.register_script(lua_scripts.RENEW)
+        self.finish = self.redis.register_script(lua_scripts.FINISH)
         self.serving: ServingModel | None = None
         self.engine: Engine | None = None
         self.streamer = JobStreamer(

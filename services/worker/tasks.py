@@ -15,10 +15,9 @@ import redis
 
 from lmcore.engine import EngineRequest, EngineStoppedError
 from lmcore.generate import SamplingParams
-from services.common import keys
+from services.common import keys, lua_scripts
 from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef, model_fields
-from services.common import scripts
-from services.common.scripts import claim_call, finish_args
+from services.common.lua_scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.job_supervisor import ActiveJob
 from services.worker.runtime import WorkerRuntime
@@ -169,8 +168,8 @@ class JobExecution:
                 # failed or timed-out one: what it made until then, which may be nothing).
                 chunks = self.active.take(final=True) if self.active is not None else []
                 if chunks:  # written only if the job is still ours, as FINISH checks too
-                    self.rt.streamer.stream(keys=scripts.job_keys(self.job_id), client=pipe,
-                                            args=scripts.stream_args(
+                    self.rt.streamer.stream(keys=lua_scripts.job_keys(self.job_id), client=pipe,
+                                            args=lua_scripts.stream_args(
                                                 self.owner, self.ttl_s, chunks, None,
                                                 self.active.sent_chunks))  # fmt: skip
                 self.rt.finish(

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from services.api.app import make_redis, make_stream_reader
 from services.api.events import EventHub, entry_order
 from services.api.store import JobStore
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
 from tests.helpers.redis_server import RedisServer, redis_server
@@ -283,9 +283,9 @@ async def queue_job(redis: Redis, job_id: str) -> None:
 
 async def claim(redis: Redis, job_id: str) -> None:
     """What a worker does on taking the job: the real CLAIM script, which announces it."""
-    script = redis.register_script(scripts.CLAIM)
-    reply = await script(**scripts.claim_call(job_id, "test-worker", now=0, lease_ttl_s=60,
-                                              ttl_s=3600))  # fmt: skip
+    script = redis.register_script(lua_scripts.CLAIM)
+    reply = await script(**lua_scripts.claim_call(job_id, "test-worker", now=0, lease_ttl_s=60,
+                                                  ttl_s=3600))  # fmt: skip
     assert reply[0] == "claimed"
 
 
@@ -583,7 +583,7 @@ def test_streams_of_queued_jobs_leave_checking_their_jobs_to_the_hub(
     async def test() -> None:
         ids = [f"waiting-{i}" for i in range(50)]
         async with sse_clients(server, ids, check_parked_s=0.3) as (hub, writer, readers):
-            await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
+            await writer.script_load(lua_scripts.NOT_QUEUED)  # no NOSCRIPT round in the counts
             assert hub.parked_streams == 50
             hgets, scripts_run = await hget_and_script_calls(writer)
 
@@ -649,7 +649,7 @@ def test_a_long_backlog_is_checked_in_small_batches_spread_over_the_interval(
         ids = [f"batched-{i}" for i in range(50)]
         for job_id in ids:
             await queue_job(writer, job_id)
-        await writer.script_load(scripts.NOT_QUEUED)  # no NOSCRIPT round in the commands
+        await writer.script_load(lua_scripts.NOT_QUEUED)  # no NOSCRIPT round in the commands
         async with hub_on(server, check_parked_s=1.0) as hub, \
                 contextlib.AsyncExitStack() as stack:  # fmt: skip
             for job_id in ids:

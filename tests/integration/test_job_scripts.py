@@ -1,4 +1,4 @@
-"""The Lua scripts behind the job's state changes (services/common/scripts.py), run by a real
+"""The Lua scripts behind the job's state changes (services/common/lua_scripts.py), run by a real
 Redis: what each transition does when the lease or the record is not what the caller expects."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from tests.helpers.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
@@ -28,9 +28,9 @@ def job_in(client: redis.Redis, job_id: str, status: str = "running") -> list[st
     from services.common.jobs import JobRecord, JobRequest
 
     record = JobRecord.new(job_id, JobRequest(prompt="a"))
-    client.delete(*scripts.job_keys(job_id))
+    client.delete(*lua_scripts.job_keys(job_id))
     client.hset(keys.job(job_id), mapping={**record.to_hash(), "status": status})
-    return scripts.job_keys(job_id)
+    return lua_scripts.job_keys(job_id)
 
 
 def final_job(client: redis.Redis, job_id: str, status: str) -> None:
@@ -42,7 +42,7 @@ def final_job(client: redis.Redis, job_id: str, status: str) -> None:
 def test_a_lease_that_expired_unclaimed_is_taken_back_not_given_up(client: redis.Redis) -> None:
     # Redis away longer than the lease TTL: the key is gone when the worker renews, and nobody
     # else holds the job. Answering "lost" there left the job running forever with no worker.
-    renew = client.register_script(scripts.RENEW)
+    renew = client.register_script(lua_scripts.RENEW)
     job_keys = job_in(client, "expired-job")
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 1
     assert client.get(keys.lease("expired-job")) == "w1"
@@ -50,7 +50,7 @@ def test_a_lease_that_expired_unclaimed_is_taken_back_not_given_up(client: redis
 
 
 def test_a_lease_held_by_another_worker_is_lost(client: redis.Redis) -> None:
-    renew = client.register_script(scripts.RENEW)
+    renew = client.register_script(lua_scripts.RENEW)
     job_keys = job_in(client, "claimed-job")
     client.set(keys.lease("claimed-job"), "w2", px=LEASE_MS)
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 0
@@ -60,14 +60,14 @@ def test_a_lease_held_by_another_worker_is_lost(client: redis.Redis) -> None:
 def test_the_lease_of_a_job_finished_elsewhere_is_not_taken_back(client: redis.Redis) -> None:
     # Another worker ran the redelivered job to the end (and dropped the lease): the first one,
     # back from a partition, must learn it lost the job rather than carry on writing to it.
-    renew = client.register_script(scripts.RENEW)
+    renew = client.register_script(lua_scripts.RENEW)
     job_keys = job_in(client, "finished-elsewhere", status="succeeded")
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 0
     assert client.get(keys.lease("finished-elsewhere")) is None
 
 
 def test_renewing_ones_own_lease_extends_it(client: redis.Redis) -> None:
-    renew = client.register_script(scripts.RENEW)
+    renew = client.register_script(lua_scripts.RENEW)
     job_keys = job_in(client, "own-job")
     client.set(keys.lease("own-job"), "w1", px=100)
     assert renew(keys=job_keys, args=["w1", LEASE_MS]) == 1
@@ -77,11 +77,11 @@ def test_renewing_ones_own_lease_extends_it(client: redis.Redis) -> None:
 def test_chunks_are_written_only_while_the_job_is_ours(client: redis.Redis) -> None:
     from services.worker.token_sink import Chunk
 
-    stream = client.register_script(scripts.STREAM)
+    stream = client.register_script(lua_scripts.STREAM)
     chunks = [Chunk("token", "Hel", 1), Chunk("token", "lo", 1)]
     ours = job_in(client, "ours")
     client.set(keys.lease("ours"), "w1", px=LEASE_MS)
-    assert stream(keys=ours, args=scripts.stream_args("w1", 60, chunks, 12.5)) == 1
+    assert stream(keys=ours, args=lua_scripts.stream_args("w1", 60, chunks, 12.5)) == 1
     assert [f["text"] for _, f in client.xrange(keys.events("ours"))] == ["Hel", "lo"]
     assert client.hget(keys.job("ours"), "first_token_at") == "12.5"
     assert 0 < client.ttl(keys.events("ours")) <= 60
@@ -90,7 +90,7 @@ def test_chunks_are_written_only_while_the_job_is_ours(client: redis.Redis) -> N
     client.set(keys.lease("taken"), "w2", px=LEASE_MS)
     done = job_in(client, "done", status="succeeded")
     for job_keys in (taken, done):
-        assert stream(keys=job_keys, args=scripts.stream_args("w1", 60, chunks, 12.5)) == 0
+        assert stream(keys=job_keys, args=lua_scripts.stream_args("w1", 60, chunks, 12.5)) == 0
         assert client.xlen(job_keys[1]) == 0
         assert client.hget(job_keys[0], "first_token_at") is None
 
@@ -133,11 +133,11 @@ def test_claiming_a_job_restarts_its_records_ttl(client: redis.Redis) -> None:
     # A job that waited in the queue for most of LLM_JOB_TTL_S must not expire while it runs.
     from services.common.jobs import JobRecord, JobRequest
 
-    claim = client.register_script(scripts.CLAIM)
+    claim = client.register_script(lua_scripts.CLAIM)
     record = JobRecord.new("waited-long", JobRequest(prompt="a"))
     client.hset(keys.job(record.id), mapping=record.to_hash())
     client.expire(keys.job(record.id), 5)  # almost out
-    reply = claim(**scripts.claim_call(record.id, "w1", now=0, lease_ttl_s=5, ttl_s=3600))
+    reply = claim(**lua_scripts.claim_call(record.id, "w1", now=0, lease_ttl_s=5, ttl_s=3600))
     assert reply[0] == "claimed"
     assert client.ttl(keys.job(record.id)) > 3000
 
@@ -164,7 +164,7 @@ def finish_call(job_id: str, owner: str, status: str = "succeeded") -> dict[str,
     fields = {"finished_at": "100.0", "text": "abc", "completion_tokens": "3"}
     return {
         "keys": [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.STATS],
-        "args": scripts.finish_args(owner, status, 60, fields, counters, sums),
+        "args": lua_scripts.finish_args(owner, status, 60, fields, counters, sums),
     }
 
 
@@ -180,12 +180,12 @@ def cancel_call(job_id: str, now: float = 50.0) -> dict[str, list]:
 def test_a_job_leased_to_a_live_worker_is_not_claimed_again(client: redis.Redis) -> None:
     # The task redelivered while its first worker still runs it (and renews the lease): the second
     # worker must leave the job alone, not run it a second time beside the first.
-    claim = client.register_script(scripts.CLAIM)
+    claim = client.register_script(lua_scripts.CLAIM)
     job_in(client, "held")
     client.hset(keys.job("held"), mapping={"worker": "w2", "attempts": "1", "started_at": "1.0"})
     client.set(keys.lease("held"), "w2", px=LEASE_MS)
     before = written(client, "held")
-    reply = claim(**scripts.claim_call("held", "w1", now=9, lease_ttl_s=60, ttl_s=3600))
+    reply = claim(**lua_scripts.claim_call("held", "w1", now=9, lease_ttl_s=60, ttl_s=3600))
     assert reply == ["leased", "w2"]
     assert written(client, "held") == before  # status, worker, attempts, lease: all w2's
     assert 0 < client.pttl(keys.lease("held")) <= LEASE_MS  # not renewed for w1 either
@@ -194,12 +194,12 @@ def test_a_job_leased_to_a_live_worker_is_not_claimed_again(client: redis.Redis)
 def test_a_job_whose_lease_expired_is_taken_over(client: redis.Redis) -> None:
     # Its worker died: the next one claims the job as a new attempt, keeps its start time, and
     # does not announce again a job that left the queue long ago.
-    claim = client.register_script(scripts.CLAIM)
+    claim = client.register_script(lua_scripts.CLAIM)
     job_in(client, "orphaned")
     first = {"worker": "w1", "attempts": "1", "started_at": "1.0"}
     client.hset(keys.job("orphaned"), mapping=first)
     announced = client.xrange(keys.LEFT_QUEUE)
-    reply = claim(**scripts.claim_call("orphaned", "w2", now=9, lease_ttl_s=5, ttl_s=3600))
+    reply = claim(**lua_scripts.claim_call("orphaned", "w2", now=9, lease_ttl_s=5, ttl_s=3600))
     assert reply == ["claimed", "2", ""]
     job = client.hgetall(keys.job("orphaned"))
     assert (job["status"], job["worker"], job["started_at"]) == ("running", "w2", "1.0")
@@ -210,14 +210,14 @@ def test_a_job_whose_lease_expired_is_taken_over(client: redis.Redis) -> None:
 def test_a_duplicate_delivery_is_run_by_the_first_claimant_only(client: redis.Redis) -> None:
     # Two workers get the same queued job (a redelivery while the first is alive): one claim wins,
     # the other is told who holds it, and only the winner's result is recorded.
-    claim = client.register_script(scripts.CLAIM)
-    finish = client.register_script(scripts.FINISH)
+    claim = client.register_script(lua_scripts.CLAIM)
+    finish = client.register_script(lua_scripts.FINISH)
     job_id = "twice-delivered"
     job_in(client, job_id, status="queued")
     announced = client.xlen(keys.LEFT_QUEUE)
 
-    first = claim(**scripts.claim_call(job_id, "w1", now=1, lease_ttl_s=5, ttl_s=3600))
-    second = claim(**scripts.claim_call(job_id, "w2", now=2, lease_ttl_s=5, ttl_s=3600))
+    first = claim(**lua_scripts.claim_call(job_id, "w1", now=1, lease_ttl_s=5, ttl_s=3600))
+    second = claim(**lua_scripts.claim_call(job_id, "w2", now=2, lease_ttl_s=5, ttl_s=3600))
     assert first == ["claimed", "1", ""]
     assert second == ["leased", "w1"]
     job = client.hgetall(keys.job(job_id))
@@ -240,7 +240,7 @@ def test_a_duplicate_delivery_is_run_by_the_first_claimant_only(client: redis.Re
 def test_a_worker_that_lost_the_lease_records_no_result(client: redis.Redis) -> None:
     # w1 stalled past its lease and w2 took the job over: w1's late result must not overwrite
     # the job, end its stream or count in the stats while w2 still runs it.
-    finish = client.register_script(scripts.FINISH)
+    finish = client.register_script(lua_scripts.FINISH)
     job_in(client, "taken-over")
     client.hset(keys.job("taken-over"), "worker", "w2")
     client.set(keys.lease("taken-over"), "w2", px=LEASE_MS)
@@ -259,7 +259,7 @@ def test_a_worker_that_lost_the_lease_records_no_result(client: redis.Redis) -> 
 def test_a_job_already_final_is_not_finished_again(client: redis.Redis, status: str) -> None:
     # A redelivered task, or a late worker, finishing a job that has its result (and no lease
     # any more): the first result stands and is counted once.
-    finish = client.register_script(scripts.FINISH)
+    finish = client.register_script(lua_scripts.FINISH)
     job_id = f"final-{status}"
     final_job(client, job_id, status)
     before = written(client, job_id)
@@ -277,7 +277,7 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
     # The same worker's FINISH retried after a lost reply, or its task redelivered (a new owner)
     # after the job ended: the second call finds the job final and writes nothing. Only the
     # owner that recorded the result is told it did (1), so it does not report its job lost.
-    finish = client.register_script(scripts.FINISH)
+    finish = client.register_script(lua_scripts.FINISH)
     job_in(client, "retried")
     client.set(keys.lease("retried"), "w1", px=LEASE_MS)
     stats = client.hgetall(keys.STATS)
@@ -293,8 +293,8 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
 
 
 def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
-    cancel = client.register_script(scripts.CANCEL)
-    claim = client.register_script(scripts.CLAIM)
+    cancel = client.register_script(lua_scripts.CANCEL)
+    claim = client.register_script(lua_scripts.CLAIM)
     job_id = "cancel-queued"
     job_in(client, job_id, status="queued")
     before = written(client, job_id)
@@ -314,7 +314,7 @@ def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
     assert after["lease"] is None
 
     # The worker that gets the task later finds the job final and leaves it be.
-    reply = claim(**scripts.claim_call(job_id, "w1", now=60, lease_ttl_s=5, ttl_s=3600))
+    reply = claim(**lua_scripts.claim_call(job_id, "w1", now=60, lease_ttl_s=5, ttl_s=3600))
     assert reply == ["cancelled"]
     assert written(client, job_id) == after
 
@@ -322,7 +322,7 @@ def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
 def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -> None:
     # Only the worker can end a job it runs (it stops between decode steps and finishes it as
     # cancelled): the API only raises the flag.
-    cancel = client.register_script(scripts.CANCEL)
+    cancel = client.register_script(lua_scripts.CANCEL)
     job_in(client, "cancel-running")
     client.set(keys.lease("cancel-running"), "w1", px=LEASE_MS)
     before = written(client, "cancel-running")
@@ -337,7 +337,7 @@ def test_cancelling_a_running_job_asks_its_worker_to_stop(client: redis.Redis) -
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
 def test_cancelling_a_finished_job_changes_nothing(client: redis.Redis, status: str) -> None:
-    cancel = client.register_script(scripts.CANCEL)
+    cancel = client.register_script(lua_scripts.CANCEL)
     job_id = f"cancel-{status}"
     final_job(client, job_id, status)
     before = written(client, job_id)
@@ -346,8 +346,8 @@ def test_cancelling_a_finished_job_changes_nothing(client: redis.Redis, status: 
 
 
 def test_cancelling_an_unknown_job_creates_nothing(client: redis.Redis) -> None:
-    cancel = client.register_script(scripts.CANCEL)
-    client.delete(*scripts.job_keys("never-was"))
+    cancel = client.register_script(lua_scripts.CANCEL)
+    client.delete(*lua_scripts.job_keys("never-was"))
     before = written(client, "never-was")
     assert cancel(**cancel_call("never-was")) == "missing"
     assert written(client, "never-was") == before

@@ -23,7 +23,7 @@ from services.api.app import make_redis
 from services.api.model_limits import ModelLimitsCache
 from services.api.store import PENDING_IDEMPOTENCY_S, JobStore
 from services.api.submit import submit_job
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.celery_config import make_celery
 from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
@@ -82,8 +82,8 @@ def test_idempotency_binding_lives_as_long_as_its_record(server: RedisServer) ->
     # queue and ran), and the same key and body then made a second job of a readable one.
     async def test(redis: Redis, store: JobStore) -> None:
         job_id, idem = "job-long-lived", keys.idempotency("p:long")
-        claim = redis.register_script(scripts.CLAIM)
-        finish = redis.register_script(scripts.FINISH)
+        claim = redis.register_script(lua_scripts.CLAIM)
+        finish = redis.register_script(lua_scripts.FINISH)
         assert await store.claim_idempotency("p:long", "digest", job_id) is None
         await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}", "p:long")
 
@@ -92,15 +92,15 @@ def test_idempotency_binding_lives_as_long_as_its_record(server: RedisServer) ->
                 await redis.expire(key, await redis.ttl(key) - by_s)
 
         await age(JOB_TTL_S - 100)  # waited in the queue for most of the TTL
-        await claim(**scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
-                                         ttl_s=JOB_TTL_S))  # fmt: skip
+        await claim(**lua_scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
+                                             ttl_s=JOB_TTL_S))  # fmt: skip
         assert await redis.ttl(keys.job(job_id)) > JOB_TTL_S - 5
         assert await redis.ttl(idem) >= await redis.ttl(keys.job(job_id)) - 1
 
         await age(JOB_TTL_S - 100)  # ran for most of it
         await finish(
             keys=[keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.STATS],
-            args=scripts.finish_args("w1", "succeeded", JOB_TTL_S, {}, {}, {}),
+            args=lua_scripts.finish_args("w1", "succeeded", JOB_TTL_S, {}, {}, {}),
         )
         assert await redis.ttl(keys.job(job_id)) > JOB_TTL_S - 5
         assert await redis.ttl(idem) >= await redis.ttl(keys.job(job_id)) - 1
@@ -134,12 +134,12 @@ def test_cancelling_a_job_that_waited_long_restarts_its_records_and_bindings_ttl
 def test_a_binding_that_names_another_job_keeps_its_own_ttl(server: RedisServer) -> None:
     # The key was bound again after the old binding expired: the old job's claim leaves it be.
     async def test(redis: Redis, store: JobStore) -> None:
-        claim = redis.register_script(scripts.CLAIM)
+        claim = redis.register_script(lua_scripts.CLAIM)
         await store.create(JobRecord.new("job-old", JobRequest(prompt="a")), "{}", "p:rebound")
         await redis.set(keys.idempotency("p:rebound"),
                         json.dumps({"fingerprint": "d", "job_id": "job-new"}), ex=50)
-        await claim(**scripts.claim_call("job-old", "w1", now=time.time(), lease_ttl_s=30,
-                                         ttl_s=JOB_TTL_S))  # fmt: skip
+        await claim(**lua_scripts.claim_call("job-old", "w1", now=time.time(), lease_ttl_s=30,
+                                             ttl_s=JOB_TTL_S))  # fmt: skip
         assert 0 < await redis.ttl(keys.idempotency("p:rebound")) <= 50
 
     with_store(server, test)
@@ -151,7 +151,7 @@ def test_the_queue_depth_counts_only_jobs_neither_claimed_nor_cancelled(
     # It read the Celery list's length, where a job cancelled while queued keeps its message
     # until a worker pops it: dashboards showed a backlog of jobs that would never run.
     async def test(redis: Redis, store: JobStore) -> None:
-        claim = redis.register_script(scripts.CLAIM)
+        claim = redis.register_script(lua_scripts.CLAIM)
         before = await store.queue_depth()
         for job_id in ("depth-waits", "depth-cancelled", "depth-claimed", "depth-gone"):
             await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}")
@@ -159,8 +159,9 @@ def test_the_queue_depth_counts_only_jobs_neither_claimed_nor_cancelled(
         assert await store.cancel("depth-cancelled") == "cancelled"
         await redis.delete(keys.job("depth-gone"))  # its record expired before any claim
         for job_id, reply in (("depth-claimed", "claimed"), ("depth-gone", "missing")):
-            called = await claim(**scripts.claim_call(job_id, "w1", now=time.time(),
-                                                      lease_ttl_s=30, ttl_s=JOB_TTL_S))  # fmt: skip
+            called = await claim(**lua_scripts.claim_call(job_id, "w1", now=time.time(),
+                                                          lease_ttl_s=30,
+                                                          ttl_s=JOB_TTL_S))  # fmt: skip
             assert called[0] == reply
         assert await store.queue_depth() == before + 1
 
@@ -229,13 +230,13 @@ def test_create_retried_after_lost_reply_keeps_claimed_record(
     # message and claims the job before redis-py sends the create again. The retry used to
     # write `queued` over the running job and push a second message: the job ran twice.
     direct = server.client()
-    claim = direct.register_script(scripts.CLAIM)
+    claim = direct.register_script(lua_scripts.CLAIM)
     job_id = "lost-create-reply"
 
     def worker_claims() -> None:
         assert direct.rpop(keys.QUEUE) is not None
-        reply = claim(**scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
-                                           ttl_s=JOB_TTL_S))  # fmt: skip
+        reply = claim(**lua_scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30,
+                                               ttl_s=JOB_TTL_S))  # fmt: skip
         assert reply[0] == "claimed"
 
     proxy.lose(CREATE_MARKER, then=worker_claims)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common import keys, scripts
+from services.common import keys, lua_scripts
 from services.common.jobs import JobRecord, JobRequest
 from services.common.settings import Settings
 from services.worker.job_supervisor import ActiveJob, JobStreamer
@@ -36,9 +36,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 def running_job(client: redis.Redis, job_id: str) -> list[str]:
     record = JobRecord.new(job_id, JobRequest(prompt="a")).to_hash()
-    client.delete(*scripts.job_keys(job_id))
+    client.delete(*lua_scripts.job_keys(job_id))
     client.hset(keys.job(job_id), mapping={**record, "status": "running"})
-    return scripts.job_keys(job_id)
+    return lua_scripts.job_keys(job_id)
 
 
 def texts(client: redis.Redis, job_id: str) -> list[str]:
@@ -49,19 +49,19 @@ def test_chunks_sent_again_are_appended_once_and_a_new_owner_counts_its_own(
     server: RedisServer,
 ) -> None:
     client = server.client()
-    stream = client.register_script(scripts.STREAM)
+    stream = client.register_script(lua_scripts.STREAM)
     job = running_job(client, "again")
     first = [Chunk("token", "Hel", 1), Chunk("token", "lo", 1)]
     for _ in range(2):  # the second call: a retry of a call whose reply was lost
-        assert stream(keys=job, args=scripts.stream_args("w1", 60, first, None, 0)) == 1
+        assert stream(keys=job, args=lua_scripts.stream_args("w1", 60, first, None, 0)) == 1
     assert texts(client, "again") == ["Hel", "lo"]
     # A retry that carries the old chunks and a new one appends only the new one.
     more = [*first[1:], Chunk("token", " you", 1)]
-    assert stream(keys=job, args=scripts.stream_args("w1", 60, more, None, 1)) == 1
+    assert stream(keys=job, args=lua_scripts.stream_args("w1", 60, more, None, 1)) == 1
     assert texts(client, "again") == ["Hel", "lo", " you"]
     # A redelivery's owner numbers its chunks from 0 again, and they are written.
-    assert stream(keys=job, args=scripts.stream_args("w2", 60, [Chunk("reset", "Hi", 1)],
-                                                    None, 0)) == 1  # fmt: skip
+    assert stream(keys=job, args=lua_scripts.stream_args("w2", 60, [Chunk("reset", "Hi", 1)],
+                                                        None, 0)) == 1  # fmt: skip
     assert texts(client, "again") == ["Hel", "lo", " you", "Hi"]
 
 
@@ -133,7 +133,7 @@ def test_a_flush_whose_reply_was_lost_streams_its_text_once(server: RedisServer)
     proxy = ReplyLosingProxy(server.port, b"Hello",
                              lambda: direct.xlen(keys.events("lost-reply")) > 0)  # fmt: skip
     worker_redis = make_redis(Settings(redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
-    streamer = JobStreamer(worker_redis, worker_redis.register_script(scripts.RENEW),
+    streamer = JobStreamer(worker_redis, worker_redis.register_script(lua_scripts.RENEW),
                            lease_ttl_s=30, ttl_s=3600)  # fmt: skip
     sink = TokenSink()
     job = ActiveJob("lost-reply", "w1", Handle(), sink, deadline=time.monotonic() + 3600)
