@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 TRAIN_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what the trainer runs on
-INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: Kubeflow's ExitCode policy retries 128-255
+# 128 + SIGTERM: what a SIGTERM-killed process reports; torchrun reports it as 1 (see
+# docs/architecture.md, Training)
+INTERRUPTED_EXIT_CODE = 143
 MAX_WARMUP_SHARE = 0.5  # the warmup takes at most this share of the run's steps
 # Beside a checkpoint, written once its model is registered: a rerun that trains no step does
 # not register it again.

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # Worker.
     max_batch: int = Field(8, ge=1)
     worker_concurrency: int | None = Field(None, ge=1)  # Celery threads; default 2 x max_batch
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     model_poll_s: float = Field(30.0, gt=0)  # how often the worker checks the alias (hot swap)
     model_cache_dir: str | None = None
     heartbeat_s: float = Field(5.0, gt=0)
