@@ -195,6 +195,8 @@ def _sniff_safetensors(path: Path) -> None:
             head = f.read(9)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a file") from None
     # A safetensors file is its JSON header's length (8 bytes, little-endian) and then the
     # header. Those 8 bytes can start like a pickle (0x80 when the length is 128 mod 256) or a
     # zip ("PK"), so the safetensors shape is tested first; the safetensors parser never unpickles.
@@ -256,12 +258,19 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """A JSON file; CheckpointError naming it for anything that keeps it from being read."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a file") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON: {exc}") from exc
+    # Not UTF-8 (UnicodeDecodeError), an integer over Python's digit limit (ValueError), nested
+    # too deep (RecursionError): named too, so the worker knows no retry reads it.
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a JSON file lmcore can read: {exc}") from exc
 
 
 def _temp_sibling(target: Path, tag: str) -> Path:

@@ -1095,7 +1095,7 @@ class Trainer:
         record = self._published_record(step)
         try:
             found = json.loads(record.read_text()) if record is not None else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         if not isinstance(found, dict) or found.get("step") != step:
             return None
@@ -1171,7 +1171,7 @@ def _model_dir_holds(path: Path, step: int, run_id: str | None) -> bool:
     """Whether the model dir at `path` is this step's model of this run (its metadata says)."""
     try:
         metadata = json.loads((path / "config.json").read_text()).get("metadata") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
     return metadata.get("step") == step and metadata.get("run_id") == run_id
 

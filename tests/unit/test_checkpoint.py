@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from lmcore.checkpoint import (
     list_training_states,
     load_model_dir,
     load_training_state,
+    read_training_extra,
     save_model_dir,
     save_training_state,
     unwrap_model,
@@ -488,6 +490,43 @@ def test_config_with_unknown_field_is_refused(tmp_path: Path, section: str) -> N
         load_model_dir(tmp_path)
 
 
+# JSON files json.loads gets no further with than a JSONDecodeError does, but raises otherwise.
+UNREADABLE_JSON = {
+    "utf-16": '{"format_version": 1}'.encode("utf-16"),
+    "nested-too-deep": b"[" * 100_000,
+    "huge-integer": b'{"format_version": 1' + b"0" * 5000 + b"}",
+}
+
+
+def spoil(path: Path, how: str) -> None:
+    """Put an UNREADABLE_JSON file, or a directory, in place of the file at `path`."""
+    path.unlink()
+    if how == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(UNREADABLE_JSON[how])
+
+
+@pytest.mark.parametrize("how", [*UNREADABLE_JSON, "directory"])
+def test_an_unreadable_config_json_is_a_checkpoint_error_naming_it(
+    tmp_path: Path, how: str
+) -> None:
+    """These escaped as UnicodeDecodeError, RecursionError, ValueError or IsADirectoryError,
+    naming no file: the worker retried such a dir forever instead of exiting."""
+    model_dir = save_model_dir(tmp_path / "m", tiny_model())
+    spoil(model_dir / "config.json", how)
+    with pytest.raises(CheckpointError, match=re.escape(str(model_dir / "config.json"))):
+        load_model_dir(model_dir)
+
+
+def test_a_model_file_that_is_a_directory_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    model_dir = save_model_dir(tmp_path / "m", tiny_model())
+    spoil(model_dir / "model.safetensors", "directory")
+    weights = model_dir / "model.safetensors"
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: is a directory")):
+        load_model_dir(model_dir)
+
+
 @pytest.mark.parametrize("content", ['{"model": 1}', "{nope", ""],
                          ids=["json", "not-json", "empty"])  # fmt: skip
 def test_unreadable_tokenizer_file_is_refused_naming_it(
@@ -666,6 +705,17 @@ def test_training_state_for_a_different_model_is_refused(tmp_path: Path) -> None
     other = tiny_model(n_embd=32)
     with pytest.raises(CheckpointError, match="tok_emb.weight"):
         load_training_state(tmp_path, model=other)
+
+
+@pytest.mark.parametrize("how", [*UNREADABLE_JSON, "directory"])
+def test_an_unreadable_state_json_is_a_checkpoint_error_naming_it(tmp_path: Path, how: str) -> None:
+    model = tiny_model()
+    path = save_training_state(tmp_path, 1, model=model, optimizer=make_optimizer(model))
+    spoil(path / "state.json", how)
+    with pytest.raises(CheckpointError, match=re.escape(str(path / "state.json"))):
+        load_training_state(path, model=model)
+    with pytest.raises(CheckpointError, match=re.escape(str(path / "state.json"))):
+        read_training_extra(path)
 
 
 @pytest.mark.parametrize("defect", ["shape", "dtype", "parameter"])

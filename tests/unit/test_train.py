@@ -705,6 +705,22 @@ def test_rerunning_a_finished_time_budget_run_trains_no_step_and_registers_nothi
     assert load_model_dir(tmp_path / "ckpt" / "model").metadata["step"] == first.steps
 
 
+def test_a_rerun_whose_publish_record_is_nested_too_deep_publishes_again(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """json.loads raises RecursionError for such a file, which the record's reader (and the
+    model dir's) let out: the rerun failed instead of publishing again."""
+    cfg = config(tmp_path, max_steps=2, quantization_report=False)
+    first = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
+    (tmp_path / "ckpt" / f"step-{first.steps:08d}" / "published.json").write_bytes(b"[" * 100_000)
+    tracker = ListTracker()
+    again = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert again.resumed_from == first.steps and again.steps == first.steps
+    assert [c for c, _ in tracker.calls].count("log_model_dir") == 1
+    (tmp_path / "ckpt" / "model" / "config.json").write_bytes(b"[" * 100_000)
+    assert not train_module._model_dir_holds(tmp_path / "ckpt" / "model", first.steps, "run-1")
+
+
 def test_sigterm_handler_is_restored_after_fit(dataset: TokenDataset) -> None:
     before = signal.getsignal(signal.SIGTERM)
     Trainer(tiny(dataset), config(max_steps=1), dataset).fit()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,18 @@ def test_a_device_this_machine_lacks_is_a_load_error_that_cannot_fix_itself() ->
         pick_device(missing)
     assert cannot_fix_itself("models:/llm@production", caught.value)
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_a_config_json_saved_as_utf16_stops_the_worker_naming_the_file(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """It raised UnicodeDecodeError, naming no file, and the worker retried it forever."""
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    config = copy / "config.json"
+    config.write_bytes(config.read_text().encode("utf-16"))  # as an editor may save it
+    with pytest.raises(CheckpointError, match=re.escape(str(config))) as caught:
+        load_serving_model(str(copy), Settings(device="cpu"))
+    assert cannot_fix_itself(str(copy), caught.value)
 
 
 REGISTRY = "models:/llm@production"
