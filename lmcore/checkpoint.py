@@ -41,6 +41,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
 COMPLETE_MARKER = "COMPLETE"
+MODEL_DIR_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)  # what save_model_dir writes
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _CONFIG_KEYS = {"format_version", "model", "dtype", "metadata"}
@@ -299,6 +300,44 @@ def _publish_dir(tmp: Path, target: Path) -> None:
 # -- model dir ----------------------------------------------------------------------------------
 
 
+def check_replaceable(path: PathLike) -> None:
+    """FileExistsError unless saving a model dir at `path` deletes at most a model dir lmcore
+    wrote: the save replaces the whole dir, whatever it holds. Absent and empty dirs pass."""
+    target = Path(path)
+    why = _not_a_model_dir(target)
+    if why:
+        raise FileExistsError(f"{target}: exists and is not a model dir ({why}); saving a model "
+                              "there would delete it whole. Name a new or empty dir, or move "
+                              "this one away first")  # fmt: skip
+
+
+def _not_a_model_dir(target: Path) -> str | None:
+    """Why `target` is not a model dir save_model_dir wrote (a folder of models, a checkpoint
+    dir, a home dir, another tool's model), or None when it is one, empty or absent."""
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return "it is not a directory"
+    entries = list(target.iterdir())
+    if not entries:
+        return None
+    # Only the files a save writes: anything else was put there by someone, and would be lost.
+    others = sorted(p.name for p in entries if p.name not in MODEL_DIR_FILES or not p.is_file())
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        return f"it holds {', '.join(others[:3])}{more}"
+    if not (target / CONFIG_FILE).is_file():
+        return f"it has no {CONFIG_FILE}"
+    # A config.json of lmcore's own keys: another tool's model dir has the same file names.
+    try:
+        raw = _read_json(target / CONFIG_FILE)
+    except CheckpointError:
+        return f"its {CONFIG_FILE} is unreadable"
+    if not (isinstance(raw, dict) and {"format_version", "model"} <= set(raw) <= _CONFIG_KEYS):
+        return f"its {CONFIG_FILE} is not an lmcore model config"
+    return None
+
+
 @dataclass
 class LoadedModel:
     model: Transformer
@@ -324,7 +363,9 @@ def save_model_dir(
 ) -> Path:
     """Write config.json, model.safetensors (tied weights once) and tokenizer.json atomically.
 
-    The model's dtype is kept (save a bf16 copy for serving by casting it first). Returns the dir.
+    The model's dtype is kept (save a bf16 copy for serving by casting it first). A model dir
+    already at `path` is replaced; anything else there is refused (check_replaceable).
+    Returns the dir.
     """
     module = unwrap_model(model)
     if not isinstance(module, Transformer):
@@ -335,6 +376,7 @@ def save_model_dir(
                          "quantized: save the model before quantize_int8 and load it with "
                          "quantized=True")  # fmt: skip
     target = Path(path)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     dtype_name = str(_floating_dtype(module)).removeprefix("torch.")
     config = {

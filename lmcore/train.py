@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmcore import distributed as D
 from lmcore.checkpoint import (
     CheckpointError,
+    check_replaceable,
     latest_training_state,
     load_training_state,
     read_training_extra,
@@ -157,6 +159,50 @@ def _check(name: str, value: Any, ok: Callable[[Any], bool], what: str) -> None:
         good = False
     if not good:
         raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def final_model_dir(cfg: TrainConfig) -> Path | None:
+    """Where a run publishes its model: model_dir, else <checkpoint_dir>/model, else nowhere."""
+    if cfg.model_dir:
+        return Path(cfg.model_dir)
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir) / "model"
+    return None
+
+
+def check_model_dir_place(
+    cfg: TrainConfig, data_dir: str | os.PathLike[str] | None = None,
+    data_name: str = "the token data",
+) -> None:
+    """ConfigError when the final model dir overlaps checkpoint_dir or `data_dir`: a publish
+    replaces the whole model dir, and checkpoint pruning, resume=false and data prep move and
+    delete dirs in theirs. Inside checkpoint_dir is where it goes by default, which is safe
+    outside its step-* dirs (the only ones those touch). Paths are resolved, so no link or `..`
+    hides an overlap."""
+    target = final_model_dir(cfg)
+    if target is None:
+        return
+    model = target.expanduser().resolve()
+    clash = None
+    if cfg.checkpoint_dir:
+        ckpt = Path(cfg.checkpoint_dir).expanduser().resolve()
+        if ckpt.is_relative_to(model):
+            clash = f"{'is' if ckpt == model else 'contains'} checkpoint_dir {cfg.checkpoint_dir}"
+        elif model.is_relative_to(ckpt):
+            inside = model.relative_to(ckpt).parts[0]
+            if inside.startswith("step-"):
+                clash = f"is inside {inside} of checkpoint_dir {cfg.checkpoint_dir}"
+    if clash is None and data_dir is not None:
+        data = Path(data_dir).expanduser().resolve()
+        if data.is_relative_to(model):
+            clash = f"{'is' if data == model else 'contains'} {data_name} {data_dir}"
+        elif model.is_relative_to(data):
+            clash = f"is inside {data_name} {data_dir}"
+    if clash:
+        raise ConfigError(f"model_dir {target} {clash}; they must not overlap (publishing "
+                          "replaces the whole model dir, and checkpoints and token data are "
+                          "deleted and rebuilt in theirs): give the model a dir of its own, "
+                          "e.g. the default <checkpoint_dir>/model")  # fmt: skip
 
 
 def normalize_precision(value: str | bool | None) -> str:
@@ -502,6 +548,10 @@ class Trainer:
     def _setup(self, env: D.DistEnv, device: torch.device) -> int:
         cfg = self.cfg
         self.dist_env, self.device = env, device
+        # Before any step: a model dir that cannot be published fails the run now, not at its end.
+        refusal = D.broadcast_object(self._model_dir_refusal() if env.is_main else None)
+        if refusal:
+            raise ConfigError(refusal)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls AMP leaves
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -541,6 +591,20 @@ class Trainer:
             model = DistributedDataParallel(model, device_ids=ids)
         self.train_model = model
         return start
+
+    def _model_dir_refusal(self) -> str | None:
+        """Rank 0 (the one that publishes): why the final model dir cannot be published where
+        configured, or None."""
+        target = final_model_dir(self.cfg)
+        try:
+            check_model_dir_place(self.cfg, getattr(self.dataset, "path", None))
+            if target is not None:
+                check_replaceable(target)
+        except ConfigError as exc:
+            return str(exc)
+        except FileExistsError as exc:
+            return f"model_dir {exc}"
+        return None
 
     def _resume(self) -> int:
         """Load the newest complete checkpoint, if any; every rank loads the one rank 0 chose.
@@ -1016,13 +1080,6 @@ class Trainer:
         D.barrier()
         return path
 
-    def _final_dir(self) -> Path | None:
-        if self.cfg.model_dir:
-            return Path(self.cfg.model_dir)
-        if self.cfg.checkpoint_dir:
-            return Path(self.cfg.checkpoint_dir) / "model"
-        return None
-
     def _publish(
         self, step: int, val_loss: float, ended_by: str, stop: threading.Event, *,
         trained: bool = True,
@@ -1033,7 +1090,7 @@ class Trainer:
         not register its checkpoint's model a second time: a publish of this step and run that
         succeeded is recorded beside the checkpoint (PUBLISHED_FILE) and returned instead.
         """
-        target = self._final_dir()
+        target = final_model_dir(self.cfg)
         if target is None:
             return None, None
         published = None if trained else self._published_at(step)

@@ -15,8 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmcore import distributed as D
+from lmcore.config import ConfigError
 from lmcore.data import CorpusError, TokenDataset, prepare_corpus
-from lmcore.train import Trainer, TrainResult, Tracker
+from lmcore.train import Trainer, TrainResult, Tracker, check_model_dir_place
 from services.trainer import schema
 
 log = logging.getLogger("services.trainer")
@@ -32,6 +33,10 @@ def run(cfg: Any, *, tracker: Tracker | None = None) -> TrainResult:
     cfg = schema.as_dictconfig(cfg)
     schema.validate(cfg)
     train_cfg = schema.train_config(cfg)
+    try:  # before the data is prepared, which may take long (the Trainer checks again)
+        check_model_dir_place(train_cfg, cfg.data.cache_dir, "data.cache_dir")
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from None
     with D.distributed(train_cfg.device, train_cfg.dist_timeout_s) as (env, _device):
         _configure_logging(env)
         dataset = prepare_data(cfg, env, progress=train_cfg.progress)

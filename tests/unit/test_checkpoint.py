@@ -202,17 +202,55 @@ def test_wrapped_models_save_without_wrapper_prefixes(tmp_path: Path) -> None:
     load_model_dir(tmp_path)
 
 
-def test_saving_over_an_existing_dir_replaces_it_and_leaves_no_temp_dirs(tmp_path: Path) -> None:
+def test_saving_over_an_existing_dir_replaces_it_and_leaves_no_temp_dirs(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
     target = tmp_path / "m"
-    save_model_dir(target, tiny_model(seed=0), metadata={"v": 1})
-    (target / "stale.txt").write_text("old")
+    save_model_dir(target, tiny_model(seed=0), tokenizer, metadata={"v": 1})
     second = tiny_model(seed=1)
     save_model_dir(target, second, metadata={"v": 2})
     loaded = load_model_dir(target)
     assert loaded.metadata == {"v": 2}
-    assert not (target / "stale.txt").exists()
+    assert not (target / "tokenizer.json").exists()  # replaced whole, not merged
     torch.testing.assert_close(loaded.model.tok_emb.weight, second.tok_emb.weight, atol=0, rtol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def _not_a_model_dir(target: Path, kind: str) -> None:
+    """Something save_model_dir must not delete, at `target`."""
+    if kind == "folder-of-models":
+        save_model_dir(target / "older-model", tiny_model())
+        (target / "notes.txt").write_text("weeks of work")
+    elif kind == "model-dir-and-more":
+        save_model_dir(target, tiny_model())
+        (target / "notes.txt").write_text("weeks of work")
+    elif kind == "another-tools-model":
+        save_model_dir(target, tiny_model())
+        (target / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    elif kind == "checkpoint-dir":
+        model = tiny_model()
+        save_training_state(target, 1, model=model, optimizer=make_optimizer(model))
+    else:
+        target.write_text("weeks of work")
+
+
+@pytest.mark.parametrize("kind", ["folder-of-models", "model-dir-and-more", "another-tools-model",
+                                  "checkpoint-dir", "file"])  # fmt: skip
+def test_saving_over_what_is_not_a_model_dir_is_refused_and_deletes_nothing(
+    tmp_path: Path, kind: str
+) -> None:
+    """The save swapped out whatever was at the target and deleted it: a folder of older
+    models, or every checkpoint when train.model_dir was train.checkpoint_dir."""
+    target = tmp_path / "target"
+    _not_a_model_dir(target, kind)
+    before = sorted((str(p), p.read_bytes() if p.is_file() else None)
+                    for p in [target, *target.rglob("*")])  # fmt: skip
+    with pytest.raises(FileExistsError, match=re.escape(f"{target}: exists and is not a model")):
+        save_model_dir(target, tiny_model(seed=1))
+    after = sorted((str(p), p.read_bytes() if p.is_file() else None)
+                   for p in [target, *target.rglob("*")])  # fmt: skip
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]  # no temp dir left either
 
 
 def test_failed_save_leaves_the_previous_dir_intact(tmp_path: Path) -> None:

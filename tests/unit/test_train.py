@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from lmcore import train as train_module
-from lmcore.checkpoint import latest_training_state, load_model_dir
+from lmcore.checkpoint import (
+    latest_training_state,
+    list_training_states,
+    load_model_dir,
+    save_model_dir,
+)
 from lmcore.config import ConfigError, preset
 from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
 from lmcore.distributed import DistEnv, DistributedEnvError
@@ -497,6 +503,71 @@ def test_final_model_dir_carries_metadata_and_goes_to_the_tracker(
     assert tracker.calls[-1] == ("end_run", "FINISHED")
     want = ModelVersionInfo("llm-test", "1", "run-xyz", "models:/llm-test/1")
     assert result.model_version == want
+
+
+def snapshot(root: Path) -> list[tuple[str, bytes | None]]:
+    """Every path under `root` with its bytes (None for a dir): what a refusal must leave."""
+    return sorted((str(p), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def test_a_model_dir_over_a_folder_of_other_files_is_refused_before_training(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """The run trained, then published by swapping the folder out and deleting it whole."""
+    models = tmp_path / "my-models"
+    save_model_dir(models / "older-model", Transformer(tiny(dataset)))
+    (models / "notes.txt").write_text("weeks of work")
+    before = snapshot(models)
+    tracker = ListTracker()
+    cfg = config(tmp_path, max_steps=2, model_dir=str(models))
+    with pytest.raises(ConfigError, match=re.escape(f"model_dir {models}: exists and is not a "
+                                                    "model dir (it holds notes.txt, older-model)")):
+        Trainer(tiny(dataset), cfg, dataset, tracker).fit()
+    assert snapshot(models) == before
+    assert tracker.calls == [] and not (tmp_path / "ckpt").exists()  # refused before any step
+
+
+@pytest.mark.parametrize("where", ["checkpoint-dir", "its-parent", "inside-a-checkpoint"])
+def test_a_model_dir_overlapping_the_checkpoints_is_refused_before_training(
+    dataset: TokenDataset, tmp_path: Path, where: str
+) -> None:
+    """model_dir = checkpoint_dir resumed, trained, then published over every checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2, checkpoint_interval=1,
+                                  quantization_report=False), dataset).fit()  # fmt: skip
+    before = snapshot(ckpt)
+    model_dir = {"checkpoint-dir": ckpt, "its-parent": tmp_path,
+                 "inside-a-checkpoint": ckpt / "step-00000002" / "model"}[where]  # fmt: skip
+    cfg = config(tmp_path, max_steps=4, model_dir=str(model_dir), quantization_report=False)
+    with pytest.raises(ConfigError, match=re.escape(f"model_dir {model_dir} ")):
+        Trainer(tiny(dataset), cfg, dataset).fit()
+    assert snapshot(ckpt) == before
+    assert [p.name for p in list_training_states(ckpt)] == ["step-00000001", "step-00000002"]
+
+
+def test_a_model_dir_overlapping_the_token_data_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=600)
+    data = prepare_corpus(corpus, tmp_path / "cache", vocab_size=300, progress=False)
+    before = snapshot(data.path)
+    for model_dir in (data.path, data.path.parent, data.path / "model"):
+        cfg = config(tmp_path, max_steps=2, model_dir=str(model_dir))
+        with pytest.raises(ConfigError, match=re.escape(f"model_dir {model_dir} ")):
+            Trainer(tiny(data), cfg, data).fit()
+    assert snapshot(data.path) == before
+
+
+def test_a_rerun_replaces_the_model_dir_of_the_run_before(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "models" / "final"
+    for steps in (2, 4):  # the second run resumes the first's checkpoint, trains on, publishes
+        cfg = config(tmp_path, max_steps=steps, model_dir=str(model_dir),
+                     quantization_report=False)  # fmt: skip
+        assert Trainer(tiny(dataset), cfg, dataset).fit().model_dir == model_dir
+        assert load_model_dir(model_dir).metadata["step"] == steps
+    assert [p.name for p in model_dir.parent.iterdir()] == ["final"]
 
 
 def test_final_model_dir_reports_its_int8_size_and_val_loss_change(
