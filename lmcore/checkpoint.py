@@ -44,6 +44,8 @@ COMPLETE_MARKER = "COMPLETE"
 MODEL_DIR_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)  # what save_model_dir writes
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_OPTIMIZER_TENSOR = re.compile(r"(state|group)\.([0-9]+)\.(.+)")
+_PARAM_INDEX = re.compile(r"[0-9]+")  # state_scalars' keys; \d would take other scripts' digits
 _CONFIG_KEYS = {"format_version", "model", "dtype", "metadata"}
 _FLOAT_DTYPES = {
     "float32": torch.float32,
@@ -609,23 +611,29 @@ def _split_optimizer_state(
 
 
 def _join_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+    root: Path,
 ) -> dict[str, Any]:
+    """The optimizer state_dict from a checkpoint's tensors and state.json's `optimizer`
+    (checked by _read_state); CheckpointError naming the file for names that do not fit."""
     state: dict[int, dict[str, Any]] = {}
     current = optimizer.state_dict()["param_groups"]
     groups = [dict(g) for g in meta["param_groups"]]
     if len(groups) != len(current):
-        raise CheckpointError(
-            f"optimizer has {len(current)} param groups, checkpoint has {len(groups)}"
-        )
+        raise CheckpointError(f"{root / STATE_FILE}: the optimizer has {len(current)} param "
+                              f"groups, the checkpoint {len(groups)}")  # fmt: skip
     for name, tensor in tensors.items():
-        kind, idx, key = name.split(".", 2)
+        # Written by _split_optimizer_state: "state.{param}.{key}" or "group.{group}.{key}".
+        match = _OPTIMIZER_TENSOR.fullmatch(name)
+        if match is None or (match[1] == "group" and int(match[2]) >= len(groups)):
+            raise CheckpointError(f"{root / OPTIMIZER_FILE}: unexpected tensor {name!r} "
+                                  f"(expected state.N.KEY or group.N.KEY, N < {len(groups)} "
+                                  "for a group)")  # fmt: skip
+        kind, idx, key = match[1], int(match[2]), match[3]
         if kind == "state":
-            state.setdefault(int(idx), {})[key] = tensor
-        elif kind == "group":
-            groups[int(idx)][key] = tensor
+            state.setdefault(idx, {})[key] = tensor
         else:
-            raise CheckpointError(f"unexpected optimizer tensor {name}")
+            groups[idx][key] = tensor
     for idx, values in meta["state_scalars"].items():
         state.setdefault(int(idx), {}).update(values)
     _check_optimizer_state(optimizer, current, groups, state)
@@ -764,7 +772,48 @@ def list_training_states(ckpt_dir: PathLike) -> list[Path]:
 
 def read_training_extra(path: PathLike) -> dict[str, Any]:
     """A checkpoint's `extra` (what the trainer recorded in it), without reading any tensor."""
-    return _read_json(Path(path) / STATE_FILE).get("extra") or {}
+    return _read_state(Path(path)).get("extra") or {}
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, with the structure load_training_state relies on checked:
+    CheckpointError naming the file, not a KeyError or TypeError naming nothing."""
+    path = root / STATE_FILE
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):  # true == 1 in Python
+        raise CheckpointError(f"{path}: unsupported format_version {version!r}")
+    step = meta.get("step")
+    if type(step) is not int or step < 0:  # bool is an int too
+        raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
+    # The save names the dir after the same step, so a step that disagrees is damage. A step
+    # past the run's total steps is not: that is a run that finished, and a resume trains none.
+    named = _STEP_DIR.match(root.name)
+    if named and int(named[1]) != step:
+        raise CheckpointError(f"{path}: step {step}, but the checkpoint is {root.name}")
+    if not _optimizer_meta_fits(meta.get("optimizer")):
+        raise CheckpointError(f"{path}: optimizer must hold param_groups (a list of objects "
+                              "with params) and state_scalars (an object of objects by "
+                              "parameter index)")  # fmt: skip
+    for key in ("scaler", "extra"):
+        if not isinstance(meta.get(key) or {}, dict):
+            raise CheckpointError(f"{path}: {key} must be a JSON object, got "
+                                  f"{type(meta[key]).__name__}")  # fmt: skip
+    return meta
+
+
+def _optimizer_meta_fits(optimizer: Any) -> bool:
+    """state.json's `optimizer` as _split_optimizer_state writes it: param_groups a list of
+    objects with their params, state_scalars objects by parameter index."""
+    if not isinstance(optimizer, dict):
+        return False
+    groups, scalars = optimizer.get("param_groups"), optimizer.get("state_scalars")
+    return (isinstance(groups, list) and isinstance(scalars, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+            and all(_PARAM_INDEX.fullmatch(k) and isinstance(v, dict)
+                    for k, v in scalars.items()))  # fmt: skip
 
 
 def set_aside_training_states(ckpt_dir: PathLike, stamp: str) -> Path | None:
@@ -803,24 +852,25 @@ def load_training_state(
     returned on `map_location`.
     """
     root = Path(path)
-    if not (root / STATE_FILE).exists():
+    # A checkpoint itself (one without its state.json too: that is named), else a ckpt_dir.
+    own = (root / STATE_FILE, root / COMPLETE_MARKER)
+    if not (_STEP_DIR.match(root.name) or any(p.exists() for p in own)):
         latest = latest_training_state(root)
         if latest is None:
             raise CheckpointError(f"{root}: no complete training checkpoint")
         root = latest
     if not (root / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{root}: checkpoint is incomplete (no {COMPLETE_MARKER} marker)")
-    meta = _read_json(root / STATE_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{root}: unsupported format_version {meta.get('format_version')!r}")
+    meta = _read_state(root)
     _load_model_file(unwrap_model(model), root / MODEL_FILE)
     if optimizer is not None:
         opt_tensors = _read_safetensors(root / OPTIMIZER_FILE)
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(_join_optimizer_state(optimizer, opt_tensors, meta["optimizer"]))
+        optimizer.load_state_dict(
+            _join_optimizer_state(optimizer, opt_tensors, meta["optimizer"], root))
         _keep_settings(optimizer, settings, root)
     if scaler is not None and meta.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(meta["scaler"])
     extra_tensors = _read_safetensors(root / EXTRA_TENSORS_FILE, map_location)
-    return TrainingState(int(meta["step"]), meta.get("extra") or {}, extra_tensors, root)
+    return TrainingState(meta["step"], meta.get("extra") or {}, extra_tensors, root)
 

@@ -756,6 +756,96 @@ def test_an_unreadable_state_json_is_a_checkpoint_error_naming_it(tmp_path: Path
         read_training_extra(path)
 
 
+def _drop(*keys: str) -> Callable[[dict], None]:
+    """An edit of state.json that deletes state[keys[0]][keys[1]]..."""
+    def edit(state: dict) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        del state[keys[-1]]
+    return edit
+
+
+def _set(*keys: str, to: object) -> Callable[[dict], None]:
+    def edit(state: dict) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = to
+    return edit
+
+
+# Edits of a state.json that resumed with a bare KeyError, TypeError, AttributeError or
+# ValueError naming no file, or (the steps) silently: step 10**12 published at once.
+STATE_DEFECTS: dict[str, tuple[Callable[[dict], object], str]] = {
+    "a-list": (lambda state: [state], "expected a JSON object, got list"),  # replaces it
+    "no-step": (_drop("step"), "step must be an integer >= 0, got None"),
+    "step-a-string": (_set("step", to="1"), "step must be an integer >= 0, got '1'"),
+    "step-a-float": (_set("step", to=1.5), "step must be an integer >= 0, got 1.5"),
+    "step-negative": (_set("step", to=-1), "step must be an integer >= 0, got -1"),
+    "step-not-the-dirs": (_set("step", to=10**12),
+                          "step 1000000000000, but the checkpoint is step-00000001"),
+    "no-optimizer": (_drop("optimizer"), "optimizer must hold param_groups"),
+    "optimizer-null": (_set("optimizer", to=None), "optimizer must hold param_groups"),
+    "no-param-groups": (_drop("optimizer", "param_groups"), "optimizer must hold param_groups"),
+    "state-scalars-a-list": (_set("optimizer", "state_scalars", to=[]),
+                             "optimizer must hold param_groups"),
+    "state-scalars-not-by-index": (_set("optimizer", "state_scalars", to={"x": {"step": 1}}),
+                                   "optimizer must hold param_groups"),
+    "extra-a-list": (_set("extra", to=[1]), "extra must be a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("defect", STATE_DEFECTS)
+def test_a_state_json_of_the_wrong_shape_is_refused_naming_the_file_and_field(
+    tmp_path: Path, defect: str
+) -> None:
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 1)
+    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    edit, message = STATE_DEFECTS[defect]
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps(edit(state) or state))
+    want = re.escape(f"{path / 'state.json'}: {message}")
+    with pytest.raises(CheckpointError, match=want):
+        load_training_state(path, model=model, optimizer=make_optimizer(model))
+    with pytest.raises(CheckpointError, match=want):
+        read_training_extra(path)  # what the trainer reads first
+
+
+def test_a_step_past_any_schedule_loads_when_the_checkpoint_is_that_step(tmp_path: Path) -> None:
+    """A run that finished: resuming trains no step. Only a step its dir disagrees with is
+    refused."""
+    model = tiny_model()
+    path = save_training_state(tmp_path, 10**12, model=model, optimizer=make_optimizer(model))
+    assert load_training_state(path, model=model).step == 10**12
+
+
+@pytest.mark.parametrize("name", ["foo", "state.x.exp_avg", "zzz.0.exp_avg", "group.9.lr"])
+def test_an_optimizer_tensor_of_an_unknown_name_is_refused_naming_the_file(
+    tmp_path: Path, name: str
+) -> None:
+    """These raised ValueError (unpacking, int()) or IndexError, naming no file."""
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 1)
+    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    tensors = load_file(path / "optimizer.safetensors")
+    tensors[name] = tensors.pop("state.0.exp_avg")
+    save_file(tensors, path / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path / 'optimizer.safetensors'}: unexpected tensor {name!r}")):  # fmt: skip
+        load_training_state(path, model=model, optimizer=make_optimizer(model))
+
+
+def test_a_checkpoint_without_its_state_json_is_refused_naming_it(tmp_path: Path) -> None:
+    """It was taken for a checkpoint_dir and searched: "no complete training checkpoint"."""
+    model = tiny_model()
+    path = save_training_state(tmp_path, 1, model=model, optimizer=make_optimizer(model))
+    (path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / 'state.json'}: file not found")):
+        load_training_state(path, model=model)
+
+
 @pytest.mark.parametrize("defect", ["shape", "dtype", "parameter"])
 def test_optimizer_state_that_does_not_fit_the_parameters_is_refused(
     tmp_path: Path, defect: str
