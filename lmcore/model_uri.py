@@ -39,6 +39,7 @@ from lmcore.mlflow_client import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/llm-pipeline/models")
+MODEL_WEIGHTS_FILE = "model.safetensors"  # lmcore.checkpoint.MODEL_FILE, whose import is torch's
 _CACHE_STAMP = ".llm-source.json"
 # A cache download dir nothing has written to for this long was left by a crashed process.
 ABANDONED_AFTER_S = 3600.0
@@ -141,7 +142,8 @@ def resolve_model_uri(
     uri: str, cache_dir: str | Path | None = None, tracking_uri: str | None = None
 ) -> ResolvedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/RUN_ID/model`
-    or a local path -> a local model dir (downloads are cached under `cache_dir`)."""
+    or a local path (a model dir, its config.json or model.safetensors) -> a local model dir
+    (downloads are cached under `cache_dir`)."""
     uri = str(uri)
     parsed = parse_model_uri(uri)  # InvalidModelUriError before any server is asked
     if parsed is not None and parsed.run_id:
@@ -153,6 +155,8 @@ def resolve_model_uri(
     local = Path(uri.removeprefix("file://")).expanduser()
     if not local.exists():
         raise ModelNotFoundError(f"model path {local} does not exist")
+    if local.is_file() and local.name in (MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE):
+        local = local.parent  # a model dir's own file names the dir, as for load_model_dir
     found = find_model_dir(local)
     if found is None:
         raise ModelNotFoundError(f"{local} is not a model dir (no {MODEL_CONFIG_FILE})")

@@ -234,8 +234,7 @@ def generate(
         elif device == "mps" and not torch.backends.mps.is_available():
             raise CliError("--device mps: no MPS device here (use --device cpu or auto)")
         # Only then the model (an MLflow download, maybe): a bad option fails before it.
-        resolved = resolve_model_uri(_model_dir_of(model), cache_dir=cache_dir,
-                                     tracking_uri=tracking_uri)  # fmt: skip
+        resolved = resolve_model_uri(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
         dtype = inference_dtype(resolve_precision(mixed_precision, device))
         loaded = load_model_dir(resolved.path, device=device, dtype=dtype, quantized=quantized)
         if loaded.tokenizer is None:
@@ -246,15 +245,6 @@ def generate(
         except ContextLengthError as exc:  # the library names its argument, not our option
             raise CliError(str(exc).replace("truncate='left'", "--truncate left")) from exc
     typer.echo((prompt if echo else "") + out.text)
-
-
-def _model_dir_of(model: str) -> str:
-    """--model, or the dir of the config.json or model.safetensors it names: load_model_dir
-    takes either file for its dir, the resolver only the dir itself."""
-    from lmcore.checkpoint import CONFIG_FILE, MODEL_FILE
-
-    path = Path(model.removeprefix("file://")).expanduser()
-    return str(path.parent) if path.name in (CONFIG_FILE, MODEL_FILE) and path.is_file() else model
 
 
 def _serve_values(device: str, mixed_precision: str) -> tuple[str, str]:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from lmcore.mlflow_client import InvalidModelUriError, _mlflow_uris, redact_uri
-from lmcore.model_uri import parse_model_uri
+from lmcore.mlflow_client import (
+    InvalidModelUriError,
+    ModelNotFoundError,
+    _mlflow_uris,
+    redact_uri,
+)
+from lmcore.model_uri import parse_model_uri, resolve_model_uri
 from lmcore.tracking import TRACKER_HTTP_DEFAULTS, MlflowTracker
 
 pytestmark = pytest.mark.unit
@@ -91,3 +97,20 @@ def test_names_and_paths_with_dots_inside_still_parse(uri: str, parts: tuple) ->
         assert (parsed.run_id, parsed.path) == parts
     else:
         assert (parsed.name, parsed.alias, parsed.version) == parts
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"], ids=["path", "file-uri"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_model_dirs_config_or_weights_file_resolves_to_that_dir(
+    tmp_path: Path, name: str, scheme: str
+) -> None:
+    """load_model_dir takes either file for its dir; the resolver said "DIR/config.json is not
+    a model dir (no config.json)", so LLM_MODEL_URI=DIR/config.json never loaded."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    (model_dir / "tokenizer.json").write_text("{}")
+    assert resolve_model_uri(f"{scheme}{model_dir / name}").path == model_dir.resolve()
+    with pytest.raises(ModelNotFoundError, match="is not a model dir"):
+        resolve_model_uri(f"{scheme}{model_dir / 'tokenizer.json'}")  # not one that names it
