@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -95,12 +96,54 @@ def _endpoints(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
+# Heartbeat fields of a worker's engine, as per-worker gauges (name, help).
+ENGINE_GAUGES = {
+    "active": ("llm_worker_active_requests", "Requests in the worker's engine batch (decoding)."),
+    "waiting": (
+        "llm_worker_waiting_requests", "Requests in the worker's engine waiting for a batch slot."
+    ),
+    "max_batch": ("llm_worker_batch_slots", "The worker's engine batch slots (LLM_MAX_BATCH)."),
+}
+
+
+def worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per worker, from its heartbeat: the model version it serves, the version its alias names
+    that it refuses to serve (a failed hot swap: it keeps the old one), its engine's occupancy.
+    The worker label (its Celery node name) is bounded by the fleet."""
+    info = GaugeMetricFamily(
+        "llm_worker_model_info", "The model version the worker serves (always 1).",
+        labels=["worker", "model", "version"],
+    )  # fmt: skip
+    refused = GaugeMetricFamily(
+        "llm_worker_refused_model",
+        "1 while the worker refuses the version its model alias names (it could not load it and "
+        "serves the previous one); absent otherwise.",
+        labels=["worker", "version"],
+    )
+    engine = {
+        field: GaugeMetricFamily(name, doc, labels=["worker"])
+        for field, (name, doc) in ENGINE_GAUGES.items()
+    }
+    for beat in workers:
+        worker = str(beat.get("nodename", ""))
+        model = beat.get("model") or {}
+        info.add_metric([worker, model.get("name") or "", model.get("version") or ""], 1.0)
+        if beat.get("refused_model"):
+            refused.add_metric([worker, str(beat["refused_model"].get("version") or "")], 1.0)
+        for field, family in engine.items():
+            if isinstance(beat.get(field), int | float):
+                family.add_metric([worker], float(beat[field]))
+    yield info
+    yield refused
+    yield from engine.values()
+
+
 class _Snapshot:
     """A collector over values read from Redis just before this scrape."""
 
     def __init__(
-        self, stats: dict[str, str] | None, queue: int | None, workers: int | None, streams: int,
-        parked: int, waits: int,
+        self, stats: dict[str, str] | None, queue: int | None,
+        workers: list[dict[str, Any]] | None, streams: int, parked: int, waits: int,
     ) -> None:  # fmt: skip
         self.stats, self.queue, self.workers = stats, queue, workers
         self.streams, self.parked, self.waits = streams, parked, waits
@@ -155,15 +198,16 @@ class _Snapshot:
             yield depth
         if self.workers is not None:
             workers = GaugeMetricFamily("llm_workers", "Workers with a fresh heartbeat.")
-            workers.add_metric([], float(self.workers))
+            workers.add_metric([], float(len(self.workers)))
             yield workers
+            yield from worker_families(self.workers)
 
 
 def render(
     metrics: HttpMetrics,
     stats: dict[str, str] | None,
     queue: int | None,
-    workers: int | None,
+    workers: list[dict[str, Any]] | None,
     streams: int = 0,
     parked: int = 0,
     waits: int = 0,

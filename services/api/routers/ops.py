@@ -89,12 +89,13 @@ def build_router() -> APIRouter:
         hub: EventHub = Depends(deps.get_events),
     ) -> Response:
         """Prometheus text format: requests, jobs by status, latency, TTFT, queue, tokens, open
-        event streams (and those waiting on queued jobs), seed endpoint requests waiting."""
+        event streams (and those waiting on queued jobs), seed endpoint requests waiting, and per
+        worker its model version, a version it refuses, its engine's occupancy."""
         try:
             async with asyncio.timeout(REDIS_BUDGET_S):
                 stats = await store.stats()
                 queue = await store.queue_depth()
-                workers = len(await store.workers())
+                workers = await store.workers()
         except (RedisError, TimeoutError):
             stats = queue = workers = None
         body = render(
