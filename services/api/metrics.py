@@ -1,7 +1,8 @@
 """Prometheus metrics: HTTP requests counted in-process, job statistics read from Redis per scrape.
 
-Job counts and latency histograms are cluster-wide (all workers add to `llm:stats`), so any API
-replica reports the same numbers. It must not block the event loop.
+Each family's help says how to aggregate it over API replicas: the Redis-derived ones are
+cluster-wide (every replica reports the same value: max), the rest per process (sum). It must
+not block the event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.stats import STATUSES, cumulative_buckets
 
+# Ends each family's help: scraping every replica and summing the Redis-derived families
+# multiplied them by the replica count (docs/deploy.md gives the rule and the queries).
+CLUSTER_WIDE = (
+    " Cluster-wide (read from Redis): every API replica reports the same value, so aggregate "
+    "over replicas with max, not sum."
+)
+PER_PROCESS = " Per API process: sum over replicas."
+
 
 class HttpMetrics:
     """Per-app registry (an app factory may build several apps in one process)."""
@@ -29,11 +38,12 @@ class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "llm_http_requests", "HTTP requests by route and status.",
+            "llm_http_requests", "HTTP requests by route and status." + PER_PROCESS,
             ["method", "route", "status"], registry=self.registry,
         )  # fmt: skip
         self.duration = Histogram(
-            "llm_http_request_duration_seconds", "Time to the response's first byte, by route.",
+            "llm_http_request_duration_seconds",
+            "Time to the response's first byte, by route." + PER_PROCESS,
             ["route"], registry=self.registry,
         )  # fmt: skip
 
@@ -111,17 +121,17 @@ def worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     that it refuses to serve (a failed hot swap: it keeps the old one), its engine's occupancy.
     The worker label (its Celery node name) is bounded by the fleet."""
     info = GaugeMetricFamily(
-        "llm_worker_model_info", "The model version the worker serves (always 1).",
+        "llm_worker_model_info", "The model version the worker serves (always 1)." + CLUSTER_WIDE,
         labels=["worker", "model", "version"],
     )  # fmt: skip
     refused = GaugeMetricFamily(
         "llm_worker_refused_model",
         "1 while the worker refuses the version its model alias names (it could not load it and "
-        "serves the previous one); absent otherwise.",
+        "serves the previous one); absent otherwise." + CLUSTER_WIDE,
         labels=["worker", "version"],
     )
     engine = {
-        field: GaugeMetricFamily(name, doc, labels=["worker"])
+        field: GaugeMetricFamily(name, doc + CLUSTER_WIDE, labels=["worker"])
         for field, (name, doc) in ENGINE_GAUGES.items()
     }
     for beat in workers:
@@ -149,55 +159,63 @@ class _Snapshot:
         self.streams, self.parked, self.waits = streams, parked, waits
 
     def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape.")
+        up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape." + PER_PROCESS)
         up.add_metric([], 0.0 if self.stats is None else 1.0)
         yield up
         open_streams = GaugeMetricFamily(
-            "llm_event_streams_open", "Event streams (SSE) this API process is serving."
+            "llm_event_streams_open",
+            "Event streams (SSE) this API process is serving." + PER_PROCESS,
         )
         open_streams.add_metric([], float(self.streams))
         yield open_streams
         waits = GaugeMetricFamily(
             "llm_sync_waits_open",
             "Requests to the seed's synchronous endpoints (/generate_text...) this API process "
-            "holds while their job runs.",
+            "holds while their job runs." + PER_PROCESS,
         )
         waits.add_metric([], float(self.waits))
         yield waits
         parked = GaugeMetricFamily(
             "llm_event_streams_parked",
             "Redis streams of queued jobs that this API process's event streams wait on "
-            "(read only when their job leaves the queue).",
+            "(read only when their job leaves the queue)." + PER_PROCESS,
         )
         parked.add_metric([], float(self.parked))
         yield parked
         if self.stats is None:
             return
         s = self.stats
-        jobs = CounterMetricFamily("llm_jobs", "Jobs by final status.", labels=["status"])
+        jobs = CounterMetricFamily(
+            "llm_jobs", "Jobs by final status." + CLUSTER_WIDE, labels=["status"]
+        )
         for status in STATUSES:
             jobs.add_metric([status], float(s.get(f"jobs:{status}", 0)))
         yield jobs
-        tokens = CounterMetricFamily("llm_tokens_generated", "Tokens generated by all workers.")
+        tokens = CounterMetricFamily(
+            "llm_tokens_generated", "Tokens generated by all workers." + CLUSTER_WIDE
+        )
         tokens.add_metric([], float(s.get("tokens", 0)))
         yield tokens
         for name, metric, doc in (
             ("latency", "llm_job_latency_seconds", "Submission to result of succeeded jobs."),
             ("ttft", "llm_time_to_first_token_seconds", "Submission to first token."),
         ):
-            hist = HistogramMetricFamily(metric, doc)
+            hist = HistogramMetricFamily(metric, doc + CLUSTER_WIDE)
             hist.add_metric([], cumulative_buckets(s, name), float(s.get(f"{name}:sum", 0.0)))
             yield hist
         if self.queue is not None:
             depth = GaugeMetricFamily(
                 "llm_queue_depth",
                 "Jobs queued: submitted, not yet claimed by a worker nor cancelled (the Celery "
-                "list's length also counts messages of jobs cancelled while queued).",
+                "list's length also counts messages of jobs cancelled while queued)."
+                + CLUSTER_WIDE,
             )
             depth.add_metric([], float(self.queue))
             yield depth
         if self.workers is not None:
-            workers = GaugeMetricFamily("llm_workers", "Workers with a fresh heartbeat.")
+            workers = GaugeMetricFamily(
+                "llm_workers", "Workers with a fresh heartbeat." + CLUSTER_WIDE
+            )
             workers.add_metric([], float(len(self.workers)))
             yield workers
             yield from worker_families(self.workers)

@@ -52,3 +52,27 @@ def test_metrics_without_redis_have_no_worker_families() -> None:
     names = {name for name, _ in samples(render(HttpMetrics(), None, None, None))}
     assert "llm_redis_up" in names
     assert not any(name.startswith("llm_worker") for name in names)
+
+
+# Counted by each API process; every other family is read from Redis.
+PER_PROCESS_FAMILIES = {
+    "llm_http_requests", "llm_http_request_duration_seconds", "llm_redis_up",
+    "llm_event_streams_open", "llm_event_streams_parked", "llm_sync_waits_open",
+}  # fmt: skip
+
+
+def test_every_family_says_how_to_aggregate_it_over_api_replicas() -> None:
+    # Every replica exports the Redis-derived families: a sum over pods multiplied the job,
+    # token and worker numbers by the replica count, while the HTTP counters must be summed.
+    stats = {"jobs:succeeded": "6", "tokens": "60"}
+    families = list(text_string_to_metric_families(
+        render(HttpMetrics(), stats, 0, [heartbeat("w1@a", "1")]).decode()
+    ))  # fmt: skip
+    names = {family.name for family in families}
+    assert PER_PROCESS_FAMILIES < names and "llm_jobs" in names and "llm_workers" in names
+    for family in families:
+        if family.name in PER_PROCESS_FAMILIES:
+            assert family.documentation.endswith("Per API process: sum over replicas."), family
+        else:
+            assert "Cluster-wide" in family.documentation, family
+            assert "aggregate over replicas with max, not sum" in family.documentation, family
