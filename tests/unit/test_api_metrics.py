@@ -8,6 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api.metrics import HttpMetrics, render
+from services.common.stats import finish_increments
 
 pytestmark = pytest.mark.unit
 
@@ -76,3 +77,24 @@ def test_every_family_says_how_to_aggregate_it_over_api_replicas() -> None:
         else:
             assert "Cluster-wide" in family.documentation, family
             assert "aggregate over replicas with max, not sum" in family.documentation, family
+
+
+def test_latency_and_ttft_help_name_the_jobs_they_count() -> None:
+    # "Submission to first token" read as every job, yet a job that streamed tokens and then
+    # failed or was cancelled is not observed: SLO dashboards must know what they plot.
+    stats: dict[str, float] = {}
+    for status in ("succeeded", "failed", "cancelled"):
+        counters, sums = finish_increments(status, 10, 2.0, 0.5)
+        for key, value in (*counters.items(), *sums.items()):
+            stats[key] = stats.get(key, 0) + value
+    families = {
+        f.name: f for f in text_string_to_metric_families(
+            render(HttpMetrics(), {k: str(v) for k, v in stats.items()}, 0, []).decode()
+        )
+    }  # fmt: skip
+    for name in ("llm_job_latency_seconds", "llm_time_to_first_token_seconds"):
+        family = families[name]
+        count = next(s.value for s in family.samples if s.name == f"{name}_count")
+        assert count == 1, name  # the succeeded job only
+        assert "of succeeded jobs, queue time included" in family.documentation, name
+        assert "failed and cancelled jobs are not observed" in family.documentation, name
