@@ -6,7 +6,7 @@ Defaults work on a laptop; it must not open connections or import anything heavy
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     # Comma-separated; empty means the job endpoints need no key.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    # The API's own log lines (`services.*`; any case). uvicorn's lines follow its --log-level,
+    # the worker's Celery's --loglevel.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # Request bounds.
     max_new_tokens: int = Field(256, ge=1)
@@ -83,6 +86,11 @@ class Settings(BaseSettings):
         if not value >= MIN_LEASE_TTL_S:  # NaN too
             raise ValueError(f"LLM_LEASE_TTL_S must be at least {MIN_LEASE_TTL_S:g} s, got {value}")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("device", mode="before")
     @classmethod
