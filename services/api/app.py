@@ -30,6 +30,26 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """The API's own loggers (`services.*`) to stderr with time, level and logger name.
+
+    uvicorn configures only its own loggers, which do not propagate: without this the API's
+    warnings went through Python's last-resort handler (a bare message) and its INFO lines
+    nowhere. Logging configured already (a handler on `services` or the root: uvicorn's
+    --log-config, pytest) is left as it is.
+    """
+    logger = logging.getLogger("services")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 # The API pool's read timeout. Its commands are all quick (the event hub's blocking XREAD has a
 # client of its own), so 2 s is far above any normal reply, even on a loaded machine.
 REDIS_SOCKET_TIMEOUT_S = 2.0
@@ -77,6 +97,7 @@ def make_stream_reader(settings: Settings) -> Redis:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

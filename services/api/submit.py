@@ -6,6 +6,7 @@ Turns a validated JobRequest into a queued job exactly once; it must not wait fo
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import uuid
 from typing import Any
@@ -19,6 +20,8 @@ from services.api.queue import task_message
 from services.api.store import JobStore
 from services.common.jobs import JobRecord, JobRequest, fingerprint
 from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def field_error(loc: tuple[str, ...], msg: str, value: Any) -> RequestValidationError:
@@ -88,6 +91,8 @@ async def submit_job(
             earlier = await store.get(hit.job_id)
             if earlier is None:
                 raise HTTPException(409, "a request with this Idempotency-Key is in progress")
+            log.info("job %s returned again for a repeated Idempotency-Key (principal %s)",
+                     earlier.id, principal)  # fmt: skip
             return earlier, False
     if req.seed is None:
         # A fixed seed makes a redelivered job regenerate the very same tokens.
@@ -102,6 +107,8 @@ async def submit_job(
             with contextlib.suppress(Exception):
                 await store.release_idempotency(idem_scope, job_id)
         raise
+    log.info("job %s queued (principal %s, max_new_tokens %d)", job_id, principal,
+             req.max_new_tokens)  # fmt: skip
     return record, True
 
 
