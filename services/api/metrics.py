@@ -196,14 +196,14 @@ class _Snapshot:
         )
         tokens.add_metric([], float(s.get("tokens", 0)))
         yield tokens
-        # Workers observe both only for succeeded jobs (services.common.stats).
+        # What the workers observe: services.common.stats.finish_increments.
         for name, metric, doc in (
             ("latency", "llm_job_latency_seconds",
              "Submission to result of succeeded jobs, queue time included (failed and cancelled "
              "jobs are not observed)."),
             ("ttft", "llm_time_to_first_token_seconds",
-             "Submission to first token of succeeded jobs, queue time included (failed and "
-             "cancelled jobs are not observed, even those that streamed tokens)."),
+             "Submission to first token of every job that made one, whatever its end, queue "
+             "time included."),
         ):  # fmt: skip
             hist = HistogramMetricFamily(metric, doc + CLUSTER_WIDE)
             hist.add_metric([], cumulative_buckets(s, name), float(s.get(f"{name}:sum", 0.0)))

@@ -92,9 +92,22 @@ def test_latency_and_ttft_help_name_the_jobs_they_count() -> None:
             render(HttpMetrics(), {k: str(v) for k, v in stats.items()}, 0, []).decode()
         )
     }  # fmt: skip
-    for name in ("llm_job_latency_seconds", "llm_time_to_first_token_seconds"):
-        family = families[name]
-        count = next(s.value for s in family.samples if s.name == f"{name}_count")
-        assert count == 1, name  # the succeeded job only
-        assert "of succeeded jobs, queue time included" in family.documentation, name
-        assert "failed and cancelled jobs are not observed" in family.documentation, name
+    latency = families["llm_job_latency_seconds"]
+    assert _count(latency) == 1  # the succeeded job only
+    assert "of succeeded jobs, queue time included" in latency.documentation
+    assert "failed and cancelled jobs are not observed" in latency.documentation
+    ttft = families["llm_time_to_first_token_seconds"]
+    assert _count(ttft) == 3  # every job that made a first token, whatever its end
+    assert "every job that made one, whatever its end" in ttft.documentation
+
+
+def _count(family: object) -> float:
+    return next(s.value for s in family.samples if s.name == f"{family.name}_count")
+
+
+def test_the_histograms_reach_past_the_job_time_limit_with_the_queue_wait() -> None:
+    # A job that waited 10 minutes in a backlog and ran to its 600 s time limit must land in a
+    # finite bucket, or the p99 of a backlog reads as +Inf.
+    counters, _ = finish_increments("succeeded", 10, 1100.0, 700.0)
+    assert "latency:bucket:1200.0" in counters
+    assert "ttft:bucket:1800.0" in counters
