@@ -28,22 +28,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmcore import distributed as D
-from lmcore.checkpoint import (
-    CheckpointError,
-    check_replaceable,
-    latest_training_state,
-    load_training_state,
-    read_training_extra,
-    save_model_dir,
-    save_training_state,
-    set_aside_training_states,
-)
+from lmcore.checkpoint import CONFIG_FILE, CheckpointError, check_replaceable, save_model_dir
 from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
 from lmcore.quant_report import quantization_report
 from lmcore.registry import ModelVersionInfo  # a dataclass; mlflow is imported only when used
+from lmcore.train_state import (
+    STEP_DIR_PREFIX,
+    latest_training_state,
+    load_training_state,
+    read_training_extra,
+    save_training_state,
+    set_aside_training_states,
+    step_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def check_model_dir_place(
             clash = f"{'is' if ckpt == model else 'contains'} checkpoint_dir {cfg.checkpoint_dir}"
         elif model.is_relative_to(ckpt):
             inside = model.relative_to(ckpt).parts[0]
-            if inside.startswith("step-"):
+            if inside.startswith(STEP_DIR_PREFIX):
                 clash = f"is inside {inside} of checkpoint_dir {cfg.checkpoint_dir}"
     if clash is None and data_dir is not None:
         data = Path(data_dir).expanduser().resolve()
@@ -1140,7 +1140,7 @@ class Trainer:
     def _checkpoint_at(self, step: int) -> Path | None:
         if not self.cfg.checkpoint_dir:
             return None
-        return Path(self.cfg.checkpoint_dir) / f"step-{step:08d}"
+        return step_dir(self.cfg.checkpoint_dir, step)
 
     def _published_record(self, step: int) -> Path | None:
         checkpoint = self._checkpoint_at(step)
@@ -1227,7 +1227,7 @@ class Trainer:
 def _model_dir_holds(path: Path, step: int, run_id: str | None) -> bool:
     """Whether the model dir at `path` is this step's model of this run (its metadata says)."""
     try:
-        metadata = json.loads((path / "config.json").read_text()).get("metadata") or {}
+        metadata = json.loads((path / CONFIG_FILE).read_text()).get("metadata") or {}
     except (OSError, ValueError, RecursionError, AttributeError):
         return False
     return metadata.get("step") == step and metadata.get("run_id") == run_id

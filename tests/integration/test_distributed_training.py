@@ -19,11 +19,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from lmcore.checkpoint import latest_training_state
 from lmcore.config import preset
 from lmcore.data import TokenDataset, prepare_corpus
 from lmcore.distributed import DistEnv
 from lmcore.train import INTERRUPTED_EXIT_CODE, Trainer, TrainConfig
+from lmcore.train_state import latest_training_state
 from tests.helpers.trainer_run import tiny_corpus, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lmcore.checkpoint import latest_training_state
 from lmcore.data import TokenDataset
 from lmcore.train import INTERRUPTED_EXIT_CODE
+from lmcore.train_state import latest_training_state
 from tests.helpers.mlflow_server import running_server
 from tests.helpers.trainer_run import tiny_corpus, write_corpus
 

@@ -17,12 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmcore import train as train_module
-from lmcore.checkpoint import (
-    latest_training_state,
-    list_training_states,
-    load_model_dir,
-    save_model_dir,
-)
+from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import ConfigError, preset
 from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
 from lmcore.distributed import DistEnv, DistributedEnvError
@@ -39,6 +34,7 @@ from lmcore.train import (
 )
 from lmcore.model import Transformer
 from lmcore.registry import ModelVersionInfo
+from lmcore.train_state import latest_training_state, list_training_states
 from tests.helpers.trainer_run import RecordingTracker, UnionSampler, write_corpus
 
 pytestmark = pytest.mark.unit
