@@ -266,6 +266,9 @@ class Engine:
         self._closed = False  # no more submissions
         self._stopping = False
         self._drain = True
+        # The engine thread's last progress (time.monotonic()): the end of its last step, or when
+        # work woke it; None while it waits idle. Read without a lock by a watchdog.
+        self._progress_at: float | None = None
         self._install(model, tokenizer, metadata)
 
     # -- state -----------------------------------------------------------------------------------
@@ -307,6 +310,16 @@ class Engine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def progress_age_s(self) -> float:
+        """Seconds the engine thread has had work without finishing a step (0 while idle).
+
+        A hung device or a deadlock makes it grow without bound. It takes no lock, so another
+        thread can read it while a stuck step holds them.
+        """
+        since = self._progress_at
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -821,9 +834,13 @@ class Engine:
         while True:
             with self._cond:
                 while not self._stopping and not self._has_work_locked():
+                    self._progress_at = None  # idle: no step is due
                     self._cond.wait()
                 if self._stopping and not (self._drain and self._has_work_locked()):
+                    self._progress_at = None
                     return
+                if self._progress_at is None:
+                    self._progress_at = time.monotonic()  # work arrived: a step is due now
             try:
                 self.step()
             except Exception as exc:  # fail the requests it touched, keep serving
@@ -833,6 +850,7 @@ class Engine:
                 with self._step_lock:
                     for run in self._running():
                         self._release(run, error=exc)
+            self._progress_at = time.monotonic()
 
     def _has_work_locked(self) -> bool:
         return bool(

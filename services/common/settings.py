@@ -18,6 +18,9 @@ API_KEY_CHARACTERS = re.compile(r"[\x20-\x7e]+")  # printable ASCII and the spac
 # Redis takes whole milliseconds (a lease under 1 ms becomes PX 0, which it refuses) and the
 # streamer renews at a third of the TTL from flushes 20 ms apart: a second leaves ~15 flushes.
 MIN_LEASE_TTL_S = 1.0
+# A decode step takes milliseconds and a long prefill seconds: a bound under a second would take
+# ordinary steps for a hung engine (and restart the worker in a loop). 0 or NaN would be no bound.
+MIN_ENGINE_STALL_S = 1.0
 
 
 class Settings(BaseSettings):
@@ -66,6 +69,13 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(30.0, gt=0)  # how often the worker checks the alias (hot swap)
     model_cache_dir: str | None = None
     heartbeat_s: float = Field(5.0, gt=0)
+    # A worker whose engine has work but finishes no step for this long (a hung kernel or device,
+    # a deadlock) counts as dead: it drops its heartbeat, hands its jobs back and exits. The
+    # slowest real steps are far shorter: a prefill of 8 x 1,000 tokens of gpt2-124m on 2 CPU
+    # threads takes ~7 s, and compiling its decode step ~16 s on an H200 (bench/lmcore_gpu.json),
+    # which the warm-up does before the bound applies; only a hot swap to other shapes compiles
+    # inside a step. 300 s is 10x more than either and half LLM_JOB_TIME_LIMIT_S.
+    engine_stall_s: float = 300.0
     # CUDA graphs for the engine's decode step: auto = on a GPU. On an H200 the compiled engine
     # served 32 requests ~3x faster than eager; the worker compiles before taking jobs.
     compile_decode: str = "auto"  # auto | true | false
@@ -91,6 +101,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("engine_stall_s")
+    @classmethod
+    def _check_stall(cls, value: float) -> float:
+        if not value >= MIN_ENGINE_STALL_S:  # NaN too
+            raise ValueError(f"LLM_ENGINE_STALL_S must be at least {MIN_ENGINE_STALL_S:g} s, "
+                             f"got {value}")  # fmt: skip
+        return value
 
     @field_validator("device", mode="before")
     @classmethod

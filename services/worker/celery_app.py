@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_shutdown
 
 from services.common import keys
@@ -110,7 +111,12 @@ app.conf.worker_pool = "threads"  # the default here; --pool solo works too, pre
 @app.task(name=keys.TASK_NAME, bind=True, ignore_result=True)
 def generate(self: Task, job_id: str) -> str:
     """Run job `job_id` (its request is in the job record); returns the final status."""
-    return run_job(rt.get_runtime(), job_id)
+    try:
+        return run_job(rt.get_runtime(), job_id)
+    except rt.EngineStalledError as exc:
+        # Back to the queue now (not acked, nor left to the visibility timeout): this worker
+        # is shutting down, and a healthy one takes the job once its lease expires.
+        raise Reject(str(exc), requeue=True) from None
 
 
 def _requested_pool(argv: list[str]) -> str:
@@ -142,3 +148,5 @@ def _stop_runtime(**_: Any) -> None:
     if runtime is not None:
         runtime.stop()
         rt.set_runtime(None)
+        if runtime.stalled.is_set():  # the broker connection is closed, the jobs handed back
+            rt.exit_now()  # the interpreter's exit could wait on the stuck step forever

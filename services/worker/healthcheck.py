@@ -1,5 +1,7 @@
-"""Readiness probe: `python -m services.worker.healthcheck` exits 0 if a worker on this host has
-a fresh heartbeat in Redis (the key expires when it stops beating), else 1.
+"""Worker probe: `python -m services.worker.healthcheck` exits 0 if a worker on this host has a
+fresh heartbeat in Redis (the key expires when it stops beating) whose engine is not stalled,
+else 1. `--live` (the liveness probe) also passes while Redis cannot be reached: an outage is not
+this worker's fault, and restarting it would only kill the jobs it is carrying through it.
 
 Reads Redis only; it must not import torch or the worker (probes run often and must be quick).
 """
@@ -24,9 +26,17 @@ def fresh_workers(client: redis.Redis, host: str | None = None) -> list[dict]:
     return [beat for beat in beats if host is None or beat.get("host") == host]
 
 
+def stalled(beat: dict, stall_s: float) -> bool:
+    """Whether a heartbeat reports an engine with work and no step for over `stall_s` (the worker
+    drops its heartbeat when it sees this itself: this catches a beat written just before)."""
+    return float(beat.get("progress_age_s", 0.0)) > stall_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--any-host", action="store_true", help="accept a worker on any host")
+    parser.add_argument("--live", action="store_true",
+                        help="liveness: pass while Redis is unreachable")  # fmt: skip
     args = parser.parse_args(argv)
     settings = Settings()
     client = redis.Redis.from_url(
@@ -35,12 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workers = fresh_workers(client, None if args.any_host else socket.gethostname())
     except redis.RedisError as exc:
-        print(f"unhealthy: Redis unavailable: {exc}", file=sys.stderr)
-        return 1
+        print(f"{'alive' if args.live else 'unhealthy'}: Redis unavailable: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 0 if args.live else 1
     if not workers:
         print("unhealthy: no fresh worker heartbeat on this host", file=sys.stderr)
         return 1
-    print(f"healthy: {', '.join(w['nodename'] for w in workers)}")
+    healthy = [w for w in workers if not stalled(w, settings.engine_stall_s)]
+    if not healthy:
+        ages = ", ".join(f"{w['nodename']} {w['progress_age_s']:.0f} s" for w in workers)
+        print(f"unhealthy: engine stalled (no step finished with work waiting: {ages}; "
+              f"LLM_ENGINE_STALL_S={settings.engine_stall_s:g})", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"healthy: {', '.join(w['nodename'] for w in healthy)}")
     return 0
 
 

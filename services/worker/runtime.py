@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 
 
 RETRY_REFUSED_MAX_S = 3600.0  # the longest wait before a version that may load later is tried
+# After a stall: how long Celery's warm shutdown may take (the task threads hand their jobs back
+# within a second) before the process exits hard.
+STALL_EXIT_S = 30.0
+
+
+class EngineStalledError(RuntimeError):
+    """This worker's engine stalled: the job goes back to the queue for another worker."""
 
 
 @dataclass
@@ -78,14 +85,34 @@ def _shut_this_worker_down() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def exit_now() -> None:
+    """End the process at once, whatever its threads do: a step stuck in native code (a hung
+    kernel) can hold an ordinary exit (joining threads, CUDA's teardown) forever."""
+    logging.shutdown()  # flush the log handlers first
+    os._exit(1)
+
+
+def _shut_this_stalled_worker_down() -> None:
+    """Celery's warm shutdown (no new jobs; the task threads hand theirs back), and a hard exit
+    if that has not ended the process within STALL_EXIT_S."""
+    timer = threading.Timer(STALL_EXIT_S, exit_now)
+    timer.daemon = True
+    timer.start()
+    _shut_this_worker_down()
+
+
 class WorkerRuntime:
     def __init__(
         self, settings: Settings, nodename: str,
         on_engine_death: Callable[[], None] = _shut_this_worker_down,
+        on_engine_stall: Callable[[], None] = _shut_this_stalled_worker_down,
     ) -> None:  # fmt: skip
         self.settings = settings
         self.nodename = nodename
         self.on_engine_death = on_engine_death
+        self.on_engine_stall = on_engine_stall
+        # Set when the engine stalled: task threads give their jobs back instead of waiting.
+        self.stalled = threading.Event()
         self.redis = make_redis(settings)
         self.claim = self.redis.register_script(lua_scripts.CLAIM)
         self.renew = self.redis.register_script(lua_scripts.RENEW)
@@ -148,8 +175,9 @@ class WorkerRuntime:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
-        if self.engine is not None:
-            self.engine.stop(drain=True, timeout=timeout_s)
+        if self.engine is not None:  # a stalled one never finishes its step: no wait for it
+            stalled = self.stalled.is_set()
+            self.engine.stop(drain=not stalled, timeout=0 if stalled else timeout_s)
         self.streamer.stop()
         try:
             self._forget_heartbeat()
@@ -191,6 +219,7 @@ class WorkerRuntime:
             "active": engine.active,
             "waiting": engine.waiting,
             "max_batch": engine.max_batch,
+            "progress_age_s": round(engine.progress_age_s, 3),  # the probe checks it too
             "ts": time.time(),
         }
         refused = self.refused
@@ -214,9 +243,13 @@ class WorkerRuntime:
     def _heartbeat_loop(self) -> None:
         while True:
             engine = self.engine
-            if engine is not None and not engine.is_running and not self._stop.is_set():
-                self._engine_died()
-                return
+            if engine is not None and not self._stop.is_set():
+                if not engine.is_running:
+                    self._engine_died()
+                    return
+                if engine.progress_age_s > self.settings.engine_stall_s:
+                    self._engine_stalled(engine.progress_age_s)
+                    return
             try:
                 self.heartbeat()
             except redis.RedisError as exc:
@@ -233,6 +266,20 @@ class WorkerRuntime:
         except redis.RedisError:
             pass
         self.on_engine_death()
+
+    def _engine_stalled(self, age_s: float) -> None:
+        """The engine has had work but finished no step for longer than LLM_ENGINE_STALL_S (a
+        hung kernel or device, a deadlock): treated as dead. Stop beating, shut down (the task
+        threads hand their jobs back to the queue for a healthy worker) and exit."""
+        log.error("engine stalled: no step finished for %.0f s with work waiting (over "
+                  "LLM_ENGINE_STALL_S=%g s); a hung device or a deadlock? This worker hands its "
+                  "jobs back and exits", age_s, self.settings.engine_stall_s)  # fmt: skip
+        try:
+            self._forget_heartbeat()
+        except redis.RedisError:
+            pass
+        self.on_engine_stall()  # first: the consumer stops before the jobs go back to the queue
+        self.stalled.set()
 
     def _forget_heartbeat(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -20,21 +20,31 @@ from services.common.jobs import FINAL_STATUSES, JobRecord, JobStatus, ModelRef,
 from services.common.lua_scripts import claim_call, finish_args
 from services.common.stats import finish_increments
 from services.worker.job_supervisor import ActiveJob
-from services.worker.runtime import WorkerRuntime
+from services.worker.runtime import EngineStalledError, WorkerRuntime
 from services.worker.token_sink import TokenSink, streamed
 
 log = logging.getLogger(__name__)
 LEASE_WAIT_S = 0.5
+STALL_POLL_S = 0.5  # how often a task waiting on the engine checks whether it stalled
 FINISH_RETRY_S = 120.0  # keep trying to record a result while Redis is away
 
 
 def run_job(runtime: WorkerRuntime, job_id: str) -> str:
     """Run one job to its final status (or find it final already); returns the status."""
+    _check_not_stalled(runtime, job_id)
     owner = f"{runtime.nodename}:{uuid.uuid4().hex[:12]}"
     claimed = _claim(runtime, job_id, owner)
     if claimed != "claimed":
         return claimed
     return JobExecution(runtime, job_id, owner).run()
+
+
+def _check_not_stalled(runtime: WorkerRuntime, job_id: str) -> None:
+    """Raise EngineStalledError once this worker's engine has stalled: the job goes back to the
+    queue (untouched, or `running` under a lease that expires) for a healthy worker."""
+    if runtime.stalled.is_set():
+        raise EngineStalledError(f"job {job_id}: this worker's engine stalled; the job goes "
+                                 "back to the queue")  # fmt: skip
 
 
 def _claim(runtime: WorkerRuntime, job_id: str, owner: str) -> str:
@@ -55,6 +65,7 @@ def _claim(runtime: WorkerRuntime, job_id: str, owner: str) -> str:
         if time.monotonic() > give_up:
             log.error("job %s still leased by %s; giving up this delivery", job_id, reply[1])
             return "leased"
+        _check_not_stalled(runtime, job_id)
         time.sleep(LEASE_WAIT_S)
 
 
@@ -96,7 +107,10 @@ class JobExecution:
                                 deadline=submitted + self.rt.settings.job_time_limit_s)
         streamer.add(self.active)
         try:
-            handle.wait()  # meanwhile the streamer streams, cancels, renews and times out
+            # Meanwhile the streamer streams, cancels, renews and times out. A stalled engine
+            # never finishes the job: it goes back to the queue, its lease no longer renewed.
+            while not handle.wait(STALL_POLL_S):
+                _check_not_stalled(self.rt, self.job_id)
         finally:
             streamer.remove(self.active)
         if self.active.outcome == "lost":

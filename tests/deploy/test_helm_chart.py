@@ -512,6 +512,40 @@ def test_worker_runs_celery_threads_ready_on_heartbeat_and_drains_on_stop(
     assert cache in [m["mountPath"] for m in worker["volumeMounts"]]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_worker_whose_engine_stalls_or_stops_beating_is_restarted_once_it_has_started(
+    shapes: dict[str, Rendered], shape: str
+) -> None:
+    # A hung GPU or a deadlock left the worker ready and alive forever: no liveness probe, and
+    # the probe only read the heartbeat, which kept beating.
+    deployment = shapes[shape].get("Deployment", component("worker"))
+    pod = deployment["spec"]["template"]["spec"]
+    worker = containers(pod)[0]
+    probe = ["python", "-m", "services.worker.healthcheck"]
+    startup, live = worker["startupProbe"], worker["livenessProbe"]
+    assert startup["exec"]["command"] == probe
+    assert live["exec"]["command"] == [*probe, "--live"]  # a Redis outage restarts no worker
+    # The heartbeat starts after the model's download, load and GPU compile: minutes.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200
+    # Liveness fails on the bound the worker acts on itself (LLM_ENGINE_STALL_S, read by the
+    # probe), and only after the heartbeat has had time to expire (3 beats), not on one miss.
+    stall = env_of(worker)["LLM_ENGINE_STALL_S"]["value"]
+    assert Settings(engine_stall_s=stall).engine_stall_s == 300
+    assert live["periodSeconds"] * live["failureThreshold"] > Settings().heartbeat_ttl_s
+    # A wedged worker is not given the warm shutdown's grace (time for a job to finish).
+    assert live["terminationGracePeriodSeconds"] < pod["terminationGracePeriodSeconds"]
+
+
+def test_the_engine_stall_bound_renders_for_the_worker_and_is_checked_at_install(
+    render,
+) -> None:
+    worker = container(render(sets=("settings.engineStallS=900",)), "Deployment",
+                       component("worker"))  # fmt: skip
+    assert env_of(worker)["LLM_ENGINE_STALL_S"]["value"] == "900"
+    with pytest.raises(RenderError, match="engineStallS"):
+        render(sets=("settings.engineStallS=0",))  # Settings refuse it: pods would crash-loop
+
+
 @pytest.mark.parametrize("shape", ["defaults", "cpu-values", "gpu-values"])
 def test_worker_torch_threads_follow_the_cpu_limit_not_the_node(
     shapes: dict[str, Rendered], shape: str

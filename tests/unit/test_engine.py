@@ -28,6 +28,7 @@ from lmcore.generate import (
 )
 from lmcore.model import Transformer
 from tests.helpers.models import context_sensitive_model
+from tests.helpers.services import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -441,6 +442,33 @@ def test_idle_engine_thread_waits_instead_of_stepping(model):
     # ...and a new request still wakes it.
     assert engine.submit(EngineRequest([2], GREEDY)).result(WAIT_S).finish_reason == "length"
     assert engine.stop(timeout=WAIT_S)
+
+
+def test_progress_age_grows_only_while_the_engine_has_work_and_its_step_is_stuck(model):
+    # What the worker's watchdog reads (LLM_ENGINE_STALL_S): a hung kernel or a deadlock makes
+    # it grow, an idle engine reports none, and it reads without the locks a stuck step holds.
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_step(*args):
+        entered.set()
+        release.wait(WAIT_S)
+        return decode_step(*args)
+
+    engine = Engine(model, max_batch=1, step_fn=hung_step)
+    engine.start()
+    try:
+        assert engine.progress_age_s == 0.0
+        handle = engine.submit(EngineRequest([1, 2], GREEDY))
+        assert entered.wait(WAIT_S)
+        wait_until(lambda: engine.progress_age_s > 0.2, WAIT_S, message="stall seen")
+        age = engine.progress_age_s
+        wait_until(lambda: engine.progress_age_s > age + 0.1, WAIT_S, message="stall growing")
+        release.set()
+        assert handle.result(WAIT_S).finish_reason == "length"
+        wait_until(lambda: engine.progress_age_s == 0.0, WAIT_S, message="idle again")
+    finally:
+        release.set()
+        assert engine.stop(timeout=WAIT_S)
 
 
 def test_stop_without_drain_cancels_accepted_requests(model):

@@ -185,6 +185,24 @@ def test_a_one_second_lease_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None
     assert Settings().lease_ttl_s == 1.0
 
 
+@pytest.mark.parametrize("value", ["0", "0.5", "nan", "-1"])
+def test_an_engine_stall_bound_under_a_second_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # 0 or NaN would be no bound, and under a second ordinary steps would count as a hang.
+    monkeypatch.setenv("LLM_ENGINE_STALL_S", value)
+    with pytest.raises(ValidationError, match="LLM_ENGINE_STALL_S must be at least 1 s"):
+        Settings()
+
+
+def test_the_shipped_engine_stall_bounds_pass_the_settings_rule() -> None:
+    # Settings' default (far above a compile or a CPU prefill of the largest preset, below the
+    # job time limit) and the chart's value.
+    chart = yaml.safe_load((REPO / "charts" / "llm" / "values.yaml").read_text())
+    assert Settings().engine_stall_s == 300 < Settings().job_time_limit_s
+    assert Settings(engine_stall_s=chart["settings"]["engineStallS"]).engine_stall_s == 300
+
+
 # Ids spell the value out: a bare "gpu" id would read as conftest's `gpu` marker and skip.
 @pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "cuda1", "tpu", ""],
                          ids=lambda v: f"LLM_DEVICE={v!r}")

@@ -169,6 +169,8 @@ imagePullSecrets:
   value: {{ int64 .Values.settings.jobTtlS | quote }}
 - name: LLM_MAX_BATCH
   value: {{ int64 .Values.settings.maxBatch | quote }}
+- name: LLM_ENGINE_STALL_S
+  value: {{ int64 .Values.settings.engineStallS | quote }}
 {{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
 - name: LLM_API_KEYS
   valueFrom:
