@@ -35,6 +35,7 @@ from lmcore.model import Transformer
 from lmcore.precision import Precision, resolve_precision
 from lmcore.quant_report import quantization_report
 from lmcore.registry import ModelVersionInfo  # a dataclass; mlflow is imported only when used
+from lmcore.schedule import RunSchedule, warmup_for
 from lmcore.train_state import (
     STEP_DIR_PREFIX,
     latest_training_state,
@@ -52,7 +53,6 @@ TRAIN_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what the trainer runs on
 # 128 + SIGTERM: what a SIGTERM-killed process reports; torchrun reports it as 1 (see
 # docs/architecture.md, Training)
 INTERRUPTED_EXIT_CODE = 143
-MAX_WARMUP_SHARE = 0.5  # the warmup takes at most this share of the run's steps
 # Beside a checkpoint, written once its model is registered: a rerun that trains no step does
 # not register it again.
 PUBLISHED_FILE = "published.json"
@@ -83,7 +83,7 @@ class TrainConfig:
     max_time_s: float | None = None  # wall-clock budget in seconds; None = no limit
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50  # at most half the run's steps are warmup (warmup_for)
+    warmup_steps: int = 50  # at most half the run's steps are warmup (schedule.warmup_for)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -216,62 +216,6 @@ def normalize_precision(value: str | bool | None) -> str:
             f"mixed_precision must be auto, bf16, fp16, fp32 or a bool, got {value!r}"
         )
     return str(value)
-
-
-def total_steps(cfg: TrainConfig, train_tokens: int, block_size: int, world_size: int) -> int:
-    """Optimizer steps for the run: max_steps, or epochs x train tokens / tokens per step."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    assert cfg.epochs is not None
-    per_step = cfg.batch_size * cfg.grad_accum_steps * world_size * block_size
-    return max(1, math.ceil(cfg.epochs * train_tokens / per_step))
-
-
-def warmup_for(cfg: TrainConfig, steps: float) -> int:
-    """The warmup of a run of `steps` steps: warmup_steps, but at most half the run.
-
-    A warmup as long as the run (a short max_steps, or a budget that allows fewer steps than
-    expected) would leave no room for the cosine, and the LR would never decay.
-    """
-    return min(cfg.warmup_steps, int(steps * MAX_WARMUP_SHARE))
-
-
-def lr_at(step: int, cfg: TrainConfig, steps: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
-
-    A pure function of the step and the run's length, so a resumed run continues the exact
-    schedule. Under a time budget `steps` is steps_on_course(...). The warmup is warmup_for().
-    """
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    warmup = warmup_for(cfg, steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    # Steps run 0 .. steps-1: the last one takes min_lr. The cosine starts at the peak, which
-    # the warmup's last step has taken already, so then it starts one step down the cosine.
-    first, last = (warmup - 1 if warmup else 0), steps - 1
-    if last <= first:
-        return cfg.lr  # a run of one step: the peak
-    if step >= last:
-        return min_lr
-    progress = (step - first) / max(1, last - first)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
-
-
-def steps_on_course(
-    steps: int, done: int, elapsed_s: float, budget_s: float | None,
-    pace: tuple[float, float] | None = None,
-) -> float:
-    """The run's length in steps: `steps`, or fewer where the time budget will end it first.
-
-    At the pace measured so far (`pace`: that many steps in that many seconds; by default the
-    `done` steps in `elapsed_s`), the budget's remaining seconds allow that many more steps.
-    While the total is more than `steps` the schedule is the step count's alone (the same on
-    every run); only a run that is running out of time has its decay brought forward.
-    """
-    measured_steps, measured_s = pace if pace is not None else (done, elapsed_s)
-    if not budget_s or measured_steps <= 0 or measured_s <= 0:
-        return float(steps)
-    return min(float(steps), done + (budget_s - elapsed_s) * measured_steps / measured_s)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -523,10 +467,9 @@ class Trainer:
     sampler: Sampler
     device: torch.device
     dist_env: D.DistEnv
-    steps: int
+    schedule: RunSchedule  # the LR schedule and the time budget's pace (lmcore.schedule)
     run_id: str | None
     history: dict[str, list[list[float]]]
-    elapsed_before: float  # loop seconds of the runs this one resumed
     data: dict[str, str | None]  # data_identity(dataset), recorded in every checkpoint
     _clock: float  # perf_counter() at which the loop would have started without interruptions
 
@@ -560,24 +503,14 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.scaler = self.precision.grad_scaler()
         block = self.model_config.block_size
-        self.steps = total_steps(cfg, len(self.dataset.train), block, env.world_size)
+        self.schedule = RunSchedule.start(cfg, len(self.dataset.train), block, env.world_size,
+                                          self._step_setup())
         self.sampler = self.sampler_factory(
             self.dataset.train, block, cfg.batch_size, cfg.seed, env.rank, env.world_size
         )
         torch.manual_seed(cfg.seed + 1 + env.rank)  # dropout differs per rank
         self.history = {"train_loss": [], "val_loss": []}
         self.run_id = None
-        self.elapsed_before = 0.0
-        # The time budget's pace: (steps, seconds) measured in earlier sessions and the setup
-        # they were measured on, and where this session's measurement starts (after its first
-        # step).
-        self.pace_before: tuple[float, float] = (0, 0.0)
-        self.pace_before_setup = self._step_setup()
-        self._pace_from: tuple[int, float] | None = None
-        # The LR schedule's axis. An epochs run's length is a token budget: a resume with another
-        # batch or world size (tokens per step) goes on along the first session's steps, by tokens.
-        self.schedule_steps, self.schedule_tokens_per_step = self.steps, self._tokens_per_step()
-        self.start_step, self.tokens_before, self._by_tokens = 0, 0, False
         self.data = data_identity(self.dataset)
         # The run's validation windows: eval_batches batches of `batch_size` windows from each
         # of `streams` streams, the windows its first session's ranks drew (_val_share).
@@ -645,13 +578,13 @@ class Trainer:
         extra = state.extra
         self.run_id = extra.get("run_id")
         self.history = extra.get("history") or self.history
-        self.elapsed_before = float(extra.get("elapsed_s", 0.0))
-        pace, setup = extra.get("pace"), extra.get("pace_setup")
-        if isinstance(pace, list) and len(pace) == 2:
-            self.pace_before = (float(pace[0]), float(pace[1]))
-            if isinstance(setup, dict):  # not recorded before: taken as this session's
-                self.pace_before_setup = setup
-        self._resume_schedule(state.step, extra)
+        schedule = self.schedule
+        schedule.resume(state.step, extra)
+        if schedule.by_tokens and self.dist_env.is_main:
+            log.warning("resuming with %d tokens per step (schedule: %d): %d steps left for "
+                        "the run's %d tokens", schedule.tokens_per_step,
+                        schedule.schedule_tokens_per_step, schedule.steps - state.step,
+                        schedule.schedule_steps * schedule.schedule_tokens_per_step)
         recorded = extra.get("val_windows")  # not recorded before: this session's, as then
         if isinstance(recorded, dict):
             self.val_windows = {k: int(recorded[k]) for k in ("streams", "batch_size")}
@@ -674,49 +607,6 @@ class Trainer:
         if self.dist_env.is_main:
             log.info("resumed from %s (step %d)", chosen, state.step)
         return state.step
-
-    def _resume_schedule(self, step: int, extra: dict[str, Any]) -> None:
-        """Carry on the checkpoint's token count and, for an epochs run, its LR schedule's axis
-        (the first session's tokens per step) with this run's epochs as the budget."""
-        before = extra.get("train_config") or {}
-        old_tokens_per_step = (  # recorded since the schedule kept it; else from the old config
-            int(before.get("batch_size", self.cfg.batch_size))
-            * int(before.get("grad_accum_steps", self.cfg.grad_accum_steps))
-            * int(extra.get("world_size") or self.dist_env.world_size)
-            * self.model_config.block_size
-        )
-        schedule = extra.get("schedule") or {}
-        self.start_step = step
-        self.tokens_before = int(extra.get("tokens_seen", step * old_tokens_per_step))
-        if self.cfg.epochs is None:
-            return  # max_steps: the schedule is in steps, whatever a step holds
-        self.schedule_tokens_per_step = int(schedule.get("tokens_per_step", old_tokens_per_step))
-        # The budget is this run's epochs, in steps of the schedule's size: the checkpoint's
-        # total_steps would hold a resized run to the epochs it was started with.
-        self.schedule_steps = max(1, math.ceil(
-            self.cfg.epochs * len(self.dataset.train) / self.schedule_tokens_per_step))
-        budget = self.schedule_steps * self.schedule_tokens_per_step
-        # By tokens whenever any session's steps were not the schedule's size (this one's, or an
-        # earlier one's: a run back at its first size still has another's tokens behind it).
-        self._by_tokens = (self._tokens_per_step() != self.schedule_tokens_per_step
-                           or self.tokens_before != step * self.schedule_tokens_per_step)
-        if self._by_tokens:
-            left = max(0, budget - self.tokens_before)
-            self.steps = step + math.ceil(left / self._tokens_per_step())
-            if self.dist_env.is_main:
-                log.warning("resuming with %d tokens per step (schedule: %d): %d steps left for "
-                            "the run's %d tokens", self._tokens_per_step(),
-                            self.schedule_tokens_per_step, self.steps - step, budget)
-
-    def _tokens_at(self, steps_done: float) -> float:
-        return self.tokens_before + (steps_done - self.start_step) * self._tokens_per_step()
-
-    def _schedule_position(self, steps_done: float) -> float:
-        """Where `steps_done` steps of this run sit on the LR schedule's axis (its own steps,
-        but for an epochs run resumed with another tokens per step: the first session's)."""
-        if not self._by_tokens:
-            return steps_done
-        return self._tokens_at(steps_done) / self.schedule_tokens_per_step
 
     def _mismatch(self, path: Path) -> str | None:
         """Why the checkpoint at `path` is not this run's to carry on, or None when it is."""
@@ -773,17 +663,18 @@ class Trainer:
         saved_at, last_path = -1, None
         step = start
         budget = cfg.max_time_s
-        self._clock = time.perf_counter() - self.elapsed_before  # a resumed run's time counts
+        schedule = self.schedule
+        self._clock = time.perf_counter() - schedule.elapsed_before  # a resumed run's time counts
         # Until the first vote comes back, the checkpoint's time (the same on every rank).
-        agreed = D.Agreed(False, self.elapsed_before)
+        agreed = D.Agreed(False, schedule.elapsed_before)
         stop_vote = D.StopVote(start=agreed)
         warned_warmup = False
         # A budget the checkpoint has spent already (the same command run again after a time
         # stop) trains no step; every rank loaded the same elapsed time, so all of them agree.
         # Checked after each step below, it used to let such a run train one step more, which
         # then published as a new model version at every rerun.
-        last = start if budget and agreed.elapsed_s >= budget else self.steps
-        if last == start < self.steps:
+        last = start if budget and agreed.elapsed_s >= budget else schedule.steps
+        if last == start < schedule.steps:
             bar.total = start
         try:
             for step in range(start + 1, last + 1):
@@ -792,14 +683,8 @@ class Trainer:
                 # From the agreed time (the same on every rank), so every rank takes the same lr.
                 # It is the time at the end of step `done` (between ranks the vote lags a step).
                 done = max(start, step - 1 - stop_vote.lag)
-                if done == start + 1 and self._pace_from is None:
-                    # The pace that tells how many steps the budget allows leaves the session's
-                    # first step out too.
-                    self._pace_from = (done, agreed.elapsed_s)
-                on_course = steps_on_course(self.steps, done, agreed.elapsed_s, budget,
-                                            self._measured_pace(done, agreed.elapsed_s))
-                lr = lr_at(self._schedule_position(step - 1), cfg,
-                           self._schedule_position(on_course))
+                on_course = schedule.on_course(done, agreed.elapsed_s)
+                lr = schedule.lr(step - 1, on_course)
                 if main and not warned_warmup and warmup_for(cfg, on_course) < cfg.warmup_steps:
                     warned_warmup = True
                     log.warning("warmup_steps=%d is more than half of the run's %d steps: "
@@ -808,9 +693,9 @@ class Trainer:
                                 warmup_for(cfg, on_course))
                 loss, grad_norm, data_s = self._optimizer_step(lr)
                 for m in (meter, run_meter):
-                    m.add(self._tokens_per_step(), data_s)
+                    m.add(schedule.tokens_per_step, data_s)
                 bar.update(1)
-                if step % cfg.log_interval == 0 or step == self.steps:
+                if step % cfg.log_interval == 0 or step == schedule.steps:
                     self._log_train(step, loss, grad_norm, lr, meter, bar)
                 # Not training: kept out of the next interval's tokens/s and MFU.
                 if cfg.eval_interval and step % cfg.eval_interval == 0:
@@ -835,9 +720,10 @@ class Trainer:
             bar.close()
         run_meter.stop()
         elapsed = self._elapsed()
-        stopped_by_time = step < self.steps
+        stopped_by_time = step < schedule.steps
         if stopped_by_time and main:
-            log.info("time budget of %.0f s reached at step %d of %d", budget, step, self.steps)
+            log.info("time budget of %.0f s reached at step %d of %d", budget, step,
+                     schedule.steps)
         if evaluated_at != step:
             val_loss = self._evaluate(step)
         if saved_at != step and step > start:
@@ -904,11 +790,6 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm.detach(), data_s
-
-    def _tokens_per_step(self) -> int:
-        cfg = self.cfg
-        return (cfg.batch_size * cfg.grad_accum_steps * self.dist_env.world_size
-                * self.model_config.block_size)
 
     def _val_share(self, val: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's part of the run's validation windows, and how many windows there are.
@@ -993,8 +874,8 @@ class Trainer:
                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
         limit = self.cfg.max_time_s
         budget = f", {self._elapsed():.0f} of {limit:.0f} s" if limit else ""
-        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s%s", step, self.steps, train_loss, lr,
-                 metrics["tokens_per_s"], budget)
+        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s%s", step, self.schedule.steps,
+                 train_loss, lr, metrics["tokens_per_s"], budget)
         meter.reset()
 
     # -- checkpoints and the final model --------------------------------------------------------
@@ -1006,31 +887,6 @@ class Trainer:
         return {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                 "world_size": self.dist_env.world_size, "device": self.device.type,
                 "precision": self.precision.name, "compile": cfg.compile}
-
-    def _measured_pace(self, done: int, elapsed_s: float) -> tuple[float, float]:
-        """(steps, seconds) the time budget's pace is taken from (`_pace_and_setup`)."""
-        return self._pace_and_setup(done, elapsed_s)[0]
-
-    def _pace_and_setup(
-        self, done: int, elapsed_s: float
-    ) -> tuple[tuple[float, float], dict[str, Any]]:
-        """(steps, seconds) of training measured so far, each session's first step left out,
-        and the setup (`_step_setup`) those steps ran on.
-
-        Earlier sessions' steps count only where they ran on this session's setup. Otherwise
-        (resized, say, from 4 ranks to 1 with 4x the accumulation) they stand in only until
-        this session has timed a step of its own: counted on, steps that took a quarter of the
-        time kept the LR high for most of the session and crammed the decay into its end.
-        """
-        own_steps, own_s = 0, 0.0
-        if self._pace_from is not None:
-            own_steps, own_s = done - self._pace_from[0], elapsed_s - self._pace_from[1]
-        (steps, seconds), setup = self.pace_before, self._step_setup()
-        if self.pace_before_setup == setup:
-            return (steps + own_steps, seconds + own_s), setup
-        if own_steps > 0 and own_s > 0:
-            return (own_steps, own_s), setup
-        return self.pace_before, self.pace_before_setup
 
     def _save_checkpoint(self, step: int) -> Path | None:
         """Every rank hands over its sampler and RNG state; rank 0 writes; all wait for it."""
@@ -1050,7 +906,6 @@ class Trainer:
         if self.dist_env.is_main:
             tensors = {f"rng.cpu.{r}": t for r, t in enumerate(cpu_rngs)}
             tensors.update({f"rng.cuda.{r}": t for r, t in enumerate(cuda_rngs) if t is not None})
-            pace, pace_setup = self._pace_and_setup(step, self._elapsed())
             path = save_training_state(
                 self.cfg.checkpoint_dir, step,
                 model=self.model, optimizer=self.optimizer,
@@ -1060,17 +915,10 @@ class Trainer:
                     "world_size": self.dist_env.world_size,
                     "samplers": samplers,
                     "history": self.history,
-                    "elapsed_s": self._elapsed(),
-                    "pace": list(pace),
-                    "pace_setup": pace_setup,  # what the pace's steps ran on
+                    # elapsed_s, pace, pace_setup, tokens_seen, schedule
+                    **self.schedule.record(step, self._elapsed()),
                     "data": self.data,  # with model_config: what a resume must match
-                    "tokens_seen": int(self._tokens_at(step)),
                     "val_windows": self.val_windows,
-                    "schedule": {"total_steps": self.schedule_steps,
-                                 "tokens_per_step": self.schedule_tokens_per_step,
-                                 "lr": self.cfg.lr,
-                                 "warmup_steps": self.cfg.warmup_steps,
-                                 "min_lr_ratio": self.cfg.min_lr_ratio},
                     "train_config": self.cfg.to_dict(),
                     "model_config": self.model_config.to_dict(),
                 },
@@ -1102,7 +950,7 @@ class Trainer:
             "step": step,
             "val_loss": val_loss,
             "run_id": self.run_id,
-            "tokens_seen": int(self._tokens_at(step)),
+            "tokens_seen": int(self.schedule.tokens_at(step)),
             "ended_by": ended_by,  # "steps", or "time" (max_time_s)
             "train_time_s": round(self._elapsed(), 1),
             "config": self.run_params or {"train": self.cfg.to_dict()},
@@ -1220,8 +1068,8 @@ class Trainer:
             return _NoBar()
         from tqdm import tqdm  # lazy: lmcore's top level stays torch/numpy/tokenizers/safetensors
 
-        return tqdm(total=self.steps, initial=start, unit="step", desc="train", file=sys.stderr,
-                    dynamic_ncols=True)
+        return tqdm(total=self.schedule.steps, initial=start, unit="step", desc="train",
+                    file=sys.stderr, dynamic_ncols=True)
 
 
 def _model_dir_holds(path: Path, step: int, run_id: str | None) -> bool:

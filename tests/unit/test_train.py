@@ -1,4 +1,5 @@
-"""lmcore.train (schedule, AdamW, accumulation, eval, checkpoints, SIGTERM), lmcore.distributed."""
+"""lmcore.train (the schedule in a run, AdamW, accumulation, eval, checkpoints, SIGTERM),
+lmcore.distributed."""
 
 from __future__ import annotations
 
@@ -21,19 +22,17 @@ from lmcore.checkpoint import load_model_dir, save_model_dir
 from lmcore.config import ConfigError, preset
 from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
 from lmcore.distributed import DistEnv, DistributedEnvError
+from lmcore.model import Transformer
+from lmcore.registry import ModelVersionInfo
+from lmcore.schedule import lr_at
 from lmcore.train import (
     INTERRUPTED_EXIT_CODE,
     Trainer,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    lr_at,
     make_optimizer,
-    steps_on_course,
-    total_steps,
 )
-from lmcore.model import Transformer
-from lmcore.registry import ModelVersionInfo
 from lmcore.train_state import latest_training_state, list_training_states
 from tests.helpers.trainer_run import RecordingTracker, UnionSampler, write_corpus
 
@@ -105,39 +104,7 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-# -- schedule and optimizer ---------------------------------------------------------------------
-
-
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
-    assert [lr_at(s, cfg, 110) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert lr_at(9, cfg, 110) == pytest.approx(1.0)  # the last warmup step reaches the peak
-    assert lr_at(10, cfg, 110) < 1.0  # and only that one
-    assert lr_at(59, cfg, 110) == pytest.approx(0.55)  # half way down the cosine
-    assert lr_at(109, cfg, 110) == pytest.approx(0.1)  # the last step of 110 takes min_lr
-    decay = [lr_at(s, cfg, 110) for s in range(10, 111)]
-    assert all(a > b for a, b in zip(decay, decay[1:99]))
-
-
-def test_without_warmup_the_first_step_takes_the_peak_and_the_last_min_lr() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_steps=4)
-    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([1.0, 0.775, 0.325, 0.1])
-
-
-def test_a_short_run_decays_to_min_lr_on_its_last_step() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, max_steps=4)
-    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
-
-
-def test_a_warmup_as_long_as_the_run_is_cut_to_half_of_it_so_the_lr_still_decays() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=50, min_lr_ratio=0.1, max_steps=20)
-    lrs = [lr_at(s, cfg, 20) for s in range(21)]
-    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3])  # 10 warmup steps, not 50
-    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 9
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
-    # A warmup within half the run is the configured one.
-    assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=10), 20) == pytest.approx(0.1)
+# -- the schedule in a run, and the optimizer ------------------------------------------------------
 
 
 def test_a_warmup_longer_than_the_budget_allows_still_ends_at_min_lr_and_says_so(
@@ -154,26 +121,6 @@ def test_a_warmup_longer_than_the_budget_allows_still_ends_at_min_lr_and_says_so
     assert max(lrs) > 0.9 * cfg.lr  # warmed up to the peak ...
     assert lrs[-1] - min_lr < 0.05 * (cfg.lr - min_lr)  # ... and decayed with the time
     assert "warmup_steps=100000" in caplog.text
-
-
-def test_a_time_budget_shortens_the_schedule_only_when_it_would_end_the_run_first() -> None:
-    # 20 of 100 steps in 6 s of a 60 s budget: on course for all 100 (200 would fit).
-    assert steps_on_course(100, 20, 6.0, 60.0) == 100
-    assert steps_on_course(100, 20, 6.0, None) == 100
-    # 20 steps in 24 s of 60: the budget allows 50, so the cosine is fitted to 50 steps.
-    assert steps_on_course(100, 20, 24.0, 60.0) == pytest.approx(50.0)
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100, max_time_s=60)
-    assert lr_at(29, cfg, 50.0) == pytest.approx(0.55)  # half way down the fitted cosine
-    assert lr_at(49, cfg, 50.0) == pytest.approx(0.1)
-    assert steps_on_course(100, 0, 0.0, 60.0) == 100  # nothing measured yet
-
-
-def test_the_budget_pace_leaves_out_a_slow_first_step() -> None:
-    # A first step of 20 s (compilation), then 100 steps of 0.1 s: the 30 s left of a 60 s
-    # budget allow 300 more steps (401 in all), not the 202 that a pace with it would say.
-    assert steps_on_course(1000, 101, 30.0, 60.0) == pytest.approx(202.0)
-    assert steps_on_course(1000, 101, 30.0, 60.0, pace=(100, 10.0)) == pytest.approx(401.0)
-    assert steps_on_course(1000, 1, 20.0, 60.0, pace=(0, 0.0)) == 1000  # nothing measured
 
 
 def test_a_slow_first_step_does_not_bring_the_budgets_decay_forward(
@@ -214,7 +161,7 @@ def test_a_budget_run_resumed_with_slower_steps_fits_its_decay_to_its_own_pace(
 
     monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
     monkeypatch.setattr(Trainer, "_elapsed",
-                        lambda self: self.elapsed_before + getattr(self, "virtual_s", 0.0))
+                        lambda self: self.schedule.elapsed_before + getattr(self, "virtual_s", 0.0))
     common = dict(max_steps=100_000, warmup_steps=0, quantization_report=False)
     first = Trainer(tiny(dataset), config(tmp_path, max_time_s=1.0, **common), dataset,
                     ListTracker()).fit()  # fmt: skip
@@ -244,12 +191,6 @@ def test_lr_is_stepped_per_optimizer_step_not_per_micro_batch(
     Trainer(tiny(dataset), cfg, dataset, tracker).fit()
     logged = {step: m["lr"] for step, m in tracker.metrics().items() if "lr" in m}
     assert logged == {s: pytest.approx(lr_at(s - 1, cfg, 5)) for s in range(1, 6)}
-
-
-def test_epochs_set_the_number_of_steps() -> None:
-    cfg = TrainConfig(batch_size=4, grad_accum_steps=2, max_steps=None, epochs=1.5)
-    # 1.5 x 10_000 tokens / (4 x 2 x 2 ranks x 50 tokens per step) = 18.75 -> 19 steps
-    assert total_steps(cfg, 10_000, 50, world_size=2) == 19
 
 
 def test_an_epochs_run_resumed_with_bigger_steps_keeps_its_token_budget_and_lr_curve(
@@ -313,10 +254,6 @@ def test_an_epochs_run_resumed_again_at_its_first_step_size_still_counts_by_toke
     assert [lrs[s] for s in range(7, 11)] == pytest.approx([straight_lrs[s] for s in range(9, 13)])
     metadata = json.loads((tmp_path / "c" / "ckpt" / "model" / "config.json").read_text())
     assert metadata.get("metadata", metadata)["tokens_seen"] == 48 * BLOCK
-
-
-def test_a_run_of_one_step_trains_at_the_peak_lr() -> None:
-    assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_steps=1), 1) == 1.0
 
 
 @pytest.mark.parametrize(
