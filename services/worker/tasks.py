@@ -124,7 +124,6 @@ class JobExecution:
         try:
             generation = handle.result(timeout=0)
         except Exception as exc:  # non-finite logits, a failed step, the engine thread's death
-            log.info("job %s failed in the engine: %s", self.job_id, exc)
             # Like a time limit: it records the text made until then, which clients hold.
             text, tokens = sink.held()
             return self._finish(record, JobStatus.failed, text=text, tokens=tokens,
@@ -203,4 +202,6 @@ class JobExecution:
         if not written:
             log.info("job %s already had a result; this attempt's is dropped", self.job_id)
             return "lost"
+        if status is JobStatus.failed:  # the only place its cause is logged (Celery: "succeeded")
+            log.warning("job %s failed: %s (%d tokens)", self.job_id, error, tokens)
         return status.value
