@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcore.checkpoint import latest_training_state
 from lmcore.data import TokenDataset
+from lmcore.train_state import latest_training_state
 from tests.helpers.trainer_run import tiny_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

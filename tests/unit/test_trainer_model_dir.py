@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcore.checkpoint import list_training_states
 from lmcore.data import prepare_corpus
+from lmcore.train_state import list_training_states
 from services.trainer.__main__ import main
 from tests.helpers.trainer_run import write_corpus
 
