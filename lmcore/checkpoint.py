@@ -28,12 +28,12 @@ from lmcore.durable import fsync_dir, fsync_file
 from lmcore.inference_layout import ShapeChoice, use_inference_layout
 # One spelling for model dirs and MLflow logged models, in a module that needs no torch.
 from lmcore.mlflow_client import MODEL_CONFIG_FILE as CONFIG_FILE
+from lmcore.mlflow_client import MODEL_WEIGHTS_FILE as MODEL_FILE
 from lmcore.model import Transformer
 from lmcore.quantize import Int8Linear, TiedInt8Embedding, quantize_as_loaded
 from lmcore.tokenizer import TOKENIZER_FILE, Tokenizer
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
 MODEL_DIR_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)  # what save_model_dir writes
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _CONFIG_KEYS = {"format_version", "model", "dtype", "metadata"}

@@ -16,6 +16,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a local file when MLFLOW_TRACKIN
 # What a logged model looks like in MLflow: the tracker writes it, the URI resolver reads it.
 MODEL_ARTIFACT = "model"  # the pyfunc's name in its run: runs:/RUN_ID/model
 MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
 
 
 # `scheme://user:password@host`: requests sends URL userinfo as basic auth, so a tracking URI

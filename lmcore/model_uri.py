@@ -24,6 +24,7 @@ from lmcore.mlflow_client import (
     _USERINFO,
     MODEL_ARTIFACT,
     MODEL_CONFIG_FILE,
+    MODEL_WEIGHTS_FILE,
     InvalidModelUriError,
     ModelNotFoundError,
     TrackingError,
@@ -39,7 +40,6 @@ from lmcore.mlflow_client import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/llm-pipeline/models")
-MODEL_WEIGHTS_FILE = "model.safetensors"  # lmcore.checkpoint.MODEL_FILE, whose import is torch's
 _CACHE_STAMP = ".llm-source.json"
 # A cache download dir nothing has written to for this long was left by a crashed process.
 ABANDONED_AFTER_S = 3600.0
