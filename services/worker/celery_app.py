@@ -5,6 +5,9 @@ which comes first, every log line of the load was dropped) and before the consum
 worker that cannot load takes no jobs. It loads in the worker's own process: run it with
 `--pool threads` or `solo`, never prefork, so CUDA is never initialised before a fork.
 
+A job it hands back (its engine stalled) goes where workers take the next message, not behind
+the backlog (`HandBackRequest`).
+
 It also makes kombu's Redis transport leave a lost connection's unacknowledged messages to the
 visibility timeout (`leave_lost_channels_to_the_visibility_timeout`), so a Redis outage during
 a job does not stop the worker.
@@ -17,9 +20,12 @@ import logging
 import sys
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.worker.request import Request
+from kombu.message import Message
 
 from services.common import keys
 from services.common.celery_config import make_celery
@@ -102,20 +108,53 @@ def leave_lost_channels_to_the_visibility_timeout() -> bool:
     return True
 
 
+def requeue_next(message: Message) -> bool:
+    """Put a delivered message back where workers take the next one; False if Redis is away.
+
+    kombu's Redis transport publishes with LPUSH and consumes with BRPOP; its requeue of a
+    rejected message is an LPUSH too, behind every job queued since. `restore_by_tag(...,
+    leftmost=False)` is the restore kombu runs for an expired or closed channel's message: in
+    one transaction it takes the exact payload it stored from the `unacked` hash, drops it from
+    the unacked index and RPUSHes it. Nothing is left for a later restore to push again.
+    """
+    try:
+        message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    except redis.RedisError as exc:
+        log.warning("cannot hand message %s back to the front of the queue: %s",
+                    message.delivery_tag, exc)  # fmt: skip
+        return False
+    return True
+
+
+class HandBackRequest(Request):
+    """The generate task's request: a requeue (`Reject(requeue=True)`) makes the job the next
+    one any worker takes, since it is `running` already and its clients may hold part of its
+    text."""
+
+    def reject(self, requeue: bool = False) -> None:
+        if requeue and not self.acknowledged and requeue_next(self.message):
+            # Pushed and out of the unacked index in one transaction: a crash before this ack
+            # leaves nothing to push twice, and the ack only ends this delivery.
+            self.acknowledge()
+            return
+        # Redis away: kombu's requeue (its failure is logged), or the visibility timeout's.
+        super().reject(requeue=requeue)
+
+
 leave_lost_channels_to_the_visibility_timeout()
 settings = Settings()
 app = make_celery(settings, main="llm-worker")
 app.conf.worker_pool = "threads"  # the default here; --pool solo works too, prefork never
 
 
-@app.task(name=keys.TASK_NAME, bind=True, ignore_result=True)
+@app.task(name=keys.TASK_NAME, bind=True, ignore_result=True, Request=HandBackRequest)
 def generate(self: Task, job_id: str) -> str:
     """Run job `job_id` (its request is in the job record); returns the final status."""
     try:
         return run_job(rt.get_runtime(), job_id)
     except rt.EngineStalledError as exc:
-        # Back to the queue now (not acked, nor left to the visibility timeout): this worker
-        # is shutting down, and a healthy one takes the job once its lease expires.
+        # Back to the front of the queue now (not left to the visibility timeout): this worker
+        # is shutting down, and a healthy one takes the job next, once its lease expires.
         raise Reject(str(exc), requeue=True) from None
 
 

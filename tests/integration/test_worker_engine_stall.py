@@ -1,6 +1,7 @@
 """A worker whose engine hangs mid-job (a decode step that never returns: a wedged GPU, a
 deadlock) is treated as dead: past LLM_ENGINE_STALL_S it drops its heartbeat, hands its job back
-to the queue and exits, and a healthy worker runs the job to its result.
+to the front of the queue and exits, and a healthy worker runs the job to its result before the
+jobs queued behind it.
 
 Real Redis and real Celery worker processes. The hang is injected into one worker only, by the
 bootstrap below (nothing in the services knows about it).
@@ -8,6 +9,7 @@ bootstrap below (nothing in the services knows about it).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,7 @@ def healthcheck(worker: WorkerProcess) -> int:
     ).returncode  # fmt: skip
 
 
-def test_a_worker_whose_engine_hangs_hands_its_job_to_a_healthy_worker_and_exits(
+def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_next_ahead_of_the_backlog(
     tmp_path: Path,
 ) -> None:
     from lmcore.checkpoint import load_model_dir
@@ -64,8 +66,9 @@ def test_a_worker_whose_engine_hangs_hands_its_job_to_a_healthy_worker_and_exits
     # The visibility timeout stays an hour: the job must come back at once, not after it.
     env = service_env(redis_server.url, model_dir, LLM_ENGINE_STALL_S=2, LLM_LEASE_TTL_S=2,
                       LLM_HEARTBEAT_S=0.5)  # fmt: skip
-    hung = HungWorker("hung", env, tmp_path / "logs", concurrency=2)
-    healthy = WorkerProcess("healthy", env, tmp_path / "logs", concurrency=2)
+    # One job at a time each: the backlog stays in the queue, and the order it runs in shows.
+    hung = HungWorker("hung", env, tmp_path / "logs", concurrency=1)
+    healthy = WorkerProcess("healthy", env, tmp_path / "logs", concurrency=1)
     celery = make_celery(Settings(redis_url=redis_server.url))
     request = JobRequest(prompt="First Citizen:", max_new_tokens=24, eos=False, seed=3)
     try:
@@ -76,6 +79,10 @@ def test_a_worker_whose_engine_hangs_hands_its_job_to_a_healthy_worker_and_exits
         celery.send_task(keys.TASK_NAME, args=[job_id], task_id=job_id, queue=keys.QUEUE)
         # The prefill streams its first token; the first decode step never returns.
         wait_until(lambda: redis.xlen(keys.events(job_id)) > 0, 30, message="first token")
+        backlog = [f"queued-behind-{i}" for i in range(2)]  # sent while the job is running
+        for other in backlog:
+            redis.hset(keys.job(other), mapping=JobRecord.new(other, request).to_hash())
+            celery.send_task(keys.TASK_NAME, args=[other], task_id=other, queue=keys.QUEUE)
 
         wait_until(lambda: not hung.alive, 60, 0.1,
                    "the hung worker's exit (before: it stayed up, the job `running`)")  # fmt: skip
@@ -86,7 +93,9 @@ def test_a_worker_whose_engine_hangs_hands_its_job_to_a_healthy_worker_and_exits
         assert "ERROR" in log and "engine stalled" in log
         record = redis.hgetall(keys.job(job_id))
         assert (record["status"], record["attempts"]) == ("running", "1")
-        assert redis.llen(keys.QUEUE) == 1 and not redis.hlen("unacked")  # back in the queue
+        assert redis.llen(keys.QUEUE) == 3 and not redis.hlen("unacked")  # back in the queue,
+        # at the end workers BRPOP from (before: the other end, behind the backlog)
+        assert json.loads(redis.lindex(keys.QUEUE, -1))["headers"]["id"] == job_id
 
         healthy.start(redis_server.url)
         final = wait_until(lambda: (r := redis.hgetall(keys.job(job_id)))["status"] not in
@@ -99,6 +108,11 @@ def test_a_worker_whose_engine_hangs_hands_its_job_to_a_healthy_worker_and_exits
         events = redis.xrange(keys.events(job_id))
         assert [f["type"] for _, f in events].count("done") == 1
         assert streamed(events) == (final["text"], 24)  # what a client read adds up to it
+        for other in backlog:  # taken only once the handed-back job had its result
+            done = wait_until(lambda: (r := redis.hgetall(keys.job(other)))["status"]
+                              not in ("queued", "running") and r, 60, 0.1, "a backlog result")
+            assert done["status"] == "succeeded", done
+            assert float(done["started_at"]) >= float(final["finished_at"])
     finally:
         celery.close()
         hung.stop()
