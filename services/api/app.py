@@ -16,6 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from services.api.errors import install_error_handlers
 from services.api.events import EventHub
@@ -95,6 +96,18 @@ def make_stream_reader(settings: Settings) -> Redis:
     )
 
 
+async def count_queued_jobs_of_older_apis(store: JobStore) -> None:
+    """At start-up: `llm_queue_depth` counts the jobs an API older than it queued (an upgrade).
+    The API starts whether or not Redis answers."""
+    try:
+        added = await store.add_missing_queued()
+    except RedisError as exc:
+        log.warning("llm_queue_depth may miss jobs queued by an older API: %s", exc)
+        return
+    if added:
+        log.info("llm_queue_depth: %d queued job(s) found in the Celery list", added)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -103,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = make_redis(settings)
         app.state.store = JobStore(redis, settings)
+        await count_queued_jobs_of_older_apis(app.state.store)
         app.state.events = EventHub(redis, make_stream_reader(settings))
         try:
             yield

@@ -27,9 +27,20 @@ class IdempotencyHit:
 
 
 PENDING_IDEMPOTENCY_S = 30  # an Idempotency-Key bound before its job's record exists
+QUEUE_DEPTH_CHECKS = 1_000  # queued jobs whose records one depth read checks, oldest first
+MESSAGES_PER_READ = 1_000  # Celery messages per LRANGE when the start-up looks for queued jobs
 
 
 LAST_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit numbers
+
+
+def _task_id(message: str) -> str | None:
+    """The task id (its job's id) of a Celery message as kombu's Redis transport stores it."""
+    try:
+        task_id = json.loads(message)["headers"]["id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return task_id if isinstance(task_id, str) else None
 
 
 def _is_last_entry_id(entry_id: str) -> bool:
@@ -46,6 +57,8 @@ class JobStore:
         self._release_idempotency = redis.register_script(lua_scripts.RELEASE_IDEMPOTENCY)
         self._cancel = redis.register_script(lua_scripts.CANCEL)
         self._fresh_workers = redis.register_script(lua_scripts.FRESH_WORKERS)
+        self._queue_depth = redis.register_script(lua_scripts.QUEUE_DEPTH)
+        self._add_queued = redis.register_script(lua_scripts.ADD_QUEUED)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -122,14 +135,28 @@ class JobStore:
         """Jobs `queued`: neither claimed nor cancelled yet. Not the Celery list's length, which
         also counts the messages of jobs cancelled while queued until a worker pops them.
 
-        A job created longer than the job TTL ago is no longer counted: its record expired
-        unclaimed (no worker, or none for that long), so it will never run.
+        Checks the records of the oldest QUEUE_DEPTH_CHECKS first, and stops counting those
+        that expired unclaimed or left `queued` through a pod older than the count (a rolling
+        upgrade): those are the oldest, the first popped and the first to expire.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(keys.QUEUED, "-inf", f"({time.time() - self.ttl_s!r}")
-            pipe.zcard(keys.QUEUED)
-            _, depth = await pipe.execute()
+        depth = await self._queue_depth(keys=[keys.QUEUED],
+                                        args=[keys.job(""), QUEUE_DEPTH_CHECKS])  # fmt: skip
         return int(depth)
+
+    async def add_missing_queued(self) -> int:
+        """Count the queued jobs an API older than the count created (their messages wait in
+        the Celery list); run at start-up. Reads the list, not the keyspace, from the end new
+        messages are pushed to, so none is missed while it moves; skips what is not a Celery
+        message. -> how many jobs it added."""
+        added, start = 0, 0
+        while True:
+            messages = await self.redis.lrange(keys.QUEUE, start, start + MESSAGES_PER_READ - 1)
+            ids = [job_id for message in messages if (job_id := _task_id(message))]
+            if ids:
+                added += await self._add_queued(keys=[keys.QUEUED], args=[keys.job(""), *ids])
+            if len(messages) < MESSAGES_PER_READ:
+                return added
+            start += MESSAGES_PER_READ
 
     async def workers(self) -> list[dict[str, Any]]:
         """Workers whose heartbeat key has not expired."""

@@ -19,9 +19,11 @@ WORKERS = f"{PREFIX}:workers"
 LEFT_QUEUE = f"{PREFIX}:jobs:left-queue"
 LEFT_QUEUE_MAXLEN = 10_000
 # The jobs that are `queued` (a sorted set of ids, scored by their records' created_at): the
-# create adds each, the claim and the cancel remove it as it leaves `queued`, and its reader
-# drops those older than the job TTL (their records expired unclaimed). The Celery list QUEUE is
-# no count of them: a job cancelled while queued keeps its message there until a worker pops it.
+# create adds each, the claim and the cancel remove it as it leaves `queued`; its reader drops the
+# oldest ids whose record is gone or not `queued` (expired unclaimed; claimed or cancelled by a pod
+# older than the set), and the API adds at start-up those of queued jobs whose messages wait in
+# QUEUE (created by an older API). QUEUE's length is no count of them: a job cancelled while
+# queued keeps its message there until a worker pops it.
 QUEUED = f"{PREFIX}:jobs:queued"
 
 

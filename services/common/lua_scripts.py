@@ -216,6 +216,35 @@ end
 return beats
 """
 
+# KEYS: keys.QUEUED. ARGV: a job record's key without its id (keys.job("")), how many ids to
+# check. Drops the oldest ids (up to that many) whose record is missing or not `queued` -> the
+# set's size after. The create, claim and cancel keep the set, but not in a pod older than it
+# (a rolling upgrade: an old worker's claim, an old API's cancel), nor when a record expires
+# unclaimed; those are mostly the oldest ids (popped first, expired first).
+QUEUE_DEPTH = """
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  if redis.call('HGET', ARGV[1] .. id, 'status') ~= 'queued' then
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: keys.QUEUED. ARGV: a job record's key without its id (keys.job("")), then job ids.
+# Adds each job whose record is `queued` and which the set lacks (an API older than the set
+# created it), scored by its created_at -> how many were added. Like QUEUE_DEPTH and
+# FRESH_WORKERS it reads keys it is not handed: fine on one Redis, not on a cluster.
+ADD_QUEUED = """
+local added = 0
+for i = 2, #ARGV do
+  local record = redis.call('HMGET', ARGV[1] .. ARGV[i], 'status', 'created_at')
+  if record[1] == 'queued' and record[2] then
+    added = added + redis.call('ZADD', KEYS[1], 'NX', record[2], ARGV[i])
+  end
+end
+return added
+"""
+
 # KEYS: job records. -> the 1-based indexes of the jobs not `queued` any more (missing included):
 # the API's event hub checks the jobs of its parked streams with one call per batch.
 NOT_QUEUED = """

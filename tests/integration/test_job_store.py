@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from services.api.app import make_redis
 from services.api.model_limits import ModelLimitsCache
+from services.api.queue import task_message
 from services.api.store import PENDING_IDEMPOTENCY_S, JobStore
 from services.api.submit import submit_job
 from services.common import keys, lua_scripts
@@ -183,6 +184,56 @@ def test_a_job_whose_record_expired_while_queued_is_no_longer_counted(
         assert await store.queue_depth() == before + 1
 
     with_store(server, test)
+
+def test_jobs_claimed_or_cancelled_by_pods_older_than_the_count_are_no_longer_counted(
+    server: RedisServer,
+) -> None:
+    # A rolling upgrade: a still-draining worker claims with its old CLAIM, an old API replica
+    # cancels with its old CANCEL; neither removes the job from the count, which kept a phantom
+    # backlog (KEDA's scaling input) for the job TTL, a day by default.
+    async def test(redis: Redis, store: JobStore) -> None:
+        before = await store.queue_depth()
+        for job_id in ("drift-waits", "drift-claimed-old", "drift-cancelled-old"):
+            await store.create(JobRecord.new(job_id, JobRequest(prompt="a")), "{}")
+        assert await store.queue_depth() == before + 3
+        # What the old scripts leave in the records (and nothing else).
+        await redis.hset(keys.job("drift-claimed-old"), mapping={"status": "running",
+                                                                 "attempts": "1"})  # fmt: skip
+        await redis.hset(keys.job("drift-cancelled-old"), "status", "cancelled")
+        assert await store.queue_depth() == before + 1  # before: before + 3, for a day
+        assert await redis.zscore(keys.QUEUED, "drift-waits") is not None
+
+    with_store(server, test)
+
+
+def test_jobs_queued_by_an_api_older_than_the_count_are_added_from_the_celery_list(
+    server: RedisServer,
+) -> None:
+    # Jobs queued before the upgrade (the old CREATE wrote the record and pushed the message,
+    # no more) were never counted: a real backlog read 0, and KEDA scaled the workers in.
+    async def test(redis: Redis, store: JobStore) -> None:
+        await redis.delete(keys.QUEUE)
+        celery = make_celery(Settings(redis_url=server.url))
+        before = await store.queue_depth()
+        for job_id, status in (("old-queued-0", "queued"), ("old-queued-1", "queued"),
+                               ("old-cancelled", "cancelled"), ("old-running", "running")):
+            record = JobRecord.new(job_id, JobRequest(prompt="a"))
+            await redis.hset(keys.job(job_id), mapping={**record.to_hash(), "status": status})
+            await redis.lpush(keys.QUEUE, task_message(celery, job_id))
+        await redis.lpush(keys.QUEUE, "not a Celery message", "{}", "[1]")
+        await store.create(JobRecord.new("new-queued", JobRequest(prompt="a")),
+                           task_message(celery, "new-queued"))  # counted already
+        assert await store.queue_depth() == before + 1
+
+        assert await store.add_missing_queued() == 2
+        assert await store.queue_depth() == before + 3
+        assert await store.add_missing_queued() == 0  # a second API's start adds nothing
+        created = float(await redis.hget(keys.job("old-queued-0"), "created_at"))
+        assert await redis.zscore(keys.QUEUED, "old-queued-0") == created
+        await redis.delete(keys.QUEUE)
+
+    with_store(server, test)
+
 
 # -- lost replies ---------------------------------------------------------------------------
 
