@@ -64,11 +64,18 @@ QUICK = Workload(presets=("tiny",), forms=("fp32", "int8"), reps=1)
 # -- the child: one load in a fresh process ---------------------------------------------------
 
 
-def _status_mb(field: str) -> float:
+def _status_mb(*fields: str) -> tuple[float, ...]:
+    """The fields of one read of /proc/self/status, in MiB: VmHWM and VmRSS read apart let the
+    resident set grow a page in between and read above the peak."""
+    values = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+        name, _, rest = line.partition(":")
+        if name in fields:
+            values[name] = int(rest.split()[0]) / 1024
+    missing = [f for f in fields if f not in values]
+    if missing:
+        raise RuntimeError(f"/proc/self/status has no {missing}")
+    return tuple(values[f] for f in fields)
 
 
 def _reset_peak() -> None:
@@ -102,7 +109,7 @@ def child(way: str, path: Path, form: str) -> dict[str, Any]:
     from lmcore.quantize import Int8Linear, model_size_bytes
 
     torch.set_num_threads(1)
-    before = _status_mb("VmRSS")
+    (before,) = _status_mb("VmRSS")
     _reset_peak()
     started = time.perf_counter()
     if way == "lmcore":
@@ -110,7 +117,7 @@ def child(way: str, path: Path, form: str) -> dict[str, Any]:
     else:
         model = load_plainly(path, form)
     load_s = time.perf_counter() - started
-    peak, after = _status_mb("VmHWM"), _status_mb("VmRSS")
+    peak, after = _status_mb("VmHWM", "VmRSS")
     # Packed copies beside an int8 weight; one that replaced it is in model_size_bytes.
     packed = sum(m.packed_nbytes for m in model.modules()
                  if isinstance(m, Int8Linear) and m.weight is not None)  # fmt: skip
