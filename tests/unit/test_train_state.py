@@ -243,14 +243,19 @@ STATE_DEFECTS: dict[str, tuple[Callable[[dict], object], str]] = {
 }
 
 
+def saved_after_one_step(tmp_path: Path) -> tuple[Transformer, Path]:
+    """A tiny model and the checkpoint of its first step, optimizer moments included."""
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 0, 1)
+    return model, save_training_state(tmp_path, 1, model=model, optimizer=opt)
+
+
 @pytest.mark.parametrize("defect", STATE_DEFECTS)
 def test_a_state_json_of_the_wrong_shape_is_refused_naming_the_file_and_field(
     tmp_path: Path, defect: str
 ) -> None:
-    model = tiny_model()
-    opt = make_optimizer(model)
-    train_steps(model, opt, 0, 1)
-    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    model, path = saved_after_one_step(tmp_path)
     edit, message = STATE_DEFECTS[defect]
     state = json.loads((path / "state.json").read_text())
     (path / "state.json").write_text(json.dumps(edit(state) or state))
@@ -274,10 +279,7 @@ def test_an_optimizer_tensor_of_an_unknown_name_is_refused_naming_the_file(
     tmp_path: Path, name: str
 ) -> None:
     """These raised ValueError (unpacking, int()) or IndexError, naming no file."""
-    model = tiny_model()
-    opt = make_optimizer(model)
-    train_steps(model, opt, 0, 1)
-    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    model, path = saved_after_one_step(tmp_path)
     tensors = load_file(path / "optimizer.safetensors")
     tensors[name] = tensors.pop("state.0.exp_avg")
     save_file(tensors, path / "optimizer.safetensors")
@@ -299,10 +301,7 @@ def test_a_checkpoint_without_its_state_json_is_refused_naming_it(tmp_path: Path
 def test_optimizer_state_that_does_not_fit_the_parameters_is_refused(
     tmp_path: Path, defect: str
 ) -> None:
-    model = tiny_model()
-    opt = make_optimizer(model)
-    train_steps(model, opt, 0, 1)
-    path = save_training_state(tmp_path, 1, model=model, optimizer=opt)
+    model, path = saved_after_one_step(tmp_path)
     tensors = load_file(path / "optimizer.safetensors")
     name = {"shape": "state.0.exp_avg", "dtype": "state.1.exp_avg_sq",
             "parameter": "state.99.exp_avg"}[defect]  # fmt: skip
