@@ -184,7 +184,11 @@ def test_a_slow_first_step_does_not_cut_a_budgeted_schedule_on_two_ranks(
     lrs = [c["metrics"]["lr"] for c in calls(tmp_path / "out", 0)
            if c["method"] == "log_metrics" and "lr" in c["metrics"]]
     assert len(lrs) > 10, lrs
-    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs[:8]
+    # Falls step by step; the budget's estimate of the run's length moves with each step's time,
+    # so near the peak (where the cosine is flat) a faster step may lift the LR by a hair
+    # (2.5e-5 of it seen), never back up from a cut.
+    noise = 1e-3 * lrs[0]
+    assert all(b <= a + noise for a, b in zip(lrs, lrs[1:])), lrs[:8]
     assert lrs[2] > 0.9 * lrs[0], lrs[:8]  # still near the peak, not cut to min_lr
 
 
