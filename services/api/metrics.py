@@ -159,29 +159,17 @@ class _Snapshot:
         self.streams, self.parked, self.waits = streams, parked, waits
 
     def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily("llm_redis_up", "1 if Redis answered this scrape." + PER_PROCESS)
-        up.add_metric([], 0.0 if self.stats is None else 1.0)
-        yield up
-        open_streams = GaugeMetricFamily(
-            "llm_event_streams_open",
-            "Event streams (SSE) this API process is serving." + PER_PROCESS,
-        )
-        open_streams.add_metric([], float(self.streams))
-        yield open_streams
-        waits = GaugeMetricFamily(
-            "llm_sync_waits_open",
-            "Requests to the seed's synchronous endpoints (/generate_text...) this API process "
-            "holds while their job runs." + PER_PROCESS,
-        )
-        waits.add_metric([], float(self.waits))
-        yield waits
-        parked = GaugeMetricFamily(
-            "llm_event_streams_parked",
-            "Redis streams of queued jobs that this API process's event streams wait on "
-            "(read only when their job leaves the queue)." + PER_PROCESS,
-        )
-        parked.add_metric([], float(self.parked))
-        yield parked
+        yield _gauge("llm_redis_up", "1 if Redis answered this scrape." + PER_PROCESS,
+                     0.0 if self.stats is None else 1.0)
+        yield _gauge("llm_event_streams_open",
+                     "Event streams (SSE) this API process is serving." + PER_PROCESS,
+                     self.streams)
+        yield _gauge("llm_sync_waits_open",
+                     "Requests to the seed's synchronous endpoints (/generate_text...) this API "
+                     "process holds while their job runs." + PER_PROCESS, self.waits)
+        yield _gauge("llm_event_streams_parked",
+                     "Redis streams of queued jobs that this API process's event streams wait on "
+                     "(read only when their job leaves the queue)." + PER_PROCESS, self.parked)
         if self.stats is None:
             return
         s = self.stats
@@ -238,3 +226,10 @@ def render(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(stats, queue, workers, streams, parked, waits))
     return generate_latest(metrics.registry) + generate_latest(registry)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    """A gauge of one unlabelled value."""
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], float(value))
+    return gauge
