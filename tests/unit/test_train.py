@@ -127,20 +127,26 @@ def test_a_slow_first_step_does_not_bring_the_budgets_decay_forward(
     dataset: TokenDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A first step as slow as a compiling one: the pace counting it would say the budget
-    allows two steps, and the LR would fall to half its peak at step 2."""
+    allows two steps, and the LR would fall to min_lr at step 2. A clock that the steps alone
+    advance (1 s for the first, then 1/128 s each) makes the steps and the LR the same on any
+    machine: on the wall clock, a slow second step on a busy CI machine pulled the decay in."""
     optimizer_step, calls = Trainer._optimizer_step, []
 
-    def slow_first(self: Trainer, lr: float) -> Any:
+    def timed_step(self: Trainer, lr: float) -> Any:
         calls.append(lr)
-        if len(calls) == 1:
-            time.sleep(1.0)
-        return optimizer_step(self, lr)
+        out = optimizer_step(self, lr)
+        self.virtual_s = getattr(self, "virtual_s", 0.0) + (1.0 if len(calls) == 1 else 1 / 128)
+        return out
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", slow_first)
+    monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
+    monkeypatch.setattr(Trainer, "_elapsed",
+                        lambda self: self.schedule.elapsed_before + getattr(self, "virtual_s", 0.0))
     cfg = config(max_steps=100_000, warmup_steps=0, max_time_s=2.0, quantization_report=False)
     result = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
-    assert result.stopped_by_time and len(calls) > 10
+    assert result.stopped_by_time and len(calls) == 129  # the first second, then 128 steps
     assert calls[0] == pytest.approx(cfg.lr) and calls[1] == pytest.approx(cfg.lr)
+    # From the pace of the steps after the first, the cosine is fitted to the 129 steps.
+    assert calls[2:] == pytest.approx([lr_at(s - 1, cfg, 129) for s in range(3, 130)])
     assert calls[len(calls) // 4] > 0.8 * cfg.lr  # still near the top a quarter of the way in
 
 
