@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -34,6 +35,25 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def app(redis_server: RedisServer) -> Iterator[Celery]:
+    """The services' Celery app over the test's Redis."""
+    app = make_celery(Settings(redis_url=redis_server.url))
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Iterator[Any]:
+    client = redis_server.client()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def send(app: Celery, *job_ids: str) -> None:
@@ -64,45 +84,33 @@ def hand_back(conn: Connection, message: Message) -> HandBackRequest:
 
 
 def test_a_handed_back_job_is_taken_before_the_jobs_queued_behind_it(
-    redis_server: RedisServer,
+    app: Celery, redis: Any
 ) -> None:
-    app = make_celery(Settings(redis_url=redis_server.url))
-    redis = redis_server.client()
-    try:
-        send(app, "handed-back")
-        with app.connection_for_read() as conn:
-            [running] = take(conn, 1)
-            send(app, "behind-0", "behind-1", "behind-2")
-            assert hand_back(conn, running).acknowledged
-            # Closing the channel (the worker's warm shutdown) restores nothing a second time.
-        assert redis.llen(keys.QUEUE) == 4 and not redis.hlen("unacked")
-        with app.connection_for_read() as conn:
-            order = [m.headers["id"] for m in take(conn, 4)]
-        # Before: ['behind-0', 'behind-1', 'behind-2', 'handed-back']
-        assert order == ["handed-back", "behind-0", "behind-1", "behind-2"]
-    finally:
-        app.close()
-        redis.close()
+    send(app, "handed-back")
+    with app.connection_for_read() as conn:
+        [running] = take(conn, 1)
+        send(app, "behind-0", "behind-1", "behind-2")
+        assert hand_back(conn, running).acknowledged
+        # Closing the channel (the worker's warm shutdown) restores nothing a second time.
+    assert redis.llen(keys.QUEUE) == 4 and not redis.hlen("unacked")
+    with app.connection_for_read() as conn:
+        order = [m.headers["id"] for m in take(conn, 4)]
+    # Before: ['behind-0', 'behind-1', 'behind-2', 'handed-back']
+    assert order == ["handed-back", "behind-0", "behind-1", "behind-2"]
 
 
 def test_a_job_handed_back_while_redis_is_down_stays_for_the_visibility_timeout(
-    redis_server: RedisServer,
+    redis_server: RedisServer, app: Celery, redis: Any
 ) -> None:
-    app = make_celery(Settings(redis_url=redis_server.url))
-    redis = redis_server.client()
-    try:
-        send(app, "handed-back")
-        with app.connection_for_read() as conn:
-            [running] = take(conn, 1)
-            redis_server.stop()
-            hand_back(conn, running)  # logged, not raised: the worker goes on exiting
-            redis_server.start()
-            stored = json.loads(redis.hget("unacked", running.delivery_tag))
-            assert stored[0]["headers"]["id"] == "handed-back"  # the sweep restores it from here
-            assert redis.zscore("unacked_index", running.delivery_tag) is not None
-            assert not redis.llen(keys.QUEUE)
-        # Or the channel's close does, Redis being back: either way there is one copy.
-        assert redis.llen(keys.QUEUE) + redis.hlen("unacked") == 1
-    finally:
-        app.close()
-        redis.close()
+    send(app, "handed-back")
+    with app.connection_for_read() as conn:
+        [running] = take(conn, 1)
+        redis_server.stop()
+        hand_back(conn, running)  # logged, not raised: the worker goes on exiting
+        redis_server.start()
+        stored = json.loads(redis.hget("unacked", running.delivery_tag))
+        assert stored[0]["headers"]["id"] == "handed-back"  # the sweep restores it from here
+        assert redis.zscore("unacked_index", running.delivery_tag) is not None
+        assert not redis.llen(keys.QUEUE)
+    # Or the channel's close does, Redis being back: either way there is one copy.
+    assert redis.llen(keys.QUEUE) + redis.hlen("unacked") == 1
