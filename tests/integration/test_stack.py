@@ -98,8 +98,14 @@ def up_args(root: Path) -> list[str]:
 
 
 def first_pid(pids: Path) -> int:
-    return wait_until(lambda: pids.exists() and int(pids.read_text().split()[0]), 30,
-                      message="fake redis-server started")  # fmt: skip
+    """The fake server's pid, once its line is whole: the shell creates the file before it
+    writes to it, so a read in between found it empty (seen on the CI machine)."""
+
+    def written() -> int | None:
+        text = pids.read_text() if pids.exists() else ""
+        return int(text.split()[0]) if "\n" in text else None
+
+    return wait_until(written, 30, message="fake redis-server started")
 
 
 def test_detached_stack_serves_jobs_and_down_stops_every_process(tmp_path: Path) -> None:

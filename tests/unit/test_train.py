@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,26 @@ def config(tmp_path: Path | None = None, **changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def step_clock(monkeypatch: pytest.MonkeyPatch,
+               step_s: Callable[[Trainer, int], float] = lambda trainer, n: 1 / 128) -> list[float]:
+    """Give the trainer a clock that only its optimizer steps advance: its n-th step (from 1)
+    takes `step_s(trainer, n)` seconds. A budget run's steps and LRs are then exact on any
+    machine (on the wall clock a slow step on a busy CI machine moved them). Returns the list
+    each step's LR is appended to."""
+    optimizer_step, lrs = Trainer._optimizer_step, []
+
+    def timed_step(self: Trainer, lr: float) -> Any:
+        lrs.append(lr)
+        out = optimizer_step(self, lr)
+        self.virtual_s = getattr(self, "virtual_s", 0.0) + step_s(self, len(lrs))
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
+    monkeypatch.setattr(Trainer, "_elapsed",
+                        lambda self: self.schedule.elapsed_before + getattr(self, "virtual_s", 0.0))
+    return lrs
+
+
 class ListTracker:
     """Keeps every call in memory (single process)."""
 
@@ -108,14 +129,15 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_a_warmup_longer_than_the_budget_allows_still_ends_at_min_lr_and_says_so(
-    dataset: TokenDataset, caplog: pytest.LogCaptureFixture
+    dataset: TokenDataset, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    step_clock(monkeypatch)
     tracker = ListTracker()
     cfg = config(max_steps=100_000, warmup_steps=100_000, max_time_s=1.5,
                  quantization_report=False)
     with caplog.at_level("WARNING", logger="lmcore.train"):
         result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
-    assert result.stopped_by_time
+    assert result.stopped_by_time and result.steps == 192  # 1.5 s of 1/128 s steps
     lrs = [m["lr"] for _, m in sorted(tracker.metrics().items()) if "lr" in m]
     min_lr = cfg.lr * cfg.min_lr_ratio
     assert max(lrs) > 0.9 * cfg.lr  # warmed up to the peak ...
@@ -130,17 +152,7 @@ def test_a_slow_first_step_does_not_bring_the_budgets_decay_forward(
     allows two steps, and the LR would fall to min_lr at step 2. A clock that the steps alone
     advance (1 s for the first, then 1/128 s each) makes the steps and the LR the same on any
     machine: on the wall clock, a slow second step on a busy CI machine pulled the decay in."""
-    optimizer_step, calls = Trainer._optimizer_step, []
-
-    def timed_step(self: Trainer, lr: float) -> Any:
-        calls.append(lr)
-        out = optimizer_step(self, lr)
-        self.virtual_s = getattr(self, "virtual_s", 0.0) + (1.0 if len(calls) == 1 else 1 / 128)
-        return out
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
-    monkeypatch.setattr(Trainer, "_elapsed",
-                        lambda self: self.schedule.elapsed_before + getattr(self, "virtual_s", 0.0))
+    calls = step_clock(monkeypatch, lambda trainer, n: 1.0 if n == 1 else 1 / 128)
     cfg = config(max_steps=100_000, warmup_steps=0, max_time_s=2.0, quantization_report=False)
     result = Trainer(tiny(dataset), cfg, dataset, ListTracker()).fit()
     assert result.stopped_by_time and len(calls) == 129  # the first second, then 128 steps
@@ -158,16 +170,7 @@ def test_a_budget_run_resumed_with_slower_steps_fits_its_decay_to_its_own_pace(
     for good, so it expected far more steps than the budget allows: the LR stayed high and the
     decay was crammed into the last steps. A clock that the steps alone advance (1/128 s per
     micro-step, exact in binary) makes the steps and the LR the same on any machine."""
-    optimizer_step = Trainer._optimizer_step
-
-    def timed_step(self: Trainer, lr: float) -> Any:
-        out = optimizer_step(self, lr)
-        self.virtual_s = getattr(self, "virtual_s", 0.0) + self.cfg.grad_accum_steps / 128
-        return out
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", timed_step)
-    monkeypatch.setattr(Trainer, "_elapsed",
-                        lambda self: self.schedule.elapsed_before + getattr(self, "virtual_s", 0.0))
+    step_clock(monkeypatch, lambda trainer, n: trainer.cfg.grad_accum_steps / 128)
     common = dict(max_steps=100_000, warmup_steps=0, quantization_report=False)
     first = Trainer(tiny(dataset), config(tmp_path, max_time_s=1.0, **common), dataset,
                     ListTracker()).fit()  # fmt: skip
@@ -664,13 +667,14 @@ def test_a_sigterm_after_the_last_step_skips_the_registration_and_a_rerun_regist
 
 
 def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_published(
-    dataset: TokenDataset, tmp_path: Path
+    dataset: TokenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    step_clock(monkeypatch)
     tracker = ListTracker()
     cfg = config(tmp_path, max_steps=100_000, max_time_s=1.5)
     result = Trainer(tiny(dataset), cfg, dataset, tracker).fit()
-    assert result.stopped_by_time and 2 < result.steps < 100_000
-    assert result.elapsed_s >= 1.5
+    assert result.stopped_by_time and result.steps == 192  # 1.5 s of 1/128 s steps
+    assert result.elapsed_s == 1.5
     lrs = [m["lr"] for _, m in sorted(tracker.metrics().items()) if "lr" in m]
     assert len(lrs) == result.steps
     decay = lrs[cfg.warmup_steps:]
@@ -692,15 +696,16 @@ def test_a_time_budget_ends_the_run_on_time_with_the_lr_decayed_and_the_model_pu
 
 
 def test_rerunning_a_finished_time_budget_run_trains_no_step_and_registers_nothing_new(
-    dataset: TokenDataset, tmp_path: Path
+    dataset: TokenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`train=cpu` sets max_time_s, so the default training command is a budget run. Run
     again, it resumed the checkpoint whose budget was spent, trained one more step and
     registered that step's model as a new version (moving `candidate`), at every rerun."""
+    step_clock(monkeypatch)
     cfg = config(tmp_path, max_steps=100_000, max_time_s=1.0, quantization_report=False)
     first_tracker = ListTracker()
     first = Trainer(tiny(dataset), cfg, dataset, first_tracker).fit()
-    assert first.stopped_by_time
+    assert first.stopped_by_time and first.steps == 128
     assert [c for c, _ in first_tracker.calls].count("log_model_dir") == 1
     for _ in range(2):
         tracker = ListTracker()
