@@ -38,6 +38,7 @@ from lmcore.registry import ModelVersionInfo  # a dataclass; mlflow is imported 
 from lmcore.schedule import RunSchedule, warmup_for
 from lmcore.train_state import (
     STEP_DIR_PREFIX,
+    TrainingState,
     latest_training_state,
     load_training_state,
     read_training_extra,
@@ -575,9 +576,38 @@ class Trainer:
         state = load_training_state(
             chosen, model=self.model, optimizer=self.optimizer, scaler=self.scaler
         )
+        failure = None
+        try:
+            self._restore_record(state)
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+            failure = (f"checkpoint {chosen}: the trainer's record in it (state.json's extra, "
+                       f"the RNG states) does not load: {type(exc).__name__}: {exc}. Move the "
+                       "dir aside to resume from the checkpoint before it, or set "
+                       "train.resume=false")
+        # A rank's own part (its sampler, its RNG) may be the damaged one: every rank must hear
+        # of it, or the others would wait at the first step's all-reduce until the timeout.
+        failures = [f for f in D.gather_objects(failure) if f]
+        if failures:
+            raise CheckpointError(failures[0])
+        if self.dist_env.is_main:
+            log.info("resumed from %s (step %d)", chosen, state.step)
+        return state.step
+
+    def _restore_record(self, state: TrainingState) -> None:
+        """Carry on where the checkpoint's `extra` (_save_checkpoint's record) left off: the run,
+        its history, its schedule, and this rank's data stream and RNG. A damaged record raises
+        whatever its values make Python raise (_resume turns that into a CheckpointError)."""
         extra = state.extra
-        self.run_id = extra.get("run_id")
-        self.history = extra.get("history") or self.history
+        run_id, history = extra.get("run_id"), extra.get("history")
+        if not isinstance(run_id, (str, type(None))):
+            raise TypeError(f"run_id must be a string, got {run_id!r}")
+        if history is not None and not (
+            isinstance(history, dict)
+            and all(isinstance(history.get(k, []), list) for k in self.history)
+        ):
+            raise TypeError("history must map train_loss and val_loss to lists")
+        self.run_id = run_id
+        self.history = {**self.history, **history} if history else self.history
         schedule = self.schedule
         schedule.resume(state.step, extra)
         if schedule.by_tokens and self.dist_env.is_main:
@@ -604,9 +634,6 @@ class Trainer:
                 self.dataset.train, self.model_config.block_size, self.cfg.batch_size,
                 self.cfg.seed + state.step, rank, world,
             )
-        if self.dist_env.is_main:
-            log.info("resumed from %s (step %d)", chosen, state.step)
-        return state.step
 
     def _mismatch(self, path: Path) -> str | None:
         """Why the checkpoint at `path` is not this run's to carry on, or None when it is."""
@@ -617,7 +644,9 @@ class Trainer:
                        for key, value in self.data.items() if recorded.get(key) != value]
         else:
             differs = ["it does not record the data it was trained on (an older checkpoint)"]
-        model = extra.get("model_config") or {}
+        model = extra.get("model_config")
+        if not isinstance(model, dict):
+            model = {}
         differs += [f"model {key} {model.get(key)!r} (this run: {value!r})"
                     for key, value in self.model_config.to_dict().items()
                     if model.get(key) != value]

@@ -461,6 +461,34 @@ def test_every_rank_refuses_a_checkpoint_of_another_corpus_and_none_hangs(
     assert latest_training_state(ckpt).name == "step-00000002"  # left as it was
 
 
+def test_a_checkpoint_whose_damage_only_rank_1_reads_stops_every_rank_with_its_cause(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Rank 1's sampler state is its own part of the record: rank 1 failed on it alone with a
+    bare KeyError, and rank 0 with gloo's "remote worker crashing" at the next collective (with
+    NCCL, a wait for the collective timeout). Every rank now names the checkpoint and cause."""
+    _, data = corpus
+    ckpt = tmp_path / "ckpt"
+    args = [*HELPER, "--dataset", str(data.path), "--checkpoint-dir", str(ckpt)]
+    first = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args,
+             "--out", str(tmp_path / "first"), "--steps", "2"]
+    finish(start(first, tmp_path / "first.log"), tmp_path / "first.log")
+    state_file = latest_training_state(ckpt) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["extra"]["samplers"][1]["bit_generator"]
+    state_file.write_text(json.dumps(state))
+
+    port = free_port()
+    again = [sys.executable, *args, "--out", str(tmp_path / "again"), "--steps", "4"]
+    procs = [start(again, tmp_path / f"rank{r}.log", **pod_env(r, port)) for r in (0, 1)]
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [1, 1], logs
+    for log in logs:
+        assert f"CheckpointError: checkpoint {state_file.parent}: the trainer's record" in log
+        assert "KeyError: 'bit_generator'" in log, log[-2000:]
+
+
 def test_pytorchjob_master_and_worker_pods_train_to_the_end(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lmcore import train as train_module
-from lmcore.checkpoint import load_model_dir, save_model_dir
+from lmcore.checkpoint import CheckpointError, load_model_dir, save_model_dir
 from lmcore.config import ConfigError, preset
 from lmcore.data import TokenDataset, WindowSampler, prepare_corpus
 from lmcore.distributed import DistEnv, DistributedEnvError
@@ -787,6 +787,52 @@ def test_resume_refuses_a_checkpoint_that_does_not_say_what_it_was_trained_on(
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="does not record the data"):
         Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    (lambda extra: extra.update(samplers=[{"rank": 0}]), "KeyError: 'bit_generator'"),
+    (lambda extra: extra.update(samplers=["rank 0"]), "TypeError"),
+    (lambda extra: extra["samplers"][0]["bit_generator"].update(state=5), "Error"),
+    (lambda extra: extra.update(elapsed_s="ten"), "could not convert string to float: 'ten'"),
+    (lambda extra: extra.update(train_config=[4]), "AttributeError"),
+    (lambda extra: extra.update(val_windows={"streams": None, "batch_size": 4}), "TypeError"),
+    (lambda extra: extra.update(history={"train_loss": 3}), "history must map"),
+    (lambda extra: extra.update(run_id=7), "run_id must be a string, got 7"),
+    (lambda extra: extra.update(model_config=[1]), None),  # the mismatch check reads it first
+], ids=["sampler-key", "sampler-type", "sampler-rng", "elapsed", "train-config", "val-windows",
+        "history", "run-id", "model-config"])
+def test_a_damaged_trainer_record_in_a_checkpoint_is_a_checkpoint_error_naming_the_file(
+    dataset: TokenDataset, tmp_path: Path, damage: Callable[[dict[str, Any]], Any],
+    named: str | None,
+) -> None:
+    """Each once escaped as the bare KeyError, TypeError or ValueError of the value's first use
+    (or, for a history, of the next step), naming neither the file nor what to do."""
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    state_file = latest_training_state(tmp_path / "ckpt") / "state.json"
+    state = json.loads(state_file.read_text())
+    damage(state["extra"])
+    state_file.write_text(json.dumps(state))
+    expected = ConfigError if named is None else CheckpointError
+    with pytest.raises(expected) as caught:
+        Trainer(tiny(dataset), config(tmp_path, max_steps=4), dataset).fit()
+    message = str(caught.value)
+    if named is None:
+        assert "model " in message and "train.resume=false" in message
+    else:
+        assert f"checkpoint {state_file.parent}: the trainer's record" in message
+        assert named in message
+        assert "train.resume=false" in message
+
+
+def test_a_damaged_rng_state_in_a_checkpoint_is_a_checkpoint_error_naming_the_file(
+    dataset: TokenDataset, tmp_path: Path
+) -> None:
+    Trainer(tiny(dataset), config(tmp_path, max_steps=2), dataset).fit()
+    latest = latest_training_state(tmp_path / "ckpt")
+    save_file({"rng.cpu.0": torch.zeros(3, dtype=torch.float32)},
+              latest / "extra_tensors.safetensors")
+    with pytest.raises(CheckpointError, match=f"checkpoint {latest}: the trainer's record"):
+        Trainer(tiny(dataset), config(tmp_path, max_steps=4), dataset).fit()
 
 
 def test_resume_false_moves_an_old_runs_checkpoints_aside(
