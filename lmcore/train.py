@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmcore import distributed as D
 from lmcore.checkpoint import CONFIG_FILE, CheckpointError, check_replaceable, save_model_dir
+from lmcore.checkpoint_lock import CheckpointDirBusy, lock_checkpoint_dir
 from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
@@ -104,6 +105,9 @@ class TrainConfig:
     # same data and model config (else CheckpointMismatchError). False: start over, moving the
     # checkpoints already there into checkpoint_dir/replaced-<time>/.
     resume: bool = True
+    # One run per checkpoint_dir (lmcore.checkpoint_lock): how long a run waits for another to
+    # let go of it, e.g. a dead node's NFS lock until its lease runs out (about 90 s).
+    checkpoint_lock_wait_s: float = 120.0
     model_dir: str | None = None  # final model dir; default <checkpoint_dir>/model
     peak_flops: float = H100_BF16_PEAK_FLOPS  # per device, for MFU (reported on CUDA only)
     progress: bool = True
@@ -141,6 +145,9 @@ class TrainConfig:
         # Every collective waits this long; 0 or less fails each one at once, deep in C++.
         _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v <= D.MAX_TIMEOUT_S,
                f"> 0 and at most {D.MAX_TIMEOUT_S:.0f} seconds (a year)")
+        # Every other rank waits for rank 0's lock in a collective.
+        _check("checkpoint_lock_wait_s", self.checkpoint_lock_wait_s,
+               lambda v: 0 <= v < self.dist_timeout_s, ">= 0 and below dist_timeout_s")
         _check("device", self.device, lambda v: TRAIN_DEVICE.fullmatch(v) is not None,
                "auto, cpu, cuda or cuda:N")
         normalize_precision(self.mixed_precision)
@@ -481,21 +488,41 @@ class Trainer:
         owns_group = env.is_distributed and not D.active()
         D.init_process_group(env, device, self.cfg.dist_timeout_s)
         try:
-            with _sigterm_flag(self.stop) as stop:
+            with _sigterm_flag(self.stop) as stop, self._places_claimed(env):
                 return self._fit(env, device, stop)
         finally:
             if owns_group:
                 D.destroy_process_group()
+
+    @contextlib.contextmanager
+    def _places_claimed(self, env: D.DistEnv) -> Iterator[None]:
+        """Before anything is written: the model dir must be one the run can publish to (else
+        the run would fail at its end, not now), and rank 0 holds checkpoint_dir's lock for the
+        run. Every rank hears a refusal."""
+        refusal = D.broadcast_object(self._model_dir_refusal() if env.is_main else None)
+        if refusal:
+            raise ConfigError(refusal)
+        lock, failure = None, None
+        if env.is_main and self.cfg.checkpoint_dir:
+            try:
+                lock = lock_checkpoint_dir(self.cfg.checkpoint_dir,
+                                           self.cfg.checkpoint_lock_wait_s)
+            except (CheckpointDirBusy, OSError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+        failure = D.broadcast_object(failure)
+        if failure:
+            raise CheckpointDirBusy(failure)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
 
     # -- setup ----------------------------------------------------------------------------------
 
     def _setup(self, env: D.DistEnv, device: torch.device) -> int:
         cfg = self.cfg
         self.dist_env, self.device = env, device
-        # Before any step: a model dir that cannot be published fails the run now, not at its end.
-        refusal = D.broadcast_object(self._model_dir_refusal() if env.is_main else None)
-        if refusal:
-            raise ConfigError(refusal)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls AMP leaves
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -85,6 +85,7 @@ class TrainSchema:
     checkpoint_dir: Optional[str] = "checkpoints"
     keep_checkpoints: int = 3
     resume: bool = True
+    checkpoint_lock_wait_s: float = 120.0
     model_dir: Optional[str] = None
     peak_flops: float = H100_BF16_PEAK_FLOPS
     progress: bool = True

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from lmcore.checkpoint_lock import lock_checkpoint_dir
 from lmcore.config import preset
 from lmcore.data import TokenDataset, prepare_corpus
 from lmcore.distributed import DistEnv
@@ -487,6 +488,27 @@ def test_a_checkpoint_whose_damage_only_rank_1_reads_stops_every_rank_with_its_c
     for log in logs:
         assert f"CheckpointError: checkpoint {state_file.parent}: the trainer's record" in log
         assert "KeyError: 'bit_generator'" in log, log[-2000:]
+
+
+def test_every_rank_refuses_a_checkpoint_dir_another_run_holds(
+    corpus: tuple[Path, TokenDataset], tmp_path: Path
+) -> None:
+    """Only rank 0 takes the lock; the others hear its refusal instead of waiting for it."""
+    _, data = corpus
+    ckpt = tmp_path / "ckpt"
+    other_run = lock_checkpoint_dir(ckpt, 0)
+    port = free_port()
+    args = [sys.executable, *HELPER, "--dataset", str(data.path), "--checkpoint-dir", str(ckpt),
+            "--out", str(tmp_path / "out"), "--steps", "2", "--lock-wait", "1"]
+    procs = [start(args, tmp_path / f"rank{r}.log", **pod_env(r, port)) for r in (0, 1)]
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    other_run.release()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [1, 1], logs
+    for log in logs:
+        assert f"CheckpointDirBusy: checkpoint_dir {ckpt} is in use by another training run " \
+               f"(pid {os.getpid()} on " in log, log[-2000:]
+    assert latest_training_state(ckpt) is None
 
 
 def test_pytorchjob_master_and_worker_pods_train_to_the_end(

@@ -1,0 +1,105 @@
+"""One run per checkpoint dir: the lock waits for, refuses and outlives nobody."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lmcore import checkpoint_lock
+from lmcore.checkpoint_lock import LOCK_FILE, CheckpointDirBusy, lock_checkpoint_dir
+from lmcore.config import preset
+from lmcore.data import prepare_corpus
+from lmcore.train import TrainConfig, Trainer
+from lmcore.train_state import latest_training_state
+from tests.helpers.trainer_run import write_corpus
+
+pytestmark = pytest.mark.unit
+
+HOLD = """
+import sys, time
+from lmcore.checkpoint_lock import lock_checkpoint_dir
+lock = lock_checkpoint_dir(sys.argv[1], 0)
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def hold_in_another_process(ckpt_dir: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(ckpt_dir)], text=True,
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_second_run_waits_then_refuses_naming_the_holder(tmp_path: Path) -> None:
+    first = lock_checkpoint_dir(tmp_path, 0)
+    with pytest.raises(CheckpointDirBusy) as refused:
+        lock_checkpoint_dir(tmp_path, 0.3, poll_s=0.05)
+    assert f"pid {os.getpid()} on " in str(refused.value)
+    assert "train.checkpoint_dir" in str(refused.value)
+    first.release()
+    lock_checkpoint_dir(tmp_path, 0).release()  # free again once released
+
+
+def test_a_waiting_run_gets_the_lock_when_the_holder_lets_go(tmp_path: Path) -> None:
+    first = lock_checkpoint_dir(tmp_path, 0)
+    threading.Timer(0.3, first.release).start()
+    second = lock_checkpoint_dir(tmp_path, 30, poll_s=0.05)
+    assert second.held and not first.held
+    second.release()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    holder = hold_in_another_process(tmp_path)
+    with pytest.raises(CheckpointDirBusy, match=f"pid {holder.pid} on "):
+        lock_checkpoint_dir(tmp_path, 0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock_checkpoint_dir(tmp_path, 0).release()  # at once: the kernel dropped the dead one's lock
+    assert (tmp_path / LOCK_FILE).exists()  # never unlinked (see lock_checkpoint_dir)
+
+
+def test_storage_without_locks_warns_and_runs_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What flock does on a mount that has no locks (no such mount here to try it on)."""
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(checkpoint_lock.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="lmcore.checkpoint_lock"):
+        lock = lock_checkpoint_dir(tmp_path, 5)
+    assert not lock.held and "cannot be locked" in caplog.text
+
+
+def test_a_trainer_refuses_a_checkpoint_dir_another_run_holds_and_writes_nothing(
+    tmp_path: Path
+) -> None:
+    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
+                          vocab_size=512, progress=False)  # fmt: skip
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    ckpt = tmp_path / "ckpt"
+    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
+                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
+                      checkpoint_lock_wait_s=0.5, quantization_report=False)  # fmt: skip
+    holder = hold_in_another_process(ckpt)
+    try:
+        with pytest.raises(CheckpointDirBusy, match=f"in use by another training run \\(pid "
+                                                    f"{holder.pid} on "):  # fmt: skip
+            Trainer(model, cfg, data).fit()
+        assert latest_training_state(ckpt) is None and not (ckpt / "model").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the other run is gone this one trains, and lets go at its end (a lock it kept would
+    # refuse this one, even in this process: flock locks belong to the open file).
+    assert Trainer(model, cfg, data).fit().steps == 2
+    lock_checkpoint_dir(ckpt, 0).release()
