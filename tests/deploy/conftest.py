@@ -147,6 +147,7 @@ def helm_template(
     values: Iterable[Path] = (),
     sets: Iterable[str] = (),
     kube_version: str = MIN_KUBE_VERSION,
+    namespace: str = NAMESPACE,
 ) -> Rendered:
     cmd = [
         helm,
@@ -154,7 +155,7 @@ def helm_template(
         RELEASE,
         str(CHART),
         "--namespace",
-        NAMESPACE,
+        namespace,
         "--kube-version",
         kube_version,
     ]

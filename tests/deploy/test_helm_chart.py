@@ -4,6 +4,7 @@ promises the chart makes (probes, GPUs, non-root, URLs that reach the right Serv
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -602,6 +603,21 @@ def test_a_changed_secret_rolls_the_pods_that_read_it_at_start(
     before = _secrets_checksums(render(sets=OLD_SECRETS))
     after = _secrets_checksums(render(sets=(*OLD_SECRETS, changed)))
     assert {name for name in before if before[name] != after[name]} == rolled
+
+
+def test_the_secrets_checksum_is_no_plain_hash_of_the_secrets(
+    render: Callable[..., Rendered], helm: str
+) -> None:
+    """The annotation is readable by anyone who may read pods: it was sha256 of the values
+    holding the keys and password, which a dictionary of short keys inverts offline."""
+    checksums = _secrets_checksums(render(sets=OLD_SECRETS))
+    redis = {"enabled": True, "auth": {"password": "pw-aaaaaaaaaaaa"}}
+    plain = [hashlib.sha256(json.dumps(inputs, separators=(",", ":")).encode()).hexdigest()
+             for inputs in ({"redis": redis}, {"apiKeys": {"keys": ["key-aaaaaaaa"]}})]
+    assert all(re.fullmatch("[0-9a-f]{64}", c) for c in checksums.values())
+    assert not set(checksums.values()) & set(plain)
+    other_namespace = helm_template(helm, (), OLD_SECRETS, namespace="other")
+    assert not set(checksums.values()) & set(_secrets_checksums(other_namespace).values())
 
 
 def test_an_unchanged_release_never_rolls_its_pods_for_a_generated_password(helm: str) -> None:

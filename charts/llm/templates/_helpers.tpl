@@ -188,6 +188,9 @@ checksum/secrets of a pod: a hash of the values that define the Secrets it reads
 changed key or password rolls it. Not a hash of the rendered secrets.yaml: a generated Redis
 password is random in every render (the cluster's copy is kept by lookup, which helm template
 and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ "apiKeys" bool)
+Anyone allowed to read pods reads the annotation, and a plain sha256 of a short key or password
+can be guessed offline: derivePassword runs it through scrypt (memory-hard, ~0.1 s a guess),
+salted with the release's namespace and name, before the hash.
 */}}
 {{- define "llm.secretsChecksum" -}}
 {{- $v := .root.Values }}
@@ -195,7 +198,7 @@ and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ 
 {{- if .apiKeys }}
 {{- $_ := set $inputs "apiKeys" $v.apiKeys }}
 {{- end }}
-{{- toJson $inputs | sha256sum }}
+{{- derivePassword 1 "maximum" (toJson $inputs) .root.Release.Namespace (printf "%s/checksum-secrets" .root.Release.Name) | sha256sum }}
 {{- end }}
 
 {{/* "true" when settings.extraEnv sets the variable: (dict "root" $ "name" "OMP_NUM_THREADS"). */}}
