@@ -182,5 +182,6 @@ def test_pytorchjob_command_trains_and_registers_with_two_local_nodes(tmp_path: 
     # The run registered the model the workers will serve.
     from mlflow import MlflowClient
 
-    versions = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).search_model_versions("name='llm'")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    versions = client.search_model_versions("name='llm'")
     assert versions, "no version of model 'llm' was registered"
