@@ -502,16 +502,20 @@ class Trainer:
         refusal = D.broadcast_object(self._model_dir_refusal() if env.is_main else None)
         if refusal:
             raise ConfigError(refusal)
-        lock, failure = None, None
+        lock, busy, failure = None, None, None
         if env.is_main and self.cfg.checkpoint_dir:
             try:
                 lock = lock_checkpoint_dir(self.cfg.checkpoint_dir,
                                            self.cfg.checkpoint_lock_wait_s)
-            except (CheckpointDirBusy, OSError) as exc:
-                failure = f"{type(exc).__name__}: {exc}"
-        failure = D.broadcast_object(failure)
+            except CheckpointDirBusy as exc:
+                busy = str(exc)
+            except OSError as exc:  # e.g. a checkpoint_dir this user may not create
+                failure = f"checkpoint_dir {self.cfg.checkpoint_dir}: {exc}"
+        busy, failure = D.broadcast_object((busy, failure))
+        if busy:
+            raise CheckpointDirBusy(busy)
         if failure:
-            raise CheckpointDirBusy(failure)
+            raise RuntimeError(failure)
         try:
             yield
         finally:

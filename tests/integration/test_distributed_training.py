@@ -506,8 +506,8 @@ def test_every_rank_refuses_a_checkpoint_dir_another_run_holds(
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
     assert codes == [1, 1], logs
     for log in logs:
-        assert f"CheckpointDirBusy: checkpoint_dir {ckpt} is in use by another training run " \
-               f"(pid {os.getpid()} on " in log, log[-2000:]
+        assert f"lmcore.checkpoint_lock.CheckpointDirBusy: checkpoint_dir {ckpt} is in use by " \
+               f"another training run (pid {os.getpid()} on " in log, log[-2000:]
     assert latest_training_state(ckpt) is None
 
 

@@ -103,3 +103,18 @@ def test_a_trainer_refuses_a_checkpoint_dir_another_run_holds_and_writes_nothing
     # refuse this one, even in this process: flock locks belong to the open file).
     assert Trainer(model, cfg, data).fit().steps == 2
     lock_checkpoint_dir(ckpt, 0).release()
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_fails_before_training(tmp_path: Path) -> None:
+    """It used to fail at the first checkpoint, after the steps before it had been trained."""
+    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
+                          vocab_size=512, progress=False)  # fmt: skip
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    (tmp_path / "a-file").write_text("")
+    ckpt = tmp_path / "a-file" / "ckpt"
+    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
+                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
+                      quantization_report=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match=f"checkpoint_dir {ckpt}: .*Not a directory") as failed:
+        Trainer(model, cfg, data).fit()
+    assert not isinstance(failed.value, CheckpointDirBusy)
