@@ -15,7 +15,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from lmcore.mlflow_client import (
     _is_transient,
     _one_line,
     _tracking_error,
+    default_tracking_uri,
     redact_uri,
 )
 
@@ -43,6 +44,9 @@ DEFAULT_CACHE_DIR = Path("~/.cache/llm-pipeline/models")
 _CACHE_STAMP = ".llm-source.json"
 # A cache download dir nothing has written to for this long was left by a crashed process.
 ABANDONED_AFTER_S = 3600.0
+# A cached model resolved or downloaded this recently may be loading in another process that
+# shares the cache: prune_model_cache leaves it. Loads take seconds; promotions come hours apart.
+RECENTLY_USED_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,22 @@ def _remember_alias(model_root: Path, alias: str, version: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remember_alias_version(
+    uri: str, version: str, cache_dir: str | Path | None = None, tracking_uri: str | None = None
+) -> bool:
+    """Record that the alias `uri` (models:/NAME@ALIAS) names `version` now, as resolving it
+    does: a worker that swapped to the alias's new version by its number keeps the outage
+    fallback (and prune_model_cache) on that version, not on the one it started with. False if
+    `uri` names no alias or `version` is no version number; nothing is asked of MLflow."""
+    parsed = parse_model_uri(uri)
+    if parsed is None or parsed.alias is None or not _VERSION.match(str(version)):
+        return False
+    server = tracking_uri or default_tracking_uri()
+    key = (_slug(server), "registry", str(parsed.name))
+    _remember_alias(_inside_cache(_cache_root(cache_dir), key, uri), parsed.alias, str(version))
+    return True
+
+
 def _registry_fallback(
     root: Path, server: str, parsed: ModelUri, exc: BaseException
 ) -> ResolvedModel | None:
@@ -244,6 +264,7 @@ def _registry_fallback(
     path = find_model_dir(target)
     if path is None:
         return None
+    _mark_used(target)
     as_of = ", the version it last resolved to here (it may have moved since)" if parsed.alias \
         else ""
     log.warning("the model registry at %s is unreachable (%s): serving %s from the cache as "
@@ -360,6 +381,7 @@ def _download_cached(
     target = _inside_cache(root, key, uri)
     cached = _cached_model_dir(target, stamp)
     if cached is not None:
+        _mark_used(target)
         return cached
     import mlflow.artifacts
 
@@ -425,3 +447,117 @@ def _sweep_abandoned(parent: Path) -> None:
             continue
         if time.time() - newest > ABANDONED_AFTER_S:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _mark_used(entry: Path) -> None:
+    # The stamp's mtime says when a process last resolved this entry (prune_model_cache).
+    try:
+        os.utime(entry / _CACHE_STAMP)
+    except OSError:  # a read-only cache, which nothing can prune either
+        pass
+
+
+@dataclass(frozen=True)
+class PrunedEntry:
+    path: Path  # where the cached model was (root/<server>/registry/<name>/<version>, ...)
+    size: int  # bytes freed
+
+
+def prune_model_cache(
+    cache_dir: str | Path | None, keep: Iterable[str | Path], idle_s: float = RECENTLY_USED_S
+) -> list[PrunedEntry]:
+    """Remove the cached models of `cache_dir` (registry versions, runs, logged models) but:
+    - those holding a path of `keep` (a model dir resolve_model_uri returned, or its entry);
+    - the version each alias record names (@ALIAS.json: the outage fallback loads it);
+    - those resolved or downloaded within `idle_s` (another process sharing the cache may be
+      loading one; each cache hit marks its entry);
+    - anything not a finished entry: downloads in progress, locks, dot names, symlinks.
+    Only the cache root's own contents are touched, never a local model dir given as a URI.
+    Each entry is renamed aside under its publish lock, then deleted: a crash midway leaves a
+    .stale- dir (swept once idle for ABANDONED_AFTER_S), never a half-deleted entry that looks
+    finished and loads as a broken model.
+    Download and stale dirs abandoned for ABANDONED_AFTER_S are swept on the way."""
+    root = _cache_root(cache_dir)
+    if not root.is_dir():
+        return []
+    base = root.resolve()
+    kept = {Path(p).resolve() for p in keep}
+    pruned: list[PrunedEntry] = []
+    for entry in _finished_entries(root):
+        resolved = entry.resolve()
+        if not resolved.is_relative_to(base) or resolved == base:
+            continue  # reached through a symlink: not the cache's to remove
+        if any(p == resolved or p.is_relative_to(resolved) for p in kept):
+            continue
+        if entry.name in _alias_versions(entry.parent):
+            continue
+        size = _remove_entry(entry, idle_s)
+        if size is not None:
+            pruned.append(PrunedEntry(entry, size))
+    return pruned
+
+
+def _finished_entries(root: Path) -> list[Path]:
+    """Each published cache entry (a plain dir holding the stamp) under root; the leftovers of
+    crashed downloads and removals beside them are swept on the way."""
+    found: list[Path] = []
+    for here, dirs, _ in os.walk(root):  # symlinked dirs are listed, never entered
+        current = Path(here)
+        if current != root and (current / _CACHE_STAMP).is_file():
+            found.append(current)
+            dirs.clear()  # the model's own files
+            continue
+        if current != root:
+            _sweep_abandoned(current)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (current / d).is_symlink()]
+    return found
+
+
+def _alias_versions(model_root: Path) -> set[str]:
+    """The versions the alias records beside these version dirs name (none outside registry/)."""
+    versions = set()
+    for record in model_root.glob("@*.json"):
+        try:
+            versions.add(str(json.loads(record.read_text())["version"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: names nothing _registry_fallback could load either
+    return versions
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            info = p.lstat()
+        except OSError:
+            continue
+        total += info.st_size if p.is_file() and not p.is_symlink() else 0
+    return total
+
+
+def _used_within(entry: Path, idle_s: float) -> bool:
+    try:
+        last_used = max(entry.stat().st_mtime, (entry / _CACHE_STAMP).stat().st_mtime)
+    except OSError:  # removed or replaced meanwhile: leave it to whoever did that
+        return True
+    return time.time() - last_used < idle_s
+
+
+def _remove_entry(entry: Path, idle_s: float) -> int | None:
+    """Rename `entry` aside, then delete it, unless it was used within idle_s; the bytes freed,
+    or None if kept. The check and the rename hold the lock publishers take, so no download is
+    placing or checking it then; a process that found it in the cache marked it (_mark_used)."""
+    import fcntl
+
+    stale = entry.parent / f".{entry.name}.stale-{secrets.token_hex(4)}"
+    with (entry.parent / f".{entry.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _used_within(entry, idle_s):
+            return None
+        try:
+            entry.rename(stale)
+        except OSError:
+            return None
+    size = _tree_size(stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    return size

@@ -18,7 +18,12 @@ from lmcore.inference_layout import ShapeChoice, describe
 from lmcore.linear import gemm_library
 from lmcore.mlflow_client import InvalidModelUriError, TrackingError  # mlflow only when used
 from lmcore.model import Transformer
-from lmcore.model_uri import parse_model_uri, resolve_model_uri
+from lmcore.model_uri import (
+    parse_model_uri,
+    prune_model_cache,
+    remember_alias_version,
+    resolve_model_uri,
+)
 from lmcore.precision import inference_dtype, resolve_precision
 from lmcore.tokenizer import Tokenizer
 from services.common.jobs import ModelRef
@@ -129,6 +134,31 @@ def load_serving_model(
              ", int8" if settings.quantized else "", gemms, describe(loaded.layout),
              kept)  # fmt: skip
     return ServingModel(loaded.model, loaded.tokenizer, ref, resolved.path, loaded.layout)
+
+
+def tidy_model_cache(
+    settings: Settings, serving: ServingModel, previous: ServingModel | None,
+    alias_uri: str | None = None,
+) -> None:
+    """After a hot swap: record that `alias_uri` now names the serving version (the outage
+    fallback loads it on a restart), then remove the cached models other than the serving one
+    and the one it replaced (a rollback loads that without a download). Without this each
+    promotion added a version to the cache until the pod's emptyDir limit evicted it. Never
+    raises: a cache that cannot be tidied only takes more room."""
+    cache, tracking = settings.model_cache_dir, settings.mlflow_tracking_uri
+    try:
+        if alias_uri and serving.ref.version:
+            remember_alias_version(alias_uri, serving.ref.version, cache, tracking)
+        keep = [serving.path] + ([previous.path] if previous is not None else [])
+        pruned = prune_model_cache(cache, keep)
+    except Exception as exc:
+        log.warning("could not tidy the model cache after the swap (it keeps older versions): "
+                    "%s: %s", type(exc).__name__, exc)  # fmt: skip
+        return
+    if pruned:
+        freed = sum(p.size for p in pruned)
+        log.info("model cache: removed %d older model(s), %.1f MB freed: %s", len(pruned),
+                 freed / 1e6, ", ".join(str(p.path) for p in pruned))  # fmt: skip
 
 
 def _str_or_none(value: object) -> str | None:

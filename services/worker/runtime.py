@@ -31,6 +31,7 @@ from services.worker.loader import (
     alias_of,
     cannot_fix_itself,
     load_serving_model,
+    tidy_model_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,9 @@ class WorkerRuntime:
             self.heartbeat()
         except redis.RedisError:
             pass
+        with self._swap_lock:  # a swap since then keeps its own model and the one it replaced
+            if self.serving is new:
+                tidy_model_cache(self.settings, new, old, alias_uri)
 
 
 _runtime: WorkerRuntime | None = None

@@ -192,3 +192,65 @@ def test_a_version_that_failed_to_swap_is_not_retried_until_the_alias_moves(
                        and "refused_model" not in beat(), 10, message="a clean heartbeat")
         finally:
             runtime.stop(timeout_s=5)
+
+
+def test_after_two_promotions_the_workers_cache_holds_the_served_and_previous_version_only(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each promotion made every worker download the new version beside all the old ones, until
+    the chart's emptyDir sizeLimit evicted them all at once. A real MLflow registry (SQLite), a
+    real Redis, the worker runtime in this process, its cache in tmp/cache."""
+    import json
+    import logging
+    import os
+    import time
+
+    from lmcore.registry import promote
+    from lmcore.tracking import MlflowTracker
+    from services.common.settings import Settings
+    from services.worker.runtime import WorkerRuntime
+    from tests.helpers.redis_server import redis_server
+
+    (tmp_path / "mlflow").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "cache-pruning")
+    tracker.start_run()
+    versions = [tracker.log_model_dir(make_model_dir(tmp_path / f"v{i}", seed=i), "llm",
+                                      alias=None).version for i in (1, 2, 3)]  # fmt: skip
+    tracker.end_run()
+    assert versions == ["1", "2", "3"]
+    promote("llm", "1", "production", tracking_uri=uri)
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="services.worker.loader")
+
+    def cached_versions() -> list[str]:
+        found = cache.glob("*/registry/llm/*")
+        return sorted(p.name for p in found if p.is_dir() and not p.name.startswith("."))
+
+    def hours_pass() -> None:  # promotions come hours apart: no other process is loading one
+        old = time.time() - 2 * 3600
+        for p in cache.rglob("*"):
+            os.utime(p, (old, old), follow_symlinks=False)
+
+    with redis_server(tmp_path / "redis", appendonly=False) as server:
+        settings = Settings(
+            redis_url=server.url, model_uri="models:/llm@production", mlflow_tracking_uri=uri,
+            model_cache_dir=str(cache), model_poll_s=0.1, heartbeat_s=0.2, compile_decode="false",
+        )  # fmt: skip
+        runtime = WorkerRuntime(settings, "w1", on_engine_death=lambda: None)
+        runtime.start()
+        try:
+            assert runtime.serving is not None and cached_versions() == ["1"]
+            for version in ("2", "3"):
+                hours_pass()
+                promote("llm", version, "production", tracking_uri=uri)
+                wait_until(lambda v=version: runtime.serving.ref.version == v, 60,
+                           message=f"serving version {version}")  # fmt: skip
+            wait_until(lambda: cached_versions() == ["2", "3"], 30,
+                       message=f"only versions 2 and 3 cached (have {cached_versions()})")
+        finally:
+            runtime.stop(timeout_s=5)
+    # The outage fallback for the alias names what served last, which is still cached.
+    record = json.loads(next(cache.glob("*/registry/llm/@production.json")).read_text())
+    assert record["version"] == "3"
+    assert "1 older model(s)" in caplog.text and "MB freed" in caplog.text

@@ -229,3 +229,122 @@ def test_a_symlink_inside_the_cache_that_leads_out_of_it_is_refused(
     with pytest.raises(TrackingError, match="outside the model cache"):
         download(source, tmp_path / "cache")
     assert snapshot(victim) == before
+
+
+# -- pruning: a long-lived worker keeps the version it serves and the one before, not all --
+
+HOURS_AGO = time.time() - 2 * 3600  # older than RECENTLY_USED_S and ABANDONED_AFTER_S
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def registry_server() -> str:
+    """A tracking server nobody listens on: the cache is all the resolver has (an outage)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def cache_version(source: Path, root: Path, server: str, key_tail: tuple[str, ...]) -> Path:
+    """One finished entry, written by the cache's own download path."""
+    key = (model_uri._slug(server), *key_tail)
+    stamp = {"source": str(source), "run_id": "r", "created": key_tail[-1]}
+    return model_uri._download_cached(str(source), server, root, key, stamp, "models:/llm/x")
+
+
+def age(root: Path) -> None:
+    """As if every cached model was last used hours ago."""
+    for p in [root, *root.rglob("*")]:
+        os.utime(p, (HOURS_AGO, HOURS_AGO), follow_symlinks=False)
+
+
+def versions_in(root: Path, server: str, name: str = "llm") -> list[str]:
+    parent = root / model_uri._slug(server) / "registry" / name
+    return sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_pruning_keeps_the_served_and_previous_models_and_removes_every_other_entry(
+    source: Path, tmp_path: Path, registry_server: str
+) -> None:
+    root = tmp_path / "cache"
+    paths = {v: cache_version(source, root, registry_server, ("registry", "llm", v))
+             for v in ("1", "2", "3", "4")}  # fmt: skip
+    run_entry = cache_version(source, root, registry_server, ("runs", "abc123", "model"))
+    logged = cache_version(source, root, registry_server, ("logged", "m-0123"))
+    age(root)
+
+    pruned = model_uri.prune_model_cache(root, {paths["4"], paths["3"]})
+
+    assert versions_in(root, registry_server) == ["3", "4"]
+    assert sorted(p.path for p in pruned) == sorted([paths["1"], paths["2"], run_entry, logged])
+    weights = len(b"weights") + len("{}")
+    assert all(p.size > weights for p in pruned)  # model files and stamp, measured before
+    assert not run_entry.exists() and not logged.exists()
+    assert not [p for p in root.rglob("*") if ".stale-" in p.name]  # deleted, not just moved
+    assert (paths["4"] / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_the_version_an_alias_record_names_survives_pruning_and_loads_during_an_outage(
+    source: Path, tmp_path: Path, registry_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    root = tmp_path / "cache"
+    paths = {v: cache_version(source, root, registry_server, ("registry", "llm", v))
+             for v in ("1", "2", "3")}  # fmt: skip
+    assert model_uri.remember_alias_version("models:/llm@production", "1", root, registry_server)
+    age(root)
+
+    model_uri.prune_model_cache(root, {paths["3"]})
+
+    assert versions_in(root, registry_server) == ["1", "3"]
+    # MLflow is down (nothing listens there): the alias still loads, as the version recorded.
+    got = model_uri.resolve_model_uri("models:/llm@production", root, registry_server)
+    assert (got.path, got.version) == (paths["1"], "1")
+
+
+def test_pruning_leaves_recent_entries_downloads_in_progress_and_what_the_cache_did_not_write(
+    source: Path, tmp_path: Path, registry_server: str, victim: Path
+) -> None:
+    root = tmp_path / "cache"
+    recent = cache_version(source, root, registry_server, ("registry", "llm", "1"))
+    old = cache_version(source, root, registry_server, ("registry", "llm", "2"))
+    parent = old.parent
+    downloading = parent / ".3.tmp-999-abcd"  # another worker's download, written to just now
+    (downloading / "model").mkdir(parents=True)
+    (downloading / "model" / model_uri._CACHE_STAMP).write_text("{}")
+    crashed = parent / ".4.stale-dead"  # a removal that crashed between rename and delete
+    (crashed / "model").mkdir(parents=True)
+    not_ours = root / "notes"  # no stamp: not a cache entry
+    not_ours.mkdir()
+    (not_ours / "keep.txt").write_text("x")
+    (parent / "5").symlink_to(victim, target_is_directory=True)
+    (victim / model_uri._CACHE_STAMP).write_text("{}")  # even if it looks like an entry
+    age(root)
+    os.utime(downloading / "model" / model_uri._CACHE_STAMP)
+    before = snapshot(victim)
+    # Another process resolved version 1 a moment ago: the cache hit marks it in use.
+    assert cache_version(source, root, registry_server, ("registry", "llm", "1")) == recent
+
+    pruned = model_uri.prune_model_cache(root, set())
+
+    assert [p.path for p in pruned] == [old]
+    assert recent.exists() and downloading.exists() and (not_ours / "keep.txt").exists()
+    assert not crashed.exists()  # swept: idle for longer than ABANDONED_AFTER_S
+    assert snapshot(victim) == before and (parent / "5").is_symlink()
+
+
+def test_a_local_model_dir_outside_the_cache_is_never_touched(
+    source: Path, tmp_path: Path, registry_server: str
+) -> None:
+    root = tmp_path / "cache"
+    cache_version(source, root, registry_server, ("registry", "llm", "1"))
+    age(root)
+    before = snapshot(source)
+    assert len(model_uri.prune_model_cache(root, {source})) == 1
+    assert snapshot(source) == before
+    assert model_uri.prune_model_cache(tmp_path / "no-cache-yet", set()) == []
