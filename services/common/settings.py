@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # (up to redis_pool_timeout_s, then 503) instead of failing at once.
     redis_max_connections: int = Field(100, ge=2)
     redis_pool_timeout_s: float = Field(5.0, gt=0)
+    # The API refuses new jobs (503, Retry-After) once Redis's used_memory reaches this fraction
+    # of its maxmemory (under noeviction; no maxmemory: never). At the cap Redis refuses every
+    # client's writes, the workers' too: they could then neither take a queued job (its message
+    # was lost), nor beat, nor record a result. The rest is their room to finish what is queued.
+    redis_memory_watermark: float = 0.9
     model_uri: str = "models:/llm@production"
     # MLflow's own variable, so one export serves the trainer, the CLI and the worker.
     mlflow_tracking_uri: str | None = Field(
@@ -95,6 +100,14 @@ class Settings(BaseSettings):
     def _check_lease(cls, value: float) -> float:
         if not value >= MIN_LEASE_TTL_S:  # NaN too
             raise ValueError(f"LLM_LEASE_TTL_S must be at least {MIN_LEASE_TTL_S:g} s, got {value}")
+        return value
+
+    @field_validator("redis_memory_watermark")
+    @classmethod
+    def _check_watermark(cls, value: float) -> float:
+        if not 0 < value <= 1:  # NaN too
+            raise ValueError("LLM_REDIS_MEMORY_WATERMARK must be above 0 and at most 1 (a "
+                             f"fraction of Redis's maxmemory), got {value}")  # fmt: skip
         return value
 
     @field_validator("log_level", mode="before")

@@ -223,3 +223,30 @@ def test_devices_torch_accepts_are_accepted(monkeypatch: pytest.MonkeyPatch, val
     assert device == value.strip().lower()
     if device != "auto":
         torch.device(device)  # the worker's pick_device passes it straight to torch
+
+
+def test_new_jobs_are_refused_at_nine_tenths_of_redis_maxmemory_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().redis_memory_watermark == 0.9
+    monkeypatch.setenv("LLM_REDIS_MEMORY_WATERMARK", "1")  # at the cap itself: allowed
+    assert Settings().redis_memory_watermark == 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "90", "nan", "inf"])
+def test_a_memory_watermark_outside_0_to_1_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # 90 (a percentage) would never refuse a job, and 0 would refuse every one.
+    monkeypatch.setenv("LLM_REDIS_MEMORY_WATERMARK", value)
+    with pytest.raises(ValidationError, match="LLM_REDIS_MEMORY_WATERMARK must be above 0 and "
+                                              "at most 1"):  # fmt: skip
+        Settings()
+
+
+def test_a_non_numeric_memory_watermark_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_REDIS_MEMORY_WATERMARK", "90%")
+    with pytest.raises(ValidationError, match="redis_memory_watermark"):
+        Settings()
