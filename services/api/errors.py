@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
+from services.api.memory import RedisNearlyFull
+
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 2
 
@@ -30,6 +32,10 @@ def unavailable(detail: str = "job store unavailable; retry shortly") -> JSONRes
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
     return unavailable()
+
+
+async def _nearly_full(request: Request, exc: Exception) -> JSONResponse:
+    return unavailable(str(exc))  # the watermark logs its own transitions, not each request
 
 
 def _printable(value: Any) -> Any:
@@ -78,3 +84,5 @@ def install_error_handlers(app: FastAPI) -> None:
     # Unreachable, and also reachable but refusing (out of memory, a replica turned read-only
     # in a failover, loading its data): each passes, so each is a 503 the client retries.
     app.add_exception_handler(RedisError, _redis_down)
+    # Past LLM_REDIS_MEMORY_WATERMARK, before Redis's own cap: new jobs wait, queued ones run.
+    app.add_exception_handler(RedisNearlyFull, _nearly_full)

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from services.api.memory import MemoryUse, MemoryWatermark
 from services.common import keys, lua_scripts
 from services.common.jobs import JobRecord, JobStatus
 from services.common.settings import Settings
@@ -59,9 +60,14 @@ class JobStore:
         self._fresh_workers = redis.register_script(lua_scripts.FRESH_WORKERS)
         self._queue_depth = redis.register_script(lua_scripts.QUEUE_DEPTH)
         self._add_queued = redis.register_script(lua_scripts.ADD_QUEUED)
+        self.memory_watermark = MemoryWatermark(self.memory_use, settings.redis_memory_watermark)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    async def memory_use(self) -> MemoryUse:
+        """Redis's used_memory, maxmemory and eviction policy (INFO memory)."""
+        return MemoryUse.from_info(await self.redis.info("memory"))
 
     async def get(self, job_id: str) -> JobRecord | None:
         data = await self.redis.hgetall(keys.job(job_id))
@@ -104,12 +110,17 @@ class JobStore:
         value = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
         if await self.redis.set(keys.idempotency(key), value, nx=True, ex=PENDING_IDEMPOTENCY_S):
             return None
-        raw = await self.redis.get(keys.idempotency(key))
-        if raw is None:  # expired between the two calls: try once more
+        hit = await self.idempotency_binding(key)
+        if hit is None:  # expired between the two calls: try once more
             return await self.claim_idempotency(key, fingerprint, job_id)
-        bound = json.loads(raw)
-        if bound["job_id"] == job_id:
+        return None if hit.job_id == job_id else hit
+
+    async def idempotency_binding(self, key: str) -> IdempotencyHit | None:
+        """The job bound to an Idempotency-Key, if any: a read, for when new jobs are refused."""
+        raw = await self.redis.get(keys.idempotency(key))
+        if raw is None:
             return None
+        bound = json.loads(raw)
         return IdempotencyHit(bound["job_id"], bound["fingerprint"])
 
     async def release_idempotency(self, key: str, job_id: str) -> bool:

@@ -15,6 +15,7 @@ from celery import Celery
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
+from services.api.memory import RedisNearlyFull
 from services.api.model_limits import ModelLimitsCache
 from services.api.queue import task_message
 from services.api.store import JobStore
@@ -61,6 +62,22 @@ async def check_context(
         )
 
 
+async def check_room(store: JobStore, idem_scope: str | None, digest: str) -> JobRecord | None:
+    """None when Redis has room for a new job, else RedisNearlyFull (503). A repeated
+    Idempotency-Key still gets its earlier job then (reads only): its client lost the reply."""
+    try:
+        await store.memory_watermark.check()
+    except RedisNearlyFull:
+        hit = await store.idempotency_binding(idem_scope) if idem_scope else None
+        earlier = await store.get(hit.job_id) if hit and hit.fingerprint == digest else None
+        if earlier is None:
+            raise
+        log.info("job %s returned again for a repeated Idempotency-Key while new jobs are "
+                 "refused", earlier.id)  # fmt: skip
+        return earlier
+    return None
+
+
 async def submit_job(
     req: JobRequest,
     *,
@@ -76,10 +93,12 @@ async def submit_job(
     locs = locs or {"prompt": ("body", "prompt"), "max_new_tokens": ("body", "max_new_tokens")}
     await check_context(req, store, limits, locs)
     job_id = str(uuid.uuid4())
-    idem_scope = None
-    if idempotency_key is not None:
-        idem_scope = f"{principal}:{idempotency_key}"
-        digest = fingerprint(req)
+    idem_scope = None if idempotency_key is None else f"{principal}:{idempotency_key}"
+    digest = fingerprint(req) if idem_scope is not None else ""
+    earlier = await check_room(store, idem_scope, digest)
+    if earlier is not None:
+        return earlier, False
+    if idem_scope is not None:
         hit = await store.claim_idempotency(idem_scope, digest, job_id)
         if hit is not None:
             if hit.fingerprint != digest:

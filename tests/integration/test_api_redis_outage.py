@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.services import api_without_workers
+from tests.helpers.redis_memory import redis_at
+from tests.helpers.services import api_without_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,51 @@ def test_a_redis_that_refuses_writes_is_503_with_retry_after_not_a_500(stack: An
         admin.config_set("maxmemory", "0")
     assert full.status_code == 503, full.text
     assert int(full.headers["Retry-After"]) > 0
-    assert client.post("/jobs", json={"prompt": "hello"}).status_code == 202
+    # Taken again once the API's view of Redis's memory is renewed (at most a second old).
+    wait_until(lambda: client.post("/jobs", json={"prompt": "hello"}).status_code == 202, 10,
+               0.2, "a job taken after the cap was lifted")  # fmt: skip
+
+
+def test_a_job_past_the_memory_watermark_is_503_naming_it_while_redis_still_takes_writes(
+    stack: Any,
+) -> None:
+    # At Redis's own cap it refuses every client's writes, the workers' too (a queued job's
+    # message popped and then lost, heartbeats, results): the API stops taking jobs before it.
+    redis, api = stack
+    client = httpx.Client(base_url=api.url, timeout=10)
+    admin = redis.client()
+    body = {"prompt": "hello"}
+    earlier = client.post("/jobs", json=body, headers={"Idempotency-Key": "before-the-mark"})
+    assert earlier.status_code == 202
+    with redis_at(admin, 0.95):  # over the 0.9 default, under the cap
+        refused = wait_until(
+            lambda: (resp := client.post("/jobs", json=body)).status_code == 503 and resp, 10,
+            0.2, "a 503 past the watermark (before: 202 until Redis itself refused the write)",
+        )  # fmt: skip
+        again = client.post("/jobs", json=body, headers={"Idempotency-Key": "before-the-mark"})
+        admin.set("still-writable", "1")  # Redis itself is under its cap: workers can write
+        assert int(admin.info("memory")["used_memory"]) < int(admin.config_get("maxmemory")
+                                                              ["maxmemory"])  # fmt: skip
+    assert int(refused.headers["Retry-After"]) > 0
+    detail = refused.json()["detail"]
+    assert "nearly full" in detail and "LLM_REDIS_MEMORY_WATERMARK" in detail, detail
+    # A client retrying a job it did submit still learns its id: that is a read.
+    assert again.status_code == 202 and again.json()["id"] == earlier.json()["id"]
+    wait_until(lambda: client.post("/jobs", json=body).status_code == 202, 10, 0.2,
+               "a job taken once Redis's memory is under the watermark again")  # fmt: skip
+
+
+def test_the_watermark_costs_no_redis_round_trip_per_submission(stack: Any) -> None:
+    redis, api = stack
+    client = httpx.Client(base_url=api.url, timeout=10)
+    admin = redis.client()
+    admin.config_resetstat()
+    start = time.monotonic()
+    for _ in range(50):
+        assert client.post("/jobs", json={"prompt": "hello"}).status_code == 202
+    took_s = time.monotonic() - start
+    info_calls = admin.info("commandstats").get("cmdstat_info", {}).get("calls", 0)
+    assert info_calls <= took_s + 2, (info_calls, took_s)  # one INFO a second, not 50
 
 
 def test_redis_lost_while_a_seed_endpoint_waits_is_503_naming_the_queued_job(stack: Any) -> None:

@@ -1,0 +1,32 @@
+"""Redis brought to a given share of its maxmemory, as months of job records would bring it.
+
+Sets CONFIG maxmemory (noeviction, as the chart runs Redis) on a test server only, and lifts it
+afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+FILLER_PART = 16_384  # small writes: Redis frees a big one's query buffer later, on its own
+
+
+@contextlib.contextmanager
+def redis_at(admin: Any, fraction: float, filler_bytes: int = 4 << 20) -> Iterator[None]:
+    """Redis's used_memory at `fraction` of a maxmemory (noeviction) set for it, over a filler
+    (old jobs' records, in effect) big enough that a few writes more do not move it much."""
+    parts = [f"filler:{i}" for i in range(filler_bytes // FILLER_PART)]
+    with admin.pipeline(transaction=False) as pipe:
+        for key in parts:
+            pipe.set(key, b"x" * FILLER_PART)
+        pipe.execute()
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", str(int(used / fraction)))
+    try:
+        yield
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.delete(*parts)
