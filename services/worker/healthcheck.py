@@ -1,7 +1,8 @@
 """Worker probe: `python -m services.worker.healthcheck` exits 0 if a worker on this host has a
 fresh heartbeat in Redis (the key expires when it stops beating) whose engine is not stalled,
-else 1. `--live` (the liveness probe) also passes while Redis cannot be reached: an outage is not
-this worker's fault, and restarting it would only kill the jobs it is carrying through it.
+else 1. `--live` (the liveness probe) also passes while Redis cannot be reached, or refuses writes
+at its maxmemory (the heartbeat could not be written): neither is this worker's fault, and
+restarting it would only kill the jobs it is carrying through it.
 
 Reads Redis only; it must not import torch or the worker (probes run often and must be quick).
 """
@@ -26,6 +27,20 @@ def fresh_workers(client: redis.Redis, host: str | None = None) -> list[dict]:
     return [beat for beat in beats if host is None or beat.get("host") == host]
 
 
+def refusing_writes(client: redis.Redis) -> str | None:
+    """Why Redis refuses writes for memory (used_memory at maxmemory under noeviction), or None.
+    A Redis that denies INFO (an ACL) says nothing: a missing heartbeat then fails as before."""
+    try:
+        info = client.info("memory")
+    except redis.ResponseError:
+        return None
+    used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    if cap > 0 and used >= cap and info.get("maxmemory_policy") == "noeviction":
+        return (f"Redis is at its maxmemory ({used} of {cap} bytes, noeviction) and refuses "
+                "writes: the heartbeat could not be written")  # fmt: skip
+    return None
+
+
 def stalled(beat: dict, stall_s: float) -> bool:
     """Whether a heartbeat reports an engine with work and no step for over `stall_s` (the worker
     drops its heartbeat when it sees this itself: this catches a beat written just before)."""
@@ -36,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--any-host", action="store_true", help="accept a worker on any host")
     parser.add_argument("--live", action="store_true",
-                        help="liveness: pass while Redis is unreachable")  # fmt: skip
+                        help="liveness: pass while Redis is unreachable or full")  # fmt: skip
     args = parser.parse_args(argv)
     settings = Settings()
     client = redis.Redis.from_url(
@@ -44,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         workers = fresh_workers(client, None if args.any_host else socket.gethostname())
+        full = None if workers else refusing_writes(client)
     except redis.RedisError as exc:
         print(f"{'alive' if args.live else 'unhealthy'}: Redis unavailable: {exc}",
               file=sys.stderr)  # fmt: skip
+        return 0 if args.live else 1
+    if full:
+        print(f"{'alive' if args.live else 'unhealthy'}: {full}", file=sys.stderr)
         return 0 if args.live else 1
     if not workers:
         print("unhealthy: no fresh worker heartbeat on this host", file=sys.stderr)
