@@ -97,7 +97,8 @@ def build_router(settings: Settings) -> APIRouter:
             502: {"model": Detail, "description": "The job failed in the worker."},
             503: {
                 "model": Detail,
-                "description": "Redis unavailable; see Retry-After. When it failed after the job "
+                "description": "Redis unavailable or nearly full (LLM_REDIS_MEMORY_WATERMARK); see "
+                "Retry-After. When it failed after the job "
                 "was queued, the body also holds job_id and links: poll that job.",
             },
             504: {"model": TimeoutDetail, "description": "Not done in time; poll the job."},

@@ -37,7 +37,8 @@ MAX_WAIT_S = 30.0
 SHUTDOWN_GRACE_S = 1.0  # for a stream to end by itself once the server is stopping
 COMMON = {
     401: {"model": Detail, "description": "Missing or invalid API key."},
-    503: {"model": Detail, "description": "Redis unavailable; see Retry-After."},
+    503: {"model": Detail, "description": "Redis unavailable or nearly full "
+                                         "(LLM_REDIS_MEMORY_WATERMARK); see Retry-After."},
 }
 NOT_FOUND = {404: {"model": Detail, "description": "No such job (or it expired)."}}
 
