@@ -71,6 +71,17 @@ def test_a_flush_delta_adds_text_but_no_token() -> None:
     assert sink.take(final=True) == [Chunk("token", "ab", 1)]
 
 
+@pytest.mark.parametrize("final", [False, True])
+def test_held_back_text_released_without_a_token_is_appended_not_reset(final: bool) -> None:
+    """The engine releases text it held back (a possible stop string that was not one) as a
+    FLUSH delta with no new token: clients append it; a `reset` means a redelivery to them."""
+    sink = TokenSink()
+    sink.on_token(5, "Hello")
+    assert sink.take() == [Chunk("token", "Hello", 1)]
+    sink.on_token(FLUSH_TOKEN_ID, " wor")
+    assert sink.take(final) == [Chunk("token", " wor", 0)]
+
+
 def test_a_redelivered_job_counts_only_the_tokens_beyond_what_clients_hold() -> None:
     sink = TokenSink(already_streamed="Hello", already_tokens=2)
     for token, delta in enumerate(["Hel", "lo", " you"]):
