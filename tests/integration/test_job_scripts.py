@@ -292,6 +292,23 @@ def test_finishing_twice_counts_the_job_once(client: redis.Redis) -> None:
     assert [f["type"] for _, f in client.xrange(keys.events("retried"))] == ["done"]
 
 
+def test_a_job_finished_before_any_chunk_gets_an_events_stream_that_expires(
+    client: redis.Redis,
+) -> None:
+    # A job failed or cancelled at once, or whose first token was eos, has no stream until
+    # FINISH's `done` makes one: without a TTL that stream outlived its record for ever.
+    claim = client.register_script(lua_scripts.CLAIM)
+    finish = client.register_script(lua_scripts.FINISH)
+    job_in(client, "no-chunks", status="queued")
+    assert claim(**lua_scripts.claim_call("no-chunks", "w1", now=1, lease_ttl_s=5,
+                                          ttl_s=3600))[0] == "claimed"  # fmt: skip
+    assert not client.exists(keys.events("no-chunks"))
+
+    assert finish(**finish_call("no-chunks", "w1", status="failed")) == 1
+    assert [f["type"] for _, f in client.xrange(keys.events("no-chunks"))] == ["done"]
+    assert 0 < client.ttl(keys.events("no-chunks")) <= 60  # finish_call's ttl_s
+
+
 def test_cancelling_a_queued_job_ends_it_at_once(client: redis.Redis) -> None:
     cancel = client.register_script(lua_scripts.CANCEL)
     claim = client.register_script(lua_scripts.CLAIM)
