@@ -12,12 +12,14 @@ import json
 import re
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from services.api.routers.jobs import WAIT_S
+from services.common import keys, lua_scripts
 from tests.helpers.services import (
     ApiProcess,
     api_without_workers,
@@ -66,6 +68,69 @@ def test_a_seed_endpoint_caller_that_disconnects_cancels_its_job(stack: Any) -> 
     assert record["attempts"] == 0 and record["result"]["completion_tokens"] == 0  # never ran
     # The handler stopped waiting too: it holds no subscription until LLM_SYNC_TIMEOUT_S.
     wait_until(lambda: gauge(api, "llm_sync_waits_open") == 0, 10, 0.05, "no wait held")
+
+
+def seed_call_whose_job(
+    stack: Any, end: Callable[[Any, str], None]
+) -> tuple[httpx.Response, str]:
+    """POST /generate_text; once its job is queued, end(admin, job_id) ends the job. The
+    answer, and the job's id."""
+    redis, api = stack
+    admin = redis.client()
+    before = job_ids(admin)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{api.url}/generate_text", timeout=30,
+                             json={"prompt": "hi", "num_of_token_generated": 3})  # fmt: skip
+        (job_id,) = wait_until(lambda: job_ids(admin) - before, 15, 0.02, "the seed call's job")
+        end(admin, job_id)
+        return answer.result(timeout=30), job_id
+
+
+def finished_by_a_worker(
+    status: str, fields: dict[str, str], record_expired: bool = False
+) -> Callable[[Any, str], None]:
+    """What a worker does (CLAIM, then FINISH) to end a job; its record gone at once if
+    record_expired, in the same transaction, as when its TTL runs out just then."""
+
+    def end(admin: Any, job_id: str) -> None:
+        claim = admin.register_script(lua_scripts.CLAIM)
+        finish = admin.register_script(lua_scripts.FINISH)
+        claim(**lua_scripts.claim_call(job_id, "w1", now=time.time(), lease_ttl_s=30, ttl_s=60))
+        pipe = admin.pipeline(transaction=True)
+        finish(keys=[keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.STATS],
+               args=lua_scripts.finish_args("w1", status, 60, fields, {}, {}), client=pipe)
+        if record_expired:
+            pipe.delete(keys.job(job_id))
+        pipe.execute()
+
+    return end
+
+
+def test_a_seed_call_whose_job_failed_is_502_naming_the_job(stack: Any) -> None:
+    error = "the worker's engine stopped; submit it again"
+    end = finished_by_a_worker("failed", {"error": error, "text": "", "completion_tokens": "0"})
+    resp, job_id = seed_call_whose_job(stack, end)
+    assert resp.status_code == 502, resp.text
+    assert resp.json() == {"detail": error, "job_id": job_id}
+
+
+def test_a_seed_call_whose_job_was_cancelled_is_409_not_the_bare_prompt(stack: Any) -> None:
+    # Cancelled by someone else (or an operator) while the caller waits: it generated nothing.
+    _, api = stack
+
+    def cancel(admin: Any, job_id: str) -> None:
+        assert httpx.post(f"{api.url}/jobs/{job_id}/cancel", timeout=10).status_code == 200
+
+    resp, job_id = seed_call_whose_job(stack, cancel)
+    assert resp.status_code == 409, resp.text
+    assert resp.json() == {"detail": "job cancelled", "job_id": job_id}
+
+
+def test_a_seed_call_whose_job_record_expired_as_it_ended_is_502(stack: Any) -> None:
+    fields = {"text": "abc", "completion_tokens": "3"}
+    resp, _ = seed_call_whose_job(stack, finished_by_a_worker("succeeded", fields, True))
+    assert resp.status_code == 502, resp.text
+    assert resp.json() == {"detail": "the job expired before it could be read"}
 
 
 def read_events(api: ApiProcess, job_id: str, **headers: str) -> tuple[httpx.Response, list]:
