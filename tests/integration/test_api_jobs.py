@@ -32,7 +32,8 @@ from tests.helpers.services import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "test-key-1"
-MAX_NEW = 1000  # long jobs for cancellation; the model's window is 1024
+WINDOW = 1024  # the model's context window; LLM_MAX_NEW_TOKENS too, so the window's check decides
+MAX_NEW = 1000  # long jobs for cancellation
 CONCURRENCY = 8
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -42,9 +43,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("api-jobs")
     redis = RedisServer(root / "redis")
     redis.start()
-    model_dir = make_model_dir(root / "model", block_size=1024)
+    model_dir = make_model_dir(root / "model", block_size=WINDOW)
     env = service_env(
-        redis.url, model_dir, LLM_API_KEYS=f"{KEY},other-key", LLM_MAX_NEW_TOKENS=MAX_NEW,
+        redis.url, model_dir, LLM_API_KEYS=f"{KEY},other-key", LLM_MAX_NEW_TOKENS=WINDOW,
         LLM_MAX_PROMPT_CHARS=4000, LLM_MAX_BATCH=CONCURRENCY,
     )  # fmt: skip
     worker = WorkerProcess("w1", env, root / "logs", concurrency=CONCURRENCY)
@@ -341,6 +342,83 @@ def test_job_endpoints_need_a_valid_bearer_key(stack: Any) -> None:
     assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
 
 
+def test_cancel_and_events_need_a_valid_key_like_every_job_route(client: Any, stack: Any) -> None:
+    """Without it anyone could stop anyone's job, or read the text it generates."""
+    job_id = submit(client, {"prompt": "All:", "max_new_tokens": MAX_NEW, "seed": 2, "eos": False})
+    wait_until(lambda: status_of(client, job_id) == "running", 30, 0.02, "the job runs")
+    url = stack["api"].url
+    routes = [
+        ("POST", "/jobs", {"prompt": "a"}), ("GET", f"/jobs/{job_id}", None),
+        ("POST", f"/jobs/{job_id}/cancel", None), ("GET", f"/jobs/{job_id}/events", None),
+        ("POST", "/generate_text", {"prompt": "a", "num_of_token_generated": 1}),
+        ("POST", "/generate_text_without_prompt", {"num_of_token_generated": 1}),
+    ]  # fmt: skip
+    paths = client.get("/openapi.json").json()["paths"]
+    keyed = {(m.upper(), p) for p, ops in paths.items()
+             for m, op in ops.items() if "security" in op}  # fmt: skip
+    assert keyed == {(m, p.replace(job_id, "{job_id}")) for m, p, _ in routes}  # all of them
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            # Streamed: a stream the check let through would run until the job ends.
+            with httpx.stream(method, f"{url}{path}", json=body, headers=headers,
+                              timeout=10) as resp:  # fmt: skip
+                assert resp.status_code == 401, (method, path, headers, resp.status_code)
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert stack["redis"].client().hget(f"llm:job:{job_id}", "cancel_requested") is None
+    client.post(f"/jobs/{job_id}/cancel")
+    wait_final(client, job_id)  # the worker idle again for the next test
+
+
+def test_the_same_idempotency_key_under_two_api_keys_makes_two_jobs(
+    client: Any, stack: Any
+) -> None:
+    """Keys are scoped per API key: two clients that both send "order-7" with the same body must
+    not share one job (the second would read the first one's text)."""
+    body = {"prompt": "Speak", "max_new_tokens": 4}
+    other = {"Authorization": "Bearer other-key", "Idempotency-Key": "order-7"}
+    mine = client.post("/jobs", json=body, headers={"Idempotency-Key": "order-7"})
+    theirs = httpx.post(f"{stack['api'].url}/jobs", json=body, headers=other, timeout=10)
+
+    assert mine.status_code == theirs.status_code == 202
+    assert mine.json()["id"] != theirs.json()["id"]
+    again = httpx.post(f"{stack['api'].url}/jobs", json=body, headers=other, timeout=10)
+    assert again.json()["id"] == theirs.json()["id"]  # each key still returns its own job
+
+
+def test_an_idempotency_key_whose_job_is_not_created_yet_is_409(client: Any, stack: Any) -> None:
+    """The first request has bound the key but not yet written its job (or its create failed and
+    so did freeing the key): a retry gets the documented, retryable 409, not a 500."""
+    import json
+
+    from services.common import keys
+
+    body = {"prompt": "in flight", "max_new_tokens": 4}
+    submit(client, body, **{"Idempotency-Key": "in-flight"})
+    redis = stack["redis"].client()
+    (binding,) = redis.scan_iter(keys.idempotency("*:in-flight"))
+    bound = json.loads(redis.get(binding))
+    # As claim_idempotency leaves it before the create: bound to a job with no record yet.
+    redis.set(binding, json.dumps({**bound, "job_id": str(uuid.uuid4())}), keepttl=True)
+
+    resp = client.post("/jobs", json=body, headers={"Idempotency-Key": "in-flight"})
+
+    assert resp.status_code == 409, resp.text
+    assert resp.json() == {"detail": "a request with this Idempotency-Key is in progress"}
+    documented = client.get("/openapi.json").json()["paths"]["/jobs"]["post"]["responses"]
+    assert "409" in documented
+
+
+@pytest.mark.parametrize("raw", ['""', ""], ids=["quoted", "bare"])
+def test_an_empty_idempotency_key_is_422_naming_the_header(client: Any, raw: str) -> None:
+    """Taken as the key "", it would be one key shared by every request that sends it."""
+    resp = client.post("/jobs", json={"prompt": "a", "max_new_tokens": 1},
+                       headers={"Idempotency-Key": raw})  # fmt: skip
+
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["header", "Idempotency-Key"]
+
+
 LONG_IN_TOKENS = "ж" * 600  # unseen by the tokenizer: 2 byte tokens each, > the window
 
 
@@ -352,7 +430,7 @@ LONG_IN_TOKENS = "ж" * 600  # unseen by the tokenizer: 2 byte tokens each, > th
         ({"seed": False}, "seed"),
         ({"max_new_tokens": "5"}, "max_new_tokens"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"max_new_tokens": MAX_NEW + 1}, "max_new_tokens"),
+        ({"max_new_tokens": WINDOW + 1}, "max_new_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -421,6 +499,35 @@ def test_a_last_event_id_redis_would_refuse_is_422_naming_the_header(client: Any
         assert read_sse(stream)[-1]["event"] == "done"
 
 
+def test_max_new_tokens_of_the_whole_window_is_422_naming_it(client: Any) -> None:
+    """LLM_MAX_NEW_TOKENS allows it here: the window's check must leave room for the prompt
+    (an empty one counts as one token), or the worker fails the job later."""
+    resp = client.post("/jobs", json={"max_new_tokens": WINDOW})
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body", "max_new_tokens"]
+    assert error["msg"] == f"must be below the model's context window ({WINDOW} tokens)"
+
+    job_id = submit(client, {"max_new_tokens": WINDOW - 1})
+    client.post(f"/jobs/{job_id}/cancel")
+    assert wait_final(client, job_id)["status"] in ("cancelled", "succeeded")  # eos is on
+
+
+def test_a_prompt_that_exactly_fills_the_window_is_accepted_and_one_token_more_is_not(
+    client: Any,
+) -> None:
+    """Prompt tokens + max_new_tokens == the window fits (the worker runs it); one more is 422."""
+    prompt = LONG_IN_TOKENS[:507]  # 1014 tokens
+    job = wait_final(client, submit(client, {"prompt": prompt, "max_new_tokens": 10,
+                                             "eos": False}))  # fmt: skip
+    assert job["status"] == "succeeded", job
+    assert job["result"]["prompt_tokens"] + job["result"]["completion_tokens"] == WINDOW
+
+    resp = client.post("/jobs", json={"prompt": prompt, "max_new_tokens": 11})
+    assert resp.status_code == 422, resp.text
+    assert [e["loc"] for e in resp.json()["detail"]] == [["body", "prompt"]]
+
+
 def test_a_long_prompt_is_accepted_with_left_truncation(client: Any) -> None:
     job_id = submit(client, {"prompt": LONG_IN_TOKENS, "max_new_tokens": 10, "truncate": "left"})
     job = wait_final(client, job_id)
@@ -432,6 +539,35 @@ def test_body_over_one_mib_is_413(client: Any) -> None:
     resp = client.post("/jobs", content=b'{"prompt": "' + b"x" * (1 << 20) + b'"}',
                        headers={"Content-Type": "application/json"})  # fmt: skip
     assert resp.status_code == 413
+
+
+BODY_LIMIT = 1 << 20  # LLM_MAX_BODY_BYTES' default
+
+
+def padded_request(size: int) -> bytes:
+    """A valid job request of exactly `size` bytes: JSON allows the whitespace."""
+    head, tail = b'{"prompt": "a", "max_new_tokens": 1', b"}"
+    return head + b" " * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(
+    client: Any, chunked: bool
+) -> None:
+    """A chunked body has no Content-Length to check up front: its chunks are counted as they
+    come, or a client could make the API buffer and parse any amount."""
+
+    def post(body: bytes) -> httpx.Response:
+        parts = [body[i:i + (1 << 16)] for i in range(0, len(body), 1 << 16)]
+        content = iter(parts) if chunked else body  # httpx sends an iterator chunked
+        return client.post("/jobs", content=content, headers={"Content-Type": "application/json"})
+
+    at_limit = post(padded_request(BODY_LIMIT))
+    assert at_limit.status_code == 202, at_limit.text
+    over = post(padded_request(BODY_LIMIT + 1))
+    assert over.status_code == 413, over.text
+    assert over.json() == {"detail": f"request body over {BODY_LIMIT} bytes"}
+    assert ("content-length" in over.request.headers) is not chunked
 
 
 def test_unknown_job_is_404_everywhere(client: Any) -> None:
