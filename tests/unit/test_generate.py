@@ -140,6 +140,18 @@ def test_each_ragged_row_generates_what_its_prompt_generates_alone(model: Transf
     assert all(len(set(g.token_ids)) > 3 for g in batch), "outputs must depend on context"
 
 
+def test_a_long_prompt_that_finishes_early_beside_a_short_one_that_runs_on_stays_in_the_cache(
+    model: Transformer,
+) -> None:
+    # Finished rows keep stepping (fixed shapes): the 20-token prompt done after 2 tokens must
+    # not step past the cache, sized for it at 22, while the 1-token prompt runs to 20.
+    prompts = [list(range(1, 21)), [5]]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0, eos=False) for n in (2, 20)]
+    batch = generate_ids(model, prompts, params)
+    assert [(g.finish_reason, len(g.token_ids)) for g in batch] == [("length", 2), ("length", 20)]
+    assert batch[1].token_ids == generate_ids(model, [prompts[1]], params[1])[0].token_ids
+
+
 def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(model: Transformer) -> None:
     params = [
         SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9, seed=7),
@@ -272,6 +284,18 @@ def test_top_p_keeps_the_most_probable_tokens_until_their_mass_reaches_it(
     keep = nucleus(logits, torch.tensor(top_ps[: len(rows)]))
     for i, r in enumerate(rows):
         assert set(keep[i].nonzero().flatten().tolist()) == _nucleus_by_ranking(r, top_ps[i])
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.25, 1), (0.5, 2), (0.75, 3)])
+def test_top_p_equal_to_the_mass_of_the_top_tokens_keeps_just_those(
+    top_p: float, kept: int
+) -> None:
+    # Four equally likely tokens: the masses 0.25, 0.5, 0.75 are exact in float32, so the
+    # boundary the property test leaves out is hit exactly: a token whose predecessors already
+    # hold top_p is outside the nucleus.
+    keep = nucleus(torch.zeros(1, 4), torch.tensor([top_p]))
+    assert keep[0].tolist() == [True] * kept + [False] * (4 - kept)
+    assert set(keep[0].nonzero().flatten().tolist()) == _nucleus_by_ranking([0.0] * 4, top_p)
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-40, 1e-45, 1e-300])
@@ -467,6 +491,16 @@ def test_eos_finishes_a_row_and_is_not_part_of_the_text(model: Transformer) -> N
     assert codec.decode(out.token_ids) == codec.decode(free.token_ids[:first])
 
 
+def test_with_eos_off_an_eos_token_is_generated_through_as_an_ordinary_token(
+    model: Transformer,
+) -> None:
+    free = generate_ids(model, [[72, 105]], GREEDY)[0]  # GREEDY has eos=False
+    eos = free.token_ids[4]
+    out = generate_ids(model, [[72, 105]], GREEDY, eos_id=eos)[0]
+    assert out.finish_reason == "length"
+    assert out.token_ids == free.token_ids and eos in out.token_ids
+
+
 def test_stop_string_cuts_the_text_and_streaming_never_leaks_it() -> None:
     codec = ByteCodec()
     state = SequenceState([1], SamplingParams(max_new_tokens=50, stop=("END",)), codec=codec)
@@ -478,6 +512,33 @@ def test_stop_string_cuts_the_text_and_streaming_never_leaks_it() -> None:
     assert state.finish_reason == "stop"
     assert state.text == "hello EN then "
     assert streamed == state.text
+
+
+def test_a_stop_string_completed_on_the_last_allowed_token_finishes_stop_and_is_cut() -> None:
+    state = SequenceState([1], SamplingParams(max_new_tokens=4, stop=("abc",)), codec=ByteCodec())
+    streamed = "".join(state.add_token(ord(ch)) for ch in "xabc")
+    assert (state.finish_reason, state.text, streamed) == ("stop", "x", "x")
+
+
+class PieceCodec:
+    """Each id is a fixed piece of text, so one token can add several characters."""
+
+    eos_id = 0
+    pieces = ["", "x", "abzz"]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_of_stop_strings_completed_by_one_token_the_earliest_in_the_text_cuts_it() -> None:
+    # "b" is listed last and "zz" ends later: neither the first listed nor the last found wins.
+    params = SamplingParams(max_new_tokens=10, stop=("zz", "b"))
+    state = SequenceState([1], params, codec=PieceCodec())
+    streamed = state.add_token(1) + state.add_token(2)
+    assert (state.finish_reason, state.text, streamed) == ("stop", "xa", "xa")
 
 
 @settings(max_examples=500, deadline=None)
