@@ -107,6 +107,20 @@ def test_resumed_schedule_continues_the_lr_of_the_first_session() -> None:
         assert resumed.lr(4 + 2 * j, resumed.on_course(4, 8.0)) == first.lr(4 + j, 12)
 
 
+def test_a_resume_with_more_epochs_and_another_world_size_trains_the_new_epochs() -> None:
+    """Started for 1 epoch on 2 ranks, resumed at step 4 for 2 epochs on 1 rank: the budget is
+    this run's 2 epochs, not the 12 steps the checkpoint's schedule was sized for."""
+    first_cfg = TrainConfig(batch_size=4, max_steps=None, epochs=1.0, warmup_steps=2, lr=1.0)
+    train_tokens = 12 * 4 * 2 * BLOCK
+    first = RunSchedule.start(first_cfg, train_tokens, BLOCK, 2, SETUP)
+    more = TrainConfig(batch_size=4, max_steps=None, epochs=2.0, warmup_steps=2, lr=1.0)
+    resumed = RunSchedule.start(more, train_tokens, BLOCK, 1, {**SETUP, "world_size": 1})
+    resumed.resume(4, checkpointed(first, 4, 8.0))
+    # 1,600 tokens done; the 8,000 left take 40 steps of 200.
+    assert resumed.steps == 4 + 40
+    assert resumed.tokens_at(resumed.steps) == 2 * train_tokens
+
+
 def test_a_checkpoint_record_keeps_the_keys_resumes_read() -> None:
     """state.json's extra holds these keys; checkpoints written before read the same way."""
     cfg = TrainConfig(batch_size=4, max_steps=10, max_time_s=60.0)

@@ -147,6 +147,20 @@ def test_keep_prunes_oldest_checkpoints_and_stale_temp_dirs(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
 
 
+def test_a_save_older_than_the_kept_ones_never_prunes_the_checkpoint_it_just_wrote(
+    tmp_path: Path,
+) -> None:
+    # A run resumed from an earlier checkpoint with the newer ones still in the directory.
+    model = tiny_model()
+    opt = make_optimizer(model)
+    for step in (10, 20, 30):
+        save_training_state(tmp_path, step, model=model, optimizer=opt, keep=3)
+    written = save_training_state(tmp_path, 5, model=model, optimizer=opt, keep=3)
+    assert written.exists()
+    assert load_training_state(written, model=tiny_model()).step == 5
+    assert written in list_training_states(tmp_path)
+
+
 # A save whose prune of step 1 is killed right after the first file of it is deleted (the
 # kill comes inside shutil.rmtree, which deletes with os.unlink).
 _KILLED_WHILE_PRUNING = """
