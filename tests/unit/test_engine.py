@@ -179,6 +179,17 @@ def test_a_finished_request_frees_its_slot_the_same_step(model, run_ahead):
     assert second.started_at is not None and engine.active == 1 and engine.waiting == 0
 
 
+def test_first_token_at_is_when_the_first_token_came_and_later_tokens_leave_it(model):
+    engine = Engine(model, max_batch=1, run_ahead=False)
+    params = dataclasses.replace(GREEDY, max_new_tokens=6)
+    handle = engine.submit(EngineRequest([1, 2], params))
+    engine.step()
+    first = handle.first_token_at
+    assert first is not None and handle.started_at <= first
+    run_until_idle(engine)
+    assert handle.first_token_at == first < handle.finished_at
+
+
 def test_on_token_deltas_concatenate_to_the_final_text(text_setup, run_ahead):
     model, tok = text_setup
     engine = Engine(model, tok, max_batch=2, run_ahead=run_ahead)
@@ -341,6 +352,30 @@ def test_a_request_that_fails_at_admission_frees_its_id_for_a_resubmission(
     assert again.result(0).token_ids == alone(engine.model, [1, 2, 3], GREEDY).token_ids
 
 
+def test_a_finished_requests_id_is_free_for_a_resubmission(model):
+    engine = Engine(model, max_batch=2, run_ahead=False)
+    params = dataclasses.replace(GREEDY, max_new_tokens=3)
+    first = engine.submit(EngineRequest([1, 2], params, request_id="job-1"))
+    run_until_idle(engine)
+    assert first.result(0).finish_reason == "length"
+    again = engine.submit(EngineRequest([1, 2], params, request_id="job-1"))
+    run_until_idle(engine)
+    assert again.result(0).token_ids == first.result(0).token_ids
+
+
+def test_a_second_request_under_a_live_id_is_refused_and_cancel_reaches_the_first(model):
+    engine = Engine(model, max_batch=2, run_ahead=False)
+    long = SamplingParams(max_new_tokens=20, temperature=0.0, eos=False)
+    first = engine.submit(EngineRequest([1, 2], long, request_id="job"))
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.submit(EngineRequest([3, 4], long, request_id="job"))
+    engine.step()
+    assert engine.cancel("job") is True
+    run_until_idle(engine)
+    assert first.result(0).finish_reason == "cancelled"
+    assert 0 < len(first.result(0).token_ids) < 20
+
+
 def test_a_failing_decode_step_fails_its_requests_and_the_engine_keeps_serving(model, run_ahead):
     calls = {"n": 0}
 
@@ -483,6 +518,18 @@ def test_stop_without_drain_cancels_accepted_requests(model):
     assert running.result(0).finish_reason == "cancelled"
     assert len(running.result(0).token_ids) < 100
     assert queued.result(0).finish_reason == "cancelled" and queued.result(0).token_ids == []
+
+
+def test_stop_without_drain_on_an_engine_driven_by_step_cancels_accepted_requests(model):
+    engine = Engine(model, max_batch=1, run_ahead=False)
+    long = SamplingParams(max_new_tokens=50, temperature=0.0, eos=False)
+    running = engine.submit(EngineRequest([1, 2], long))
+    queued = engine.submit(EngineRequest([3], long))
+    engine.step()
+    assert engine.stop(drain=False)
+    assert running.result(0).finish_reason == "cancelled"
+    assert 0 < len(running.result(0).token_ids) < 50
+    assert (queued.result(0).finish_reason, queued.result(0).token_ids) == ("cancelled", [])
 
 
 def test_stop_with_drain_finishes_accepted_requests(model):
@@ -707,6 +754,29 @@ def test_requests_admitted_together_into_adjacent_slots_share_one_prefill(model)
     assert engine.stats.prefills == 3
 
 
+def test_requests_admitted_into_slots_apart_prefill_apart_and_the_one_between_is_unchanged(
+    model,
+):
+    short = dataclasses.replace(GREEDY, max_new_tokens=2, eos=False)
+    long = dataclasses.replace(GREEDY, max_new_tokens=20, eos=False)
+    requests = {"A": ([1, 2, 3], short), "B": ([7, 8, 9], long), "C": ([4, 5, 6], short)}
+    with recorded_prefills(model) as prefill_batches:
+        engine = Engine(model, max_batch=3, run_ahead=False)
+        handles = {k: engine.submit(EngineRequest(p, sp, request_id=k))
+                   for k, (p, sp) in requests.items()}  # fmt: skip
+        while not (handles["A"].done() and handles["C"].done()):
+            engine.step()
+        assert not handles["B"].done()  # slots 0 and 2 free, slot 1 running
+        # Equal lengths, so only the gap between their slots keeps them out of one prefill.
+        requests |= {"D": ([10, 11, 12], long), "E": ([13, 14, 15], long)}
+        for k in "DE":
+            handles[k] = engine.submit(EngineRequest(*requests[k], request_id=k))
+        run_until_idle(engine)
+    for k, (prompt, sp) in requests.items():
+        assert handles[k].result(0).token_ids == alone(model, prompt, sp).token_ids, k
+    assert prefill_batches == [(3, 3), (1, 3), (1, 3)]
+
+
 def test_a_long_prompt_does_not_pad_the_short_ones_in_a_shared_prefill(model):
     with recorded_prefills(model) as prefill_batches:
         engine = Engine(model, max_batch=3)
@@ -737,3 +807,23 @@ def test_on_token_reports_the_result_tokens_not_the_eos_that_ends_it(text_setup,
     assert [t for t, _ in seen if t != FLUSH_TOKEN_ID] == result.token_ids
     assert tok.eos_id not in [t for t, _ in seen]
     assert "".join(d for _, d in seen) == result.text
+
+
+def test_text_released_by_the_eos_comes_through_on_token_with_the_flush_id(text_setup):
+    """A stop string beginning with the text's last character holds that character back until
+    the eos ends the request: it is released with FLUSH_TOKEN_ID, never with the eos id."""
+    model, tok = text_setup
+    seeds = (SamplingParams(max_new_tokens=40, temperature=2.0, seed=seed) for seed in range(500))
+    params, text = next((p, g.text) for p in seeds
+                        for g in generate(model, tok, ["dog"], p)
+                        if g.finish_reason == "eos" and g.text)  # fmt: skip
+    params = dataclasses.replace(params, stop=(text[-1] + "\x07",))
+    engine = Engine(model, tok, max_batch=1, run_ahead=False)
+    seen: list[tuple[int, str]] = []
+    handle = engine.submit(EngineRequest(prompt="dog", params=params,
+                                         on_token=lambda t, d: seen.append((t, d))))
+    run_until_idle(engine)
+    result = handle.result(0)
+    assert (result.finish_reason, result.text) == ("eos", text)
+    assert seen[-1] == (FLUSH_TOKEN_ID, text[-1])
+    assert [t for t, _ in seen[:-1]] == result.token_ids
