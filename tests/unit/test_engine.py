@@ -20,6 +20,7 @@ from lmcore.engine import (
 )
 from lmcore.generate import (
     ContextLengthError,
+    Generation,
     NonFiniteLogitsError,
     SamplingParams,
     decode_step,
@@ -72,6 +73,17 @@ def run_until_idle(engine: Engine, max_steps: int = 500) -> int:
         if not engine.step():
             return n
     raise AssertionError("engine still busy after max_steps")
+
+
+def run_alone_recording_tokens(
+    engine: Engine, prompt: str, params: SamplingParams
+) -> tuple[Generation, list[tuple[int, str]]]:
+    """One request run to the end: its result and every (token id, text delta) on_token saw."""
+    seen: list[tuple[int, str]] = []
+    handle = engine.submit(EngineRequest(prompt=prompt, params=params,
+                                         on_token=lambda t, d: seen.append((t, d))))
+    run_until_idle(engine)
+    return handle.result(0), seen
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
@@ -797,12 +809,8 @@ def test_on_token_reports_the_result_tokens_not_the_eos_that_ends_it(text_setup,
                  for seed in range(500))  # fmt: skip
     params = next(p for p in eos_ended
                   if generate(model, tok, ["dog"], p)[0].finish_reason == "eos")  # fmt: skip
-    engine = Engine(model, tok, max_batch=1, run_ahead=run_ahead)
-    seen: list[tuple[int, str]] = []
-    handle = engine.submit(EngineRequest(prompt="dog", params=params,
-                                         on_token=lambda t, d: seen.append((t, d))))
-    run_until_idle(engine)
-    result = handle.result(0)
+    result, seen = run_alone_recording_tokens(Engine(model, tok, max_batch=1,
+                                                     run_ahead=run_ahead), "dog", params)
     assert result.finish_reason == "eos"
     assert [t for t, _ in seen if t != FLUSH_TOKEN_ID] == result.token_ids
     assert tok.eos_id not in [t for t, _ in seen]
@@ -818,12 +826,8 @@ def test_text_released_by_the_eos_comes_through_on_token_with_the_flush_id(text_
                         for g in generate(model, tok, ["dog"], p)
                         if g.finish_reason == "eos" and g.text)  # fmt: skip
     params = dataclasses.replace(params, stop=(text[-1] + "\x07",))
-    engine = Engine(model, tok, max_batch=1, run_ahead=False)
-    seen: list[tuple[int, str]] = []
-    handle = engine.submit(EngineRequest(prompt="dog", params=params,
-                                         on_token=lambda t, d: seen.append((t, d))))
-    run_until_idle(engine)
-    result = handle.result(0)
+    result, seen = run_alone_recording_tokens(Engine(model, tok, max_batch=1, run_ahead=False),
+                                              "dog", params)
     assert (result.finish_reason, result.text) == ("eos", text)
     assert seen[-1] == (FLUSH_TOKEN_ID, text[-1])
     assert [t for t, _ in seen[:-1]] == result.token_ids
