@@ -254,12 +254,13 @@ def mean_across_ranks(value: torch.Tensor | float, device: torch.device) -> floa
     return float(t.item())
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank src's `obj` on every rank (pickled by torch.distributed; small objects only)."""
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank src's `obj` on every rank (of `group`, default: all; pickled by torch.distributed,
+    small objects only)."""
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

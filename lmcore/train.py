@@ -145,9 +145,8 @@ class TrainConfig:
         # Every collective waits this long; 0 or less fails each one at once, deep in C++.
         _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v <= D.MAX_TIMEOUT_S,
                f"> 0 and at most {D.MAX_TIMEOUT_S:.0f} seconds (a year)")
-        # Every other rank waits for rank 0's lock in a collective.
         _check("checkpoint_lock_wait_s", self.checkpoint_lock_wait_s,
-               lambda v: 0 <= v < self.dist_timeout_s, ">= 0 and below dist_timeout_s")
+               lambda v: 0 <= v < math.inf, ">= 0 and finite")
         _check("device", self.device, lambda v: TRAIN_DEVICE.fullmatch(v) is not None,
                "auto, cpu, cuda or cuda:N")
         normalize_precision(self.mixed_precision)
@@ -503,15 +502,18 @@ class Trainer:
         if refusal:
             raise ConfigError(refusal)
         lock, busy, failure = None, None, None
+        wait_s = self.cfg.checkpoint_lock_wait_s
+        # The other ranks wait for rank 0's lock in a group of their own: the default group's
+        # timeout (dist_timeout_s) is sized for training steps, not for this wait.
+        waiting = D.patient_group(wait_s + 60) if self.cfg.checkpoint_dir else None
         if env.is_main and self.cfg.checkpoint_dir:
             try:
-                lock = lock_checkpoint_dir(self.cfg.checkpoint_dir,
-                                           self.cfg.checkpoint_lock_wait_s)
+                lock = lock_checkpoint_dir(self.cfg.checkpoint_dir, wait_s)
             except CheckpointDirBusy as exc:
                 busy = str(exc)
             except OSError as exc:  # e.g. a checkpoint_dir this user may not create
                 failure = f"checkpoint_dir {self.cfg.checkpoint_dir}: {exc}"
-        busy, failure = D.broadcast_object((busy, failure))
+        busy, failure = D.broadcast_object((busy, failure), group=waiting)
         if busy:
             raise CheckpointDirBusy(busy)
         if failure:

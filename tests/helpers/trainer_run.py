@@ -129,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, default=None)
     p.add_argument("--checkpoint-interval", type=int, default=0)
     p.add_argument("--lock-wait", type=float, default=60.0, help="train.checkpoint_lock_wait_s")
+    p.add_argument("--dist-timeout", type=float, default=120.0, help="train.dist_timeout_s")
     p.add_argument("--eval-interval", type=int, default=0)
     p.add_argument("--mlflow-uri", default=None, help="also log to MLflow (lmcore.tracking)")
     p.add_argument("--first-step-sleep", type=float, default=0.0,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         log_interval=1, checkpoint_interval=args.checkpoint_interval,
         checkpoint_dir=str(args.checkpoint_dir) if args.checkpoint_dir else None,
         model_dir=str(args.out / "model"), device="cpu", progress=False,
-        dist_timeout_s=120, checkpoint_lock_wait_s=args.lock_wait,
+        dist_timeout_s=args.dist_timeout, checkpoint_lock_wait_s=args.lock_wait,
     )
     inner = None
     if args.mlflow_uri:

@@ -493,13 +493,15 @@ def test_a_checkpoint_whose_damage_only_rank_1_reads_stops_every_rank_with_its_c
 def test_every_rank_refuses_a_checkpoint_dir_another_run_holds(
     corpus: tuple[Path, TokenDataset], tmp_path: Path
 ) -> None:
-    """Only rank 0 takes the lock; the others hear its refusal instead of waiting for it."""
+    """Only rank 0 takes the lock; the others hear its refusal, even when rank 0 waits for it
+    longer than the collectives' timeout (dist_timeout_s: 2 s here, the wait 6 s)."""
     _, data = corpus
     ckpt = tmp_path / "ckpt"
     other_run = lock_checkpoint_dir(ckpt, 0)
     port = free_port()
     args = [sys.executable, *HELPER, "--dataset", str(data.path), "--checkpoint-dir", str(ckpt),
-            "--out", str(tmp_path / "out"), "--steps", "2", "--lock-wait", "1"]
+            "--out", str(tmp_path / "out"), "--steps", "2", "--lock-wait", "6",
+            "--dist-timeout", "2"]
     procs = [start(args, tmp_path / f"rank{r}.log", **pod_env(r, port)) for r in (0, 1)]
     codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     other_run.release()
@@ -508,6 +510,7 @@ def test_every_rank_refuses_a_checkpoint_dir_another_run_holds(
     for log in logs:
         assert f"lmcore.checkpoint_lock.CheckpointDirBusy: checkpoint_dir {ckpt} is in use by " \
                f"another training run (pid {os.getpid()} on " in log, log[-2000:]
+        assert "waited 6 s" in log
     assert latest_training_state(ckpt) is None
 
 
