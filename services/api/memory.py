@@ -13,32 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import ResponseError
 
+from services.common.redis_memory import NO_CAP, MemoryUse
+
 log = logging.getLogger(__name__)
 MAX_AGE_S = 1.0  # a burst of submissions past the watermark is at most this long
-
-
-@dataclass(frozen=True)
-class MemoryUse:
-    used: int
-    cap: int  # maxmemory; 0: none
-    policy: str
-
-    @classmethod
-    def from_info(cls, info: dict[str, Any]) -> MemoryUse:
-        return cls(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)),
-                   str(info.get("maxmemory_policy", "")))  # fmt: skip
-
-    def over(self, fraction: float) -> bool:
-        # Only noeviction refuses writes at the cap; the other policies evict keys instead.
-        return self.cap > 0 and self.policy == "noeviction" and self.used >= fraction * self.cap
-
-
-NO_CAP = MemoryUse(0, 0, "")
 
 
 class RedisNearlyFull(Exception):

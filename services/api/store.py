@@ -14,11 +14,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.api.memory import MemoryUse, MemoryWatermark
+from services.api.memory import MemoryWatermark
 from services.common import keys, lua_scripts
 from services.common.jobs import JobRecord, JobStatus
+from services.common.redis_memory import MemoryUse
 from services.common.settings import Settings
-
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import sys
 import redis
 
 from services.common import keys, lua_scripts
+from services.common.redis_memory import MemoryUse
 from services.common.settings import Settings
 
 
@@ -34,10 +35,10 @@ def refusing_writes(client: redis.Redis) -> str | None:
         info = client.info("memory")
     except redis.ResponseError:
         return None
-    used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-    if cap > 0 and used >= cap and info.get("maxmemory_policy") == "noeviction":
-        return (f"Redis is at its maxmemory ({used} of {cap} bytes, noeviction) and refuses "
-                "writes: the heartbeat could not be written")  # fmt: skip
+    use = MemoryUse.from_info(info)
+    if use.over(1.0):
+        return (f"Redis is at its maxmemory ({use.used} of {use.cap} bytes, noeviction) and "
+                "refuses writes: the heartbeat could not be written")  # fmt: skip
     return None
 
 

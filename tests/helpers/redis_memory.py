@@ -10,7 +10,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from services.common.redis_memory import MemoryUse
+
 FILLER_PART = 16_384  # small writes: Redis frees a big one's query buffer later, on its own
+BATCH = 4  # writes per round trip: a pipeline of all of them is one big query buffer too
 
 
 @contextlib.contextmanager
@@ -18,11 +21,12 @@ def redis_at(admin: Any, fraction: float, filler_bytes: int = 4 << 20) -> Iterat
     """Redis's used_memory at `fraction` of a maxmemory (noeviction) set for it, over a filler
     (old jobs' records, in effect) big enough that a few writes more do not move it much."""
     parts = [f"filler:{i}" for i in range(filler_bytes // FILLER_PART)]
-    with admin.pipeline(transaction=False) as pipe:
-        for key in parts:
-            pipe.set(key, b"x" * FILLER_PART)
-        pipe.execute()
-    used = int(admin.info("memory")["used_memory"])
+    for start in range(0, len(parts), BATCH):
+        with admin.pipeline(transaction=False) as pipe:
+            for key in parts[start:start + BATCH]:
+                pipe.set(key, b"x" * FILLER_PART)
+            pipe.execute()
+    used = MemoryUse.from_info(admin.info("memory")).used
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", str(int(used / fraction)))
     try:
@@ -30,3 +34,4 @@ def redis_at(admin: Any, fraction: float, filler_bytes: int = 4 << 20) -> Iterat
     finally:
         admin.config_set("maxmemory", "0")
         admin.delete(*parts)
+

@@ -19,10 +19,16 @@ import httpx
 import pytest
 
 from services.common import keys
+from services.common.redis_memory import MemoryUse
 from tests.helpers.redis_memory import redis_at
 from tests.helpers.redis_server import RedisServer
 from tests.helpers.services import (
-    REPO, ApiProcess, WorkerProcess, make_model_dir, service_env, wait_until,
+    REPO,
+    ApiProcess,
+    WorkerProcess,
+    make_model_dir,
+    service_env,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -91,8 +97,7 @@ def test_jobs_queued_until_the_api_refuses_for_memory_are_all_taken_and_finished
             assert admin.llen(keys.QUEUE) == 0 and admin.hlen("unacked") == 0
             wait_until(lambda: admin.exists(keys.worker(worker.nodename)), 30,
                        message="the worker's heartbeat")  # it writes it, under the cap
-            mem = admin.info("memory")
-            assert int(mem["used_memory"]) < int(mem["maxmemory"])
+            assert not MemoryUse.from_info(admin.info("memory")).over(1.0)
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
         assert "LLM_REDIS_MEMORY_WATERMARK" in refused.json()["detail"]
         assert queued  # the watermark was not reached before the first of them
