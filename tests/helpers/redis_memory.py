@@ -7,7 +7,7 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from services.common.redis_memory import MemoryUse
@@ -17,20 +17,29 @@ BATCH = 4  # writes per round trip: a pipeline of all of them is one big query b
 
 
 @contextlib.contextmanager
-def redis_at(admin: Any, fraction: float, filler_bytes: int = 4 << 20) -> Iterator[None]:
+def redis_at(
+    admin: Any, fraction: float, filler_bytes: int = 4 << 20
+) -> Iterator[Callable[[], None]]:
     """Redis's used_memory at `fraction` of a maxmemory (noeviction) set for it, over a filler
-    (old jobs' records, in effect) big enough that a few writes more do not move it much."""
+    (old jobs' records, in effect) big enough that a few writes more do not move it much.
+    Yields a function that sets the cap again from a fresh reading, for a test that must stay
+    at the fraction however Redis's memory drifts meanwhile (a CI run once read a figure that
+    then fell: its cap sat far above the watermark)."""
     parts = [f"filler:{i}" for i in range(filler_bytes // FILLER_PART)]
     for start in range(0, len(parts), BATCH):
         with admin.pipeline(transaction=False) as pipe:
             for key in parts[start:start + BATCH]:
                 pipe.set(key, b"x" * FILLER_PART)
             pipe.execute()
-    used = MemoryUse.from_info(admin.info("memory")).used
+
+    def hold() -> None:
+        used = MemoryUse.from_info(admin.info("memory")).used
+        admin.config_set("maxmemory", str(int(used / fraction)))
+
     admin.config_set("maxmemory-policy", "noeviction")
-    admin.config_set("maxmemory", str(int(used / fraction)))
+    hold()
     try:
-        yield
+        yield hold
     finally:
         admin.config_set("maxmemory", "0")
         admin.delete(*parts)
