@@ -220,6 +220,13 @@ def test_a_render_without_cluster_access_can_refuse_to_generate_the_redis_passwo
         render(sets=tuple(sets))
 
 
+def test_turning_off_the_password_generation_rolls_no_pod(render: Callable[..., Rendered]) -> None:
+    # The docs' GitOps advice; no secret changes, so no pod should restart for it.
+    pinned = "redis.auth.password=pw-aaaaaaaa"
+    assert _rolled(render(sets=(pinned,)), render(sets=(pinned, "redis.auth.generate=false"))) \
+        == set()
+
+
 # --- training routes and the docs
 
 

@@ -37,6 +37,7 @@ from tests.deploy.conftest import (
     env_of,
     helm_template,
 )
+from tests.deploy.master_password import derive_password
 
 pytestmark = pytest.mark.deploy
 
@@ -615,19 +616,20 @@ def test_a_changed_secret_rolls_the_pods_that_read_it_at_start(
     assert {name for name in before if before[name] != after[name]} == rolled
 
 
-def test_the_secrets_checksum_is_no_plain_hash_of_the_secrets(
-    render: Callable[..., Rendered], helm: str
+def test_the_secrets_checksum_is_a_scrypt_of_the_secrets_salted_by_the_release(
+    render: Callable[..., Rendered],
 ) -> None:
-    """The annotation is readable by anyone who may read pods: it was sha256 of the values
-    holding the keys and password, which a dictionary of short keys inverts offline."""
-    checksums = _secrets_checksums(render(sets=OLD_SECRETS))
-    redis = {"enabled": True, "auth": {"password": "pw-aaaaaaaaaaaa"}}
-    plain = [hashlib.sha256(json.dumps(inputs, separators=(",", ":")).encode()).hexdigest()
-             for inputs in ({"redis": redis}, {"apiKeys": {"keys": ["key-aaaaaaaa"]}})]
-    assert all(re.fullmatch("[0-9a-f]{64}", c) for c in checksums.values())
-    assert not set(checksums.values()) & set(plain)
-    other_namespace = helm_template(helm, (), OLD_SECRETS, namespace="other")
-    assert not set(checksums.values()) & set(_secrets_checksums(other_namespace).values())
+    """The annotation is readable by anyone who may read pods: it was a plain sha256 of the
+    values holding keys and passwords, which a dictionary of short ones inverts offline. It is
+    recomputed here from the MLflow pod's one input, the database URL."""
+    postgres = {"existingSecret": "", "existingSecretKey": "postgres-url",
+                "url": "postgresql://mlflow:pw-aaaaaaaa@db:5432/mlflow"}  # fmt: skip
+    rendered = render(sets=(f"mlflow.backend.postgres.url={postgres['url']}",))
+    annotations = rendered.get("Deployment", component("mlflow"))["spec"]["template"]["metadata"][
+        "annotations"]  # fmt: skip
+    inputs = json.dumps({"mlflowBackend": postgres}, sort_keys=True, separators=(",", ":"))
+    derived = derive_password(1, inputs, NAMESPACE, f"{RELEASE}/checksum-secrets")
+    assert annotations["checksum/secrets"] == hashlib.sha256(derived.encode()).hexdigest()
 
 
 def test_an_unchanged_release_never_rolls_its_pods_for_a_generated_password(helm: str) -> None:

@@ -211,8 +211,8 @@ salted with the release's namespace and name, before the hash.
 {{- define "llm.secretsChecksum" -}}
 {{- $v := .root.Values }}
 {{- $all := dict
-  "redis" (dict "enabled" $v.redis.enabled "auth" (omit $v.redis.auth "previousPassword") "external" $v.redis.external)
-  "redisServer" (dict "enabled" $v.redis.enabled "auth" $v.redis.auth)
+  "redis" (dict "enabled" $v.redis.enabled "auth" (omit $v.redis.auth "previousPassword" "generate") "external" $v.redis.external)
+  "redisServer" (dict "enabled" $v.redis.enabled "auth" (omit $v.redis.auth "generate"))
   "apiKeys" $v.apiKeys
   "mlflowBackend" $v.mlflow.backend.postgres }}
 {{- $inputs := dict }}
