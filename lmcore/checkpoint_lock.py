@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 class CheckpointDirBusy(RuntimeError):
     """Another run holds the checkpoint dir's lock."""
+
+
+class LockWaitStopped(CheckpointDirBusy):
+    """The run was told to stop (SIGTERM) while it waited for the lock."""
 
 
 class CheckpointDirLock:
@@ -45,9 +50,12 @@ class CheckpointDirLock:
             self._fd = None
 
 
-def lock_checkpoint_dir(ckpt_dir: str | os.PathLike[str], wait_s: float, poll_s: float = 1.0
-            ) -> CheckpointDirLock:  # fmt: skip
-    """Lock `ckpt_dir` for this run, waiting up to `wait_s` for a run that holds it.
+def lock_checkpoint_dir(
+    ckpt_dir: str | os.PathLike[str], wait_s: float, poll_s: float = 1.0,
+    stop: threading.Event | None = None,
+) -> CheckpointDirLock:  # fmt: skip
+    """Lock `ckpt_dir` for this run, waiting up to `wait_s` for a run that holds it, or until
+    `stop` is set (SIGTERM: LockWaitStopped, at once rather than at the wait's end).
 
     The lock file is never deleted: a run that unlinked it could lose a race with one that had
     just opened it, and two runs would each hold a lock on a different file.
@@ -73,7 +81,9 @@ def lock_checkpoint_dir(ckpt_dir: str | os.PathLike[str], wait_s: float, poll_s:
                     log.warning("checkpoint_dir %s is locked by another run (%s): waiting up "
                                 "to %.0f s for it", ckpt_dir, holder, wait_s)
                     waiting = True
-                time.sleep(poll_s)
+                if _stopped_during(poll_s, stop):
+                    raise LockWaitStopped(f"stopped while waiting for checkpoint_dir "
+                                          f"{ckpt_dir}, locked by another run ({holder})")
     except OSError as exc:
         os.close(fd)
         if isinstance(exc, BlockingIOError) or exc.errno not in _NO_LOCKS:
@@ -90,6 +100,13 @@ def lock_checkpoint_dir(ckpt_dir: str | os.PathLike[str], wait_s: float, poll_s:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
     return CheckpointDirLock(fd, path)
+
+
+def _stopped_during(seconds: float, stop: threading.Event | None) -> bool:
+    if stop is None:
+        time.sleep(seconds)
+        return False
+    return stop.wait(seconds)
 
 
 def _holder(path: Path) -> str:

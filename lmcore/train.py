@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmcore import distributed as D
 from lmcore.checkpoint import CONFIG_FILE, CheckpointError, check_replaceable, save_model_dir
-from lmcore.checkpoint_lock import CheckpointDirBusy, lock_checkpoint_dir
+from lmcore.checkpoint_lock import CheckpointDirBusy, LockWaitStopped, lock_checkpoint_dir
 from lmcore.config import ConfigError, ModelConfig, dataclass_from_dict
 from lmcore.data import WindowSampler
 from lmcore.model import Transformer
@@ -487,14 +487,14 @@ class Trainer:
         owns_group = env.is_distributed and not D.active()
         D.init_process_group(env, device, self.cfg.dist_timeout_s)
         try:
-            with _sigterm_flag(self.stop) as stop, self._places_claimed(env):
+            with _sigterm_flag(self.stop) as stop, self._places_claimed(env, stop):
                 return self._fit(env, device, stop)
         finally:
             if owns_group:
                 D.destroy_process_group()
 
     @contextlib.contextmanager
-    def _places_claimed(self, env: D.DistEnv) -> Iterator[None]:
+    def _places_claimed(self, env: D.DistEnv, stop: threading.Event) -> Iterator[None]:
         """Before anything is written: the model dir must be one the run can publish to (else
         the run would fail at its end, not now), and rank 0 holds checkpoint_dir's lock for the
         run. Every rank hears a refusal."""
@@ -508,12 +508,16 @@ class Trainer:
         waiting = D.patient_group(wait_s + 60) if self.cfg.checkpoint_dir else None
         if env.is_main and self.cfg.checkpoint_dir:
             try:
-                lock = lock_checkpoint_dir(self.cfg.checkpoint_dir, wait_s)
+                lock = lock_checkpoint_dir(self.cfg.checkpoint_dir, wait_s, stop=stop)
+            except LockWaitStopped:
+                busy = "SIGTERM"
             except CheckpointDirBusy as exc:
                 busy = str(exc)
             except OSError as exc:  # e.g. a checkpoint_dir this user may not create
                 failure = f"checkpoint_dir {self.cfg.checkpoint_dir}: {exc}"
         busy, failure = D.broadcast_object((busy, failure), group=waiting)
+        if busy == "SIGTERM":  # as any SIGTERM: exit 143 so the job restarts (nothing trained)
+            raise TrainingInterrupted(0, None)
         if busy:
             raise CheckpointDirBusy(busy)
         if failure:
@@ -612,7 +616,8 @@ class Trainer:
         failure = None
         try:
             self._restore_record(state)
-        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        except (ArithmeticError, AttributeError, LookupError, RuntimeError, TypeError,
+                ValueError) as exc:
             failure = (f"checkpoint {chosen}: the trainer's record in it (state.json's extra, "
                        f"the RNG states) does not load: {type(exc).__name__}: {exc}. Move the "
                        "dir aside to resume from the checkpoint before it, or set "

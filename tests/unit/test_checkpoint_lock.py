@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 
 from lmcore import checkpoint_lock
-from lmcore.checkpoint_lock import LOCK_FILE, CheckpointDirBusy, lock_checkpoint_dir
+from lmcore.checkpoint_lock import (
+    LOCK_FILE,
+    CheckpointDirBusy,
+    LockWaitStopped,
+    lock_checkpoint_dir,
+)
 from lmcore.config import preset
 from lmcore.data import prepare_corpus
-from lmcore.train import TrainConfig, Trainer
+from lmcore.train import INTERRUPTED_EXIT_CODE, TrainConfig, Trainer, TrainingInterrupted
 from lmcore.train_state import latest_training_state
 from tests.helpers.trainer_run import write_corpus
 
@@ -118,3 +123,34 @@ def test_a_checkpoint_dir_that_cannot_be_made_fails_before_training(tmp_path: Pa
     with pytest.raises(RuntimeError, match=f"checkpoint_dir {ckpt}: .*Not a directory") as failed:
         Trainer(model, cfg, data).fit()
     assert not isinstance(failed.value, CheckpointDirBusy)
+
+
+def test_a_stop_ends_the_wait_for_the_lock_at_once(tmp_path: Path) -> None:
+    """A SIGTERM (the stop flag) used to be ignored for the whole wait, 120 s by default: past a
+    pod's 30 s grace, so the kubelet's SIGKILL ended it instead."""
+    holder = lock_checkpoint_dir(tmp_path, 0)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(LockWaitStopped, match="stopped while waiting"):
+        lock_checkpoint_dir(tmp_path, 60, poll_s=0.05, stop=stop)
+    holder.release()
+
+
+def test_a_trainer_stopped_while_it_waits_for_the_lock_exits_as_interrupted(
+    tmp_path: Path,
+) -> None:
+    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
+                          vocab_size=512, progress=False)  # fmt: skip
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    ckpt = tmp_path / "ckpt"
+    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
+                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
+                      checkpoint_lock_wait_s=60, quantization_report=False)  # fmt: skip
+    holder = lock_checkpoint_dir(ckpt, 0)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        Trainer(model, cfg, data, stop=stop).fit()
+    holder.release()
+    assert stopped.value.exit_code == INTERRUPTED_EXIT_CODE and stopped.value.step == 0
+    assert latest_training_state(ckpt) is None

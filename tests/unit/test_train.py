@@ -794,15 +794,17 @@ def test_resume_refuses_a_checkpoint_that_does_not_say_what_it_was_trained_on(
 @pytest.mark.parametrize(("damage", "named"), [
     (lambda extra: extra.update(samplers=[{"rank": 0}]), "KeyError: 'bit_generator'"),
     (lambda extra: extra.update(samplers=["rank 0"]), "TypeError"),
-    (lambda extra: extra["samplers"][0]["bit_generator"].update(state=5), "Error"),
+    (lambda extra: extra["samplers"][0]["bit_generator"].update(state=5),
+     "TypeError: 'int' object is not subscriptable"),
+    (lambda extra: extra.update(tokens_seen=math.inf), "OverflowError"),
     (lambda extra: extra.update(elapsed_s="ten"), "could not convert string to float: 'ten'"),
     (lambda extra: extra.update(train_config=[4]), "AttributeError"),
     (lambda extra: extra.update(val_windows={"streams": None, "batch_size": 4}), "TypeError"),
     (lambda extra: extra.update(history={"train_loss": 3}), "history must map"),
     (lambda extra: extra.update(run_id=7), "run_id must be a string, got 7"),
     (lambda extra: extra.update(model_config=[1]), None),  # the mismatch check reads it first
-], ids=["sampler-key", "sampler-type", "sampler-rng", "elapsed", "train-config", "val-windows",
-        "history", "run-id", "model-config"])
+], ids=["sampler-key", "sampler-type", "sampler-rng", "tokens-seen", "elapsed", "train-config",
+        "val-windows", "history", "run-id", "model-config"])
 def test_a_damaged_trainer_record_in_a_checkpoint_is_a_checkpoint_error_naming_the_file(
     dataset: TokenDataset, tmp_path: Path, damage: Callable[[dict[str, Any]], Any],
     named: str | None,
