@@ -42,6 +42,7 @@ class MemoryWatermark:
         self.fraction = fraction
         self.max_age_s = max_age_s
         self._use = NO_CAP
+        self._error: Exception | None = None  # the last read's failure, kept as its reading
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()  # one INFO per refresh, however many requests wait on it
         self._over = False
@@ -62,12 +63,19 @@ class MemoryWatermark:
             raise RedisNearlyFull(use, self.fraction)
 
     async def current(self) -> MemoryUse:
-        if self._fresh():
-            return self._use
-        async with self._lock:
-            if not self._fresh():
-                self._use = await self._read_or_no_cap()
-                self._read_at = time.monotonic()
+        """The last reading while it is fresh, else a new one. A failed read is kept as long:
+        with Redis hung each INFO waits out the socket timeout (2 s), and the requests queued
+        behind the lock took 2 s each in turn (the tenth 20 s) instead of all failing at once."""
+        if not self._fresh():
+            async with self._lock:
+                if not self._fresh():
+                    try:
+                        self._use, self._error = await self._read_or_no_cap(), None
+                    except Exception as exc:
+                        self._error = exc
+                    self._read_at = time.monotonic()
+        if self._error is not None:
+            raise self._error
         return self._use
 
     def _fresh(self) -> bool:

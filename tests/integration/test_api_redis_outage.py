@@ -9,11 +9,13 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
+from services.api.memory import MAX_AGE_S
 from services.common.redis_memory import MemoryUse
 from tests.helpers.redis_memory import redis_at
 from tests.helpers.services import api_without_workers, wait_until
@@ -166,6 +168,26 @@ def timed(client: httpx.Client, method: str, path: str, **kwargs: Any) -> tuple[
     start = time.monotonic()
     resp = client.request(method, path, **kwargs)
     return time.monotonic() - start, resp
+
+
+def test_concurrent_submissions_all_answer_within_seconds_when_redis_hangs(stack: Any) -> None:
+    # Each waited behind the one before it for the memory watermark's INFO (2 s apiece): the
+    # tenth of ten concurrent submissions was answered after 20 s.
+    redis, api = stack
+    assert redis._proc is not None
+    with httpx.Client(base_url=api.url, timeout=6 * ANSWER_WITHIN_S) as client:
+        assert client.post("/jobs", json={"prompt": "hello"}).status_code == 202  # reads cached
+    time.sleep(MAX_AGE_S + 0.5)  # the watermark's reading is stale: the next submit reads INFO
+    os.kill(redis._proc.pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=api.url, timeout=6 * ANSWER_WITHIN_S) as client, \
+                ThreadPoolExecutor(8) as pool:  # fmt: skip
+            answers = list(pool.map(lambda _: timed(client, "POST", "/jobs",
+                                                    json={"prompt": "hello"}), range(8)))
+    finally:
+        os.kill(redis._proc.pid, signal.SIGCONT)
+    assert [resp.status_code for _, resp in answers] == [503] * 8
+    assert max(took_s for took_s, _ in answers) < ANSWER_WITHIN_S, answers
 
 
 def test_metrics_and_job_endpoints_answer_within_seconds_when_redis_hangs(stack: Any) -> None:
