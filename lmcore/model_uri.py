@@ -382,7 +382,10 @@ def _download_cached(
     cached = _cached_model_dir(target, stamp)
     if cached is not None:
         _mark_used(target)
-        return cached
+        # Another process's prune may have taken the entry between the look and the mark (it
+        # spares what is marked used, so a second look settles it): then download it again.
+        if _cached_model_dir(target, stamp) is not None:
+            return cached
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -338,6 +338,25 @@ def test_pruning_leaves_recent_entries_downloads_in_progress_and_what_the_cache_
     assert snapshot(victim) == before and (parent / "5").is_symlink()
 
 
+def test_a_cache_hit_that_a_prune_takes_between_look_and_mark_is_downloaded_again(
+    source: Path, tmp_path: Path, registry_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process sharing the cache prunes in the moment between this one's look at the
+    entry and its mark: the hit returned a path that no longer existed."""
+    root = tmp_path / "cache"
+    entry = cache_version(source, root, registry_server, ("registry", "llm", "1"))
+    age(root)
+    mark = model_uri._mark_used
+
+    def pruned_first(target: Path) -> None:
+        assert model_uri.prune_model_cache(root, keep=()), "the other process's prune"
+        mark(target)
+
+    monkeypatch.setattr(model_uri, "_mark_used", pruned_first)
+    again = cache_version(source, root, registry_server, ("registry", "llm", "1"))
+    assert again == entry and (again / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_a_local_model_dir_outside_the_cache_is_never_touched(
     source: Path, tmp_path: Path, registry_server: str
 ) -> None:
