@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import redis
 import yaml
 
 from services.common.redis_binary import find_redis_server
-from tests.deploy.conftest import RELEASE, REPO, Rendered, RenderError, env_of
+from tests.deploy.conftest import CHART, RELEASE, REPO, Rendered, RenderError, env_of
 from tests.helpers.services import free_port, wait_until
 
 pytestmark = pytest.mark.deploy
@@ -218,6 +219,22 @@ def test_a_render_without_cluster_access_can_refuse_to_generate_the_redis_passwo
         if pinned == "redis.enabled=false":
             sets.append("redis.external.url=redis://redis.example:6379/0")
         render(sets=tuple(sets))
+
+
+def test_values_reused_from_a_chart_without_the_generate_key_still_generate_the_password(
+    helm: str, tmp_path: Path
+) -> None:
+    # `helm upgrade --reuse-values` renders the new templates over the old chart's values, which
+    # have no redis.auth.generate: read as false, the first upgrade the docs show failed.
+    chart = tmp_path / "llm"
+    shutil.copytree(CHART, chart)  # links followed: files/config is a link into the repo
+    values = (chart / "values.yaml").read_text()
+    (chart / "values.yaml").write_text(values.replace("    generate: true\n", "", 1))
+    assert "    generate:" not in (chart / "values.yaml").read_text()
+    proc = subprocess.run([helm, "template", RELEASE, str(chart)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "kind: StatefulSet" in proc.stdout
 
 
 def test_turning_off_the_password_generation_rolls_no_pod(render: Callable[..., Rendered]) -> None:

@@ -303,7 +303,9 @@ salted with the release's namespace and name, before the hash.
 {{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
 {{- end }}
 {{- $auth := .Values.redis.auth }}
-{{- if and .Values.redis.enabled (not $auth.generate) (not $auth.password) (not $auth.existingSecret) }}
+{{- /* Only an explicit false: values reused from a chart that predates the key (helm upgrade
+  --reuse-values) do not have it, and mean the generation they always had. */}}
+{{- if and .Values.redis.enabled (hasKey $auth "generate") (eq (toString $auth.generate) "false") (not $auth.password) (not $auth.existingSecret) }}
 {{- fail "redis.auth.generate is false: set redis.auth.password or redis.auth.existingSecret (a generated password is kept only by helm install/upgrade; helm template, Argo CD and other GitOps renders make a new one each time)" }}
 {{- end }}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.trackingUri) }}
