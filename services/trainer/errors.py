@@ -28,8 +28,14 @@ def is_config_error(exc: BaseException) -> bool:
                             DistributedEnvError, yaml.YAMLError))  # a config file that is not YAML
 
 
+def _underlying(exc: BaseException) -> BaseException | None:
+    """What Hydra wraps: the cause of an override's error; for a key in a config file Hydra
+    1.3 raises from inside the handler, so the error is only the exception's context."""
+    return exc.__cause__ or exc.__context__
+
+
 def _full_key(exc: BaseException) -> str | None:
-    for e in (exc, exc.__cause__):
+    for e in (exc, _underlying(exc)):
         key = getattr(e, "full_key", None)
         if key:
             return str(key)
@@ -41,7 +47,7 @@ def _first_line(text: str) -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    cause = exc.__cause__
+    cause = _underlying(exc)
     key = _full_key(exc)
     if isinstance(exc, MissingConfigException):
         return _missing_option(str(exc))
@@ -50,7 +56,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OverrideParseException):
         return _first_line(str(exc)) + " (overrides look like key=value)"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        return f"unknown config key '{key}' (see config/README.md)"
+        where = re.match(r"In '([^']+)':", str(exc))  # a key in a config file, not an override
+        place = f" in {where.group(1)}.yaml" if where else ""
+        return f"unknown config key '{key}'{place} (see config/README.md)"
     if isinstance(cause, ValidationError) and key:
         return f"{key}: {_first_line(str(cause))}"
     if isinstance(exc, MissingMandatoryValue) and key:

@@ -91,6 +91,21 @@ def test_unknown_key_exits_non_zero_with_one_line_naming_it(tmp_path: Path) -> N
     assert not (tmp_path / "outputs").exists()  # no Hydra output dir
 
 
+def test_an_unknown_key_in_a_config_file_is_named_with_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a training pod of an older image meets a newer chart's config: the line said only
+    "In 'train/cpu': ConfigKeyError raised while composing config:"."""
+    config = tmp_path / "config"
+    shutil.copytree(REPO / "config", config)
+    with (config / "train" / "cpu.yaml").open("a") as f:
+        f.write("bogus_key: 1\n")
+    monkeypatch.setenv("LLM_CONFIG_DIR", str(config))
+    assert main(["model=tiny"]) == 2
+    assert capsys.readouterr().err == ("error: unknown config key 'train.bogus_key' in "
+                                       "train/cpu.yaml (see config/README.md)\n")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
