@@ -7,6 +7,7 @@ its cache; mlflow is imported only inside functions (lmcore's import rule).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,14 +258,15 @@ def _registry_fallback(
                                parsed.uri)  # fmt: skip
     except TrackingError:
         return None
-    try:
-        stamp = json.loads((target / _CACHE_STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    path = find_model_dir(target)
-    if path is None:
-        return None
-    _mark_used(target)
+    with _reading_entry(target):  # no prune between the look and the mark
+        try:
+            stamp = json.loads((target / _CACHE_STAMP).read_text())
+        except (OSError, ValueError):
+            return None
+        path = find_model_dir(target)
+        if path is None:
+            return None
+        _mark_used(target)
     as_of = ", the version it last resolved to here (it may have moved since)" if parsed.alias \
         else ""
     log.warning("the model registry at %s is unreachable (%s): serving %s from the cache as "
@@ -379,12 +381,10 @@ def _download_cached(
     """Download once into root/key (atomic rename); reuse it while its stamp still matches.
     root/key must lie inside root (_inside_cache), checked before anything is touched."""
     target = _inside_cache(root, key, uri)
-    cached = _cached_model_dir(target, stamp)
-    if cached is not None:
-        _mark_used(target)
-        # Another process's prune may have taken the entry between the look and the mark (it
-        # spares what is marked used, so a second look settles it): then download it again.
-        if _cached_model_dir(target, stamp) is not None:
+    with _reading_entry(target):  # no prune between the look and the mark
+        cached = _cached_model_dir(target, stamp)
+        if cached is not None:
+            _mark_used(target)
             return cached
     import mlflow.artifacts
 
@@ -450,6 +450,23 @@ def _sweep_abandoned(parent: Path) -> None:
             continue
         if time.time() - newest > ABANDONED_AFTER_S:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _reading_entry(entry: Path) -> Iterator[None]:
+    """A shared hold on the lock that publishers and prunes take on `entry`: a prune checks
+    the entry's last use and renames it under that lock, so a look and a mark made inside this
+    block cannot be split by one. A cache this process cannot write has no lock (nor prunes)."""
+    import fcntl
+
+    try:
+        lock = (entry.parent / f".{entry.name}.lock").open("a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
 
 
 def _mark_used(entry: Path) -> None:

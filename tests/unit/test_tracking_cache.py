@@ -338,23 +338,27 @@ def test_pruning_leaves_recent_entries_downloads_in_progress_and_what_the_cache_
     assert snapshot(victim) == before and (parent / "5").is_symlink()
 
 
-def test_a_cache_hit_that_a_prune_takes_between_look_and_mark_is_downloaded_again(
+def test_a_prune_waits_for_a_cache_hit_between_its_look_and_its_mark_and_then_keeps_it(
     source: Path, tmp_path: Path, registry_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process sharing the cache prunes in the moment between this one's look at the
+    """Another process sharing the cache pruned in the moment between this one's look at the
     entry and its mark: the hit returned a path that no longer existed."""
     root = tmp_path / "cache"
     entry = cache_version(source, root, registry_server, ("registry", "llm", "1"))
     age(root)
-    mark = model_uri._mark_used
+    mark, pruned = model_uri._mark_used, []
+    prune = threading.Thread(target=lambda: pruned.extend(model_uri.prune_model_cache(root, ())))
 
-    def pruned_first(target: Path) -> None:
-        assert model_uri.prune_model_cache(root, keep=()), "the other process's prune"
+    def prune_in_between(target: Path) -> None:
+        prune.start()
+        prune.join(0.5)  # it waits for the hit's hold on the entry (without one: done by now)
         mark(target)
 
-    monkeypatch.setattr(model_uri, "_mark_used", pruned_first)
-    again = cache_version(source, root, registry_server, ("registry", "llm", "1"))
-    assert again == entry and (again / "model.safetensors").read_bytes() == b"weights"
+    monkeypatch.setattr(model_uri, "_mark_used", prune_in_between)
+    hit = cache_version(source, root, registry_server, ("registry", "llm", "1"))
+    prune.join(10)
+    assert not prune.is_alive() and pruned == []  # it saw the mark: used just now
+    assert hit == entry and (hit / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_local_model_dir_outside_the_cache_is_never_touched(
