@@ -10,6 +10,7 @@ the workers room to finish the queued ones. Reads INFO memory at most once per M
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -75,7 +76,9 @@ class MemoryWatermark:
                         self._error = exc
                     self._read_at = time.monotonic()
         if self._error is not None:
-            raise self._error
+            # A copy per request: re-raising the one object chained every request's frames
+            # onto its traceback (3,000 frames after 1,000 requests).
+            raise copy.copy(self._error)
         return self._use
 
     def _fresh(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.common.redis_memory import MemoryUse
@@ -28,3 +30,28 @@ def test_the_aof_buffer_of_a_busy_disk_does_not_count_toward_the_cap() -> None:
 def test_only_a_capped_noeviction_redis_is_ever_over(cap: int, policy: str, over: bool) -> None:
     info = {"used_memory": 8 * MB, "maxmemory": cap, "maxmemory_policy": policy}
     assert MemoryUse.from_info(info).over(0.9) is over
+
+
+def test_a_kept_read_failure_is_raised_afresh_to_each_request() -> None:
+    """The one object re-raised to every request chained each request's frames onto its
+    traceback: 3,000 frames, and the requests' frames kept alive, after 1,000 requests."""
+    import traceback
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from services.api.memory import MemoryWatermark
+
+    async def hung() -> MemoryUse:
+        raise RedisTimeout("Timeout reading from socket")
+
+    async def depths() -> list[int]:
+        watermark, seen = MemoryWatermark(hung, 0.9, max_age_s=60), []
+        for _ in range(20):
+            try:
+                await watermark.check()
+            except RedisTimeout as exc:
+                seen.append(len(traceback.extract_tb(exc.__traceback__)))
+        return seen
+
+    seen = asyncio.run(depths())
+    assert len(set(seen[1:])) == 1, seen  # the same depth each time, not one more each time
