@@ -145,8 +145,10 @@ class TrainConfig:
         # Every collective waits this long; 0 or less fails each one at once, deep in C++.
         _check("dist_timeout_s", self.dist_timeout_s, lambda v: 0 < v <= D.MAX_TIMEOUT_S,
                f"> 0 and at most {D.MAX_TIMEOUT_S:.0f} seconds (a year)")
+        # The wait bounds a gloo group's timeout (plus 60 s), which overflows past about a year.
         _check("checkpoint_lock_wait_s", self.checkpoint_lock_wait_s,
-               lambda v: 0 <= v < math.inf, ">= 0 and finite")
+               lambda v: 0 <= v <= D.MAX_TIMEOUT_S - 60,
+               f">= 0 and at most {D.MAX_TIMEOUT_S - 60:.0f} seconds (a year)")
         _check("device", self.device, lambda v: TRAIN_DEVICE.fullmatch(v) is not None,
                "auto, cpu, cuda or cuda:N")
         normalize_precision(self.mixed_precision)
@@ -340,9 +342,9 @@ class TrainingInterrupted(RuntimeError):
 
     exit_code = INTERRUPTED_EXIT_CODE
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, step: int, checkpoint: Path | None, when: str | None = None) -> None:
         where = f", checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(f"interrupted by SIGTERM at step {step}{where}")
+        super().__init__(f"interrupted by SIGTERM {when or f'at step {step}'}{where}")
         self.step = step
         self.checkpoint = checkpoint
 
@@ -517,7 +519,8 @@ class Trainer:
                 failure = f"checkpoint_dir {self.cfg.checkpoint_dir}: {exc}"
         busy, failure = D.broadcast_object((busy, failure), group=waiting)
         if busy == "SIGTERM":  # as any SIGTERM: exit 143 so the job restarts (nothing trained)
-            raise TrainingInterrupted(0, None)
+            raise TrainingInterrupted(0, None, f"while waiting for checkpoint_dir "
+                                               f"{self.cfg.checkpoint_dir}'s lock, before training")
         if busy:
             raise CheckpointDirBusy(busy)
         if failure:

@@ -22,7 +22,7 @@ Train the language model with the config in config/ (Hydra overrides), e.g.
 
 Groups: model=tiny|small|gpt2-124m  data=shakespeare|text  train=cpu|gpu  serve=default.
 Exit codes: 0 done, 2 bad config, corpus or launch environment, 143 stopped by SIGTERM
-(checkpoint saved), 130 interrupted by Ctrl-C (no checkpoint), 1 other.
+(checkpoint saved, or nothing trained yet), 130 interrupted by Ctrl-C (no checkpoint), 1 other.
 """
 
 EXIT_CONFIG = 2

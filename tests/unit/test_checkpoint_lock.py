@@ -153,4 +153,5 @@ def test_a_trainer_stopped_while_it_waits_for_the_lock_exits_as_interrupted(
         Trainer(model, cfg, data, stop=stop).fit()
     holder.release()
     assert stopped.value.exit_code == INTERRUPTED_EXIT_CODE and stopped.value.step == 0
+    assert "while waiting for checkpoint_dir" in str(stopped.value)
     assert latest_training_state(ckpt) is None

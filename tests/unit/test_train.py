@@ -274,7 +274,8 @@ def test_an_epochs_run_resumed_again_at_its_first_step_size_still_counts_by_toke
      ({"dist_timeout_s": 0}, "dist_timeout_s"), ({"dist_timeout_s": -5.0}, "dist_timeout_s"),
      ({"device": "meta"}, "device"), ({"grad_clip": math.inf}, "grad_clip"),
      ({"checkpoint_lock_wait_s": -1}, "checkpoint_lock_wait_s"),
-     ({"checkpoint_lock_wait_s": math.inf}, "checkpoint_lock_wait_s")],
+     ({"checkpoint_lock_wait_s": math.inf}, "checkpoint_lock_wait_s"),
+     ({"checkpoint_lock_wait_s": 1e10}, "checkpoint_lock_wait_s")],
 )
 def test_bad_train_config_names_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
