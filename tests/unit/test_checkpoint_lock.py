@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,8 @@ from lmcore.checkpoint_lock import (
     LockWaitStopped,
     lock_checkpoint_dir,
 )
-from lmcore.config import preset
-from lmcore.data import prepare_corpus
+from lmcore.config import ModelConfig, preset
+from lmcore.data import TokenDataset, prepare_corpus
 from lmcore.train import INTERRUPTED_EXIT_CODE, TrainConfig, Trainer, TrainingInterrupted
 from lmcore.train_state import latest_training_state
 from tests.helpers.trainer_run import write_corpus
@@ -41,6 +42,18 @@ def hold_in_another_process(ckpt_dir: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE)  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline() == "held\n"
     return proc
+
+
+def tiny_run(tmp_path: Path, **changes: Any) -> tuple[ModelConfig, TrainConfig, TokenDataset]:
+    """A two-step run of the tiny model on a small corpus, checkpointing to tmp_path/ckpt."""
+    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
+                          vocab_size=512, progress=False)  # fmt: skip
+    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    cfg = TrainConfig(**{**dict(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0,
+                                eval_batches=1, device="cpu", progress=False,
+                                checkpoint_dir=str(tmp_path / "ckpt"),
+                                quantization_report=False), **changes})  # fmt: skip
+    return model, cfg, data
 
 
 def test_a_second_run_waits_then_refuses_naming_the_holder(tmp_path: Path) -> None:
@@ -88,13 +101,8 @@ def test_storage_without_locks_warns_and_runs_unlocked(
 def test_a_trainer_refuses_a_checkpoint_dir_another_run_holds_and_writes_nothing(
     tmp_path: Path
 ) -> None:
-    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
-                          vocab_size=512, progress=False)  # fmt: skip
-    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    model, cfg, data = tiny_run(tmp_path, checkpoint_lock_wait_s=0.5)
     ckpt = tmp_path / "ckpt"
-    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
-                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
-                      checkpoint_lock_wait_s=0.5, quantization_report=False)  # fmt: skip
     holder = hold_in_another_process(ckpt)
     try:
         with pytest.raises(CheckpointDirBusy, match=f"in use by another training run \\(pid "
@@ -112,14 +120,9 @@ def test_a_trainer_refuses_a_checkpoint_dir_another_run_holds_and_writes_nothing
 
 def test_a_checkpoint_dir_that_cannot_be_made_fails_before_training(tmp_path: Path) -> None:
     """It used to fail at the first checkpoint, after the steps before it had been trained."""
-    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
-                          vocab_size=512, progress=False)  # fmt: skip
-    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
     (tmp_path / "a-file").write_text("")
     ckpt = tmp_path / "a-file" / "ckpt"
-    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
-                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
-                      quantization_report=False)  # fmt: skip
+    model, cfg, data = tiny_run(tmp_path, checkpoint_dir=str(ckpt))
     with pytest.raises(RuntimeError, match=f"checkpoint_dir {ckpt}: .*Not a directory") as failed:
         Trainer(model, cfg, data).fit()
     assert not isinstance(failed.value, CheckpointDirBusy)
@@ -139,13 +142,8 @@ def test_a_stop_ends_the_wait_for_the_lock_at_once(tmp_path: Path) -> None:
 def test_a_trainer_stopped_while_it_waits_for_the_lock_exits_as_interrupted(
     tmp_path: Path,
 ) -> None:
-    data = prepare_corpus(write_corpus(tmp_path / "c.txt", lines=2000), tmp_path / "cache",
-                          vocab_size=512, progress=False)  # fmt: skip
-    model = preset("tiny", vocab_size=data.tokenizer.vocab_size, block_size=32)
+    model, cfg, data = tiny_run(tmp_path, checkpoint_lock_wait_s=60)
     ckpt = tmp_path / "ckpt"
-    cfg = TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
-                      device="cpu", progress=False, checkpoint_dir=str(ckpt),
-                      checkpoint_lock_wait_s=60, quantization_report=False)  # fmt: skip
     holder = lock_checkpoint_dir(ckpt, 0)
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
