@@ -258,7 +258,7 @@ def _registry_fallback(
                                parsed.uri)  # fmt: skip
     except TrackingError:
         return None
-    with _reading_entry(target):  # no prune between the look and the mark
+    with _entry_lock(target, shared=True):  # no prune between the look and the mark
         try:
             stamp = json.loads((target / _CACHE_STAMP).read_text())
         except (OSError, ValueError):
@@ -381,7 +381,7 @@ def _download_cached(
     """Download once into root/key (atomic rename); reuse it while its stamp still matches.
     root/key must lie inside root (_inside_cache), checked before anything is touched."""
     target = _inside_cache(root, key, uri)
-    with _reading_entry(target):  # no prune between the look and the mark
+    with _entry_lock(target, shared=True):  # no prune between the look and the mark
         cached = _cached_model_dir(target, stamp)
         if cached is not None:
             _mark_used(target)
@@ -426,11 +426,8 @@ def _publish(src: Path, target: Path, stamp: dict[str, Any]) -> None:
     """Move a finished download into place. An entry with the same stamp is another process's
     finished download, perhaps being loaded now: it is kept and `src` left to the caller to
     discard. An entry with another stamp is stale and swapped out."""
-    import fcntl
-
     # Publishers take turns, so none can swap out an entry another has just checked or placed.
-    with (target.parent / f".{target.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with _entry_lock(target):
         if _cached_model_dir(target, stamp) is not None:
             return
         stale = target.parent / f".{target.name}.stale-{secrets.token_hex(4)}"
@@ -453,19 +450,22 @@ def _sweep_abandoned(parent: Path) -> None:
 
 
 @contextlib.contextmanager
-def _reading_entry(entry: Path) -> Iterator[None]:
-    """A shared hold on the lock that publishers and prunes take on `entry`: a prune checks
-    the entry's last use and renames it under that lock, so a look and a mark made inside this
-    block cannot be split by one. A cache this process cannot write has no lock (nor prunes)."""
+def _entry_lock(entry: Path, shared: bool = False) -> Iterator[None]:
+    """The lock on cache entry `entry`, held for the block (released when its file closes):
+    publishers and prunes take it exclusive; a cache hit takes it shared, so a prune (which
+    checks the entry's last use and renames it under it) cannot fall between the hit's look and
+    its mark. A hit in a cache this process cannot write takes none: nothing can prune it."""
     import fcntl
 
     try:
         lock = (entry.parent / f".{entry.name}.lock").open("a")
     except OSError:
+        if not shared:
+            raise
         yield
         return
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
 
 
@@ -567,11 +567,8 @@ def _remove_entry(entry: Path, idle_s: float) -> int | None:
     """Rename `entry` aside, then delete it, unless it was used within idle_s; the bytes freed,
     or None if kept. The check and the rename hold the lock publishers take, so no download is
     placing or checking it then; a process that found it in the cache marked it (_mark_used)."""
-    import fcntl
-
     stale = entry.parent / f".{entry.name}.stale-{secrets.token_hex(4)}"
-    with (entry.parent / f".{entry.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _entry_lock(entry):
         if _used_within(entry, idle_s):
             return None
         try:
